@@ -1,1 +1,165 @@
-//! error
+//! The one rich error that reaches the edge of the program.
+//!
+//! Inside, modules use their own `thiserror` enums; they become an [`Error`]
+//! with a [`Kind`] (which decides the exit code), a message, the chain of
+//! contexts added on the way up ("archive-push pg_wal/000000010000000000000003")
+//! and an optional hint. `cli` renders it as one `error:` line plus an
+//! optional `hint:` line (see docs/exit-codes.md).
+
+use std::fmt;
+
+/// What went wrong, coarsely: this is what decides the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Bad flags, a bad configuration file or option value.
+    Usage,
+    /// The file we were given is not what it must be (missing, truncated,
+    /// not WAL, another cluster's WAL, bad header).
+    InvalidInput,
+    /// Different bytes are already archived under this name.
+    Conflict,
+    /// The repository could not be read or written, or an object in it is
+    /// corrupt.
+    Repository,
+    /// The stanza is missing, or belongs to another cluster.
+    Stanza,
+    /// Talking to PostgreSQL failed.
+    Postgres,
+    /// A bounded wait ran out.
+    Timeout,
+    /// Another process holds the lock.
+    Locked,
+    /// Anything else: a bug or an unexpected local failure.
+    Internal,
+}
+
+impl Kind {
+    /// The exit code documented in docs/exit-codes.md.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Kind::Usage => 2,
+            Kind::InvalidInput => 3,
+            Kind::Conflict => 4,
+            Kind::Repository => 5,
+            Kind::Stanza => 6,
+            Kind::Postgres => 7,
+            Kind::Timeout => 8,
+            Kind::Locked => 9,
+            Kind::Internal => 10,
+        }
+    }
+}
+
+pub struct Error {
+    kind: Kind,
+    message: String,
+    /// Outermost first.
+    context: Vec<String>,
+    hint: Option<String>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            context: Vec::new(),
+            hint: None,
+        }
+    }
+
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self::new(Kind::Usage, message)
+    }
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        Self::new(Kind::InvalidInput, message)
+    }
+    pub fn repository(message: impl Into<String>) -> Self {
+        Self::new(Kind::Repository, message)
+    }
+    pub fn stanza(message: impl Into<String>) -> Self {
+        Self::new(Kind::Stanza, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(Kind::Internal, message)
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    pub fn hint_text(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+
+    /// Adds a context (a verb phrase: "read WAL header of pg_wal/…").
+    pub fn context(mut self, context: impl Into<String>) -> Self {
+        self.context.insert(0, context.into());
+        self
+    }
+
+    /// Sets the hint, unless a more specific one was set deeper down.
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        if self.hint.is_none() {
+            self.hint = Some(hint.into());
+        }
+        self
+    }
+
+    pub fn with_kind(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.context {
+            write!(f, "{c}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self)?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `.context(…)` on results that already carry our [`Error`], or anything
+/// that converts into it.
+pub trait ResultExt<T> {
+    fn context<C: Into<String>>(self, context: impl FnOnce() -> C) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
+    fn context<C: Into<String>>(self, context: impl FnOnce() -> C) -> Result<T> {
+        self.map_err(|e| e.into().context(context()))
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::new(Kind::Internal, e.to_string())
+    }
+}
+
+impl From<crate::pg::PgError> for Error {
+    fn from(e: crate::pg::PgError) -> Self {
+        Error::invalid_input(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::internal(format!("worker task failed: {e}"))
+    }
+}

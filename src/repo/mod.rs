@@ -1,1 +1,220 @@
-//! repo
+//! The repository: the source of truth. Objects, their encoding, their
+//! keys, and the storage they live in. Nothing outside this module builds a
+//! key, encodes or decodes an object, or talks to `object_store`.
+
+pub mod backend;
+pub mod codec;
+pub mod layout;
+pub mod local;
+pub mod s3;
+pub mod stanza;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use backend::{Backend, ObjectMeta, PutMode, PutOutcome, Spool};
+pub use codec::{Digest256, EncodeOptions, Sha256Sum};
+pub use stanza::{DbInfo, StanzaInfo};
+
+use crate::error::{Error, Result};
+
+/// Where the repository is, as given by `--repo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoLocation {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl RepoLocation {
+    /// Accepts a plain path, `file:///path` or `s3://bucket/prefix`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            Error::usage(format!("repository {s:?}: {why}"))
+                .hint("--repo takes a path, file:///path or s3://bucket/prefix")
+        };
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket name"));
+            }
+            return Ok(RepoLocation::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        let path = if let Some(rest) = s.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err(bad(
+                    "a file:// URL needs an absolute path (file:///var/lib/pgvault)",
+                ));
+            }
+            rest
+        } else if s.contains("://") {
+            return Err(bad("unsupported scheme"));
+        } else {
+            s
+        };
+        if path.is_empty() {
+            return Err(bad("empty path"));
+        }
+        let p = PathBuf::from(path);
+        // archive_command runs with the data directory as its working
+        // directory: a relative repository path would land inside it.
+        let p = if p.is_relative() {
+            std::env::current_dir()
+                .map_err(|e| bad(&format!("cannot resolve a relative path: {e}")))?
+                .join(p)
+        } else {
+            p
+        };
+        Ok(RepoLocation::Local(p))
+    }
+
+    /// A stable identity for this repository (catalog file names).
+    pub fn identity(&self) -> String {
+        match self {
+            RepoLocation::Local(p) => format!("file://{}", p.display()),
+            RepoLocation::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// An open repository for one stanza.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    location: RepoLocation,
+    stanza: String,
+}
+
+impl Repository {
+    pub fn open(location: RepoLocation, stanza: &str, s3: &s3::S3Options) -> Result<Self> {
+        validate_stanza_name(stanza)?;
+        let backend: Arc<dyn Backend> = match &location {
+            RepoLocation::Local(p) => Arc::new(local::LocalBackend::new(p.clone())),
+            RepoLocation::S3 { bucket, prefix } => {
+                Arc::new(s3::S3Backend::new(bucket, prefix, s3)?)
+            }
+        };
+        Ok(Repository {
+            backend,
+            location,
+            stanza: stanza.to_string(),
+        })
+    }
+
+    /// Wraps an existing backend (tests use fault-injecting ones).
+    pub fn with_backend(backend: Arc<dyn Backend>, location: RepoLocation, stanza: &str) -> Self {
+        Repository {
+            backend,
+            location,
+            stanza: stanza.to_string(),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    pub fn location(&self) -> &RepoLocation {
+        &self.location
+    }
+    pub fn stanza(&self) -> &str {
+        &self.stanza
+    }
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Reads and decodes a small object; `None` if absent.
+    pub async fn get_decoded(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let Some(raw) = self.backend.get_bytes(key).await? else {
+            return Ok(None);
+        };
+        codec::decode_bytes(&raw)
+            .map(Some)
+            .map_err(|e| Error::repository(format!("{}/{key}: {e}", self.describe())))
+    }
+
+    /// Encodes and writes a small object.
+    pub async fn put_encoded(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
+        let obj = codec::encode_bytes(data, EncodeOptions::default())
+            .map_err(|e| Error::internal(format!("encode {key}: {e}")))?;
+        self.backend.put_bytes(key, obj, mode).await
+    }
+
+    pub async fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>> {
+        match self.get_decoded(key).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::repository(format!(
+                    "{}/{key}: unreadable metadata: {e}",
+                    self.describe()
+                ))
+            }),
+        }
+    }
+
+    pub async fn put_json<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        mode: PutMode,
+    ) -> Result<PutOutcome> {
+        let bytes = serde_json::to_vec_pretty(value)
+            .map_err(|e| Error::internal(format!("serialize {key}: {e}")))?;
+        self.put_encoded(key, &bytes, mode).await
+    }
+}
+
+fn validate_stanza_name(s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !s.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "stanza name {s:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_repo_locations() {
+        assert_eq!(
+            RepoLocation::parse("/var/lib/pgvault").unwrap(),
+            RepoLocation::Local("/var/lib/pgvault".into())
+        );
+        assert_eq!(
+            RepoLocation::parse("file:///var/lib/pgvault").unwrap(),
+            RepoLocation::Local("/var/lib/pgvault".into())
+        );
+        assert_eq!(
+            RepoLocation::parse("s3://b/some/prefix/").unwrap(),
+            RepoLocation::S3 {
+                bucket: "b".into(),
+                prefix: "some/prefix".into()
+            }
+        );
+        assert!(RepoLocation::parse("s3:///x").is_err());
+        assert!(RepoLocation::parse("gs://b/x").is_err());
+        assert!(RepoLocation::parse("file://relative").is_err());
+    }
+
+    #[test]
+    fn stanza_names() {
+        assert!(validate_stanza_name("main").is_ok());
+        assert!(validate_stanza_name("db-01_a.b").is_ok());
+        assert!(validate_stanza_name("").is_err());
+        assert!(validate_stanza_name("../x").is_err());
+        assert!(validate_stanza_name("a/b").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, end to end, on a fresh Debian machine:
+# a throwaway PostgreSQL 15 cluster in a temporary directory, run as an
+# unprivileged user, archiving every WAL file through pgvault into a
+# local-directory repository; then every archived segment is fetched back
+# with archive-get and compared byte for byte with the original.
+#
+#   scripts/demo.sh            (as root: installs what is missing)
+#   KEEP=1 scripts/demo.sh     keeps the temporary directory
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+pgv_ensure_tools
+pgv_ensure_postgres
+pgv_ensure_user
+command -v cargo >/dev/null || pgv_die "cargo is needed to build pgvault (rustup.rs)"
+
+pgv_log "building pgvault (release)"
+cargo build --release --quiet
+
+U="$PGV_TEST_USER"
+BIN="$PGV_PGBIN"
+WORK="$(mktemp -d /tmp/pgvault-demo.XXXXXX)"
+chmod 755 "$WORK"
+install -m 755 target/release/pgvault "$WORK/pgvault"
+PGDATA="$WORK/pgdata"
+REPO="$WORK/repo"
+mkdir -p "$REPO" "$WORK/run" "$WORK/check"
+chown "$U" "$REPO" "$WORK/run" "$WORK/check"
+PORT="$(pgv_free_port)"
+as_user() { runuser -u "$U" -- "$@"; }
+PSQL=(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres)
+PGV=(as_user "$WORK/pgvault" --repo "$REPO" --stanza demo --catalog off)
+
+cleanup() {
+    as_user "$BIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true
+    if [ "${KEEP:-0}" = 1 ]; then pgv_log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+pgv_log "initdb (1 MiB WAL segments, data checksums) in $PGDATA"
+as_user "$BIN/initdb" -q -D "$PGDATA" --wal-segsize=1 --data-checksums -A trust >/dev/null
+cat >>"$PGDATA/postgresql.conf" <<CONF
+port = $PORT
+listen_addresses = ''
+unix_socket_directories = '$WORK/run'
+archive_mode = on
+archive_command = '$WORK/pgvault --repo $REPO --stanza demo archive-push %p'
+wal_keep_size = '1GB'
+max_wal_size = '1GB'
+CONF
+
+pgv_log "stanza-create"
+"${PGV[@]}" stanza-create --pgdata "$PGDATA"
+
+pgv_log "start PostgreSQL 15 with archive_command = pgvault archive-push %p"
+as_user "$BIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgres.log" -w start >/dev/null
+
+pgv_log "write some WAL with pgbench"
+as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT" -i -s 5 -q postgres >/dev/null 2>&1
+as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT" -t 2000 -c 2 postgres >/dev/null 2>&1
+last="$("${PSQL[@]}" -c "select pg_walfile_name(pg_switch_wal())")"
+
+pgv_log "waiting until PostgreSQL reports $last archived"
+for _ in $(seq 1 600); do
+    done_wal="$("${PSQL[@]}" -c "select coalesce(last_archived_wal, '') from pg_stat_archiver")"
+    [ "$done_wal" \> "$last" ] || [ "$done_wal" = "$last" ] && break
+    sleep 0.1
+done
+"${PSQL[@]}" -c "select archived_count, failed_count, last_archived_wal from pg_stat_archiver" |
+    awk -F'|' '{printf "    pg_stat_archiver: %s archived, %s failed, last %s\n", $1, $2, $3}' >&2
+
+pgv_log "pgvault info"
+"${PGV[@]}" info
+
+pgv_log "archive-get every archived segment and compare with pg_wal"
+n=0
+for f in "$PGDATA"/pg_wal/0000000100000000000000??; do
+    name="$(basename "$f")"
+    [ "$name" \> "$last" ] && continue
+    "${PGV[@]}" archive-get "$name" "$WORK/check/$name"
+    cmp -s "$f" "$WORK/check/$name" || pgv_die "$name differs from the archived copy"
+    rm -f "$WORK/check/$name"
+    n=$((n + 1))
+done
+pgv_log "all $n segments came back byte-identical"

@@ -1,0 +1,111 @@
+//! Rendering results for people (text) and programs (JSON).
+
+use std::io::Write;
+
+use super::args::Output;
+use crate::error::{Error, Result};
+use crate::ops::info::InfoReport;
+use crate::ops::stanza_create::StanzaCreated;
+use crate::repo::stanza::CreateOutcome;
+use crate::repo::Repository;
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn out(text: &str) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::internal(format!("write to stdout: {e}"))),
+    }
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn stanza_created(repo: &Repository, r: &StanzaCreated) {
+    let verb = match r.outcome {
+        CreateOutcome::Created => "created",
+        CreateOutcome::AlreadyExists => "already exists",
+    };
+    eprintln!(
+        "stanza {:?} {verb} in {} (system identifier {}, PostgreSQL {}, WAL segments of {})",
+        repo.stanza(),
+        repo.describe(),
+        r.db.system_identifier,
+        r.db.pg_version,
+        bytes(r.db.wal_segment_size as u64)
+    );
+}
+
+pub fn info(report: &InfoReport, output: Output) -> Result<()> {
+    match output {
+        Output::Json => {
+            let mut s =
+                serde_json::to_string_pretty(report).map_err(|e| Error::internal(e.to_string()))?;
+            s.push('\n');
+            out(&s)
+        }
+        Output::Text => out(&info_text(report)),
+    }
+}
+
+fn info_text(r: &InfoReport) -> String {
+    let mut s = String::new();
+    let st = &r.stanza;
+    s += &format!("stanza: {}\n", st.name);
+    s += &format!("    repository: {}\n", r.repository);
+    s += &format!(
+        "    cluster: PostgreSQL {}, system identifier {}, WAL segments of {}\n",
+        st.pg_version,
+        st.system_identifier,
+        bytes(st.wal_segment_size as u64)
+    );
+    if r.timelines.is_empty() {
+        s += "    WAL archive: empty\n";
+    }
+    for t in &r.timelines {
+        match (&t.first_segment, &t.last_segment) {
+            (Some(a), Some(b)) => {
+                s += &format!(
+                    "    timeline {}: {a} … {b} ({} segments",
+                    t.timeline, t.segments
+                );
+                s += if t.gaps.is_empty() {
+                    ", no gaps)\n"
+                } else {
+                    ")\n"
+                };
+            }
+            _ => s += &format!("    timeline {}: no segments\n", t.timeline),
+        }
+        for g in &t.gaps {
+            s += &format!("        gap: {} … {} missing\n", g.from, g.to);
+        }
+        for p in &t.partial {
+            s += &format!("        partial: {p}\n");
+        }
+        if t.history_file {
+            s += &format!("        history: {:08X}.history\n", t.timeline);
+        }
+        for c in &t.conflicts {
+            s += &format!(
+                "        CONFLICT: {c} is stored with more than one content (run pgvault verify)\n"
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,155 @@
+//! `archive-get`: hand PostgreSQL one archived file, verified.
+//!
+//! "Not in the archive" is an outcome, not an error: the caller maps it to
+//! exit 1, which PostgreSQL reads as "not available". Everything else
+//! (corruption, an unreachable store, a bad configuration) is an error, which
+//! during archive recovery must stop recovery rather than end it (see
+//! `cli::exit`).
+
+use std::fs::{self, File};
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Kind, Result};
+use crate::ops::archive_push::read_claim;
+use crate::pg::WalFileName;
+use crate::repo::codec::{self, Sha256Sum};
+use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::Repository;
+
+#[derive(Debug, Clone)]
+pub struct GetOptions {
+    pub name: String,
+    pub dest: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetOutcome {
+    Restored,
+    NotFound,
+}
+
+pub async fn archive_get(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
+    get_inner(repo, opts)
+        .await
+        .map_err(|e| e.context(format!("archive-get {}", opts.name)))
+}
+
+async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
+    let name = WalFileName::parse(&opts.name).map_err(|e| {
+        Error::usage(format!("not a WAL file name: {e}"))
+            .hint("restore_command = 'pgvault archive-get %f \"%p\"'")
+    })?;
+    let stanza = repo.require_stanza().await?;
+    let db = stanza.current();
+    let Some((key, sha)) = locate(repo, &db.dir(), &name).await? else {
+        return Ok(GetOutcome::NotFound);
+    };
+    let Some(reader) = repo.backend().get(&key).await? else {
+        // Listed or claimed a moment ago: it was there. Vanishing now means
+        // something deletes archived WAL under a running recovery.
+        return Err(Error::repository(format!(
+            "{}/{key} disappeared while being read",
+            repo.describe()
+        )));
+    };
+    let dest = opts.dest.clone();
+    let what = format!("{}/{key}", repo.describe());
+    tokio::task::spawn_blocking(move || restore_into(reader, &dest, sha, &what)).await??;
+    Ok(GetOutcome::Restored)
+}
+
+/// Finds the data object for `name`: the one its claim names, or — for a
+/// push that crashed between storing the data and writing the claim — the
+/// only one there is.
+async fn locate(
+    repo: &Repository,
+    db_dir: &str,
+    name: &WalFileName,
+) -> Result<Option<(String, Sha256Sum)>> {
+    let claim_key = layout::wal_claim_key(repo.stanza(), db_dir, name);
+    if let Some(claim) = read_claim(repo, &claim_key).await? {
+        let sha = Sha256Sum::from_hex(&claim.sha256).expect("read_claim checked the checksum");
+        return Ok(Some((
+            layout::wal_data_key(repo.stanza(), db_dir, name, &sha),
+            sha,
+        )));
+    }
+    let dir = layout::wal_dir(repo.stanza(), db_dir, name);
+    let mut found: Vec<Sha256Sum> = repo
+        .backend()
+        .list(&dir)
+        .await?
+        .iter()
+        .filter_map(|m| match layout::parse_archive_key(&m.key) {
+            Some(ArchiveKey::Data { name: n, sha }) if &n == name => Some(sha),
+            _ => None,
+        })
+        .collect();
+    match found.len() {
+        0 => Ok(None),
+        1 => {
+            let sha = found.pop().expect("one element");
+            Ok(Some((
+                layout::wal_data_key(repo.stanza(), db_dir, name, &sha),
+                sha,
+            )))
+        }
+        n => Err(Error::new(
+            Kind::Conflict,
+            format!("{n} different copies of {name} are archived and none is claimed"),
+        )
+        .hint("run `pgvault verify` and keep the right copy")),
+    }
+}
+
+/// Decodes into a temporary file beside `dest`, checks the checksum, and
+/// only then renames it into place: a corrupt object never reaches `dest`.
+fn restore_into(
+    reader: Box<dyn std::io::Read + Send>,
+    dest: &Path,
+    expected: Sha256Sum,
+    what: &str,
+) -> Result<()> {
+    let tmp = tmp_path(dest);
+    let result = (|| -> Result<()> {
+        let file = File::create(&tmp)
+            .map_err(|e| Error::new(Kind::Internal, format!("create {}: {e}", tmp.display())))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let digest = codec::decode(codec::buffered(reader), &mut out).map_err(|e| match e {
+            codec::CodecError::Io(io) => Error::repository(format!("{what}: {io}")),
+            other => Error::repository(format!("{what}: {other}")),
+        })?;
+        if digest.sha256 != expected {
+            return Err(Error::repository(format!(
+                "{what}: content checksum {} does not match the archived name's {}",
+                digest.sha256, expected
+            )));
+        }
+        out.into_inner().map_err(|e| {
+            Error::new(
+                Kind::Internal,
+                format!("write {}: {}", tmp.display(), e.error()),
+            )
+        })?;
+        fs::rename(&tmp, dest).map_err(|e| {
+            Error::new(
+                Kind::Internal,
+                format!("rename into {}: {e}", dest.display()),
+            )
+        })
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn tmp_path(dest: &Path) -> PathBuf {
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "wal".into());
+    name.push(".pgvault-tmp");
+    dest.with_file_name(name)
+}

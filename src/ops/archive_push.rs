@@ -1,0 +1,312 @@
+//! `archive-push`: archive one WAL segment, `.partial`, `.history` or
+//! `.backup` file, durably, never overwriting what is archived.
+//!
+//! The protocol, per file name N with content C (SHA-256 h):
+//!
+//! 1. Read N's claim. If it names h, the file is already archived: make sure
+//!    the existing copy is durable (PostgreSQL calls again after a crash that
+//!    may have come before our fsync) and succeed. If it names another
+//!    checksum, fail: the archived copy stays as it is.
+//! 2. Stream C through SHA-256 and zstd into a spool, then store it under
+//!    `N-h.zst`. The key is content-addressed, so no two different files
+//!    can ever overwrite each other, whatever the store.
+//! 3. Create N's claim (naming h) if absent. Where create-if-absent is
+//!    atomic (local `link()`, S3 `If-None-Match` on stores that honour it)
+//!    exactly one racing pusher gets it. On stores where it is not atomic,
+//!    wait briefly and read the claim back: it names exactly one checksum,
+//!    and only that pusher succeeds. Either way a loser's object stays under
+//!    its own key, so a conflict is never silent (`verify` reports it).
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::Catalog;
+use crate::error::{Error, Kind, Result};
+use crate::pg::{self, WalFileKind, WalFileName};
+use crate::repo::codec::{self, EncodeOptions, Encoder};
+use crate::repo::{layout, DbInfo, Digest256, PutMode, PutOutcome, Repository, Sha256Sum};
+
+/// How long a pusher waits before reading back a claim on a store whose
+/// create-if-absent is not atomic: longer than any racing writer's
+/// check-then-write takes.
+const CLAIM_SETTLE: Duration = Duration::from_millis(300);
+
+/// The claim object: which content owns a WAL file name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub sha256: String,
+    pub size: u64,
+    pub archived_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub path: PathBuf,
+    pub encode: EncodeOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Archived,
+    AlreadyArchived,
+}
+
+/// What was archived, for the catalog.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    pub name: WalFileName,
+    pub digest: Digest256,
+    pub outcome: PushOutcome,
+}
+
+pub async fn archive_push(
+    repo: &Repository,
+    catalog: Option<&Catalog>,
+    opts: &PushOptions,
+) -> Result<Pushed> {
+    let path = opts.path.clone();
+    let shown = path.display().to_string();
+    let pushed = push_inner(repo, opts)
+        .await
+        .map_err(|e| e.context(format!("archive-push {shown}")))?;
+    if let Some(cat) = catalog {
+        cat.record_wal_best_effort(repo.stanza(), &pushed.name, &pushed.digest)
+            .await;
+    }
+    Ok(pushed)
+}
+
+async fn push_inner(repo: &Repository, opts: &PushOptions) -> Result<Pushed> {
+    let name = file_name_of(&opts.path)?;
+    let stanza = repo.require_stanza().await?;
+    let db = stanza.current().clone();
+
+    // Validate before anything touches the repository.
+    let path = opts.path.clone();
+    let (name2, db2) = (name.clone(), db.clone());
+    tokio::task::spawn_blocking(move || validate_file(&path, &name2, &db2)).await??;
+
+    let stanza_name = repo.stanza().to_string();
+    let dir = layout::wal_dir(&stanza_name, &db.dir(), &name);
+    let claim_key = layout::wal_claim_key(&stanza_name, &db.dir(), &name);
+
+    if let Some(claim) = read_claim(repo, &claim_key).await? {
+        let path = opts.path.clone();
+        let digest = tokio::task::spawn_blocking(move || hash_file(&path)).await??;
+        settle_existing(repo, &name, &db, &claim_key, &claim, &digest).await?;
+        return Ok(Pushed {
+            name,
+            digest,
+            outcome: PushOutcome::AlreadyArchived,
+        });
+    }
+
+    // Hash + compress in one pass into a spool (zstd's own worker threads
+    // compress while this thread reads and hashes).
+    let backend = repo.backend().clone();
+    let path = opts.path.clone();
+    let encode = opts.encode;
+    let (spool, digest) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let file = File::open(&path).map_err(|e| input_error(&path, e))?;
+        let size = file.metadata().map_err(|e| input_error(&path, e))?.len();
+        let spool = backend
+            .spool(&dir)
+            .map_err(|e| Error::repository(format!("{}: {e}", backend.describe())))?;
+        let mut enc = Encoder::new(spool, encode)
+            .map_err(|e| Error::internal(format!("start compression: {e}")))?;
+        enc.set_pledged_size(size)
+            .map_err(|e| Error::internal(format!("start compression: {e}")))?;
+        copy_file(file, &mut enc, &path)?;
+        enc.finish()
+            .map_err(|e| Error::repository(format!("write {}: {e}", backend.describe())))
+    })
+    .await??;
+
+    let data_key = layout::wal_data_key(&stanza_name, &db.dir(), &name, &digest.sha256);
+    // Content-addressed: AlreadyExists means these very bytes are stored.
+    repo.backend()
+        .commit(spool, &data_key, PutMode::CreateNew)
+        .await?;
+
+    let claim = Claim {
+        sha256: digest.sha256.to_hex(),
+        size: digest.size,
+        archived_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    let created = repo
+        .put_json(&claim_key, &claim, PutMode::CreateNew)
+        .await?;
+    let owner = match created {
+        PutOutcome::Created if repo.backend().atomic_create() => claim,
+        _ => {
+            if created == PutOutcome::Created {
+                tokio::time::sleep(CLAIM_SETTLE).await;
+            }
+            read_claim(repo, &claim_key).await?.ok_or_else(|| {
+                Error::repository(format!(
+                    "{}/{claim_key} vanished after it was written",
+                    repo.describe()
+                ))
+            })?
+        }
+    };
+    settle_existing(repo, &name, &db, &claim_key, &owner, &digest).await?;
+    Ok(Pushed {
+        name,
+        digest,
+        outcome: match created {
+            PutOutcome::Created => PushOutcome::Archived,
+            PutOutcome::AlreadyExists => PushOutcome::AlreadyArchived,
+        },
+    })
+}
+
+/// N's claim exists: fine if it names our content (once that is durable),
+/// a conflict otherwise.
+async fn settle_existing(
+    repo: &Repository,
+    name: &WalFileName,
+    db: &DbInfo,
+    claim_key: &str,
+    claim: &Claim,
+    digest: &Digest256,
+) -> Result<()> {
+    if claim.sha256 != digest.sha256.to_hex() {
+        return Err(Error::new(
+            Kind::Conflict,
+            format!(
+                "a different {} is already archived (sha256 {}, {} bytes; this file: sha256 {}, {} bytes); the archived copy was kept",
+                name,
+                short(&claim.sha256),
+                claim.size,
+                short(&digest.sha256.to_hex()),
+                digest.size
+            ),
+        )
+        .hint("two clusters may be archiving into one stanza (an old primary beside a promoted standby?): give each its own stanza"));
+    }
+    let data_key = layout::wal_data_key(repo.stanza(), &db.dir(), name, &digest.sha256);
+    repo.backend()
+        .ensure_durable(&[data_key, claim_key.to_string()])
+        .await
+}
+
+pub(crate) async fn read_claim(repo: &Repository, key: &str) -> Result<Option<Claim>> {
+    let claim: Option<Claim> = repo.get_json(key).await?;
+    if let Some(c) = &claim {
+        if Sha256Sum::from_hex(&c.sha256).is_none() {
+            return Err(Error::repository(format!(
+                "{}/{key}: claim has a malformed checksum",
+                repo.describe()
+            )));
+        }
+    }
+    Ok(claim)
+}
+
+fn short(hex: &str) -> &str {
+    &hex[..hex.len().min(12)]
+}
+
+fn file_name_of(path: &Path) -> Result<WalFileName> {
+    let base = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::invalid_input("not a file name"))?;
+    WalFileName::parse(base).map_err(|e| {
+        Error::invalid_input(format!("not a WAL file: {e}"))
+            .hint("archive_command must pass %p: archive_command = 'pgvault archive-push %p'")
+    })
+}
+
+fn input_error(path: &Path, e: io::Error) -> Error {
+    let err = Error::invalid_input(match e.kind() {
+        io::ErrorKind::NotFound => "file not found".to_string(),
+        _ => format!("cannot read: {e}"),
+    });
+    if e.kind() == io::ErrorKind::NotFound && path.is_relative() {
+        err.hint("a relative path is read from the working directory; PostgreSQL runs archive_command in the data directory")
+    } else {
+        err
+    }
+}
+
+/// Checks that the file is what its name says and belongs to this stanza.
+fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
+    let mut file = File::open(path).map_err(|e| input_error(path, e))?;
+    let size = file.metadata().map_err(|e| input_error(path, e))?.len();
+    match name.kind() {
+        WalFileKind::Segment | WalFileKind::Partial => {
+            if size != u64::from(db.wal_segment_size) {
+                return Err(Error::invalid_input(format!(
+                    "file is {size} bytes, but WAL segments of this stanza are {} bytes (truncated or not a WAL segment)",
+                    db.wal_segment_size
+                )));
+            }
+            let mut page = vec![0u8; 8192.min(size as usize)];
+            file.read_exact(&mut page)
+                .map_err(|e| input_error(path, e))?;
+            let expect = pg::wal::SegmentExpectation {
+                major: db.pg_version,
+                system_identifier: db.system_id(),
+                seg_size: db.wal_segment_size,
+            };
+            pg::wal::validate_segment_start(name, &page, &expect).map_err(|e| {
+                Error::invalid_input(format!("not a WAL segment of this stanza's cluster: {e}"))
+                    .hint("is another cluster's archive_command pointing at this stanza?")
+            })?;
+        }
+        WalFileKind::History => {
+            let text = read_small_text(&mut file, size, path)?;
+            pg::history::parse_history(name.timeline(), &text)
+                .map_err(|e| Error::invalid_input(format!("not a timeline history file: {e}")))?;
+        }
+        WalFileKind::BackupLabel => {
+            let text = read_small_text(&mut file, size, path)?;
+            if !text.contains("START WAL LOCATION:") {
+                return Err(Error::invalid_input(
+                    "not a backup history file: no START WAL LOCATION line",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_small_text(file: &mut File, size: u64, path: &Path) -> Result<String> {
+    if size > 1 << 20 {
+        return Err(Error::invalid_input(format!(
+            "file is {size} bytes, too large for a history or backup label file"
+        )));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(|e| {
+        Error::invalid_input(format!("not a text file: {e}")).context(path.display().to_string())
+    })?;
+    Ok(text)
+}
+
+fn copy_file<W: io::Write>(mut file: File, out: &mut W, path: &Path) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(input_error(path, e)),
+        };
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::repository(format!("write: {e}")))?;
+    }
+}
+
+fn hash_file(path: &Path) -> Result<Digest256> {
+    let file = File::open(path).map_err(|e| input_error(path, e))?;
+    let mut h = codec::HashingWriter::new(io::sink());
+    copy_file(file, &mut h, path)?;
+    Ok(h.finish().1)
+}

@@ -1,0 +1,52 @@
+//! `stanza-create`: record the cluster in `--pgdata` in the repository.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Kind, Result};
+use crate::pg::control::{read_cluster_info, ClusterInfo};
+use crate::repo::stanza::CreateOutcome;
+use crate::repo::{DbInfo, Repository};
+
+#[derive(Debug, Clone)]
+pub struct StanzaCreateOptions {
+    pub pgdata: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct StanzaCreated {
+    pub outcome: CreateOutcome,
+    pub db: DbInfo,
+}
+
+/// Reads `PG_VERSION` and `global/pg_control` (blocking, off the runtime).
+pub async fn read_cluster(pgdata: PathBuf) -> Result<ClusterInfo> {
+    let shown = pgdata.display().to_string();
+    tokio::task::spawn_blocking(move || read_cluster_info(&pgdata))
+        .await?
+        .map_err(|e| {
+            Error::new(Kind::InvalidInput, e.to_string()).hint(format!(
+                "--pgdata must be a PostgreSQL data directory ({shown})"
+            ))
+        })
+}
+
+pub fn db_info(id: u32, cluster: &ClusterInfo) -> DbInfo {
+    DbInfo {
+        id,
+        system_identifier: cluster.control.system_identifier.to_string(),
+        pg_version: cluster.major,
+        wal_segment_size: cluster.control.wal_segment_size,
+        pg_control_version: cluster.control.pg_control_version,
+        catalog_version: cluster.control.catalog_version_no,
+    }
+}
+
+pub async fn stanza_create(repo: &Repository, opts: &StanzaCreateOptions) -> Result<StanzaCreated> {
+    let cluster = read_cluster(opts.pgdata.clone()).await?;
+    let db = db_info(1, &cluster);
+    let outcome = repo
+        .create_stanza(db.clone())
+        .await
+        .map_err(|e| e.context(format!("stanza-create {}", repo.stanza())))?;
+    Ok(StanzaCreated { outcome, db })
+}

@@ -1,0 +1,122 @@
+//! The one place that builds (and parses) object keys.
+//!
+//! ```text
+//! <stanza>/stanza.pgv                                   stanza facts (replaced atomically)
+//! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.zst    archived WAL, content-addressed
+//! <stanza>/archive/<db>/<tli+log>/<wal>.claim           which content owns the name <wal>
+//! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
+//! ```
+//!
+//! `<db>` is `<major>-<id>` (e.g. `15-1`): a new id after `pg_upgrade` keeps
+//! the old cluster's WAL apart. `<tli+log>` is the first 16 characters of the
+//! segment name, so a directory (or listing) holds at most 256 segments of
+//! 16 MiB. The checksum in the WAL key means two different files pushed for
+//! one name can never overwrite each other, even on stores whose conditional
+//! create is missing or not atomic; the `.claim` object decides which one
+//! the name belongs to (see `ops::archive_push`).
+
+use crate::pg::WalFileName;
+use crate::repo::codec::Sha256Sum;
+
+pub const STANZA_OBJECT: &str = "stanza.pgv";
+pub const WAL_SUFFIX: &str = ".zst";
+pub const CLAIM_SUFFIX: &str = ".claim";
+
+pub fn stanza_key(stanza: &str) -> String {
+    format!("{stanza}/{STANZA_OBJECT}")
+}
+
+pub fn db_dir_name(major: u32, db_id: u32) -> String {
+    format!("{major}-{db_id}")
+}
+
+pub fn archive_root(stanza: &str, db_dir: &str) -> String {
+    format!("{stanza}/archive/{db_dir}")
+}
+
+pub fn wal_dir(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
+    format!("{}/{}", archive_root(stanza, db_dir), name.dir_part())
+}
+
+pub fn wal_data_key(stanza: &str, db_dir: &str, name: &WalFileName, sha: &Sha256Sum) -> String {
+    format!(
+        "{}/{}-{}{WAL_SUFFIX}",
+        wal_dir(stanza, db_dir, name),
+        name.as_str(),
+        sha.to_hex()
+    )
+}
+
+pub fn wal_claim_key(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
+    format!(
+        "{}/{}{CLAIM_SUFFIX}",
+        wal_dir(stanza, db_dir, name),
+        name.as_str()
+    )
+}
+
+/// What a key below an archive root is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveKey {
+    Data { name: WalFileName, sha: Sha256Sum },
+    Claim { name: WalFileName },
+}
+
+/// Parses the last component of a key below `archive/<db>/`; `None` for
+/// anything pgvault did not write there.
+pub fn parse_archive_key(key: &str) -> Option<ArchiveKey> {
+    let file = key.rsplit('/').next()?;
+    if let Some(stem) = file.strip_suffix(CLAIM_SUFFIX) {
+        return WalFileName::parse(stem)
+            .ok()
+            .map(|name| ArchiveKey::Claim { name });
+    }
+    let stem = file.strip_suffix(WAL_SUFFIX)?;
+    let (name, sha) = stem.rsplit_once('-')?;
+    Some(ArchiveKey::Data {
+        name: WalFileName::parse(name).ok()?,
+        sha: Sha256Sum::from_hex(sha)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_roundtrip() {
+        let name = WalFileName::parse("00000001000000020000003A").unwrap();
+        let sha = Sha256Sum([0xab; 32]);
+        let k = wal_data_key("main", "15-1", &name, &sha);
+        assert_eq!(
+            k,
+            format!(
+                "main/archive/15-1/0000000100000002/00000001000000020000003A-{}.zst",
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(
+            parse_archive_key(&k),
+            Some(ArchiveKey::Data {
+                name: name.clone(),
+                sha
+            })
+        );
+        let c = wal_claim_key("main", "15-1", &name);
+        assert_eq!(
+            c,
+            "main/archive/15-1/0000000100000002/00000001000000020000003A.claim"
+        );
+        assert_eq!(parse_archive_key(&c), Some(ArchiveKey::Claim { name }));
+        let h = WalFileName::parse("00000002.history").unwrap();
+        assert_eq!(
+            wal_claim_key("s", "15-1", &h),
+            "s/archive/15-1/history/00000002.history.claim"
+        );
+        assert_eq!(parse_archive_key("s/archive/15-1/x/.pgvault-tmp-1"), None);
+        assert_eq!(
+            parse_archive_key("s/archive/15-1/x/00000001000000020000003A-zz.zst"),
+            None
+        );
+    }
+}

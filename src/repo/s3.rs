@@ -1,0 +1,345 @@
+//! A repository in S3-compatible object storage, through `object_store`.
+//!
+//! Endpoint, region and credentials come from the standard `AWS_*`
+//! variables (as `object_store` reads them), overridden by pgvault's own
+//! `s3-*` options so that a configuration file can carry them where the
+//! environment cannot (a postmaster's `restore_command`).
+//!
+//! Create-if-absent uses `If-None-Match: *`. Many S3-compatible stores
+//! ignore it or check it non-atomically; with `s3-atomic-create = false`
+//! the callers add their own conflict detection (see `ops::archive_push`).
+
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as OsPath;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode as OsPutMode, PutOptions,
+    PutPayload, RetryConfig, WriteMultipart,
+};
+use tokio::sync::mpsc;
+
+use super::backend::{Backend, ObjectMeta, ObjectReader, PutMode, PutOutcome, Spool};
+use crate::error::{Error, Result};
+
+/// What pgvault's own options say about the store (each overrides `AWS_*`).
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+    /// Whether the store's conditional create is atomic under races.
+    pub atomic_create: bool,
+    /// Bound on retries of one request, in total.
+    pub retry_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct S3Backend {
+    store: Arc<AmazonS3>,
+    bucket: String,
+    prefix: String,
+    atomic_create: bool,
+    /// Conditional puts rejected as not implemented (`AWS_CONDITIONAL_PUT=disabled`).
+    conditional_disabled: std::sync::atomic::AtomicBool,
+}
+
+const PART_SIZE: usize = 8 << 20;
+
+impl S3Backend {
+    pub fn new(bucket: &str, prefix: &str, opts: &S3Options) -> Result<Self> {
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(v) = &opts.endpoint {
+            b = b.with_endpoint(v);
+        }
+        if let Some(v) = &opts.region {
+            b = b.with_region(v);
+        }
+        if let Some(v) = &opts.access_key_id {
+            b = b.with_access_key_id(v);
+        }
+        if let Some(v) = &opts.secret_access_key {
+            b = b.with_secret_access_key(v);
+        }
+        if let Some(v) = opts.allow_http {
+            b = b.with_allow_http(v);
+        }
+        b = b
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(5),
+                    base: 2.0,
+                },
+                max_retries: 10,
+                retry_timeout: opts.retry_timeout,
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(120)),
+            );
+        let store = b.build().map_err(|e| {
+            Error::usage(format!(
+                "S3 repository s3://{bucket}/{prefix}: {}",
+                clean(&e)
+            ))
+        })?;
+        Ok(S3Backend {
+            store: Arc::new(store),
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            atomic_create: opts.atomic_create,
+            conditional_disabled: Default::default(),
+        })
+    }
+
+    fn path(&self, key: &str) -> OsPath {
+        if self.prefix.is_empty() {
+            OsPath::from(key)
+        } else {
+            OsPath::from(format!("{}/{}", self.prefix, key))
+        }
+    }
+
+    fn strip(&self, p: &OsPath) -> String {
+        let s = p.as_ref();
+        if self.prefix.is_empty() {
+            s.to_string()
+        } else {
+            s.strip_prefix(&self.prefix)
+                .map(|r| r.trim_start_matches('/'))
+                .unwrap_or(s)
+                .to_string()
+        }
+    }
+
+    fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
+        let mut err = Error::repository(format!("{what} {}/{key}: {}", self.describe(), clean(&e)));
+        let text = e.to_string();
+        if text.contains("403")
+            || text.contains("InvalidAccessKeyId")
+            || text.contains("SignatureDoesNotMatch")
+        {
+            err = err.hint("check the S3 credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or s3-access-key-id/s3-secret-access-key)");
+        } else if text.contains("error sending request") || text.contains("connect") {
+            err = err.hint(
+                "check the S3 endpoint (AWS_ENDPOINT or s3-endpoint) and that it is reachable",
+            );
+        }
+        err
+    }
+
+    async fn put_payload(
+        &self,
+        key: &str,
+        payload: PutPayload,
+        mode: PutMode,
+    ) -> Result<PutOutcome> {
+        let path = self.path(key);
+        let use_conditional = mode == PutMode::CreateNew
+            && !self
+                .conditional_disabled
+                .load(std::sync::atomic::Ordering::Relaxed);
+        let opts = PutOptions {
+            mode: if use_conditional {
+                OsPutMode::Create
+            } else {
+                OsPutMode::Overwrite
+            },
+            ..Default::default()
+        };
+        match self.store.put_opts(&path, payload.clone(), opts).await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
+            Err(object_store::Error::NotImplemented { .. }) if use_conditional => {
+                // The store was configured without conditional puts: fall
+                // back to a plain PUT; callers detect conflicts themselves.
+                self.conditional_disabled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.store
+                    .put(&path, payload)
+                    .await
+                    .map(|_| PutOutcome::Created)
+                    .map_err(|e| self.err("write", key, e))
+            }
+            Err(e) => Err(self.err("write", key, e)),
+        }
+    }
+}
+
+/// object_store's messages can be long and nested; keep them to one line.
+fn clean(e: &dyn std::fmt::Display) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+#[async_trait]
+impl Backend for S3Backend {
+    fn spool(&self, _dir: &str) -> io::Result<Spool> {
+        Ok(Spool::Memory(Vec::new()))
+    }
+
+    async fn commit(&self, spool: Spool, key: &str, mode: PutMode) -> Result<PutOutcome> {
+        match spool {
+            Spool::Memory(v) => {
+                self.put_payload(key, PutPayload::from(Bytes::from(v)), mode)
+                    .await
+            }
+            Spool::Spilled(f) => {
+                let file = f
+                    .into_inner()
+                    .map_err(|e| self.io_error(key, e.into_error()))?;
+                let mut file = file.reopen().map_err(|e| self.io_error(key, e))?;
+                // Large objects: a multipart upload becomes visible only
+                // when completed, so readers still never see a partial one.
+                // It cannot be conditional: the caller's conflict detection
+                // covers it (WAL keys carry the content's checksum).
+                let upload = self
+                    .store
+                    .put_multipart(&self.path(key))
+                    .await
+                    .map_err(|e| self.err("start upload of", key, e))?;
+                let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+                loop {
+                    let chunk = tokio::task::block_in_place(|| {
+                        let mut buf = vec![0u8; PART_SIZE];
+                        let mut filled = 0;
+                        while filled < buf.len() {
+                            let n = file.read(&mut buf[filled..])?;
+                            if n == 0 {
+                                break;
+                            }
+                            filled += n;
+                        }
+                        buf.truncate(filled);
+                        Ok::<_, io::Error>(buf)
+                    })
+                    .map_err(|e| self.io_error(key, e))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    w.wait_for_capacity(2)
+                        .await
+                        .map_err(|e| self.err("upload", key, e))?;
+                    w.put(Bytes::from(chunk));
+                }
+                w.finish()
+                    .await
+                    .map_err(|e| self.err("complete upload of", key, e))?;
+                Ok(PutOutcome::Created)
+            }
+            Spool::LocalFile { .. } => Err(Error::internal("S3 repository given a local spool")),
+        }
+    }
+
+    fn atomic_create(&self) -> bool {
+        self.atomic_create
+            && !self
+                .conditional_disabled
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<ObjectReader>> {
+        let res = match self.store.get(&self.path(key)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("read", key, e)),
+        };
+        let mut stream = res.into_stream();
+        // A small bounded channel: memory stays at a few chunks whatever the
+        // object size, and the blocking consumer applies back-pressure.
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+        let what = format!("{}/{key}", self.describe());
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let item =
+                    item.map_err(|e| io::Error::other(format!("read {what}: {}", clean(&e))));
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Some(Box::new(ChannelReader {
+            rx,
+            current: Bytes::new(),
+        })))
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
+        let prefix = self.path(dir);
+        let mut stream = self.store.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            let meta = item.map_err(|e| self.err("list", dir, e))?;
+            out.push(ObjectMeta {
+                key: self.strip(&meta.location),
+                size: meta.size,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("delete", key, e)),
+        }
+    }
+
+    async fn ensure_durable(&self, keys: &[String]) -> Result<()> {
+        // A completed PUT is durable on an object store; what is left to
+        // check is that the objects are there.
+        for key in keys {
+            match self.store.head(&self.path(key)).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(Error::repository(format!(
+                        "{}/{key} is missing",
+                        self.describe()
+                    )))
+                }
+                Err(e) => return Err(self.err("check", key, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// Adapts the async chunk stream to a blocking `Read`.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.current = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = self.current.len().min(out.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
+    }
+}

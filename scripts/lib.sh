@@ -1,0 +1,222 @@
+# shellcheck shell=bash
+# Helpers shared by scripts/test.sh (and anything else that needs the test
+# services): install what the integration tests need on a fresh Debian 12
+# machine, idempotently, and start/stop the S3-API servers on loopback.
+#
+# Source it; it does not change shell options. Every function is safe to call
+# twice. Variables it sets for the caller:
+#   PGV_PGBIN        PostgreSQL 15 binaries
+#   PGV_TEST_USER    unprivileged OS user that runs postgres (PostgreSQL
+#                    refuses to run as root)
+#   PGV_MOTO_PY      a python3 that can import moto (and boto3)
+#   PGV_S3SFS_BIN    the s3s-fs binary
+#   PGV_MOTO_URL / PGV_S3SFS_URL   endpoints once started
+#   PGV_S3_ACCESS_KEY / PGV_S3_SECRET_KEY / PGV_S3_REGION / PGV_S3_BUCKET
+
+PGV_CACHE="${PGVAULT_CACHE:-/var/cache/pgvault}"
+PGV_PGBIN="/usr/lib/postgresql/15/bin"
+PGV_TEST_USER="${PGVAULT_TEST_USER:-pgvtest}"
+PGV_S3SFS_VERSION="0.14.1"
+PGV_S3SFS_ROOT_DIR="$PGV_CACHE/s3s-fs"
+PGV_S3SFS_BIN="$PGV_S3SFS_ROOT_DIR/bin/s3s-fs"
+# Test-only credentials: moto accepts anything, s3s-fs checks SigV4
+# signatures against exactly this pair.
+PGV_S3_ACCESS_KEY="pgvault-test-key"
+PGV_S3_SECRET_KEY="pgvault-test-secret"
+PGV_S3_REGION="us-east-1"
+PGV_S3_BUCKET="pgvault-test"
+PGV_MOTO_PY="${PGV_MOTO_PY:-}"
+PGV_MOTO_URL=""
+PGV_S3SFS_URL=""
+# pids of what we started, stopped by pgv_stop_services
+PGV_PIDS=()
+PGV_APT_UPDATED=0
+
+pgv_log() {
+    printf '==> %s\n' "$*" >&2
+}
+
+pgv_die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+# apt-get install only what is missing; `apt-get update` at most once.
+pgv_apt_install() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if [ "$PGV_APT_UPDATED" -eq 0 ]; then
+        pgv_log "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        PGV_APT_UPDATED=1
+    fi
+    pgv_log "apt-get install ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+pgv_ensure_postgres() {
+    if [ ! -x "$PGV_PGBIN/postgres" ] || [ ! -x "$PGV_PGBIN/pgbench" ]; then
+        # postgresql-contrib-15 is a virtual package provided by
+        # postgresql-15 in bookworm; install the real package.
+        pgv_apt_install postgresql-15 postgresql-client-15
+    fi
+    [ -x "$PGV_PGBIN/initdb" ] || pgv_die "no PostgreSQL 15 at $PGV_PGBIN after install"
+}
+
+pgv_ensure_tools() {
+    local need=()
+    command -v zstd >/dev/null || need+=(zstd)
+    command -v runuser >/dev/null || need+=(util-linux)
+    command -v python3 >/dev/null || need+=(python3)
+    command -v curl >/dev/null || need+=(curl)
+    if [ "${#need[@]}" -gt 0 ]; then
+        pgv_apt_install "${need[@]}"
+    fi
+}
+
+pgv_ensure_user() {
+    if ! id -u "$PGV_TEST_USER" >/dev/null 2>&1; then
+        pgv_log "useradd $PGV_TEST_USER"
+        useradd --system --create-home "$PGV_TEST_USER"
+    fi
+}
+
+# Find (or install) a python3 that has moto's server. Prefer the machine's
+# python3 (pyenv here); fall back to a venv under the cache when pip refuses
+# to touch a Debian-managed interpreter (PEP 668).
+pgv_ensure_moto() {
+    local py venv="$PGV_CACHE/moto-venv"
+    for py in "$PGV_MOTO_PY" python3 "$venv/bin/python3"; do
+        [ -n "$py" ] || continue
+        if "$py" -c 'import moto.server, boto3' >/dev/null 2>&1; then
+            PGV_MOTO_PY="$(command -v "$py")"
+            return 0
+        fi
+    done
+    pgv_log "pip install 'moto[server]'"
+    if python3 -m pip --version >/dev/null 2>&1 &&
+        python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' &&
+        python3 -c 'import moto.server, boto3' >/dev/null 2>&1; then
+        PGV_MOTO_PY="$(command -v python3)"
+        command -v pyenv >/dev/null && pyenv rehash || true
+        return 0
+    fi
+    pgv_log "falling back to a venv at $venv"
+    python3 -m venv --help >/dev/null 2>&1 || pgv_apt_install python3-venv python3-pip
+    python3 -m venv "$venv" || { pgv_apt_install python3-venv python3-pip && python3 -m venv "$venv"; }
+    "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check 'moto[server]'
+    PGV_MOTO_PY="$venv/bin/python3"
+    "$PGV_MOTO_PY" -c 'import moto.server, boto3' || pgv_die "moto is not importable after install"
+}
+
+# Build s3s-fs once and keep it in the cache (about 2 minutes on 2 cores).
+pgv_ensure_s3sfs() {
+    if [ -x "$PGV_S3SFS_BIN" ]; then
+        return 0
+    fi
+    pgv_log "cargo install s3s-fs@$PGV_S3SFS_VERSION (cached in $PGV_S3SFS_ROOT_DIR)"
+    mkdir -p "$PGV_S3SFS_ROOT_DIR"
+    # Build in cargo's own temporary target dir, not the caller's.
+    env -u CARGO_TARGET_DIR cargo install "s3s-fs@$PGV_S3SFS_VERSION" \
+        --features binary --locked --root "$PGV_S3SFS_ROOT_DIR" --quiet
+    [ -x "$PGV_S3SFS_BIN" ] || pgv_die "s3s-fs did not build"
+}
+
+pgv_install_all() {
+    pgv_ensure_tools
+    pgv_ensure_postgres
+    pgv_ensure_user
+    pgv_ensure_moto
+    pgv_ensure_s3sfs
+}
+
+# A free TCP port on 127.0.0.1 (the kernel picks; a tiny race with other
+# processes is possible, and the wait below notices it).
+pgv_free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# pgv_wait_http URL PID LOG: wait until URL answers any HTTP status, or fail
+# with the server's log if it dies or takes more than 60 s.
+pgv_wait_http() {
+    local url="$1" pid="$2" log="$3" i
+    for i in $(seq 1 300); do
+        if curl -s -o /dev/null --max-time 2 "$url"; then
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            printf 'server for %s exited; its log (%s):\n' "$url" "$log" >&2
+            tail -n 50 "$log" >&2 || true
+            return 1
+        fi
+        sleep 0.2
+    done
+    printf 'server for %s did not answer within 60 s; its log (%s):\n' "$url" "$log" >&2
+    tail -n 50 "$log" >&2 || true
+    return 1
+}
+
+# pgv_create_bucket URL: create $PGV_S3_BUCKET through the S3 API.
+pgv_create_bucket() {
+    AWS_ACCESS_KEY_ID="$PGV_S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY" \
+        "$PGV_MOTO_PY" - "$1" "$PGV_S3_BUCKET" "$PGV_S3_REGION" <<'EOF'
+import sys, boto3
+url, bucket, region = sys.argv[1:4]
+s3 = boto3.client("s3", endpoint_url=url, region_name=region)
+try:
+    s3.create_bucket(Bucket=bucket)
+except s3.exceptions.BucketAlreadyOwnedByYou:
+    pass
+s3.head_bucket(Bucket=bucket)
+EOF
+}
+
+# pgv_start_moto LOGDIR: moto's S3 server on a free loopback port.
+pgv_start_moto() {
+    local logdir="$1" port pid
+    mkdir -p "$logdir"
+    port="$(pgv_free_port)"
+    pgv_log "starting moto on 127.0.0.1:$port (log: $logdir/moto.log)"
+    "$PGV_MOTO_PY" -m moto.server -H 127.0.0.1 -p "$port" >"$logdir/moto.log" 2>&1 &
+    pid=$!
+    PGV_PIDS+=("$pid")
+    pgv_wait_http "http://127.0.0.1:$port/" "$pid" "$logdir/moto.log"
+    PGV_MOTO_URL="http://127.0.0.1:$port"
+    pgv_create_bucket "$PGV_MOTO_URL"
+}
+
+# pgv_start_s3sfs LOGDIR: s3s-fs on a free loopback port, its data in
+# LOGDIR/s3s-fs-data (a bucket is a directory there).
+pgv_start_s3sfs() {
+    local logdir="$1" port pid data="$1/s3s-fs-data"
+    mkdir -p "$logdir"
+    rm -rf "$data"
+    mkdir -p "$data"
+    port="$(pgv_free_port)"
+    pgv_log "starting s3s-fs on 127.0.0.1:$port (log: $logdir/s3s-fs.log)"
+    "$PGV_S3SFS_BIN" --host 127.0.0.1 --port "$port" \
+        --access-key "$PGV_S3_ACCESS_KEY" --secret-key "$PGV_S3_SECRET_KEY" \
+        "$data" >"$logdir/s3s-fs.log" 2>&1 &
+    pid=$!
+    PGV_PIDS+=("$pid")
+    pgv_wait_http "http://127.0.0.1:$port/" "$pid" "$logdir/s3s-fs.log"
+    PGV_S3SFS_URL="http://127.0.0.1:$port"
+    pgv_create_bucket "$PGV_S3SFS_URL"
+}
+
+# Stop what pgv_start_* started (for `trap pgv_stop_services EXIT`).
+pgv_stop_services() {
+    local pid
+    for pid in "${PGV_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PGV_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    PGV_PIDS=()
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Install and start what the tests need, run every check, stop what it
+# started. Works on a fresh Debian 12 machine as root (it installs
+# PostgreSQL 15, moto and s3s-fs on first use; s3s-fs's build is cached in
+# ${PGVAULT_CACHE:-/var/cache/pgvault}).
+#
+#   scripts/test.sh                    # everything, as CI runs it
+#   scripts/test.sh --test archive     # extra arguments go to `cargo test`
+#
+# Server logs go to target/test-logs/ and are shown when something fails.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+[ "$(id -u)" -eq 0 ] || pgv_die "run as root: the tests create an OS user and run PostgreSQL as it"
+
+LOGDIR="$PWD/target/test-logs"
+mkdir -p "$LOGDIR"
+SECONDS=0
+
+on_exit() {
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        local f
+        for f in "$LOGDIR"/moto.log "$LOGDIR"/s3s-fs.log; do
+            if [ -s "$f" ]; then
+                printf '\n--- last lines of %s\n' "$f" >&2
+                tail -n 40 "$f" >&2 || true
+            fi
+        done
+        printf '\nscripts/test.sh: FAILED (exit %s) after %ss\n' "$rc" "$SECONDS" >&2
+    fi
+    pgv_stop_services
+    exit "$rc"
+}
+trap on_exit EXIT
+
+# Lint first: it is cheap and fails fast.
+pgv_log "cargo fmt --check"
+cargo fmt --all -- --check
+
+pgv_install_all
+
+pgv_log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+pgv_log "cargo build --all-targets"
+cargo build --all-targets --quiet
+
+pgv_start_moto "$LOGDIR"
+pgv_start_s3sfs "$LOGDIR"
+
+export PGVAULT_TEST_PGBIN="$PGV_PGBIN"
+export PGVAULT_TEST_USER="$PGV_TEST_USER"
+export PGVAULT_TEST_MOTO="$PGV_MOTO_URL"
+export PGVAULT_TEST_S3SFS="$PGV_S3SFS_URL"
+export PGVAULT_TEST_AWS_ACCESS_KEY_ID="$PGV_S3_ACCESS_KEY"
+export PGVAULT_TEST_AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY"
+export PGVAULT_TEST_AWS_REGION="$PGV_S3_REGION"
+export PGVAULT_TEST_BUCKET="$PGV_S3_BUCKET"
+
+# Two test threads: each integration test runs a PostgreSQL cluster plus
+# pgvault processes, and the machine has 2 cores.
+pgv_log "cargo test $* -- --test-threads=2"
+cargo test "$@" -- --test-threads=2
+
+pgv_log "all checks passed in ${SECONDS}s"

@@ -1,0 +1,520 @@
+#!/usr/bin/env bash
+# make-fixtures.sh — regenerate fixtures/ from real PostgreSQL servers.
+#
+# Usage (as root):  scripts/make-fixtures.sh [OUTPUT_DIR]     (default: fixtures/)
+#
+# What it makes (see fixtures/README.md for the file list):
+#   pg15/        Debian's PostgreSQL 15 (/usr/lib/postgresql/15/bin, apt package
+#                postgresql-15): a 1 MiB-segment cluster with data checksums,
+#                pgbench -i, a non-exclusive backup (pg_backup_start/stop: a
+#                .backup history file and its backup_label), a streaming standby
+#                that is stopped once (pg_control "shut down in recovery") and
+#                then promoted after the primary stops, which gives a .partial
+#                segment of timeline 1, 00000002.history and the first segment of
+#                timeline 2 — whose first pages still carry xlp_tli 1, because
+#                PostgreSQL copies the old timeline's segment up to the switch
+#                point (xlog.c, XLogInitNewTimeline).
+#   pg15-16mib/  pg_control of a default (16 MiB segment) PostgreSQL 15 cluster.
+#   pg14/ pg16/ pg17/ pg18/
+#                PostgreSQL from scripts/fetch-pg.sh: a 1 MiB-segment cluster,
+#                one small write, one WAL segment, pg_control — so the parser
+#                meets pg_control versions 1300, 1700 and 1800 and every WAL
+#                page magic.
+# Each directory has facts.json: the values tests assert, taken from
+# pg_controldata and pg_waldump output and from raw header bytes read here
+# with Python's struct module — never from pgvault's own parser.
+#
+# PostgreSQL refuses to run as root, so the servers run as the unprivileged
+# system user `pgvtest` (created when missing). They listen only on Unix
+# sockets inside a temporary work directory (listen_addresses = ''), so the
+# script touches no network port and can run beside other PostgreSQL servers.
+#
+# Re-runnable: the output directory's pgNN*/ subdirectories are replaced.
+# Cluster identities, LSNs and times differ on every run, and facts.json
+# follows them. KEEP_WORK=1 keeps the work directory for inspection.
+#
+# Needs: root, runuser, python3, zstd, Debian's postgresql-15 and the pip
+# download that scripts/fetch-pg.sh does.
+set -euo pipefail
+
+die() { echo "make-fixtures.sh: $*" >&2; exit 1; }
+log() { echo "make-fixtures.sh: $*" >&2; }
+
+[ "$(id -u)" = 0 ] || die "run as root (PostgreSQL itself runs as the user pgvtest)"
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+out=${1:-$repo/fixtures}
+pg15_bin=${PGVAULT_PG15_BIN:-/usr/lib/postgresql/15/bin}
+[ -x "$pg15_bin/postgres" ] || die "$pg15_bin/postgres not found (apt-get install postgresql-15)"
+command -v zstd >/dev/null || die "zstd not found (apt-get install zstd)"
+command -v python3 >/dev/null || die "python3 not found"
+
+id pgvtest >/dev/null 2>&1 || useradd --system --create-home pgvtest
+
+export LC_ALL=C TZ=UTC
+work=$(mktemp -d /tmp/pgvault-fixtures.XXXXXX)
+chmod 755 "$work"
+chown pgvtest: "$work"
+started=()
+cleanup() {
+    local d
+    for d in "${started[@]}"; do
+        [ -f "$d/postmaster.pid" ] && as_pg "$(cat "$d/.bin")/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1 || true
+    done
+    if [ "${KEEP_WORK:-0}" = 1 ]; then log "work directory kept: $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+as_pg() { runuser -u pgvtest -- env LC_ALL=C TZ=UTC PGHOST="$work/sock" PGUSER=postgres PGDATABASE=postgres "$@"; }
+mkdir -p "$work/sock"
+chown pgvtest: "$work/sock"
+
+# new_cluster BIN DATADIR PORT INITDB_OPTIONS...
+# Each cluster archives into its own DATADIR.archive (a standby made by
+# pg_basebackup inherits its primary's configuration, so it shares it).
+new_cluster() {
+    local bin=$1 data=$2 port=$3; shift 3
+    mkdir -p "$data.archive" && chown pgvtest: "$data.archive"
+    as_pg "$bin/initdb" -D "$data" -U postgres --auth=trust "$@" >"$work/initdb-$(basename "$data").log" 2>&1 ||
+        { cat "$work/initdb-$(basename "$data").log" >&2; die "initdb of $data failed"; }
+    echo "$bin" >"$data/.bin"
+    cat >>"$data/postgresql.conf" <<EOF
+
+# --- make-fixtures.sh ---
+listen_addresses = ''
+unix_socket_directories = '$work/sock'
+port = $port
+wal_level = replica
+archive_mode = on
+archive_command = 'test ! -f $data.archive/%f && cp %p $data.archive/%f'
+max_wal_senders = 4
+wal_keep_size = '64MB'
+fsync = off
+EOF
+}
+
+# start DATADIR [SERVER_OPTIONS]
+start() {
+    local data=$1 opts=${2:-}
+    as_pg "$(cat "$data/.bin")/pg_ctl" -D "$data" -l "$data.log" -w -t 60 ${opts:+-o "$opts"} start >/dev/null ||
+        { tail -n 30 "$data.log" >&2; die "could not start $data"; }
+    started+=("$data")
+}
+# stop DATADIR [MODE]
+stop() { as_pg "$(cat "$1/.bin")/pg_ctl" -D "$1" -w -t 60 stop -m "${2:-fast}" >/dev/null; }
+
+# pgbench BIN PORT ARGS...
+pgbench() {
+    local bin=$1 port=$2; shift 2
+    as_pg "$bin/pgbench" -p "$port" "$@" postgres >"$work/pgbench.log" 2>&1 ||
+        { cat "$work/pgbench.log" >&2; die "pgbench $* failed"; }
+}
+
+# sql BIN PORT SQL — one value, unaligned
+sql() { as_pg "$1/psql" -X -q -v ON_ERROR_STOP=1 -p "$2" -At -c "$3"; }
+
+# wait_archived ARCHIVE NAME — until the archiver has copied NAME (bounded)
+wait_archived() {
+    local i
+    for i in $(seq 1 120); do
+        [ -f "$1/$2" ] && return 0
+        sleep 0.5
+    done
+    die "$2 was never archived"
+}
+
+# wait_replayed BIN PORT LSN — until the standby has replayed up to LSN (bounded)
+wait_replayed() {
+    local i
+    for i in $(seq 1 120); do
+        [ "$(sql "$1" "$2" "select pg_last_wal_replay_lsn() >= '$3'::pg_lsn")" = t ] && return 0
+        sleep 0.5
+    done
+    die "standby on port $2 never replayed up to $3"
+}
+
+zst() { zstd -q -19 --no-progress -f "$1" -o "$2"; }
+
+# save_control BIN DATADIR DEST_PREFIX — copy pg_control and its pg_controldata text
+save_control() {
+    local bin=$1 data=$2 dest=$3
+    cp "$data/global/pg_control" "$dest"
+    as_pg "$bin/pg_controldata" -D "$data" >"$dest.controldata.txt"
+}
+
+# waldump BIN FILE TLI — pg_waldump text of one segment (it complains at the
+# segment's end when the last record goes on into the next file: that is kept)
+waldump() {
+    local bin=$1 file=$2 name
+    name=$(basename "$file" .partial)
+    rm -rf "$work/dump" && mkdir -p "$work/dump" && cp "$file" "$work/dump/$name" && chown -R pgvtest: "$work/dump"
+    as_pg "$bin/pg_waldump" -p "$work/dump" "$name" 2>&1 || true
+}
+
+# facts DIR — write DIR/facts.json from what is in DIR and DIR/.raw
+facts() {
+    python3 - "$1" <<'PY'
+import calendar, json, os, re, struct, sys, time
+
+d = sys.argv[1]
+raw = os.path.join(d, ".raw")
+
+def controldata(path):
+    fields = {}
+    with open(path) as f:
+        for line in f:
+            k, sep, v = line.partition(":")
+            if sep:
+                fields[k.strip()] = v.strip()
+    def ts(s):
+        # pg_controldata prints times with strftime("%c") in local time; TZ=UTC here
+        return calendar.timegm(time.strptime(s, "%a %b %d %H:%M:%S %Y"))
+    return {
+        "pg_controldata": fields,
+        "system_identifier": fields["Database system identifier"],
+        "pg_control_version": int(fields["pg_control version number"]),
+        "catalog_version_no": int(fields["Catalog version number"]),
+        "state": fields["Database cluster state"],
+        "checkpoint": fields["Latest checkpoint location"],
+        "redo": fields["Latest checkpoint's REDO location"],
+        "timeline": int(fields["Latest checkpoint's TimeLineID"]),
+        "prev_timeline": int(fields["Latest checkpoint's PrevTimeLineID"]),
+        "checkpoint_time": ts(fields["Time of latest checkpoint"]),
+        "min_recovery_point": fields["Minimum recovery ending location"],
+        "backup_start_point": fields["Backup start location"],
+        "backup_end_point": fields["Backup end location"],
+        "backup_end_required": fields["End-of-backup record required"] == "yes",
+        "wal_level": fields["wal_level setting"],
+        "block_size": int(fields["Database block size"]),
+        "wal_block_size": int(fields["WAL block size"]),
+        "wal_segment_size": int(fields["Bytes per WAL segment"]),
+        "data_checksum_version": int(fields["Data page checksum version"]),
+    }
+
+def lsn(v):
+    return "%X/%X" % (v >> 32, v & 0xFFFFFFFF)
+
+def wal(name, path, dump):
+    data = open(path, "rb").read()
+    # XLogLongPageHeaderData, xlog_internal.h: magic u16, info u16, tli u32,
+    # pageaddr u64, rem_len u32, (pad) sysid u64, seg_size u32, xlog_blcksz u32
+    magic, info, tli, pageaddr, rem_len = struct.unpack_from("<HHIQI", data, 0)
+    sysid, seg_size, blcksz = struct.unpack_from("<QII", data, 24)
+    page_tlis = []
+    for off in range(0, len(data), blcksz):
+        m, _, t = struct.unpack_from("<HHI", data, off)
+        if m == magic:
+            page_tlis.append(t)
+    lsns = re.findall(r"lsn: ([0-9A-F]+/[0-9A-F]+)", dump)
+    return {
+        "size": len(data),
+        "magic": magic,
+        "magic_hex": "0x%04X" % magic,
+        "xlp_info": info,
+        "xlp_tli": tli,
+        "xlp_pageaddr": lsn(pageaddr),
+        "xlp_rem_len": rem_len,
+        "xlp_sysid": str(sysid),
+        "xlp_seg_size": seg_size,
+        "xlp_xlog_blcksz": blcksz,
+        "page_tlis": sorted(set(page_tlis)),
+        "pages_written": len(page_tlis),
+        "waldump_records": len(lsns),
+        "waldump_first_lsn": lsns[0] if lsns else None,
+        "waldump_last_lsn": lsns[-1] if lsns else None,
+    }
+
+facts = json.load(open(os.path.join(raw, "meta.json")))
+facts["generated_by"] = "scripts/make-fixtures.sh"
+facts["control_files"] = {}
+for rel in sorted(os.listdir(d)):
+    if rel.startswith("pg_control") and rel.endswith(".controldata.txt"):
+        ctl = rel[: -len(".controldata.txt")]
+        facts["control_files"][ctl] = controldata(os.path.join(d, rel))
+facts["wal"] = {}
+waldir = os.path.join(raw, "wal")
+if os.path.isdir(waldir):
+    for name in sorted(os.listdir(waldir)):
+        if name.endswith(".waldump.txt"):
+            continue
+        if name.endswith(".history") or name.endswith(".backup"):
+            text = open(os.path.join(waldir, name)).read()
+            facts["wal"][name] = {"file": "wal/" + name, "text": text}
+            continue
+        dump = open(os.path.join(waldir, name + ".waldump.txt")).read()
+        entry = wal(name, os.path.join(waldir, name), dump)
+        entry["file"] = "wal/" + name + ".zst"
+        facts["wal"][name] = entry
+with open(os.path.join(d, "facts.json"), "w") as f:
+    json.dump(facts, f, indent=2, sort_keys=True)
+    f.write("\n")
+PY
+}
+
+# finish DIR — compress the WAL kept in DIR/.raw/wal into DIR/wal, keep the
+# pg_waldump text beside it, write facts.json, drop .raw
+finish() {
+    local dir=$1 f
+    if [ -d "$dir/.raw/wal" ]; then
+        mkdir -p "$dir/wal"
+        for f in "$dir"/.raw/wal/*; do
+            case "$f" in
+                *.waldump.txt) head -n 40 "$f" >"$dir/wal/$(basename "$f")" ;;
+                *.history | *.backup) cp "$f" "$dir/wal/" ;;
+                *) zst "$f" "$dir/wal/$(basename "$f").zst" ;;
+            esac
+        done
+    fi
+    facts "$dir"
+    rm -rf "$dir/.raw"
+}
+
+# keep_wal BIN ARCHIVE DIR NAME — copy an archived WAL file into DIR/.raw/wal
+keep_wal() {
+    local bin=$1 arch=$2 dir=$3 name=$4
+    mkdir -p "$dir/.raw/wal"
+    cp "$arch/$name" "$dir/.raw/wal/$name"
+    case "$name" in
+        *.history | *.backup) ;;
+        *) waldump "$bin" "$dir/.raw/wal/$name" >"$dir/.raw/wal/$name.waldump.txt" ;;
+    esac
+}
+
+json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
+
+###############################################################################
+# PostgreSQL 15: the full story
+###############################################################################
+make_pg15() {
+    local bin=$pg15_bin dst=$out/pg15 p=$work/pg15-primary s=$work/pg15-standby
+    local arch=$work/pg15-primary.archive pport=54351 sport=54352 i
+    log "PostgreSQL 15: primary with 1 MiB segments and data checksums"
+    rm -rf "$dst" && mkdir -p "$dst/.raw/wal"
+    new_cluster "$bin" "$p" $pport --wal-segsize=1 --data-checksums
+    start "$p"
+    pgbench "$bin" $pport -i -s 1 -q
+    local pgbench_seg
+    pgbench_seg=$(sql "$bin" $pport "select pg_walfile_name(pg_current_wal_lsn())")
+    sql "$bin" $pport "checkpoint" >/dev/null
+
+    log "PostgreSQL 15: non-exclusive backup (pg_backup_start/pg_backup_stop)"
+    # One session: pg_backup_stop must run where pg_backup_start ran.
+    as_pg "$bin/psql" -X -q -v ON_ERROR_STOP=1 -p $pport -At >"$work/backup.out" <<SQL
+select pg_backup_start('pgvault fixture', true);
+\o $work/backup_label
+select labelfile from pg_backup_stop(true);
+\o
+SQL
+    local backup_start backup_stop backup_file
+    backup_start=$(head -n1 "$work/backup.out")
+    # psql ends the value with one more newline than the label has
+    printf '%s\n' "$(cat "$work/backup_label")" >"$dst/backup_label"
+    # pg_backup_stop(true) returns once the .backup history file is archived.
+    backup_file=$(cd "$arch" && ls -- *.backup | head -n1)
+    [ -n "$backup_file" ] || die "no .backup file was archived"
+    backup_stop=$(sed -n 's/^STOP WAL LOCATION: \([0-9A-F/]*\) .*/\1/p' "$arch/$backup_file")
+
+    log "PostgreSQL 15: streaming standby"
+    as_pg "$bin/pg_basebackup" -p $pport -D "$s" -R -X stream -c fast >/dev/null
+    echo "$bin" >"$s/.bin"
+    echo "port = $sport" >>"$s/postgresql.conf"
+    start "$s"
+    pgbench "$bin" $pport -n -t 200 -c 1
+    wait_replayed "$bin" $sport "$(sql "$bin" $pport "select pg_current_wal_lsn()")"
+    # A standby stopped cleanly: state "shut down in recovery", minRecoveryPoint set.
+    stop "$s"
+    save_control "$bin" "$s" "$dst/pg_control.standby-stopped"
+    start "$s"
+    pgbench "$bin" $pport -n -t 300 -c 1
+    wait_replayed "$bin" $sport "$(sql "$bin" $pport "select pg_current_wal_lsn()")"
+
+    log "PostgreSQL 15: a backup of the standby, stopped early in its recovery"
+    # Starting from a backup writes backupStartPoint, backupEndRequired and,
+    # for a backup taken from a standby, backupEndPoint into pg_control
+    # (xlog.c, StartupXLOG); they are cleared when the backup's end is replayed.
+    # Giving recovery only the WAL segment of the backup's start keeps it short
+    # of that end, so pg_control shows them.
+    # The backup's start must be a checkpoint that no earlier backup started
+    # at, or recovery would take that backup's end-of-backup record for its
+    # own: so a fresh checkpoint on the primary, replayed, becomes the
+    # standby's restartpoint. Its end (the standby's replay position when
+    # pg_control is copied) must lie in a later segment than its start.
+    local b=$work/pg15-standby-backup bport=54354 start_seg
+    sql "$bin" $pport "checkpoint" >/dev/null
+    sql "$bin" $pport "select pg_switch_wal()" >/dev/null
+    pgbench "$bin" $pport -n -t 50 -c 1
+    wait_replayed "$bin" $sport "$(sql "$bin" $pport "select pg_current_wal_lsn()")"
+    as_pg "$bin/pg_basebackup" -p $sport -D "$b" -X none -c fast >/dev/null 2>"$work/pg_basebackup.log" ||
+        { cat "$work/pg_basebackup.log" >&2; die "pg_basebackup of the standby failed"; }
+    pgbench "$bin" $pport -n -t 100 -c 1
+    wait_replayed "$bin" $sport "$(sql "$bin" $pport "select pg_current_wal_lsn()")"
+    echo "$bin" >"$b/.bin"
+    start_seg=$(sed -n 's/^START WAL LOCATION: .* (file \([0-9A-F]*\))$/\1/p' "$b/backup_label")
+    [ -n "$start_seg" ] || die "no START WAL LOCATION in the standby backup's backup_label"
+    wait_archived "$arch" "$start_seg"
+    mkdir -p "$work/only-start" && cp "$arch/$start_seg" "$work/only-start/" && chown -R pgvtest: "$work/only-start"
+    cat >"$b/postgresql.auto.conf" <<EOF
+port = $bport
+primary_conninfo = ''
+restore_command = 'cp $work/only-start/%f %p'
+EOF
+    as_pg touch "$b/standby.signal"
+    # -W: a server that cannot reach consistency never accepts connections.
+    as_pg "$bin/pg_ctl" -D "$b" -l "$b.log" -W start >/dev/null
+    started+=("$b")
+    for i in $(seq 1 120); do
+        as_pg "$bin/pg_controldata" -D "$b" >"$work/cd.txt"
+        grep -q '^Backup start location: *0/0$' "$work/cd.txt" || break
+        sleep 0.5
+    done
+    grep -q '^Database cluster state: *in archive recovery$' "$work/cd.txt" ||
+        die "the standby's backup did not enter archive recovery (see $b.log)"
+    grep -q '^Backup start location: *0/0$' "$work/cd.txt" &&
+        die "recovery of the standby's backup never set its backup start location (see $b.log)"
+    cp "$b/global/pg_control" "$dst/pg_control.backup-recovering"
+    cp "$work/cd.txt" "$dst/pg_control.backup-recovering.controldata.txt"
+    stop "$b" immediate
+
+    log "PostgreSQL 15: the primary fails, promote the standby (timeline 2)"
+    # An immediate stop, after the standby has replayed everything: a clean
+    # stop would switch to a new segment first (ShutdownXLOG does when
+    # archiving) and timeline 2 would then start at a segment's first page.
+    stop "$p" immediate
+    as_pg "$bin/pg_ctl" -D "$s" -w -t 60 promote >/dev/null
+    for i in $(seq 1 120); do
+        [ "$(sql "$bin" $sport "select pg_is_in_recovery()")" = f ] && break
+        sleep 0.5
+    done
+    wait_archived "$arch" 00000002.history
+
+    # The switch point (timeline.c writes "parentTLI<TAB>X/X<TAB>reason") names
+    # the segment where timeline 2 starts: the old timeline's copy of it is
+    # archived as .partial, and the new timeline's file starts with a copy of
+    # its pages before the switch point (xlp_tli 1).
+    local switch hi lo segno segname
+    switch=$(awk -F'\t' '$1 == 1 { print $2 }' "$arch/00000002.history")
+    [ -n "$switch" ] || die "00000002.history has no entry for timeline 1"
+    hi=$((16#${switch%/*})) lo=$((16#${switch#*/}))
+    segno=$(( ((hi << 32) | lo) >> 20 ))  # 1 MiB segments
+    segname=$(printf '%08X%08X' $((segno / 4096)) $((segno % 4096)))
+    (( (lo & 0xFFFFF) > 8192 )) || die "timeline 2 starts in the first page of its segment ($switch): rerun"
+    local partial=00000001$segname.partial first_tli2=00000002$segname
+    local before_switch
+    before_switch=00000001$(printf '%08X%08X' $(((segno - 1) / 4096)) $(((segno - 1) % 4096)))
+    wait_archived "$arch" "$partial"
+
+    pgbench "$bin" $sport -n -t 20 -c 1
+    sql "$bin" $sport "select pg_switch_wal()" >/dev/null
+    wait_archived "$arch" "$first_tli2"
+    sql "$bin" $sport "checkpoint" >/dev/null
+    # pg_control as a base backup copies it: from a running server
+    cp "$s/global/pg_control" "$dst/pg_control.promoted-running"
+    as_pg "$bin/pg_controldata" -D "$s" >"$dst/pg_control.promoted-running.controldata.txt"
+    stop "$s"
+    save_control "$bin" "$s" "$dst/pg_control.promoted-stopped"
+
+    # The old primary, cleanly shut down (crash recovery, then a shutdown
+    # checkpoint), without archiving: it must not add to the archive of the
+    # cluster that now lives on as timeline 2.
+    start "$p" "-c archive_mode=off"
+    stop "$p"
+    save_control "$bin" "$p" "$dst/pg_control"
+    cp "$p/PG_VERSION" "$dst/PG_VERSION"
+
+    log "PostgreSQL 15: collect WAL"
+    keep_wal "$bin" "$arch" "$dst" "$pgbench_seg"
+    keep_wal "$bin" "$arch" "$dst" "${backup_file:0:24}"
+    keep_wal "$bin" "$arch" "$dst" "$before_switch"
+    keep_wal "$bin" "$arch" "$dst" "$backup_file"
+    keep_wal "$bin" "$arch" "$dst" "$partial"
+    keep_wal "$bin" "$arch" "$dst" 00000002.history
+    keep_wal "$bin" "$arch" "$dst" "$first_tli2"
+    ls "$arch" >"$work/pg15-archive-listing.txt"
+    cat >"$dst/.raw/meta.json" <<EOF
+{
+  "major": 15,
+  "server_version": $(json_str "$(as_pg "$bin/postgres" --version)"),
+  "initdb_options": "--wal-segsize=1 --data-checksums",
+  "pg_version_file": "PG_VERSION",
+  "backup": {
+    "history_file": "$backup_file",
+    "label_file": "backup_label",
+    "start_lsn": "$backup_start",
+    "stop_lsn": "$backup_stop"
+  },
+  "pgbench_init_segment": "$pgbench_seg",
+  "promotion": {
+    "last_full_segment_before_switch": "$before_switch",
+    "switch_point": "$switch",
+    "partial": "$partial",
+    "history": "00000002.history",
+    "first_new_timeline_segment": "$first_tli2"
+  }
+}
+EOF
+    finish "$dst"
+}
+
+###############################################################################
+# PostgreSQL 15 with the default 16 MiB segments: pg_control only
+###############################################################################
+make_pg15_16mib() {
+    local bin=$pg15_bin dst=$out/pg15-16mib c=$work/pg15-16mib
+    log "PostgreSQL 15: default 16 MiB cluster"
+    rm -rf "$dst" && mkdir -p "$dst/.raw"
+    new_cluster "$bin" "$c" 54353
+    save_control "$bin" "$c" "$dst/pg_control"
+    cp "$c/PG_VERSION" "$dst/PG_VERSION"
+    cat >"$dst/.raw/meta.json" <<EOF
+{
+  "major": 15,
+  "server_version": $(json_str "$(as_pg "$bin/postgres" --version)"),
+  "initdb_options": "",
+  "pg_version_file": "PG_VERSION"
+}
+EOF
+    finish "$dst"
+}
+
+###############################################################################
+# PostgreSQL 14, 16, 17, 18: one small cluster each
+###############################################################################
+make_small() {
+    local major=$1 port=$2 bin dst=$out/pg$1 c=$work/pg$1
+    bin=$("$here/fetch-pg.sh" "$major")
+    local opts=(--wal-segsize=1)
+    # PostgreSQL 18's initdb enables data checksums by default; older ones need asking.
+    [ "$major" -lt 18 ] && opts+=(--data-checksums)
+    log "PostgreSQL $major: 1 MiB-segment cluster"
+    rm -rf "$dst" && mkdir -p "$dst/.raw"
+    new_cluster "$bin" "$c" "$port" "${opts[@]}"
+    start "$c"
+    sql "$bin" "$port" "create table t as select g as id, md5(g::text) as v from generate_series(1, 2000) g" >/dev/null
+    local seg
+    seg=$(sql "$bin" "$port" "select pg_walfile_name(pg_current_wal_lsn())")
+    sql "$bin" "$port" "select pg_switch_wal()" >/dev/null
+    wait_archived "$c.archive" "$seg"
+    stop "$c"
+    save_control "$bin" "$c" "$dst/pg_control"
+    cp "$c/PG_VERSION" "$dst/PG_VERSION"
+    keep_wal "$bin" "$c.archive" "$dst" "$seg"
+    cat >"$dst/.raw/meta.json" <<EOF
+{
+  "major": $major,
+  "server_version": $(json_str "$(as_pg "$bin/postgres" --version)"),
+  "initdb_options": "${opts[*]}",
+  "pg_version_file": "PG_VERSION"
+}
+EOF
+    finish "$dst"
+}
+
+mkdir -p "$out"
+make_pg15
+make_pg15_16mib
+make_small 14 54341
+make_small 16 54361
+make_small 17 54371
+make_small 18 54381
+chmod -R a+rX "$out"
+log "fixtures written to $out ($(du -sh "$out" | cut -f1))"

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::pg::conn::ConnParams;
 use crate::repo::s3::S3Options;
 use crate::repo::{EncodeOptions, RepoLocation};
 
@@ -33,6 +34,12 @@ pub struct LowArgs {
     pub s3_region: Option<String>,
     pub s3_atomic_create: Option<bool>,
     pub s3_allow_http: Option<bool>,
+    pub process_max: Option<usize>,
+    pub archive_timeout: Option<u64>,
+    pub pg_host: Option<String>,
+    pub pg_port: Option<u16>,
+    pub pg_user: Option<String>,
+    pub pg_database: Option<String>,
 }
 
 /// The configuration file. Unknown keys are an error naming the key.
@@ -54,6 +61,15 @@ pub struct FileConfig {
     pub s3_secret_access_key: Option<String>,
     pub s3_atomic_create: Option<bool>,
     pub s3_allow_http: Option<bool>,
+    pub process_max: Option<usize>,
+    pub archive_timeout: Option<u64>,
+    pub pg_host: Option<String>,
+    pub pg_port: Option<u16>,
+    pub pg_user: Option<String>,
+    pub pg_database: Option<String>,
+    /// For `restore --standby`: the standby's primary_conninfo. Passwords
+    /// belong in ~/.pgpass, not here.
+    pub primary_conninfo: Option<String>,
 }
 
 /// Where the catalog lives, or that there is none.
@@ -77,6 +93,10 @@ pub struct Settings {
     /// The configuration file that was read, if any (restore writes it into
     /// `restore_command`).
     pub config_file: Option<PathBuf>,
+    pub process_max: usize,
+    pub archive_timeout: Duration,
+    pub conn: ConnParams,
+    pub primary_conninfo: Option<String>,
 }
 
 impl Settings {
@@ -184,6 +204,21 @@ impl LowArgs {
             log_level,
             s3,
             config_file,
+            process_max: self
+                .process_max
+                .or(file.process_max)
+                .unwrap_or(2)
+                .clamp(1, 64),
+            archive_timeout: Duration::from_secs(
+                self.archive_timeout.or(file.archive_timeout).unwrap_or(120),
+            ),
+            conn: ConnParams {
+                host: self.pg_host.or(file.pg_host),
+                port: self.pg_port.or(file.pg_port),
+                user: self.pg_user.or(file.pg_user),
+                dbname: self.pg_database.or(file.pg_database),
+            },
+            primary_conninfo: file.primary_conninfo,
         })
     }
 }

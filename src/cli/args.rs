@@ -68,6 +68,30 @@ pub struct Cli {
     )]
     pub s3_allow_http: Option<bool>,
 
+    /// Parallel workers for backup and restore [default: 2]
+    #[arg(long, global = true, env = "PGVAULT_PROCESS_MAX", value_name = "N")]
+    pub process_max: Option<usize>,
+    /// Seconds to wait for WAL to reach the repository [default: 120]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_ARCHIVE_TIMEOUT",
+        value_name = "SECS"
+    )]
+    pub archive_timeout: Option<u64>,
+    /// PostgreSQL host or socket directory (else PGHOST)
+    #[arg(long, global = true, env = "PGVAULT_PG_HOST")]
+    pub pg_host: Option<String>,
+    /// PostgreSQL port (else PGPORT)
+    #[arg(long, global = true, env = "PGVAULT_PG_PORT")]
+    pub pg_port: Option<u16>,
+    /// PostgreSQL user (else PGUSER)
+    #[arg(long, global = true, env = "PGVAULT_PG_USER")]
+    pub pg_user: Option<String>,
+    /// PostgreSQL database (else PGDATABASE)
+    #[arg(long, global = true, env = "PGVAULT_PG_DATABASE")]
+    pub pg_database: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -88,11 +112,86 @@ pub enum Command {
         /// Where to put it (%p)
         dest: PathBuf,
     },
+    /// Take a base backup of the running cluster
+    Backup {
+        /// Backup type (only full for now)
+        #[arg(long = "type", value_enum, default_value_t = BackupType::Full)]
+        backup_type: BackupType,
+        /// Start with an immediate checkpoint instead of a spread one
+        #[arg(long)]
+        start_fast: bool,
+    },
+    /// Restore a backup into --pgdata and write the recovery settings
+    Restore(RestoreArgs),
     /// Show what the repository holds for the stanza
     Info {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackupType {
+    Full,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// Backup label, or "latest" (with a time or LSN target: the newest that ends before it)
+    #[arg(long, value_name = "LABEL")]
+    pub set: Option<String>,
+    /// Recover to this time: RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff]±TZ"
+    #[arg(long, group = "target_kind")]
+    pub target_time: Option<String>,
+    /// Recover to this LSN (X/X)
+    #[arg(long, group = "target_kind")]
+    pub target_lsn: Option<String>,
+    /// Recover to this transaction id
+    #[arg(long, group = "target_kind")]
+    pub target_xid: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point)
+    #[arg(long, group = "target_kind")]
+    pub target_name: Option<String>,
+    /// "immediate": stop as soon as the backup is consistent
+    #[arg(long, group = "target_kind", value_parser = ["immediate"])]
+    pub target: Option<String>,
+    /// What to do at the target [PostgreSQL's default: pause]
+    #[arg(long, value_enum)]
+    pub target_action: Option<TargetActionArg>,
+    /// latest, current, or a timeline number [PostgreSQL's default: latest]
+    #[arg(long)]
+    pub target_timeline: Option<String>,
+    /// Stop just before the target instead of just after it
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// preserve: the restored cluster archives (a restored primary must); off: clones and drills
+    #[arg(long, value_enum, default_value_t = ArchiveModeArg::Preserve)]
+    pub archive_mode: ArchiveModeArg,
+    /// Restore tablespace OID into DIR instead of its original location (repeatable)
+    #[arg(long, value_name = "OID=DIR")]
+    pub tablespace_map: Vec<String>,
+    /// Start as a standby (standby.signal) replaying from the archive
+    #[arg(long)]
+    pub standby: bool,
+    /// With --standby: file holding the primary_conninfo (keep passwords in ~/.pgpass)
+    #[arg(long, value_name = "FILE")]
+    pub primary_conninfo_file: Option<PathBuf>,
+    /// Restore into a non-empty directory, reusing files that match the backup
+    #[arg(long)]
+    pub delta: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetActionArg {
+    Pause,
+    Promote,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchiveModeArg {
+    Preserve,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,6 +215,12 @@ impl Cli {
             s3_region: self.s3_region.clone(),
             s3_atomic_create: self.s3_atomic_create,
             s3_allow_http: self.s3_allow_http,
+            process_max: self.process_max,
+            archive_timeout: self.archive_timeout,
+            pg_host: self.pg_host.clone(),
+            pg_port: self.pg_port,
+            pg_user: self.pg_user.clone(),
+            pg_database: self.pg_database.clone(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod logger;
+mod progress;
 mod render;
 
 use std::io::Write;
@@ -13,7 +14,8 @@ use crate::config::Settings;
 use crate::error::{Error, Kind, Result};
 use crate::ops;
 use crate::repo::Repository;
-use args::{Cli, Command};
+use args::{ArchiveModeArg, Cli, Command, RestoreArgs, TargetActionArg};
+use std::sync::Arc;
 
 /// Exit code of `archive-get` when the file is not in the archive.
 pub const EXIT_NOT_FOUND: i32 = 1;
@@ -131,11 +133,145 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 }
             }
         }
+        Command::Backup { start_fast, .. } => {
+            let repo = open_repo(s)?;
+            let opts = ops::backup::BackupOptions {
+                pgdata: s.pgdata()?.to_path_buf(),
+                conn: s.conn.clone(),
+                start_fast: *start_fast,
+                process_max: s.process_max,
+                encode: crate::repo::EncodeOptions {
+                    threads: 0,
+                    ..s.encode
+                },
+                archive_timeout: s.archive_timeout,
+            };
+            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+            let m = ops::backup::backup(&repo, &opts, progress).await?;
+            render::backup_done(&m)?;
+            Ok(0)
+        }
+        Command::Restore(args) => {
+            let repo = open_repo(s)?;
+            let opts = restore_options(s, args)?;
+            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+            let r = ops::restore::restore(&repo, &opts, progress).await?;
+            render::restore_done(&r, &opts);
+            Ok(0)
+        }
         Command::Info { output } => {
             let repo = open_repo(s)?;
             let report = ops::info::info(&repo, s.catalog().as_ref()).await?;
             render::info(&report, *output)?;
             Ok(0)
         }
+    }
+}
+
+fn restore_options(s: &Settings, a: &RestoreArgs) -> Result<ops::restore::RestoreOptions> {
+    use crate::pg::recovery::{parse_target_time, RecoveryTarget, TargetAction};
+    let target = if let Some(t) = &a.target_time {
+        Some(RecoveryTarget::Time(
+            parse_target_time(t).map_err(|e| Error::usage(format!("--target-time: {e}")))?,
+        ))
+    } else if let Some(l) = &a.target_lsn {
+        Some(RecoveryTarget::Lsn(
+            l.parse()
+                .map_err(|e| Error::usage(format!("--target-lsn: {e}")))?,
+        ))
+    } else if let Some(x) = &a.target_xid {
+        if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::usage(format!(
+                "--target-xid {x:?} is not a transaction id"
+            )));
+        }
+        Some(RecoveryTarget::Xid(x.clone()))
+    } else if let Some(n) = &a.target_name {
+        Some(RecoveryTarget::Name(n.clone()))
+    } else {
+        a.target.as_ref().map(|_| RecoveryTarget::Immediate)
+    };
+    let mut tablespace_map = Vec::new();
+    for m in &a.tablespace_map {
+        let (oid, dir) = m
+            .split_once('=')
+            .and_then(|(o, d)| Some((o.parse::<u32>().ok()?, d)))
+            .ok_or_else(|| Error::usage(format!("--tablespace-map {m:?}: expected OID=DIR")))?;
+        tablespace_map.push((oid, std::path::PathBuf::from(dir)));
+    }
+    let primary_conninfo = match &a.primary_conninfo_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Error::usage(format!("--primary-conninfo-file {}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => s.primary_conninfo.clone(),
+    };
+    Ok(ops::restore::RestoreOptions {
+        pgdata: s.pgdata()?.to_path_buf(),
+        set: a.set.clone(),
+        target,
+        target_action: a.target_action.map(|t| match t {
+            TargetActionArg::Pause => TargetAction::Pause,
+            TargetActionArg::Promote => TargetAction::Promote,
+            TargetActionArg::Shutdown => TargetAction::Shutdown,
+        }),
+        target_timeline: a.target_timeline.clone(),
+        target_exclusive: a.target_exclusive,
+        archive_mode_off: a.archive_mode == ArchiveModeArg::Off,
+        tablespace_map,
+        standby: a.standby,
+        primary_conninfo: if a.standby { primary_conninfo } else { None },
+        delta: a.delta,
+        process_max: s.process_max,
+        restore_command: restore_command(s)?,
+    })
+}
+
+/// The `restore_command` a restored cluster runs: this same binary, with
+/// what it needs to reach this repository. The postmaster's environment has
+/// no `AWS_*` variables, so the configuration file is passed along when one
+/// was used; secrets are never written here.
+fn restore_command(s: &Settings) -> Result<String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::internal(format!("find this program's path: {e}")))?;
+    let mut parts = vec![shell_quote(&exe.display().to_string())];
+    if let Some(c) = &s.config_file {
+        let c = std::fs::canonicalize(c).unwrap_or_else(|_| c.clone());
+        parts.push("--config".into());
+        parts.push(shell_quote(&c.display().to_string()));
+    }
+    parts.push("--repo".into());
+    parts.push(shell_quote(&s.repo()?.identity()));
+    parts.push("--stanza".into());
+    parts.push(shell_quote(&s.stanza));
+    if let Some(e) = &s.s3.endpoint {
+        parts.push("--s3-endpoint".into());
+        parts.push(shell_quote(e));
+    }
+    if let Some(r) = &s.s3.region {
+        parts.push("--s3-region".into());
+        parts.push(shell_quote(r));
+    }
+    if let Some(h) = s.s3.allow_http {
+        parts.push(format!("--s3-allow-http={h}"));
+    }
+    if !s.s3.atomic_create {
+        parts.push("--s3-atomic-create=false".into());
+    }
+    parts.push("archive-get %f \"%p\"".into());
+    Ok(parts.join(" "))
+}
+
+/// Quotes for `sh -c` (PostgreSQL runs restore_command through the shell).
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:=@,+".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }

@@ -5,7 +5,9 @@ use std::io::Write;
 use super::args::Output;
 use crate::error::{Error, Result};
 use crate::ops::info::InfoReport;
+use crate::ops::restore::{RestoreOptions, Restored};
 use crate::ops::stanza_create::StanzaCreated;
+use crate::repo::manifest::Manifest;
 use crate::repo::stanza::CreateOutcome;
 use crate::repo::Repository;
 
@@ -108,4 +110,43 @@ fn info_text(r: &InfoReport) -> String {
         }
     }
     s
+}
+
+/// The label on stdout (for scripts), a summary on stderr.
+pub fn backup_done(m: &Manifest) -> Result<()> {
+    eprintln!(
+        "pgvault: backup {} complete: {} files, {} ({} stored), WAL {} … {}, consistent at {}",
+        m.label,
+        m.files.len(),
+        bytes(m.original_size),
+        bytes(m.stored_size),
+        m.wal_start,
+        m.wal_stop,
+        m.stop_lsn
+    );
+    out(&format!("{}\n", m.label))
+}
+
+pub fn restore_done(r: &Restored, opts: &RestoreOptions) {
+    let delta = if r.skipped_by_delta > 0 {
+        format!(", {} unchanged files kept", r.skipped_by_delta)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "pgvault: restored backup {} into {}: {} files, {}{delta}",
+        r.label,
+        opts.pgdata.display(),
+        r.files,
+        bytes(r.bytes)
+    );
+    eprintln!(
+        "pgvault: start PostgreSQL on {} to recover ({})",
+        opts.pgdata.display(),
+        if opts.standby {
+            "standby.signal"
+        } else {
+            "recovery.signal"
+        }
+    );
 }

@@ -59,6 +59,29 @@ async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
     Ok(GetOutcome::Restored)
 }
 
+/// Reads a small archived file (a timeline history) into memory, verified;
+/// `None` when the archive does not hold it.
+pub async fn fetch_small(
+    repo: &Repository,
+    db_dir: &str,
+    name: &WalFileName,
+) -> Result<Option<Vec<u8>>> {
+    let Some((key, sha)) = locate(repo, db_dir, name).await? else {
+        return Ok(None);
+    };
+    let Some(raw) = repo.backend().get_bytes(&key).await? else {
+        return Ok(None);
+    };
+    let what = format!("{}/{key}", repo.describe());
+    let data = codec::decode_bytes(&raw).map_err(|e| Error::repository(format!("{what}: {e}")))?;
+    if codec::read_trailer(&raw).map(|d| d.sha256).ok() != Some(sha) {
+        return Err(Error::repository(format!(
+            "{what}: content does not match its name's checksum"
+        )));
+    }
+    Ok(Some(data))
+}
+
 /// Finds the data object for `name`: the one its claim names, or — for a
 /// push that crashed between storing the data and writing the claim — the
 /// only one there is.

@@ -3,5 +3,8 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod backup;
 pub mod info;
+pub mod progress;
+pub mod restore;
 pub mod stanza_create;

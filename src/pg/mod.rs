@@ -14,9 +14,12 @@
 //!
 //! Supported majors: 14 to 18.
 
+pub mod conn;
 pub mod control;
+pub mod datadir;
 pub mod history;
 pub mod lsn;
+pub mod recovery;
 pub mod wal;
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.zst    archived WAL, content-addressed
 //! <stanza>/archive/<db>/<tli+log>/<wal>.claim           which content owns the name <wal>
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
+//! <stanza>/backup/<label>/data/<worker>-<n>.pgv             backed-up files (one, or a bundle of small ones)
+//! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! ```
 //!
 //! `<db>` is `<major>-<id>` (e.g. `15-1`): a new id after `pg_upgrade` keeps
@@ -24,6 +26,34 @@ pub const CLAIM_SUFFIX: &str = ".claim";
 
 pub fn stanza_key(stanza: &str) -> String {
     format!("{stanza}/{STANZA_OBJECT}")
+}
+
+pub fn backups_root(stanza: &str) -> String {
+    format!("{stanza}/backup")
+}
+
+pub fn backup_dir(stanza: &str, label: &str) -> String {
+    format!("{stanza}/backup/{label}")
+}
+
+pub fn backup_manifest_key(stanza: &str, label: &str) -> String {
+    format!("{}/manifest.pgv", backup_dir(stanza, label))
+}
+
+/// A data object of a backup, relative to the backup's directory.
+pub fn backup_object_name(worker: usize, n: u64) -> String {
+    format!("data/{worker:02}-{n:06}.pgv")
+}
+
+pub fn backup_object_key(stanza: &str, label: &str, object: &str) -> String {
+    format!("{}/{object}", backup_dir(stanza, label))
+}
+
+/// The label of the backup a manifest key belongs to.
+pub fn parse_manifest_key(key: &str) -> Option<&str> {
+    let rest = key.strip_suffix("/manifest.pgv")?;
+    let (_, label) = rest.rsplit_once('/')?;
+    Some(label)
 }
 
 pub fn db_dir_name(major: u32, db_id: u32) -> String {

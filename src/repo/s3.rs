@@ -197,7 +197,7 @@ impl Backend for S3Backend {
                 let file = f
                     .into_inner()
                     .map_err(|e| self.io_error(key, e.into_error()))?;
-                let mut file = file.reopen().map_err(|e| self.io_error(key, e))?;
+                let file = file.reopen().map_err(|e| self.io_error(key, e))?;
                 // Large objects: a multipart upload becomes visible only
                 // when completed, so readers still never see a partial one.
                 // It cannot be conditional: the caller's conflict detection
@@ -208,21 +208,26 @@ impl Backend for S3Backend {
                     .await
                     .map_err(|e| self.err("start upload of", key, e))?;
                 let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+                let mut file = Some(file);
                 loop {
-                    let chunk = tokio::task::block_in_place(|| {
+                    // Read the spilled file off the runtime, one part at a time.
+                    let mut f = file.take().expect("file is put back after every read");
+                    let (f, chunk) = tokio::task::spawn_blocking(move || {
                         let mut buf = vec![0u8; PART_SIZE];
                         let mut filled = 0;
                         while filled < buf.len() {
-                            let n = file.read(&mut buf[filled..])?;
+                            let n = f.read(&mut buf[filled..])?;
                             if n == 0 {
                                 break;
                             }
                             filled += n;
                         }
                         buf.truncate(filled);
-                        Ok::<_, io::Error>(buf)
+                        Ok::<_, io::Error>((f, buf))
                     })
+                    .await?
                     .map_err(|e| self.io_error(key, e))?;
+                    file = Some(f);
                     if chunk.is_empty() {
                         break;
                     }

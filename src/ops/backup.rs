@@ -1,0 +1,638 @@
+//! `backup`: a full base backup of a running cluster.
+//!
+//! Order (each step only after the previous one succeeded):
+//! 1. prove archiving works: a failing archiver would make the backup
+//!    useless (its WAL would never arrive);
+//! 2. `pg_backup_start` in one session;
+//! 3. copy the data directory from local disk — several files at once, each
+//!    streamed through SHA-256 and zstd into the repository, small files
+//!    bundled — and `global/pg_control` last;
+//! 4. `pg_backup_stop`, which returns `backup_label` and `tablespace_map`;
+//! 5. wait, with a bound, until the WAL from start to stop is archived;
+//! 6. write the manifest. Only now is the backup complete: an interrupted
+//!    backup has no manifest and is never offered for restore.
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Kind, Result};
+use crate::ops::progress::Progress;
+use crate::ops::stanza_create::read_cluster;
+use crate::pg::conn::{ConnParams, Session};
+use crate::pg::datadir::{self, Entry};
+use crate::pg::recovery::parse_backup_label;
+use crate::pg::{SegmentNo, TimelineId, WalFileName};
+use crate::repo::codec::{EncodeOptions, Encoder};
+use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::manifest::{DirEntry, FileEntry, Manifest, Tablespace, MANIFEST_FORMAT};
+use crate::repo::{Backend, DbInfo, PutMode, Repository, Spool};
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub pgdata: PathBuf,
+    pub conn: ConnParams,
+    pub start_fast: bool,
+    pub process_max: usize,
+    pub encode: EncodeOptions,
+    /// Bound on waiting for WAL to reach the repository.
+    pub archive_timeout: Duration,
+}
+
+/// Files smaller than this go into bundles.
+const BUNDLE_FILE_MAX: u64 = 1 << 20;
+/// A bundle is stored once it holds this much.
+const BUNDLE_TARGET: u64 = 8 << 20;
+
+pub async fn backup(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Manifest> {
+    backup_inner(repo, opts, progress)
+        .await
+        .map_err(|e| e.context(format!("backup of {}", opts.pgdata.display())))
+}
+
+async fn backup_inner(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Manifest> {
+    let stanza = repo.require_stanza().await?;
+    let db = stanza.current().clone();
+    let cluster = read_cluster(opts.pgdata.clone()).await?;
+    if cluster.control.system_identifier != db.system_id() {
+        return Err(Error::stanza(format!(
+            "{} is cluster {}, but stanza {:?} archives cluster {}",
+            opts.pgdata.display(),
+            cluster.control.system_identifier,
+            repo.stanza(),
+            db.system_identifier
+        )));
+    }
+
+    let session = Session::connect(&opts.conn).await.map_err(pg_error)?;
+    if session.major != db.pg_version {
+        return Err(Error::stanza(format!(
+            "the server runs PostgreSQL {}, the stanza records {}",
+            session.major, db.pg_version
+        )));
+    }
+    prove_archiving(repo, &db, &session, opts.archive_timeout, &*progress).await?;
+
+    let label = new_label(repo).await?;
+    progress.message(&format!(
+        "backup {label}: starting (checkpoint{})",
+        if opts.start_fast { ", fast" } else { "" }
+    ));
+    let start_lsn = session
+        .backup_start(&format!("pgvault {label}"), opts.start_fast)
+        .await
+        .map_err(pg_error)?;
+    let start_time = session.now_utc().await.map_err(pg_error)?;
+    let tablespaces: Vec<Tablespace> = session
+        .tablespaces()
+        .await
+        .map_err(pg_error)?
+        .into_iter()
+        .map(|(oid, name, location)| Tablespace {
+            oid,
+            name,
+            location,
+        })
+        .collect();
+
+    let copied = copy_files(repo, &label, opts, progress.clone()).await;
+    // Stop the backup whatever happened to the copy: leaving it running
+    // would hold back WAL removal until the session ends.
+    let stop = session.backup_stop().await.map_err(pg_error);
+    let (files, dirs) = copied?;
+    let stop = stop?;
+    let stop_time = session.now_utc().await.map_err(pg_error)?;
+    let parsed = parse_backup_label(&stop.backup_label).map_err(|e| {
+        Error::new(
+            Kind::Postgres,
+            format!("backup stop returned a bad backup_label: {e}"),
+        )
+    })?;
+    if parsed.start_lsn != start_lsn {
+        return Err(Error::new(
+            Kind::Postgres,
+            format!(
+                "backup_label starts at {} but the backup started at {start_lsn}",
+                parsed.start_lsn
+            ),
+        ));
+    }
+    let tli = parsed.start_timeline;
+    let seg = db.wal_segment_size;
+    let first = start_lsn.segno(seg);
+    let last = stop.lsn.prev_segno(seg).max(first);
+
+    progress.message(&format!(
+        "backup {label}: waiting for WAL {} … {} to be archived",
+        WalFileName::for_segment(tli, first, seg),
+        WalFileName::for_segment(tli, last, seg)
+    ));
+    wait_for_wal(repo, &db, tli, first, last, opts.archive_timeout).await?;
+
+    let original_size = files.iter().map(|f| f.size).sum();
+    let stored_size = stored_size(&files);
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        label: label.clone(),
+        backup_type: "full".into(),
+        start_lsn,
+        stop_lsn: stop.lsn,
+        start_time,
+        stop_time,
+        timeline: tli,
+        pg_version: db.pg_version,
+        system_identifier: db.system_identifier.clone(),
+        db_id: db.id,
+        wal_segment_size: seg,
+        wal_start: WalFileName::for_segment(tli, first, seg)
+            .as_str()
+            .to_string(),
+        wal_stop: WalFileName::for_segment(tli, last, seg)
+            .as_str()
+            .to_string(),
+        backup_label: stop.backup_label,
+        tablespace_map: stop.tablespace_map,
+        tablespaces,
+        dirs,
+        files,
+        original_size,
+        stored_size,
+    };
+    repo.write_manifest(&manifest).await?;
+    progress.finish();
+    Ok(manifest)
+}
+
+fn pg_error(e: crate::pg::conn::ConnError) -> Error {
+    let hint = matches!(e, crate::pg::conn::ConnError::Connect { .. }).then_some(
+        "set --pg-host/--pg-port/--pg-user (or PGHOST, PGPORT, PGUSER) to reach the server",
+    );
+    let err = Error::new(Kind::Postgres, e.to_string());
+    match hint {
+        Some(h) => err.hint(h),
+        None => err,
+    }
+}
+
+fn stored_size(files: &[FileEntry]) -> u64 {
+    files.iter().map(|f| f.length).sum()
+}
+
+/// Labels are UTC, sort by time and are unique: `20261126-031500F`.
+async fn new_label(repo: &Repository) -> Result<String> {
+    let existing = repo
+        .backend()
+        .list(&layout::backups_root(repo.stanza()))
+        .await?;
+    loop {
+        let label = chrono::Utc::now().format("%Y%m%d-%H%M%SF").to_string();
+        let prefix = format!("{}/", layout::backup_dir(repo.stanza(), &label));
+        if !existing.iter().any(|m| m.key.starts_with(&prefix)) {
+            return Ok(label);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Archiving must work before a backup starts: archive_mode on, and a WAL
+/// switch now reaches the repository within the bound.
+async fn prove_archiving(
+    repo: &Repository,
+    db: &DbInfo,
+    session: &Session,
+    timeout: Duration,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let st = session.archiver_status().await.map_err(pg_error)?;
+    if st.archive_mode == "off" {
+        return Err(Error::new(Kind::Postgres, "archive_mode is off: the backup's WAL would never be archived")
+            .hint("set archive_mode = on and archive_command = 'pgvault archive-push %p', then restart PostgreSQL"));
+    }
+    if session.in_recovery().await.map_err(pg_error)? {
+        return Err(Error::new(
+            Kind::Postgres,
+            "the server is in recovery; backups from a standby are not supported yet",
+        )
+        .hint("run the backup against the primary"));
+    }
+    let segment = session.write_and_switch().await.map_err(pg_error)?;
+    let name = WalFileName::parse(&segment).map_err(|e| {
+        Error::new(
+            Kind::Postgres,
+            format!("pg_walfile_name returned {segment:?}: {e}"),
+        )
+    })?;
+    progress.message(&format!(
+        "checking that archiving works: waiting for {segment}"
+    ));
+    let seg = db.wal_segment_size;
+    let segno = name
+        .segno(seg)
+        .ok_or_else(|| Error::internal(format!("{segment} is not a segment")))?;
+    wait_for_wal(repo, db, name.timeline(), segno, segno, timeout)
+        .await
+        .map_err(|e| {
+            let why = match (&st.last_failed_wal, st.failing) {
+                (Some(f), true) => format!(" (PostgreSQL reports archive_command failing on {f})"),
+                _ => String::new(),
+            };
+            Error::new(Kind::Timeout, format!("archiving does not work: {e}{why}"))
+                .hint("check archive_command and the PostgreSQL log; `select * from pg_stat_archiver` shows failures")
+        })
+}
+
+/// Waits until segments `first..=last` of `tli` are in the repository.
+async fn wait_for_wal(
+    repo: &Repository,
+    db: &DbInfo,
+    tli: TimelineId,
+    first: SegmentNo,
+    last: SegmentNo,
+    timeout: Duration,
+) -> Result<()> {
+    let seg = db.wal_segment_size;
+    let deadline = Instant::now() + timeout;
+    let mut missing: Vec<WalFileName> = (first.0..=last.0)
+        .map(|s| WalFileName::for_segment(tli, SegmentNo(s), seg))
+        .collect();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let mut dirs: Vec<String> = missing
+            .iter()
+            .map(|n| layout::wal_dir(repo.stanza(), &db.dir(), n))
+            .collect();
+        dirs.dedup();
+        let mut have = std::collections::HashSet::new();
+        for d in dirs {
+            for m in repo.backend().list(&d).await? {
+                if let Some(ArchiveKey::Claim { name }) = layout::parse_archive_key(&m.key) {
+                    have.insert(name);
+                }
+            }
+        }
+        missing.retain(|n| !have.contains(n));
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                Kind::Timeout,
+                format!(
+                    "{} WAL segment(s) not archived after {}s, first missing {}",
+                    missing.len(),
+                    timeout.as_secs(),
+                    missing[0]
+                ),
+            )
+            .hint("raise --archive-timeout, or check archive_command"));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// A file to copy: path relative to the data directory (`/`-separated) and
+/// where it is on disk.
+#[derive(Debug, Clone)]
+struct ScanFile {
+    rel: String,
+    abs: PathBuf,
+    size: u64,
+}
+
+/// Walks the data directory and its tablespaces.
+fn scan(pgdata: &Path) -> io::Result<(Vec<ScanFile>, Vec<DirEntry>)> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let mut stack: Vec<(PathBuf, String)> = vec![(pgdata.to_path_buf(), String::new())];
+    while let Some((abs_dir, rel_dir)) = stack.pop() {
+        let rd = match fs::read_dir(&abs_dir) {
+            Ok(rd) => rd,
+            // A directory dropped while we walk (DROP DATABASE): WAL replay
+            // takes care of it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel_dir.is_empty() => continue,
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("read {}: {e}", abs_dir.display()),
+                ))
+            }
+        };
+        for entry in rd {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            let rel = if rel_dir.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel_dir}/{name}")
+            };
+            let abs = entry.path();
+            // Follow symlinks: tablespaces (pg_tblspc/<oid>) and a pg_wal
+            // that lives elsewhere.
+            let meta = match fs::metadata(&abs) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("stat {}: {e}", abs.display()),
+                    ))
+                }
+            };
+            let is_dir = meta.is_dir();
+            match datadir::classify(&rel, is_dir) {
+                Entry::Skip => {}
+                Entry::EmptyDir => dirs.push(DirEntry {
+                    path: rel,
+                    mode: meta.permissions().mode() & 0o7777,
+                }),
+                Entry::Copy if is_dir => {
+                    dirs.push(DirEntry {
+                        path: rel.clone(),
+                        mode: meta.permissions().mode() & 0o7777,
+                    });
+                    stack.push((abs, rel));
+                }
+                Entry::Copy if meta.is_file() => files.push(ScanFile {
+                    rel,
+                    abs,
+                    size: meta.len(),
+                }),
+                Entry::Copy => {}
+            }
+        }
+    }
+    dirs.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((files, dirs))
+}
+
+/// Counts what passes through, so bundle offsets are known.
+struct Counting<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct Worker {
+    id: usize,
+    backend: Arc<dyn Backend>,
+    dir: String,
+    stanza: String,
+    label: String,
+    encode: EncodeOptions,
+    handle: tokio::runtime::Handle,
+    next_object: u64,
+    bundle: Option<(Counting<Spool>, String, Vec<FileEntry>)>,
+    done: Vec<FileEntry>,
+}
+
+impl Worker {
+    fn new_object(&mut self) -> io::Result<(Counting<Spool>, String)> {
+        let name = layout::backup_object_name(self.id, self.next_object);
+        self.next_object += 1;
+        let spool = self.backend.spool(&format!("{}/data", self.dir))?;
+        Ok((Counting { inner: spool, n: 0 }, name))
+    }
+
+    fn commit(&self, spool: Spool, object: &str) -> Result<()> {
+        let key = layout::backup_object_key(&self.stanza, &self.label, object);
+        self.handle
+            .block_on(self.backend.commit(spool, &key, PutMode::CreateNew))
+            .map(|_| ())
+    }
+
+    /// Encodes one file into `out`; `None` if it vanished (a dropped
+    /// relation: WAL replay removes it anyway).
+    fn encode_into(
+        &self,
+        f: &ScanFile,
+        out: &mut Counting<Spool>,
+        object: &str,
+    ) -> Result<Option<FileEntry>> {
+        let file = match File::open(&f.abs) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::new(
+                    Kind::InvalidInput,
+                    format!("open {}: {e}", f.abs.display()),
+                ))
+            }
+        };
+        let meta = file.metadata().map_err(|e| {
+            Error::new(Kind::InvalidInput, format!("stat {}: {e}", f.abs.display()))
+        })?;
+        let offset = out.n;
+        let mut enc = Encoder::new(&mut *out, self.encode).map_err(|e| self.write_err(e))?;
+        let mut r = io::BufReader::with_capacity(1 << 20, file);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::new(
+                        Kind::InvalidInput,
+                        format!("read {}: {e}", f.abs.display()),
+                    ))
+                }
+            };
+            enc.write_all(&buf[..n]).map_err(|e| self.write_err(e))?;
+        }
+        let (_, digest) = enc.finish().map_err(|e| self.write_err(e))?;
+        Ok(Some(FileEntry {
+            path: f.rel.clone(),
+            size: digest.size,
+            mtime: meta.mtime(),
+            mode: meta.permissions().mode() & 0o7777,
+            sha256: digest.sha256.to_hex(),
+            object: object.to_string(),
+            offset,
+            length: out.n - offset,
+        }))
+    }
+
+    fn write_err(&self, e: io::Error) -> Error {
+        Error::repository(format!(
+            "write {}/{}: {e}",
+            self.backend.describe(),
+            self.dir
+        ))
+    }
+
+    fn add(&mut self, f: &ScanFile) -> Result<u64> {
+        if f.size >= BUNDLE_FILE_MAX {
+            let (mut out, object) = self.new_object().map_err(|e| self.write_err(e))?;
+            let entry = self.encode_into(f, &mut out, &object)?;
+            if let Some(e) = entry {
+                self.commit(out.inner, &object)?;
+                let size = e.size;
+                self.done.push(e);
+                return Ok(size);
+            }
+            return Ok(0);
+        }
+        if self.bundle.is_none() {
+            let (out, object) = self.new_object().map_err(|e| self.write_err(e))?;
+            self.bundle = Some((out, object, Vec::new()));
+        }
+        let (mut out, object, mut entries) = self.bundle.take().expect("bundle was just ensured");
+        let entry = self.encode_into(f, &mut out, &object)?;
+        let size = entry.as_ref().map(|e| e.size).unwrap_or(0);
+        entries.extend(entry);
+        if out.n >= BUNDLE_TARGET {
+            self.commit(out.inner, &object)?;
+            self.done.extend(entries);
+        } else {
+            self.bundle = Some((out, object, entries));
+        }
+        Ok(size)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Some((out, object, entries)) = self.bundle.take() {
+            if entries.is_empty() {
+                if let Spool::LocalFile { tmp, .. } = &out.inner {
+                    let _ = fs::remove_file(tmp);
+                }
+                return Ok(());
+            }
+            self.commit(out.inner, &object)?;
+            self.done.extend(entries);
+        }
+        Ok(())
+    }
+}
+
+async fn copy_files(
+    repo: &Repository,
+    label: &str,
+    opts: &BackupOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<(Vec<FileEntry>, Vec<DirEntry>)> {
+    let pgdata = opts.pgdata.clone();
+    let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&pgdata))
+        .await?
+        .map_err(|e| Error::new(Kind::InvalidInput, e.to_string()))?;
+    let control_pos = files
+        .iter()
+        .position(|f| f.rel == datadir::PG_CONTROL)
+        .ok_or_else(|| {
+            Error::new(
+                Kind::InvalidInput,
+                format!("{} has no {}", opts.pgdata.display(), datadir::PG_CONTROL),
+            )
+        })?;
+    let control = files.swap_remove(control_pos);
+    // Largest first, so the long files start early and the small ones fill in.
+    files.sort_by_key(|f| f.size);
+    let total: u64 = files.iter().map(|f| f.size).sum::<u64>() + control.size;
+    progress.set_total(files.len() as u64 + 1, total);
+
+    let queue = Arc::new(Mutex::new(VecDeque::from(files)));
+    let workers = opts.process_max.max(1);
+    let mut tasks = Vec::new();
+    for id in 0..workers {
+        let mut w = Worker {
+            id,
+            backend: repo.backend().clone(),
+            dir: layout::backup_dir(repo.stanza(), label),
+            stanza: repo.stanza().to_string(),
+            label: label.to_string(),
+            encode: opts.encode,
+            handle: tokio::runtime::Handle::current(),
+            next_object: 0,
+            bundle: None,
+            done: Vec::new(),
+        };
+        let queue = queue.clone();
+        let progress = progress.clone();
+        tasks.push(tokio::task::spawn_blocking(
+            move || -> Result<Vec<FileEntry>> {
+                loop {
+                    let next = queue
+                        .lock()
+                        .expect("queue lock is never poisoned")
+                        .pop_back();
+                    let Some(f) = next else {
+                        break;
+                    };
+                    let size = w.add(&f)?;
+                    progress.file_done(size);
+                }
+                w.flush()?;
+                Ok(w.done)
+            },
+        ));
+    }
+    let mut entries = Vec::new();
+    let mut first_err = None;
+    for t in tasks {
+        match t.await? {
+            Ok(e) => entries.extend(e),
+            Err(e) => {
+                // Stop the others quickly: empty the queue.
+                queue.lock().expect("queue lock is never poisoned").clear();
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    // pg_control last, in an object of its own.
+    let mut w = Worker {
+        id: workers,
+        backend: repo.backend().clone(),
+        dir: layout::backup_dir(repo.stanza(), label),
+        stanza: repo.stanza().to_string(),
+        label: label.to_string(),
+        encode: opts.encode,
+        handle: tokio::runtime::Handle::current(),
+        next_object: 0,
+        bundle: None,
+        done: Vec::new(),
+    };
+    let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
+        w.add(&control)?;
+        w.flush()?;
+        Ok(w.done)
+    })
+    .await??;
+    if control_entry.is_empty() {
+        return Err(Error::new(
+            Kind::InvalidInput,
+            "global/pg_control vanished during the backup",
+        ));
+    }
+    progress.file_done(control_entry[0].size);
+    entries.extend(control_entry);
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((entries, dirs))
+}

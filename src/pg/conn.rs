@@ -1,0 +1,313 @@
+//! Talking to a running PostgreSQL: the one place with SQL.
+//!
+//! Connection parameters honour the libpq variables (`PGHOST`, `PGPORT`,
+//! `PGUSER`, `PGDATABASE`, `PGPASSWORD`); the password is only ever read
+//! from the environment, never a flag.
+//!
+//! Base backups use the non-exclusive low-level API, held in one session
+//! ("Making a Base Backup Using the Low Level API"): `pg_backup_start` /
+//! `pg_backup_stop` on 15+, `pg_start_backup` / `pg_stop_backup` on 14.
+
+use tokio_postgres::{Client, NoTls};
+
+use super::Lsn;
+
+#[derive(Debug, Clone, Default)]
+pub struct ConnParams {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub dbname: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connect to PostgreSQL at {target}: {}", detail(.source))]
+    Connect {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("{what}: {}", detail(.source))]
+    Query {
+        what: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+type Result<T> = std::result::Result<T, ConnError>;
+
+/// tokio-postgres shows a server error as just "db error": say what the
+/// server said, and for other errors the underlying cause.
+fn detail(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{}: {}", db.severity(), db.message());
+        if let Some(h) = db.hint() {
+            s.push_str(&format!(" ({h})"));
+        }
+        return s;
+    }
+    match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
+
+/// An open session.
+pub struct Session {
+    client: Client,
+    pub major: u32,
+}
+
+/// What the archiver looks like right now.
+#[derive(Debug, Clone)]
+pub struct ArchiverStatus {
+    pub archive_mode: String,
+    pub archive_command: String,
+    pub archived_count: i64,
+    pub failed_count: i64,
+    pub last_archived_wal: Option<String>,
+    pub last_failed_wal: Option<String>,
+    /// The last failure is more recent than the last success.
+    pub failing: bool,
+}
+
+/// The result of the backup stop call.
+#[derive(Debug, Clone)]
+pub struct BackupStop {
+    pub lsn: Lsn,
+    pub backup_label: String,
+    pub tablespace_map: String,
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+impl ConnParams {
+    /// Fills what was not given from the libpq environment and defaults.
+    pub fn resolved(&self) -> ConnParams {
+        let user = self
+            .user
+            .clone()
+            .or_else(|| env("PGUSER"))
+            .or_else(|| env("USER"))
+            .or_else(|| env("LOGNAME"))
+            .unwrap_or_else(|| "postgres".into());
+        ConnParams {
+            host: self
+                .host
+                .clone()
+                .or_else(|| env("PGHOST"))
+                .or_else(|| Some("/var/run/postgresql".into())),
+            port: self
+                .port
+                .or_else(|| env("PGPORT").and_then(|p| p.parse().ok()))
+                .or(Some(5432)),
+            // Not libpq's default (the user name): the backup API works in
+            // any database, and "postgres" exists on every cluster.
+            dbname: self
+                .dbname
+                .clone()
+                .or_else(|| env("PGDATABASE"))
+                .or_else(|| Some("postgres".into())),
+            user: Some(user),
+        }
+    }
+
+    /// For messages: never includes a password.
+    pub fn describe(&self) -> String {
+        let r = self.resolved();
+        format!(
+            "host={} port={} user={} dbname={}",
+            r.host.unwrap_or_default(),
+            r.port.unwrap_or_default(),
+            r.user.unwrap_or_default(),
+            r.dbname.unwrap_or_default()
+        )
+    }
+}
+
+fn q(what: &str) -> impl FnOnce(tokio_postgres::Error) -> ConnError + '_ {
+    move |source| ConnError::Query {
+        what: what.to_string(),
+        source,
+    }
+}
+
+impl Session {
+    pub async fn connect(params: &ConnParams) -> Result<Session> {
+        let r = params.resolved();
+        let mut cfg = tokio_postgres::Config::new();
+        if let Some(h) = &r.host {
+            for one in h.split(',') {
+                if one.starts_with('/') {
+                    cfg.host_path(one);
+                } else {
+                    cfg.host(one);
+                }
+            }
+        }
+        cfg.port(r.port.unwrap_or(5432));
+        cfg.user(r.user.as_deref().unwrap_or("postgres"));
+        cfg.dbname(r.dbname.as_deref().unwrap_or("postgres"));
+        cfg.application_name("pgvault");
+        cfg.connect_timeout(std::time::Duration::from_secs(10));
+        if let Some(pw) = env("PGPASSWORD") {
+            cfg.password(pw);
+        }
+        let (client, connection) =
+            cfg.connect(NoTls)
+                .await
+                .map_err(|source| ConnError::Connect {
+                    target: params.describe(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::debug!("PostgreSQL connection ended: {e}");
+            }
+        });
+        let v: String = client
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .map_err(q("read server_version_num"))?
+            .get(0);
+        let num: u32 = v.parse().map_err(|_| {
+            ConnError::Unexpected(format!("server_version_num {v:?} is not a number"))
+        })?;
+        Ok(Session {
+            client,
+            major: num / 10000,
+        })
+    }
+
+    async fn text(&self, sql: &str, what: &str) -> Result<String> {
+        let row = self.client.query_one(sql, &[]).await.map_err(q(what))?;
+        Ok(row.get::<_, Option<String>>(0).unwrap_or_default())
+    }
+
+    pub async fn setting(&self, name: &str) -> Result<String> {
+        let row = self
+            .client
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .map_err(q(&format!("read setting {name}")))?;
+        Ok(row.get(0))
+    }
+
+    pub async fn in_recovery(&self) -> Result<bool> {
+        let row = self
+            .client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(q("pg_is_in_recovery()"))?;
+        Ok(row.get(0))
+    }
+
+    /// The server's clock, UTC, RFC 3339 with microseconds.
+    pub async fn now_utc(&self) -> Result<String> {
+        self.text(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            "read the server clock",
+        )
+        .await
+    }
+
+    pub async fn archiver_status(&self) -> Result<ArchiverStatus> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting('archive_mode'), current_setting('archive_command'),
+                        archived_count, failed_count, last_archived_wal, last_failed_wal,
+                        coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false)
+                   FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .map_err(q("read pg_stat_archiver"))?;
+        Ok(ArchiverStatus {
+            archive_mode: row.get(0),
+            archive_command: row.get(1),
+            archived_count: row.get(2),
+            failed_count: row.get(3),
+            last_archived_wal: row.get(4),
+            last_failed_wal: row.get(5),
+            failing: row.get(6),
+        })
+    }
+
+    /// Writes a little WAL (a switch on an idle cluster does nothing) and
+    /// switches to a new segment; returns the name of the segment just
+    /// completed, which the archiver will now hand to `archive_command`.
+    pub async fn write_and_switch(&self) -> Result<String> {
+        self.client
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'pgvault', 'check')::text",
+                &[],
+            )
+            .await
+            .map_err(q("write WAL (pg_logical_emit_message)"))?;
+        self.text("SELECT pg_walfile_name(pg_switch_wal())", "pg_switch_wal()")
+            .await
+    }
+
+    /// Starts a non-exclusive backup; returns its start LSN.
+    pub async fn backup_start(&self, label: &str, fast: bool) -> Result<Lsn> {
+        let sql = if self.major >= 15 {
+            "SELECT pg_backup_start($1, $2)::text"
+        } else {
+            "SELECT pg_start_backup($1, $2, false)::text"
+        };
+        let row = self
+            .client
+            .query_one(sql, &[&label, &fast])
+            .await
+            .map_err(q("start the backup"))?;
+        let s: String = row.get(0);
+        s.parse()
+            .map_err(|_| ConnError::Unexpected(format!("backup start returned {s:?}")))
+    }
+
+    /// Stops the backup started in this session. Does not wait for the
+    /// archiver (PostgreSQL's own wait never gives up); the caller waits,
+    /// with a bound, for the WAL to reach the repository.
+    pub async fn backup_stop(&self) -> Result<BackupStop> {
+        let sql = if self.major >= 15 {
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(wait_for_archive => false)"
+        } else {
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+        };
+        let row = self
+            .client
+            .query_one(sql, &[])
+            .await
+            .map_err(q("stop the backup"))?;
+        let lsn: String = row.get(0);
+        Ok(BackupStop {
+            lsn: lsn
+                .parse()
+                .map_err(|_| ConnError::Unexpected(format!("backup stop returned LSN {lsn:?}")))?,
+            backup_label: row.get::<_, Option<String>>(1).unwrap_or_default(),
+            tablespace_map: row.get::<_, Option<String>>(2).unwrap_or_default(),
+        })
+    }
+
+    /// Tablespaces: (oid, name, location).
+    pub async fn tablespaces(&self) -> Result<Vec<(u32, String, String)>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT oid::int8, spcname::text, pg_tablespace_location(oid) FROM pg_tablespace
+                  WHERE pg_tablespace_location(oid) <> ''",
+                &[],
+            )
+            .await
+            .map_err(q("list tablespaces"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u32, r.get(1), r.get(2)))
+            .collect())
+    }
+}

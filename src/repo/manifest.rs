@@ -1,0 +1,134 @@
+//! Backup manifests: what a backup holds and where each file is stored.
+//!
+//! A manifest is written after every data object it points to and after the
+//! WAL from the backup's start to its stop is in the archive: its presence
+//! is what makes a backup complete. A backup directory without one is an
+//! interrupted backup, never offered for restore.
+
+use serde::{Deserialize, Serialize};
+
+use super::{layout, PutMode, Repository};
+use crate::error::{Error, Result};
+use crate::pg::{Lsn, TimelineId};
+
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub label: String,
+    /// `full` (room for `incr`/`diff`).
+    #[serde(rename = "type")]
+    pub backup_type: String,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    /// The server's clock at start and stop, UTC RFC 3339.
+    pub start_time: String,
+    pub stop_time: String,
+    pub timeline: TimelineId,
+    pub pg_version: u32,
+    pub system_identifier: String,
+    pub db_id: u32,
+    pub wal_segment_size: u32,
+    /// First and last WAL segment needed to make the backup consistent.
+    pub wal_start: String,
+    pub wal_stop: String,
+    pub backup_label: String,
+    pub tablespace_map: String,
+    pub tablespaces: Vec<Tablespace>,
+    pub dirs: Vec<DirEntry>,
+    pub files: Vec<FileEntry>,
+    pub original_size: u64,
+    pub stored_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tablespace {
+    pub oid: u32,
+    pub name: String,
+    pub location: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Relative to the data directory, `/`-separated; tablespace contents
+    /// under `pg_tblspc/<oid>/…`.
+    pub path: String,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+    pub mode: u32,
+    pub sha256: String,
+    /// Data object relative to the backup directory.
+    pub object: String,
+    /// Where this file's encoded bytes sit in the object.
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl Manifest {
+    pub fn stop_time_utc(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::parse_from_rfc3339(&self.stop_time)
+            .ok()
+            .map(|d| d.with_timezone(&chrono::Utc))
+    }
+}
+
+impl Repository {
+    pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        self.put_json(
+            &layout::backup_manifest_key(self.stanza(), &m.label),
+            m,
+            PutMode::CreateNew,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn read_manifest(&self, label: &str) -> Result<Option<Manifest>> {
+        let m: Option<Manifest> = self
+            .get_json(&layout::backup_manifest_key(self.stanza(), label))
+            .await?;
+        if let Some(m) = &m {
+            if m.format > MANIFEST_FORMAT {
+                return Err(Error::repository(format!(
+                    "backup {label} was written by a newer pgvault (manifest format {})",
+                    m.format
+                )));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Labels of complete backups (those with a manifest), oldest first.
+    pub async fn backup_labels(&self) -> Result<Vec<String>> {
+        let listing = self
+            .backend()
+            .list(&layout::backups_root(self.stanza()))
+            .await?;
+        let mut labels: Vec<String> = listing
+            .iter()
+            .filter_map(|m| layout::parse_manifest_key(&m.key).map(str::to_string))
+            .collect();
+        labels.sort();
+        Ok(labels)
+    }
+
+    /// Every complete backup, ordered by the stop LSN the server reported.
+    pub async fn manifests(&self) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        for label in self.backup_labels().await? {
+            if let Some(m) = self.read_manifest(&label).await? {
+                out.push(m);
+            }
+        }
+        out.sort_by_key(|m| (m.stop_lsn, m.label.clone()));
+        Ok(out)
+    }
+}

@@ -76,6 +76,25 @@ fn info_text(r: &InfoReport) -> String {
         st.system_identifier,
         bytes(st.wal_segment_size as u64)
     );
+    if r.backups.is_empty() {
+        s += "    backups: none\n";
+    }
+    for b in &r.backups {
+        s += &format!(
+            "    {} backup {}: {} … {} (timeline {}, {} … {}), {} stored {}, WAL {} … {}\n",
+            b.backup_type,
+            b.label,
+            b.start_time,
+            b.stop_time,
+            b.timeline,
+            b.start_lsn,
+            b.stop_lsn,
+            bytes(b.original_size),
+            bytes(b.stored_size),
+            b.wal_start,
+            b.wal_stop
+        );
+    }
     if r.timelines.is_empty() {
         s += "    WAL archive: empty\n";
     }
@@ -93,6 +112,18 @@ fn info_text(r: &InfoReport) -> String {
                 };
             }
             _ => s += &format!("    timeline {}: no segments\n", t.timeline),
+        }
+        if let (Some(p), Some(l)) = (t.parent, t.switch_lsn) {
+            s += &format!("        branched from timeline {p} at {l}\n");
+        }
+        match &t.recoverable {
+            Some(rc) => {
+                s += &format!(
+                    "        recoverable: {} ({}, backup {}) … {}\n",
+                    rc.from_lsn, rc.from_time, rc.from_backup, rc.to_lsn
+                )
+            }
+            None => s += "        recoverable: no backup on this timeline\n",
         }
         for g in &t.gaps {
             s += &format!("        gap: {} … {} missing\n", g.from, g.to);

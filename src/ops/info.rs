@@ -8,8 +8,11 @@ use serde::Serialize;
 
 use crate::catalog::{Catalog, WalRow};
 use crate::error::Result;
-use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
+use crate::ops::archive_get::fetch_small;
+use crate::pg::history::parse_history;
+use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::manifest::Manifest;
 use crate::repo::{DbInfo, Repository};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
@@ -20,7 +23,29 @@ pub struct InfoReport {
     pub schema_version: u32,
     pub repository: String,
     pub stanza: StanzaReport,
+    /// Complete backups, oldest first (by the stop LSN the server reported).
+    pub backups: Vec<BackupReport>,
     pub timelines: Vec<TimelineReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub label: String,
+    #[serde(rename = "type")]
+    pub backup_type: String,
+    pub timeline: u32,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    pub start_time: String,
+    pub stop_time: String,
+    /// Bytes of the files backed up.
+    pub original_size: u64,
+    /// Bytes stored in the repository (compressed).
+    pub stored_size: u64,
+    pub files: u64,
+    /// WAL needed to make this backup consistent.
+    pub wal_start: String,
+    pub wal_stop: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,8 +67,24 @@ pub struct TimelineReport {
     pub gaps: Vec<Gap>,
     pub partial: Vec<String>,
     pub history_file: bool,
+    /// The timeline this one branched from, and where (from its history file).
+    pub parent: Option<u32>,
+    pub switch_lsn: Option<Lsn>,
+    /// From the oldest backup on this timeline (its consistency point) to the
+    /// end of the archived WAL after it with no gap; null if no backup can
+    /// recover onto this timeline.
+    pub recoverable: Option<Recoverable>,
     /// Names under which more than one content is stored (a conflict).
     pub conflicts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Recoverable {
+    pub from_lsn: Lsn,
+    pub from_time: String,
+    pub from_backup: String,
+    /// End of the last segment of the gap-free run of WAL.
+    pub to_lsn: Lsn,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -94,6 +135,20 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         cat.replace_wal_best_effort(repo.stanza(), rows).await;
     }
 
+    let manifests = repo.manifests().await?;
+    let mut timelines = timelines(&db, &names);
+    for t in timelines.iter_mut().filter(|t| t.history_file) {
+        let name = WalFileName::history(TimelineId(t.timeline));
+        if let Some(bytes) = fetch_small(repo, &db.dir(), &name).await? {
+            if let Ok(h) = parse_history(TimelineId(t.timeline), &String::from_utf8_lossy(&bytes)) {
+                if let Some(last) = h.entries.last() {
+                    t.parent = Some(last.parent.0);
+                    t.switch_lsn = Some(last.switch_point);
+                }
+            }
+        }
+    }
+    recoverable(&db, &names, &manifests, &mut timelines);
     Ok(InfoReport {
         schema_version: INFO_SCHEMA_VERSION,
         repository: repo.describe(),
@@ -104,8 +159,60 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
             wal_segment_size: db.wal_segment_size,
             db_id: db.id,
         },
-        timelines: timelines(&db, &names),
+        backups: manifests
+            .iter()
+            .map(|m| BackupReport {
+                label: m.label.clone(),
+                backup_type: m.backup_type.clone(),
+                timeline: m.timeline.0,
+                start_lsn: m.start_lsn,
+                stop_lsn: m.stop_lsn,
+                start_time: m.start_time.clone(),
+                stop_time: m.stop_time.clone(),
+                original_size: m.original_size,
+                stored_size: m.stored_size,
+                files: m.files.len() as u64,
+                wal_start: m.wal_start.clone(),
+                wal_stop: m.wal_stop.clone(),
+            })
+            .collect(),
+        timelines,
     })
+}
+
+/// Per timeline: from the oldest backup taken on it, as far as the archived
+/// WAL runs without a gap after that backup's first segment.
+fn recoverable(
+    db: &DbInfo,
+    names: &BTreeMap<WalFileName, NameState>,
+    manifests: &[Manifest],
+    timelines: &mut [TimelineReport],
+) {
+    let seg = db.wal_segment_size;
+    for t in timelines.iter_mut() {
+        let tli = TimelineId(t.timeline);
+        let Some(oldest) = manifests.iter().find(|m| m.timeline == tli) else {
+            continue;
+        };
+        let mut segno = oldest.start_lsn.segno(seg);
+        let has = |s: SegmentNo| names.contains_key(&WalFileName::for_segment(tli, s, seg));
+        if !has(segno) {
+            continue;
+        }
+        while has(segno.next()) {
+            segno = segno.next();
+        }
+        let end = segno.next().start_lsn(seg);
+        if end < oldest.stop_lsn {
+            continue;
+        }
+        t.recoverable = Some(Recoverable {
+            from_lsn: oldest.stop_lsn,
+            from_time: oldest.stop_time.clone(),
+            from_backup: oldest.label.clone(),
+            to_lsn: end,
+        });
+    }
 }
 
 fn timelines(db: &DbInfo, names: &BTreeMap<WalFileName, NameState>) -> Vec<TimelineReport> {
@@ -122,6 +229,9 @@ fn timelines(db: &DbInfo, names: &BTreeMap<WalFileName, NameState>) -> Vec<Timel
             gaps: Vec::new(),
             partial: Vec::new(),
             history_file: false,
+            parent: None,
+            switch_lsn: None,
+            recoverable: None,
             conflicts: Vec::new(),
         });
         if st.shas.len() > 1 || (!st.claimed && st.shas.is_empty()) {

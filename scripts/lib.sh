@@ -73,7 +73,6 @@ pgv_ensure_tools() {
     command -v zstd >/dev/null || need+=(zstd)
     command -v runuser >/dev/null || need+=(util-linux)
     command -v python3 >/dev/null || need+=(python3)
-    command -v curl >/dev/null || need+=(curl)
     if [ "${#need[@]}" -gt 0 ]; then
         pgv_apt_install "${need[@]}"
     fi
@@ -141,22 +140,24 @@ pgv_free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
-# pgv_wait_http URL PID LOG: wait until URL answers any HTTP status, or fail
-# with the server's log if it dies or takes more than 60 s.
-pgv_wait_http() {
-    local url="$1" pid="$2" log="$3" i
+# pgv_wait_port PORT PID LOG: wait until something accepts connections on
+# 127.0.0.1:PORT, or fail with the server's log if it dies or takes more than
+# 60 s. (A TCP probe, not an HTTP request: an unsigned request would only
+# leave an authentication error in s3s-fs's log.)
+pgv_wait_port() {
+    local port="$1" pid="$2" log="$3" i
     for i in $(seq 1 300); do
-        if curl -s -o /dev/null --max-time 2 "$url"; then
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             return 0
         fi
         if ! kill -0 "$pid" 2>/dev/null; then
-            printf 'server for %s exited; its log (%s):\n' "$url" "$log" >&2
+            printf 'server on port %s exited; its log (%s):\n' "$port" "$log" >&2
             tail -n 50 "$log" >&2 || true
             return 1
         fi
         sleep 0.2
     done
-    printf 'server for %s did not answer within 60 s; its log (%s):\n' "$url" "$log" >&2
+    printf 'server on port %s did not listen within 60 s; its log (%s):\n' "$port" "$log" >&2
     tail -n 50 "$log" >&2 || true
     return 1
 }
@@ -185,7 +186,7 @@ pgv_start_moto() {
     "$PGV_MOTO_PY" -m moto.server -H 127.0.0.1 -p "$port" >"$logdir/moto.log" 2>&1 &
     pid=$!
     PGV_PIDS+=("$pid")
-    pgv_wait_http "http://127.0.0.1:$port/" "$pid" "$logdir/moto.log"
+    pgv_wait_port "$port" "$pid" "$logdir/moto.log"
     PGV_MOTO_URL="http://127.0.0.1:$port"
     pgv_create_bucket "$PGV_MOTO_URL"
 }
@@ -204,7 +205,7 @@ pgv_start_s3sfs() {
         "$data" >"$logdir/s3s-fs.log" 2>&1 &
     pid=$!
     PGV_PIDS+=("$pid")
-    pgv_wait_http "http://127.0.0.1:$port/" "$pid" "$logdir/s3s-fs.log"
+    pgv_wait_port "$port" "$pid" "$logdir/s3s-fs.log"
     PGV_S3SFS_URL="http://127.0.0.1:$port"
     pgv_create_bucket "$PGV_S3SFS_URL"
 }

@@ -6,6 +6,8 @@
 #
 #   scripts/test.sh                    # everything, as CI runs it
 #   scripts/test.sh --test archive     # extra arguments go to `cargo test`
+#   PGVAULT_TEST_SKIP_LINT=1 scripts/test.sh ...   # skip fmt and clippy (local
+#                                                  # iteration only; CI lints)
 #
 # Server logs go to target/test-logs/ and are shown when something fails.
 set -euo pipefail
@@ -37,14 +39,24 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# Lint first: it is cheap and fails fast.
-pgv_log "cargo fmt --check"
-cargo fmt --all -- --check
+LINT=1
+if [ "${PGVAULT_TEST_SKIP_LINT:-}" = 1 ] && [ "${CI:-}" != true ]; then
+    LINT=0
+    pgv_log "PGVAULT_TEST_SKIP_LINT=1: skipping cargo fmt and clippy"
+fi
+
+# Format first: it is cheap and fails fast, before any install or build.
+if [ "$LINT" = 1 ]; then
+    pgv_log "cargo fmt --check"
+    cargo fmt --all -- --check --color never
+fi
 
 pgv_install_all
 
-pgv_log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+if [ "$LINT" = 1 ]; then
+    pgv_log "cargo clippy --all-targets -- -D warnings"
+    cargo clippy --all-targets --quiet -- -D warnings
+fi
 
 pgv_log "cargo build --all-targets"
 cargo build --all-targets --quiet
@@ -62,8 +74,9 @@ export PGVAULT_TEST_AWS_REGION="$PGV_S3_REGION"
 export PGVAULT_TEST_BUCKET="$PGV_S3_BUCKET"
 
 # Two test threads: each integration test runs a PostgreSQL cluster plus
-# pgvault processes, and the machine has 2 cores.
-pgv_log "cargo test $* -- --test-threads=2"
-cargo test "$@" -- --test-threads=2
+# pgvault processes, and the machine has 2 cores. --no-fail-fast: a failing
+# unit test must not hide the integration tests' results.
+pgv_log "cargo test --no-fail-fast $* -- --test-threads=2"
+cargo test --no-fail-fast "$@" -- --test-threads=2
 
 pgv_log "all checks passed in ${SECONDS}s"

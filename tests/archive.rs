@@ -437,6 +437,7 @@ fn archive_get_exit_codes() {
         secret_key: "pgvault-test-secret".into(),
         region: "us-east-1".into(),
         bucket: "pgvault-test".into(),
+        atomic_create: true,
     };
     let unreachable = Repo {
         url: "s3://pgvault-test/x".into(),

@@ -1,0 +1,209 @@
+//! Running processes: as root or as the PostgreSQL user, with a clean
+//! environment, a timeout, and output captured for assertions.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long any single pgvault invocation may take before the harness kills
+/// it and fails the test (object_store's default retries can take minutes).
+pub const PGVAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Who runs a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum As {
+    Root,
+    /// The unprivileged PostgreSQL user.
+    PgUser,
+}
+
+/// The output of one process: exit code (None when killed by a signal),
+/// stdout and stderr as text.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    pub what: String,
+}
+
+impl Run {
+    /// Panic with everything known about the run unless it exited with `code`.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit {code} from `{}`, got {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.what,
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn ok(&self) -> &Self {
+        self.expect_code(0)
+    }
+
+    /// Non-empty stderr lines.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+
+    /// The error contract: exactly one `error: ...` line, optionally followed
+    /// by `hint: ...` lines, and the error line mentions `needle` (usually
+    /// the file name).
+    #[track_caller]
+    pub fn expect_one_error_line(&self, needle: &str) -> &Self {
+        let lines = self.stderr_lines();
+        let errors: Vec<_> = lines.iter().filter(|l| !l.starts_with("hint:")).collect();
+        assert!(
+            errors.len() == 1 && errors[0].starts_with("error:"),
+            "`{}` should print one `error:` line (plus optional `hint:` lines) on stderr, got:\n{}",
+            self.what,
+            self.stderr
+        );
+        assert!(
+            errors[0].contains(needle),
+            "the error line of `{}` should name {needle:?}, got: {}",
+            self.what,
+            errors[0]
+        );
+        self
+    }
+}
+
+/// A started process.
+pub struct Spawned {
+    child: Child,
+    what: String,
+    started: Instant,
+}
+
+/// Wait for a started process (killing it after `timeout`) and collect its
+/// output.
+pub fn finish(spawned: Spawned, timeout: Duration) -> Run {
+    let Spawned {
+        mut child,
+        what,
+        started,
+    } = spawned;
+    let mut out = child.stdout.take().expect("stdout is piped");
+    let mut err = child.stderr.take().expect("stderr is piped");
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = tx.send(());
+        status
+    });
+    if rx.recv_timeout(timeout).is_err() {
+        // runuser forwards SIGTERM to its child; SIGKILL as a last resort.
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("`{what}` did not finish within {timeout:?}; killed it");
+    }
+    let status = waiter
+        .join()
+        .expect("waiter thread")
+        .expect("wait for child");
+    let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout reader")).into_owned();
+    let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr reader")).into_owned();
+    Run {
+        code: status.code(),
+        status,
+        stdout,
+        stderr,
+        elapsed: started.elapsed(),
+        what,
+    }
+}
+
+fn describe(argv: &[OsString], env: &[(String, String)], as_pg_user: bool) -> String {
+    let mut s = String::new();
+    if as_pg_user {
+        s.push_str("(as postgres user) ");
+    }
+    for (k, v) in env {
+        if k.starts_with("AWS_") || k.starts_with("PGVAULT_") {
+            let v = if k.contains("SECRET") { "***" } else { v };
+            let _ = write!(s, "{k}={v} ");
+        }
+    }
+    for a in argv {
+        s.push_str(&a.to_string_lossy());
+        s.push(' ');
+    }
+    s.trim_end().to_string()
+}
+
+/// Start `argv` as root (`user` None) or as `user` through `runuser`, with
+/// exactly `env` on top of a cleaned environment: no PGVAULT_*, AWS_* or
+/// libpq PG* variable leaks from the test process into what is tested.
+pub fn spawn_as(
+    user: Option<&str>,
+    argv: &[OsString],
+    env: &[(String, String)],
+    cwd: &Path,
+) -> Spawned {
+    let what = describe(argv, env, user.is_some());
+    let mut cmd = match user {
+        None => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c.envs(env.iter().map(|(k, v)| (k, v)));
+            c
+        }
+        Some(user) => {
+            // runuser keeps the environment (except HOME, SHELL, USER,
+            // LOGNAME); `env` then sets ours for the program.
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--", "env"]);
+            c.args(env.iter().map(|(k, v)| format!("{k}={v}")));
+            c.args(argv);
+            c
+        }
+    };
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("PGVAULT_") || k.starts_with("AWS_") || k.starts_with("PG") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+    Spawned {
+        child,
+        what,
+        started: Instant::now(),
+    }
+}

@@ -651,3 +651,116 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::Lsn;
+
+    fn manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &str) -> Manifest {
+        Manifest {
+            format: 1,
+            label: label.into(),
+            backup_type: "full".into(),
+            start_lsn: Lsn(stop_lsn - 0x100),
+            stop_lsn: Lsn(stop_lsn),
+            start_time: stop_time.into(),
+            stop_time: stop_time.into(),
+            timeline: TimelineId(tli),
+            pg_version: 15,
+            system_identifier: "1".into(),
+            db_id: 1,
+            wal_segment_size: 1 << 20,
+            wal_start: String::new(),
+            wal_stop: String::new(),
+            backup_label: String::new(),
+            tablespace_map: String::new(),
+            tablespaces: vec![],
+            dirs: vec![],
+            files: vec![],
+            original_size: 0,
+            stored_size: 0,
+        }
+    }
+
+    fn opts(target: Option<RecoveryTarget>) -> RestoreOptions {
+        RestoreOptions {
+            pgdata: "/x".into(),
+            set: None,
+            target,
+            target_action: None,
+            target_timeline: None,
+            target_exclusive: false,
+            archive_mode_off: false,
+            tablespace_map: vec![],
+            standby: false,
+            primary_conninfo: None,
+            delta: false,
+            process_max: 1,
+            restore_command: String::new(),
+        }
+    }
+
+    fn time(s: &str) -> RecoveryTarget {
+        RecoveryTarget::Time(recovery::parse_target_time(s).unwrap())
+    }
+
+    #[test]
+    fn picks_newest_backup_ending_before_the_target() {
+        // Labels deliberately disagree with the server's times: the choice
+        // must follow the stop time and LSN, never the label.
+        let all = vec![
+            manifest("20261126-090000F", 1, 0x1000000, "2026-11-26T10:00:00Z"),
+            manifest("20261126-080000F", 1, 0x2000000, "2026-11-26T11:00:00Z"),
+            manifest("20261126-070000F", 1, 0x3000000, "2026-11-26T12:00:00Z"),
+        ];
+        let pick = |t| choose_backup(&all, &opts(Some(time(t))), None).map(|m| m.label.clone());
+        assert_eq!(pick("2026-11-26T11:30:00Z").unwrap(), "20261126-080000F");
+        assert_eq!(pick("2026-11-26T13:00:00Z").unwrap(), "20261126-070000F");
+        assert_eq!(pick("2026-11-26T10:00:01Z").unwrap(), "20261126-090000F");
+        let e = pick("2026-11-26T09:59:59Z").unwrap_err().to_string();
+        assert!(
+            e.contains("before the end of the oldest usable backup"),
+            "{e}"
+        );
+        assert!(e.contains("20261126-090000F"), "{e}");
+        let lsn =
+            choose_backup(&all, &opts(Some(RecoveryTarget::Lsn(Lsn(0x2500000)))), None).unwrap();
+        assert_eq!(lsn.label, "20261126-080000F");
+        assert_eq!(
+            choose_backup(&all, &opts(None), None).unwrap().label,
+            "20261126-070000F"
+        );
+        let mut named = opts(None);
+        named.set = Some("20261126-080000F".into());
+        assert_eq!(
+            choose_backup(&all, &named, None).unwrap().label,
+            "20261126-080000F"
+        );
+        named.set = Some("nope".into());
+        assert!(choose_backup(&all, &named, None).is_err());
+    }
+
+    #[test]
+    fn follows_the_target_timeline() {
+        // Timeline 2 branched from 1 at 0/2800000: a timeline-1 backup that
+        // ended after the switch is not on timeline 2's path.
+        let all = vec![
+            manifest("a", 1, 0x1000000, "2026-11-26T10:00:00Z"),
+            manifest("b", 1, 0x3000000, "2026-11-26T12:00:00Z"),
+            manifest("c", 2, 0x4000000, "2026-11-26T13:00:00Z"),
+        ];
+        let h = parse_history(
+            TimelineId(2),
+            "1\t0/2800000\tno recovery target specified\n",
+        )
+        .unwrap();
+        let pick = |t| choose_backup(&all, &opts(Some(time(t))), Some(&h)).map(|m| m.label.clone());
+        assert_eq!(pick("2026-11-26T12:30:00Z").unwrap(), "a");
+        assert_eq!(pick("2026-11-26T14:00:00Z").unwrap(), "c");
+        let root = TimelineHistory::root(TimelineId(1));
+        let on1 =
+            choose_backup(&all, &opts(Some(time("2026-11-26T14:00:00Z"))), Some(&root)).unwrap();
+        assert_eq!(on1.label, "b");
+    }
+}

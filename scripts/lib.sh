@@ -85,6 +85,12 @@ pgv_ensure_user() {
     fi
 }
 
+# pgv_externally_managed PYTHON: true when pip may not install into it.
+pgv_externally_managed() {
+    "$1" -c 'import os, sys, sysconfig
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)' 2>/dev/null
+}
+
 # Find (or install) a python3 that has moto's server. Prefer the machine's
 # python3 (pyenv here); fall back to a venv under the cache when pip refuses
 # to touch a Debian-managed interpreter (PEP 668).
@@ -97,15 +103,19 @@ pgv_ensure_moto() {
             return 0
         fi
     done
-    pgv_log "pip install 'moto[server]'"
-    if python3 -m pip --version >/dev/null 2>&1 &&
-        python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' &&
-        python3 -c 'import moto.server, boto3' >/dev/null 2>&1; then
-        PGV_MOTO_PY="$(command -v python3)"
-        command -v pyenv >/dev/null && pyenv rehash || true
-        return 0
+    if pgv_externally_managed python3; then
+        # Debian's own python3 refuses pip installs (PEP 668).
+        pgv_log "python3 is externally managed: installing moto in a venv"
+    else
+        pgv_log "pip install 'moto[server]'"
+        if python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' &&
+            python3 -c 'import moto.server, boto3' >/dev/null 2>&1; then
+            PGV_MOTO_PY="$(command -v python3)"
+            if command -v pyenv >/dev/null; then pyenv rehash || true; fi
+            return 0
+        fi
     fi
-    pgv_log "falling back to a venv at $venv"
+    pgv_log "pip install 'moto[server]' into $venv"
     python3 -m venv --help >/dev/null 2>&1 || pgv_apt_install python3-venv python3-pip
     python3 -m venv "$venv" || { pgv_apt_install python3-venv python3-pip && python3 -m venv "$venv"; }
     "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check 'moto[server]'

@@ -16,10 +16,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as OsPath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode as OsPutMode, PutOptions,
+    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode as OsPutMode, PutOptions,
     PutPayload, RetryConfig, WriteMultipart,
 };
 use tokio::sync::mpsc;
@@ -81,11 +81,14 @@ impl S3Backend {
                 max_retries: 10,
                 retry_timeout: opts.retry_timeout,
             })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(120)),
-            );
+            // Set the timeouts one by one: with_client_options would
+            // replace every client option read from the environment, among
+            // them AWS_ALLOW_HTTP.
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                "5s",
+            )
+            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "120s");
         let store = b.build().map_err(|e| {
             Error::usage(format!(
                 "S3 repository s3://{bucket}/{prefix}: {}",

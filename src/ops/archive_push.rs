@@ -140,29 +140,30 @@ async fn push_inner(repo: &Repository, opts: &PushOptions) -> Result<Pushed> {
     let created = repo
         .put_json(&claim_key, &claim, PutMode::CreateNew)
         .await?;
-    let owner = match created {
-        PutOutcome::Created if repo.backend().atomic_create() => claim,
-        _ => {
-            if created == PutOutcome::Created {
-                tokio::time::sleep(CLAIM_SETTLE).await;
-            }
-            read_claim(repo, &claim_key).await?.ok_or_else(|| {
-                Error::repository(format!(
-                    "{}/{claim_key} vanished after it was written",
-                    repo.describe()
-                ))
-            })?
-        }
-    };
-    settle_existing(repo, &name, &db, &claim_key, &owner, &digest).await?;
-    Ok(Pushed {
-        name,
+    let pushed = Pushed {
+        name: name.clone(),
         digest,
         outcome: match created {
             PutOutcome::Created => PushOutcome::Archived,
             PutOutcome::AlreadyExists => PushOutcome::AlreadyArchived,
         },
-    })
+    };
+    if created == PutOutcome::Created && repo.backend().atomic_create() {
+        // We own the name, and both objects were made durable as they were
+        // committed (data first): nothing left to check.
+        return Ok(pushed);
+    }
+    if created == PutOutcome::Created {
+        tokio::time::sleep(CLAIM_SETTLE).await;
+    }
+    let owner = read_claim(repo, &claim_key).await?.ok_or_else(|| {
+        Error::repository(format!(
+            "{}/{claim_key} vanished after it was written",
+            repo.describe()
+        ))
+    })?;
+    settle_existing(repo, &name, &db, &claim_key, &owner, &pushed.digest).await?;
+    Ok(pushed)
 }
 
 /// N's claim exists: fine if it names our content (once that is durable),

@@ -32,6 +32,27 @@ const MIGRATIONS: &[&str] = &[
         archived_at TEXT,
         PRIMARY KEY (stanza, name)
     ) WITHOUT ROWID;",
+    // 2: backups and timelines
+    "CREATE TABLE backup (
+        stanza        TEXT NOT NULL,
+        label         TEXT NOT NULL,
+        type          TEXT NOT NULL,
+        timeline      INTEGER NOT NULL,
+        start_lsn     TEXT NOT NULL,
+        stop_lsn      TEXT NOT NULL,
+        start_time    TEXT NOT NULL,
+        stop_time     TEXT NOT NULL,
+        original_size INTEGER NOT NULL,
+        stored_size   INTEGER NOT NULL,
+        PRIMARY KEY (stanza, label)
+    ) WITHOUT ROWID;
+    CREATE TABLE timeline (
+        stanza     TEXT NOT NULL,
+        timeline   INTEGER NOT NULL,
+        parent     INTEGER,
+        switch_lsn TEXT,
+        PRIMARY KEY (stanza, timeline)
+    ) WITHOUT ROWID;",
 ];
 
 /// How long a best-effort writer waits for a lock held by another process.
@@ -40,6 +61,34 @@ const BEST_EFFORT_BUSY: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct Catalog {
     path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupRow {
+    pub label: String,
+    pub backup_type: String,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_time: String,
+    pub stop_time: String,
+    pub original_size: u64,
+    pub stored_size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TimelineRow {
+    pub timeline: u32,
+    pub parent: Option<u32>,
+    pub switch_lsn: Option<String>,
+}
+
+/// What a fresh read of the repository found, to replace the cache with.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub wal: Vec<WalRow>,
+    pub backups: Vec<BackupRow>,
+    pub timelines: Vec<TimelineRow>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,26 +169,62 @@ impl Catalog {
         self.log_failure(r);
     }
 
-    /// Replaces what the catalog knows of a stanza's WAL with a fresh
-    /// listing of the repository.
-    pub async fn replace_wal_best_effort(&self, stanza: &str, rows: Vec<WalRow>) {
+    /// Replaces what the catalog knows of a stanza with a fresh read of the
+    /// repository.
+    pub async fn replace_best_effort(&self, stanza: &str, snap: Snapshot) {
         let (cat, stanza) = (self.clone(), stanza.to_string());
         let r = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
             let mut conn = cat.connect(Duration::from_secs(2))?;
             let tx = conn.transaction()?;
-            tx.execute("DELETE FROM wal WHERE stanza = ?1", params![stanza])?;
+            for table in ["wal", "backup", "timeline"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE stanza = ?1"), params![stanza])?;
+            }
             {
                 let mut ins = tx.prepare(
                     "INSERT INTO wal (stanza, name, timeline, sha256, stored_size) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
-                for r in &rows {
+                for r in &snap.wal {
                     ins.execute(params![stanza, r.name, r.timeline, r.sha256, r.stored_size as i64])?;
+                }
+                let mut ins = tx.prepare(
+                    "INSERT INTO backup (stanza, label, type, timeline, start_lsn, stop_lsn, start_time,
+                                         stop_time, original_size, stored_size)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?;
+                for b in &snap.backups {
+                    ins.execute(params![
+                        stanza,
+                        b.label,
+                        b.backup_type,
+                        b.timeline,
+                        b.start_lsn,
+                        b.stop_lsn,
+                        b.start_time,
+                        b.stop_time,
+                        b.original_size as i64,
+                        b.stored_size as i64
+                    ])?;
+                }
+                let mut ins = tx.prepare(
+                    "INSERT INTO timeline (stanza, timeline, parent, switch_lsn) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for t in &snap.timelines {
+                    ins.execute(params![stanza, t.timeline, t.parent, t.switch_lsn])?;
                 }
             }
             tx.commit()
         })
         .await;
         self.log_failure(r);
+    }
+
+    /// Labels of the backups of a stanza known to this catalog, oldest first.
+    pub fn backup_labels(&self, stanza: &str) -> rusqlite::Result<Vec<String>> {
+        let conn = self.connect(Duration::from_secs(2))?;
+        let mut st =
+            conn.prepare("SELECT label FROM backup WHERE stanza = ?1 ORDER BY stop_time, label")?;
+        let rows = st.query_map(params![stanza], |r| r.get(0))?;
+        rows.collect()
     }
 
     /// Archived WAL names of a stanza known to this catalog.
@@ -215,6 +300,37 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn snapshot_replaces_what_was_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::at(dir.path().join("c.db"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let backup = |label: &str, stop: &str| BackupRow {
+            label: label.into(),
+            backup_type: "full".into(),
+            timeline: 1,
+            start_lsn: "0/1".into(),
+            stop_lsn: "0/2".into(),
+            start_time: stop.into(),
+            stop_time: stop.into(),
+            original_size: 1,
+            stored_size: 1,
+        };
+        let snap = Snapshot {
+            backups: vec![
+                backup("b", "2026-11-26T02:00:00Z"),
+                backup("a", "2026-11-26T03:00:00Z"),
+            ],
+            ..Default::default()
+        };
+        rt.block_on(cat.replace_best_effort("main", snap));
+        assert_eq!(cat.backup_labels("main").unwrap(), vec!["b", "a"]);
+        rt.block_on(cat.replace_best_effort("main", Snapshot::default()));
+        assert!(cat.backup_labels("main").unwrap().is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::catalog::{Catalog, WalRow};
+use crate::catalog::{BackupRow, Catalog, Snapshot, TimelineRow, WalRow};
 use crate::error::Result;
 use crate::ops::archive_get::fetch_small;
 use crate::pg::history::parse_history;
@@ -121,20 +121,6 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         }
     }
 
-    if let Some(cat) = catalog {
-        let rows: Vec<WalRow> = names
-            .iter()
-            .filter(|(_, st)| st.shas.len() == 1)
-            .map(|(n, st)| WalRow {
-                name: n.as_str().to_string(),
-                timeline: n.timeline().0,
-                sha256: st.shas.iter().next().cloned().unwrap_or_default(),
-                stored_size: st.size,
-            })
-            .collect();
-        cat.replace_wal_best_effort(repo.stanza(), rows).await;
-    }
-
     let manifests = repo.manifests().await?;
     let mut timelines = timelines(&db, &names);
     for t in timelines.iter_mut().filter(|t| t.history_file) {
@@ -149,7 +135,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         }
     }
     recoverable(&db, &names, &manifests, &mut timelines);
-    Ok(InfoReport {
+    let report = InfoReport {
         schema_version: INFO_SCHEMA_VERSION,
         repository: repo.describe(),
         stanza: StanzaReport {
@@ -177,7 +163,52 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
             })
             .collect(),
         timelines,
-    })
+    };
+    if let Some(cat) = catalog {
+        cat.replace_best_effort(repo.stanza(), snapshot(&names, &report))
+            .await;
+    }
+    Ok(report)
+}
+
+/// What the catalog caches of this read of the repository.
+fn snapshot(names: &BTreeMap<WalFileName, NameState>, report: &InfoReport) -> Snapshot {
+    Snapshot {
+        wal: names
+            .iter()
+            .filter(|(_, st)| st.shas.len() == 1)
+            .map(|(n, st)| WalRow {
+                name: n.as_str().to_string(),
+                timeline: n.timeline().0,
+                sha256: st.shas.iter().next().cloned().unwrap_or_default(),
+                stored_size: st.size,
+            })
+            .collect(),
+        backups: report
+            .backups
+            .iter()
+            .map(|b| BackupRow {
+                label: b.label.clone(),
+                backup_type: b.backup_type.clone(),
+                timeline: b.timeline,
+                start_lsn: b.start_lsn.to_string(),
+                stop_lsn: b.stop_lsn.to_string(),
+                start_time: b.start_time.clone(),
+                stop_time: b.stop_time.clone(),
+                original_size: b.original_size,
+                stored_size: b.stored_size,
+            })
+            .collect(),
+        timelines: report
+            .timelines
+            .iter()
+            .map(|t| TimelineRow {
+                timeline: t.timeline,
+                parent: t.parent,
+                switch_lsn: t.switch_lsn.map(|l| l.to_string()),
+            })
+            .collect(),
+    }
 }
 
 /// Per timeline: from the oldest backup taken on it, as far as the archived

@@ -123,6 +123,8 @@ pub enum Command {
     },
     /// Restore a backup into --pgdata and write the recovery settings
     Restore(RestoreArgs),
+    /// Prove that archiving into the repository works right now
+    Check,
     /// Show what the repository holds for the stanza
     Info {
         #[arg(long, value_enum, default_value_t = Output::Text)]

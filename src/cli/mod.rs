@@ -159,6 +159,25 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             render::restore_done(&r, &opts);
             Ok(0)
         }
+        Command::Check => {
+            let repo = open_repo(s)?;
+            let opts = ops::check::CheckOptions {
+                conn: s.conn.clone(),
+                archive_timeout: s.archive_timeout,
+            };
+            let progress = progress::for_stderr();
+            let r = ops::check::check(&repo, &opts, &*progress).await?;
+            for w in &r.warnings {
+                log::warn!("{w}");
+            }
+            eprintln!(
+                "pgvault: check ok: {} reached {} (stanza {})",
+                r.segment,
+                repo.describe(),
+                repo.stanza()
+            );
+            Ok(0)
+        }
         Command::Info { output } => {
             let repo = open_repo(s)?;
             let report = ops::info::info(&repo, s.catalog().as_ref()).await?;

@@ -18,19 +18,20 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{Error, Kind, Result};
+use crate::ops::check::{prove_archiving, wait_for_wal};
 use crate::ops::progress::Progress;
 use crate::ops::stanza_create::read_cluster;
 use crate::pg::conn::{ConnParams, Session};
 use crate::pg::datadir::{self, Entry};
 use crate::pg::recovery::parse_backup_label;
-use crate::pg::{SegmentNo, TimelineId, WalFileName};
+use crate::pg::WalFileName;
 use crate::repo::codec::{EncodeOptions, Encoder};
-use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::layout;
 use crate::repo::manifest::{DirEntry, FileEntry, Manifest, Tablespace, MANIFEST_FORMAT};
-use crate::repo::{Backend, DbInfo, PutMode, Repository, Spool};
+use crate::repo::{Backend, PutMode, Repository, Spool};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -175,7 +176,7 @@ async fn backup_inner(
     Ok(manifest)
 }
 
-fn pg_error(e: crate::pg::conn::ConnError) -> Error {
+pub(crate) fn pg_error(e: crate::pg::conn::ConnError) -> Error {
     let hint = matches!(e, crate::pg::conn::ConnError::Connect { .. }).then_some(
         "set --pg-host/--pg-port/--pg-user (or PGHOST, PGPORT, PGUSER) to reach the server",
     );
@@ -203,103 +204,6 @@ async fn new_label(repo: &Repository) -> Result<String> {
             return Ok(label);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Archiving must work before a backup starts: archive_mode on, and a WAL
-/// switch now reaches the repository within the bound.
-async fn prove_archiving(
-    repo: &Repository,
-    db: &DbInfo,
-    session: &Session,
-    timeout: Duration,
-    progress: &dyn Progress,
-) -> Result<()> {
-    let st = session.archiver_status().await.map_err(pg_error)?;
-    if st.archive_mode == "off" {
-        return Err(Error::new(Kind::Postgres, "archive_mode is off: the backup's WAL would never be archived")
-            .hint("set archive_mode = on and archive_command = 'pgvault archive-push %p', then restart PostgreSQL"));
-    }
-    if session.in_recovery().await.map_err(pg_error)? {
-        return Err(Error::new(
-            Kind::Postgres,
-            "the server is in recovery; backups from a standby are not supported yet",
-        )
-        .hint("run the backup against the primary"));
-    }
-    let segment = session.write_and_switch().await.map_err(pg_error)?;
-    let name = WalFileName::parse(&segment).map_err(|e| {
-        Error::new(
-            Kind::Postgres,
-            format!("pg_walfile_name returned {segment:?}: {e}"),
-        )
-    })?;
-    progress.message(&format!(
-        "checking that archiving works: waiting for {segment}"
-    ));
-    let seg = db.wal_segment_size;
-    let segno = name
-        .segno(seg)
-        .ok_or_else(|| Error::internal(format!("{segment} is not a segment")))?;
-    wait_for_wal(repo, db, name.timeline(), segno, segno, timeout)
-        .await
-        .map_err(|e| {
-            let why = match (&st.last_failed_wal, st.failing) {
-                (Some(f), true) => format!(" (PostgreSQL reports archive_command failing on {f})"),
-                _ => String::new(),
-            };
-            Error::new(Kind::Timeout, format!("archiving does not work: {e}{why}"))
-                .hint("check archive_command and the PostgreSQL log; `select * from pg_stat_archiver` shows failures")
-        })
-}
-
-/// Waits until segments `first..=last` of `tli` are in the repository.
-async fn wait_for_wal(
-    repo: &Repository,
-    db: &DbInfo,
-    tli: TimelineId,
-    first: SegmentNo,
-    last: SegmentNo,
-    timeout: Duration,
-) -> Result<()> {
-    let seg = db.wal_segment_size;
-    let deadline = Instant::now() + timeout;
-    let mut missing: Vec<WalFileName> = (first.0..=last.0)
-        .map(|s| WalFileName::for_segment(tli, SegmentNo(s), seg))
-        .collect();
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let mut dirs: Vec<String> = missing
-            .iter()
-            .map(|n| layout::wal_dir(repo.stanza(), &db.dir(), n))
-            .collect();
-        dirs.dedup();
-        let mut have = std::collections::HashSet::new();
-        for d in dirs {
-            for m in repo.backend().list(&d).await? {
-                if let Some(ArchiveKey::Claim { name }) = layout::parse_archive_key(&m.key) {
-                    have.insert(name);
-                }
-            }
-        }
-        missing.retain(|n| !have.contains(n));
-        if missing.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::new(
-                Kind::Timeout,
-                format!(
-                    "{} WAL segment(s) not archived after {}s, first missing {}",
-                    missing.len(),
-                    timeout.as_secs(),
-                    missing[0]
-                ),
-            )
-            .hint("raise --archive-timeout, or check archive_command"));
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 

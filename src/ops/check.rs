@@ -1,0 +1,162 @@
+//! `check`: prove that the set-up works now, end to end. `backup` runs the
+//! same proof before it copies anything.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Kind, Result};
+use crate::ops::backup::pg_error;
+use crate::ops::progress::Progress;
+use crate::pg::conn::{ArchiverStatus, ConnParams, Session};
+use crate::pg::{SegmentNo, TimelineId, WalFileName};
+use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::{DbInfo, Repository};
+
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub conn: ConnParams,
+    pub archive_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    pub segment: String,
+    pub warnings: Vec<String>,
+}
+
+pub async fn check(
+    repo: &Repository,
+    opts: &CheckOptions,
+    progress: &dyn Progress,
+) -> Result<CheckReport> {
+    let stanza = repo.require_stanza().await?;
+    let db = stanza.current().clone();
+    let session = Session::connect(&opts.conn).await.map_err(pg_error)?;
+    if session.major != db.pg_version {
+        return Err(Error::stanza(format!(
+            "the server runs PostgreSQL {}, stanza {:?} records {}",
+            session.major,
+            repo.stanza(),
+            db.pg_version
+        ))
+        .hint("after pg_upgrade, the stanza must be upgraded too"));
+    }
+    let status = session.archiver_status().await.map_err(pg_error)?;
+    let mut warnings = Vec::new();
+    if status.archive_mode == "always" {
+        warnings.push(
+            "archive_mode is always: a standby re-archives restored segments, whose bytes can differ from the primary's (pgvault then refuses them)"
+                .to_string(),
+        );
+    }
+    if !status.archive_command.contains("pgvault")
+        || !status.archive_command.contains("archive-push")
+    {
+        return Err(Error::usage(format!(
+            "archive_command is {:?}: it does not call pgvault archive-push",
+            status.archive_command
+        ))
+        .hint(
+            "set archive_command = 'pgvault --config <file> archive-push %p' and reload PostgreSQL",
+        ));
+    }
+    let segment = prove_archiving(repo, &db, &session, opts.archive_timeout, progress).await?;
+    Ok(CheckReport { segment, warnings })
+}
+
+/// Archiving must work: archive_mode on, and a WAL switch now reaches the
+/// repository within the bound. Returns the segment that proved it.
+pub(crate) async fn prove_archiving(
+    repo: &Repository,
+    db: &DbInfo,
+    session: &Session,
+    timeout: Duration,
+    progress: &dyn Progress,
+) -> Result<String> {
+    let st: ArchiverStatus = session.archiver_status().await.map_err(pg_error)?;
+    if st.archive_mode == "off" {
+        return Err(Error::new(Kind::Postgres, "archive_mode is off: WAL is not archived")
+            .hint("set archive_mode = on and archive_command = 'pgvault archive-push %p', then restart PostgreSQL"));
+    }
+    if session.in_recovery().await.map_err(pg_error)? {
+        return Err(Error::new(
+            Kind::Postgres,
+            "the server is in recovery; run this against the primary",
+        )
+        .hint("backups and checks from a standby are not supported yet"));
+    }
+    // pg_switch_wal() does nothing on an idle cluster: write a little WAL first.
+    let segment = session.write_and_switch().await.map_err(pg_error)?;
+    let name = WalFileName::parse(&segment).map_err(|e| {
+        Error::new(
+            Kind::Postgres,
+            format!("pg_walfile_name returned {segment:?}: {e}"),
+        )
+    })?;
+    progress.message(&format!(
+        "checking that archiving works: waiting for {segment}"
+    ));
+    let segno = name
+        .segno(db.wal_segment_size)
+        .ok_or_else(|| Error::internal(format!("{segment} is not a segment")))?;
+    wait_for_wal(repo, db, name.timeline(), segno, segno, timeout)
+        .await
+        .map_err(|e| {
+            let why = match (&st.last_failed_wal, st.failing) {
+                (Some(f), true) => format!(" (PostgreSQL reports archive_command failing on {f})"),
+                _ => String::new(),
+            };
+            Error::new(Kind::Timeout, format!("archiving does not work: {e}{why}"))
+                .hint("check archive_command and the PostgreSQL log; `select * from pg_stat_archiver` shows failures")
+        })?;
+    Ok(segment)
+}
+
+/// Waits until segments `first..=last` of `tli` are in the repository.
+pub(crate) async fn wait_for_wal(
+    repo: &Repository,
+    db: &DbInfo,
+    tli: TimelineId,
+    first: SegmentNo,
+    last: SegmentNo,
+    timeout: Duration,
+) -> Result<()> {
+    let seg = db.wal_segment_size;
+    let deadline = Instant::now() + timeout;
+    let mut missing: Vec<WalFileName> = (first.0..=last.0)
+        .map(|s| WalFileName::for_segment(tli, SegmentNo(s), seg))
+        .collect();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let mut dirs: Vec<String> = missing
+            .iter()
+            .map(|n| layout::wal_dir(repo.stanza(), &db.dir(), n))
+            .collect();
+        dirs.dedup();
+        let mut have = std::collections::HashSet::new();
+        for d in dirs {
+            for m in repo.backend().list(&d).await? {
+                if let Some(ArchiveKey::Claim { name }) = layout::parse_archive_key(&m.key) {
+                    have.insert(name);
+                }
+            }
+        }
+        missing.retain(|n| !have.contains(n));
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                Kind::Timeout,
+                format!(
+                    "{} WAL segment(s) not archived after {}s, first missing {}",
+                    missing.len(),
+                    timeout.as_secs(),
+                    missing[0]
+                ),
+            )
+            .hint("raise --archive-timeout, or check archive_command"));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}

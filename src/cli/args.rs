@@ -125,6 +125,11 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Prove that archiving into the repository works right now
     Check,
+    /// Read every object of the stanza and check checksums, backups and the WAL chain
+    Verify {
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Show what the repository holds for the stanza
     Info {
         #[arg(long, value_enum, default_value_t = Output::Text)]

@@ -24,6 +24,8 @@ pub const EXIT_NOT_FOUND: i32 = 1;
 /// fatal and stops, where 1–125 would mean "end of archive" and end
 /// recovery early (xlogarchive.c, RestoreArchivedFile).
 pub const EXIT_GET_FATAL: i32 = 254;
+/// Exit code of `verify` when it found problems.
+pub const EXIT_VERIFY_PROBLEMS: i32 = 11;
 
 pub fn main() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -177,6 +179,20 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 repo.stanza()
             );
             Ok(0)
+        }
+        Command::Verify { output } => {
+            let repo = open_repo(s)?;
+            let opts = ops::verify::VerifyOptions {
+                process_max: s.process_max,
+            };
+            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+            let r = ops::verify::verify(&repo, &opts, progress).await?;
+            render::verify(&r, *output)?;
+            Ok(if r.problems.is_empty() {
+                0
+            } else {
+                EXIT_VERIFY_PROBLEMS
+            })
         }
         Command::Info { output } => {
             let repo = open_repo(s)?;

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::ops::info::InfoReport;
 use crate::ops::restore::{RestoreOptions, Restored};
 use crate::ops::stanza_create::StanzaCreated;
+use crate::ops::verify::VerifyReport;
 use crate::repo::manifest::Manifest;
 use crate::repo::stanza::CreateOutcome;
 use crate::repo::Repository;
@@ -53,16 +54,41 @@ pub fn stanza_created(repo: &Repository, r: &StanzaCreated) {
     );
 }
 
+fn json<T: serde::Serialize>(v: &T) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::internal(e.to_string()))?;
+    s.push('\n');
+    out(&s)
+}
+
 pub fn info(report: &InfoReport, output: Output) -> Result<()> {
     match output {
-        Output::Json => {
-            let mut s =
-                serde_json::to_string_pretty(report).map_err(|e| Error::internal(e.to_string()))?;
-            s.push('\n');
-            out(&s)
-        }
+        Output::Json => json(report),
         Output::Text => out(&info_text(report)),
     }
+}
+
+pub fn verify(r: &VerifyReport, output: Output) -> Result<()> {
+    if output == Output::Json {
+        return json(r);
+    }
+    let mut s = String::new();
+    for p in &r.problems {
+        s += &format!("{}: {}: {}\n", p.kind, p.what, p.detail);
+    }
+    s += &format!(
+        "verify {}: {} WAL objects, {} backups ({} objects), {} read: {}\n",
+        r.stanza,
+        r.wal_objects,
+        r.backups,
+        r.backup_objects,
+        bytes(r.bytes_read),
+        if r.problems.is_empty() {
+            "no problems".to_string()
+        } else {
+            format!("{} problem(s)", r.problems.len())
+        }
+    );
+    out(&s)
 }
 
 fn info_text(r: &InfoReport) -> String {

@@ -9,3 +9,4 @@ pub mod info;
 pub mod progress;
 pub mod restore;
 pub mod stanza_create;
+pub mod verify;

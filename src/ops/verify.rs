@@ -1,0 +1,355 @@
+//! `verify`: read every object of a stanza and check it; check that every
+//! backup's files exist and that the WAL after each backup has no gap.
+//!
+//! Safe against a live repository: objects are immutable once written, so
+//! an object that appears while verify runs is simply not looked at, and a
+//! claim without data yet (a push in flight) is reported only if it is
+//! still so at the end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::ops::archive_push::read_claim;
+use crate::ops::progress::Progress;
+use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
+use crate::repo::codec::{self, Sha256Sum};
+use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::manifest::{FileEntry, Manifest};
+use crate::repo::{Backend, Repository};
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub process_max: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub schema_version: u32,
+    pub stanza: String,
+    pub wal_objects: u64,
+    pub backups: u64,
+    pub backup_objects: u64,
+    pub bytes_read: u64,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`.
+    pub kind: String,
+    /// The object, file or WAL range concerned.
+    pub what: String,
+    pub detail: String,
+}
+
+fn problem(kind: &str, what: impl Into<String>, detail: impl Into<String>) -> Problem {
+    Problem {
+        kind: kind.into(),
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+/// One object to read and what must hold for it.
+enum Job {
+    Wal {
+        key: String,
+        sha: Sha256Sum,
+    },
+    Backup {
+        key: String,
+        label: String,
+        files: Vec<FileEntry>,
+    },
+}
+
+pub async fn verify(
+    repo: &Repository,
+    opts: &VerifyOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<VerifyReport> {
+    let stanza = repo.require_stanza().await?;
+    let mut problems = Vec::new();
+    let mut jobs = Vec::new();
+    let mut wal_objects = 0;
+    let mut seg_sets: Vec<(u32, BTreeMap<TimelineId, BTreeSet<SegmentNo>>)> = Vec::new();
+
+    for db in &stanza.dbs {
+        let listing = repo
+            .backend()
+            .list(&layout::archive_root(repo.stanza(), &db.dir()))
+            .await?;
+        let mut data: BTreeMap<WalFileName, Vec<(Sha256Sum, String)>> = BTreeMap::new();
+        let mut claims: BTreeSet<WalFileName> = BTreeSet::new();
+        for m in &listing {
+            match layout::parse_archive_key(&m.key) {
+                Some(ArchiveKey::Data { name, sha }) => {
+                    data.entry(name).or_default().push((sha, m.key.clone()))
+                }
+                Some(ArchiveKey::Claim { name }) => {
+                    claims.insert(name);
+                }
+                None => {}
+            }
+        }
+        for name in &claims {
+            let key = layout::wal_claim_key(repo.stanza(), &db.dir(), name);
+            let claim = match read_claim(repo, &key).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    problems.push(problem("corrupt", key, e.to_string()));
+                    continue;
+                }
+            };
+            let copies = data.get(name).map(Vec::as_slice).unwrap_or(&[]);
+            if !copies.iter().any(|(sha, _)| sha.to_hex() == claim.sha256) {
+                // A push may be between its data and its claim right now
+                // only in the other order (data first), so this is real.
+                problems.push(problem(
+                    "missing",
+                    name.as_str(),
+                    format!(
+                        "claimed content {} is not in the repository",
+                        &claim.sha256[..12]
+                    ),
+                ));
+            }
+            if copies.len() > 1 {
+                problems.push(problem(
+                    "conflict",
+                    name.as_str(),
+                    format!(
+                        "{} different contents are stored; the claim names {}",
+                        copies.len(),
+                        &claim.sha256[..12]
+                    ),
+                ));
+            }
+        }
+        let mut segs: BTreeMap<TimelineId, BTreeSet<SegmentNo>> = BTreeMap::new();
+        for (name, copies) in &data {
+            if name.kind() == WalFileKind::Segment {
+                if let Some(s) = name.segno(db.wal_segment_size) {
+                    segs.entry(name.timeline()).or_default().insert(s);
+                }
+            }
+            for (sha, key) in copies {
+                wal_objects += 1;
+                jobs.push(Job::Wal {
+                    key: key.clone(),
+                    sha: *sha,
+                });
+            }
+        }
+        seg_sets.push((db.id, segs));
+    }
+
+    // Backups: complete ones (with a manifest) are checked file by file.
+    let manifests = repo.manifests().await?;
+    let mut backup_objects = 0;
+    for m in &manifests {
+        let mut by_object: BTreeMap<String, Vec<FileEntry>> = BTreeMap::new();
+        for f in &m.files {
+            by_object
+                .entry(f.object.clone())
+                .or_default()
+                .push(f.clone());
+        }
+        for (object, mut files) in by_object {
+            files.sort_by_key(|f| f.offset);
+            backup_objects += 1;
+            jobs.push(Job::Backup {
+                key: layout::backup_object_key(repo.stanza(), &m.label, &object),
+                label: m.label.clone(),
+                files,
+            });
+        }
+        let db = stanza
+            .dbs
+            .iter()
+            .find(|d| d.id == m.db_id)
+            .unwrap_or(stanza.current());
+        if let Some((_, segs)) = seg_sets.iter().find(|(id, _)| *id == db.id) {
+            problems.extend(wal_chain(m, db.wal_segment_size, segs));
+        }
+    }
+
+    progress.set_total(jobs.len() as u64, 0);
+    let backend = repo.backend().clone();
+    let results: Vec<(Vec<Problem>, u64)> = stream::iter(jobs)
+        .map(|job| {
+            let backend = backend.clone();
+            let progress = progress.clone();
+            async move {
+                let r = check_job(backend, job).await;
+                progress.file_done(r.1);
+                r
+            }
+        })
+        .buffer_unordered(opts.process_max.max(1))
+        .collect()
+        .await;
+    let mut bytes_read = 0;
+    for (p, n) in results {
+        problems.extend(p);
+        bytes_read += n;
+    }
+    problems.sort_by(|a, b| (&a.kind, &a.what).cmp(&(&b.kind, &b.what)));
+    progress.finish();
+    Ok(VerifyReport {
+        schema_version: 1,
+        stanza: repo.stanza().to_string(),
+        wal_objects,
+        backups: manifests.len() as u64,
+        backup_objects,
+        bytes_read,
+        problems,
+    })
+}
+
+/// The WAL a backup needs (its start to its stop) and the WAL after it on
+/// its timeline must have no gap.
+fn wal_chain(
+    m: &Manifest,
+    seg_size: u32,
+    segs: &BTreeMap<TimelineId, BTreeSet<SegmentNo>>,
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let empty = BTreeSet::new();
+    let have = segs.get(&m.timeline).unwrap_or(&empty);
+    let first = m.start_lsn.segno(seg_size);
+    let stop = m.stop_lsn.prev_segno(seg_size).max(first);
+    let last = have.iter().next_back().copied().unwrap_or(stop).max(stop);
+    let mut s = first;
+    while s <= last {
+        if !have.contains(&s) {
+            let from = s;
+            while s <= last && !have.contains(&s) {
+                s = s.next();
+            }
+            let to = SegmentNo(s.0 - 1);
+            let name = |x| {
+                WalFileName::for_segment(m.timeline, x, seg_size)
+                    .as_str()
+                    .to_string()
+            };
+            let needed = if from <= stop {
+                "needed to make it consistent"
+            } else {
+                "after it"
+            };
+            out.push(problem(
+                "gap",
+                format!("{} … {}", name(from), name(to)),
+                format!("WAL missing for backup {} ({needed})", m.label),
+            ));
+        }
+        s = s.next();
+    }
+    out
+}
+
+/// Reads one object; returns its problems and the bytes read.
+async fn check_job(backend: Arc<dyn Backend>, job: Job) -> (Vec<Problem>, u64) {
+    let key = match &job {
+        Job::Wal { key, .. } | Job::Backup { key, .. } => key.clone(),
+    };
+    let what = format!("{}/{key}", backend.describe());
+    let reader = match backend.get(&key).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            let p = match &job {
+                Job::Backup { label, files, .. } => problem(
+                    "missing",
+                    what,
+                    format!(
+                        "backup {label}: object holding {} file(s) (first: {}) is missing",
+                        files.len(),
+                        files[0].path
+                    ),
+                ),
+                // Listed a moment ago: deleted by expire while we ran.
+                Job::Wal { .. } => return (Vec::new(), 0),
+            };
+            return (vec![p], 0);
+        }
+        Err(e) => return (vec![problem("unreadable", what, e.to_string())], 0),
+    };
+    let r = tokio::task::spawn_blocking(move || check_blocking(reader, job, &what)).await;
+    match r {
+        Ok(r) => r,
+        Err(e) => (vec![problem("unreadable", key, e.to_string())], 0),
+    }
+}
+
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Problem>, u64) {
+    let mut r = Counted {
+        inner: reader,
+        n: 0,
+    };
+    let mut problems = Vec::new();
+    match job {
+        Job::Wal { sha, .. } => match codec::decode(codec::buffered(&mut r), io::sink()) {
+            Ok(d) if d.sha256 == sha => {}
+            Ok(d) => problems.push(problem(
+                "corrupt",
+                what,
+                format!(
+                    "content checksum {} does not match the name's {}",
+                    d.sha256, sha
+                ),
+            )),
+            Err(e) => problems.push(problem("corrupt", what, e.to_string())),
+        },
+        Job::Backup { label, files, .. } => {
+            let mut pos = 0u64;
+            for f in &files {
+                let skip = f.offset.saturating_sub(pos);
+                if io::copy(&mut (&mut r).take(skip), &mut io::sink()).is_err() {
+                    problems.push(problem(
+                        "corrupt",
+                        what,
+                        format!("backup {label}: cannot read {}", f.path),
+                    ));
+                    break;
+                }
+                let mut part = (&mut r).take(f.length);
+                match codec::decode(codec::buffered(&mut part), io::sink()) {
+                    Ok(d) if d.sha256.to_hex() == f.sha256 && d.size == f.size => {}
+                    Ok(_) => problems.push(problem(
+                        "corrupt",
+                        f.path.clone(),
+                        format!("backup {label}: content does not match the manifest ({what})"),
+                    )),
+                    Err(e) => problems.push(problem(
+                        "corrupt",
+                        f.path.clone(),
+                        format!("backup {label}: {e} ({what})"),
+                    )),
+                }
+                let _ = io::copy(&mut part, &mut io::sink());
+                pos = f.offset + f.length;
+            }
+        }
+    }
+    (problems, r.n)
+}

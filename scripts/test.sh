@@ -73,6 +73,17 @@ export PGVAULT_TEST_AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY"
 export PGVAULT_TEST_AWS_REGION="$PGV_S3_REGION"
 export PGVAULT_TEST_BUCKET="$PGV_S3_BUCKET"
 
+# Other PostgreSQL majors for tests/pitr.rs (PITR by time on each), fetched
+# once and cached by scripts/fetch-pg.sh. A failed fetch leaves the variable
+# unset: those tests then fail under CI and are skipped elsewhere.
+for major in 14 16 17 18; do
+    if bin="$(scripts/fetch-pg.sh "$major")"; then
+        export "PGVAULT_TEST_PGBIN_$major=$bin"
+    else
+        pgv_log "warning: no PostgreSQL $major (scripts/fetch-pg.sh $major failed); its tests fail under CI, skip otherwise"
+    fi
+done
+
 # Two test threads: each integration test runs a PostgreSQL cluster plus
 # pgvault processes, and the machine has 2 cores. --no-fail-fast: a failing
 # unit test must not hide the integration tests' results.

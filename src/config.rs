@@ -40,6 +40,8 @@ pub struct LowArgs {
     pub pg_port: Option<u16>,
     pub pg_user: Option<String>,
     pub pg_database: Option<String>,
+    pub retention_full: Option<usize>,
+    pub retention_window: Option<String>,
 }
 
 /// The configuration file. Unknown keys are an error naming the key.
@@ -67,6 +69,8 @@ pub struct FileConfig {
     pub pg_port: Option<u16>,
     pub pg_user: Option<String>,
     pub pg_database: Option<String>,
+    pub retention_full: Option<usize>,
+    pub retention_window: Option<String>,
     /// For `restore --standby`: the standby's primary_conninfo. Passwords
     /// belong in ~/.pgpass, not here.
     pub primary_conninfo: Option<String>,
@@ -97,6 +101,8 @@ pub struct Settings {
     pub archive_timeout: Duration,
     pub conn: ConnParams,
     pub primary_conninfo: Option<String>,
+    pub retention_full: Option<usize>,
+    pub retention_window: Option<Duration>,
 }
 
 impl Settings {
@@ -219,6 +225,12 @@ impl LowArgs {
                 dbname: self.pg_database.or(file.pg_database),
             },
             primary_conninfo: file.primary_conninfo,
+            retention_full: self.retention_full.or(file.retention_full),
+            retention_window: self
+                .retention_window
+                .or(file.retention_window)
+                .map(|w| crate::ops::expire::parse_window(&w))
+                .transpose()?,
         })
     }
 }

@@ -92,6 +92,18 @@ pub struct Cli {
     #[arg(long, global = true, env = "PGVAULT_PG_DATABASE")]
     pub pg_database: Option<String>,
 
+    /// expire: keep this many full backups
+    #[arg(long, global = true, env = "PGVAULT_RETENTION_FULL", value_name = "N")]
+    pub retention_full: Option<usize>,
+    /// expire: keep what recovers to any moment this far back (14d, 36h, 2w)
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_RETENTION_WINDOW",
+        value_name = "DURATION"
+    )]
+    pub retention_window: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -125,6 +137,12 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Prove that archiving into the repository works right now
     Check,
+    /// Apply retention: delete old backups and the WAL nothing kept needs
+    Expire {
+        /// Show what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Read every object of the stanza and check checksums, backups and the WAL chain
     Verify {
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -228,6 +246,8 @@ impl Cli {
             pg_port: self.pg_port,
             pg_user: self.pg_user.clone(),
             pg_database: self.pg_database.clone(),
+            retention_full: self.retention_full,
+            retention_window: self.retention_window.clone(),
         }
     }
 }

@@ -180,6 +180,17 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             );
             Ok(0)
         }
+        Command::Expire { dry_run } => {
+            let repo = open_repo(s)?;
+            let opts = ops::expire::ExpireOptions {
+                retention_full: s.retention_full,
+                retention_window: s.retention_window,
+                dry_run: *dry_run,
+            };
+            let r = ops::expire::expire(&repo, &opts).await?;
+            render::expire(&r)?;
+            Ok(0)
+        }
         Command::Verify { output } => {
             let repo = open_repo(s)?;
             let opts = ops::verify::VerifyOptions {

@@ -89,10 +89,15 @@ impl Lines {
             .unwrap_or_else(Instant::now);
         let secs = started.elapsed().as_secs_f64().max(0.001);
         let done = self.done.load(Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        let of_total = if total > 0 {
+            format!(" of {}", bytes(total))
+        } else {
+            String::new()
+        };
         eprintln!(
-            "pgvault: {} of {} ({} files of {}), {}/s",
+            "pgvault: {}{of_total} ({} files of {}), {}/s",
             bytes(done),
-            bytes(self.total.load(Ordering::Relaxed)),
             self.files.load(Ordering::Relaxed),
             self.total_files.load(Ordering::Relaxed),
             bytes((done as f64 / secs) as u64)
@@ -121,7 +126,7 @@ impl Progress for Lines {
         eprintln!("pgvault: {msg}");
     }
     fn finish(&self) {
-        if self.total.load(Ordering::Relaxed) > 0 {
+        if self.files.load(Ordering::Relaxed) > 0 {
             self.line();
         }
     }

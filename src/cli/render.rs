@@ -4,6 +4,7 @@ use std::io::Write;
 
 use super::args::Output;
 use crate::error::{Error, Result};
+use crate::ops::expire::ExpireReport;
 use crate::ops::info::InfoReport;
 use crate::ops::restore::{RestoreOptions, Restored};
 use crate::ops::stanza_create::StanzaCreated;
@@ -206,4 +207,25 @@ pub fn restore_done(r: &Restored, opts: &RestoreOptions) {
             "recovery.signal"
         }
     );
+}
+
+pub fn expire(r: &ExpireReport) -> Result<()> {
+    let verb = if r.dry_run { "would expire" } else { "expired" };
+    let mut s = String::new();
+    for l in &r.expired {
+        s += &format!("{verb} backup {l}\n");
+    }
+    for l in &r.kept {
+        s += &format!("kept backup {l}\n");
+    }
+    match &r.wal_kept_from {
+        Some(w) => {
+            s += &format!(
+                "{verb} {} WAL objects before {w}; WAL from {w} on and every history file kept\n",
+                r.wal_objects_removed
+            )
+        }
+        None => s += "no WAL expired\n",
+    }
+    out(&s)
 }

@@ -5,6 +5,7 @@ pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
 pub mod check;
+pub mod expire;
 pub mod info;
 pub mod progress;
 pub mod restore;

@@ -54,9 +54,16 @@ pub async fn backup(
     opts: &BackupOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Manifest> {
-    backup_inner(repo, opts, progress)
+    let context = || format!("backup of {}", opts.pgdata.display());
+    let lock = repo
+        .lock("backup")
         .await
-        .map_err(|e| e.context(format!("backup of {}", opts.pgdata.display())))
+        .map_err(|e| e.context(context()))?;
+    let result = backup_inner(repo, opts, progress).await;
+    let released = lock.release().await;
+    let manifest = result.map_err(|e| e.context(context()))?;
+    released.map_err(|e| e.context(context()))?;
+    Ok(manifest)
 }
 
 async fn backup_inner(

@@ -84,6 +84,17 @@ pub async fn expire(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireRep
             "set retention-full (a count of full backups) and/or retention-window (e.g. 14d)",
         ));
     }
+    if opts.dry_run {
+        return expire_locked(repo, opts).await;
+    }
+    // Not while a backup runs: it may be between its data and its manifest.
+    let lock = repo.lock("expire").await?;
+    let result = expire_locked(repo, opts).await;
+    lock.release().await?;
+    result
+}
+
+async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireReport> {
     let stanza = repo.require_stanza().await?;
     let all = repo.manifests().await?;
     let keep = keep_set(&all, opts);

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod codec;
 pub mod layout;
 pub mod local;
+pub mod lock;
 pub mod manifest;
 pub mod s3;
 pub mod stanza;

@@ -374,6 +374,16 @@ fn prepare_dirs(
         for f in ["backup_label", "tablespace_map", "postmaster.pid"] {
             let _ = fs::remove_file(pgdata.join(f));
         }
+        // What the backup left out must start empty: WAL of an earlier
+        // run in pg_wal (with its history files) would be replayed before
+        // the archive's and lead recovery onto the wrong timeline.
+        for d in EMPTY_DIRS {
+            let p = pgdata.join(d);
+            if p.is_dir() {
+                clear_dir(&p)?;
+            }
+        }
+        remove_unlisted(pgdata, m)?;
     }
     // Tablespaces: never onto another cluster's tablespace.
     fs::create_dir_all(pgdata.join("pg_tblspc")).map_err(local_err(pgdata))?;
@@ -426,6 +436,53 @@ fn prepare_dirs(
         fs::create_dir_all(&p).map_err(local_err(&p))?;
     }
     fs::create_dir_all(pgdata.join("pg_wal/archive_status")).map_err(local_err(pgdata))?;
+    Ok(())
+}
+
+/// Removes everything inside `dir` (following no links).
+fn clear_dir(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(local_err(dir))? {
+        let p = e.map_err(local_err(dir))?.path();
+        let meta = fs::symlink_metadata(&p).map_err(local_err(&p))?;
+        if meta.is_dir() {
+            fs::remove_dir_all(&p).map_err(local_err(&p))?;
+        } else {
+            fs::remove_file(&p).map_err(local_err(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// `--delta`: removes files the backup does not have, so the result is the
+/// backup and nothing else (the left-out directories were emptied already;
+/// configuration files the backup holds are restored from it).
+fn remove_unlisted(pgdata: &Path, m: &Manifest) -> Result<()> {
+    let listed: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    let mut stack = vec![(pgdata.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for e in fs::read_dir(&dir).map_err(local_err(&dir))? {
+            let e = e.map_err(local_err(&dir))?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let r = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            if rel.is_empty() && EMPTY_DIRS.contains(&name.as_str()) {
+                continue;
+            }
+            let p = e.path();
+            // pg_tblspc/<oid> are links: walk through them into the tablespace.
+            let meta = fs::metadata(&p).map_err(local_err(&p))?;
+            if meta.is_dir() {
+                stack.push((p, r));
+            } else if !listed.contains(r.as_str()) {
+                fs::remove_file(&p).map_err(local_err(&p))?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::pg::conn::ConnParams;
 use crate::repo::s3::S3Options;
 use crate::repo::{EncodeOptions, RepoLocation};
+use crate::spool::SpoolDir;
 
 pub const DEFAULT_CONFIG: &str = "/etc/pgvault/pgvault.toml";
 pub const DEFAULT_STANZA: &str = "main";
@@ -42,6 +43,9 @@ pub struct LowArgs {
     pub pg_database: Option<String>,
     pub retention_full: Option<usize>,
     pub retention_window: Option<String>,
+    pub archive_push_ahead: Option<usize>,
+    pub archive_get_ahead: Option<usize>,
+    pub spool_path: Option<PathBuf>,
 }
 
 /// The configuration file. Unknown keys are an error naming the key.
@@ -71,6 +75,9 @@ pub struct FileConfig {
     pub pg_database: Option<String>,
     pub retention_full: Option<usize>,
     pub retention_window: Option<String>,
+    pub archive_push_ahead: Option<usize>,
+    pub archive_get_ahead: Option<usize>,
+    pub spool_path: Option<PathBuf>,
     /// For `restore --standby`: the standby's primary_conninfo. Passwords
     /// belong in ~/.pgpass, not here.
     pub primary_conninfo: Option<String>,
@@ -103,9 +110,25 @@ pub struct Settings {
     pub primary_conninfo: Option<String>,
     pub retention_full: Option<usize>,
     pub retention_window: Option<Duration>,
+    pub archive_push_ahead: usize,
+    pub archive_get_ahead: usize,
+    spool_path: Option<PathBuf>,
 }
 
 impl Settings {
+    /// The local spool of this repository and stanza (look-ahead push
+    /// records, prefetched WAL); `None` when no place for it is known.
+    pub fn spool(&self) -> Option<SpoolDir> {
+        match &self.spool_path {
+            Some(p) => Some(SpoolDir::under(
+                p,
+                &self.repo.as_ref()?.identity(),
+                &self.stanza,
+            )),
+            None => SpoolDir::default_for(&self.repo.as_ref()?.identity(), &self.stanza),
+        }
+    }
+
     pub fn repo(&self) -> Result<&RepoLocation> {
         self.repo.as_ref().ok_or_else(|| {
             Error::usage("no repository given")
@@ -231,6 +254,15 @@ impl LowArgs {
                 .or(file.retention_window)
                 .map(|w| crate::ops::expire::parse_window(&w))
                 .transpose()?,
+            archive_push_ahead: self
+                .archive_push_ahead
+                .or(file.archive_push_ahead)
+                .unwrap_or(8),
+            archive_get_ahead: self
+                .archive_get_ahead
+                .or(file.archive_get_ahead)
+                .unwrap_or(8),
+            spool_path: self.spool_path.or(file.spool_path),
         })
     }
 }

@@ -12,3 +12,4 @@ pub mod error;
 pub mod ops;
 pub mod pg;
 pub mod repo;
+pub mod spool;

@@ -104,6 +104,26 @@ pub struct Cli {
     )]
     pub retention_window: Option<String>,
 
+    /// archive-push: also push up to N files already marked .ready (0 = off) [default: 8]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_ARCHIVE_PUSH_AHEAD",
+        value_name = "N"
+    )]
+    pub archive_push_ahead: Option<usize>,
+    /// archive-get: prefetch up to N following segments (0 = off) [default: 8]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_ARCHIVE_GET_AHEAD",
+        value_name = "N"
+    )]
+    pub archive_get_ahead: Option<usize>,
+    /// Local spool directory [default: ~/.local/state/pgvault/spool]
+    #[arg(long, global = true, env = "PGVAULT_SPOOL_PATH", value_name = "DIR")]
+    pub spool_path: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -248,6 +268,9 @@ impl Cli {
             pg_database: self.pg_database.clone(),
             retention_full: self.retention_full,
             retention_window: self.retention_window.clone(),
+            archive_push_ahead: self.archive_push_ahead,
+            archive_get_ahead: self.archive_get_ahead,
+            spool_path: self.spool_path.clone(),
         }
     }
 }

@@ -117,6 +117,9 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             let opts = ops::archive_push::PushOptions {
                 path: path.clone(),
                 encode: s.encode,
+                ahead: s.archive_push_ahead,
+                process_max: s.process_max,
+                spool: s.spool(),
             };
             ops::archive_push::archive_push(&repo, s.catalog().as_ref(), &opts).await?;
             Ok(0)

@@ -24,11 +24,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use futures::stream::{self, StreamExt};
+
 use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::pg::{self, WalFileKind, WalFileName};
 use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{layout, DbInfo, Digest256, PutMode, PutOutcome, Repository, Sha256Sum};
+use crate::spool::SpoolDir;
 
 /// How long a pusher waits before reading back a claim on a store whose
 /// create-if-absent is not atomic: longer than any racing writer's
@@ -47,6 +50,12 @@ pub struct Claim {
 pub struct PushOptions {
     pub path: PathBuf,
     pub encode: EncodeOptions,
+    /// Look-ahead: how many other `.ready` files to push in the same call
+    /// (0 = off). Needs a spool.
+    pub ahead: usize,
+    /// Parallel pushes within one call.
+    pub process_max: usize,
+    pub spool: Option<SpoolDir>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,16 +72,89 @@ pub struct Pushed {
     pub outcome: PushOutcome,
 }
 
+/// Archives `opts.path`, and with look-ahead the WAL files PostgreSQL has
+/// already marked `.ready` after it, so that its next calls return at once.
 pub async fn archive_push(
     repo: &Repository,
     catalog: Option<&Catalog>,
     opts: &PushOptions,
 ) -> Result<Pushed> {
-    let path = opts.path.clone();
-    let shown = path.display().to_string();
-    let pushed = push_inner(repo, opts)
-        .await
-        .map_err(|e| e.context(format!("archive-push {shown}")))?;
+    let shown = opts.path.display().to_string();
+    let context = |e: Error| e.context(format!("archive-push {shown}"));
+    let name = file_name_of(&opts.path).map_err(context)?;
+
+    // Pushed ahead by an earlier call? Only if the file we are given now
+    // has exactly the bytes that were pushed.
+    if let Some(spool) = &opts.spool {
+        if let Some(record) = spool.pushed(&name) {
+            let path = opts.path.clone();
+            let digest = tokio::task::spawn_blocking(move || hash_file(&path))
+                .await?
+                .map_err(context)?;
+            if digest == record {
+                spool.forget_pushed_before(&name);
+                return Ok(Pushed {
+                    name,
+                    digest,
+                    outcome: PushOutcome::AlreadyArchived,
+                });
+            }
+            log::warn!("{name} differs from what was pushed ahead of time; pushing it again");
+        }
+    }
+
+    let stanza = repo.require_stanza().await.map_err(context)?;
+    let db = stanza.current().clone();
+    let ahead = match &opts.spool {
+        Some(spool) if opts.ahead > 0 => ready_after(&opts.path, &name, opts.ahead, spool),
+        _ => Vec::new(),
+    };
+    let pushed = if ahead.is_empty() {
+        push_one(repo, &db, &opts.path, opts.encode)
+            .await
+            .map_err(context)?
+    } else {
+        // One file per worker, each compressed on one thread.
+        let encode = EncodeOptions {
+            threads: 0,
+            ..opts.encode
+        };
+        let main = push_one(repo, &db, &opts.path, encode);
+        let others = stream::iter(ahead)
+            .map(|p| {
+                let db = &db;
+                async move { (push_one(repo, db, &p, encode).await, p) }
+            })
+            .buffer_unordered(opts.process_max.max(2) - 1)
+            .collect::<Vec<_>>();
+        let (main, others) = futures::join!(main, others);
+        let spool = opts.spool.as_ref().expect("look-ahead needs a spool");
+        for (r, p) in others {
+            match r {
+                Ok(done) => {
+                    // Only after the object is durable (push_one returned).
+                    let (spool, done2) = (spool.clone(), done.clone());
+                    let rec = tokio::task::spawn_blocking(move || {
+                        spool.record_pushed(&done2.name, &done2.digest)
+                    })
+                    .await?;
+                    if let Err(e) = rec {
+                        log::debug!("record look-ahead push of {}: {e}", done.name);
+                    }
+                    if let Some(cat) = catalog {
+                        cat.record_wal_best_effort(repo.stanza(), &done.name, &done.digest)
+                            .await;
+                    }
+                }
+                // PostgreSQL will ask for it and get the error then.
+                Err(e) => log::debug!("look-ahead push of {} failed: {e}", p.display()),
+            }
+        }
+        main.map_err(context)?
+    };
+    if let Some(spool) = &opts.spool {
+        spool.forget_pushed_before(&name);
+    }
     if let Some(cat) = catalog {
         cat.record_wal_best_effort(repo.stanza(), &pushed.name, &pushed.digest)
             .await;
@@ -80,22 +162,52 @@ pub async fn archive_push(
     Ok(pushed)
 }
 
-async fn push_inner(repo: &Repository, opts: &PushOptions) -> Result<Pushed> {
-    let name = file_name_of(&opts.path)?;
-    let stanza = repo.require_stanza().await?;
-    let db = stanza.current().clone();
+/// WAL files PostgreSQL has marked ready for archiving after `name`
+/// (`pg_wal/archive_status/<wal>.ready`), oldest first, not pushed yet.
+fn ready_after(path: &Path, name: &WalFileName, max: usize, spool: &SpoolDir) -> Vec<PathBuf> {
+    let Some(wal_dir) = path.parent() else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir(wal_dir.join("archive_status")) else {
+        return Vec::new();
+    };
+    let mut names: Vec<WalFileName> = rd
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name();
+            let stem = f.to_str()?.strip_suffix(".ready")?.to_string();
+            WalFileName::parse(&stem).ok()
+        })
+        .filter(|n| n != name && spool.pushed(n).is_none())
+        .collect();
+    names.sort();
+    names.truncate(max);
+    names
+        .into_iter()
+        .map(|n| wal_dir.join(n.as_str()))
+        .collect()
+}
+
+async fn push_one(
+    repo: &Repository,
+    db: &DbInfo,
+    path: &Path,
+    encode: EncodeOptions,
+) -> Result<Pushed> {
+    let name = file_name_of(path)?;
+    let db = db.clone();
 
     // Validate before anything touches the repository.
-    let path = opts.path.clone();
+    let path2 = path.to_path_buf();
     let (name2, db2) = (name.clone(), db.clone());
-    tokio::task::spawn_blocking(move || validate_file(&path, &name2, &db2)).await??;
+    tokio::task::spawn_blocking(move || validate_file(&path2, &name2, &db2)).await??;
 
     let stanza_name = repo.stanza().to_string();
     let dir = layout::wal_dir(&stanza_name, &db.dir(), &name);
     let claim_key = layout::wal_claim_key(&stanza_name, &db.dir(), &name);
 
     if let Some(claim) = read_claim(repo, &claim_key).await? {
-        let path = opts.path.clone();
+        let path = path.to_path_buf();
         let digest = tokio::task::spawn_blocking(move || hash_file(&path)).await??;
         settle_existing(repo, &name, &db, &claim_key, &claim, &digest).await?;
         return Ok(Pushed {
@@ -108,8 +220,7 @@ async fn push_inner(repo: &Repository, opts: &PushOptions) -> Result<Pushed> {
     // Hash + compress in one pass into a spool (zstd's own worker threads
     // compress while this thread reads and hashes).
     let backend = repo.backend().clone();
-    let path = opts.path.clone();
-    let encode = opts.encode;
+    let path = path.to_path_buf();
     let (spool, digest) = tokio::task::spawn_blocking(move || -> Result<_> {
         let file = File::open(&path).map_err(|e| input_error(&path, e))?;
         let size = file.metadata().map_err(|e| input_error(&path, e))?.len();
@@ -310,4 +421,80 @@ fn hash_file(path: &Path) -> Result<Digest256> {
     let mut h = codec::HashingWriter::new(io::sink());
     copy_file(file, &mut h, path)?;
     Ok(h.finish().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::stanza_create::{stanza_create, StanzaCreateOptions};
+    use crate::pg::testdata;
+    use crate::repo::s3::S3Options;
+    use crate::repo::RepoLocation;
+
+    /// A data directory with two real, consecutive segments marked ready.
+    fn pgdata(dir: &Path) -> PathBuf {
+        let pg = dir.join("pg");
+        std::fs::create_dir_all(pg.join("global")).unwrap();
+        std::fs::create_dir_all(pg.join("pg_wal/archive_status")).unwrap();
+        std::fs::write(
+            pg.join("global/pg_control"),
+            testdata::read("pg15/pg_control"),
+        )
+        .unwrap();
+        std::fs::write(pg.join("PG_VERSION"), testdata::read("pg15/PG_VERSION")).unwrap();
+        for n in ["000000010000000000000014", "000000010000000000000015"] {
+            std::fs::write(pg.join("pg_wal").join(n), testdata::wal("pg15", n)).unwrap();
+            std::fs::write(pg.join(format!("pg_wal/archive_status/{n}.ready")), b"").unwrap();
+        }
+        pg
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn look_ahead_pushes_ready_files_and_later_calls_check_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = pgdata(dir.path());
+        let repo = Repository::open(
+            RepoLocation::Local(dir.path().join("repo")),
+            "s",
+            &S3Options::default(),
+        )
+        .unwrap();
+        stanza_create(&repo, &StanzaCreateOptions { pgdata: pg.clone() })
+            .await
+            .unwrap();
+        let spool = SpoolDir::at(dir.path().join("spool"));
+        let opts = |seg: &str| PushOptions {
+            path: pg.join("pg_wal").join(seg),
+            encode: EncodeOptions::default(),
+            ahead: 8,
+            process_max: 2,
+            spool: Some(spool.clone()),
+        };
+        let first = archive_push(&repo, None, &opts("000000010000000000000014"))
+            .await
+            .unwrap();
+        assert_eq!(first.outcome, PushOutcome::Archived);
+        let next = WalFileName::parse("000000010000000000000015").unwrap();
+        let record = spool
+            .pushed(&next)
+            .expect("15 was pushed ahead and recorded");
+
+        // PostgreSQL's call for 15: answered from the record, after hashing.
+        let second = archive_push(&repo, None, &opts("000000010000000000000015"))
+            .await
+            .unwrap();
+        assert_eq!(second.outcome, PushOutcome::AlreadyArchived);
+        assert_eq!(second.digest, record);
+
+        // Different bytes under that name: the record does not vouch for
+        // them, and the archive refuses them.
+        let p15 = pg.join("pg_wal/000000010000000000000015");
+        let mut bytes = std::fs::read(&p15).unwrap();
+        bytes[100_000] ^= 0xff;
+        std::fs::write(&p15, &bytes).unwrap();
+        let e = archive_push(&repo, None, &opts("000000010000000000000015"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), Kind::Conflict, "{e}");
+    }
 }

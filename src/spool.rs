@@ -1,0 +1,185 @@
+//! The local spool: small working files that make archive-push and
+//! archive-get keep up with PostgreSQL, which calls them one file at a time.
+//!
+//! * `pushed/<wal>`: a record that look-ahead archive-push stored `<wal>`
+//!   durably in the repository, with its SHA-256. Written only after the
+//!   object is durable; a later call for `<wal>` still hashes the file it is
+//!   given and succeeds at once only if the hash matches the record.
+//! * `get/<wal>`: a segment prefetched by archive-get, already verified
+//!   against its checksum; a later call for exactly `<wal>` moves it into
+//!   place.
+//!
+//! Files appear under their final name only by rename after an fsync, so a
+//! crash at any moment leaves either nothing or a complete, checked file
+//! (temporaries start with `.tmp-` and are swept).
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::pg::WalFileName;
+use crate::repo::{Digest256, Sha256Sum};
+
+#[derive(Debug, Clone)]
+pub struct SpoolDir {
+    dir: PathBuf,
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+
+impl SpoolDir {
+    pub fn at(dir: PathBuf) -> Self {
+        SpoolDir { dir }
+    }
+
+    /// `~/.local/state/pgvault/spool/<repo>-<stanza>` (or under `$XDG_STATE_HOME`).
+    pub fn default_for(repo_identity: &str, stanza: &str) -> Option<Self> {
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+        Some(Self::under(
+            &base.join("pgvault").join("spool"),
+            repo_identity,
+            stanza,
+        ))
+    }
+
+    /// One directory per repository and stanza below `base`: a record says
+    /// "in this repository", never just "archived somewhere".
+    pub fn under(base: &Path, repo_identity: &str, stanza: &str) -> Self {
+        let id = hex::encode(&Sha256::digest(repo_identity.as_bytes())[..8]);
+        SpoolDir::at(base.join(format!("{id}-{stanza}")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn sub(&self, what: &str) -> PathBuf {
+        self.dir.join(what)
+    }
+
+    /// The record of a look-ahead push of `name`, if any: (sha256, size).
+    pub fn pushed(&self, name: &WalFileName) -> Option<Digest256> {
+        let text = fs::read_to_string(self.sub("pushed").join(name.as_str())).ok()?;
+        let (sha, size) = text.trim().split_once(' ')?;
+        Some(Digest256 {
+            sha256: Sha256Sum::from_hex(sha)?,
+            size: size.parse().ok()?,
+        })
+    }
+
+    /// Records durably that `name` with `digest` is in the repository.
+    pub fn record_pushed(&self, name: &WalFileName, digest: &Digest256) -> io::Result<()> {
+        let dir = self.sub("pushed");
+        write_durable(
+            &dir,
+            name.as_str(),
+            format!("{} {}\n", digest.sha256, digest.size).as_bytes(),
+        )
+    }
+
+    /// Drops push records of WAL files before `name`: PostgreSQL has asked
+    /// for them already.
+    pub fn forget_pushed_before(&self, name: &WalFileName) {
+        sweep(&self.sub("pushed"), |f| f < name.as_str());
+    }
+
+    /// Where a prefetched `name` is kept.
+    pub fn prefetched(&self, name: &WalFileName) -> PathBuf {
+        self.sub("get").join(name.as_str())
+    }
+
+    pub fn get_dir(&self) -> PathBuf {
+        self.sub("get")
+    }
+
+    /// A new temporary file in the prefetch directory.
+    pub fn get_tmp(&self, name: &WalFileName) -> io::Result<PathBuf> {
+        let dir = self.sub("get");
+        fs::create_dir_all(&dir)?;
+        Ok(dir.join(format!(
+            "{TMP_PREFIX}{}-{}",
+            name.as_str(),
+            std::process::id()
+        )))
+    }
+
+    /// Prefetched files, by name.
+    pub fn prefetched_names(&self) -> Vec<String> {
+        list(&self.sub("get"))
+    }
+
+    /// Drops prefetched files PostgreSQL will not ask for any more (before
+    /// `name` on its timeline, or of older timelines) and stale temporaries.
+    pub fn forget_prefetched_before(&self, name: &WalFileName) {
+        sweep(&self.sub("get"), |f| f < name.as_str());
+    }
+}
+
+fn list(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| !n.starts_with(TMP_PREFIX))
+        .collect()
+}
+
+fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(n) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let stale_tmp = n.starts_with(TMP_PREFIX)
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 600));
+        if stale_tmp || (!n.starts_with(TMP_PREFIX) && old(&n)) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// tmp + fsync + rename + fsync(dir).
+pub fn write_durable(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_records_roundtrip_and_sweep() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SpoolDir::at(d.path().to_path_buf());
+        let a = WalFileName::parse("000000010000000000000003").unwrap();
+        let b = WalFileName::parse("000000010000000000000004").unwrap();
+        let dg = Digest256 {
+            size: 16,
+            sha256: Sha256Sum([7; 32]),
+        };
+        assert_eq!(s.pushed(&a), None);
+        s.record_pushed(&a, &dg).unwrap();
+        s.record_pushed(&b, &dg).unwrap();
+        assert_eq!(s.pushed(&a), Some(dg));
+        s.forget_pushed_before(&b);
+        assert_eq!(s.pushed(&a), None);
+        assert_eq!(s.pushed(&b), Some(dg));
+    }
+}

@@ -9,9 +9,10 @@
 //!   against its checksum; a later call for exactly `<wal>` moves it into
 //!   place.
 //!
-//! Files appear under their final name only by rename after an fsync, so a
-//! crash at any moment leaves either nothing or a complete, checked file
-//! (temporaries start with `.tmp-` and are swept).
+//! Files appear under their final name only by rename, after their checksum
+//! was verified (and, for records, after an fsync), so a crash at any moment
+//! leaves either nothing or a complete, checked file (temporaries are swept
+//! after ten minutes).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -97,37 +98,11 @@ impl SpoolDir {
         self.sub("get")
     }
 
-    /// A new temporary file in the prefetch directory.
-    pub fn get_tmp(&self, name: &WalFileName) -> io::Result<PathBuf> {
-        let dir = self.sub("get");
-        fs::create_dir_all(&dir)?;
-        Ok(dir.join(format!(
-            "{TMP_PREFIX}{}-{}",
-            name.as_str(),
-            std::process::id()
-        )))
-    }
-
-    /// Prefetched files, by name.
-    pub fn prefetched_names(&self) -> Vec<String> {
-        list(&self.sub("get"))
-    }
-
     /// Drops prefetched files PostgreSQL will not ask for any more (before
     /// `name` on its timeline, or of older timelines) and stale temporaries.
     pub fn forget_prefetched_before(&self, name: &WalFileName) {
         sweep(&self.sub("get"), |f| f < name.as_str());
     }
-}
-
-fn list(dir: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter(|n| !n.starts_with(TMP_PREFIX))
-        .collect()
 }
 
 fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
@@ -138,11 +113,12 @@ fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
         let Some(n) = e.file_name().to_str().map(str::to_string) else {
             continue;
         };
-        let stale_tmp = n.starts_with(TMP_PREFIX)
+        let tmp = n.starts_with(TMP_PREFIX) || n.ends_with(".pgvault-tmp");
+        let stale_tmp = tmp
             && e.metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 600));
-        if stale_tmp || (!n.starts_with(TMP_PREFIX) && old(&n)) {
+        if stale_tmp || (!tmp && n != ".lock" && old(&n)) {
             let _ = fs::remove_file(e.path());
         }
     }

@@ -97,6 +97,35 @@ fn get_failure_code() -> i32 {
     }
 }
 
+/// Set in the environment of the detached prefetcher `archive-get` starts.
+const PREFETCH_ENV: &str = "PGVAULT_INTERNAL_PREFETCH";
+
+/// Starts this same command again, detached (own session, no stdio), to
+/// fetch the next segments while PostgreSQL replays this one. PostgreSQL
+/// waits only for the `restore_command` shell, not for this child.
+fn spawn_prefetcher() {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(PREFETCH_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    if let Err(e) = cmd.spawn() {
+        log::debug!("start the prefetcher: {e}");
+    }
+}
+
 fn open_repo(s: &Settings) -> Result<Repository> {
     Repository::open(s.repo()?.clone(), &s.stanza, &s.s3)
 }
@@ -126,12 +155,34 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
         }
         Command::ArchiveGet { name, dest } => {
             let repo = open_repo(s)?;
+            let spool = if s.archive_get_ahead > 0 {
+                s.spool()
+            } else {
+                None
+            };
+            if std::env::var_os(PREFETCH_ENV).is_some() {
+                // The detached prefetcher started below: fetch ahead, quietly.
+                if let Some(spool) = &spool {
+                    if let Err(e) =
+                        ops::archive_get::prefetch(&repo, name, s.archive_get_ahead, spool).await
+                    {
+                        log::debug!("prefetch after {name}: {e}");
+                    }
+                }
+                return Ok(0);
+            }
             let opts = ops::archive_get::GetOptions {
                 name: name.clone(),
                 dest: dest.clone(),
+                spool: spool.clone(),
             };
             match ops::archive_get::archive_get(&repo, &opts).await? {
-                ops::archive_get::GetOutcome::Restored => Ok(0),
+                ops::archive_get::GetOutcome::Restored => {
+                    if spool.is_some() {
+                        spawn_prefetcher();
+                    }
+                    Ok(0)
+                }
                 ops::archive_get::GetOutcome::NotFound => {
                     log::info!("{name} is not in the archive");
                     Ok(EXIT_NOT_FOUND)

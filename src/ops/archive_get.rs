@@ -12,15 +12,18 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::archive_push::read_claim;
-use crate::pg::WalFileName;
+use crate::pg::{WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout::{self, ArchiveKey};
 use crate::repo::Repository;
+use crate::spool::SpoolDir;
 
 #[derive(Debug, Clone)]
 pub struct GetOptions {
     pub name: String,
     pub dest: PathBuf,
+    /// Where prefetched segments wait (`None`: no prefetch).
+    pub spool: Option<SpoolDir>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,14 +39,46 @@ pub async fn archive_get(repo: &Repository, opts: &GetOptions) -> Result<GetOutc
 }
 
 async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
-    let name = WalFileName::parse(&opts.name).map_err(|e| {
-        Error::usage(format!("not a WAL file name: {e}"))
-            .hint("restore_command = 'pgvault archive-get %f \"%p\"'")
-    })?;
+    let name = parse_name(&opts.name)?;
+    if let Some(spool) = &opts.spool {
+        spool.forget_prefetched_before(&name);
+        let ready = spool.prefetched(&name);
+        if ready.exists() {
+            // Checked against its checksum when it was fetched; only ever
+            // handed out under exactly the name it was fetched for.
+            let dest = opts.dest.clone();
+            let moved = tokio::task::spawn_blocking(move || move_into(&ready, &dest)).await?;
+            match moved {
+                Ok(()) => return Ok(GetOutcome::Restored),
+                Err(e) => log::debug!("use prefetched {name}: {e}; fetching it again"),
+            }
+        }
+    }
     let stanza = repo.require_stanza().await?;
     let db = stanza.current();
-    let Some((key, sha)) = locate(repo, &db.dir(), &name).await? else {
-        return Ok(GetOutcome::NotFound);
+    match fetch_into(repo, &db.dir(), &name, &opts.dest).await? {
+        true => Ok(GetOutcome::Restored),
+        false => Ok(GetOutcome::NotFound),
+    }
+}
+
+fn parse_name(name: &str) -> Result<WalFileName> {
+    WalFileName::parse(name).map_err(|e| {
+        Error::usage(format!("not a WAL file name: {e}"))
+            .hint("restore_command = 'pgvault archive-get %f \"%p\"'")
+    })
+}
+
+/// Fetches `name` into `dest`, verified; `false` when the archive does not
+/// hold it.
+async fn fetch_into(
+    repo: &Repository,
+    db_dir: &str,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<bool> {
+    let Some((key, sha)) = locate(repo, db_dir, name).await? else {
+        return Ok(false);
     };
     let Some(reader) = repo.backend().get(&key).await? else {
         // Listed or claimed a moment ago: it was there. Vanishing now means
@@ -53,10 +88,76 @@ async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
             repo.describe()
         )));
     };
-    let dest = opts.dest.clone();
+    let dest = dest.to_path_buf();
     let what = format!("{}/{key}", repo.describe());
     tokio::task::spawn_blocking(move || restore_into(reader, &dest, sha, &what)).await??;
-    Ok(GetOutcome::Restored)
+    Ok(true)
+}
+
+/// Renames (or, across file systems, copies) a prefetched file into place.
+fn move_into(from: &Path, dest: &Path) -> std::io::Result<()> {
+    if fs::rename(from, dest).is_ok() {
+        return Ok(());
+    }
+    let tmp = tmp_path(dest);
+    fs::copy(from, &tmp)?;
+    fs::rename(&tmp, dest)?;
+    let _ = fs::remove_file(from);
+    Ok(())
+}
+
+/// Prefetch: fetches up to `ahead` segments after `name` on its timeline
+/// into the spool, each verified before it is renamed there, stopping at
+/// the first one the archive does not have yet. Runs in a detached
+/// process so that PostgreSQL's call returns at once; a lock file keeps
+/// one prefetcher per spool.
+pub async fn prefetch(
+    repo: &Repository,
+    name: &str,
+    ahead: usize,
+    spool: &SpoolDir,
+) -> Result<usize> {
+    let name = parse_name(name)?;
+    if name.kind() != WalFileKind::Segment || ahead == 0 {
+        return Ok(0);
+    }
+    let dir = spool.get_dir();
+    fs::create_dir_all(&dir)
+        .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
+    let lock = File::create(dir.join(".lock"))
+        .map_err(|e| Error::internal(format!("lock {}: {e}", dir.display())))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Ok(0); // another prefetcher is at work
+    }
+    let stanza = repo.require_stanza().await?;
+    let db = stanza.current();
+    let seg = db.wal_segment_size;
+    let Some(start) = name.segno(seg) else {
+        return Ok(0);
+    };
+    let mut fetched = 0;
+    let mut segno = start;
+    for _ in 0..ahead {
+        segno = segno.next();
+        let next = WalFileName::for_segment(name.timeline(), segno, seg);
+        if spool.prefetched(&next).exists() {
+            continue;
+        }
+        // fetch_into decodes beside the destination and renames only after
+        // the checksum matched: the spool never holds an unchecked file.
+        if !fetch_into(repo, &db.dir(), &next, &spool.prefetched(&next)).await? {
+            break;
+        }
+        fetched += 1;
+    }
+    Ok(fetched)
 }
 
 /// Reads a small archived file (a timeline history) into memory, verified;

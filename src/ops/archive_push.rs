@@ -497,4 +497,54 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), Kind::Conflict, "{e}");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefetch_fetches_following_segments_verified_and_stops_at_the_end() {
+        use crate::ops::archive_get::{archive_get, prefetch, GetOptions, GetOutcome};
+        let dir = tempfile::tempdir().unwrap();
+        let pg = pgdata(dir.path());
+        let repo = Repository::open(
+            RepoLocation::Local(dir.path().join("repo")),
+            "s",
+            &S3Options::default(),
+        )
+        .unwrap();
+        stanza_create(&repo, &StanzaCreateOptions { pgdata: pg.clone() })
+            .await
+            .unwrap();
+        for seg in ["000000010000000000000014", "000000010000000000000015"] {
+            let opts = PushOptions {
+                path: pg.join("pg_wal").join(seg),
+                encode: EncodeOptions::default(),
+                ahead: 0,
+                process_max: 1,
+                spool: None,
+            };
+            archive_push(&repo, None, &opts).await.unwrap();
+        }
+        let spool = SpoolDir::at(dir.path().join("spool"));
+        let n = prefetch(&repo, "000000010000000000000014", 8, &spool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "only 15 follows 14 in the archive");
+        let p15 = WalFileName::parse("000000010000000000000015").unwrap();
+        assert!(spool.prefetched(&p15).exists());
+        let dest = dir.path().join("RECOVERYXLOG");
+        let got = archive_get(
+            &repo,
+            &GetOptions {
+                name: "000000010000000000000015".into(),
+                dest: dest.clone(),
+                spool: Some(spool.clone()),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, GetOutcome::Restored);
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(pg.join("pg_wal/000000010000000000000015")).unwrap()
+        );
+        assert!(!spool.prefetched(&p15).exists(), "moved, not copied");
+    }
 }

@@ -23,7 +23,6 @@
 //! The PITR-by-time case also runs on PostgreSQL 14, 16, 17 and 18 with the
 //! binaries `scripts/test.sh` fetches (`PGVAULT_TEST_PGBIN_<MAJOR>`).
 
-#[allow(unused_imports)] // each test binary uses a different subset of the harness
 mod common;
 
 use common::*;

@@ -1246,3 +1246,77 @@ fn pitr_by_time_pg17() {
 fn pitr_by_time_pg18() {
     pitr_by_time_on(18);
 }
+
+/// Tablespaces: the backup follows pg_tblspc links; a restore onto a
+/// non-empty tablespace location is refused before anything is written;
+/// `--tablespace-map` restores it elsewhere, and the table in it is intact.
+#[test]
+fn tablespace_backup_and_remapped_restore() {
+    let env = TestEnv::new();
+    let repo = env.local_repo("ts");
+    let mut pg = primary(&env, &repo);
+    let ts_dir = env.mkdir("ts-original", As::PgUser);
+    pg.psql(&format!(
+        "create tablespace ts1 location '{}'",
+        ts_dir.display()
+    ));
+    pg.psql("create table in_ts(x int) tablespace ts1");
+    pg.psql("insert into in_ts select generate_series(1, 5000)");
+    let oid = pg.psql("select oid from pg_tablespace where spcname = 'ts1'");
+    let label = backup(&env, &repo, &pg);
+    pg.switch_wal();
+
+    // The original location holds the primary's tablespace: refused, and
+    // the target directory stays empty.
+    let mut node = Node::new(&env, &repo, "ts-refused");
+    let run = restore(
+        &env,
+        &repo,
+        As::PgUser,
+        &node.pgdata,
+        &["--set", &label, "--archive-mode", "off"],
+    );
+    run.expect_code(2);
+    expect_error_line(&run, &ts_dir.display().to_string());
+    assert_eq!(
+        std::fs::read_dir(&node.pgdata).unwrap().count(),
+        0,
+        "a refused restore must not write into the data directory"
+    );
+
+    let new_ts = env.mkdir("ts-remapped", As::PgUser);
+    let map = format!("{oid}={}", new_ts.display());
+    restore(
+        &env,
+        &repo,
+        As::PgUser,
+        &node.pgdata,
+        &[
+            "--set",
+            &label,
+            "--target",
+            "immediate",
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+            "--tablespace-map",
+            &map,
+        ],
+    )
+    .ok();
+    let link = std::fs::read_link(node.pgdata.join("pg_tblspc").join(&oid)).unwrap();
+    assert_eq!(
+        link, new_ts,
+        "pg_tblspc/{oid} should point at the mapped location"
+    );
+    node.start();
+    node.wait_promoted();
+    assert_eq!(node.psql("select count(*) from in_ts"), "5000");
+    assert_eq!(
+        node.psql(&format!("select pg_tablespace_location({oid})")),
+        new_ts.display().to_string()
+    );
+    node.stop();
+    pg.stop();
+}

@@ -105,6 +105,30 @@ async fn restore_inner(
         }
     }
 
+    // Never onto another cluster's tablespace; checked before anything is
+    // written, so a refused restore leaves everything as it was.
+    for ts in &m.tablespaces {
+        let location = ts_map
+            .get(&ts.oid)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(&ts.location));
+        let nonempty = fs::read_dir(&location)
+            .map(|mut r| r.next().is_some())
+            .unwrap_or(false);
+        if nonempty && !opts.delta {
+            return Err(Error::usage(format!(
+                "tablespace {} ({}) target {} is not empty",
+                ts.name,
+                ts.oid,
+                location.display()
+            ))
+            .hint(format!(
+                "map it elsewhere with --tablespace-map {}=/new/empty/dir",
+                ts.oid
+            )));
+        }
+    }
+
     let pgdata = opts.pgdata.clone();
     let m2 = m.clone();
     let delta = opts.delta;
@@ -385,28 +409,12 @@ fn prepare_dirs(
         }
         remove_unlisted(pgdata, m)?;
     }
-    // Tablespaces: never onto another cluster's tablespace.
     fs::create_dir_all(pgdata.join("pg_tblspc")).map_err(local_err(pgdata))?;
     for ts in &m.tablespaces {
         let location = ts_map
             .get(&ts.oid)
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&ts.location));
-        let nonempty = fs::read_dir(&location)
-            .map(|mut r| r.next().is_some())
-            .unwrap_or(false);
-        if nonempty && !delta {
-            return Err(Error::usage(format!(
-                "tablespace {} ({}) target {} is not empty",
-                ts.name,
-                ts.oid,
-                location.display()
-            ))
-            .hint(format!(
-                "map it elsewhere with --tablespace-map {}=/new/empty/dir",
-                ts.oid
-            )));
-        }
         fs::create_dir_all(&location).map_err(local_err(&location))?;
         fs::set_permissions(&location, fs::Permissions::from_mode(0o700))
             .map_err(local_err(&location))?;

@@ -240,7 +240,7 @@ fn restore_into(
         let file = File::create(&tmp)
             .map_err(|e| Error::new(Kind::Internal, format!("create {}: {e}", tmp.display())))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        let digest = codec::decode(codec::buffered(reader), &mut out).map_err(|e| match e {
+        let digest = codec::decode(reader, &mut out).map_err(|e| match e {
             codec::CodecError::Io(io) => Error::repository(format!("{what}: {io}")),
             other => Error::repository(format!("{what}: {other}")),
         })?;

@@ -320,6 +320,8 @@ struct Worker {
     next_object: u64,
     bundle: Option<(Counting<Spool>, String, Vec<FileEntry>)>,
     done: Vec<FileEntry>,
+    /// Read buffer, reused for every file.
+    buf: Vec<u8>,
 }
 
 impl Worker {
@@ -340,7 +342,7 @@ impl Worker {
     /// Encodes one file into `out`; `None` if it vanished (a dropped
     /// relation: WAL replay removes it anyway).
     fn encode_into(
-        &self,
+        &mut self,
         f: &ScanFile,
         out: &mut Counting<Spool>,
         object: &str,
@@ -360,22 +362,26 @@ impl Worker {
         })?;
         let offset = out.n;
         let mut enc = Encoder::new(&mut *out, self.encode).map_err(|e| self.write_err(e))?;
-        let mut r = io::BufReader::with_capacity(1 << 20, file);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
+        let mut r = file;
+        let mut buf = std::mem::take(&mut self.buf);
+        let copied = loop {
             let n = match r.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => break Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(Error::new(
+                    break Err(Error::new(
                         Kind::InvalidInput,
                         format!("read {}: {e}", f.abs.display()),
                     ))
                 }
             };
-            enc.write_all(&buf[..n]).map_err(|e| self.write_err(e))?;
-        }
+            if let Err(e) = enc.write_all(&buf[..n]) {
+                break Err(self.write_err(e));
+            }
+        };
+        self.buf = buf;
+        copied?;
         let (_, digest) = enc.finish().map_err(|e| self.write_err(e))?;
         Ok(Some(FileEntry {
             path: f.rel.clone(),
@@ -481,6 +487,7 @@ async fn copy_files(
             next_object: 0,
             bundle: None,
             done: Vec::new(),
+            buf: vec![0u8; 1 << 20],
         };
         let queue = queue.clone();
         let progress = progress.clone();
@@ -529,6 +536,7 @@ async fn copy_files(
         next_object: 0,
         bundle: None,
         done: Vec::new(),
+        buf: vec![0u8; 1 << 20],
     };
     let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
         w.add(&control)?;

@@ -511,7 +511,7 @@ fn write_one<R: Read>(r: &mut R, dest: &Path, f: &FileEntry, what: &str) -> Resu
         .open(dest)
         .map_err(local_err(dest))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let digest = codec::decode(codec::buffered(r), &mut out)
+    let digest = codec::decode_sized(r, &mut out, f.length)
         .map_err(|e| Error::repository(format!("{what}: {e}")))?;
     if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
         return Err(Error::repository(format!(

@@ -308,7 +308,7 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
     };
     let mut problems = Vec::new();
     match job {
-        Job::Wal { sha, .. } => match codec::decode(codec::buffered(&mut r), io::sink()) {
+        Job::Wal { sha, .. } => match codec::decode(&mut r, io::sink()) {
             Ok(d) if d.sha256 == sha => {}
             Ok(d) => problems.push(problem(
                 "corrupt",
@@ -333,7 +333,7 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                     break;
                 }
                 let mut part = (&mut r).take(f.length);
-                match codec::decode(codec::buffered(&mut part), io::sink()) {
+                match codec::decode_sized(&mut part, io::sink(), f.length) {
                     Ok(d) if d.sha256.to_hex() == f.sha256 && d.size == f.size => {}
                     Ok(_) => problems.push(problem(
                         "corrupt",

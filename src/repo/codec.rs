@@ -18,7 +18,7 @@
 //! The format version leaves room for encryption (the `encryption` byte) and
 //! for other compressions.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use sha2::{Digest, Sha256};
 
@@ -297,10 +297,10 @@ struct HoldBack<R> {
 }
 
 impl<R: Read> HoldBack<R> {
-    fn new(inner: R) -> Self {
+    fn new(inner: R, capacity: usize) -> Self {
         HoldBack {
             inner,
-            buf: vec![0u8; IO_BUF + TRAILER_LEN],
+            buf: vec![0u8; capacity.clamp(4096, IO_BUF) + TRAILER_LEN],
             start: 0,
             end: 0,
             eof: false,
@@ -393,10 +393,21 @@ fn read_header<R: Read>(input: &mut R) -> Result<Compression, CodecError> {
 
 /// Streams an object from `input` into `out` (decompressed), then verifies
 /// size and checksum against the trailer. On error, whatever was written to
-/// `out` must be discarded by the caller.
-pub fn decode<R: Read, W: Write>(mut input: R, out: W) -> Result<Digest256, CodecError> {
+/// `out` must be discarded by the caller. `input` needs no buffering: reads
+/// go through a buffer of their own.
+pub fn decode<R: Read, W: Write>(input: R, out: W) -> Result<Digest256, CodecError> {
+    decode_sized(input, out, IO_BUF as u64)
+}
+
+/// [`decode`] for an object known to be about `size` bytes (a small file in
+/// a bundle): its read buffer is no larger than needed.
+pub fn decode_sized<R: Read, W: Write>(
+    mut input: R,
+    out: W,
+    size: u64,
+) -> Result<Digest256, CodecError> {
     let compression = read_header(&mut input)?;
-    let mut held = HoldBack::new(input);
+    let mut held = HoldBack::new(input, usize::try_from(size).unwrap_or(IO_BUF));
     let mut sink = HashingWriter::new(out);
     match compression {
         Compression::None => {
@@ -429,16 +440,23 @@ pub fn decode<R: Read, W: Write>(mut input: R, out: W) -> Result<Digest256, Code
 /// Copies from a decompressor, telling decompression errors (corruption)
 /// apart from errors writing the output.
 fn copy_decoded<R: Read, W: Write>(dec: &mut R, out: &mut W) -> Result<(), CodecError> {
-    let mut buf = vec![0u8; IO_BUF];
-    loop {
-        let n = match dec.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CodecError::Decompress(e)),
-        };
-        out.write_all(&buf[..n])?;
+    // One buffer per thread, reused: restoring thousands of small files
+    // must not allocate and fault in a fresh megabyte for each.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; IO_BUF]);
     }
+    BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        loop {
+            let n = match dec.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(CodecError::Decompress(e)),
+            };
+            out.write_all(&buf[..n])?;
+        }
+    })
 }
 
 /// Decodes only the trailer of a complete object held in memory or read
@@ -448,11 +466,6 @@ pub fn read_trailer(tail: &[u8]) -> Result<Digest256, CodecError> {
         return Err(CodecError::Truncated);
     }
     decode_trailer(&tail[tail.len() - TRAILER_LEN..])
-}
-
-/// Wraps a reader in a large buffer (used by callers that read files).
-pub fn buffered<R: Read>(r: R) -> BufReader<R> {
-    BufReader::with_capacity(IO_BUF, r)
 }
 
 #[cfg(test)]

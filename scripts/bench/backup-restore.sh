@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Full backup and restore throughput: pgvault against pgBackRest 2.45 and the
+# floors, on the same machine, data and settings, interleaved in one run.
+#
+#   scripts/bench/backup-restore.sh        (as root on Debian 12; installs what it needs)
+#
+# For each data set (pgbench at BENCH_SCALE, default 50; and a table of
+# random bytes that zstd cannot compress, BENCH_RANDOM_MB, default 400) and
+# each process-max in BENCH_PROCESS_MAX (default "1 2"):
+#   pgvault backup, pgBackRest backup --type=full, floor tar | zstd -3 + sync
+#   pgvault restore, pgBackRest restore, floor zstd -d | tar x + sync
+# with the page cache dropped before every timed command (root can), zstd
+# level 3 everywhere. Throughput is the data directory's size over the wall
+# time; peak RSS from /usr/bin/time. Results: a markdown table on stdout (and
+# in BENCH_OUT if set).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+
+SCALE="${BENCH_SCALE:-50}"
+RANDOM_MB="${BENCH_RANDOM_MB:-400}"
+PMS="${BENCH_PROCESS_MAX:-1 2}"
+BASE="${BENCH_DIR:-/var/tmp}"
+
+pgv_ensure_tools
+pgv_ensure_postgres
+pgv_ensure_user
+pgv_apt_install pgbackrest time
+U="$PGV_TEST_USER"
+BIN="$PGV_PGBIN"
+as_user() { runuser -u "$U" -- "$@"; }
+
+(cd "$ROOT" && cargo build --release --quiet)
+WORK="$(mktemp -d "$BASE/pgvault-bench-br.XXXXXX")"
+chmod 755 "$WORK"
+install -m 755 "$ROOT/target/release/pgvault" "$WORK/pgvault"
+PGV="$WORK/pgvault"
+mkdir -p "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
+chown "$U" "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
+
+CLUSTERS=()
+cleanup() {
+    local d
+    for d in "${CLUSTERS[@]}"; do
+        as_user "$BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
+    done
+    if [ "${KEEP:-0}" = 1 ]; then pgv_log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# timed LABEL CMD... -> appends "LABEL seconds maxrss_kb" to $WORK/times
+timed() {
+    local label="$1"
+    shift
+    drop_caches
+    /usr/bin/time -o "$WORK/t.out" -f "%e %M" "$@" >"$WORK/cmd.log" 2>&1 ||
+        { cat "$WORK/cmd.log" >&2; pgv_die "$label failed"; }
+    echo "$label $(cat "$WORK/t.out")" >>"$WORK/times"
+}
+
+# make_cluster NAME PORT: initdb + start, archiving to both tools' repositories.
+make_cluster() {
+    local name="$1" port="$2" d="$WORK/$1"
+    mkdir -p "$d" "$WORK/repo-pgv-$name" "$WORK/repo-pgbr-$name"
+    chown "$U" "$d" "$WORK/repo-pgv-$name" "$WORK/repo-pgbr-$name"
+    chmod 700 "$d"
+    as_user "$BIN/initdb" -D "$d/data" -A trust >/dev/null
+    cat >"$WORK/pgbackrest-$name.conf" <<CONF
+[global]
+repo1-path=$WORK/repo-pgbr-$name
+repo1-retention-full=99
+compress-type=zst
+compress-level=3
+start-fast=y
+lock-path=$WORK/pgbr-lock
+log-path=$WORK/pgbr-log
+spool-path=$WORK/pgbr-spool
+log-level-console=warn
+log-level-file=off
+
+[$name]
+pg1-path=$d/data
+pg1-socket-path=$WORK/run
+pg1-port=$port
+pg1-user=$U
+CONF
+    chmod 644 "$WORK/pgbackrest-$name.conf"
+    cat >>"$d/data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = ''
+unix_socket_directories = '$WORK/run'
+archive_mode = on
+archive_command = '$PGV --repo $WORK/repo-pgv-$name --stanza $name --catalog off archive-push %p && pgbackrest --config $WORK/pgbackrest-$name.conf --stanza=$name archive-push %p'
+max_wal_size = '4GB'
+autovacuum = off
+CONF
+    as_user "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" stanza-create --pgdata "$d/data" >/dev/null 2>&1
+    as_user "$BIN/pg_ctl" -D "$d/data" -l "$WORK/run/$name.log" -w start >/dev/null
+    CLUSTERS+=("$d/data")
+    as_user pgbackrest --config "$WORK/pgbackrest-$name.conf" --stanza="$name" stanza-create >/dev/null
+}
+
+PORT1="$(pgv_free_port)"
+make_cluster pgbench "$PORT1"
+pgv_log "pgbench -i -s $SCALE"
+as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT1" -i -s "$SCALE" -q postgres >/dev/null 2>&1
+as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT1" -d postgres -c checkpoint
+
+PORT2="$(pgv_free_port)"
+make_cluster random "$PORT2"
+pgv_log "random bytes: $RANDOM_MB MiB"
+as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT2" -d postgres -c "
+    create extension pgcrypto;
+    create table rnd(b bytea);
+    alter table rnd alter column b set storage external;
+    insert into rnd select gen_random_bytes(1000) from generate_series(1, $RANDOM_MB * 1024 * 1024 / 1000);
+    checkpoint;" >/dev/null
+
+: >"$WORK/times"
+for name in pgbench random; do
+    data="$WORK/$name/data"
+    port=$PORT1
+    [ "$name" = random ] && port=$PORT2
+    size=$(du -sb --exclude=pg_wal "$data" | cut -f1)
+    echo "size $name $size" >>"$WORK/times"
+    for pm in $PMS; do
+        pgv_log "$name, process-max $pm: backups"
+        timed "pgvault-backup $name $pm" runuser -u "$U" -- "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" \
+            --catalog off --process-max "$pm" backup --pgdata "$data" --pg-host "$WORK/run" --pg-port "$port" --start-fast
+        timed "pgbackrest-backup $name $pm" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
+            --stanza="$name" --process-max="$pm" --type=full backup
+        timed "floor-backup $name $pm" sh -c "tar cf - -C '$data' --exclude=./pg_wal . | zstd -3 -q -c > '$WORK/floor.tar.zst' && sync '$WORK/floor.tar.zst'"
+
+        pgv_log "$name, process-max $pm: restores"
+        for t in pgvault pgbackrest floor; do
+            rm -rf "$WORK/restore-$t"
+            mkdir -p "$WORK/restore-$t"
+            chown "$U" "$WORK/restore-$t"
+            chmod 700 "$WORK/restore-$t"
+        done
+        timed "pgvault-restore $name $pm" runuser -u "$U" -- "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" \
+            --catalog off --process-max "$pm" restore --pgdata "$WORK/restore-pgvault" --archive-mode off
+        timed "pgbackrest-restore $name $pm" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
+            --stanza="$name" --process-max="$pm" --pg1-path="$WORK/restore-pgbackrest" restore
+        timed "floor-restore $name $pm" sh -c "zstd -d -q -c '$WORK/floor.tar.zst' | tar xf - -C '$WORK/restore-floor' && sync -f '$WORK/restore-floor'"
+        rm -rf "$WORK/restore-pgvault" "$WORK/restore-pgbackrest" "$WORK/restore-floor" "$WORK/floor.tar.zst"
+    done
+done
+
+{
+    echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
+    echo "versions: $("$PGV" --version), $(pgbackrest version), $(zstd -V | sed 's/^\*\*\* //; s/ \*\*\*$//'), $("$BIN/postgres" --version)"
+    echo
+    python3 - "$WORK/times" <<'PY'
+import sys, collections
+size = {}
+rows = collections.defaultdict(dict)
+for line in open(sys.argv[1]):
+    p = line.split()
+    if p[0] == "size":
+        size[p[1]] = int(p[2])
+        continue
+    label, name, pm, secs, rss = p[0], p[1], p[2], float(p[3]), int(p[4])
+    tool, op = label.rsplit("-", 1)
+    rows[(op, name, pm)][tool] = (secs, rss)
+print("| operation | data | process-max | pgvault MiB/s (peak RSS) | pgBackRest MiB/s (peak RSS) | floor MiB/s | pgvault / pgBackRest | pgvault / floor |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+for (op, name, pm), t in sorted(rows.items()):
+    mib = size[name] / 1048576
+    rate = {k: mib / v[0] for k, v in t.items()}
+    print(f"| {op} | {name} ({mib:.0f} MiB) | {pm} | {rate['pgvault']:.0f} ({t['pgvault'][1] // 1024} MiB) | "
+          f"{rate['pgbackrest']:.0f} ({t['pgbackrest'][1] // 1024} MiB) | {rate['floor']:.0f} | "
+          f"{rate['pgvault'] / rate['pgbackrest']:.2f}× | {rate['pgvault'] / rate['floor']:.2f}× |")
+PY
+} | tee "${BENCH_OUT:-/dev/null}"

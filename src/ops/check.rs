@@ -48,8 +48,11 @@ pub async fn check(
                 .to_string(),
         );
     }
-    if !status.archive_command.contains("pgvault")
-        || !status.archive_command.contains("archive-push")
+    // With archive_mode off PostgreSQL shows archive_command as
+    // "(disabled)": say what is really wrong (prove_archiving does).
+    if status.archive_mode != "off"
+        && (!status.archive_command.contains("pgvault")
+            || !status.archive_command.contains("archive-push"))
     {
         return Err(Error::usage(format!(
             "archive_command is {:?}: it does not call pgvault archive-push",

@@ -196,8 +196,14 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 conn: s.conn.clone(),
                 start_fast: *start_fast,
                 process_max: s.process_max,
+                // Parallel across files; with one file at a time, zstd's
+                // own workers compress while the worker reads and hashes.
                 encode: crate::repo::EncodeOptions {
-                    threads: 0,
+                    threads: if s.process_max == 1 {
+                        s.encode.threads
+                    } else {
+                        0
+                    },
                     ..s.encode
                 },
                 archive_timeout: s.archive_timeout,

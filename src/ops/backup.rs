@@ -361,7 +361,17 @@ impl Worker {
             Error::new(Kind::InvalidInput, format!("stat {}: {e}", f.abs.display()))
         })?;
         let offset = out.n;
-        let mut enc = Encoder::new(&mut *out, self.encode).map_err(|e| self.write_err(e))?;
+        // zstd worker threads only pay off for large files: starting them
+        // for each small file of a bundle would cost more than it saves.
+        let encode = if f.size >= BUNDLE_FILE_MAX {
+            self.encode
+        } else {
+            EncodeOptions {
+                threads: 0,
+                ..self.encode
+            }
+        };
+        let mut enc = Encoder::new(&mut *out, encode).map_err(|e| self.write_err(e))?;
         let mut r = file;
         let mut buf = std::mem::take(&mut self.buf);
         let copied = loop {

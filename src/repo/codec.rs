@@ -28,6 +28,8 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 48;
 const IO_BUF: usize = 1 << 20;
+/// zstd job size with worker threads.
+const MT_JOB_SIZE: u32 = 2 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -206,6 +208,9 @@ impl<W: Write> Encoder<W> {
                 let mut z = zstd::stream::write::Encoder::new(out, opts.level)?;
                 if opts.threads > 0 {
                     z.multithread(opts.threads)?;
+                    // Small jobs keep memory bounded (each worker holds a
+                    // job's input and output) at no cost in speed here.
+                    z.set_parameter(zstd::stream::raw::CParameter::JobSize(MT_JOB_SIZE))?;
                 }
                 // The trailer carries our own checksum; zstd's would only
                 // duplicate it.

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): archive-push of real 16 MiB pgbench WAL segments,
 # pgvault against pgBackRest 2.45 (Debian's package) at the same zstd level,
-# and the floor (`zstd -3` of the segment to a file + fsync of that file).
+# and the floor (`zstd -3` of the segment to a file + fsync of that file);
+# then full backup and restore (scripts/bench/backup-restore.sh).
 #
 #   scripts/bench.sh                  as root on Debian 12; installs what it needs
+#   BENCH_PART=archive|backup|all     which part [default: all]
 #
 # Options (environment):
 #   BENCH_ROUNDS=3        rounds; every round pushes into fresh repositories
@@ -23,6 +25,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
+PART="${BENCH_PART:-all}"
+case "$PART" in
+    archive | all) ;;
+    backup) exec scripts/bench/backup-restore.sh ;;
+    *) echo "BENCH_PART must be archive, backup or all" >&2; exit 2 ;;
+esac
+if [ "$PART" = all ]; then
+    # The archive part first, in a subshell of its own, then backup/restore.
+    BENCH_PART=archive "$0"
+    exec scripts/bench/backup-restore.sh
+fi
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 

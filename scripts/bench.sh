@@ -33,7 +33,7 @@ case "$PART" in
 esac
 if [ "$PART" = all ]; then
     # The archive part first, in a subshell of its own, then backup/restore.
-    BENCH_PART=archive "$0"
+    BENCH_PART=archive "$ROOT/scripts/bench.sh"
     exec scripts/bench/backup-restore.sh
 fi
 # shellcheck source=scripts/lib.sh

@@ -88,6 +88,10 @@ done
 # pgvault processes, and the machine has 2 cores. --no-fail-fast: a failing
 # unit test must not hide the integration tests' results.
 pgv_log "cargo test --no-fail-fast $* -- --test-threads=2"
-cargo test --no-fail-fast "$@" -- --test-threads=2
+cargo test --no-fail-fast "$@" -- --test-threads=2 2>&1 | tee "$LOGDIR/cargo-test.log"
 
+# One closing line over every test binary (cargo's own last line is only
+# the last binary's).
 pgv_log "all checks passed in ${SECONDS}s"
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' \
+    "$LOGDIR/cargo-test.log"

@@ -12,18 +12,18 @@
 //! 6. write the manifest. Only now is the backup complete: an interrupted
 //!    backup has no manifest and is never offered for restore.
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::check::{prove_archiving, wait_for_wal};
 use crate::ops::progress::Progress;
 use crate::ops::stanza_create::read_cluster;
+use crate::ops::workers;
 use crate::pg::conn::{ConnParams, Session};
 use crate::pg::datadir::{self, Entry};
 use crate::pg::recovery::parse_backup_label;
@@ -325,6 +325,22 @@ struct Worker {
 }
 
 impl Worker {
+    fn new(id: usize, repo: &Repository, label: &str, encode: EncodeOptions) -> Worker {
+        Worker {
+            id,
+            backend: repo.backend().clone(),
+            dir: layout::backup_dir(repo.stanza(), label),
+            stanza: repo.stanza().to_string(),
+            label: label.to_string(),
+            encode,
+            handle: tokio::runtime::Handle::current(),
+            next_object: 0,
+            bundle: None,
+            done: Vec::new(),
+            buf: vec![0u8; 1 << 20],
+        }
+    }
+
     fn new_object(&mut self) -> io::Result<(Counting<Spool>, String)> {
         let name = layout::backup_object_name(self.id, self.next_object);
         self.next_object += 1;
@@ -477,77 +493,29 @@ async fn copy_files(
             )
         })?;
     let control = files.swap_remove(control_pos);
-    // Largest first, so the long files start early and the small ones fill in.
+    // Largest first (workers take from the end), so the long files start
+    // early and the small ones fill in.
     files.sort_by_key(|f| f.size);
     let total: u64 = files.iter().map(|f| f.size).sum::<u64>() + control.size;
     progress.set_total(files.len() as u64 + 1, total);
 
-    let queue = Arc::new(Mutex::new(VecDeque::from(files)));
     let workers = opts.process_max.max(1);
-    let mut tasks = Vec::new();
-    for id in 0..workers {
-        let mut w = Worker {
-            id,
-            backend: repo.backend().clone(),
-            dir: layout::backup_dir(repo.stanza(), label),
-            stanza: repo.stanza().to_string(),
-            label: label.to_string(),
-            encode: opts.encode,
-            handle: tokio::runtime::Handle::current(),
-            next_object: 0,
-            bundle: None,
-            done: Vec::new(),
-            buf: vec![0u8; 1 << 20],
-        };
-        let queue = queue.clone();
-        let progress = progress.clone();
-        tasks.push(tokio::task::spawn_blocking(
-            move || -> Result<Vec<FileEntry>> {
-                loop {
-                    let next = queue
-                        .lock()
-                        .expect("queue lock is never poisoned")
-                        .pop_back();
-                    let Some(f) = next else {
-                        break;
-                    };
-                    let size = w.add(&f)?;
-                    progress.file_done(size);
-                }
-                w.flush()?;
-                Ok(w.done)
-            },
-        ));
-    }
-    let mut entries = Vec::new();
-    let mut first_err = None;
-    for t in tasks {
-        match t.await? {
-            Ok(e) => entries.extend(e),
-            Err(e) => {
-                // Stop the others quickly: empty the queue.
-                queue.lock().expect("queue lock is never poisoned").clear();
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(e);
-    }
-    // pg_control last, in an object of its own.
-    let mut w = Worker {
-        id: workers,
-        backend: repo.backend().clone(),
-        dir: layout::backup_dir(repo.stanza(), label),
-        stanza: repo.stanza().to_string(),
-        label: label.to_string(),
-        encode: opts.encode,
-        handle: tokio::runtime::Handle::current(),
-        next_object: 0,
-        bundle: None,
-        done: Vec::new(),
-        buf: vec![0u8; 1 << 20],
+    let new_worker = |id| Worker::new(id, repo, label, opts.encode);
+    let states: Vec<Worker> = (0..workers).map(new_worker).collect();
+    let progress2 = progress.clone();
+    let work = move |w: &mut Worker, f: ScanFile| -> Result<()> {
+        let size = w.add(&f)?;
+        progress2.file_done(size);
+        Ok(())
     };
+    let done = workers::run(files, states, work, |mut w: Worker| {
+        w.flush()?;
+        Ok(w.done)
+    })
+    .await?;
+    let mut entries: Vec<FileEntry> = done.into_iter().flatten().collect();
+    // pg_control last, in an object of its own.
+    let mut w = new_worker(workers);
     let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
         w.add(&control)?;
         w.flush()?;

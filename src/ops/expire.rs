@@ -189,32 +189,9 @@ pub fn parse_window(s: &str) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::{Lsn, TimelineId};
 
     fn m(label: &str, stop: &str) -> Manifest {
-        Manifest {
-            format: 1,
-            label: label.into(),
-            backup_type: "full".into(),
-            start_lsn: Lsn(0),
-            stop_lsn: Lsn(0),
-            start_time: stop.into(),
-            stop_time: stop.into(),
-            timeline: TimelineId(1),
-            pg_version: 15,
-            system_identifier: "1".into(),
-            db_id: 1,
-            wal_segment_size: 1 << 20,
-            wal_start: String::new(),
-            wal_stop: String::new(),
-            backup_label: String::new(),
-            tablespace_map: String::new(),
-            tablespaces: vec![],
-            dirs: vec![],
-            files: vec![],
-            original_size: 0,
-            stored_size: 0,
-        }
+        crate::repo::manifest::test_manifest(label, 1, 0x100, stop)
     }
 
     #[test]

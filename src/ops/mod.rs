@@ -11,3 +11,4 @@ pub mod progress;
 pub mod restore;
 pub mod stanza_create;
 pub mod verify;
+mod workers;

@@ -14,11 +14,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::archive_get::fetch_small;
 use crate::ops::progress::Progress;
+use crate::ops::workers;
 use crate::pg::datadir::{self, EMPTY_DIRS};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::recovery::{self, RecoverySettings, RecoveryTarget, TargetAction};
@@ -577,58 +578,41 @@ async fn write_files(
     }
     // Largest objects first.
     items.sort_by_key(|(_, v)| v.iter().map(|f| f.length).sum::<u64>());
-    let queue = Arc::new(Mutex::new(items));
     let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..process_max.max(1) {
-        let queue = queue.clone();
-        let backend: Arc<dyn Backend> = repo.backend().clone();
-        let stanza = repo.stanza().to_string();
-        let label = label.to_string();
-        let pgdata = pgdata.to_path_buf();
-        let progress = progress.clone();
-        let skipped = skipped.clone();
-        let handle = tokio::runtime::Handle::current();
-        tasks.push(tokio::task::spawn_blocking(move || -> Result<()> {
-            loop {
-                let next = queue.lock().expect("queue lock is never poisoned").pop();
-                let Some((object, entries)) = next else {
-                    return Ok(());
-                };
-                let key = layout::backup_object_key(&stanza, &label, &object);
-                let what = format!("{}/{key}", backend.describe());
-                if delta && entries.iter().all(|f| matches(&pgdata.join(&f.path), f)) {
-                    skipped.fetch_add(entries.len(), std::sync::atomic::Ordering::Relaxed);
-                    entries.iter().for_each(|f| progress.file_done(f.size));
-                    continue;
-                }
-                let mut reader = handle
-                    .block_on(backend.get(&key))?
-                    .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
-                let mut pos = 0u64;
-                for f in &entries {
-                    discard(&mut reader, f.offset - pos)?;
-                    let dest = pgdata.join(&f.path);
-                    let mut part = (&mut reader).take(f.length);
-                    write_one(&mut part, &dest, f, &format!("{} (in {what})", f.path))?;
-                    discard(&mut part, u64::MAX)?;
-                    pos = f.offset + f.length;
-                    progress.file_done(f.size);
-                }
-            }
-        }));
-    }
-    let mut first_err = None;
-    for t in tasks {
-        if let Err(e) = t.await? {
-            queue.lock().expect("queue lock is never poisoned").clear();
-            first_err.get_or_insert(e);
+    let states = vec![(); process_max.max(1)];
+    let backend: Arc<dyn Backend> = repo.backend().clone();
+    let (stanza, label, pgdata) = (
+        repo.stanza().to_string(),
+        label.to_string(),
+        pgdata.to_path_buf(),
+    );
+    let handle = tokio::runtime::Handle::current();
+    let skipped2 = skipped.clone();
+    let work = move |_: &mut (), (object, entries): (String, Vec<FileEntry>)| -> Result<()> {
+        let key = layout::backup_object_key(&stanza, &label, &object);
+        let what = format!("{}/{key}", backend.describe());
+        if delta && entries.iter().all(|f| matches(&pgdata.join(&f.path), f)) {
+            skipped2.fetch_add(entries.len(), std::sync::atomic::Ordering::Relaxed);
+            entries.iter().for_each(|f| progress.file_done(f.size));
+            return Ok(());
         }
-    }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(skipped.load(std::sync::atomic::Ordering::Relaxed)),
-    }
+        let mut reader = handle
+            .block_on(backend.get(&key))?
+            .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
+        let mut pos = 0u64;
+        for f in &entries {
+            discard(&mut reader, f.offset - pos)?;
+            let dest = pgdata.join(&f.path);
+            let mut part = (&mut reader).take(f.length);
+            write_one(&mut part, &dest, f, &format!("{} (in {what})", f.path))?;
+            discard(&mut part, u64::MAX)?;
+            pos = f.offset + f.length;
+            progress.file_done(f.size);
+        }
+        Ok(())
+    };
+    workers::run(items, states, work, |_| Ok(())).await?;
+    Ok(skipped.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 fn write_recovery_files(
@@ -722,31 +706,7 @@ mod tests {
     use super::*;
     use crate::pg::Lsn;
 
-    fn manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &str) -> Manifest {
-        Manifest {
-            format: 1,
-            label: label.into(),
-            backup_type: "full".into(),
-            start_lsn: Lsn(stop_lsn - 0x100),
-            stop_lsn: Lsn(stop_lsn),
-            start_time: stop_time.into(),
-            stop_time: stop_time.into(),
-            timeline: TimelineId(tli),
-            pg_version: 15,
-            system_identifier: "1".into(),
-            db_id: 1,
-            wal_segment_size: 1 << 20,
-            wal_start: String::new(),
-            wal_stop: String::new(),
-            backup_label: String::new(),
-            tablespace_map: String::new(),
-            tablespaces: vec![],
-            dirs: vec![],
-            files: vec![],
-            original_size: 0,
-            stored_size: 0,
-        }
-    }
+    use crate::repo::manifest::test_manifest as manifest;
 
     fn opts(target: Option<RecoveryTarget>) -> RestoreOptions {
         RestoreOptions {

@@ -132,3 +132,31 @@ impl Repository {
         Ok(out)
     }
 }
+
+/// A manifest with only what backup choice and retention look at (tests).
+#[cfg(test)]
+pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &str) -> Manifest {
+    Manifest {
+        format: MANIFEST_FORMAT,
+        label: label.into(),
+        backup_type: "full".into(),
+        start_lsn: Lsn(stop_lsn.saturating_sub(0x100)),
+        stop_lsn: Lsn(stop_lsn),
+        start_time: stop_time.into(),
+        stop_time: stop_time.into(),
+        timeline: TimelineId(tli),
+        pg_version: 15,
+        system_identifier: "1".into(),
+        db_id: 1,
+        wal_segment_size: 1 << 20,
+        wal_start: String::new(),
+        wal_stop: String::new(),
+        backup_label: String::new(),
+        tablespace_map: String::new(),
+        tablespaces: vec![],
+        dirs: vec![],
+        files: vec![],
+        original_size: 0,
+        stored_size: 0,
+    }
+}

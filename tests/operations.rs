@@ -38,14 +38,12 @@ use common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ARCHIVE_TIMEOUT: Duration = Duration::from_secs(120);
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Exit codes from docs/exit-codes.md.
 const EXIT_USAGE: i32 = 2;
 const EXIT_POSTGRES: i32 = 7;
@@ -431,156 +429,6 @@ fn hostname() -> String {
 
 // ---------------------------------------------------------------------------
 // A restored cluster.
-
-struct Node {
-    pgbin: PathBuf,
-    user: String,
-    base: PathBuf,
-    pgdata: PathBuf,
-    log: PathBuf,
-    port: u16,
-    running: bool,
-    vars: Vec<(String, String)>,
-}
-
-impl Node {
-    fn new(env: &TestEnv, repo: &Repo, name: &str) -> Node {
-        let base = env.mkdir(&format!("{name}-{}", unique()), As::PgUser);
-        let pgdata = base.join("data");
-        mkdir_mode(&pgdata, 0o700);
-        chown(&pgdata, env.uid, env.gid);
-        let mut vars = env.base_env(As::PgUser);
-        vars.extend(repo.env.iter().cloned());
-        Node {
-            pgbin: env.pgbin.clone(),
-            user: env.user.clone(),
-            log: base.join("server.log"),
-            base,
-            pgdata,
-            port: 0,
-            running: false,
-            vars,
-        }
-    }
-
-    fn pg(&self, tool: &str) -> OsString {
-        self.pgbin.join(tool).into_os_string()
-    }
-
-    fn run_pg(&self, argv: Vec<OsString>, env: &[(String, String)], timeout: Duration) -> Run {
-        finish(spawn_as(Some(&self.user), &argv, env, &self.base), timeout)
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    fn auto_conf(&self) -> String {
-        fs::read_to_string(self.pgdata.join("postgresql.auto.conf")).unwrap_or_default()
-    }
-
-    #[track_caller]
-    fn start(&mut self) {
-        self.port = free_port();
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=",
-            self.port,
-            self.base.display()
-        );
-        let argv = vec![
-            self.pg("pg_ctl"),
-            "-D".into(),
-            self.pgdata.clone().into(),
-            "-l".into(),
-            self.log.clone().into(),
-            "-w".into(),
-            "-t".into(),
-            "180".into(),
-            "-o".into(),
-            opts.into(),
-            "start".into(),
-        ];
-        let run = self.run_pg(argv, &self.vars, Duration::from_secs(240));
-        assert_eq!(
-            run.code,
-            Some(0),
-            "pg_ctl start of the restored cluster failed:\n{}\n--- server log\n{}\n--- postgresql.auto.conf\n{}",
-            run.stderr,
-            self.log_tail(60),
-            self.auto_conf()
-        );
-        self.running = true;
-    }
-
-    fn try_psql(&self, sql: &str) -> Result<String, String> {
-        let argv = vec![
-            self.pg("psql"),
-            "-XAtq".into(),
-            "-v".into(),
-            "ON_ERROR_STOP=1".into(),
-            "-h".into(),
-            self.base.clone().into(),
-            "-p".into(),
-            self.port.to_string().into(),
-            "-d".into(),
-            "postgres".into(),
-            "-c".into(),
-            sql.into(),
-        ];
-        let run = self.run_pg(argv, &[], Duration::from_secs(300));
-        if run.code == Some(0) {
-            Ok(run.stdout.trim().to_string())
-        } else {
-            Err(run.stderr)
-        }
-    }
-
-    #[track_caller]
-    fn wait_promoted(&self) {
-        let start = Instant::now();
-        loop {
-            let r = self.try_psql("select pg_is_in_recovery()");
-            if r.as_deref() == Ok("f") {
-                return;
-            }
-            if !self.pgdata.join("postmaster.pid").exists() || start.elapsed() > RECOVERY_TIMEOUT {
-                panic!(
-                    "the restored cluster did not finish recovery ({r:?})\n--- server log\n{}\n--- postgresql.auto.conf\n{}",
-                    self.log_tail(60),
-                    self.auto_conf()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn stop(&mut self) {
-        if !self.running {
-            return;
-        }
-        let argv = vec![
-            self.pg("pg_ctl"),
-            "-D".into(),
-            self.pgdata.clone().into(),
-            "-w".into(),
-            "-t".into(),
-            "60".into(),
-            "-m".into(),
-            "immediate".into(),
-            "stop".into(),
-        ];
-        let _ = self.run_pg(argv, &[], Duration::from_secs(90));
-        self.running = false;
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Restore to `time` (latest backup before it, promoted, not archiving),
 /// start, and return the restored rows of `t` and the label restore says it

@@ -46,6 +46,7 @@ pub struct LowArgs {
     pub archive_push_ahead: Option<usize>,
     pub archive_get_ahead: Option<usize>,
     pub spool_path: Option<PathBuf>,
+    pub expire_auto: Option<bool>,
 }
 
 /// The configuration file. Unknown keys are an error naming the key.
@@ -78,6 +79,7 @@ pub struct FileConfig {
     pub archive_push_ahead: Option<usize>,
     pub archive_get_ahead: Option<usize>,
     pub spool_path: Option<PathBuf>,
+    pub expire_auto: Option<bool>,
     /// For `restore --standby`: the standby's primary_conninfo. Passwords
     /// belong in ~/.pgpass, not here.
     pub primary_conninfo: Option<String>,
@@ -113,6 +115,8 @@ pub struct Settings {
     pub archive_push_ahead: usize,
     pub archive_get_ahead: usize,
     spool_path: Option<PathBuf>,
+    /// Run expire after each successful backup.
+    pub expire_auto: bool,
 }
 
 impl Settings {
@@ -263,6 +267,7 @@ impl LowArgs {
                 .or(file.archive_get_ahead)
                 .unwrap_or(8),
             spool_path: self.spool_path.or(file.spool_path),
+            expire_auto: self.expire_auto.or(file.expire_auto).unwrap_or(false),
         })
     }
 }

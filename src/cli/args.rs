@@ -120,6 +120,9 @@ pub struct Cli {
         value_name = "N"
     )]
     pub archive_get_ahead: Option<usize>,
+    /// backup: run expire after each successful backup [default: false]
+    #[arg(long, global = true, env = "PGVAULT_EXPIRE_AUTO", value_name = "BOOL")]
+    pub expire_auto: Option<bool>,
     /// Local spool directory [default: ~/.local/state/pgvault/spool]
     #[arg(long, global = true, env = "PGVAULT_SPOOL_PATH", value_name = "DIR")]
     pub spool_path: Option<PathBuf>,
@@ -271,6 +274,7 @@ impl Cli {
             archive_push_ahead: self.archive_push_ahead,
             archive_get_ahead: self.archive_get_ahead,
             spool_path: self.spool_path.clone(),
+            expire_auto: self.expire_auto,
         }
     }
 }

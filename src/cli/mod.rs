@@ -211,6 +211,19 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
             let m = ops::backup::backup(&repo, &opts, progress).await?;
             render::backup_done(&m)?;
+            if s.expire_auto {
+                let opts = ops::expire::ExpireOptions {
+                    retention_full: s.retention_full,
+                    retention_window: s.retention_window,
+                    dry_run: false,
+                };
+                let r = ops::expire::expire(&repo, &opts)
+                    .await
+                    .map_err(|e| e.context("expire after the backup (expire-auto)"))?;
+                for l in &r.expired {
+                    eprintln!("pgvault: expired backup {l}");
+                }
+            }
             Ok(0)
         }
         Command::Restore(args) => {

@@ -449,12 +449,11 @@ mod tests {
         pg
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn look_ahead_pushes_ready_files_and_later_calls_check_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let pg = pgdata(dir.path());
+    /// That data directory, and a local repository with its stanza.
+    async fn stanza(dir: &Path) -> (PathBuf, Repository) {
+        let pg = pgdata(dir);
         let repo = Repository::open(
-            RepoLocation::Local(dir.path().join("repo")),
+            RepoLocation::Local(dir.join("repo")),
             "s",
             &S3Options::default(),
         )
@@ -462,6 +461,13 @@ mod tests {
         stanza_create(&repo, &StanzaCreateOptions { pgdata: pg.clone() })
             .await
             .unwrap();
+        (pg, repo)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn look_ahead_pushes_ready_files_and_later_calls_check_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pg, repo) = stanza(dir.path()).await;
         let spool = SpoolDir::at(dir.path().join("spool"));
         let opts = |seg: &str| PushOptions {
             path: pg.join("pg_wal").join(seg),
@@ -502,16 +508,7 @@ mod tests {
     async fn prefetch_fetches_following_segments_verified_and_stops_at_the_end() {
         use crate::ops::archive_get::{archive_get, prefetch, GetOptions, GetOutcome};
         let dir = tempfile::tempdir().unwrap();
-        let pg = pgdata(dir.path());
-        let repo = Repository::open(
-            RepoLocation::Local(dir.path().join("repo")),
-            "s",
-            &S3Options::default(),
-        )
-        .unwrap();
-        stanza_create(&repo, &StanzaCreateOptions { pgdata: pg.clone() })
-            .await
-            .unwrap();
+        let (pg, repo) = stanza(dir.path()).await;
         for seg in ["000000010000000000000014", "000000010000000000000015"] {
             let opts = PushOptions {
                 path: pg.join("pg_wal").join(seg),

@@ -114,23 +114,28 @@ impl Node {
         self.running = true;
     }
 
-    #[track_caller]
-    pub fn stop(&mut self) {
-        if !self.running {
-            return;
-        }
+    /// `pg_ctl stop -m MODE`, waiting up to `secs`.
+    fn pg_ctl_stop(&self, mode: &str, secs: u64) -> Run {
         let argv = vec![
             self.pg("pg_ctl"),
             "-D".into(),
             self.pgdata.clone().into(),
             "-w".into(),
             "-t".into(),
-            "120".into(),
+            secs.to_string().into(),
             "-m".into(),
-            "fast".into(),
+            mode.into(),
             "stop".into(),
         ];
-        let run = self.run_pg(argv, &[], Duration::from_secs(180));
+        self.run_pg(argv, &[], Duration::from_secs(secs + 60))
+    }
+
+    #[track_caller]
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        let run = self.pg_ctl_stop("fast", 120);
         self.running = false;
         assert_eq!(
             run.code,
@@ -351,18 +356,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if self.running {
-            let argv = vec![
-                self.pg("pg_ctl"),
-                "-D".into(),
-                self.pgdata.clone().into(),
-                "-w".into(),
-                "-t".into(),
-                "60".into(),
-                "-m".into(),
-                "immediate".into(),
-                "stop".into(),
-            ];
-            let _ = self.run_pg(argv, &[], Duration::from_secs(90));
+            let _ = self.pg_ctl_stop("immediate", 60);
             self.running = false;
         }
     }

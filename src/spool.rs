@@ -8,6 +8,8 @@
 //! * `get/<wal>`: a segment prefetched by archive-get, already verified
 //!   against its checksum; a later call for exactly `<wal>` moves it into
 //!   place.
+//! * `get/.timeline`: the timeline whose history file recovery fetched last
+//!   (the one it recovers along), so that prefetch follows its switches.
 //!
 //! Files appear under their final name only by rename, after their checksum
 //! was verified (and, for records, after an fsync), so a crash at any moment
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::pg::WalFileName;
+use crate::pg::{TimelineId, WalFileName};
 use crate::repo::{Digest256, Sha256Sum};
 
 #[derive(Debug, Clone)]
@@ -29,6 +31,8 @@ pub struct SpoolDir {
 }
 
 const TMP_PREFIX: &str = ".tmp-";
+/// In `get/`: the timeline recovery follows (see `record_recovery_timeline`).
+const TIMELINE_RECORD: &str = ".timeline";
 
 impl SpoolDir {
     pub fn at(dir: PathBuf) -> Self {
@@ -98,6 +102,28 @@ impl SpoolDir {
         self.sub("get")
     }
 
+    /// Notes that recovery fetched `tli`'s history file. PostgreSQL reads
+    /// the history of its target timeline (with `latest`, probing upwards
+    /// until one is missing), so the last one found is the timeline it
+    /// recovers along; the prefetcher follows that history.
+    pub fn record_recovery_timeline(&self, tli: TimelineId) -> io::Result<()> {
+        write_durable(
+            &self.get_dir(),
+            TIMELINE_RECORD,
+            format!("{}\n", tli.0).as_bytes(),
+        )
+    }
+
+    /// The timeline of the last history file recovery fetched, if any.
+    pub fn recovery_timeline(&self) -> Option<TimelineId> {
+        let text = fs::read_to_string(self.get_dir().join(TIMELINE_RECORD)).ok()?;
+        text.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&t| t > 0)
+            .map(TimelineId)
+    }
+
     /// Drops prefetched files PostgreSQL will not ask for any more (before
     /// `name` on its timeline, or of older timelines) and stale temporaries.
     pub fn forget_prefetched_before(&self, name: &WalFileName) {
@@ -118,7 +144,8 @@ fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
             && e.metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 600));
-        if stale_tmp || (!tmp && n != ".lock" && old(&n)) {
+        // Dot files (the lock, the timeline record) are not WAL.
+        if stale_tmp || (!tmp && !n.starts_with('.') && old(&n)) {
             let _ = fs::remove_file(e.path());
         }
     }

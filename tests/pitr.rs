@@ -719,6 +719,7 @@ fn pitr_suite(env: &TestEnv, repo: &Repo, local: bool) {
             tl2["switch_lsn"].as_str().is_some_and(|s| lsn(s) > 0),
             "timeline 2's switch LSN: {tl2:#}"
         );
+        prefetch_follows_the_switch(env, repo, lsn(tl2["switch_lsn"].as_str().unwrap_or("0/0")));
 
         // "latest" on one repository, the number on the other.
         let timeline = if local { "latest" } else { "2" };
@@ -738,6 +739,98 @@ fn pitr_suite(env: &TestEnv, repo: &Repo, local: bool) {
     }
     pg.stop();
     cases.finish();
+}
+
+/// Prefetch along timeline 2 (whose switch point is `switch`), as recovery
+/// to timeline 2 drives it: after 00000002.history was fetched, fetching a
+/// timeline-1 segment before the switch prefetches timeline 2's copies from
+/// the switch segment on, never timeline 1's (which exist too: the old
+/// primary went on writing), and the next call is served from the spool.
+fn prefetch_follows_the_switch(env: &TestEnv, repo: &Repo, switch: u64) {
+    const SEG: u64 = 1 << 20;
+    let dir = env.mkdir(&format!("prefetch-tl-{}", unique()), As::PgUser);
+    let spool_base = dir.join("spool");
+    let spool_arg = spool_base.display().to_string();
+    let get = |name: &str, ahead: &str| {
+        repo.run(
+            env,
+            As::PgUser,
+            &[
+                "--spool-path",
+                &spool_arg,
+                "--archive-get-ahead",
+                ahead,
+                "archive-get",
+                name,
+                name,
+            ],
+            &dir,
+        )
+    };
+    let switch_seg = switch / SEG;
+    assert!(switch_seg >= 2, "switch at {switch:#x}");
+    get("00000002.history", "3").ok();
+    get(&segment_name(1, switch_seg - 2, SEG), "3").ok();
+    let spool_get = || -> Vec<String> {
+        let Some(sub) = fs::read_dir(&spool_base)
+            .ok()
+            .and_then(|mut rd| rd.next())
+            .and_then(|e| e.ok())
+        else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = fs::read_dir(sub.path().join("get"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.') && !n.ends_with(".pgvault-tmp"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let want = vec![
+        segment_name(1, switch_seg - 1, SEG),
+        segment_name(2, switch_seg, SEG),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !want.iter().all(|w| spool_get().contains(w)) {
+        assert!(
+            Instant::now() < deadline,
+            "the prefetcher did not fetch {want:?} within 60 s; spool: {:?}",
+            spool_get()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wrong: Vec<String> = spool_get()
+        .into_iter()
+        .filter(|n| {
+            n.starts_with("00000001") && n.as_str() >= segment_name(1, switch_seg, SEG).as_str()
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "prefetch fetched timeline 1 segments past the switch to timeline 2: {wrong:?}"
+    );
+    // PostgreSQL's next call is served from the spool, byte for byte what
+    // the archive holds.
+    let name = segment_name(2, switch_seg, SEG);
+    get(&name, "3").ok();
+    assert!(
+        !spool_get().contains(&name),
+        "{name} was not taken from the spool"
+    );
+    let direct = dir.join("direct");
+    let direct_s = direct.display().to_string();
+    repo.run(
+        env,
+        As::PgUser,
+        &["--archive-get-ahead", "0", "archive-get", &name, &direct_s],
+        &dir,
+    )
+    .ok();
+    assert_same_file(&direct, &dir.join(&name));
 }
 
 /// Flip a byte in the largest stored object of the backup: restore fails

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::archive_push::read_claim;
+use crate::pg::history::{self, TimelineHistory};
 use crate::pg::{WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout::{self, ArchiveKey};
@@ -49,17 +50,25 @@ async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
             let dest = opts.dest.clone();
             let moved = tokio::task::spawn_blocking(move || move_into(&ready, &dest)).await?;
             match moved {
-                Ok(()) => return Ok(GetOutcome::Restored),
+                Ok(()) => {
+                    log::debug!("{name}: from the prefetch spool");
+                    return Ok(GetOutcome::Restored);
+                }
                 Err(e) => log::debug!("use prefetched {name}: {e}; fetching it again"),
             }
         }
     }
     let stanza = repo.require_stanza().await?;
     let db = stanza.current();
-    match fetch_into(repo, &db.dir(), &name, &opts.dest).await? {
-        true => Ok(GetOutcome::Restored),
-        false => Ok(GetOutcome::NotFound),
+    if !fetch_into(repo, &db.dir(), &name, &opts.dest).await? {
+        return Ok(GetOutcome::NotFound);
     }
+    if let (Some(spool), WalFileKind::History) = (&opts.spool, name.kind()) {
+        if let Err(e) = spool.record_recovery_timeline(name.timeline()) {
+            log::debug!("record the recovery timeline {}: {e}", name.timeline());
+        }
+    }
+    Ok(GetOutcome::Restored)
 }
 
 fn parse_name(name: &str) -> Result<WalFileName> {
@@ -142,22 +151,64 @@ pub async fn prefetch(
     let Some(start) = name.segno(seg) else {
         return Ok(0);
     };
+    let history = recovery_history(repo, &db.dir(), &name, spool).await;
     let mut fetched = 0;
     let mut segno = start;
-    for _ in 0..ahead {
+    // Like PostgreSQL, never go back to an older timeline once a newer one's
+    // file was read.
+    let mut floor = name.timeline();
+    'ahead: for _ in 0..ahead {
         segno = segno.next();
-        let next = WalFileName::for_segment(name.timeline(), segno, seg);
-        if spool.prefetched(&next).exists() {
-            continue;
+        // The names PostgreSQL will ask for, in its order: from the switch
+        // segment on, the new timeline's; before it (or while the new
+        // timeline has no such segment), the older ones'.
+        let timelines = match &history {
+            Some(h) => h.timelines_for_segment(segno, seg),
+            None => vec![name.timeline()],
+        };
+        for tli in timelines.into_iter().filter(|&t| t >= floor) {
+            let next = WalFileName::for_segment(tli, segno, seg);
+            // fetch_into decodes beside the destination and renames only
+            // after the checksum matched: the spool never holds an
+            // unchecked file.
+            let have = spool.prefetched(&next).exists();
+            if have || fetch_into(repo, &db.dir(), &next, &spool.prefetched(&next)).await? {
+                fetched += usize::from(!have);
+                floor = tli;
+                continue 'ahead;
+            }
         }
-        // fetch_into decodes beside the destination and renames only after
-        // the checksum matched: the spool never holds an unchecked file.
-        if !fetch_into(repo, &db.dir(), &next, &spool.prefetched(&next)).await? {
-            break;
-        }
-        fetched += 1;
+        break; // not archived (yet) on any timeline: stop here
     }
     Ok(fetched)
+}
+
+/// The history recovery follows, when it is a later timeline than `name`'s
+/// and includes it (read from the archive); `None`: stay on `name`'s
+/// timeline.
+async fn recovery_history(
+    repo: &Repository,
+    db_dir: &str,
+    name: &WalFileName,
+    spool: &SpoolDir,
+) -> Option<TimelineHistory> {
+    let target = spool.recovery_timeline()?;
+    if target <= name.timeline() {
+        return None;
+    }
+    let file = WalFileName::history(target);
+    let bytes = match fetch_small(repo, db_dir, &file).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(e) => {
+            log::debug!("prefetch: read {file}: {e}");
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    history::parse_history(target, &text)
+        .ok()
+        .filter(|h| h.contains(name.timeline()))
 }
 
 /// Reads a small archived file (a timeline history) into memory, verified;

@@ -12,8 +12,9 @@
 //!   moments chosen by a seeded generator (`PGVAULT_TEST_SEED` replays a
 //!   run), during look-ahead pushes and during prefetch; after each kill no
 //!   record names bytes the store does not hold, and the prefetch spool holds
-//!   only complete, correct segments; afterwards everything completes and
-//!   every segment comes back byte-identical.
+//!   only complete, correct segments; afterwards everything completes,
+//!   every segment comes back byte-identical, and PostgreSQL's recovery
+//!   from the archive (through the same spool) ends with the primary's rows.
 //!
 //! Run through `scripts/test.sh` (it starts moto and sets `PGVAULT_TEST_*`).
 
@@ -504,6 +505,11 @@ fn check_after_kill(
     problems
 }
 
+/// What recovery must reproduce: pgbench's tables, row by row in sum.
+const ROW_COUNTS: &str = "select (select count(*) from pgbench_accounts) || '/' || \
+     (select sum(abalance) from pgbench_accounts) || '/' || \
+     (select count(*) from pgbench_history)";
+
 fn mark_done(wal: &Path, name: &str) {
     let status = wal.join("archive_status");
     let _ = fs::rename(
@@ -530,10 +536,26 @@ fn sigkill_during_lookahead_push_and_prefetch() {
     // archiver (it marks .ready files itself and calls archive-push).
     let mut pg = Cluster::init(&env, one_mib());
     pg.set_conf("wal_keep_size = 1GB\nmax_wal_size = 1GB\n");
+    // The cluster as initdb left it (shut down cleanly): the base that
+    // recovery from the archive starts from at the end.
+    let cold = env.mkdir("cold-copy", As::Root);
+    env.run_ok(
+        As::Root,
+        &[
+            "cp",
+            "-a",
+            &format!("{}/.", pg.pgdata().display()),
+            &cold.display().to_string(),
+        ],
+        &[],
+        env.dir(),
+    );
+    let first = pg.redo_wal_file();
     pg.start();
     let seg = pg.wal_segment_size();
-    let first = pg.current_wal();
     pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.pgbench(&["-t", "200", "-c", "2"]);
+    let final_rows = pg.psql(ROW_COUNTS);
     let last = pg.switch_wal();
     pg.stop();
     let names = segment_range(&first, &last, seg);
@@ -544,15 +566,18 @@ fn sigkill_during_lookahead_push_and_prefetch() {
 
     // Pushes: each round starts from a fresh repository (a new prefix, so
     // a new spool too) with every segment marked .ready, and kills
-    // PostgreSQL's first call, busy pushing ahead, after a random delay.
-    // Then PostgreSQL's retries complete everything, in order.
+    // PostgreSQL's first call, busy pushing ahead, at a random fraction of
+    // the time such a call takes (round 0 measures it, unkilled: the
+    // schedule then fits however loaded the machine is). Then PostgreSQL's
+    // retries complete everything, in order.
     let mut problems = Vec::new();
     let mut kills = 0;
     let mut checked = (0, 0);
     let rounds = 6;
+    let mut span_ms = 0;
     let mut repo = env.s3_repo(&slow, "crash");
     let mut direct = via(&repo, &moto);
-    for round in 0..rounds {
+    for round in 0..=rounds {
         repo = env.s3_repo(&slow, "crash");
         direct = via(&repo, &moto);
         repo.run(
@@ -570,15 +595,24 @@ fn sigkill_during_lookahead_push_and_prefetch() {
         let mut args = repo.args();
         args.extend(["archive-push".to_string(), path]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
         let child = env.spawn_pgvault(As::PgUser, &args, &repo.env, env.dir());
-        let delay = rng.below(1000);
-        thread::sleep(Duration::from_millis(delay));
-        if sigkill_all(&env) > 0 {
-            kills += 1;
+        let permille = if round == 0 { 1000 } else { rng.below(1000) };
+        let delay = span_ms * permille / 1000;
+        if round > 0 {
+            thread::sleep(Duration::from_millis(delay));
+            if sigkill_all(&env) > 0 {
+                kills += 1;
+            }
         }
         let run = finish(child, PGVAULT_TIMEOUT);
+        if round == 0 {
+            run.ok();
+            span_ms = (t0.elapsed().as_millis() as u64).max(200);
+        }
         let ctx = format!(
-            "{replay}, push round {round} (archive-push {}, killed after {delay} ms)",
+            "{replay}, push round {round} (archive-push {}, killed at {permille}/1000 \
+             of {span_ms} ms: after {delay} ms)",
             names[0]
         );
         if run.code == Some(0) {
@@ -692,6 +726,45 @@ fn sigkill_during_lookahead_push_and_prefetch() {
     thread::sleep(Duration::from_millis(300));
     sigkill_all(&env);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    // PostgreSQL's own recovery from that archive, through the same spool
+    // the killed prefetchers used: the initdb copy replays every segment
+    // and ends with the rows the primary had.
+    let mut node = Node::new(&env, &repo, "crash-recovered");
+    env.run_ok(
+        As::Root,
+        &[
+            "cp",
+            "-a",
+            &format!("{}/.", cold.display()),
+            &node.pgdata.display().to_string(),
+        ],
+        &[],
+        env.dir(),
+    );
+    let restore_command = format!(
+        "{} --repo {} --stanza {} archive-get %f \"%p\"",
+        env.bin().display(),
+        repo.url,
+        repo.stanza
+    );
+    // initdb's own shutdown recorded its max_connections, which recovery
+    // must not go below.
+    node.set_conf(&format!(
+        "restore_command = '{restore_command}'\nmax_connections = 100"
+    ));
+    fs::write(node.pgdata.join("recovery.signal"), b"").expect("write recovery.signal");
+    chown(&node.pgdata.join("recovery.signal"), env.uid, env.gid);
+    node.start();
+    node.wait_promoted();
+    assert_eq!(
+        node.psql(ROW_COUNTS),
+        final_rows,
+        "{replay}: rows after recovery from the archive\n--- server log\n{}",
+        node.log_tail(40)
+    );
+    node.stop();
+    node.assert_log_clean();
     eprintln!(
         "crash: {replay}: {} segments, {kills} push \
          kills, {pkills} prefetch kills, {} records and {} prefetched files checked, {:?}",

@@ -124,8 +124,9 @@ pub const KEEP_HEAD: usize = 4096;
 /// Bytes kept from the start of a decoded record's main data.
 pub const KEEP_MAIN: usize = 4096;
 
+/// MAXALIGN (8 bytes on every platform pgvault reads WAL of).
 const fn maxalign(v: u64) -> u64 {
-    (v + 7) & !7
+    v.saturating_add(7) & !7
 }
 
 /// A record header, as read (`XLogRecord`, xlogrecord.h).
@@ -153,7 +154,9 @@ impl RecordHeader {
     }
 }
 
-/// A record whose header is complete and whose body is streaming by.
+/// A record whose header is complete and whose body is streaming by. One
+/// per scanner, reused for every record, as is its [`decode::Capture`]: the
+/// scanner allocates nothing per record.
 #[derive(Debug)]
 struct Body {
     start: Lsn,
@@ -162,9 +165,9 @@ struct Body {
     /// Body bytes still to come.
     remaining: u64,
     crc: u32,
-    /// Set for the records we decode: the first bytes of the body (after
-    /// the 24-byte header) and where its main data is.
-    decode: Option<decode::Capture>,
+    /// A record we decode: `capture` keeps its bytes.
+    decoding: bool,
+    capture: decode::Capture,
 }
 
 #[derive(Debug)]
@@ -177,11 +180,10 @@ enum State {
         buf: [u8; RECORD_HEADER_SIZE],
         have: usize,
     },
-    Body(Box<Body>),
+    /// In the record described by `WalScanner::body`.
+    Body,
     /// The rest of a record that began before this segment.
-    Continuation {
-        remaining: u64,
-    },
+    Continuation { remaining: u64 },
     /// Nothing more to read: the WAL ended (or XLOG_SWITCH zeroed the rest).
     Done,
 }
@@ -196,6 +198,7 @@ pub struct WalScanner {
     pos: u64,
     page_header: [u8; LONG_PAGE_HEADER_SIZE],
     state: State,
+    body: Body,
     /// `xl_prev` the next record must have; None when unknown (the first
     /// record of the file, the first after an overwritten contrecord).
     expect_prev: Option<Lsn>,
@@ -210,6 +213,15 @@ impl WalScanner {
             pos: 0,
             page_header: [0; LONG_PAGE_HEADER_SIZE],
             state: State::Start,
+            body: Body {
+                start: Lsn::INVALID,
+                header_bytes: [0; RECORD_HEADER_SIZE],
+                header: RecordHeader::parse(&[0; RECORD_HEADER_SIZE]),
+                remaining: 0,
+                crc: 0,
+                decoding: false,
+                capture: decode::Capture::default(),
+            },
             expect_prev: None,
             summary: WalSummary {
                 format: SUMMARY_FORMAT,
@@ -274,10 +286,7 @@ impl WalScanner {
                     self.count_record(start);
                     self.summary.spanning += 1;
                 }
-                State::Body(b) => {
-                    let _ = b;
-                    self.summary.spanning += 1;
-                }
+                State::Body => self.summary.spanning += 1,
                 // Counted when it began.
                 State::Continuation { .. } => {}
                 State::Start | State::Done => {}
@@ -379,20 +388,17 @@ impl WalScanner {
             State::Header { buf, have, .. } => {
                 // xl_tot_len is always on a record's first page.
                 let tot = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"));
-                Some(u64::from(tot) - *have as u64)
+                Some(u64::from(tot).saturating_sub(*have as u64))
             }
-            State::Body(b) => Some(b.remaining),
+            State::Body => Some(self.body.remaining),
             State::Continuation { remaining } => Some(*remaining),
         };
         if overwrite {
             // The record being continued was cut short by a crash and
             // abandoned; recovery wrote new WAL from this page on
-            // (xlogreader.c, XLogDecodeNextRecord). Not a corrupt record.
-            if let State::Body(b) = &self.state {
-                if b.start >= self.opts.segment_start {
-                    self.summary.records = self.summary.records.saturating_sub(1);
-                }
-            }
+            // (xlogreader.c, XLogDecodeNextRecord). Not a corrupt record; it
+            // stays counted, as it is in the segment where it starts, when
+            // the overwrite is on a later segment's first page.
             self.state = State::Start;
             self.expect_prev = None;
             return;
@@ -426,7 +432,7 @@ impl WalScanner {
     fn end_on_page(&mut self, page_lsn: Lsn, why: &str) {
         let at = match &self.state {
             State::Header { start, .. } => *start,
-            State::Body(b) => b.start,
+            State::Body => self.body.start,
             _ => page_lsn,
         };
         self.end_of_wal(at, why);
@@ -493,14 +499,15 @@ impl WalScanner {
                         self.header_done(start, buf);
                     }
                 }
-                State::Body(b) => {
+                State::Body => {
+                    let b = &mut self.body;
                     let n = b.remaining.min(bytes.len() as u64) as usize;
                     let (now, rest) = bytes.split_at(n);
                     b.crc = crc32c::crc32c_append(b.crc, now);
-                    if let Some(c) = &mut b.decode {
+                    if b.decoding {
                         let offset =
                             u64::from(b.header.tot_len) - RECORD_HEADER_SIZE as u64 - b.remaining;
-                        c.take(major, offset, now);
+                        b.capture.take(major, offset, now);
                     }
                     b.remaining -= n as u64;
                     bytes = rest;
@@ -527,24 +534,27 @@ impl WalScanner {
             }
         }
         self.count_record(start);
-        let decode = decode::Capture::for_record(self.opts.major, &header);
-        self.state = State::Body(Box::new(Body {
-            start,
-            header_bytes: buf,
-            header,
-            remaining: u64::from(header.tot_len) - RECORD_HEADER_SIZE as u64,
-            crc: 0,
-            decode,
-        }));
+        let b = &mut self.body;
+        b.start = start;
+        b.header_bytes = buf;
+        b.header = header;
+        b.remaining = u64::from(header.tot_len) - RECORD_HEADER_SIZE as u64;
+        b.crc = 0;
+        b.decoding = b.capture.reset(&header);
+        self.state = State::Body;
         if header.tot_len as usize == RECORD_HEADER_SIZE {
             self.record_done();
         }
     }
 
     fn record_done(&mut self) {
-        let State::Body(b) = std::mem::replace(&mut self.state, State::Start) else {
+        if !matches!(
+            std::mem::replace(&mut self.state, State::Start),
+            State::Body
+        ) {
             return;
-        };
+        }
+        let b = &self.body;
         self.expect_prev = Some(b.start);
         // xlogrecord.h: the CRC covers the body, then the header up to xl_crc.
         let crc = crc32c::crc32c_append(b.crc, &b.header_bytes[..20]);
@@ -552,16 +562,18 @@ impl WalScanner {
             self.summary.crc_failures.push(b.start);
             return;
         }
-        let end = Lsn(maxalign(b.start.0 + u64::from(b.header.tot_len)));
+        let end = Lsn(maxalign(
+            b.start.0.saturating_add(u64::from(b.header.tot_len)),
+        ));
         self.summary.end_of_wal = Some(end);
-        if let Some(c) = &b.decode {
+        if b.decoding {
             decode::apply(
                 &mut self.summary,
                 self.opts.major,
                 b.start,
                 end,
                 &b.header,
-                c,
+                &b.capture,
             );
         }
         if b.header.rmid == decode::RM_XLOG_ID && b.header.info & 0xF0 == decode::XLOG_SWITCH {

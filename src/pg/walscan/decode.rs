@@ -57,9 +57,14 @@ const REL_FILE_LOCATOR_SIZE: usize = 12;
 /// `TimestampTz` counts microseconds from 2000-01-01 00:00 UTC.
 const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Kind {
-    Xact { commit: bool, prepared: bool },
+    #[default]
+    None,
+    Xact {
+        commit: bool,
+        prepared: bool,
+    },
     RestorePoint,
     EndOfRecovery,
     Checkpoint,
@@ -67,7 +72,7 @@ enum Kind {
 }
 
 /// The kept bytes of a record being decoded.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct Capture {
     kind: Kind,
     /// tot_len minus the record header.
@@ -83,8 +88,9 @@ pub(super) struct Capture {
 }
 
 impl Capture {
-    /// A capture for a record we decode, None for any other record.
-    pub(super) fn for_record(_major: u32, h: &RecordHeader) -> Option<Capture> {
+    /// Sets up for the record `h` heads, keeping the buffers' memory; false
+    /// if it is not one we decode.
+    pub(super) fn reset(&mut self, h: &RecordHeader) -> bool {
         let kind = match h.rmid {
             RM_XACT_ID => match h.info & XLOG_XACT_OPMASK {
                 XLOG_XACT_COMMIT => Kind::Xact {
@@ -103,26 +109,24 @@ impl Capture {
                     commit: false,
                     prepared: true,
                 },
-                _ => return None,
+                _ => Kind::None,
             },
             RM_XLOG_ID => match h.info & 0xF0 {
                 XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE => Kind::Checkpoint,
                 XLOG_RESTORE_POINT => Kind::RestorePoint,
                 XLOG_END_OF_RECOVERY => Kind::EndOfRecovery,
                 XLOG_OVERWRITE_CONTRECORD => Kind::OverwriteContrecord,
-                _ => return None,
+                _ => Kind::None,
             },
-            _ => return None,
+            _ => Kind::None,
         };
-        let body_len = u64::from(h.tot_len).saturating_sub(RECORD_HEADER_SIZE as u64);
-        Some(Capture {
-            kind,
-            body_len,
-            head: Vec::with_capacity(body_len.min(KEEP_HEAD as u64) as usize),
-            main: None,
-            unreadable: false,
-            main_buf: Vec::new(),
-        })
+        self.kind = kind;
+        self.body_len = u64::from(h.tot_len).saturating_sub(RECORD_HEADER_SIZE as u64);
+        self.head.clear();
+        self.main = None;
+        self.unreadable = false;
+        self.main_buf.clear();
+        kind != Kind::None
     }
 
     /// Body bytes `bytes`, the first at body offset `offset` (in order).
@@ -273,6 +277,7 @@ pub(super) fn apply(
         return;
     };
     match c.kind {
+        Kind::None => {}
         Kind::Xact { commit, prepared } => {
             // xl_xact_commit / xl_xact_abort: TimestampTz xact_time first.
             let Some(t) = i64_at(main, 0) else {

@@ -297,8 +297,12 @@ fn overwrite_contrecord() {
     );
     assert_eq!(cut.spanning, 1);
     assert!(cut.end_of_wal.unwrap() <= lsn(&ow["aborted_lsn"]));
-    // The segment recovery wrote after it.
-    let s = records_summary(facts["overwrite_segment"].as_str().unwrap());
+    // The segment recovery wrote after it: its first page says so
+    // (xlp_info, the u16 at offset 2), so the fixture exercises the flag.
+    let (o, bytes) = records_segment(facts["overwrite_segment"].as_str().unwrap());
+    let xlp_info = u16::from_le_bytes([bytes[2], bytes[3]]);
+    assert_ne!(xlp_info & XLP_FIRST_IS_OVERWRITE_CONTRECORD, 0);
+    let s = scan_segment(&bytes, o);
     assert!(s.crc_failures.is_empty() && s.problems.is_empty(), "{s:#?}");
     assert_eq!(s.spanning, 0);
     assert_eq!(s.first_record, Some(lsn(&ow["lsn"])));
@@ -332,6 +336,24 @@ fn a_flipped_byte_fails_that_records_crc() {
     let s = scan_segment(&bytes, o);
     assert_eq!(s.crc_failures, vec![at]);
     assert_eq!(s.restore_points.len(), clean.restore_points.len() - 1);
+    bytes[off + 16] ^= 0x01;
+
+    // A flipped xl_tot_len loses the way through the segment: a CRC failure
+    // and then an end of WAL (xl_prev or the next page's continuation no
+    // longer fit), never a record read from the wrong bytes.
+    let at = lsn(&facts["commits"][0]["lsn"]);
+    let off = (at.0 - o.segment_start.0) as usize;
+    for bit in [0x08u8, 0x40] {
+        bytes[off + 1] ^= bit;
+        let s = scan_segment(&bytes, o);
+        bytes[off + 1] ^= bit;
+        assert_eq!(s.problems.len(), 1, "{s:#?}");
+        assert!(
+            s.problems[0].contains("before the end of the segment"),
+            "{s:#?}"
+        );
+        assert!(s.records < clean.records);
+    }
 }
 
 #[test]
@@ -422,6 +444,15 @@ fn garbage_never_panics() {
             },
         );
     }
+    // A segment start where LSN arithmetic would overflow.
+    let s = scan_segment(
+        &real,
+        ScanOptions {
+            segment_start: Lsn(u64::MAX - 4096),
+            ..o
+        },
+    );
+    assert!(!s.problems.is_empty());
     // Nonsense options.
     for (major, seg_size) in [(13, o.seg_size), (15, 0), (15, 3), (15, 4096)] {
         let s = scan_segment(

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # make-fixtures.sh — regenerate fixtures/ from real PostgreSQL servers.
 #
-# Usage (as root):  scripts/make-fixtures.sh [OUTPUT_DIR]     (default: fixtures/)
+# Usage (as root):  scripts/make-fixtures.sh [OUTPUT_DIR] [STORY...]
+#   OUTPUT_DIR defaults to fixtures/. STORY is one of
+#     clusters  pg15/ pg15-16mib/ pg14/ pg16/ pg17/ pg18/
+#     records   pg15-records/ only (the WAL record scanner's story, below)
+#     all       both (the default)
+#   A story replaces only its own directories, so `make-fixtures.sh records`
+#   leaves the others as they are.
 #
 # What it makes (see fixtures/README.md for the file list):
 #   pg15/        Debian's PostgreSQL 15 (/usr/lib/postgresql/15/bin, apt package
@@ -20,6 +26,14 @@
 #                one small write, one WAL segment, pg_control — so the parser
 #                meets pg_control versions 1300, 1700 and 1800 and every WAL
 #                page magic.
+#   pg15-records/
+#                Debian's PostgreSQL 15, 1 MiB segments, track_commit_timestamp:
+#                WAL whose records pgvault's scanner (src/pg/walscan.rs) must
+#                find — committed and aborted transactions, restore points, a
+#                2.5 MB logical message spanning segment boundaries, an
+#                XLOG_SWITCH, and an overwrite contrecord (a record cut short
+#                by a crash whose continuation segment was lost, as
+#                PostgreSQL's own test 026_overwrite_contrecord.pl makes one).
 # Each directory has facts.json: the values tests assert, taken from
 # pg_controldata and pg_waldump output and from raw header bytes read here
 # with Python's struct module — never from pgvault's own parser.
@@ -43,7 +57,15 @@ log() { echo "make-fixtures.sh: $*" >&2; }
 [ "$(id -u)" = 0 ] || die "run as root (PostgreSQL itself runs as the user pgvtest)"
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-out=${1:-$repo/fixtures}
+out=$repo/fixtures
+stories=()
+for arg in "$@"; do
+    case "$arg" in
+        all | clusters | records) stories+=("$arg") ;;
+        *) out=$arg ;;
+    esac
+done
+[ ${#stories[@]} -gt 0 ] || stories=(all)
 pg15_bin=${PGVAULT_PG15_BIN:-/usr/lib/postgresql/15/bin}
 [ -x "$pg15_bin/postgres" ] || die "$pg15_bin/postgres not found (apt-get install postgresql-15)"
 command -v zstd >/dev/null || die "zstd not found (apt-get install zstd)"
@@ -509,12 +531,240 @@ EOF
     finish "$dst"
 }
 
+###############################################################################
+# PostgreSQL 15: WAL records for the scanner (pg15-records/)
+###############################################################################
+# seg_of LSN — the 1 MiB segment number an LSN is in
+seg_of() { local hi=$((16#${1%/*})) lo=$((16#${1#*/})); echo $(( ((hi << 32) | lo) >> 20 )); }
+# seg_name SEGNO — timeline-1 file name of a 1 MiB segment
+seg_name() { printf '00000001%08X%08X' $(($1 / 4096)) $(($1 % 4096)); }
+
+make_pg15_records() {
+    local bin=$pg15_bin dst=$out/pg15-records c=$work/pg15-records port=54355
+    local arch=$work/pg15-records.archive i x
+    log "PostgreSQL 15: WAL records story (pg15-records)"
+    rm -rf "$dst" && mkdir -p "$dst/.raw/wal"
+    new_cluster "$bin" "$c" $port --wal-segsize=1
+    printf '%s\n' "track_commit_timestamp = on" "max_prepared_transactions = 2" >>"$c/postgresql.conf"
+    start "$c"
+    local q="sql $bin $port"
+    $q "create table t (id int, v text)" >/dev/null
+    $q "select pg_switch_wal()" >/dev/null
+    $q "insert into t values (0, 'start')" >/dev/null
+    local first_seg
+    first_seg=$(seg_of "$($q "select pg_current_wal_lsn()")")
+
+    # Committed transactions: xid and pg_xact_commit_timestamp (Unix µs).
+    local commits=()
+    for i in 1 2 3 4 5; do
+        x=$($q "insert into t values ($i, 'commit') returning pg_current_xact_id()")
+        commits+=("{\"xid\": $x, \"time_us\": $($q "select (extract(epoch from pg_xact_commit_timestamp('$x'::text::xid)) * 1000000)::bigint"), \"time\": \"$($q "select pg_xact_commit_timestamp('$x'::text::xid)")\"}")
+    done
+    # Two-phase: COMMIT PREPARED and ROLLBACK PREPARED records carry the
+    # prepared transaction's xid in their main data, not in xl_xid.
+    local prep_commit prep_abort
+    prep_commit=$(as_pg "$bin/psql" -X -q -v ON_ERROR_STOP=1 -p $port -At <<'SQL'
+begin;
+insert into t values (10, 'prepared');
+select pg_current_xact_id();
+prepare transaction 'p_commit';
+commit prepared 'p_commit';
+SQL
+)
+    commits+=("{\"xid\": $prep_commit, \"gid\": \"p_commit\", \"time_us\": $($q "select (extract(epoch from pg_xact_commit_timestamp('$prep_commit'::text::xid)) * 1000000)::bigint"), \"time\": \"$($q "select pg_xact_commit_timestamp('$prep_commit'::text::xid)")\"}")
+    prep_abort=$(as_pg "$bin/psql" -X -q -v ON_ERROR_STOP=1 -p $port -At <<'SQL'
+begin;
+insert into t values (11, 'prepared, rolled back');
+select pg_current_xact_id();
+prepare transaction 'p_abort';
+rollback prepared 'p_abort';
+SQL
+)
+    local abort_xid
+    abort_xid=$(as_pg "$bin/psql" -X -q -v ON_ERROR_STOP=1 -p $port -At <<'SQL'
+begin;
+insert into t values (100, 'abort');
+select pg_current_xact_id();
+rollback;
+SQL
+)
+    # pg_create_restore_point returns the end of its record.
+    local rp1 rp2
+    rp1=$($q "select pg_create_restore_point('before_drop')")
+    $q "drop table t" >/dev/null
+    rp2=$($q "select pg_create_restore_point('after drop, with spaces')")
+
+    # One record crossing at least two segment boundaries.
+    local big_end
+    big_end=$($q "select pg_logical_emit_message(false, 'big', repeat('x', 2500000))")
+    $q "create table u (id int)" >/dev/null
+    local switch_seg
+    switch_seg=$(seg_of "$($q "select pg_current_wal_lsn()")")
+    $q "select pg_switch_wal()" >/dev/null
+    wait_archived "$arch" "$(seg_name "$switch_seg")"
+
+    # An overwrite contrecord (026_overwrite_contrecord.pl): fill a segment
+    # to near its end, write a record that goes on into the next segment,
+    # crash, lose the next segment, restart. Recovery ends at the start of the
+    # cut record and the new next segment begins with a page flagged
+    # XLP_FIRST_IS_OVERWRITE_CONTRECORD and an XLOG_OVERWRITE_CONTRECORD record.
+    $q "insert into u values (1)" >/dev/null
+    local lsn off
+    for i in $(seq 1 400); do
+        lsn=$($q "select pg_current_wal_insert_lsn()")
+        off=$(( 16#${lsn#*/} & 0xFFFFF ))
+        [ $off -lt $((0x100000 - 24000)) ] || break
+        $q "select pg_logical_emit_message(false, 'fill', repeat('f', 4000))" >/dev/null
+    done
+    local cut_seg cut_end
+    cut_seg=$(seg_of "$lsn")
+    # Transactional: its commit flushes the WAL, so the first part is on disk.
+    cut_end=$($q "select pg_logical_emit_message(true, 'cut', repeat('c', 60000))")
+    [ "$(seg_of "$cut_end")" = $((cut_seg + 1)) ] || die "the cut record ($lsn..$cut_end) does not end in the segment after $cut_seg"
+    wait_archived "$arch" "$(seg_name "$cut_seg")"
+    stop "$c" immediate
+    rm -f "$c/pg_wal/$(seg_name $((cut_seg + 1)))" "$c/pg_wal/$(seg_name $((cut_seg + 2)))"
+    start "$c"
+    $q "create table v as select 1 as id" >/dev/null
+    $q "select pg_switch_wal()" >/dev/null
+    local last_seg=$((cut_seg + 1))
+    wait_archived "$arch" "$(seg_name $last_seg)"
+    stop "$c"
+
+    log "PostgreSQL 15: collect WAL of the records story"
+    local segs=() s
+    for s in $(seq "$first_seg" "$last_seg"); do
+        segs+=("$(seg_name "$s")")
+        cp "$arch/$(seg_name "$s")" "$dst/.raw/wal/"
+    done
+    # pg_waldump over the whole archive, in two runs: the first ends at the
+    # record the crash cut (its end was never archived), the second starts at
+    # the segment recovery rewrote.
+    rm -rf "$work/dump" && mkdir -p "$work/dump" && cp "$dst"/.raw/wal/0* "$work/dump/" && chown -R pgvtest: "$work/dump"
+    # (Logical message payloads, printed in hex, are cut short.)
+    as_pg "$bin/pg_waldump" -p "$work/dump" "${segs[0]}" "$(seg_name "$cut_seg")" 2>&1 |
+        sed -E 's/(payload \([0-9]+ bytes\):).*/\1 .../' >"$dst/.raw/waldump-before-crash.txt" || true
+    as_pg "$bin/pg_waldump" -p "$work/dump" "$(seg_name $((cut_seg + 1)))" "$(seg_name $last_seg)" 2>&1 |
+        sed -E 's/(payload \([0-9]+ bytes\):).*/\1 .../' >"$dst/.raw/waldump-after-crash.txt" || true
+    mkdir -p "$dst/wal"
+    for s in "${segs[@]}"; do zst "$dst/.raw/wal/$s" "$dst/wal/$s.zst"; done
+    zst "$dst/.raw/waldump-before-crash.txt" "$dst/wal/waldump-before-crash.txt.zst"
+    zst "$dst/.raw/waldump-after-crash.txt" "$dst/wal/waldump-after-crash.txt.zst"
+    local IFS=,
+    cat >"$dst/.raw/meta.json" <<EOF
+{
+  "major": 15,
+  "server_version": $(json_str "$(as_pg "$bin/postgres" --version)"),
+  "initdb_options": "--wal-segsize=1",
+  "seg_size": 1048576,
+  "segments": [$(printf '"%s",' "${segs[@]}" | sed 's/,$//')],
+  "commits": [${commits[*]}],
+  "abort_xid": $abort_xid,
+  "abort_prepared": {"xid": $prep_abort, "gid": "p_abort"},
+  "restore_points_returned": {"before_drop": "$rp1", "after drop, with spaces": "$rp2"},
+  "big_message_end": "$big_end",
+  "switch_segment": "$(seg_name "$switch_seg")",
+  "cut_segment": "$(seg_name "$cut_seg")",
+  "cut_record_end_lost": "$cut_end",
+  "overwrite_segment": "$(seg_name $((cut_seg + 1)))"
+}
+EOF
+    unset IFS
+    records_facts "$dst"
+    rm -rf "$dst/.raw"
+}
+
+# records_facts DIR — DIR/facts.json for the records story, from meta.json and
+# the pg_waldump text (never from pgvault's own parser)
+records_facts() {
+    python3 - "$1" <<'PY'
+import json, os, re, sys
+d = sys.argv[1]
+raw = os.path.join(d, ".raw")
+facts = json.load(open(os.path.join(raw, "meta.json")))
+facts["generated_by"] = "scripts/make-fixtures.sh records"
+seg_size = facts["seg_size"]
+line_re = re.compile(r"^rmgr: (\S+)\s+len \(rec/tot\):\s*(\d+)/\s*(\d+), tx:\s*(\d+), lsn: ([0-9A-F]+)/([0-9A-F]+), prev [0-9A-F/]+, desc: (.*)$")
+def lsn_str(v):
+    return "%X/%X" % (v >> 32, v & 0xFFFFFFFF)
+def parse_lsn(s):
+    hi, lo = s.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+recs = []
+for dump in ("waldump-before-crash.txt", "waldump-after-crash.txt"):
+    for line in open(os.path.join(raw, dump)):
+        m = line_re.match(line.rstrip("\n"))
+        if m:
+            rmgr, rec, tot, tx, hi, lo, desc = m.groups()
+            recs.append({"rmgr": rmgr, "tot_len": int(tot), "xid": int(tx),
+                         "lsn": (int(hi, 16) << 32) | int(lo, 16), "desc": desc})
+segs = {}
+for name in facts["segments"]:
+    segno = int(name[8:16], 16) * (0x100000000 // seg_size) + int(name[16:24], 16)
+    start = segno * seg_size
+    inside = [r for r in recs if start <= r["lsn"] < start + seg_size]
+    segs[name] = {
+        "start": lsn_str(start),
+        "waldump_records": len(inside),
+        "waldump_first_lsn": lsn_str(inside[0]["lsn"]) if inside else None,
+        "waldump_last_lsn": lsn_str(inside[-1]["lsn"]) if inside else None,
+        "commits": sum(1 for r in inside if r["rmgr"] == "Transaction" and r["desc"].startswith("COMMIT")),
+        "aborts": sum(1 for r in inside if r["rmgr"] == "Transaction" and r["desc"].startswith("ABORT")),
+    }
+facts["wal"] = segs
+def one(pred, what):
+    found = [r for r in recs if pred(r)]
+    if len(found) != 1:
+        sys.exit("records_facts: expected one %s record, found %d" % (what, len(found)))
+    return found[0]
+# Restore points: the record's own LSN, from pg_waldump ("RESTORE_POINT name").
+facts["restore_points"] = []
+for name, returned in facts["restore_points_returned"].items():
+    r = one(lambda r: r["rmgr"] == "XLOG" and r["desc"] == "RESTORE_POINT " + name, "restore point " + name)
+    facts["restore_points"].append({"name": name, "lsn": lsn_str(r["lsn"]), "end": returned})
+for c in facts["commits"]:
+    if "gid" in c:
+        # COMMIT PREPARED runs outside the prepared transaction (tx 0);
+        # pg_waldump prints the prepared xid from the record's main data.
+        r = one(lambda r: r["rmgr"] == "Transaction" and r["desc"].startswith("COMMIT_PREPARED %d:" % c["xid"]), "commit prepared " + c["gid"])
+    else:
+        r = one(lambda r: r["rmgr"] == "Transaction" and r["xid"] == c["xid"] and r["desc"].startswith("COMMIT"), "commit of %d" % c["xid"])
+    c["lsn"] = lsn_str(r["lsn"])
+ap = facts["abort_prepared"]
+r = one(lambda r: r["rmgr"] == "Transaction" and r["desc"].startswith("ABORT_PREPARED %d:" % ap["xid"]), "abort prepared")
+ap["lsn"] = lsn_str(r["lsn"])
+r = one(lambda r: r["rmgr"] == "Transaction" and r["xid"] == facts["abort_xid"], "abort")
+assert r["desc"].startswith("ABORT"), r
+facts["abort_lsn"] = lsn_str(r["lsn"])
+big = one(lambda r: r["rmgr"] == "LogicalMessage" and r["tot_len"] > 2000000, "big message")
+facts["big_message"] = {"lsn": lsn_str(big["lsn"]), "tot_len": big["tot_len"]}
+# XLOG_SWITCH records, by the segment they are in
+facts["xlog_switches"] = {}
+for name, seg in segs.items():
+    start = parse_lsn(seg["start"])
+    for r in recs:
+        if r["rmgr"] == "XLOG" and r["desc"].startswith("SWITCH") and start <= r["lsn"] < start + seg_size:
+            facts["xlog_switches"][name] = lsn_str(r["lsn"])
+ow = one(lambda r: r["rmgr"] == "XLOG" and r["desc"].startswith("OVERWRITE_CONTRECORD"), "overwrite contrecord")
+facts["overwrite_contrecord"] = {"lsn": lsn_str(ow["lsn"]), "desc": ow["desc"]}
+m = re.match(r"OVERWRITE_CONTRECORD lsn ([0-9A-F]+/[0-9A-F]+)", ow["desc"])
+facts["overwrite_contrecord"]["aborted_lsn"] = lsn_str(parse_lsn(m.group(1)))
+with open(os.path.join(d, "facts.json"), "w") as f:
+    json.dump(facts, f, indent=2, sort_keys=True)
+    f.write("\n")
+PY
+}
+
 mkdir -p "$out"
-make_pg15
-make_pg15_16mib
-make_small 14 54341
-make_small 16 54361
-make_small 17 54371
-make_small 18 54381
+case " ${stories[*]} " in *" all "* | *" clusters "*)
+    make_pg15
+    make_pg15_16mib
+    make_small 14 54341
+    make_small 16 54361
+    make_small 17 54371
+    make_small 18 54381
+    ;;
+esac
+case " ${stories[*]} " in *" all "* | *" records "*) make_pg15_records ;; esac
 chmod -R a+rX "$out"
 log "fixtures written to $out ($(du -sh "$out" | cut -f1))"

@@ -21,6 +21,7 @@ pub mod history;
 pub mod lsn;
 pub mod recovery;
 pub mod wal;
+pub mod walscan;
 
 #[cfg(test)]
 pub(crate) mod testdata;

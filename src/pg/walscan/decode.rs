@@ -1,0 +1,401 @@
+//! The records [`super::WalScanner`] decodes, and how: which bytes of a
+//! streaming record to keep, where its main data is (block headers,
+//! xlogrecord.h), and what the main data says (xact.h, pg_control.h).
+
+use super::{
+    RecordHeader, RestorePoint, TimelineSwitch, WalSummary, XactMark, KEEP_HEAD, KEEP_MAIN,
+    RECORD_HEADER_SIZE,
+};
+use crate::pg::Lsn;
+
+/// Resource manager IDs (rmgrlist.h).
+pub(super) const RM_XLOG_ID: u8 = 0;
+const RM_XACT_ID: u8 = 1;
+
+/// XLOG record types (pg_control.h), in `xl_info & 0xF0`.
+const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
+const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
+pub(super) const XLOG_SWITCH: u8 = 0x40;
+const XLOG_RESTORE_POINT: u8 = 0x70;
+const XLOG_END_OF_RECOVERY: u8 = 0x90;
+const XLOG_OVERWRITE_CONTRECORD: u8 = 0xD0;
+
+/// Transaction record types (xact.h), in `xl_info & XLOG_XACT_OPMASK`.
+const XLOG_XACT_OPMASK: u8 = 0x70;
+const XLOG_XACT_COMMIT: u8 = 0x00;
+const XLOG_XACT_ABORT: u8 = 0x20;
+const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
+const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
+/// `XLOG_XACT_HAS_INFO`: an `xl_xact_xinfo` follows `xact_time`.
+const XLOG_XACT_HAS_INFO: u8 = 0x80;
+
+/// `xl_xact_xinfo.xinfo` bits (xact.h): which optional parts follow.
+const XACT_XINFO_HAS_DBINFO: u32 = 1 << 0;
+const XACT_XINFO_HAS_SUBXACTS: u32 = 1 << 1;
+const XACT_XINFO_HAS_RELFILELOCATORS: u32 = 1 << 2;
+const XACT_XINFO_HAS_INVALS: u32 = 1 << 3;
+const XACT_XINFO_HAS_TWOPHASE: u32 = 1 << 4;
+/// PostgreSQL 15+.
+const XACT_XINFO_HAS_DROPPED_STATS: u32 = 1 << 8;
+
+/// Block header fields (xlogrecord.h).
+const XLR_MAX_BLOCK_ID: u8 = 32;
+const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
+const XLR_BLOCK_ID_DATA_LONG: u8 = 254;
+const XLR_BLOCK_ID_ORIGIN: u8 = 253;
+const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
+const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
+const BKPBLOCK_SAME_REL: u8 = 0x80;
+const BKPIMAGE_HAS_HOLE: u8 = 0x01;
+/// PostgreSQL 14: `BKPIMAGE_IS_COMPRESSED` (0x04 is BKPIMAGE_APPLY there).
+const BKPIMAGE_IS_COMPRESSED_14: u8 = 0x02;
+/// PostgreSQL 15+: `BKPIMAGE_COMPRESS_PGLZ | _LZ4 | _ZSTD`.
+const BKPIMAGE_COMPRESSED_15: u8 = 0x04 | 0x08 | 0x10;
+/// `sizeof(RelFileLocator)` (RelFileNode before 16): three Oids.
+const REL_FILE_LOCATOR_SIZE: usize = 12;
+
+/// `TimestampTz` counts microseconds from 2000-01-01 00:00 UTC.
+const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Kind {
+    #[default]
+    None,
+    Xact {
+        commit: bool,
+        prepared: bool,
+    },
+    RestorePoint,
+    EndOfRecovery,
+    Checkpoint,
+    OverwriteContrecord,
+}
+
+/// The kept bytes of a record being decoded.
+#[derive(Debug, Default)]
+pub(super) struct Capture {
+    kind: Kind,
+    /// tot_len minus the record header.
+    body_len: u64,
+    /// The first min(body_len, KEEP_HEAD) body bytes.
+    head: Vec<u8>,
+    /// Main data (offset in the body, length) once the block headers are read.
+    main: Option<(u64, u64)>,
+    /// The block headers could not be read: nothing to decode.
+    unreadable: bool,
+    /// The first min(main length, KEEP_MAIN) bytes of the main data.
+    main_buf: Vec<u8>,
+}
+
+impl Capture {
+    /// Sets up for the record `h` heads, keeping the buffers' memory; false
+    /// if it is not one we decode.
+    pub(super) fn reset(&mut self, h: &RecordHeader) -> bool {
+        let kind = match h.rmid {
+            RM_XACT_ID => match h.info & XLOG_XACT_OPMASK {
+                XLOG_XACT_COMMIT => Kind::Xact {
+                    commit: true,
+                    prepared: false,
+                },
+                XLOG_XACT_ABORT => Kind::Xact {
+                    commit: false,
+                    prepared: false,
+                },
+                XLOG_XACT_COMMIT_PREPARED => Kind::Xact {
+                    commit: true,
+                    prepared: true,
+                },
+                XLOG_XACT_ABORT_PREPARED => Kind::Xact {
+                    commit: false,
+                    prepared: true,
+                },
+                _ => Kind::None,
+            },
+            RM_XLOG_ID => match h.info & 0xF0 {
+                XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE => Kind::Checkpoint,
+                XLOG_RESTORE_POINT => Kind::RestorePoint,
+                XLOG_END_OF_RECOVERY => Kind::EndOfRecovery,
+                XLOG_OVERWRITE_CONTRECORD => Kind::OverwriteContrecord,
+                _ => Kind::None,
+            },
+            _ => Kind::None,
+        };
+        self.kind = kind;
+        self.body_len = u64::from(h.tot_len).saturating_sub(RECORD_HEADER_SIZE as u64);
+        self.head.clear();
+        self.main = None;
+        self.unreadable = false;
+        self.main_buf.clear();
+        kind != Kind::None
+    }
+
+    /// Body bytes `bytes`, the first at body offset `offset` (in order).
+    pub(super) fn take(&mut self, major: u32, offset: u64, bytes: &[u8]) {
+        let head_len = self.body_len.min(KEEP_HEAD as u64);
+        if offset < head_len {
+            let n = ((head_len - offset) as usize).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..n]);
+            if self.head.len() as u64 == head_len {
+                self.locate_main(major);
+            }
+        }
+        let Some((main_off, main_len)) = self.main else {
+            return;
+        };
+        let want_end = main_off + main_len.min(KEEP_MAIN as u64);
+        let next = main_off + self.main_buf.len() as u64;
+        let end = offset + bytes.len() as u64;
+        if next >= offset && next < end && next < want_end {
+            let from = (next - offset) as usize;
+            let to = (want_end.min(end) - offset) as usize;
+            self.main_buf.extend_from_slice(&bytes[from..to]);
+        }
+    }
+
+    /// Reads the block headers (xlogrecord.h; DecodeXLogRecord in
+    /// xlogreader.c) to find the main data, the last bytes of the record.
+    fn locate_main(&mut self, major: u32) {
+        match main_data(major, &self.head, self.body_len) {
+            Some((off, len)) => {
+                self.main = Some((off, len));
+                // What of the main data is already in `head`.
+                let want_end = (off + len.min(KEEP_MAIN as u64)).min(self.head.len() as u64);
+                if off < want_end {
+                    self.main_buf
+                        .extend_from_slice(&self.head[off as usize..want_end as usize]);
+                }
+            }
+            None => self.unreadable = true,
+        }
+    }
+
+    fn main_data(&self) -> Option<&[u8]> {
+        if self.unreadable {
+            return None;
+        }
+        Some(&self.main_buf)
+    }
+}
+
+/// (offset in the body, length) of the main data; None if the block headers
+/// do not make sense or lie beyond the kept head.
+fn main_data(major: u32, head: &[u8], body_len: u64) -> Option<(u64, u64)> {
+    let u16_at = |p: usize| -> Option<u64> {
+        Some(u64::from(u16::from_le_bytes(
+            head.get(p..p + 2)?.try_into().ok()?,
+        )))
+    };
+    let u32_at = |p: usize| -> Option<u64> {
+        Some(u64::from(u32::from_le_bytes(
+            head.get(p..p + 4)?.try_into().ok()?,
+        )))
+    };
+    let mut p = 0usize;
+    let mut datatotal = 0u64;
+    while body_len.checked_sub(p as u64)? > datatotal {
+        let id = *head.get(p)?;
+        p += 1;
+        let main_len = match id {
+            XLR_BLOCK_ID_DATA_SHORT => {
+                let len = u64::from(*head.get(p)?);
+                p += 1;
+                len
+            }
+            XLR_BLOCK_ID_DATA_LONG => {
+                let len = u32_at(p)?;
+                p += 4;
+                len
+            }
+            XLR_BLOCK_ID_ORIGIN => {
+                p += 2;
+                continue;
+            }
+            XLR_BLOCK_ID_TOPLEVEL_XID => {
+                p += 4;
+                continue;
+            }
+            0..=XLR_MAX_BLOCK_ID => {
+                let fork_flags = *head.get(p)?;
+                datatotal += u16_at(p + 1)?;
+                p += 3;
+                if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
+                    let bimg_len = u16_at(p)?;
+                    let bimg_info = *head.get(p + 4)?;
+                    p += 5;
+                    let compressed = if major >= 15 {
+                        bimg_info & BKPIMAGE_COMPRESSED_15 != 0
+                    } else {
+                        bimg_info & BKPIMAGE_IS_COMPRESSED_14 != 0
+                    };
+                    if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
+                        p += 2;
+                    }
+                    datatotal += bimg_len;
+                }
+                if fork_flags & BKPBLOCK_SAME_REL == 0 {
+                    p += REL_FILE_LOCATOR_SIZE;
+                }
+                p += 4;
+                continue;
+            }
+            _ => return None,
+        };
+        // By convention the main data header is the last one, and its data
+        // the last bytes of the record.
+        let headers_end = p as u64;
+        if headers_end + datatotal + main_len != body_len {
+            return None;
+        }
+        return Some((body_len - main_len, main_len));
+    }
+    // No main data.
+    Some((body_len, 0))
+}
+
+fn i64_at(b: &[u8], off: usize) -> Option<i64> {
+    Some(i64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+fn unix_us(pg_time: i64) -> i64 {
+    pg_time.saturating_add(PG_EPOCH_UNIX_US)
+}
+
+/// Adds what a complete, CRC-checked record says to the summary.
+pub(super) fn apply(
+    s: &mut WalSummary,
+    major: u32,
+    start: Lsn,
+    end: Lsn,
+    h: &RecordHeader,
+    c: &Capture,
+) {
+    let Some(main) = c.main_data() else {
+        return;
+    };
+    match c.kind {
+        Kind::None => {}
+        Kind::Xact { commit, prepared } => {
+            // xl_xact_commit / xl_xact_abort: TimestampTz xact_time first.
+            let Some(t) = i64_at(main, 0) else {
+                return;
+            };
+            let xid = if prepared {
+                twophase_xid(major, h.info, main, commit).unwrap_or(h.xid)
+            } else {
+                h.xid
+            };
+            let mark = XactMark {
+                lsn: start,
+                xid,
+                time_us: unix_us(t),
+                commit,
+            };
+            if commit {
+                s.commits += 1;
+            } else {
+                s.aborts += 1;
+            }
+            if s.first_xact.is_none() {
+                s.first_xact = Some(mark.clone());
+            }
+            s.last_xact = Some(mark);
+        }
+        Kind::RestorePoint => {
+            // xl_restore_point: TimestampTz rp_time; char rp_name[MAXFNAMELEN (64)].
+            let Some(t) = i64_at(main, 0) else {
+                return;
+            };
+            let raw = main.get(8..main.len().min(8 + 64)).unwrap_or(&[]);
+            let name = raw.split(|&b| b == 0).next().unwrap_or(&[]);
+            s.restore_points.push(RestorePoint {
+                name: String::from_utf8_lossy(name).into_owned(),
+                lsn: start,
+                time_us: unix_us(t),
+                end,
+            });
+        }
+        Kind::EndOfRecovery => {
+            // xl_end_of_recovery: TimestampTz end_time; TimeLineID
+            // ThisTimeLineID; TimeLineID PrevTimeLineID (17+: int wal_level).
+            let (Some(t), Some(this), Some(prev)) =
+                (i64_at(main, 0), u32_at(main, 8), u32_at(main, 12))
+            else {
+                return;
+            };
+            if this != prev {
+                s.timeline_switches.push(TimelineSwitch {
+                    lsn: start,
+                    from: prev,
+                    to: this,
+                    time_us: Some(unix_us(t)),
+                });
+            }
+        }
+        Kind::Checkpoint => {
+            // CheckPoint: redo u64 @0, ThisTimeLineID @8, PrevTimeLineID @12,
+            // pg_time_t time (Unix seconds) @64 in 14 to 18 (pg_control.h;
+            // the same offsets src/pg/control.rs reads in checkPointCopy).
+            // The timelines differ only in an end-of-recovery checkpoint.
+            let (Some(this), Some(prev)) = (u32_at(main, 8), u32_at(main, 12)) else {
+                return;
+            };
+            if this != prev {
+                s.timeline_switches.push(TimelineSwitch {
+                    lsn: start,
+                    from: prev,
+                    to: this,
+                    time_us: i64_at(main, 64).map(|secs| secs.saturating_mul(1_000_000)),
+                });
+            }
+        }
+        Kind::OverwriteContrecord => {
+            // xl_overwrite_contrecord: XLogRecPtr overwritten_lsn; TimestampTz.
+            if let Some(lsn) = main.get(0..8).and_then(|b| b.try_into().ok()) {
+                s.overwritten_contrecords.push(Lsn(u64::from_le_bytes(lsn)));
+            }
+        }
+    }
+}
+
+/// The prepared transaction's xid in a COMMIT/ABORT PREPARED record's main
+/// data (ParseCommitRecord / ParseAbortRecord in xactdesc.c): the optional
+/// parts after xl_xact_xinfo come in a fixed order, each an int count and
+/// its array, and `xl_xact_twophase` after them.
+fn twophase_xid(major: u32, info: u8, main: &[u8], commit: bool) -> Option<u32> {
+    if info & XLOG_XACT_HAS_INFO == 0 {
+        return None;
+    }
+    let xinfo = u32_at(main, 8)?;
+    let mut off = 12usize;
+    let skip_array = |off: &mut usize, item: usize| -> Option<()> {
+        let n = usize::try_from(u32_at(main, *off)?).ok()?;
+        *off = off.checked_add(4)?.checked_add(n.checked_mul(item)?)?;
+        Some(())
+    };
+    if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
+        off += 8;
+    }
+    if xinfo & XACT_XINFO_HAS_SUBXACTS != 0 {
+        skip_array(&mut off, 4)?;
+    }
+    if xinfo & XACT_XINFO_HAS_RELFILELOCATORS != 0 {
+        skip_array(&mut off, REL_FILE_LOCATOR_SIZE)?;
+    }
+    if major >= 15 && xinfo & XACT_XINFO_HAS_DROPPED_STATS != 0 {
+        // xl_xact_stats_item: kind, dboid, objoid (12 bytes); 18 widened the
+        // object id to two uint32 halves (16 bytes).
+        skip_array(&mut off, if major >= 18 { 16 } else { 12 })?;
+    }
+    if commit && xinfo & XACT_XINFO_HAS_INVALS != 0 {
+        // SharedInvalidationMessage: 16 bytes.
+        skip_array(&mut off, 16)?;
+    }
+    if xinfo & XACT_XINFO_HAS_TWOPHASE == 0 {
+        return None;
+    }
+    u32_at(main, off)
+}

@@ -15,8 +15,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags};
 use sha2::{Digest, Sha256};
 
+use crate::pg::walscan::WalSummary;
 use crate::pg::WalFileName;
-use crate::repo::Digest256;
+use crate::repo::{Digest256, Sha256Sum};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Append only.
@@ -52,6 +53,16 @@ const MIGRATIONS: &[&str] = &[
         parent     INTEGER,
         switch_lsn TEXT,
         PRIMARY KEY (stanza, timeline)
+    ) WITHOUT ROWID;",
+    // 3: what archived WAL's records say (the `.summary` objects), by content
+    "CREATE TABLE wal_summary (
+        stanza        TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        sha256        TEXT NOT NULL,
+        last_xact_us  INTEGER,
+        crc_failures  INTEGER NOT NULL,
+        summary       TEXT NOT NULL,
+        PRIMARY KEY (stanza, name, sha256)
     ) WITHOUT ROWID;",
 ];
 
@@ -212,10 +223,81 @@ impl Catalog {
                     ins.execute(params![stanza, t.timeline, t.parent, t.switch_lsn])?;
                 }
             }
+            // Summaries of contents no longer archived (expired) go too.
+            tx.execute(
+                "DELETE FROM wal_summary WHERE stanza = ?1 AND NOT EXISTS
+                     (SELECT 1 FROM wal w WHERE w.stanza = ?1 AND w.name = wal_summary.name
+                                           AND w.sha256 = wal_summary.sha256)",
+                params![stanza],
+            )?;
             tx.commit()
         })
         .await;
         self.log_failure(r);
+    }
+
+    /// Caches record summaries (they describe one content each, so they
+    /// never go stale while that content is archived).
+    pub async fn record_summaries_best_effort(
+        &self,
+        stanza: &str,
+        rows: Vec<(WalFileName, Sha256Sum, WalSummary)>,
+    ) {
+        if rows.is_empty() {
+            return;
+        }
+        let (cat, stanza) = (self.clone(), stanza.to_string());
+        let r = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
+            let mut conn = cat.connect(BEST_EFFORT_BUSY)?;
+            let tx = conn.transaction()?;
+            {
+                let mut ins = tx.prepare(
+                    "INSERT OR REPLACE INTO wal_summary
+                         (stanza, name, sha256, last_xact_us, crc_failures, summary)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for (name, sha, sum) in &rows {
+                    let json = serde_json::to_string(sum).unwrap_or_default();
+                    ins.execute(params![
+                        stanza,
+                        name.as_str(),
+                        sha.to_hex(),
+                        sum.last_xact.as_ref().map(|x| x.time_us),
+                        sum.crc_failures.len() as i64,
+                        json
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+        .await;
+        self.log_failure(r);
+    }
+
+    /// The cached record summaries of a stanza: (name, sha256) -> summary.
+    pub fn summaries(
+        &self,
+        stanza: &str,
+    ) -> rusqlite::Result<std::collections::HashMap<(String, String), WalSummary>> {
+        let conn = self.connect(Duration::from_secs(2))?;
+        let mut st =
+            conn.prepare("SELECT name, sha256, summary FROM wal_summary WHERE stanza = ?1")?;
+        let rows = st.query_map(params![stanza], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (name, sha, json) = row?;
+            // A row this version cannot read is as good as absent.
+            if let Ok(sum) = serde_json::from_str(&json) {
+                out.insert((name, sha), sum);
+            }
+        }
+        Ok(out)
     }
 
     /// Labels of the backups of a stanza known to this catalog, oldest first.

@@ -176,6 +176,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Summarize the records of archived WAL that has no summary yet (archived by an older pgvault)
+    Backfill {
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -227,6 +232,9 @@ pub struct RestoreArgs {
     /// Restore into a non-empty directory, reusing files that match the backup
     #[arg(long)]
     pub delta: bool,
+    /// Try the target even if the archive does not reach it (a time after the last archived commit, an unknown restore point)
+    #[arg(long)]
+    pub no_target_check: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

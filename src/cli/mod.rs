@@ -284,6 +284,12 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             render::info(&report, *output)?;
             Ok(0)
         }
+        Command::Backfill { output } => {
+            let repo = open_repo(s)?;
+            let r = ops::walfacts::backfill(&repo, s.catalog().as_ref(), s.process_max).await?;
+            render::backfill(&r, *output)?;
+            Ok(0)
+        }
     }
 }
 
@@ -345,6 +351,8 @@ fn restore_options(s: &Settings, a: &RestoreArgs) -> Result<ops::restore::Restor
         delta: a.delta,
         process_max: s.process_max,
         restore_command: restore_command(s)?,
+        target_check: !a.no_target_check,
+        catalog: s.catalog(),
     })
 }
 

@@ -9,6 +9,7 @@ use crate::ops::info::InfoReport;
 use crate::ops::restore::{RestoreOptions, Restored};
 use crate::ops::stanza_create::StanzaCreated;
 use crate::ops::verify::VerifyReport;
+use crate::ops::walfacts::BackfillReport;
 use crate::repo::manifest::Manifest;
 use crate::repo::stanza::CreateOutcome;
 use crate::repo::Repository;
@@ -88,6 +89,21 @@ pub fn verify(r: &VerifyReport, output: Output) -> Result<()> {
         } else {
             format!("{} problem(s)", r.problems.len())
         }
+    );
+    out(&s)
+}
+
+pub fn backfill(r: &BackfillReport, output: Output) -> Result<()> {
+    if output == Output::Json {
+        return json(r);
+    }
+    let mut s = String::new();
+    for d in &r.damaged {
+        s += &format!("damaged record: {d}\n");
+    }
+    s += &format!(
+        "backfill: {} segment(s) summarized now, {} had a summary already\n",
+        r.summarized, r.had_summary
     );
     out(&s)
 }

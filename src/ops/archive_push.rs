@@ -28,6 +28,8 @@ use futures::stream::{self, StreamExt};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
+use crate::ops::walfacts;
+use crate::pg::walscan::WalScanner;
 use crate::pg::{self, WalFileKind, WalFileName};
 use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{layout, DbInfo, Digest256, PutMode, PutOutcome, Repository, Sha256Sum};
@@ -217,11 +219,13 @@ async fn push_one(
         });
     }
 
-    // Hash + compress in one pass into a spool (zstd's own worker threads
-    // compress while this thread reads and hashes).
+    // Hash + compress + walk the records in one pass into a spool (zstd's
+    // own worker threads compress while this thread reads, hashes and
+    // scans).
     let backend = repo.backend().clone();
     let path = path.to_path_buf();
-    let (spool, digest) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let scan = walfacts::scan_options(&db, &name);
+    let (spool, digest, summary) = tokio::task::spawn_blocking(move || -> Result<_> {
         let file = File::open(&path).map_err(|e| input_error(&path, e))?;
         let size = file.metadata().map_err(|e| input_error(&path, e))?.len();
         let spool = backend
@@ -231,17 +235,38 @@ async fn push_one(
             .map_err(|e| Error::internal(format!("start compression: {e}")))?;
         enc.set_pledged_size(size)
             .map_err(|e| Error::internal(format!("start compression: {e}")))?;
-        copy_file(file, &mut enc, &path)?;
-        enc.finish()
-            .map_err(|e| Error::repository(format!("write {}: {e}", backend.describe())))
+        let mut scanner = scan.map(WalScanner::new);
+        match scanner.as_mut() {
+            Some(scanner) => copy_file(file, &mut Tee(&mut enc, scanner), &path)?,
+            None => copy_file(file, &mut enc, &path)?,
+        }
+        let (spool, digest) = enc
+            .finish()
+            .map_err(|e| Error::repository(format!("write {}: {e}", backend.describe())))?;
+        Ok((spool, digest, scanner.map(WalScanner::finish)))
     })
     .await??;
+    if let Some(summary) = &summary {
+        walfacts::warn_about(&name, summary);
+    }
 
     let data_key = layout::wal_data_key(&stanza_name, &db.dir(), &name, &digest.sha256);
     // Content-addressed: AlreadyExists means these very bytes are stored.
-    repo.backend()
-        .commit(spool, &data_key, PutMode::CreateNew)
-        .await?;
+    // The summary goes beside it at the same time; it is not needed to
+    // restore the segment (backfill rewrites a missing one), so failing to
+    // store it only costs a warning.
+    let store_data = repo.backend().commit(spool, &data_key, PutMode::CreateNew);
+    let store_summary = async {
+        if let Some(summary) = &summary {
+            if let Err(e) =
+                walfacts::store_summary(repo, &db.dir(), &name, &digest.sha256, summary).await
+            {
+                log::warn!("{name}: record summary not stored ({e}); `pgvault backfill` writes it");
+            }
+        }
+    };
+    let (stored, ()) = futures::join!(store_data, store_summary);
+    stored?;
 
     let claim = Claim {
         sha256: digest.sha256.to_hex(),
@@ -413,6 +438,20 @@ fn copy_file<W: io::Write>(mut file: File, out: &mut W, path: &Path) -> Result<(
         };
         out.write_all(&buf[..n])
             .map_err(|e| Error::repository(format!("write: {e}")))?;
+    }
+}
+
+/// Writes everything to both: the encoder and the record scanner.
+struct Tee<'a, A, B>(&'a mut A, &'a mut B);
+
+impl<A: io::Write, B: io::Write> io::Write for Tee<'_, A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
     }
 }
 

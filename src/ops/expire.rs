@@ -121,7 +121,9 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
         for m in listing {
             let (name, is_claim) = match layout::parse_archive_key(&m.key) {
                 Some(ArchiveKey::Claim { name }) => (name, true),
-                Some(ArchiveKey::Data { name, .. }) => (name, false),
+                Some(ArchiveKey::Data { name, .. }) | Some(ArchiveKey::Summary { name, .. }) => {
+                    (name, false)
+                }
                 None => continue,
             };
             if name.kind() == WalFileKind::History {

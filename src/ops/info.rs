@@ -117,7 +117,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
                 st.shas.insert(sha.to_hex());
                 st.size = m.size;
             }
-            None => {}
+            Some(ArchiveKey::Summary { .. }) | None => {}
         }
     }
 

@@ -11,4 +11,5 @@ pub mod progress;
 pub mod restore;
 pub mod stanza_create;
 pub mod verify;
+pub mod walfacts;
 mod workers;

@@ -16,9 +16,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::ops::archive_get::fetch_small;
 use crate::ops::progress::Progress;
+use crate::ops::walfacts;
 use crate::ops::workers;
 use crate::pg::datadir::{self, EMPTY_DIRS};
 use crate::pg::history::{parse_history, TimelineHistory};
@@ -27,7 +29,7 @@ use crate::pg::{TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec;
 use crate::repo::layout::{self, ArchiveKey};
 use crate::repo::manifest::{FileEntry, Manifest};
-use crate::repo::{Backend, Repository};
+use crate::repo::{Backend, DbInfo, Repository};
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -48,6 +50,10 @@ pub struct RestoreOptions {
     /// The `restore_command` to write (built by the caller, who knows how
     /// this binary was invoked; it never contains a secret).
     pub restore_command: String,
+    /// Refuse a target the archived WAL does not reach (`--no-target-check`
+    /// turns it off).
+    pub target_check: bool,
+    pub catalog: Option<Catalog>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +95,9 @@ async fn restore_inner(
     )
     .await?;
     let m = choose_backup(&manifests, opts, history.as_ref())?;
+    if opts.target_check {
+        check_target_reachable(repo, opts, stanza.current(), m, history.as_ref()).await?;
+    }
     progress.message(&format!(
         "restoring backup {} (stopped {} at {}, timeline {})",
         m.label, m.stop_time, m.stop_lsn, m.timeline
@@ -215,6 +224,105 @@ async fn restore_inner(
         bytes: m.original_size,
         skipped_by_delta: skipped,
     })
+}
+
+/// Refuses, before anything is written, a target the archive cannot reach:
+/// a time after the last archived commit (or abort, or restore point: the
+/// records recovery can stop at), a restore point that is not in the WAL
+/// recovery would replay, an LSN past its end. Files without a record
+/// summary make the answer unknown: then a warning, not a refusal.
+async fn check_target_reachable(
+    repo: &Repository,
+    opts: &RestoreOptions,
+    db: &DbInfo,
+    m: &Manifest,
+    history: Option<&TimelineHistory>,
+) -> Result<()> {
+    let target = match &opts.target {
+        Some(t @ (RecoveryTarget::Time(_) | RecoveryTarget::Name(_) | RecoveryTarget::Lsn(_))) => t,
+        _ => return Ok(()),
+    };
+    let seg = db.wal_segment_size;
+    let root = TimelineHistory::root(m.timeline);
+    let history = history.unwrap_or(&root);
+    let archived = walfacts::Archived::list(repo, db).await?;
+    let path = archived.replay_path(history, m.start_lsn.segno(seg), seg);
+    let sums = walfacts::load(repo, opts.catalog.as_ref(), db, &archived, &path).await?;
+    let facts = walfacts::path_facts(&path, &sums, seg);
+    let timeline = history.timeline;
+    let window = match (&facts.last_time, path.last()) {
+        (Some((t, _)), Some(last)) => format!(
+            "recoverable on timeline {timeline} from backup {}: {} to {} (last archived commit), WAL up to {} ({})",
+            m.label,
+            m.stop_time,
+            walfacts::format_us(*t),
+            facts.end_lsn.unwrap_or_default(),
+            last
+        ),
+        (None, Some(last)) => format!(
+            "recoverable on timeline {timeline} from backup {}: {} to WAL {} ({}); no commit is archived after it",
+            m.label,
+            m.stop_time,
+            facts.end_lsn.unwrap_or_default(),
+            last
+        ),
+        (_, None) => format!(
+            "the archive does not hold backup {}'s first WAL segment on timeline {timeline}",
+            m.label
+        ),
+    };
+    let refuse = |what: String| {
+        Err(Error::new(Kind::InvalidInput, format!("{what}; {window}"))
+            .hint("choose a target inside that window, or pass --no-target-check to try anyway"))
+    };
+    let unsure = |what: &str| {
+        log::warn!(
+            "cannot check {what}: {} archived segment(s) on the way have no record summary (run `pgvault backfill`)",
+            facts.unsummarized.len()
+        );
+        Ok(())
+    };
+    match target {
+        RecoveryTarget::Time(t) => {
+            let want = t.timestamp_micros();
+            match facts.last_time {
+                Some((last, _)) if want <= last => Ok(()),
+                _ if !facts.unsummarized.is_empty() => unsure("the target time"),
+                _ => refuse(format!(
+                    "target time {} is after the last archived commit",
+                    recovery::format_target_time(t)
+                )),
+            }
+        }
+        RecoveryTarget::Name(n) => {
+            if facts.restore_points.iter().any(|rp| &rp.name == n) {
+                Ok(())
+            } else if !facts.unsummarized.is_empty() {
+                unsure("the restore point")
+            } else {
+                let known: Vec<&str> = facts
+                    .restore_points
+                    .iter()
+                    .map(|rp| rp.name.as_str())
+                    .collect();
+                refuse(format!(
+                    "restore point {n:?} is not in the archived WAL (restore points there: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            }
+        }
+        RecoveryTarget::Lsn(l) => match facts.end_lsn {
+            Some(end) if *l <= end => Ok(()),
+            _ => refuse(format!(
+                "target LSN {l} is past the end of the archived WAL"
+            )),
+        },
+        _ => Ok(()),
+    }
 }
 
 /// The history of the target timeline, when one is named (or `latest`).
@@ -723,6 +831,8 @@ mod tests {
             delta: false,
             process_max: 1,
             restore_command: String::new(),
+            target_check: true,
+            catalog: None,
         }
     }
 

@@ -94,7 +94,7 @@ pub async fn verify(
                 Some(ArchiveKey::Claim { name }) => {
                     claims.insert(name);
                 }
-                None => {}
+                Some(ArchiveKey::Summary { .. }) | None => {}
             }
         }
         for name in &claims {

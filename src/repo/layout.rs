@@ -4,6 +4,7 @@
 //! <stanza>/stanza.pgv                                   stanza facts (replaced atomically)
 //! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.zst    archived WAL, content-addressed
 //! <stanza>/archive/<db>/<tli+log>/<wal>.claim           which content owns the name <wal>
+//! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.summary what that content's records say
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             backed-up files (one, or a bundle of small ones)
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
@@ -23,6 +24,7 @@ use crate::repo::codec::Sha256Sum;
 pub const STANZA_OBJECT: &str = "stanza.pgv";
 pub const WAL_SUFFIX: &str = ".zst";
 pub const CLAIM_SUFFIX: &str = ".claim";
+pub const SUMMARY_SUFFIX: &str = ".summary";
 
 pub fn stanza_key(stanza: &str) -> String {
     format!("{stanza}/{STANZA_OBJECT}")
@@ -85,11 +87,24 @@ pub fn wal_claim_key(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
     )
 }
 
+/// The record summary of one archived content (`pg::walscan`): commit
+/// times, restore points, damaged records. Named by the content's checksum,
+/// so it can never describe other bytes.
+pub fn wal_summary_key(stanza: &str, db_dir: &str, name: &WalFileName, sha: &Sha256Sum) -> String {
+    format!(
+        "{}/{}-{}{SUMMARY_SUFFIX}",
+        wal_dir(stanza, db_dir, name),
+        name.as_str(),
+        sha.to_hex()
+    )
+}
+
 /// What a key below an archive root is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArchiveKey {
     Data { name: WalFileName, sha: Sha256Sum },
     Claim { name: WalFileName },
+    Summary { name: WalFileName, sha: Sha256Sum },
 }
 
 /// Parses the last component of a key below `archive/<db>/`; `None` for
@@ -101,11 +116,16 @@ pub fn parse_archive_key(key: &str) -> Option<ArchiveKey> {
             .ok()
             .map(|name| ArchiveKey::Claim { name });
     }
-    let stem = file.strip_suffix(WAL_SUFFIX)?;
+    let (stem, summary) = match file.strip_suffix(SUMMARY_SUFFIX) {
+        Some(stem) => (stem, true),
+        None => (file.strip_suffix(WAL_SUFFIX)?, false),
+    };
     let (name, sha) = stem.rsplit_once('-')?;
-    Some(ArchiveKey::Data {
-        name: WalFileName::parse(name).ok()?,
-        sha: Sha256Sum::from_hex(sha)?,
+    let (name, sha) = (WalFileName::parse(name).ok()?, Sha256Sum::from_hex(sha)?);
+    Some(if summary {
+        ArchiveKey::Summary { name, sha }
+    } else {
+        ArchiveKey::Data { name, sha }
     })
 }
 
@@ -137,7 +157,16 @@ mod tests {
             c,
             "main/archive/15-1/0000000100000002/00000001000000020000003A.claim"
         );
-        assert_eq!(parse_archive_key(&c), Some(ArchiveKey::Claim { name }));
+        assert_eq!(
+            parse_archive_key(&c),
+            Some(ArchiveKey::Claim { name: name.clone() })
+        );
+        let r = wal_summary_key("main", "15-1", &name, &sha);
+        assert_eq!(r, k.replace(".zst", ".summary"));
+        assert_eq!(
+            parse_archive_key(&r),
+            Some(ArchiveKey::Summary { name, sha })
+        );
         let h = WalFileName::parse("00000002.history").unwrap();
         assert_eq!(
             wal_claim_key("s", "15-1", &h),

@@ -10,5 +10,6 @@ pub mod info;
 pub mod progress;
 pub mod restore;
 pub mod stanza_create;
+pub mod stanza_upgrade;
 pub mod verify;
 mod workers;

@@ -135,6 +135,8 @@ pub struct Cli {
 pub enum Command {
     /// Register the cluster in --pgdata in the repository
     StanzaCreate,
+    /// After pg_upgrade: record the upgraded cluster in --pgdata as the stanza's current one
+    StanzaUpgrade,
     /// Archive one WAL file (archive_command = 'pgvault archive-push %p')
     ArchivePush {
         /// The file, as PostgreSQL passes it (%p, relative to the data directory)

@@ -141,6 +141,15 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             render::stanza_created(&repo, &r);
             Ok(0)
         }
+        Command::StanzaUpgrade => {
+            let repo = open_repo(s)?;
+            let opts = ops::stanza_upgrade::StanzaUpgradeOptions {
+                pgdata: s.pgdata()?.to_path_buf(),
+            };
+            let r = ops::stanza_upgrade::stanza_upgrade(&repo, &opts).await?;
+            render::stanza_upgraded(&repo, &r);
+            Ok(0)
+        }
         Command::ArchivePush { path } => {
             let repo = open_repo(s)?;
             let opts = ops::archive_push::PushOptions {

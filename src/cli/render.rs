@@ -5,9 +5,10 @@ use std::io::Write;
 use super::args::Output;
 use crate::error::{Error, Result};
 use crate::ops::expire::ExpireReport;
-use crate::ops::info::InfoReport;
+use crate::ops::info::{BackupReport, InfoReport, TimelineReport};
 use crate::ops::restore::{RestoreOptions, Restored};
 use crate::ops::stanza_create::StanzaCreated;
+use crate::ops::stanza_upgrade::{StanzaUpgraded, UpgradeOutcome};
 use crate::ops::verify::VerifyReport;
 use crate::ops::walfacts::BackfillReport;
 use crate::repo::manifest::Manifest;
@@ -54,6 +55,31 @@ pub fn stanza_created(repo: &Repository, r: &StanzaCreated) {
         r.db.pg_version,
         bytes(r.db.wal_segment_size as u64)
     );
+}
+
+pub fn stanza_upgraded(repo: &Repository, r: &StanzaUpgraded) {
+    match r.outcome {
+        UpgradeOutcome::AlreadyCurrent => eprintln!(
+            "stanza {:?} already archives this cluster (system identifier {}, PostgreSQL {}, \
+             archive {}): nothing to upgrade",
+            repo.stanza(),
+            r.db.system_identifier,
+            r.db.pg_version,
+            r.db.dir()
+        ),
+        UpgradeOutcome::Upgraded => eprintln!(
+            "stanza {:?} upgraded in {}: now archives system identifier {}, PostgreSQL {} \
+             into archive {} (was {}, PostgreSQL {}, archive {}, kept for its backups)",
+            repo.stanza(),
+            repo.describe(),
+            r.db.system_identifier,
+            r.db.pg_version,
+            r.db.dir(),
+            r.previous.system_identifier,
+            r.previous.pg_version,
+            r.previous.dir()
+        ),
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -113,18 +139,44 @@ fn info_text(r: &InfoReport) -> String {
     let st = &r.stanza;
     s += &format!("stanza: {}\n", st.name);
     s += &format!("    repository: {}\n", r.repository);
-    s += &format!(
-        "    cluster: PostgreSQL {}, system identifier {}, WAL segments of {}\n",
-        st.pg_version,
-        st.system_identifier,
-        bytes(st.wal_segment_size as u64)
-    );
-    if r.backups.is_empty() {
-        s += "    backups: none\n";
-    }
-    for b in &r.backups {
+    if r.dbs.len() <= 1 {
         s += &format!(
-            "    {} backup {}: {} … {} (timeline {}, {} … {}), {} stored {}, WAL {} … {}\n",
+            "    cluster: PostgreSQL {}, system identifier {}, WAL segments of {}\n",
+            st.pg_version,
+            st.system_identifier,
+            bytes(st.wal_segment_size as u64)
+        );
+        info_backups(&mut s, r.backups.iter(), "    ");
+        info_timelines(&mut s, &r.timelines, "    ");
+        return s;
+    }
+    // After pg_upgrade: each cluster with its own backups and archive.
+    for db in r.dbs.iter().rev() {
+        s += &format!(
+            "    cluster {} ({}): PostgreSQL {}, system identifier {}, WAL segments of {}, archive {}\n",
+            db.db_id,
+            if db.current { "current" } else { "before pg_upgrade" },
+            db.pg_version,
+            db.system_identifier,
+            bytes(db.wal_segment_size as u64),
+            db.archive
+        );
+        info_backups(
+            &mut s,
+            r.backups.iter().filter(|b| b.db_id == db.db_id),
+            "        ",
+        );
+        info_timelines(&mut s, &db.timelines, "        ");
+    }
+    s
+}
+
+fn info_backups<'a>(s: &mut String, backups: impl Iterator<Item = &'a BackupReport>, ind: &str) {
+    let mut none = true;
+    for b in backups {
+        none = false;
+        *s += &format!(
+            "{ind}{} backup {}: {} … {} (timeline {}, {} … {}), {} stored {}, WAL {} … {}\n",
             b.backup_type,
             b.label,
             b.start_time,
@@ -138,52 +190,57 @@ fn info_text(r: &InfoReport) -> String {
             b.wal_stop
         );
     }
-    if r.timelines.is_empty() {
-        s += "    WAL archive: empty\n";
+    if none {
+        *s += &format!("{ind}backups: none\n");
     }
-    for t in &r.timelines {
+}
+
+fn info_timelines(s: &mut String, timelines: &[TimelineReport], ind: &str) {
+    if timelines.is_empty() {
+        *s += &format!("{ind}WAL archive: empty\n");
+    }
+    for t in timelines {
         match (&t.first_segment, &t.last_segment) {
             (Some(a), Some(b)) => {
-                s += &format!(
-                    "    timeline {}: {a} … {b} ({} segments",
+                *s += &format!(
+                    "{ind}timeline {}: {a} … {b} ({} segments",
                     t.timeline, t.segments
                 );
-                s += if t.gaps.is_empty() {
+                *s += if t.gaps.is_empty() {
                     ", no gaps)\n"
                 } else {
                     ")\n"
                 };
             }
-            _ => s += &format!("    timeline {}: no segments\n", t.timeline),
+            _ => *s += &format!("{ind}timeline {}: no segments\n", t.timeline),
         }
         if let (Some(p), Some(l)) = (t.parent, t.switch_lsn) {
-            s += &format!("        branched from timeline {p} at {l}\n");
+            *s += &format!("{ind}    branched from timeline {p} at {l}\n");
         }
         match &t.recoverable {
             Some(rc) => {
-                s += &format!(
-                    "        recoverable: {} ({}, backup {}) … {}\n",
+                *s += &format!(
+                    "{ind}    recoverable: {} ({}, backup {}) … {}\n",
                     rc.from_lsn, rc.from_time, rc.from_backup, rc.to_lsn
                 )
             }
-            None => s += "        recoverable: no backup on this timeline\n",
+            None => *s += &format!("{ind}    recoverable: no backup on this timeline\n"),
         }
         for g in &t.gaps {
-            s += &format!("        gap: {} … {} missing\n", g.from, g.to);
+            *s += &format!("{ind}    gap: {} … {} missing\n", g.from, g.to);
         }
         for p in &t.partial {
-            s += &format!("        partial: {p}\n");
+            *s += &format!("{ind}    partial: {p}\n");
         }
         if t.history_file {
-            s += &format!("        history: {:08X}.history\n", t.timeline);
+            *s += &format!("{ind}    history: {:08X}.history\n", t.timeline);
         }
         for c in &t.conflicts {
-            s += &format!(
-                "        CONFLICT: {c} is stored with more than one content (run pgvault verify)\n"
+            *s += &format!(
+                "{ind}    CONFLICT: {c} is stored with more than one content (run pgvault verify)\n"
             );
         }
     }
-    s
 }
 
 /// The label on stdout (for scripts), a summary on stderr.
@@ -215,7 +272,8 @@ pub fn restore_done(r: &Restored, opts: &RestoreOptions) {
         bytes(r.bytes)
     );
     eprintln!(
-        "pgvault: start PostgreSQL on {} to recover ({})",
+        "pgvault: start PostgreSQL {} on {} to recover ({})",
+        r.pg_version,
         opts.pgdata.display(),
         if opts.standby {
             "standby.signal"

@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::archive_push::read_claim;
+use crate::pg::control::read_cluster_info;
 use crate::pg::history::{self, TimelineHistory};
 use crate::pg::{WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout::{self, ArchiveKey};
-use crate::repo::Repository;
+use crate::repo::{DbInfo, Repository, StanzaInfo};
 use crate::spool::SpoolDir;
 
 #[derive(Debug, Clone)]
@@ -59,7 +60,7 @@ async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
         }
     }
     let stanza = repo.require_stanza().await?;
-    let db = stanza.current();
+    let db = db_of_working_dir(&stanza).await;
     if !fetch_into(repo, &db.dir(), &name, &opts.dest).await? {
         return Ok(GetOutcome::NotFound);
     }
@@ -69,6 +70,47 @@ async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
         }
     }
     Ok(GetOutcome::Restored)
+}
+
+/// Which of the stanza's clusters the recovering server belongs to.
+///
+/// After `pg_upgrade` the stanza records more than one cluster, and an old
+/// backup restored with the old binaries must replay the old cluster's WAL
+/// (`<major>-<id>`), whose names repeat in the new cluster's. PostgreSQL
+/// runs `restore_command` with the data directory as working directory
+/// (the same fact `cli` relies on for `standby.signal`), so its
+/// `global/pg_control` says which cluster this is: its system identifier
+/// and major pick the entry. Nothing to read with a single cluster; and
+/// when the working directory is not a data directory of a recorded
+/// cluster (a call by hand), the current cluster, as before upgrades.
+async fn db_of_working_dir(stanza: &StanzaInfo) -> DbInfo {
+    if stanza.dbs.len() == 1 {
+        return stanza.current().clone();
+    }
+    let here = tokio::task::spawn_blocking(|| read_cluster_info(Path::new("."))).await;
+    match here {
+        Ok(Ok(c)) => match stanza.db_for_cluster(c.control.system_identifier, c.major) {
+            Some(db) => db.clone(),
+            None => {
+                log::warn!(
+                    "the working directory is cluster {} (PostgreSQL {}), which stanza {:?} \
+                     does not record; fetching from its current cluster",
+                    c.control.system_identifier,
+                    c.major,
+                    stanza.stanza
+                );
+                stanza.current().clone()
+            }
+        },
+        Ok(Err(e)) => {
+            log::debug!("working directory is not a data directory ({e}): current cluster");
+            stanza.current().clone()
+        }
+        Err(e) => {
+            log::debug!("read pg_control of the working directory: {e}");
+            stanza.current().clone()
+        }
+    }
 }
 
 fn parse_name(name: &str) -> Result<WalFileName> {
@@ -146,7 +188,7 @@ pub async fn prefetch(
         return Ok(0); // another prefetcher is at work
     }
     let stanza = repo.require_stanza().await?;
-    let db = stanza.current();
+    let db = db_of_working_dir(&stanza).await;
     let seg = db.wal_segment_size;
     let Some(start) = name.segno(seg) else {
         return Ok(0);

@@ -394,7 +394,10 @@ fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
             };
             pg::wal::validate_segment_start(name, &page, &expect).map_err(|e| {
                 Error::invalid_input(format!("not a WAL segment of this stanza's cluster: {e}"))
-                    .hint("is another cluster's archive_command pointing at this stanza?")
+                    .hint(
+                        "after pg_upgrade run `pgvault stanza-upgrade --pgdata <new PGDATA>`; \
+                         otherwise another cluster's archive_command points at this stanza",
+                    )
             })?;
         }
         WalFileKind::History => {

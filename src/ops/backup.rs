@@ -81,7 +81,8 @@ async fn backup_inner(
             cluster.control.system_identifier,
             repo.stanza(),
             db.system_identifier
-        )));
+        ))
+        .hint("after pg_upgrade run `pgvault stanza-upgrade --pgdata <new PGDATA>` first"));
     }
 
     let session = Session::connect(&opts.conn).await.map_err(pg_error)?;

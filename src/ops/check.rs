@@ -38,7 +38,7 @@ pub async fn check(
             repo.stanza(),
             db.pg_version
         ))
-        .hint("after pg_upgrade, the stanza must be upgraded too"));
+        .hint("after pg_upgrade run `pgvault stanza-upgrade --pgdata <new PGDATA>`"));
     }
     let status = session.archiver_status().await.map_err(pg_error)?;
     let mut warnings = Vec::new();

@@ -10,7 +10,8 @@
 //!   the local clock; that keeps at least what the window needs.
 //!   With both set, whatever either policy keeps stays.
 //! * all WAL from the oldest kept backup's start on, on every timeline,
-//!   and every timeline history file.
+//!   and every timeline history file — per cluster of the stanza: after a
+//!   `pg_upgrade`, the old cluster's WAL goes with its last backup.
 //!
 //! Deletion order keeps the repository valid if interrupted: a backup's
 //! manifest goes before its data (a backup is never half there), a WAL
@@ -40,7 +41,8 @@ pub struct ExpireReport {
     pub dry_run: bool,
     pub kept: Vec<String>,
     pub expired: Vec<String>,
-    /// WAL older than this segment (any timeline) is removed.
+    /// WAL of the current cluster older than this segment (any timeline)
+    /// is removed.
     pub wal_kept_from: Option<String>,
     pub wal_objects_removed: u64,
 }
@@ -104,16 +106,31 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
         .map(|i| &all[i])
         .collect();
 
-    // WAL before the oldest kept backup's start is needed by nothing kept.
-    let db = stanza.current();
-    let seg = db.wal_segment_size;
-    let oldest_start: Option<SegmentNo> = kept
-        .iter()
-        .filter(|m| m.db_id == db.id)
-        .map(|m| m.start_lsn.segno(seg))
-        .min();
+    // Per cluster of the stanza (one more per pg_upgrade), WAL before its
+    // oldest kept backup's start is needed by nothing kept. A cluster from
+    // before an upgrade with no backup kept needs none of its WAL; the
+    // current one keeps all of its WAL until it has a backup.
+    let current = stanza.current().id;
     let mut wal_keys = Vec::new();
-    if let Some(first) = oldest_start {
+    let mut wal_kept_from = None;
+    for db in &stanza.dbs {
+        let seg = db.wal_segment_size;
+        let oldest = kept
+            .iter()
+            .filter(|m| m.db_id == db.id)
+            .min_by_key(|m| m.start_lsn);
+        let first: Option<SegmentNo> = match oldest {
+            Some(m) => Some(m.start_lsn.segno(seg)),
+            None if db.id == current => continue,
+            None => None, // everything before "no backup at all"
+        };
+        if db.id == current {
+            wal_kept_from = oldest.zip(first).map(|(m, s)| {
+                crate::pg::WalFileName::for_segment(m.timeline, s, seg)
+                    .as_str()
+                    .to_string()
+            });
+        }
         let listing = repo
             .backend()
             .list(&layout::archive_root(repo.stanza(), &db.dir()))
@@ -129,7 +146,10 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
             if name.kind() == WalFileKind::History {
                 continue;
             }
-            if name.segno(seg).is_some_and(|s| s < first) {
+            if name
+                .segno(seg)
+                .is_some_and(|s| first.is_none_or(|first| s < first))
+            {
                 wal_keys.push((is_claim, m.key));
             }
         }
@@ -141,11 +161,7 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
         dry_run: opts.dry_run,
         kept: kept.iter().map(|m| m.label.clone()).collect(),
         expired: expired.iter().map(|m| m.label.clone()).collect(),
-        wal_kept_from: oldest_start.map(|s| {
-            crate::pg::WalFileName::for_segment(kept[0].timeline, s, seg)
-                .as_str()
-                .to_string()
-        }),
+        wal_kept_from,
         wal_objects_removed: wal_keys.len() as u64,
     };
     if opts.dry_run {

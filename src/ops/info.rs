@@ -25,6 +25,24 @@ pub struct InfoReport {
     pub stanza: StanzaReport,
     /// Complete backups, oldest first (by the stop LSN the server reported).
     pub backups: Vec<BackupReport>,
+    /// The current cluster's timelines (the same as the last of `dbs`).
+    pub timelines: Vec<TimelineReport>,
+    /// Every cluster the stanza records, oldest first (one more per
+    /// `pg_upgrade`); the last is the one archiving now.
+    pub dbs: Vec<DbReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DbReport {
+    pub db_id: u32,
+    pub pg_version: u32,
+    pub system_identifier: String,
+    pub wal_segment_size: u32,
+    /// Its archive directory, `<major>-<id>`.
+    pub archive: String,
+    pub current: bool,
+    /// Labels of its complete backups, oldest first.
+    pub backups: Vec<String>,
     pub timelines: Vec<TimelineReport>,
 }
 
@@ -46,6 +64,9 @@ pub struct BackupReport {
     /// WAL needed to make this backup consistent.
     pub wal_start: String,
     pub wal_stop: String,
+    /// The cluster (`dbs[].db_id`) it is a backup of.
+    pub db_id: u32,
+    pub pg_version: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,39 +123,32 @@ struct NameState {
 
 pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoReport> {
     let stanza = repo.require_stanza().await?;
-    let db = stanza.current().clone();
-    let listing = repo
-        .backend()
-        .list(&layout::archive_root(repo.stanza(), &db.dir()))
-        .await?;
-
-    let mut names: BTreeMap<WalFileName, NameState> = BTreeMap::new();
-    for m in &listing {
-        match layout::parse_archive_key(&m.key) {
-            Some(ArchiveKey::Claim { name }) => names.entry(name).or_default().claimed = true,
-            Some(ArchiveKey::Data { name, sha }) => {
-                let st = names.entry(name).or_default();
-                st.shas.insert(sha.to_hex());
-                st.size = m.size;
-            }
-            Some(ArchiveKey::Summary { .. }) | None => {}
-        }
-    }
-
     let manifests = repo.manifests().await?;
-    let mut timelines = timelines(&db, &names);
-    for t in timelines.iter_mut().filter(|t| t.history_file) {
-        let name = WalFileName::history(TimelineId(t.timeline));
-        if let Some(bytes) = fetch_small(repo, &db.dir(), &name).await? {
-            if let Ok(h) = parse_history(TimelineId(t.timeline), &String::from_utf8_lossy(&bytes)) {
-                if let Some(last) = h.entries.last() {
-                    t.parent = Some(last.parent.0);
-                    t.switch_lsn = Some(last.switch_point);
-                }
-            }
+    let mut dbs = Vec::new();
+    let mut current_names = BTreeMap::new();
+    for db in &stanza.dbs {
+        let own: Vec<Manifest> = manifests
+            .iter()
+            .filter(|m| m.db_id == db.id)
+            .cloned()
+            .collect();
+        let (names, timelines) = db_archive(repo, db, &own).await?;
+        let current = db.id == stanza.current().id;
+        if current {
+            current_names = names;
         }
+        dbs.push(DbReport {
+            db_id: db.id,
+            pg_version: db.pg_version,
+            system_identifier: db.system_identifier.clone(),
+            wal_segment_size: db.wal_segment_size,
+            archive: db.dir(),
+            current,
+            backups: own.iter().map(|m| m.label.clone()).collect(),
+            timelines,
+        });
     }
-    recoverable(&db, &names, &manifests, &mut timelines);
+    let db = stanza.current().clone();
     let report = InfoReport {
         schema_version: INFO_SCHEMA_VERSION,
         repository: repo.describe(),
@@ -160,15 +174,60 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
                 files: m.files.len() as u64,
                 wal_start: m.wal_start.clone(),
                 wal_stop: m.wal_stop.clone(),
+                db_id: m.db_id,
+                pg_version: m.pg_version,
             })
             .collect(),
-        timelines,
+        timelines: dbs.last().map(|d| d.timelines.clone()).unwrap_or_default(),
+        dbs,
     };
     if let Some(cat) = catalog {
-        cat.replace_best_effort(repo.stanza(), snapshot(&names, &report))
+        // The catalog caches the current cluster's archive.
+        cat.replace_best_effort(repo.stanza(), snapshot(&current_names, &report))
             .await;
     }
     Ok(report)
+}
+
+/// One cluster's archived WAL (`archive/<major>-<id>/`) and its timelines,
+/// recoverable from its own backups.
+async fn db_archive(
+    repo: &Repository,
+    db: &DbInfo,
+    manifests: &[Manifest],
+) -> Result<(BTreeMap<WalFileName, NameState>, Vec<TimelineReport>)> {
+    let listing = repo
+        .backend()
+        .list(&layout::archive_root(repo.stanza(), &db.dir()))
+        .await?;
+
+    let mut names: BTreeMap<WalFileName, NameState> = BTreeMap::new();
+    for m in &listing {
+        match layout::parse_archive_key(&m.key) {
+            Some(ArchiveKey::Claim { name }) => names.entry(name).or_default().claimed = true,
+            Some(ArchiveKey::Data { name, sha }) => {
+                let st = names.entry(name).or_default();
+                st.shas.insert(sha.to_hex());
+                st.size = m.size;
+            }
+            Some(ArchiveKey::Summary { .. }) | None => {}
+        }
+    }
+
+    let mut timelines = timelines(db, &names);
+    for t in timelines.iter_mut().filter(|t| t.history_file) {
+        let name = WalFileName::history(TimelineId(t.timeline));
+        if let Some(bytes) = fetch_small(repo, &db.dir(), &name).await? {
+            if let Ok(h) = parse_history(TimelineId(t.timeline), &String::from_utf8_lossy(&bytes)) {
+                if let Some(last) = h.entries.last() {
+                    t.parent = Some(last.parent.0);
+                    t.switch_lsn = Some(last.switch_point);
+                }
+            }
+        }
+    }
+    recoverable(db, &names, manifests, &mut timelines);
+    Ok((names, timelines))
 }
 
 /// What the catalog caches of this read of the repository.

@@ -10,6 +10,7 @@ pub mod info;
 pub mod progress;
 pub mod restore;
 pub mod stanza_create;
+pub mod stanza_upgrade;
 pub mod verify;
 pub mod walfacts;
 mod workers;

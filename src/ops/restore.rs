@@ -29,7 +29,7 @@ use crate::pg::{TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec;
 use crate::repo::layout::{self, ArchiveKey};
 use crate::repo::manifest::{FileEntry, Manifest};
-use crate::repo::{Backend, DbInfo, Repository};
+use crate::repo::{Backend, DbInfo, Repository, StanzaInfo};
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -62,6 +62,8 @@ pub struct Restored {
     pub files: usize,
     pub bytes: u64,
     pub skipped_by_delta: usize,
+    /// The PostgreSQL major that must start it (the backup's cluster's).
+    pub pg_version: u32,
 }
 
 pub async fn restore(
@@ -88,20 +90,25 @@ async fn restore_inner(
         )
         .hint("take one with `pgvault backup`"));
     }
-    let history = target_history(
-        repo,
-        &stanza.current().dir(),
-        opts.target_timeline.as_deref(),
-    )
-    .await?;
-    let m = choose_backup(&manifests, opts, history.as_ref())?;
+    let (m, db) = choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
     if opts.target_check {
-        check_target_reachable(repo, opts, stanza.current(), m, history.as_ref()).await?;
+        let history = target_history(repo, &db.dir(), opts.target_timeline.as_deref()).await?;
+        check_target_reachable(repo, opts, db, m, history.as_ref()).await?;
     }
     progress.message(&format!(
         "restoring backup {} (stopped {} at {}, timeline {})",
         m.label, m.stop_time, m.stop_lsn, m.timeline
     ));
+    if db.id != stanza.current().id {
+        progress.message(&format!(
+            "backup {} is of the cluster before a pg_upgrade (PostgreSQL {}, archive {}): \
+             start it with PostgreSQL {}'s binaries",
+            m.label,
+            db.pg_version,
+            db.dir(),
+            db.pg_version
+        ));
+    }
 
     let owner = target_owner(&opts.pgdata)?;
     check_target(&opts.pgdata, opts.delta)?;
@@ -223,6 +230,7 @@ async fn restore_inner(
         files: m.files.len(),
         bytes: m.original_size,
         skipped_by_delta: skipped,
+        pg_version: db.pg_version,
     })
 }
 
@@ -373,6 +381,76 @@ async fn target_history(
     parse_history(tli, &text)
         .map(Some)
         .map_err(|e| Error::repository(format!("{name}: {e}")))
+}
+
+/// Picks the backup and the cluster (stanza entry) whose archive recovers
+/// it. A named backup brings its own cluster (the manifest's `db_id`).
+/// Otherwise the newest cluster that has backups comes first, its
+/// timelines read from its own archive; only when none of its backups can
+/// reach a time or LSN target are the clusters before a `pg_upgrade` tried,
+/// newest first.
+async fn choose_backup_and_db<'a>(
+    repo: &Repository,
+    stanza: &'a StanzaInfo,
+    all: &'a [Manifest],
+    opts: &RestoreOptions,
+) -> Result<(&'a Manifest, &'a DbInfo)> {
+    let tli = opts.target_timeline.as_deref();
+    if opts.set.as_deref().is_some_and(|l| l != "latest") {
+        let m = choose_backup(all, opts, None)?;
+        let db = stanza.db(m.db_id).ok_or_else(|| {
+            Error::new(
+                Kind::Stanza,
+                format!(
+                    "backup {} belongs to cluster {} (PostgreSQL {}), which stanza {:?} does not record",
+                    m.label,
+                    m.db_id,
+                    m.pg_version,
+                    repo.stanza()
+                ),
+            )
+        })?;
+        // A timeline named that its archive does not know is refused here.
+        target_history(repo, &db.dir(), tli).await?;
+        return Ok((m, db));
+    }
+    let mut refused: Option<Error> = None;
+    for db in stanza.dbs.iter().rev() {
+        let own: Vec<Manifest> = all.iter().filter(|m| m.db_id == db.id).cloned().collect();
+        if own.is_empty() {
+            continue;
+        }
+        let chosen = match target_history(repo, &db.dir(), tli).await {
+            Ok(history) => choose_backup(&own, opts, history.as_ref()).map(|m| m.label.clone()),
+            Err(e) => Err(e),
+        };
+        match chosen {
+            Ok(label) => {
+                let m = all
+                    .iter()
+                    .find(|m| m.label == label)
+                    .expect("chosen among these manifests");
+                return Ok((m, db));
+            }
+            Err(e) if e.kind() == Kind::Usage => refused = refused.or(Some(e)),
+            Err(e) => return Err(e),
+        }
+        if !matches!(
+            opts.target,
+            Some(RecoveryTarget::Time(_) | RecoveryTarget::Lsn(_))
+        ) {
+            break;
+        }
+    }
+    Err(refused.unwrap_or_else(|| {
+        Error::new(
+            Kind::Stanza,
+            format!(
+                "no backup of stanza {:?} belongs to a cluster it records",
+                repo.stanza()
+            ),
+        )
+    }))
 }
 
 /// Picks the backup: the named one, or the newest whose stop (as the server

@@ -28,6 +28,9 @@ pub struct Manifest {
     pub timeline: TimelineId,
     pub pg_version: u32,
     pub system_identifier: String,
+    /// The stanza entry (`DbInfo::id`) of the cluster backed up, whose
+    /// archive recovers it; 1 in manifests written before it was recorded.
+    #[serde(default = "first_db_id")]
     pub db_id: u32,
     pub wal_segment_size: u32,
     /// First and last WAL segment needed to make the backup consistent.
@@ -70,6 +73,10 @@ pub struct FileEntry {
     /// Where this file's encoded bytes sit in the object.
     pub offset: u64,
     pub length: u64,
+}
+
+fn first_db_id() -> u32 {
+    1
 }
 
 impl Manifest {
@@ -158,5 +165,18 @@ pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &st
         files: vec![],
         original_size: 0,
         stored_size: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn db_id_defaults_to_the_first_cluster() {
+        let mut v =
+            serde_json::to_value(super::test_manifest("a", 1, 0x100, "2026-01-01T00:00:00Z"))
+                .unwrap();
+        v.as_object_mut().unwrap().remove("db_id");
+        let m: super::Manifest = serde_json::from_value(v).unwrap();
+        assert_eq!(m.db_id, 1);
     }
 }

@@ -49,6 +49,66 @@ impl StanzaInfo {
             .last()
             .expect("a stanza always has at least one cluster")
     }
+
+    /// The cluster recorded under `id` (a manifest's `db_id`).
+    pub fn db(&self, id: u32) -> Option<&DbInfo> {
+        self.dbs.iter().find(|d| d.id == id)
+    }
+
+    /// The recorded cluster with this system identifier and major, newest
+    /// first (after `pg_upgrade` both differ from the old cluster's).
+    pub fn db_for_cluster(&self, system_identifier: u64, major: u32) -> Option<&DbInfo> {
+        self.dbs
+            .iter()
+            .rev()
+            .find(|d| d.system_id() == system_identifier && d.pg_version == major)
+    }
+
+    /// What `stanza-upgrade` does with the cluster `new` (its id is
+    /// ignored): `None` when it is already the current one, else the stanza
+    /// with `new` appended as the current cluster. Refuses an older cluster
+    /// of this stanza and an older major.
+    pub fn upgraded(&self, new: &DbInfo) -> Result<Option<StanzaInfo>> {
+        let current = self.current();
+        if current.system_identifier == new.system_identifier
+            && current.pg_version == new.pg_version
+        {
+            same_cluster(&self.stanza, current, new)?;
+            return Ok(None);
+        }
+        if let Some(old) = self.db_for_cluster(new.system_id(), new.pg_version) {
+            return Err(Error::new(
+                Kind::Stanza,
+                format!(
+                    "stanza {:?}: this is its earlier cluster {} (system identifier {}, PostgreSQL {}); \
+                     it now archives cluster {} (system identifier {}, PostgreSQL {})",
+                    self.stanza,
+                    old.id,
+                    old.system_identifier,
+                    old.pg_version,
+                    current.id,
+                    current.system_identifier,
+                    current.pg_version
+                ),
+            )
+            .hint("pass --pgdata of the upgraded (new) cluster"));
+        }
+        if new.pg_version < current.pg_version {
+            return Err(Error::new(
+                Kind::Stanza,
+                format!(
+                    "stanza {:?} archives PostgreSQL {}, the cluster is PostgreSQL {}: \
+                     a stanza cannot be downgraded",
+                    self.stanza, current.pg_version, new.pg_version
+                ),
+            )
+            .hint("pass --pgdata of the upgraded cluster, or use another --stanza for this one"));
+        }
+        let mut next = self.clone();
+        let id = self.dbs.iter().map(|d| d.id).max().unwrap_or(0) + 1;
+        next.dbs.push(DbInfo { id, ..new.clone() });
+        Ok(Some(next))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +157,15 @@ impl Repository {
         })
     }
 
+    /// Replaces the stanza object with `info` (one atomic put: a rename on a
+    /// local directory, a single PUT on S3). Callers hold the stanza lock
+    /// and built `info` from what they read under it.
+    pub async fn replace_stanza(&self, info: &StanzaInfo) -> Result<()> {
+        self.put_json(&layout::stanza_key(self.stanza()), info, PutMode::Overwrite)
+            .await?;
+        Ok(())
+    }
+
     /// Records the cluster; a no-op when the stanza already records this very
     /// cluster, an error when it records another.
     pub async fn create_stanza(&self, db: DbInfo) -> Result<CreateOutcome> {
@@ -139,7 +208,10 @@ fn same_cluster(stanza: &str, have: &DbInfo, want: &DbInfo) -> Result<()> {
                 have.system_identifier, have.pg_version, want.system_identifier, want.pg_version
             ),
         )
-        .hint("use another --stanza name for this cluster (or stanza-upgrade after pg_upgrade)"));
+        .hint(
+            "use another --stanza name for this cluster; after pg_upgrade run \
+             `pgvault stanza-upgrade --pgdata <new PGDATA>` instead",
+        ));
     }
     if have.wal_segment_size != want.wal_segment_size {
         return Err(Error::new(
@@ -151,4 +223,53 @@ fn same_cluster(stanza: &str, have: &DbInfo, want: &DbInfo) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(id: u32, sysid: &str, major: u32) -> DbInfo {
+        DbInfo {
+            id,
+            system_identifier: sysid.into(),
+            pg_version: major,
+            wal_segment_size: 1 << 24,
+            pg_control_version: 1300,
+            catalog_version: 0,
+        }
+    }
+
+    fn stanza(dbs: Vec<DbInfo>) -> StanzaInfo {
+        StanzaInfo {
+            format: STANZA_FORMAT,
+            stanza: "main".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            dbs,
+        }
+    }
+
+    #[test]
+    fn upgrade_appends_refuses_older_and_is_idempotent() {
+        let s = stanza(vec![db(1, "111", 15)]);
+        let up = s.upgraded(&db(0, "222", 16)).unwrap().unwrap();
+        assert_eq!(up.dbs.len(), 2);
+        assert_eq!(up.current(), &db(2, "222", 16));
+        assert_eq!(up.current().dir(), "16-2");
+        assert_eq!(up.dbs[0], db(1, "111", 15));
+        // Again for the same cluster: nothing to do.
+        assert_eq!(up.upgraded(&db(0, "222", 16)).unwrap(), None);
+        // The old cluster's data directory by mistake.
+        let e = up.upgraded(&db(0, "111", 15)).unwrap_err();
+        assert_eq!(e.kind(), Kind::Stanza);
+        assert!(e.to_string().contains("earlier cluster 1"), "{e}");
+        // Another, older major.
+        let e = up.upgraded(&db(0, "333", 14)).unwrap_err();
+        assert!(e.to_string().contains("cannot be downgraded"), "{e}");
+        // Same major, new cluster (dump and restore): a new entry too.
+        let again = up.upgraded(&db(0, "444", 16)).unwrap().unwrap();
+        assert_eq!(again.current().dir(), "16-3");
+        assert_eq!(again.db_for_cluster(111, 15).map(|d| d.id), Some(1));
+        assert_eq!(again.db(2).map(|d| d.pg_version), Some(16));
+    }
 }

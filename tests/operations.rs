@@ -1232,6 +1232,18 @@ fn operations_local_repo() {
     cases.run("verify: clean repository after the window expire", || {
         verify_clean(&env, &p.repo, false)
     });
+    cases.run(
+        "info: the recoverable window in commit times, restore points, the RPO",
+        || recoverable_window(&env, &p),
+    );
+    cases.run(
+        "restore refuses targets the archive does not reach, leaving --pgdata alone",
+        || refused_targets(&env, &p),
+    );
+    cases.run(
+        "a record failing its CRC is archived, warned about with its LSN, flagged by info and verify",
+        || damaged_record(&env, &p),
+    );
 
     p.pg.stop();
     eprintln!("operations: {:.1?}", cases.start.elapsed());
@@ -1240,6 +1252,196 @@ fn operations_local_repo() {
         "{} case(s) failed (details above):\n  {}",
         cases.failed.len(),
         cases.failed.join("\n  ")
+    );
+}
+
+/// Microseconds since the Unix epoch of a time PostgreSQL can parse.
+fn micros(p: &Primary, time: &str) -> i64 {
+    p.pg.psql(&format!(
+        "select (extract(epoch from '{time}'::timestamptz) * 1000000)::bigint"
+    ))
+    .parse()
+    .unwrap_or_else(|e| panic!("{time:?}: {e}"))
+}
+
+/// A restore point and a last row, archived: `info` shows the window up to
+/// that commit (read from the WAL records), the restore point with its LSN,
+/// and the RPO.
+fn recoverable_window(env: &TestEnv, p: &Primary) {
+    let rp_end = p.pg.psql("select pg_create_restore_point('ops_rp')::text");
+    p.row("last");
+    let last_row = micros(p, &p.commit_time("(select max(id) from t)"));
+    let seg = p.pg.switch_wal();
+    p.pg.wait_archived(&seg, ARCHIVE_TIMEOUT);
+    // Only the switch's own insert commits after the last row before the
+    // switch; background commits (autovacuum) may follow it.
+    let newest_now = micros(
+        p,
+        &p.pg
+            .psql("select timestamp::text from pg_last_committed_xact()"),
+    );
+
+    let v = info(env, &p.repo);
+    let rc = &timeline1(&v)["recoverable"];
+    let to = micros(
+        p,
+        rc["to_time"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no to_time: {v:#}")),
+    );
+    assert!(
+        last_row <= to && to <= newest_now,
+        "the last archived commit {to} should be the switch's insert, between the last row's \
+         commit {last_row} and the newest commit {newest_now}: {rc:#}"
+    );
+    assert_eq!(rc["unsummarized_segments"], 0, "{rc:#}");
+    let rp = rc["restore_points"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == "ops_rp"))
+        .unwrap_or_else(|| panic!("restore point ops_rp not in info: {rc:#}"));
+    let (rp_lsn, end) = (lsn_of(&field(rp, "lsn")), lsn_of(&rp_end));
+    assert!(
+        rp_lsn < end && end - rp_lsn <= 128,
+        "restore point record at {} should end where pg_create_restore_point said ({rp_end})",
+        field(rp, "lsn")
+    );
+    assert_eq!(
+        v["newest_commit_time"], rc["to_time"],
+        "the newest archived commit is the last on timeline 1: {v:#}"
+    );
+    let rpo = v["rpo_seconds"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..600.0).contains(&rpo), "rpo_seconds {rpo}: {v:#}");
+}
+
+fn lsn_of(s: &str) -> u64 {
+    let (hi, lo) = s
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {s:?}"));
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// A time after the last archived commit, and a restore point that does not
+/// exist: refused (exit 3) before anything is written, with the window.
+fn refused_targets(env: &TestEnv, p: &Primary) {
+    let dir = env.mkdir(&format!("refused-{}", unique()), As::PgUser);
+    let pgdata = dir.display().to_string();
+    let v = info(env, &p.repo);
+    let to_time = field(&timeline1(&v)["recoverable"], "to_time");
+    let later = p.pg.psql(&format!(
+        "select ('{to_time}'::timestamptz + interval '1 hour')::text"
+    ));
+    for (args, needle) in [
+        (
+            vec!["--target-time", later.as_str()],
+            "is after the last archived commit".to_string(),
+        ),
+        (
+            vec!["--target-name", "no_such_point"],
+            "restore point \"no_such_point\" is not in the archived WAL (restore points there: "
+                .to_string(),
+        ),
+    ] {
+        let mut all = vec!["restore", "--pgdata", &pgdata];
+        all.extend(args.iter().copied());
+        let run = pgvault(env, p, &all);
+        run.expect_code(3);
+        expect_error_with_hint(&run, &needle);
+        assert!(
+            run.stderr.contains("recoverable on timeline 1 from backup")
+                && run.stderr.contains("(last archived commit)"),
+            "the refusal should name the window:\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("--no-target-check"),
+            "the hint should name --no-target-check:\n{}",
+            run.stderr
+        );
+        assert_eq!(
+            fs::read_dir(&dir).expect("read the target dir").count(),
+            0,
+            "a refused restore must not write into --pgdata"
+        );
+    }
+    // The restore point that exists is accepted (and not refused as unknown).
+    let run = pgvault(
+        env,
+        p,
+        &["restore", "--pgdata", &pgdata, "--target-name", "ops_rp"],
+    );
+    run.ok();
+}
+
+/// A copy of an archived segment with one byte flipped inside a record,
+/// pushed into a stanza of its own: archived all the same (refusing would
+/// stop the primary), with a warning naming the record's LSN; `info` lists
+/// it and `verify` reports it (exit 11).
+fn damaged_record(env: &TestEnv, p: &Primary) {
+    let v = info(env, &p.repo);
+    let name = field(&timeline1(&v), "last_segment");
+    let dir = env.mkdir(&format!("damaged-{}", unique()), As::PgUser);
+    let path = dir.join(&name);
+    let path_s = path.display().to_string();
+    p.repo
+        .run(env, As::PgUser, &["archive-get", &name, &path_s], &dir)
+        .ok();
+    // A record with room inside its page, from pg_waldump.
+    let dump = env.run_ok(As::PgUser, &[&env.pg("pg_waldump"), &path_s], &[], &dir);
+    let (rec_lsn, _) = dump
+        .lines()
+        .filter_map(|l| {
+            let tot: u64 = l
+                .split("len (rec/tot):")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .split('/')
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()?;
+            let lsn = lsn_of(l.split("lsn: ").nth(1)?.split(',').next()?);
+            (tot >= 64 && (lsn % 8192) + tot <= 8192).then_some((lsn, tot))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no suitable record in pg_waldump's output:\n{dump}"));
+    let mut bytes = fs::read(&path).expect("read the segment");
+    let off = (rec_lsn % (1 << 20)) as usize + 40;
+    bytes[off] ^= 0x5a;
+    fs::write(&path, &bytes).expect("write the damaged segment");
+    let want_lsn = format!("{:X}/{:X}", rec_lsn >> 32, rec_lsn & 0xFFFF_FFFF);
+
+    let dmg = p.repo.with_stanza("ops-damaged");
+    dmg.run(
+        env,
+        As::PgUser,
+        &["stanza-create", "--pgdata", &p.pgdata()],
+        env.dir(),
+    )
+    .ok();
+    let run = dmg.run(env, As::PgUser, &["archive-push", &path_s], &dir);
+    run.ok();
+    assert!(
+        run.stderr.contains(&format!(
+            "the WAL record at {want_lsn} fails its CRC-32C check"
+        )),
+        "archive-push should warn about the record at {want_lsn}:\n{}",
+        run.stderr
+    );
+    let v = info(env, &dmg);
+    assert_eq!(
+        timeline1(&v)["damaged_records"],
+        serde_json::json!([format!("{name} at {want_lsn}")]),
+        "{v:#}"
+    );
+    let run = dmg.run(env, As::PgUser, &["verify"], env.dir());
+    run.expect_code(EXIT_VERIFY);
+    assert!(
+        run.stdout.contains(&format!(
+            "damaged-record: {name}: the WAL record at {want_lsn} fails its CRC-32C check"
+        )),
+        "verify should name the damaged record:\n{}",
+        run.stdout
     );
 }
 

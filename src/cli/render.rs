@@ -148,6 +148,7 @@ fn info_text(r: &InfoReport) -> String {
         );
         info_backups(&mut s, r.backups.iter(), "    ");
         info_timelines(&mut s, &r.timelines, "    ");
+        info_rpo(&mut s, r);
         return s;
     }
     // After pg_upgrade: each cluster with its own backups and archive.
@@ -168,7 +169,14 @@ fn info_text(r: &InfoReport) -> String {
         );
         info_timelines(&mut s, &db.timelines, "        ");
     }
+    info_rpo(&mut s, r);
     s
+}
+
+fn info_rpo(s: &mut String, r: &InfoReport) {
+    if let (Some(t), Some(age)) = (&r.newest_commit_time, r.rpo_seconds) {
+        *s += &format!("    newest archived commit: {t} ({age:.0} s ago)\n");
+    }
 }
 
 fn info_backups<'a>(s: &mut String, backups: impl Iterator<Item = &'a BackupReport>, ind: &str) {
@@ -220,11 +228,30 @@ fn info_timelines(s: &mut String, timelines: &[TimelineReport], ind: &str) {
         match &t.recoverable {
             Some(rc) => {
                 *s += &format!(
-                    "{ind}    recoverable: {} ({}, backup {}) … {}\n",
-                    rc.from_lsn, rc.from_time, rc.from_backup, rc.to_lsn
-                )
+                    "{ind}    recoverable: {} (backup {}, {}) … {} (last archived commit {})\n",
+                    rc.from_time,
+                    rc.from_backup,
+                    rc.from_lsn,
+                    rc.to_lsn,
+                    rc.to_time.as_deref().unwrap_or("none")
+                );
+                for rp in &rc.restore_points {
+                    *s += &format!(
+                        "{ind}    restore point {:?}: {} ({})\n",
+                        rp.name, rp.time, rp.lsn
+                    );
+                }
+                if rc.unsummarized_segments > 0 {
+                    *s += &format!(
+                        "{ind}    {} segment(s) on the way have no record summary: commit times and restore points may be incomplete (run pgvault backfill)\n",
+                        rc.unsummarized_segments
+                    );
+                }
             }
-            None => *s += &format!("{ind}    recoverable: no backup on this timeline\n"),
+            None => *s += &format!("{ind}    recoverable: no backup to start from\n"),
+        }
+        for d in &t.damaged_records {
+            *s += &format!("{ind}    DAMAGED RECORD: {d} fails its CRC-32C check\n");
         }
         for g in &t.gaps {
             *s += &format!("{ind}    gap: {} … {} missing\n", g.from, g.to);

@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::catalog::{BackupRow, Catalog, Snapshot, TimelineRow, WalRow};
 use crate::error::Result;
 use crate::ops::archive_get::fetch_small;
-use crate::pg::history::parse_history;
+use crate::ops::walfacts;
+use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::layout::{self, ArchiveKey};
 use crate::repo::manifest::Manifest;
@@ -30,6 +31,12 @@ pub struct InfoReport {
     /// Every cluster the stanza records, oldest first (one more per
     /// `pg_upgrade`); the last is the one archiving now.
     pub dbs: Vec<DbReport>,
+    /// The newest commit (or abort) in the current cluster's archived WAL.
+    pub newest_commit_time: Option<String>,
+    /// How old that commit is now, in seconds: the data a disaster right
+    /// now would lose at most, as far as the archive knows (the recovery
+    /// point objective actually met).
+    pub rpo_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +104,8 @@ pub struct TimelineReport {
     pub recoverable: Option<Recoverable>,
     /// Names under which more than one content is stored (a conflict).
     pub conflicts: Vec<String>,
+    /// Records that failed their CRC-32C check when archived: "<file> at <LSN>".
+    pub damaged_records: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -104,8 +113,26 @@ pub struct Recoverable {
     pub from_lsn: Lsn,
     pub from_time: String,
     pub from_backup: String,
-    /// End of the last segment of the gap-free run of WAL.
+    /// End of the WAL recovery can replay without a gap: the end of the
+    /// last record of the last file, or of the file when it has no summary.
     pub to_lsn: Lsn,
+    /// The last archived commit (or abort, or restore point: the records a
+    /// time target can stop at) on the way; a `--target-time` after it is
+    /// refused. Null when no such record is archived after the backup.
+    pub to_time: Option<String>,
+    /// Restore points on the way, oldest first.
+    pub restore_points: Vec<RestorePointReport>,
+    /// Files on the way whose records were never summarized (archived by
+    /// an older pgvault: `pgvault backfill`); while there are any,
+    /// `to_time` and `restore_points` may be incomplete.
+    pub unsummarized_segments: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RestorePointReport {
+    pub name: String,
+    pub lsn: Lsn,
+    pub time: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -126,16 +153,18 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
     let manifests = repo.manifests().await?;
     let mut dbs = Vec::new();
     let mut current_names = BTreeMap::new();
+    let mut newest_commit = None;
     for db in &stanza.dbs {
         let own: Vec<Manifest> = manifests
             .iter()
             .filter(|m| m.db_id == db.id)
             .cloned()
             .collect();
-        let (names, timelines) = db_archive(repo, db, &own).await?;
+        let (names, timelines, newest) = db_archive(repo, catalog, db, &own).await?;
         let current = db.id == stanza.current().id;
         if current {
             current_names = names;
+            newest_commit = newest;
         }
         dbs.push(DbReport {
             db_id: db.id,
@@ -180,6 +209,9 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
             .collect(),
         timelines: dbs.last().map(|d| d.timelines.clone()).unwrap_or_default(),
         dbs,
+        newest_commit_time: newest_commit.map(walfacts::format_us),
+        rpo_seconds: newest_commit
+            .map(|us| (chrono::Utc::now().timestamp_micros() - us) as f64 / 1e6),
     };
     if let Some(cat) = catalog {
         // The catalog caches the current cluster's archive.
@@ -190,12 +222,18 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
 }
 
 /// One cluster's archived WAL (`archive/<major>-<id>/`) and its timelines,
-/// recoverable from its own backups.
+/// recoverable from its own backups; and the newest archived commit (Unix
+/// µs).
 async fn db_archive(
     repo: &Repository,
+    catalog: Option<&Catalog>,
     db: &DbInfo,
     manifests: &[Manifest],
-) -> Result<(BTreeMap<WalFileName, NameState>, Vec<TimelineReport>)> {
+) -> Result<(
+    BTreeMap<WalFileName, NameState>,
+    Vec<TimelineReport>,
+    Option<i64>,
+)> {
     let listing = repo
         .backend()
         .list(&layout::archive_root(repo.stanza(), &db.dir()))
@@ -215,19 +253,42 @@ async fn db_archive(
     }
 
     let mut timelines = timelines(db, &names);
-    for t in timelines.iter_mut().filter(|t| t.history_file) {
-        let name = WalFileName::history(TimelineId(t.timeline));
+    let mut histories = BTreeMap::new();
+    for t in timelines.iter_mut() {
+        let tli = TimelineId(t.timeline);
+        histories.insert(tli, TimelineHistory::root(tli));
+        if !t.history_file {
+            continue;
+        }
+        let name = WalFileName::history(tli);
         if let Some(bytes) = fetch_small(repo, &db.dir(), &name).await? {
-            if let Ok(h) = parse_history(TimelineId(t.timeline), &String::from_utf8_lossy(&bytes)) {
+            if let Ok(h) = parse_history(tli, &String::from_utf8_lossy(&bytes)) {
                 if let Some(last) = h.entries.last() {
                     t.parent = Some(last.parent.0);
                     t.switch_lsn = Some(last.switch_point);
                 }
+                histories.insert(tli, h);
             }
         }
     }
-    recoverable(db, &names, manifests, &mut timelines);
-    Ok((names, timelines))
+    let archived = walfacts::Archived::from_listing(&listing);
+    let all: Vec<WalFileName> = archived.files.keys().cloned().collect();
+    let sums = walfacts::load(repo, catalog, db, &archived, &all).await?;
+    for t in timelines.iter_mut() {
+        t.damaged_records = sums
+            .by_name
+            .iter()
+            .filter(|(n, _)| n.timeline().0 == t.timeline)
+            .flat_map(|(n, s)| s.crc_failures.iter().map(move |l| format!("{n} at {l}")))
+            .collect();
+    }
+    recoverable(db, &archived, &sums, &histories, manifests, &mut timelines);
+    let newest = sums
+        .by_name
+        .values()
+        .filter_map(|s| s.last_xact.as_ref().map(|x| x.time_us))
+        .max();
+    Ok((names, timelines, newest))
 }
 
 /// What the catalog caches of this read of the repository.
@@ -270,37 +331,58 @@ fn snapshot(names: &BTreeMap<WalFileName, NameState>, report: &InfoReport) -> Sn
     }
 }
 
-/// Per timeline: from the oldest backup taken on it, as far as the archived
-/// WAL runs without a gap after that backup's first segment.
+/// Per timeline: from the oldest backup recovery onto it can start from
+/// (one on it, or on an ancestor before the switch) to as far as the
+/// archived WAL on its way runs without a gap, with the commit times and
+/// restore points on that way.
 fn recoverable(
     db: &DbInfo,
-    names: &BTreeMap<WalFileName, NameState>,
+    archived: &walfacts::Archived,
+    sums: &walfacts::Summaries,
+    histories: &BTreeMap<TimelineId, TimelineHistory>,
     manifests: &[Manifest],
     timelines: &mut [TimelineReport],
 ) {
     let seg = db.wal_segment_size;
     for t in timelines.iter_mut() {
-        let tli = TimelineId(t.timeline);
-        let Some(oldest) = manifests.iter().find(|m| m.timeline == tli) else {
+        let Some(h) = histories.get(&TimelineId(t.timeline)) else {
             continue;
         };
-        let mut segno = oldest.start_lsn.segno(seg);
-        let has = |s: SegmentNo| names.contains_key(&WalFileName::for_segment(tli, s, seg));
-        if !has(segno) {
+        let on_path = |m: &&Manifest| {
+            h.contains(m.timeline) && h.end_of(m.timeline).is_none_or(|end| m.stop_lsn <= end)
+        };
+        let Some(oldest) = manifests.iter().find(on_path) else {
+            continue;
+        };
+        let path = archived.replay_path(h, oldest.start_lsn.segno(seg), seg);
+        let Some(last) = path.last() else {
+            continue;
+        };
+        // Recovery must at least reach the backup's consistency point.
+        let file_end = last
+            .segno(seg)
+            .map(|s| s.next().start_lsn(seg))
+            .unwrap_or_default();
+        if file_end < oldest.stop_lsn {
             continue;
         }
-        while has(segno.next()) {
-            segno = segno.next();
-        }
-        let end = segno.next().start_lsn(seg);
-        if end < oldest.stop_lsn {
-            continue;
-        }
+        let f = walfacts::path_facts(&path, sums, seg);
         t.recoverable = Some(Recoverable {
             from_lsn: oldest.stop_lsn,
             from_time: oldest.stop_time.clone(),
             from_backup: oldest.label.clone(),
-            to_lsn: end,
+            to_lsn: f.end_lsn.unwrap_or(file_end),
+            to_time: f.last_time.map(|(us, _)| walfacts::format_us(us)),
+            restore_points: f
+                .restore_points
+                .iter()
+                .map(|rp| RestorePointReport {
+                    name: rp.name.clone(),
+                    lsn: rp.lsn,
+                    time: walfacts::format_us(rp.time_us),
+                })
+                .collect(),
+            unsummarized_segments: f.unsummarized.len() as u64,
         });
     }
 }
@@ -323,6 +405,7 @@ fn timelines(db: &DbInfo, names: &BTreeMap<WalFileName, NameState>) -> Vec<Timel
             switch_lsn: None,
             recoverable: None,
             conflicts: Vec::new(),
+            damaged_records: Vec::new(),
         });
         if st.shas.len() > 1 || (!st.claimed && st.shas.is_empty()) {
             rep.conflicts.push(name.as_str().to_string());

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::ops::archive_push::read_claim;
 use crate::ops::progress::Progress;
+use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout::{self, ArchiveKey};
@@ -148,6 +149,20 @@ pub async fn verify(
             }
         }
         seg_sets.push((db.id, segs));
+
+        // Records that failed their CRC check when they were archived.
+        let archived = walfacts::Archived::from_listing(&listing);
+        let names: Vec<WalFileName> = archived.files.keys().cloned().collect();
+        let sums = walfacts::load(repo, None, db, &archived, &names).await?;
+        for (name, s) in &sums.by_name {
+            for lsn in &s.crc_failures {
+                problems.push(problem(
+                    "damaged-record",
+                    name.as_str(),
+                    format!("the WAL record at {lsn} fails its CRC-32C check"),
+                ));
+            }
+        }
     }
 
     // Backups: complete ones (with a manifest) are checked file by file.

@@ -24,7 +24,7 @@ use crate::pg::history::TimelineHistory;
 use crate::pg::walscan::{RestorePoint, ScanOptions, WalSummary};
 use crate::pg::{Lsn, SegmentNo, WalFileKind, WalFileName};
 use crate::repo::layout::{self, ArchiveKey};
-use crate::repo::{DbInfo, PutMode, Repository, Sha256Sum};
+use crate::repo::{DbInfo, ObjectMeta, PutMode, Repository, Sha256Sum};
 
 /// Summaries read from the store at once.
 const READ_PARALLEL: usize = 16;
@@ -88,9 +88,14 @@ impl Archived {
             .backend()
             .list(&layout::archive_root(repo.stanza(), &db.dir()))
             .await?;
+        Ok(Archived::from_listing(&listing))
+    }
+
+    /// From a listing of one cluster's archive directory.
+    pub fn from_listing(listing: &[ObjectMeta]) -> Archived {
         let mut shas: BTreeMap<WalFileName, Vec<Sha256Sum>> = BTreeMap::new();
         let mut out = Archived::default();
-        for m in &listing {
+        for m in listing {
             match layout::parse_archive_key(&m.key) {
                 Some(ArchiveKey::Data { name, sha }) => shas.entry(name).or_default().push(sha),
                 Some(ArchiveKey::Summary { name, sha }) => {
@@ -104,7 +109,7 @@ impl Archived {
             .filter(|(_, v)| v.len() == 1)
             .map(|(n, v)| (n, v[0]))
             .collect();
-        Ok(out)
+        out
     }
 
     /// The files recovery along `history` replays from segment `start` on,

@@ -538,6 +538,36 @@ EOF
 seg_of() { local hi=$((16#${1%/*})) lo=$((16#${1#*/})); echo $(( ((hi << 32) | lo) >> 20 )); }
 # seg_name SEGNO — timeline-1 file name of a 1 MiB segment
 seg_name() { printf '00000001%08X%08X' $(($1 / 4096)) $(($1 % 4096)); }
+# lsn_num LSN — an LSN as a number; lsn_text NUMBER — and back
+lsn_num() { local hi=$((16#${1%/*})) lo=$((16#${1#*/})); echo $(( (hi << 32) | lo )); }
+lsn_text() { printf '%X/%X' $(($1 >> 32)) $(($1 & 0xFFFFFFFF)); }
+
+# fill_segment BIN PORT ROOM — write 4 kB logical messages until less than
+# ROOM bytes are left in the current 1 MiB segment; prints the insert LSN
+fill_segment() {
+    local lsn i
+    for i in $(seq 1 400); do
+        lsn=$(sql "$1" "$2" "select pg_current_wal_insert_lsn()")
+        [ $(( $(lsn_num "$lsn") & 0xFFFFF )) -lt $((0x100000 - $3)) ] || break
+        sql "$1" "$2" "select pg_logical_emit_message(false, 'fill', repeat('f', 4000))" >/dev/null
+    done
+    echo "$lsn"
+}
+
+# place_record BIN PORT TARGET — write one logical message sized so that the
+# next record starts at LSN number TARGET (the server must be otherwise idle;
+# another backend's record in between makes this fail, and the caller die).
+# A message with prefix 'fill' and N > 226 payload bytes is a 58 + N byte
+# record (24 header, 5 main data header, 24 xl_logical_message, 5 prefix).
+place_record() {
+    local p t=$3 between
+    p=$(lsn_num "$(sql "$1" "$2" "select pg_current_wal_insert_lsn()")")
+    # Payload bytes from p to t: less a 24-byte page header per page start.
+    between=$(( t - p - 24 * ( t / 8192 - p / 8192 ) ))
+    [ $between -ge 400 ] && [ $((between % 8)) = 0 ] || return 1
+    sql "$1" "$2" "select pg_logical_emit_message(false, 'fill', repeat('f', $((between - 58))))" >/dev/null
+    [ "$(lsn_num "$(sql "$1" "$2" "select pg_current_wal_insert_lsn()")")" = "$t" ]
+}
 
 make_pg15_records() {
     local bin=$pg15_bin dst=$out/pg15-records c=$work/pg15-records port=54355
@@ -598,6 +628,16 @@ SQL
     local big_end
     big_end=$($q "select pg_logical_emit_message(false, 'big', repeat('x', 2500000))")
     $q "create table u (id int)" >/dev/null
+
+    # A record whose header starts 16 bytes before a segment's end: its
+    # xl_tot_len is in one file, the rest of its header in the next.
+    local split_seg split_lsn
+    split_seg=$(seg_of "$(fill_segment "$bin" $port 20000)")
+    split_lsn=$(( (split_seg + 1) * 0x100000 - 16 ))
+    place_record "$bin" $port $split_lsn || die "could not place a record at $(lsn_text $split_lsn): rerun"
+    $q "select pg_logical_emit_message(false, 'split', repeat('s', 100))" >/dev/null
+    split_lsn=$(lsn_text $split_lsn)
+
     local switch_seg
     switch_seg=$(seg_of "$($q "select pg_current_wal_lsn()")")
     $q "select pg_switch_wal()" >/dev/null
@@ -609,13 +649,8 @@ SQL
     # cut record and the new next segment begins with a page flagged
     # XLP_FIRST_IS_OVERWRITE_CONTRECORD and an XLOG_OVERWRITE_CONTRECORD record.
     $q "insert into u values (1)" >/dev/null
-    local lsn off
-    for i in $(seq 1 400); do
-        lsn=$($q "select pg_current_wal_insert_lsn()")
-        off=$(( 16#${lsn#*/} & 0xFFFFF ))
-        [ $off -lt $((0x100000 - 24000)) ] || break
-        $q "select pg_logical_emit_message(false, 'fill', repeat('f', 4000))" >/dev/null
-    done
+    local lsn
+    lsn=$(fill_segment "$bin" $port 24000)
     local cut_seg cut_end
     cut_seg=$(seg_of "$lsn")
     # Transactional: its commit flushes the WAL, so the first part is on disk.
@@ -664,6 +699,7 @@ SQL
   "restore_points_returned": {"before_drop": "$rp1", "after drop, with spaces": "$rp2"},
   "big_message_end": "$big_end",
   "switch_segment": "$(seg_name "$switch_seg")",
+  "split_header_lsn": "$split_lsn",
   "cut_segment": "$(seg_name "$cut_seg")",
   "cut_record_end_lost": "$cut_end",
   "overwrite_segment": "$(seg_name $((cut_seg + 1)))"
@@ -738,6 +774,8 @@ assert r["desc"].startswith("ABORT"), r
 facts["abort_lsn"] = lsn_str(r["lsn"])
 big = one(lambda r: r["rmgr"] == "LogicalMessage" and r["tot_len"] > 2000000, "big message")
 facts["big_message"] = {"lsn": lsn_str(big["lsn"]), "tot_len": big["tot_len"]}
+sp = one(lambda r: r["lsn"] == parse_lsn(facts["split_header_lsn"]), "split header")
+assert sp["rmgr"] == "LogicalMessage" and '"split"' in sp["desc"], sp
 # XLOG_SWITCH records, by the segment they are in
 facts["xlog_switches"] = {}
 for name, seg in segs.items():

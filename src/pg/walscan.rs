@@ -562,9 +562,9 @@ impl WalScanner {
             self.summary.crc_failures.push(b.start);
             return;
         }
-        let end = Lsn(maxalign(
-            b.start.0.saturating_add(u64::from(b.header.tot_len)),
-        ));
+        // Where its last byte was, not start + xl_tot_len: page headers
+        // between them count in LSNs.
+        let end = Lsn(maxalign(self.lsn(self.pos).0));
         self.summary.end_of_wal = Some(end);
         if b.decoding {
             decode::apply(

@@ -579,6 +579,10 @@ make_pg15_records() {
     start "$c"
     local q="sql $bin $port"
     $q "create table t (id int, v text)" >/dev/null
+    # A base backup, for the point-in-time recovery at the story's end.
+    local r=$work/pg15-records-pitr rport=54356
+    as_pg "$bin/pg_basebackup" -p $port -D "$r" -X none -c fast >/dev/null 2>"$work/pg_basebackup.log" ||
+        { cat "$work/pg_basebackup.log" >&2; die "pg_basebackup failed"; }
     $q "select pg_switch_wal()" >/dev/null
     $q "insert into t values (0, 'start')" >/dev/null
     local first_seg
@@ -666,6 +670,32 @@ SQL
     wait_archived "$arch" "$(seg_name $last_seg)"
     stop "$c"
 
+    # Point-in-time recovery of the base backup to 'before_drop'. Archive
+    # recovery that reaches its target (not a standby's promotion) ends with
+    # an end-of-recovery checkpoint, XLOG_CHECKPOINT_SHUTDOWN with
+    # ThisTimeLineID 2 and PrevTimeLineID 1 (xlog.c, PerformRecoveryXLogAction
+    # and CreateCheckPoint), in the first segment of timeline 2.
+    log "PostgreSQL 15: point-in-time recovery to 'before_drop' (timeline 2)"
+    cat >>"$r/postgresql.auto.conf" <<EOF
+port = $rport
+restore_command = 'cp $arch/%f %p'
+recovery_target_name = 'before_drop'
+recovery_target_action = 'promote'
+EOF
+    as_pg touch "$r/recovery.signal"
+    echo "$bin" >"$r/.bin"
+    start "$r"
+    for i in $(seq 1 120); do
+        [ "$(sql "$bin" $rport "select pg_is_in_recovery()")" = f ] && break
+        sleep 0.5
+    done
+    [ "$(sql "$bin" $rport "select pg_is_in_recovery()")" = f ] || die "point-in-time recovery never ended (see $r.log)"
+    local tli2_seg
+    tli2_seg=00000002$(seg_name "$first_seg" | cut -c9-)
+    sql "$bin" $rport "select pg_switch_wal()" >/dev/null
+    wait_archived "$arch" "$tli2_seg"
+    stop "$r"
+
     log "PostgreSQL 15: collect WAL of the records story"
     local segs=() s
     for s in $(seq "$first_seg" "$last_seg"); do
@@ -683,8 +713,14 @@ SQL
         sed -E 's/(payload \([0-9]+ bytes\):).*/\1 .../' >"$dst/.raw/waldump-after-crash.txt" || true
     mkdir -p "$dst/wal"
     for s in "${segs[@]}"; do zst "$dst/.raw/wal/$s" "$dst/wal/$s.zst"; done
+    # Timeline 2's segment alone (it begins with timeline 1's WAL up to the
+    # recovery target, copied).
+    rm -rf "$work/dump" && mkdir -p "$work/dump" && cp "$arch/$tli2_seg" "$work/dump/" && chown -R pgvtest: "$work/dump"
+    as_pg "$bin/pg_waldump" -p "$work/dump" "$tli2_seg" >"$dst/.raw/waldump-timeline2.txt" 2>&1 || true
+    zst "$arch/$tli2_seg" "$dst/wal/$tli2_seg.zst"
     zst "$dst/.raw/waldump-before-crash.txt" "$dst/wal/waldump-before-crash.txt.zst"
     zst "$dst/.raw/waldump-after-crash.txt" "$dst/wal/waldump-after-crash.txt.zst"
+    zst "$dst/.raw/waldump-timeline2.txt" "$dst/wal/waldump-timeline2.txt.zst"
     local IFS=,
     cat >"$dst/.raw/meta.json" <<EOF
 {
@@ -702,7 +738,8 @@ SQL
   "split_header_lsn": "$split_lsn",
   "cut_segment": "$(seg_name "$cut_seg")",
   "cut_record_end_lost": "$cut_end",
-  "overwrite_segment": "$(seg_name $((cut_seg + 1)))"
+  "overwrite_segment": "$(seg_name $((cut_seg + 1)))",
+  "timeline2_segment": "$tli2_seg"
 }
 EOF
     unset IFS
@@ -726,19 +763,22 @@ def lsn_str(v):
 def parse_lsn(s):
     hi, lo = s.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
-recs = []
-for dump in ("waldump-before-crash.txt", "waldump-after-crash.txt"):
+all_recs = []
+for dump, tli in (("waldump-before-crash.txt", 1), ("waldump-after-crash.txt", 1), ("waldump-timeline2.txt", 2)):
     for line in open(os.path.join(raw, dump)):
         m = line_re.match(line.rstrip("\n"))
         if m:
             rmgr, rec, tot, tx, hi, lo, desc = m.groups()
-            recs.append({"rmgr": rmgr, "tot_len": int(tot), "xid": int(tx),
-                         "lsn": (int(hi, 16) << 32) | int(lo, 16), "desc": desc})
+            all_recs.append({"rmgr": rmgr, "tot_len": int(tot), "xid": int(tx), "tli": tli,
+                             "lsn": (int(hi, 16) << 32) | int(lo, 16), "desc": desc})
+# The story's own records; timeline 2 repeats some of them.
+recs = [r for r in all_recs if r["tli"] == 1]
 segs = {}
-for name in facts["segments"]:
+for name in facts["segments"] + [facts["timeline2_segment"]]:
+    tli = int(name[0:8], 16)
     segno = int(name[8:16], 16) * (0x100000000 // seg_size) + int(name[16:24], 16)
     start = segno * seg_size
-    inside = [r for r in recs if start <= r["lsn"] < start + seg_size]
+    inside = [r for r in all_recs if r["tli"] == tli and start <= r["lsn"] < start + seg_size]
     segs[name] = {
         "start": lsn_str(start),
         "waldump_records": len(inside),
@@ -787,6 +827,12 @@ ow = one(lambda r: r["rmgr"] == "XLOG" and r["desc"].startswith("OVERWRITE_CONTR
 facts["overwrite_contrecord"] = {"lsn": lsn_str(ow["lsn"]), "desc": ow["desc"]}
 m = re.match(r"OVERWRITE_CONTRECORD lsn ([0-9A-F]+/[0-9A-F]+)", ow["desc"])
 facts["overwrite_contrecord"]["aborted_lsn"] = lsn_str(parse_lsn(m.group(1)))
+ck = [r for r in all_recs if r["tli"] == 2 and r["rmgr"] == "XLOG" and r["desc"].startswith("CHECKPOINT_SHUTDOWN")
+      and "; tli 2; prev tli 1;" in r["desc"]]
+if len(ck) != 1:
+    sys.exit("records_facts: expected one end-of-recovery checkpoint on timeline 2, found %d" % len(ck))
+facts["end_of_recovery_checkpoint"] = {"segment": facts["timeline2_segment"], "lsn": lsn_str(ck[0]["lsn"]),
+                                       "from": 1, "to": 2}
 with open(os.path.join(d, "facts.json"), "w") as f:
     json.dump(facts, f, indent=2, sort_keys=True)
     f.write("\n")

@@ -231,6 +231,34 @@ fn promotion_is_a_timeline_switch() {
 }
 
 #[test]
+fn point_in_time_recovery_is_a_timeline_switch() {
+    let facts = testdata::facts(RECORDS);
+    let ck = &facts["end_of_recovery_checkpoint"];
+    let s = records_summary(ck["segment"].as_str().unwrap());
+    assert!(s.problems.is_empty() && s.crc_failures.is_empty(), "{s:#?}");
+    assert_eq!(s.timeline_switches.len(), 1, "{s:#?}");
+    let t = &s.timeline_switches[0];
+    assert_eq!(
+        (t.lsn, t.from, t.to),
+        (
+            lsn(&ck["lsn"]),
+            ck["from"].as_u64().unwrap() as u32,
+            ck["to"].as_u64().unwrap() as u32
+        )
+    );
+    // The segment begins with timeline 1's WAL up to the recovery target,
+    // copied; the checkpoint's time (whole seconds) is not before it.
+    let rp = s
+        .restore_points
+        .iter()
+        .find(|r| r.name == "before_drop")
+        .expect("the recovery target, copied into timeline 2");
+    let time = t.time_us.expect("a checkpoint has a time");
+    assert_eq!(time % 1_000_000, 0);
+    assert!(time >= rp.time_us / 1_000_000 * 1_000_000 && time < rp.time_us + 3_600_000_000);
+}
+
+#[test]
 fn xlog_switch_ends_the_segment() {
     let facts = testdata::facts(RECORDS);
     let switches = facts["xlog_switches"].as_object().unwrap();

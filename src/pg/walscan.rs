@@ -9,6 +9,16 @@
 //! headers, which say where the main data is) and the first [`KEEP_MAIN`]
 //! bytes of their main data.
 //!
+//! ```ignore
+//! let mut scanner = WalScanner::new(ScanOptions { major, seg_size, segment_start, partial });
+//! for chunk in chunks {
+//!     hasher.update(chunk);
+//!     encoder.write_all(chunk)?;
+//!     scanner.feed(chunk); // or io::Write, as one of several sinks
+//! }
+//! let summary = scanner.finish(); // `problems` and `crc_failures` to report
+//! ```
+//!
 //! Format facts come from PostgreSQL's `xlog_internal.h` (page headers),
 //! `xlogrecord.h` (record and block headers), `xlogreader.c` (what ends the
 //! WAL, how continuation pages are checked), `xact.h` (commit and abort

@@ -538,6 +538,36 @@ EOF
 seg_of() { local hi=$((16#${1%/*})) lo=$((16#${1#*/})); echo $(( ((hi << 32) | lo) >> 20 )); }
 # seg_name SEGNO — timeline-1 file name of a 1 MiB segment
 seg_name() { printf '00000001%08X%08X' $(($1 / 4096)) $(($1 % 4096)); }
+# lsn_num LSN — an LSN as a number; lsn_text NUMBER — and back
+lsn_num() { local hi=$((16#${1%/*})) lo=$((16#${1#*/})); echo $(( (hi << 32) | lo )); }
+lsn_text() { printf '%X/%X' $(($1 >> 32)) $(($1 & 0xFFFFFFFF)); }
+
+# fill_segment BIN PORT ROOM — write 4 kB logical messages until less than
+# ROOM bytes are left in the current 1 MiB segment; prints the insert LSN
+fill_segment() {
+    local lsn i
+    for i in $(seq 1 400); do
+        lsn=$(sql "$1" "$2" "select pg_current_wal_insert_lsn()")
+        [ $(( $(lsn_num "$lsn") & 0xFFFFF )) -lt $((0x100000 - $3)) ] || break
+        sql "$1" "$2" "select pg_logical_emit_message(false, 'fill', repeat('f', 4000))" >/dev/null
+    done
+    echo "$lsn"
+}
+
+# place_record BIN PORT TARGET — write one logical message sized so that the
+# next record starts at LSN number TARGET (the server must be otherwise idle;
+# another backend's record in between makes this fail, and the caller die).
+# A message with prefix 'fill' and N > 226 payload bytes is a 58 + N byte
+# record (24 header, 5 main data header, 24 xl_logical_message, 5 prefix).
+place_record() {
+    local p t=$3 between
+    p=$(lsn_num "$(sql "$1" "$2" "select pg_current_wal_insert_lsn()")")
+    # Payload bytes from p to t: less a 24-byte page header per page start.
+    between=$(( t - p - 24 * ( t / 8192 - p / 8192 ) ))
+    [ $between -ge 400 ] && [ $((between % 8)) = 0 ] || return 1
+    sql "$1" "$2" "select pg_logical_emit_message(false, 'fill', repeat('f', $((between - 58))))" >/dev/null
+    [ "$(lsn_num "$(sql "$1" "$2" "select pg_current_wal_insert_lsn()")")" = "$t" ]
+}
 
 make_pg15_records() {
     local bin=$pg15_bin dst=$out/pg15-records c=$work/pg15-records port=54355
@@ -549,6 +579,10 @@ make_pg15_records() {
     start "$c"
     local q="sql $bin $port"
     $q "create table t (id int, v text)" >/dev/null
+    # A base backup, for the point-in-time recovery at the story's end.
+    local r=$work/pg15-records-pitr rport=54356
+    as_pg "$bin/pg_basebackup" -p $port -D "$r" -X none -c fast >/dev/null 2>"$work/pg_basebackup.log" ||
+        { cat "$work/pg_basebackup.log" >&2; die "pg_basebackup failed"; }
     $q "select pg_switch_wal()" >/dev/null
     $q "insert into t values (0, 'start')" >/dev/null
     local first_seg
@@ -598,6 +632,16 @@ SQL
     local big_end
     big_end=$($q "select pg_logical_emit_message(false, 'big', repeat('x', 2500000))")
     $q "create table u (id int)" >/dev/null
+
+    # A record whose header starts 16 bytes before a segment's end: its
+    # xl_tot_len is in one file, the rest of its header in the next.
+    local split_seg split_lsn
+    split_seg=$(seg_of "$(fill_segment "$bin" $port 20000)")
+    split_lsn=$(( (split_seg + 1) * 0x100000 - 16 ))
+    place_record "$bin" $port $split_lsn || die "could not place a record at $(lsn_text $split_lsn): rerun"
+    $q "select pg_logical_emit_message(false, 'split', repeat('s', 100))" >/dev/null
+    split_lsn=$(lsn_text $split_lsn)
+
     local switch_seg
     switch_seg=$(seg_of "$($q "select pg_current_wal_lsn()")")
     $q "select pg_switch_wal()" >/dev/null
@@ -609,13 +653,8 @@ SQL
     # cut record and the new next segment begins with a page flagged
     # XLP_FIRST_IS_OVERWRITE_CONTRECORD and an XLOG_OVERWRITE_CONTRECORD record.
     $q "insert into u values (1)" >/dev/null
-    local lsn off
-    for i in $(seq 1 400); do
-        lsn=$($q "select pg_current_wal_insert_lsn()")
-        off=$(( 16#${lsn#*/} & 0xFFFFF ))
-        [ $off -lt $((0x100000 - 24000)) ] || break
-        $q "select pg_logical_emit_message(false, 'fill', repeat('f', 4000))" >/dev/null
-    done
+    local lsn
+    lsn=$(fill_segment "$bin" $port 24000)
     local cut_seg cut_end
     cut_seg=$(seg_of "$lsn")
     # Transactional: its commit flushes the WAL, so the first part is on disk.
@@ -630,6 +669,32 @@ SQL
     local last_seg=$((cut_seg + 1))
     wait_archived "$arch" "$(seg_name $last_seg)"
     stop "$c"
+
+    # Point-in-time recovery of the base backup to 'before_drop'. Archive
+    # recovery that reaches its target (not a standby's promotion) ends with
+    # an end-of-recovery checkpoint, XLOG_CHECKPOINT_SHUTDOWN with
+    # ThisTimeLineID 2 and PrevTimeLineID 1 (xlog.c, PerformRecoveryXLogAction
+    # and CreateCheckPoint), in the first segment of timeline 2.
+    log "PostgreSQL 15: point-in-time recovery to 'before_drop' (timeline 2)"
+    cat >>"$r/postgresql.auto.conf" <<EOF
+port = $rport
+restore_command = 'cp $arch/%f %p'
+recovery_target_name = 'before_drop'
+recovery_target_action = 'promote'
+EOF
+    as_pg touch "$r/recovery.signal"
+    echo "$bin" >"$r/.bin"
+    start "$r"
+    for i in $(seq 1 120); do
+        [ "$(sql "$bin" $rport "select pg_is_in_recovery()")" = f ] && break
+        sleep 0.5
+    done
+    [ "$(sql "$bin" $rport "select pg_is_in_recovery()")" = f ] || die "point-in-time recovery never ended (see $r.log)"
+    local tli2_seg
+    tli2_seg=00000002$(seg_name "$first_seg" | cut -c9-)
+    sql "$bin" $rport "select pg_switch_wal()" >/dev/null
+    wait_archived "$arch" "$tli2_seg"
+    stop "$r"
 
     log "PostgreSQL 15: collect WAL of the records story"
     local segs=() s
@@ -648,8 +713,14 @@ SQL
         sed -E 's/(payload \([0-9]+ bytes\):).*/\1 .../' >"$dst/.raw/waldump-after-crash.txt" || true
     mkdir -p "$dst/wal"
     for s in "${segs[@]}"; do zst "$dst/.raw/wal/$s" "$dst/wal/$s.zst"; done
+    # Timeline 2's segment alone (it begins with timeline 1's WAL up to the
+    # recovery target, copied).
+    rm -rf "$work/dump" && mkdir -p "$work/dump" && cp "$arch/$tli2_seg" "$work/dump/" && chown -R pgvtest: "$work/dump"
+    as_pg "$bin/pg_waldump" -p "$work/dump" "$tli2_seg" >"$dst/.raw/waldump-timeline2.txt" 2>&1 || true
+    zst "$arch/$tli2_seg" "$dst/wal/$tli2_seg.zst"
     zst "$dst/.raw/waldump-before-crash.txt" "$dst/wal/waldump-before-crash.txt.zst"
     zst "$dst/.raw/waldump-after-crash.txt" "$dst/wal/waldump-after-crash.txt.zst"
+    zst "$dst/.raw/waldump-timeline2.txt" "$dst/wal/waldump-timeline2.txt.zst"
     local IFS=,
     cat >"$dst/.raw/meta.json" <<EOF
 {
@@ -664,9 +735,11 @@ SQL
   "restore_points_returned": {"before_drop": "$rp1", "after drop, with spaces": "$rp2"},
   "big_message_end": "$big_end",
   "switch_segment": "$(seg_name "$switch_seg")",
+  "split_header_lsn": "$split_lsn",
   "cut_segment": "$(seg_name "$cut_seg")",
   "cut_record_end_lost": "$cut_end",
-  "overwrite_segment": "$(seg_name $((cut_seg + 1)))"
+  "overwrite_segment": "$(seg_name $((cut_seg + 1)))",
+  "timeline2_segment": "$tli2_seg"
 }
 EOF
     unset IFS
@@ -690,19 +763,22 @@ def lsn_str(v):
 def parse_lsn(s):
     hi, lo = s.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
-recs = []
-for dump in ("waldump-before-crash.txt", "waldump-after-crash.txt"):
+all_recs = []
+for dump, tli in (("waldump-before-crash.txt", 1), ("waldump-after-crash.txt", 1), ("waldump-timeline2.txt", 2)):
     for line in open(os.path.join(raw, dump)):
         m = line_re.match(line.rstrip("\n"))
         if m:
             rmgr, rec, tot, tx, hi, lo, desc = m.groups()
-            recs.append({"rmgr": rmgr, "tot_len": int(tot), "xid": int(tx),
-                         "lsn": (int(hi, 16) << 32) | int(lo, 16), "desc": desc})
+            all_recs.append({"rmgr": rmgr, "tot_len": int(tot), "xid": int(tx), "tli": tli,
+                             "lsn": (int(hi, 16) << 32) | int(lo, 16), "desc": desc})
+# The story's own records; timeline 2 repeats some of them.
+recs = [r for r in all_recs if r["tli"] == 1]
 segs = {}
-for name in facts["segments"]:
+for name in facts["segments"] + [facts["timeline2_segment"]]:
+    tli = int(name[0:8], 16)
     segno = int(name[8:16], 16) * (0x100000000 // seg_size) + int(name[16:24], 16)
     start = segno * seg_size
-    inside = [r for r in recs if start <= r["lsn"] < start + seg_size]
+    inside = [r for r in all_recs if r["tli"] == tli and start <= r["lsn"] < start + seg_size]
     segs[name] = {
         "start": lsn_str(start),
         "waldump_records": len(inside),
@@ -738,6 +814,8 @@ assert r["desc"].startswith("ABORT"), r
 facts["abort_lsn"] = lsn_str(r["lsn"])
 big = one(lambda r: r["rmgr"] == "LogicalMessage" and r["tot_len"] > 2000000, "big message")
 facts["big_message"] = {"lsn": lsn_str(big["lsn"]), "tot_len": big["tot_len"]}
+sp = one(lambda r: r["lsn"] == parse_lsn(facts["split_header_lsn"]), "split header")
+assert sp["rmgr"] == "LogicalMessage" and '"split"' in sp["desc"], sp
 # XLOG_SWITCH records, by the segment they are in
 facts["xlog_switches"] = {}
 for name, seg in segs.items():
@@ -749,6 +827,12 @@ ow = one(lambda r: r["rmgr"] == "XLOG" and r["desc"].startswith("OVERWRITE_CONTR
 facts["overwrite_contrecord"] = {"lsn": lsn_str(ow["lsn"]), "desc": ow["desc"]}
 m = re.match(r"OVERWRITE_CONTRECORD lsn ([0-9A-F]+/[0-9A-F]+)", ow["desc"])
 facts["overwrite_contrecord"]["aborted_lsn"] = lsn_str(parse_lsn(m.group(1)))
+ck = [r for r in all_recs if r["tli"] == 2 and r["rmgr"] == "XLOG" and r["desc"].startswith("CHECKPOINT_SHUTDOWN")
+      and "; tli 2; prev tli 1;" in r["desc"]]
+if len(ck) != 1:
+    sys.exit("records_facts: expected one end-of-recovery checkpoint on timeline 2, found %d" % len(ck))
+facts["end_of_recovery_checkpoint"] = {"segment": facts["timeline2_segment"], "lsn": lsn_str(ck[0]["lsn"]),
+                                       "from": 1, "to": 2}
 with open(os.path.join(d, "facts.json"), "w") as f:
     json.dump(facts, f, indent=2, sort_keys=True)
     f.write("\n")

@@ -9,6 +9,16 @@
 //! headers, which say where the main data is) and the first [`KEEP_MAIN`]
 //! bytes of their main data.
 //!
+//! ```ignore
+//! let mut scanner = WalScanner::new(ScanOptions { major, seg_size, segment_start, partial });
+//! for chunk in chunks {
+//!     hasher.update(chunk);
+//!     encoder.write_all(chunk)?;
+//!     scanner.feed(chunk); // or io::Write, as one of several sinks
+//! }
+//! let summary = scanner.finish(); // `problems` and `crc_failures` to report
+//! ```
+//!
 //! Format facts come from PostgreSQL's `xlog_internal.h` (page headers),
 //! `xlogrecord.h` (record and block headers), `xlogreader.c` (what ends the
 //! WAL, how continuation pages are checked), `xact.h` (commit and abort
@@ -19,6 +29,9 @@ use super::wal::{parse_long_page_header, LONG_PAGE_HEADER_SIZE, XLP_FIRST_IS_CON
 use super::{wal_magic_for_major, Lsn, WAL_BLOCK_SIZE};
 
 mod decode;
+mod summary;
+
+pub use summary::{RestorePoint, TimelineSwitch, WalSummary, XactMark, SUMMARY_FORMAT};
 
 /// What the scanner needs to know about the file it is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,78 +46,6 @@ pub struct ScanOptions {
     /// expected, not a problem.
     pub partial: bool,
 }
-
-/// The last commit or abort seen, or the first.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct XactMark {
-    /// LSN of the commit or abort record.
-    pub lsn: Lsn,
-    /// The transaction (for COMMIT/ABORT PREPARED, the prepared one).
-    pub xid: u32,
-    /// `xact_time`, Unix microseconds.
-    pub time_us: i64,
-    pub commit: bool,
-}
-
-/// An `XLOG_RESTORE_POINT` record (`pg_create_restore_point`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RestorePoint {
-    pub name: String,
-    /// LSN of the record.
-    pub lsn: Lsn,
-    /// `rp_time`, Unix microseconds.
-    pub time_us: i64,
-    /// End of the record, MAXALIGNed: the LSN `pg_create_restore_point`
-    /// returned.
-    #[serde(default)]
-    pub end: Lsn,
-}
-
-/// A record that starts a new timeline: `XLOG_END_OF_RECOVERY` (a promotion)
-/// or an end-of-recovery shutdown checkpoint whose timelines differ.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TimelineSwitch {
-    pub lsn: Lsn,
-    pub from: u32,
-    pub to: u32,
-    /// Unix microseconds (a checkpoint's time has whole seconds only).
-    pub time_us: Option<i64>,
-}
-
-/// What one WAL segment holds. Serialized into the archive's catalog, so
-/// every field has a default and older JSON still parses.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct WalSummary {
-    /// Version of this summary's layout: [`SUMMARY_FORMAT`].
-    pub format: u32,
-    /// Records whose header starts in this file.
-    pub records: u64,
-    pub first_record: Option<Lsn>,
-    /// End (MAXALIGNed) of the last record that starts here, lies wholly
-    /// inside the file and passed its CRC check.
-    pub end_of_wal: Option<Lsn>,
-    pub commits: u64,
-    pub aborts: u64,
-    pub first_xact: Option<XactMark>,
-    pub last_xact: Option<XactMark>,
-    pub restore_points: Vec<RestorePoint>,
-    pub timeline_switches: Vec<TimelineSwitch>,
-    /// LSN of the `XLOG_SWITCH` record that ends the segment early.
-    pub xlog_switch: Option<Lsn>,
-    /// Records not wholly inside this file: one continued from the previous
-    /// segment, one going on into the next (or both, the same record).
-    pub spanning: u32,
-    pub crc_failures: Vec<Lsn>,
-    /// Human-readable, one line each, with the LSN.
-    pub problems: Vec<String>,
-    /// `XLOG_OVERWRITE_CONTRECORD` records here: the LSN of the record each
-    /// says was cut short by a crash and abandoned.
-    pub overwritten_contrecords: Vec<Lsn>,
-}
-
-/// Layout version of [`WalSummary`].
-pub const SUMMARY_FORMAT: u32 = 1;
 
 /// `SizeOfXLogRecord`.
 const RECORD_HEADER_SIZE: usize = 24;
@@ -562,9 +503,9 @@ impl WalScanner {
             self.summary.crc_failures.push(b.start);
             return;
         }
-        let end = Lsn(maxalign(
-            b.start.0.saturating_add(u64::from(b.header.tot_len)),
-        ));
+        // Where its last byte was, not start + xl_tot_len: page headers
+        // between them count in LSNs.
+        let end = Lsn(maxalign(self.lsn(self.pos).0));
         self.summary.end_of_wal = Some(end);
         if b.decoding {
             decode::apply(

@@ -231,6 +231,34 @@ fn promotion_is_a_timeline_switch() {
 }
 
 #[test]
+fn point_in_time_recovery_is_a_timeline_switch() {
+    let facts = testdata::facts(RECORDS);
+    let ck = &facts["end_of_recovery_checkpoint"];
+    let s = records_summary(ck["segment"].as_str().unwrap());
+    assert!(s.problems.is_empty() && s.crc_failures.is_empty(), "{s:#?}");
+    assert_eq!(s.timeline_switches.len(), 1, "{s:#?}");
+    let t = &s.timeline_switches[0];
+    assert_eq!(
+        (t.lsn, t.from, t.to),
+        (
+            lsn(&ck["lsn"]),
+            ck["from"].as_u64().unwrap() as u32,
+            ck["to"].as_u64().unwrap() as u32
+        )
+    );
+    // The segment begins with timeline 1's WAL up to the recovery target,
+    // copied; the checkpoint's time (whole seconds) is not before it.
+    let rp = s
+        .restore_points
+        .iter()
+        .find(|r| r.name == "before_drop")
+        .expect("the recovery target, copied into timeline 2");
+    let time = t.time_us.expect("a checkpoint has a time");
+    assert_eq!(time % 1_000_000, 0);
+    assert!(time >= rp.time_us / 1_000_000 * 1_000_000 && time < rp.time_us + 3_600_000_000);
+}
+
+#[test]
 fn xlog_switch_ends_the_segment() {
     let facts = testdata::facts(RECORDS);
     let switches = facts["xlog_switches"].as_object().unwrap();
@@ -283,6 +311,40 @@ fn a_record_across_two_segment_boundaries() {
             assert_eq!(s.first_record, Some(end), "{name}");
         }
     }
+}
+
+#[test]
+fn a_record_header_across_a_segment_boundary() {
+    let facts = testdata::facts(RECORDS);
+    let at = lsn(&facts["split_header_lsn"]);
+    let seg_size = facts["seg_size"].as_u64().unwrap() as u32;
+    // Only xl_tot_len and xl_xid are in the first file.
+    assert_eq!(seg_size - at.segment_offset(seg_size), 16);
+    let first = WalFileName::for_segment(crate::pg::TimelineId(1), at.segno(seg_size), seg_size);
+    let next = WalFileName::for_segment(
+        crate::pg::TimelineId(1),
+        at.segno(seg_size).next(),
+        seg_size,
+    );
+    let (o, bytes) = records_segment(first.as_str());
+    let s = scan_segment(&bytes, o);
+    assert!(s.crc_failures.is_empty() && s.problems.is_empty(), "{s:#?}");
+    // It, and one continued from the segment before if the first page says
+    // so (xlp_info, the u16 at offset 2).
+    let continued = u16::from_le_bytes([bytes[2], bytes[3]]) & XLP_FIRST_IS_CONTRECORD != 0;
+    assert_eq!(s.spanning, 1 + u32::from(continued), "{s:#?}");
+    // Counted where it starts; the last complete record ends where it starts.
+    assert_eq!(s.end_of_wal, Some(at));
+    let f = &facts["wal"][first.as_str()];
+    assert_eq!(s.records, f["waldump_records"].as_u64().unwrap());
+    assert_eq!(
+        Some(at),
+        f["waldump_last_lsn"].as_str().map(|l| l.parse().unwrap())
+    );
+    let s = records_summary(next.as_str());
+    assert!(s.crc_failures.is_empty() && s.problems.is_empty(), "{s:#?}");
+    assert_eq!(s.spanning, 1, "{s:#?}");
+    assert!(s.first_record.unwrap() > at);
 }
 
 #[test]

@@ -1321,7 +1321,8 @@ fn lsn_of(s: &str) -> u64 {
 }
 
 /// A time after the last archived commit, and a restore point that does not
-/// exist: refused (exit 3) before anything is written, with the window.
+/// exist: refused (exit 2, like any target no backup reaches) before
+/// anything is written, with the window.
 fn refused_targets(env: &TestEnv, p: &Primary) {
     let dir = env.mkdir(&format!("refused-{}", unique()), As::PgUser);
     let pgdata = dir.display().to_string();
@@ -1344,7 +1345,7 @@ fn refused_targets(env: &TestEnv, p: &Primary) {
         let mut all = vec!["restore", "--pgdata", &pgdata];
         all.extend(args.iter().copied());
         let run = pgvault(env, p, &all);
-        run.expect_code(3);
+        run.expect_code(EXIT_USAGE);
         expect_error_with_hint(&run, &needle);
         assert!(
             run.stderr.contains("recoverable on timeline 1 from backup")

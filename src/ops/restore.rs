@@ -280,7 +280,7 @@ async fn check_target_reachable(
         ),
     };
     let refuse = |what: String| {
-        Err(Error::new(Kind::InvalidInput, format!("{what}; {window}"))
+        Err(Error::usage(format!("{what}; {window}"))
             .hint("choose a target inside that window, or pass --no-target-check to try anyway"))
     };
     let unsure = |what: &str| {

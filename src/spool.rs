@@ -8,6 +8,9 @@
 //! * `get/<wal>`: a segment prefetched by archive-get, already verified
 //!   against its checksum; a later call for exactly `<wal>` moves it into
 //!   place.
+//! * `pushing/<wal>`: the look-ahead pusher (one per spool, holding
+//!   `pushing/.lock`) is pushing `<wal>` now; PostgreSQL's call for it
+//!   waits for the record rather than push it a second time.
 //! * `get/.timeline`: the timeline whose history file recovery fetched last
 //!   (the one it recovers along), so that prefetch follows its switches.
 //!
@@ -128,6 +131,80 @@ impl SpoolDir {
     /// `name` on its timeline, or of older timelines) and stale temporaries.
     pub fn forget_prefetched_before(&self, name: &WalFileName) {
         sweep(&self.sub("get"), |f| f < name.as_str());
+    }
+
+    /// How many look-ahead push records wait for PostgreSQL's call.
+    pub fn pushed_count(&self) -> usize {
+        fs::read_dir(self.sub("pushed"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_str().is_some_and(|n| !n.starts_with('.')))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The look-ahead pusher's lock: `Some` (held until dropped) when no
+    /// other process holds it.
+    pub fn try_lock_pusher(&self) -> io::Result<Option<File>> {
+        try_lock(&self.sub("pushing"))
+    }
+
+    /// The prefetcher's lock, likewise.
+    pub fn try_lock_prefetcher(&self) -> io::Result<Option<File>> {
+        try_lock(&self.get_dir())
+    }
+
+    /// Is a look-ahead pusher running for this spool?
+    pub fn pusher_running(&self) -> bool {
+        matches!(self.try_lock_pusher(), Ok(None))
+    }
+
+    /// Marks `name` as being pushed by the look-ahead pusher (which holds
+    /// the lock): PostgreSQL's call for it waits for the record instead of
+    /// pushing the same file again.
+    pub fn mark_pushing(&self, name: &WalFileName) -> io::Result<()> {
+        let dir = self.sub("pushing");
+        fs::create_dir_all(&dir)?;
+        File::create(dir.join(name.as_str())).map(drop)
+    }
+
+    pub fn unmark_pushing(&self, name: &WalFileName) {
+        let _ = fs::remove_file(self.sub("pushing").join(name.as_str()));
+    }
+
+    pub fn is_marked_pushing(&self, name: &WalFileName) -> bool {
+        self.sub("pushing").join(name.as_str()).exists()
+    }
+
+    /// Drops every marker (a new pusher, holding the lock: any marker left
+    /// is a dead pusher's).
+    pub fn clear_pushing_marks(&self) {
+        sweep(&self.sub("pushing"), |_| true);
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)` on `<dir>/.lock`: `Some(file)` holds the lock
+/// until the file is dropped (or the process dies); `None`: another process
+/// holds it.
+fn try_lock(dir: &Path) -> io::Result<Option<File>> {
+    fs::create_dir_all(dir)?;
+    let lock = File::create(dir.join(".lock"))?;
+    // SAFETY: flock on a file descriptor we own.
+    let r = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if r == 0 {
+        Ok(Some(lock))
+    } else {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => Ok(None),
+            _ => Err(e),
+        }
     }
 }
 

@@ -566,9 +566,9 @@ fn sigkill_during_lookahead_push_and_prefetch() {
 
     // Pushes: each round starts from a fresh repository (a new prefix, so
     // a new spool too) with every segment marked .ready, and kills
-    // PostgreSQL's first call, busy pushing ahead, at a random fraction of
-    // the time such a call takes (round 0 measures it, unkilled: the
-    // schedule then fits however loaded the machine is). Then PostgreSQL's
+    // PostgreSQL's first call and the look-ahead pusher it started, at a
+    // random fraction of the time the two take (round 0 measures it,
+    // unkilled: the schedule then fits however loaded the machine is). Then PostgreSQL's
     // retries complete everything, in order.
     let mut problems = Vec::new();
     let mut kills = 0;
@@ -608,6 +608,14 @@ fn sigkill_during_lookahead_push_and_prefetch() {
         let run = finish(child, PGVAULT_TIMEOUT);
         if round == 0 {
             run.ok();
+            // The call, and the detached look-ahead pusher it started.
+            while !pgvault_pids(&env).is_empty() {
+                assert!(
+                    t0.elapsed() < PGVAULT_TIMEOUT,
+                    "{replay}: the look-ahead pusher did not finish"
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
             span_ms = (t0.elapsed().as_millis() as u64).max(200);
         }
         let ctx = format!(

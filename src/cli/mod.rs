@@ -99,18 +99,22 @@ fn get_failure_code() -> i32 {
 
 /// Set in the environment of the detached prefetcher `archive-get` starts.
 const PREFETCH_ENV: &str = "PGVAULT_INTERNAL_PREFETCH";
+/// Set for the detached look-ahead pusher `archive-push` starts.
+const LOOKAHEAD_ENV: &str = "PGVAULT_INTERNAL_LOOKAHEAD";
 
-/// Starts this same command again, detached (own session, no stdio), to
-/// fetch the next segments while PostgreSQL replays this one. PostgreSQL
-/// waits only for the `restore_command` shell, not for this child.
-fn spawn_prefetcher() {
+/// Starts this same command again, detached (own session, no stdio), with
+/// `role` set in its environment: the prefetcher (fetches the next segments
+/// while PostgreSQL replays this one) or the look-ahead pusher (pushes the
+/// files ready after this one). PostgreSQL waits only for its own command,
+/// not for this child.
+fn spawn_detached(role: &str) {
     use std::os::unix::process::CommandExt;
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
     let mut cmd = std::process::Command::new(exe);
     cmd.args(std::env::args_os().skip(1))
-        .env(PREFETCH_ENV, "1")
+        .env(role, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -122,7 +126,7 @@ fn spawn_prefetcher() {
         });
     }
     if let Err(e) = cmd.spawn() {
-        log::debug!("start the prefetcher: {e}");
+        log::debug!("start a detached helper ({role}): {e}");
     }
 }
 
@@ -159,6 +163,18 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 process_max: s.process_max,
                 spool: s.spool(),
             };
+            if std::env::var_os(LOOKAHEAD_ENV).is_some() {
+                // The detached pusher started below: push ahead, quietly.
+                if let Err(e) =
+                    ops::archive_push::push_ahead(&repo, s.catalog().as_ref(), &opts).await
+                {
+                    log::debug!("look-ahead after {}: {e}", path.display());
+                }
+                return Ok(0);
+            }
+            if ops::archive_push::lookahead_wanted(&opts) {
+                spawn_detached(LOOKAHEAD_ENV);
+            }
             ops::archive_push::archive_push(&repo, s.catalog().as_ref(), &opts).await?;
             Ok(0)
         }
@@ -188,7 +204,7 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             match ops::archive_get::archive_get(&repo, &opts).await? {
                 ops::archive_get::GetOutcome::Restored => {
                     if spool.is_some() {
-                        spawn_prefetcher();
+                        spawn_detached(PREFETCH_ENV);
                     }
                     Ok(0)
                 }

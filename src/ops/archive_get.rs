@@ -173,20 +173,12 @@ pub async fn prefetch(
         return Ok(0);
     }
     let dir = spool.get_dir();
-    fs::create_dir_all(&dir)
-        .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
-    let lock = File::create(dir.join(".lock"))
-        .map_err(|e| Error::internal(format!("lock {}: {e}", dir.display())))?;
-    // SAFETY: flock on a file descriptor we own.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
+    let Some(_lock) = spool
+        .try_lock_prefetcher()
+        .map_err(|e| Error::internal(format!("lock {}: {e}", dir.display())))?
+    else {
         return Ok(0); // another prefetcher is at work
-    }
+    };
     let stanza = repo.require_stanza().await?;
     let db = db_of_working_dir(&stanza).await;
     let seg = db.wal_segment_size;

@@ -24,8 +24,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use futures::stream::{self, StreamExt};
-
 use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::ops::walfacts;
@@ -74,8 +72,17 @@ pub struct Pushed {
     pub outcome: PushOutcome,
 }
 
-/// Archives `opts.path`, and with look-ahead the WAL files PostgreSQL has
-/// already marked `.ready` after it, so that its next calls return at once.
+/// How long the look-ahead pusher waits for PostgreSQL to take records
+/// before it gives up (PostgreSQL may have stopped archiving).
+const IDLE_PUSHER: Duration = Duration::from_secs(30);
+/// How long PostgreSQL's call waits for the look-ahead pusher to finish
+/// the file it asked for, before pushing it itself.
+const WAIT_FOR_PUSHER: Duration = Duration::from_secs(300);
+
+/// Archives `opts.path`. With look-ahead, the detached pusher
+/// ([`push_ahead`], started by the caller) pushes the files PostgreSQL has
+/// marked `.ready` meanwhile, so that its next calls return at once; a
+/// call for a file the pusher is pushing right now waits for it.
 pub async fn archive_push(
     repo: &Repository,
     catalog: Option<&Catalog>,
@@ -85,75 +92,20 @@ pub async fn archive_push(
     let context = |e: Error| e.context(format!("archive-push {shown}"));
     let name = file_name_of(&opts.path).map_err(context)?;
 
-    // Pushed ahead by an earlier call? Only if the file we are given now
-    // has exactly the bytes that were pushed.
-    if let Some(spool) = &opts.spool {
-        if let Some(record) = spool.pushed(&name) {
-            let path = opts.path.clone();
-            let digest = tokio::task::spawn_blocking(move || hash_file(&path))
-                .await?
-                .map_err(context)?;
-            if digest == record {
-                spool.forget_pushed_before(&name);
-                return Ok(Pushed {
-                    name,
-                    digest,
-                    outcome: PushOutcome::AlreadyArchived,
-                });
-            }
-            log::warn!("{name} differs from what was pushed ahead of time; pushing it again");
+    if let Some(spool) = opts.spool.as_ref().filter(|_| opts.ahead > 0) {
+        if let Some(pushed) = pushed_ahead(spool, &name, &opts.path)
+            .await
+            .map_err(context)?
+        {
+            return Ok(pushed);
         }
     }
 
     let stanza = repo.require_stanza().await.map_err(context)?;
     let db = stanza.current().clone();
-    let ahead = match &opts.spool {
-        Some(spool) if opts.ahead > 0 => ready_after(&opts.path, &name, opts.ahead, spool),
-        _ => Vec::new(),
-    };
-    let pushed = if ahead.is_empty() {
-        push_one(repo, &db, &opts.path, opts.encode)
-            .await
-            .map_err(context)?
-    } else {
-        // One file per worker, each compressed on one thread.
-        let encode = EncodeOptions {
-            threads: 0,
-            ..opts.encode
-        };
-        let main = push_one(repo, &db, &opts.path, encode);
-        let others = stream::iter(ahead)
-            .map(|p| {
-                let db = &db;
-                async move { (push_one(repo, db, &p, encode).await, p) }
-            })
-            .buffer_unordered(opts.process_max.max(2) - 1)
-            .collect::<Vec<_>>();
-        let (main, others) = futures::join!(main, others);
-        let spool = opts.spool.as_ref().expect("look-ahead needs a spool");
-        for (r, p) in others {
-            match r {
-                Ok(done) => {
-                    // Only after the object is durable (push_one returned).
-                    let (spool, done2) = (spool.clone(), done.clone());
-                    let rec = tokio::task::spawn_blocking(move || {
-                        spool.record_pushed(&done2.name, &done2.digest)
-                    })
-                    .await?;
-                    if let Err(e) = rec {
-                        log::debug!("record look-ahead push of {}: {e}", done.name);
-                    }
-                    if let Some(cat) = catalog {
-                        cat.record_wal_best_effort(repo.stanza(), &done.name, &done.digest)
-                            .await;
-                    }
-                }
-                // PostgreSQL will ask for it and get the error then.
-                Err(e) => log::debug!("look-ahead push of {} failed: {e}", p.display()),
-            }
-        }
-        main.map_err(context)?
-    };
+    let pushed = push_one(repo, &db, &opts.path, opts.encode)
+        .await
+        .map_err(context)?;
     if let Some(spool) = &opts.spool {
         spool.forget_pushed_before(&name);
     }
@@ -164,12 +116,149 @@ pub async fn archive_push(
     Ok(pushed)
 }
 
-/// WAL files PostgreSQL has marked ready for archiving after `name`
-/// (`pg_wal/archive_status/<wal>.ready`), oldest first, not pushed yet.
-fn ready_after(path: &Path, name: &WalFileName, max: usize, spool: &SpoolDir) -> Vec<PathBuf> {
-    let Some(wal_dir) = path.parent() else {
-        return Vec::new();
+/// Was `name` pushed ahead of time (or is it being pushed now: then wait)?
+/// Only if the file PostgreSQL gives now has exactly the bytes pushed.
+async fn pushed_ahead(spool: &SpoolDir, name: &WalFileName, path: &Path) -> Result<Option<Pushed>> {
+    let started = std::time::Instant::now();
+    let record = loop {
+        if let Some(record) = spool.pushed(name) {
+            break record;
+        }
+        if !spool.is_marked_pushing(name)
+            || !spool.pusher_running()
+            || started.elapsed() > WAIT_FOR_PUSHER
+        {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let p = path.to_path_buf();
+    let digest = tokio::task::spawn_blocking(move || hash_file(&p)).await??;
+    if digest != record {
+        log::warn!("{name} differs from what was pushed ahead of time; pushing it again");
+        return Ok(None);
+    }
+    spool.forget_pushed_before(name);
+    Ok(Some(Pushed {
+        name: name.clone(),
+        digest,
+        outcome: PushOutcome::AlreadyArchived,
+    }))
+}
+
+/// The look-ahead pusher: a detached process (one per spool: a lock),
+/// started by PostgreSQL's call for `opts.path`. `process_max` workers push
+/// the other `.ready` files in `pg_wal/archive_status`, oldest first, each
+/// compressed on one thread, and record each in the spool once its object
+/// is durable; at most `ahead` records wait for PostgreSQL at any time. It
+/// exits when nothing is left to push.
+pub async fn push_ahead(
+    repo: &Repository,
+    catalog: Option<&Catalog>,
+    opts: &PushOptions,
+) -> Result<usize> {
+    let Some(spool) = opts.spool.as_ref().filter(|_| opts.ahead > 0) else {
+        return Ok(0);
+    };
+    let Some(_lock) = spool
+        .try_lock_pusher()
+        .map_err(|e| Error::internal(format!("lock the look-ahead spool: {e}")))?
+    else {
+        return Ok(0); // one is at work already
+    };
+    spool.clear_pushing_marks();
+    let name = file_name_of(&opts.path)?;
+    let Some(wal_dir) = opts.path.parent().map(Path::to_path_buf) else {
+        return Ok(0);
+    };
+    let stanza = repo.require_stanza().await?;
+    let db = stanza.current().clone();
+    let encode = EncodeOptions {
+        threads: 0,
+        ..opts.encode
+    };
+    // Names taken by a worker and not recorded yet.
+    let busy = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let pushed = std::sync::atomic::AtomicUsize::new(0);
+    let worker = || async {
+        let mut waiting_since: Option<std::time::Instant> = None;
+        loop {
+            let next = {
+                let mut busy = busy.lock().expect("lock poisoned");
+                let Some(first) = ready_files(&wal_dir, &name, spool, &busy)
+                    .into_iter()
+                    .next()
+                else {
+                    return; // nothing left to push
+                };
+                let room = opts.ahead.saturating_sub(spool.pushed_count() + busy.len());
+                (room > 0).then(|| {
+                    busy.insert(first.clone());
+                    let _ = spool.mark_pushing(&first);
+                    first
+                })
+            };
+            let Some(next) = next else {
+                // `ahead` records wait for PostgreSQL: wait until it takes
+                // some, unless it stopped calling.
+                let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > IDLE_PUSHER {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            waiting_since = None;
+            let r = push_one(repo, &db, &wal_dir.join(next.as_str()), encode).await;
+            match r {
+                Ok(done) => {
+                    // Only now that the object is durable.
+                    let (sp, d) = (spool.clone(), done.clone());
+                    let rec =
+                        tokio::task::spawn_blocking(move || sp.record_pushed(&d.name, &d.digest))
+                            .await;
+                    if !matches!(rec, Ok(Ok(()))) {
+                        log::debug!("record the look-ahead push of {next}: {rec:?}");
+                    }
+                    pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(cat) = catalog {
+                        cat.record_wal_best_effort(repo.stanza(), &done.name, &done.digest)
+                            .await;
+                    }
+                }
+                // PostgreSQL will ask for it and get the error then.
+                Err(e) => log::debug!("look-ahead push of {next} failed: {e}"),
+            }
+            spool.unmark_pushing(&next);
+            busy.lock().expect("lock poisoned").remove(&next);
+        }
+    };
+    futures::future::join_all((0..opts.process_max.max(1)).map(|_| worker())).await;
+    Ok(pushed.into_inner())
+}
+
+/// Should PostgreSQL's call for `opts.path` start the look-ahead pusher?
+/// When look-ahead is on, none runs, and other files are ready.
+pub fn lookahead_wanted(opts: &PushOptions) -> bool {
+    let (Some(spool), Ok(name), Some(wal_dir)) = (
+        opts.spool.as_ref().filter(|_| opts.ahead > 0),
+        file_name_of(&opts.path),
+        opts.path.parent(),
+    ) else {
+        return false;
+    };
+    !spool.pusher_running() && !ready_files(wal_dir, &name, spool, &Default::default()).is_empty()
+}
+
+/// `.ready` files in `pg_wal/archive_status` other than `name` (the one
+/// PostgreSQL's own call pushes), oldest first, neither pushed ahead
+/// already nor taken by a worker.
+fn ready_files(
+    wal_dir: &Path,
+    name: &WalFileName,
+    spool: &SpoolDir,
+    busy: &std::collections::BTreeSet<WalFileName>,
+) -> Vec<WalFileName> {
     let Ok(rd) = std::fs::read_dir(wal_dir.join("archive_status")) else {
         return Vec::new();
     };
@@ -180,14 +269,10 @@ fn ready_after(path: &Path, name: &WalFileName, max: usize, spool: &SpoolDir) ->
             let stem = f.to_str()?.strip_suffix(".ready")?.to_string();
             WalFileName::parse(&stem).ok()
         })
-        .filter(|n| n != name && spool.pushed(n).is_none())
+        .filter(|n| n != name && !busy.contains(n) && spool.pushed(n).is_none())
         .collect();
     names.sort();
-    names.truncate(max);
     names
-        .into_iter()
-        .map(|n| wal_dir.join(n.as_str()))
-        .collect()
 }
 
 async fn push_one(
@@ -518,9 +603,11 @@ mod tests {
             process_max: 2,
             spool: Some(spool.clone()),
         };
-        let first = archive_push(&repo, None, &opts("000000010000000000000014"))
-            .await
-            .unwrap();
+        let o = opts("000000010000000000000014");
+        assert!(lookahead_wanted(&o), "15 is ready too");
+        // The detached pusher, run here in the test's process.
+        assert_eq!(push_ahead(&repo, None, &o).await.unwrap(), 1);
+        let first = archive_push(&repo, None, &o).await.unwrap();
         assert_eq!(first.outcome, PushOutcome::Archived);
         let next = WalFileName::parse("000000010000000000000015").unwrap();
         let record = spool

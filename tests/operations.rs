@@ -1311,6 +1311,47 @@ fn recoverable_window(env: &TestEnv, p: &Primary) {
     );
     let rpo = v["rpo_seconds"].as_f64().unwrap_or(-1.0);
     assert!((0.0..600.0).contains(&rpo), "rpo_seconds {rpo}: {v:#}");
+
+    // A segment archived without a summary (as by an older pgvault): info
+    // says the window may be incomplete, backfill writes the summary, and
+    // the window is whole again. (Without the catalog, which caches it.)
+    let mut files = BTreeSet::new();
+    files_under(&stanza_dir(&p.repo).join("archive"), &mut files);
+    let summaries: Vec<PathBuf> = files
+        .into_iter()
+        .filter(|f| {
+            f.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&seg) && n.ends_with(".summary"))
+        })
+        .collect();
+    assert_eq!(summaries.len(), 1, "one summary for {seg}: {summaries:?}");
+    fs::remove_file(&summaries[0]).expect("remove the summary");
+    let no_catalog = |args: &[&str]| {
+        let mut all = vec!["--catalog", "off"];
+        all.extend_from_slice(args);
+        pgvault(env, p, &all)
+    };
+    let run = no_catalog(&["info", "--output", "json"]);
+    let v2: Value = serde_json::from_str(&run.stdout).expect("info JSON");
+    assert_eq!(
+        timeline1(&v2)["recoverable"]["unsummarized_segments"],
+        1,
+        "{v2:#}"
+    );
+    let run = no_catalog(&["backfill"]);
+    run.ok();
+    assert!(
+        run.stdout.contains("backfill: 1 segment(s) summarized now"),
+        "backfill should summarize {seg}:\n{}",
+        run.stdout
+    );
+    assert!(summaries[0].exists(), "backfill wrote no summary for {seg}");
+    let run = no_catalog(&["info", "--output", "json"]);
+    let v3: Value = serde_json::from_str(&run.stdout).expect("info JSON");
+    let rc3 = &timeline1(&v3)["recoverable"];
+    assert_eq!(rc3["unsummarized_segments"], 0, "{rc3:#}");
+    assert_eq!(rc3["to_time"], rc["to_time"], "{rc3:#}");
 }
 
 fn lsn_of(s: &str) -> u64 {

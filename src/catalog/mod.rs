@@ -151,16 +151,22 @@ impl Catalog {
         Ok(conn)
     }
 
-    /// Records one archived file; failures are logged, never returned.
+    /// Records one archived file, with what its records say when they were
+    /// read; failures are logged, never returned.
     pub async fn record_wal_best_effort(
         &self,
         stanza: &str,
         name: &WalFileName,
         digest: &Digest256,
+        summary: Option<&WalSummary>,
     ) {
         let (cat, stanza, name, digest) = (self.clone(), stanza.to_string(), name.clone(), *digest);
+        let summary = summary.cloned();
         let r = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
             let conn = cat.connect(BEST_EFFORT_BUSY)?;
+            if let Some(sum) = &summary {
+                insert_summary(&conn, &stanza, &name, &digest.sha256, sum)?;
+            }
             conn.execute(
                 "INSERT INTO wal (stanza, name, timeline, sha256, size, archived_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -251,21 +257,8 @@ impl Catalog {
             let mut conn = cat.connect(BEST_EFFORT_BUSY)?;
             let tx = conn.transaction()?;
             {
-                let mut ins = tx.prepare(
-                    "INSERT OR REPLACE INTO wal_summary
-                         (stanza, name, sha256, last_xact_us, crc_failures, summary)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
                 for (name, sha, sum) in &rows {
-                    let json = serde_json::to_string(sum).unwrap_or_default();
-                    ins.execute(params![
-                        stanza,
-                        name.as_str(),
-                        sha.to_hex(),
-                        sum.last_xact.as_ref().map(|x| x.time_us),
-                        sum.crc_failures.len() as i64,
-                        json
-                    ])?;
+                    insert_summary(&tx, &stanza, name, sha, sum)?;
                 }
             }
             tx.commit()
@@ -329,6 +322,30 @@ impl Catalog {
     }
 }
 
+fn insert_summary(
+    conn: &Connection,
+    stanza: &str,
+    name: &WalFileName,
+    sha: &Sha256Sum,
+    sum: &WalSummary,
+) -> rusqlite::Result<()> {
+    let json = serde_json::to_string(sum).unwrap_or_default();
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO wal_summary
+             (stanza, name, sha256, last_xact_us, crc_failures, summary)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        stanza,
+        name.as_str(),
+        sha.to_hex(),
+        sum.last_xact.as_ref().map(|x| x.time_us),
+        sum.crc_failures.len() as i64,
+        json
+    ])?;
+    Ok(())
+}
+
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: usize =
         conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
@@ -371,8 +388,8 @@ mod tests {
             size: 16,
             sha256: crate::repo::Sha256Sum([1; 32]),
         };
-        rt.block_on(cat.record_wal_best_effort("main", &name, &d));
-        rt.block_on(cat.record_wal_best_effort("main", &name, &d));
+        rt.block_on(cat.record_wal_best_effort("main", &name, &d, None));
+        rt.block_on(cat.record_wal_best_effort("main", &name, &d, None));
         assert_eq!(
             cat.wal_names("main").unwrap(),
             vec!["000000010000000000000003".to_string()]
@@ -426,6 +443,6 @@ mod tests {
             size: 16,
             sha256: crate::repo::Sha256Sum([1; 32]),
         };
-        rt.block_on(cat.record_wal_best_effort("main", &name, &d));
+        rt.block_on(cat.record_wal_best_effort("main", &name, &d, None));
     }
 }

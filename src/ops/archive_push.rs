@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::ops::walfacts;
-use crate::pg::walscan::WalScanner;
+use crate::pg::walscan::{WalScanner, WalSummary};
 use crate::pg::{self, WalFileKind, WalFileName};
 use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{layout, DbInfo, Digest256, PutMode, PutOutcome, Repository, Sha256Sum};
@@ -70,6 +70,8 @@ pub struct Pushed {
     pub name: WalFileName,
     pub digest: Digest256,
     pub outcome: PushOutcome,
+    /// What its records say, when this call read them.
+    pub summary: Option<WalSummary>,
 }
 
 /// How long the look-ahead pusher waits for PostgreSQL to take records
@@ -110,8 +112,13 @@ pub async fn archive_push(
         spool.forget_pushed_before(&name);
     }
     if let Some(cat) = catalog {
-        cat.record_wal_best_effort(repo.stanza(), &pushed.name, &pushed.digest)
-            .await;
+        cat.record_wal_best_effort(
+            repo.stanza(),
+            &pushed.name,
+            &pushed.digest,
+            pushed.summary.as_ref(),
+        )
+        .await;
     }
     Ok(pushed)
 }
@@ -143,6 +150,7 @@ async fn pushed_ahead(spool: &SpoolDir, name: &WalFileName, path: &Path) -> Resu
         name: name.clone(),
         digest,
         outcome: PushOutcome::AlreadyArchived,
+        summary: None,
     }))
 }
 
@@ -222,8 +230,13 @@ pub async fn push_ahead(
                     }
                     pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Some(cat) = catalog {
-                        cat.record_wal_best_effort(repo.stanza(), &done.name, &done.digest)
-                            .await;
+                        cat.record_wal_best_effort(
+                            repo.stanza(),
+                            &done.name,
+                            &done.digest,
+                            done.summary.as_ref(),
+                        )
+                        .await;
                     }
                 }
                 // PostgreSQL will ask for it and get the error then.
@@ -301,6 +314,7 @@ async fn push_one(
             name,
             digest,
             outcome: PushOutcome::AlreadyArchived,
+            summary: None,
         });
     }
 
@@ -368,6 +382,7 @@ async fn push_one(
             PutOutcome::Created => PushOutcome::Archived,
             PutOutcome::AlreadyExists => PushOutcome::AlreadyArchived,
         },
+        summary,
     };
     if created == PutOutcome::Created && repo.backend().atomic_create() {
         // We own the name, and both objects were made durable as they were

@@ -12,6 +12,9 @@
 #   BENCH_SCALE=20       pgbench scale of the cluster that writes the WAL
 #   BENCH_DIR=/var/tmp   where everything lives (one disk)
 #   BENCH_OUT=FILE       also append the result tables (markdown) to FILE
+#   BENCH_PROFILE=1      then one more pgvault drain, each call run under
+#                        /usr/bin/time (wall, CPU, faults per call: calls.txt),
+#                        summarised after the results (not in the medians)
 #   KEEP=1               keep the temporary directory
 #
 # How: a cluster archives nothing (archive_mode = on, archive_command = '':
@@ -129,9 +132,15 @@ LAST="$(find "$SNAP/pg_wal/archive_status" -name '*.ready' -printf '%f\n' | sort
 FIRST="${FIRST%.ready}"
 LAST="${LAST%.ready}"
 [ $(($(seg_index "$LAST") - $(seg_index "$FIRST") + 1)) = "$N" ] || pgv_die "the .ready files are not contiguous"
-ZRATIO="$(cat "$SNAP/pg_wal/$LAST" | zstd -3 -c | wc -c)"
-ZRATIO="$(python3 -c "print(f'{$ZRATIO / 16777216:.3f}')")"
-pgv_log "backlog: $N segments $FIRST .. $LAST, made in $GEN_SECS s (pgbench ~$TPS tps); zstd -3 of the last: $ZRATIO"
+# zstd -3 ratio of every 10th queued segment (per segment, as both tools compress)
+zin=0 zout=0
+for ((k = $(seg_index "$FIRST"); k <= $(seg_index "$LAST"); k += 10)); do
+    f="$SNAP/pg_wal/00000001$(printf '%08X%08X' $((k / 256)) $((k % 256)))"
+    zin=$((zin + $(stat -c %s "$f")))
+    zout=$((zout + $(zstd -3 -c "$f" | wc -c)))
+done
+ZRATIO="$(python3 -c "print(f'{$zout / $zin:.3f}')")"
+pgv_log "backlog: $N segments $FIRST .. $LAST, made in $GEN_SECS s (pgbench ~$TPS tps); zstd -3 ratio (every 10th segment): $ZRATIO"
 
 # --- pgBackRest configuration (repository and spool per round on the command line)
 cat >"$WORK/pgbackrest.conf" <<CONF
@@ -170,8 +179,12 @@ drain() {
     cp -a "$SNAP" "$RUN"
     case "$tool" in
         pgvault)
-            as_user "$PGV" --repo "$d/repo" --stanza drain stanza-create --pgdata "$RUN" >/dev/null
+            as_user "$PGV" --repo "$d/repo" --stanza drain stanza-create --pgdata "$RUN" >/dev/null 2>&1
             cmd="$PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db archive-push %p"
+            ;;
+        pgvault-profile)
+            as_user "$PGV" --repo "$d/repo" --stanza drain stanza-create --pgdata "$RUN" >/dev/null 2>&1
+            cmd="/usr/bin/time -a -o $d/calls.txt -f %e,%U,%S,%F,%R,%c,%w $PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db archive-push %p"
             ;;
         pgbackrest)
             mkdir -p "$d/repo" "$d/spool"
@@ -221,6 +234,13 @@ drain() {
     objs="$(find "$d/repo" -type f -name '0000*' | awk -F/ '{print substr($NF, 1, 24)}' | sort -u |
         awk -v f="$FIRST" -v l="$LAST" '$1 >= f && $1 <= l' | wc -l)"
     [ "$objs" = "$N" ] || pgv_die "$tool round $r: $objs of $N segments in the repository"
+    if [ "$tool" = pgvault-profile ]; then
+        cp "$d/calls.txt" "$WORK/calls.txt"
+        echo "$secs $load0 $load1" >"$WORK/profile-drain"
+        pgv_log "profiled pgvault drain: $secs s"
+        rm -rf "$d" "$RUN"
+        return
+    fi
     echo "$tool $r $N $secs $load0 $load1 $busy $failed" >>"$WORK/times"
     pgv_log "$tool round $r: $N segments in $secs s = $(python3 -c "print(f'{1000 * $secs / $N:.1f}')") ms/segment (load $load0 -> $load1, CPU busy $busy %, failed_count $failed)"
     rm -rf "$d" "$RUN"
@@ -231,7 +251,7 @@ drain() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
     echo "versions: $("$PGV" --version) (git $(git -C "$ROOT" rev-parse --short HEAD)), $(pgbackrest version), $("$BIN/postgres" --version)"
-    echo "backlog: $N segments $FIRST .. $LAST (pgbench -s $SCALE, ~$TPS tps; zstd -3 ratio of the last segment $ZRATIO)"
+    echo "backlog: $N segments $FIRST .. $LAST (pgbench -s $SCALE, ~$TPS tps; zstd -3 ratio of every 10th segment $ZRATIO)"
 } >"$WORK/machine.txt"
 for r in $(seq 1 "$ROUNDS"); do
     # alternate which tool goes first
@@ -266,3 +286,32 @@ print(f"pgvault / pgBackRest: **{statistics.median(ms['pgvault']) / statistics.m
       f"per round {', '.join(f'{x:.2f}' for x in ratios)} (target <= 0.5)")
 PY
 } | tee -a "${BENCH_OUT:-/dev/null}"
+
+if [ "${BENCH_PROFILE:-0}" = 1 ]; then
+    drain pgvault-profile P
+    python3 - "$WORK/calls.txt" "$WORK/profile-drain" "$N" <<'PY' | tee -a "${BENCH_OUT:-/dev/null}"
+import sys, statistics
+calls = [list(map(float, l.strip().split(","))) for l in open(sys.argv[1]) if l.strip() and l[0].isdigit()]
+secs, l0, l1 = open(sys.argv[2]).read().split()
+n = int(sys.argv[3])
+wall = [c[0] for c in calls]
+cpu = [c[1] + c[2] for c in calls]
+print()
+print(f"Profiled pgvault drain (every archive-push call under /usr/bin/time): {n} segments in {float(secs):.2f} s "
+      f"({1000 * float(secs) / n:.1f} ms/segment; load {l0} -> {l1}); {len(calls)} calls")
+print()
+print("| calls | wall s (sum) | CPU s user+sys (sum) | CPU / wall | median wall ms | median CPU ms |")
+print("|---|---:|---:|---:|---:|---:|")
+slow = [c for c in calls if c[0] >= 0.2]
+fast = [c for c in calls if c[0] < 0.2]
+for label, cs in (("all", calls), ("slow (>= 200 ms: pushes, with look-ahead)", slow), ("fast (< 200 ms: answered from the look-ahead record)", fast)):
+    if not cs:
+        continue
+    w = sum(c[0] for c in cs)
+    u = sum(c[1] + c[2] for c in cs)
+    print(f"| {label}: {len(cs)} | {w:.2f} | {u:.2f} | {u / w:.2f} | {1000 * statistics.median(c[0] for c in cs):.0f} | "
+          f"{1000 * statistics.median(c[1] + c[2] for c in cs):.0f} |")
+print()
+print("Calls in order (wall ms / CPU ms):", " ".join(f"{1000 * c[0]:.0f}/{1000 * (c[1] + c[2]):.0f}" for c in calls))
+PY
+fi

@@ -12,6 +12,9 @@
 #   BENCH_SCALE=20       pgbench scale of the cluster that writes the WAL
 #   BENCH_DIR=/var/tmp   where everything lives (one disk)
 #   BENCH_OUT=FILE       also append the result tables (markdown) to FILE
+#   BENCH_EXTRA="pm3 ahead0"  what-if variants of pgvault, interleaved with the
+#                        others but not the run of record: pm3 = --process-max 3,
+#                        ahead0 = --archive-push-ahead 0 (no look-ahead)
 #   BENCH_PROFILE=1      then one more pgvault drain, each call run under
 #                        /usr/bin/time (wall, CPU, faults per call: calls.txt),
 #                        summarised after the results (not in the medians)
@@ -178,9 +181,12 @@ drain() {
     rm -rf "$RUN"
     cp -a "$SNAP" "$RUN"
     case "$tool" in
-        pgvault)
+        pgvault | pgvault-pm3 | pgvault-ahead0)
+            local extra=""
+            [ "$tool" = pgvault-pm3 ] && extra="--process-max 3"
+            [ "$tool" = pgvault-ahead0 ] && extra="--archive-push-ahead 0"
             as_user "$PGV" --repo "$d/repo" --stanza drain stanza-create --pgdata "$RUN" >/dev/null 2>&1
-            cmd="$PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db archive-push %p"
+            cmd="$PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db $extra archive-push %p"
             ;;
         pgvault-profile)
             as_user "$PGV" --repo "$d/repo" --stanza drain stanza-create --pgdata "$RUN" >/dev/null 2>&1
@@ -256,6 +262,7 @@ drain() {
 for r in $(seq 1 "$ROUNDS"); do
     # alternate which tool goes first
     if [ $((r % 2)) = 1 ]; then order="pgvault pgbackrest"; else order="pgbackrest pgvault"; fi
+    for x in ${BENCH_EXTRA:-}; do order="$order pgvault-$x"; done
     for t in $order; do drain "$t" "$r"; done
 done
 
@@ -279,11 +286,16 @@ for t, v in ms.items():
     print(f"| {t} | **{statistics.median(v):.1f}** | {min(v):.1f} | {max(v):.1f} |")
 per_round = {}
 for tool, r, n, secs, *_ in rows:
-    per_round.setdefault(r, {})[tool] = float(secs) / int(n)
-ratios = [v["pgvault"] / v["pgbackrest"] for v in per_round.values() if len(v) == 2]
+    per_round.setdefault(r, {})[tool] = 1000 * float(secs) / int(n)
+ratios = [v["pgvault"] / v["pgbackrest"] for v in per_round.values() if "pgvault" in v and "pgbackrest" in v]
 print()
 print(f"pgvault / pgBackRest: **{statistics.median(ms['pgvault']) / statistics.median(ms['pgbackrest']):.2f}** of the medians; "
       f"per round {', '.join(f'{x:.2f}' for x in ratios)} (target <= 0.5)")
+for t in ms:
+    if t.startswith("pgvault-"):
+        rr = [v[t] / v["pgbackrest"] for v in per_round.values() if t in v and "pgbackrest" in v]
+        print(f"what-if {t} / pgBackRest: {statistics.median(ms[t]) / statistics.median(ms['pgbackrest']):.2f} of the medians; "
+              f"per round {', '.join(f'{x:.2f}' for x in rr)}")
 PY
 } | tee -a "${BENCH_OUT:-/dev/null}"
 

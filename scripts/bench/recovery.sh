@@ -16,6 +16,10 @@
 #   BENCH_SCALE=20      pgbench scale
 #   BENCH_DIR=/var/tmp  where everything lives (one disk)
 #   BENCH_OUT=FILE      also append the result tables (markdown) to FILE
+#   BENCH_EXTRA=ahead0  what-if: also replay with pgvault's prefetch off
+#                       (--archive-get-ahead 0), interleaved, not the record
+#   BENCH_PROFILE=1     then one more pgvault replay with every restore_command
+#                       call under /usr/bin/time (how long recovery waits on it)
 #   KEEP=1              keep the temporary directory
 #
 # How: one cluster archives every segment three ways (a raw copy, pgvault,
@@ -212,6 +216,8 @@ replay() {
             chown "$U" "$RUN"/pg_wal/*
             ;;
         b-pgvault) set_restore_command "$RUN" "$PGV_RESTORE_CMD" ;;
+        b-pgvault-ahead0) set_restore_command "$RUN" "${PGV_RESTORE_CMD/ archive-get / --archive-get-ahead 0 archive-get }" ;;
+        b-pgvault-profile) set_restore_command "$RUN" "/usr/bin/time -a -o $d/calls.txt -f %e,%U,%S,%x $PGV_RESTORE_CMD" ;;
         c-pgbackrest-sync) set_restore_command "$RUN" "pgbackrest --config=$WORK/pgbr.conf --stanza=bench --pg1-path=$RUN archive-get %f \"%p\"" ;;
         d-pgbackrest-async)
             mkdir -p "$d/spool"
@@ -246,6 +252,7 @@ replay() {
         pgrep -f -- "^$WORK/pgvault |pgbackrest .*$WORK/" >/dev/null || break
         sleep 0.1
     done
+    [ "$v" = b-pgvault-profile ] && cp "$d/calls.txt" "$WORK/calls.txt" && cp "$log" "$WORK/profile.log"
     python3 - "$log" "$v" "$r" "$t0" "$t1" "$load0" "$load1" "$c0 $c1" >>"$WORK/times" <<'PY'
 import re, sys
 from datetime import datetime
@@ -277,8 +284,15 @@ VARIANTS=(a-pg_wal b-pgvault c-pgbackrest-sync d-pgbackrest-async)
 for r in $(seq 1 "$ROUNDS"); do
     # reverse the order every other round
     if [ $((r % 2)) = 1 ]; then order=("${VARIANTS[@]}"); else order=(d-pgbackrest-async c-pgbackrest-sync b-pgvault a-pg_wal); fi
+    for x in ${BENCH_EXTRA:-}; do order+=("b-pgvault-$x"); done
     for v in "${order[@]}"; do replay "$v" "$r"; done
 done
+if [ "${BENCH_PROFILE:-0}" = 1 ]; then
+    replay b-pgvault-profile P
+    grep -v ' P ' "$WORK/times" >"$WORK/times.rounds" || true
+    grep ' P ' "$WORK/times" >"$WORK/times.profile" || true
+    mv "$WORK/times.rounds" "$WORK/times"
+fi
 
 {
     cat "$WORK/machine.txt"
@@ -308,4 +322,25 @@ print()
 print(f"pgvault / pg_wal {b / a:.2f} (target <= 1.2); pgvault / pgBackRest sync {b / statistics.median(by['c-pgbackrest-sync']):.2f}, "
       f"/ pgBackRest async {b / statistics.median(by['d-pgbackrest-async']):.2f} (target < 1)")
 PY
+    if [ -f "$WORK/calls.txt" ]; then
+        python3 - "$WORK/calls.txt" "$WORK/times.profile" <<'PY'
+import sys, statistics
+calls = [l.strip().split(",") for l in open(sys.argv[1]) if l.strip() and l[0].isdigit()]
+v, r, wall, logs, cpu, el, l0, l1, busy = open(sys.argv[2]).read().split()
+ok = [c for c in calls if c[3] == "0"]
+miss = [c for c in calls if c[3] != "0"]
+w = [float(c[0]) for c in ok]
+u = [float(c[1]) + float(c[2]) for c in ok]
+print()
+print(f"Profiled pgvault replay (every restore_command call under /usr/bin/time): {float(logs):.2f} s start -> promoted, "
+      f"redo elapsed {el} s, redo CPU {cpu} s, load {l0} -> {l1}")
+print()
+print(f"- {len(ok)} calls that restored a file: {sum(w):.2f} s of wall time in total (recovery waits for each), "
+      f"median {1000 * statistics.median(w):.1f} ms, p90 {1000 * sorted(w)[int(0.9 * len(w))]:.1f} ms, max {1000 * max(w):.1f} ms; "
+      f"CPU {sum(u):.2f} s in total, median {1000 * statistics.median(u):.1f} ms")
+print(f"- {len(miss)} calls for files the archive does not hold (history files, the segment after the target): "
+      f"{sum(float(c[0]) for c in miss):.2f} s in total")
+print(f"- every call, in order (ms): {' '.join(f'{1000 * float(c[0]):.0f}' for c in calls)}")
+PY
+    fi
 } | tee -a "${BENCH_OUT:-/dev/null}"

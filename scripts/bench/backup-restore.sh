@@ -53,6 +53,20 @@ mkdir -p "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
 chown "$U" "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
 
 CLUSTERS=()
+# wait_archived PORT: switch WAL and wait until the archiver has pushed
+# everything (the load just written is ~1 GiB of WAL per GiB of data: the
+# first backup would otherwise also wait for that backlog, and compete with
+# its archiving for the CPU)
+wait_archived() {
+    local port="$1" seg done_wal
+    seg="$(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$port" -d postgres -c "select pg_walfile_name(pg_switch_wal())")"
+    for _ in $(seq 1 6000); do
+        done_wal="$(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$port" -d postgres -c "select coalesce(last_archived_wal, '') from pg_stat_archiver")"
+        [[ "$done_wal" > "$seg" || "$done_wal" = "$seg" ]] && return 0
+        sleep 0.1
+    done
+    pgv_die "the archiver did not catch up to $seg in 10 minutes"
+}
 cleanup() {
     local d
     for d in "${CLUSTERS[@]}"; do
@@ -126,6 +140,8 @@ if [[ " $SETS " == *" pgbench "* ]]; then
     pgv_log "pgbench -i -s $SCALE"
     as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT1" -i -s "$SCALE" -q postgres >/dev/null 2>&1
     as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT1" -d postgres -c checkpoint
+    pgv_log "waiting for the archiver to catch up"
+    wait_archived "$PORT1"
 fi
 
 if [[ " $SETS " == *" random "* ]]; then
@@ -148,6 +164,8 @@ if [[ " $SETS " == *" random "* ]]; then
                 generate_series(1, 31) k group by g;"
     fi
     as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT2" -d postgres -c "$sql checkpoint;" >/dev/null
+    pgv_log "waiting for the archiver to catch up"
+    wait_archived "$PORT2"
 fi
 
 : >"$WORK/times"

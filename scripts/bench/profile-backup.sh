@@ -3,6 +3,8 @@
 # profile to go with scripts/bench/backup-restore.sh.)
 #
 #   BENCH_SCALE=200 scripts/bench/profile-backup.sh     (as root on Debian 12)
+#   BENCH_DATA=random BENCH_RANDOM_MB=1000 scripts/bench/profile-backup.sh
+#                     (a table of gen_random_bytes instead of pgbench)
 #
 # One pgbench cluster at BENCH_SCALE archiving to both tools, then, each with
 # the page cache dropped first, process-max BENCH_PROCESS_MAX (default 2):
@@ -19,6 +21,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
 SCALE="${BENCH_SCALE:-200}"
+DATA="${BENCH_DATA:-pgbench}"
+RANDOM_MB="${BENCH_RANDOM_MB:-1000}"
 PM="${BENCH_PROCESS_MAX:-2}"
 BASE="${BENCH_DIR:-/var/tmp}"
 [ "$(id -u)" = 0 ] || pgv_die "run as root"
@@ -82,9 +86,28 @@ CONF
 as_user "$PGV" --repo "$WORK/repo-pgv" --stanza bench stanza-create --pgdata "$D" >/dev/null 2>&1
 as_user "$BIN/pg_ctl" -D "$D" -l "$WORK/run/pg.log" -w start >/dev/null
 as_user pgbackrest --config "$WORK/pgbr.conf" --stanza=bench stanza-create >/dev/null
-pgv_log "pgbench -i -s $SCALE"
-as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT" -i -s "$SCALE" -q postgres >/dev/null 2>&1
-as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres -c checkpoint
+if [ "$DATA" = random ]; then
+    pgv_log "random bytes: $RANDOM_MB MiB"
+    as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres -c "
+        create extension pgcrypto;
+        create table rnd(b bytea);
+        alter table rnd alter column b set storage external;
+        insert into rnd select gen_random_bytes(1000) from generate_series(1, $RANDOM_MB * 1024 * 1024 / 1000);
+        checkpoint;" >/dev/null
+    DESC="random bytes ($RANDOM_MB MiB asked)"
+else
+    pgv_log "pgbench -i -s $SCALE"
+    as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT" -i -s "$SCALE" -q postgres >/dev/null 2>&1
+    as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres -c checkpoint
+    DESC="pgbench -s $SCALE"
+fi
+# let the archiver catch up with the load's WAL before anything is measured
+seg="$(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres -c "select pg_walfile_name(pg_switch_wal())")"
+for _ in $(seq 1 6000); do
+    done_wal="$(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres -c "select coalesce(last_archived_wal, '') from pg_stat_archiver")"
+    [[ "$done_wal" > "$seg" || "$done_wal" = "$seg" ]] && break
+    sleep 0.1
+done
 SIZE_MB=$(($(du -sb --exclude=pg_wal "$D" | cut -f1) / 1048576))
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
@@ -121,7 +144,7 @@ PY
 }
 
 {
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); pgbench -s $SCALE ($SIZE_MB MiB without pg_wal), process-max $PM; pgvault git $(git -C "$ROOT" rev-parse --short HEAD)"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); $DESC ($SIZE_MB MiB without pg_wal), process-max $PM; pgvault git $(git -C "$ROOT" rev-parse --short HEAD)"
     echo
     echo "vmstat 1 beside each command (page cache dropped before each):"
     under_vmstat pgvault-backup "${BACKUP_PGV[@]}"
@@ -139,6 +162,9 @@ PY
         perf record -q -e cpu-clock -F 999 -o "$WORK/out/perf-$op.data" -- "${cmd[@]}" >/dev/null 2>&1
         perf report -i "$WORK/out/perf-$op.data" --no-children --sort comm,dso,symbol --stdio >"$WORK/out/perf-$op.txt" 2>/dev/null || true
         grep -v '^#' "$WORK/out/perf-$op.txt" | grep -v '^$' | awk 'NR <= 20' || true
+        echo "by thread (share of all samples):"
+        perf report -i "$WORK/out/perf-$op.data" --no-children --sort pid --stdio 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | awk 'NR <= 8' || true
         echo
         echo "pgvault $op, strace -f -c -w (wall time in system calls, summed over threads):"
         [ "$op" = restore ] && fresh

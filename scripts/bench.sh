@@ -6,6 +6,8 @@
 #
 #   scripts/bench.sh                  as root on Debian 12; installs what it needs
 #   BENCH_PART=archive|backup|all     which part [default: all]
+#   BENCH_PART=drain                  archiver drain of a .ready backlog (scripts/bench/drain.sh)
+#   BENCH_PART=recovery               replay speed with each restore_command (scripts/bench/recovery.sh)
 #
 # Options (environment):
 #   BENCH_ROUNDS=3        rounds; every round pushes into fresh repositories
@@ -29,7 +31,9 @@ PART="${BENCH_PART:-all}"
 case "$PART" in
     archive | all) ;;
     backup) exec scripts/bench/backup-restore.sh ;;
-    *) echo "BENCH_PART must be archive, backup or all" >&2; exit 2 ;;
+    drain) exec scripts/bench/drain.sh ;;
+    recovery) exec scripts/bench/recovery.sh ;;
+    *) echo "BENCH_PART must be archive, backup, drain, recovery or all" >&2; exit 2 ;;
 esac
 if [ "$PART" = all ]; then
     # The archive part first, in a subshell of its own, then backup/restore.

@@ -4,15 +4,24 @@
 #
 #   scripts/bench/backup-restore.sh        (as root on Debian 12; installs what it needs)
 #
-# For each data set (pgbench at BENCH_SCALE, default 50; and a table of
-# random bytes that zstd cannot compress, BENCH_RANDOM_MB, default 400) and
-# each process-max in BENCH_PROCESS_MAX (default "1 2"):
+# For each data set in BENCH_SETS (default "pgbench random": pgbench at
+# BENCH_SCALE, default 50, e.g. 200 for ~3 GiB; and a table of random data
+# that zstd compresses poorly, BENCH_RANDOM_MB, default 400), each round of
+# BENCH_ROUNDS (default 1) and each process-max in BENCH_PROCESS_MAX
+# (default "1 2"):
 #   pgvault backup, pgBackRest backup --type=full, floor tar | zstd -3 + sync
 #   pgvault restore, pgBackRest restore, floor zstd -d | tar x + sync
 # with the page cache dropped before every timed command (root can), zstd
 # level 3 everywhere. Throughput is the data directory's size over the wall
-# time; peak RSS from /usr/bin/time. Results: a markdown table on stdout (and
-# in BENCH_OUT if set).
+# time; peak RSS from /usr/bin/time; the 1-min load average before each
+# command. Results: markdown tables on stdout (and in BENCH_OUT if set): every
+# timed command, then the medians over the rounds and the ratios.
+#
+# BENCH_RANDOM_KIND=bytes (default): rows of gen_random_bytes(1000) (pgcrypto),
+# stored uncompressed: zstd cannot shrink them at all. md5: rows of
+# md5(random()) text (hex, no extension needed), stored uncompressed: zstd
+# gets about 2:1 from the 16-symbol alphabet and nothing more. bytes falls
+# back to md5 when pgcrypto is not installed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # shellcheck source=scripts/lib.sh
@@ -21,6 +30,10 @@ source "$ROOT/scripts/lib.sh"
 SCALE="${BENCH_SCALE:-50}"
 RANDOM_MB="${BENCH_RANDOM_MB:-400}"
 PMS="${BENCH_PROCESS_MAX:-1 2}"
+SETS="${BENCH_SETS:-pgbench random}"
+ROUNDS="${BENCH_ROUNDS:-1}"
+RANDOM_KIND="${BENCH_RANDOM_KIND:-bytes}"
+case "$RANDOM_KIND" in bytes | md5) ;; *) pgv_die "BENCH_RANDOM_KIND must be bytes or md5" ;; esac
 BASE="${BENCH_DIR:-/var/tmp}"
 
 pgv_ensure_tools
@@ -40,6 +53,20 @@ mkdir -p "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
 chown "$U" "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
 
 CLUSTERS=()
+# wait_archived PORT: switch WAL and wait until the archiver has pushed
+# everything (the load just written is ~1 GiB of WAL per GiB of data: the
+# first backup would otherwise also wait for that backlog, and compete with
+# its archiving for the CPU)
+wait_archived() {
+    local port="$1" seg done_wal
+    seg="$(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$port" -d postgres -c "select pg_walfile_name(pg_switch_wal())")"
+    for _ in $(seq 1 6000); do
+        done_wal="$(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$port" -d postgres -c "select coalesce(last_archived_wal, '') from pg_stat_archiver")"
+        [[ "$done_wal" > "$seg" || "$done_wal" = "$seg" ]] && return 0
+        sleep 0.1
+    done
+    pgv_die "the archiver did not catch up to $seg in 10 minutes"
+}
 cleanup() {
     local d
     for d in "${CLUSTERS[@]}"; do
@@ -56,9 +83,12 @@ timed() {
     local label="$1"
     shift
     drop_caches
-    /usr/bin/time -o "$WORK/t.out" -f "%e %M" "$@" >"$WORK/cmd.log" 2>&1 ||
+    local load
+    load="$(cut -d' ' -f1 /proc/loadavg)"
+    /usr/bin/time -o "$WORK/t.out" -f "%e %M %U %S" "$@" >"$WORK/cmd.log" 2>&1 ||
         { cat "$WORK/cmd.log" >&2; pgv_die "$label failed"; }
-    echo "$label $(cat "$WORK/t.out")" >>"$WORK/times"
+    echo "$label $(cat "$WORK/t.out") $load" >>"$WORK/times"
+    pgv_log "  $label: $(cat "$WORK/t.out") (s, KiB, user s, sys s; load $load)"
 }
 
 # make_cluster NAME PORT: initdb + start, archiving to both tools' repositories.
@@ -104,75 +134,111 @@ CONF
 }
 
 PORT1="$(pgv_free_port)"
-make_cluster pgbench "$PORT1"
-pgv_log "pgbench -i -s $SCALE"
-as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT1" -i -s "$SCALE" -q postgres >/dev/null 2>&1
-as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT1" -d postgres -c checkpoint
-
 PORT2="$(pgv_free_port)"
-make_cluster random "$PORT2"
-pgv_log "random bytes: $RANDOM_MB MiB"
-as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT2" -d postgres -c "
-    create extension pgcrypto;
-    create table rnd(b bytea);
-    alter table rnd alter column b set storage external;
-    insert into rnd select gen_random_bytes(1000) from generate_series(1, $RANDOM_MB * 1024 * 1024 / 1000);
-    checkpoint;" >/dev/null
+if [[ " $SETS " == *" pgbench "* ]]; then
+    make_cluster pgbench "$PORT1"
+    pgv_log "pgbench -i -s $SCALE"
+    as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT1" -i -s "$SCALE" -q postgres >/dev/null 2>&1
+    as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT1" -d postgres -c checkpoint
+    pgv_log "waiting for the archiver to catch up"
+    wait_archived "$PORT1"
+fi
+
+if [[ " $SETS " == *" random "* ]]; then
+    make_cluster random "$PORT2"
+    if [ "$RANDOM_KIND" = bytes ] && [ ! -f "$(as_user "$BIN/pg_config" --sharedir 2>/dev/null || echo /usr/share/postgresql/15)/extension/pgcrypto.control" ]; then
+        pgv_log "pgcrypto is not installed: md5(random()) text instead of gen_random_bytes"
+        RANDOM_KIND=md5
+    fi
+    pgv_log "random data ($RANDOM_KIND): $RANDOM_MB MiB"
+    if [ "$RANDOM_KIND" = bytes ]; then
+        sql="create extension pgcrypto;
+            create table rnd(b bytea);
+            alter table rnd alter column b set storage external;
+            insert into rnd select gen_random_bytes(1000) from generate_series(1, $RANDOM_MB * 1024 * 1024 / 1000);"
+    else
+        # 31 md5 strings (992 hex characters) per row, stored as they are
+        sql="create table rnd(t text);
+            alter table rnd alter column t set storage external;
+            insert into rnd select string_agg(md5(random()::text), '') from generate_series(1, $RANDOM_MB * 1024 * 1024 / 1000) g,
+                generate_series(1, 31) k group by g;"
+    fi
+    as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT2" -d postgres -c "$sql checkpoint;" >/dev/null
+    pgv_log "waiting for the archiver to catch up"
+    wait_archived "$PORT2"
+fi
 
 : >"$WORK/times"
-for name in pgbench random; do
+for name in $SETS; do
     data="$WORK/$name/data"
     port=$PORT1
     [ "$name" = random ] && port=$PORT2
     size=$(du -sb --exclude=pg_wal "$data" | cut -f1)
     echo "size $name $size" >>"$WORK/times"
+    for round in $(seq 1 "$ROUNDS"); do
     for pm in $PMS; do
-        pgv_log "$name, process-max $pm: backups"
-        timed "pgvault-backup $name $pm" runuser -u "$U" -- "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" \
+        tag="$pm/$round"
+        pgv_log "$name, process-max $pm, round $round: backups"
+        timed "pgvault-backup $name $tag" runuser -u "$U" -- "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" \
             --catalog off --process-max "$pm" backup --pgdata "$data" --pg-host "$WORK/run" --pg-port "$port" --start-fast
-        timed "pgbackrest-backup $name $pm" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
+        timed "pgbackrest-backup $name $tag" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
             --stanza="$name" --process-max="$pm" --type=full backup
-        timed "floor-backup $name $pm" sh -c "tar cf - -C '$data' --exclude=./pg_wal . | zstd -3 -q -c > '$WORK/floor.tar.zst' && sync '$WORK/floor.tar.zst'"
+        timed "floor-backup $name $tag" sh -c "tar cf - -C '$data' --exclude=./pg_wal . | zstd -3 -q -c > '$WORK/floor.tar.zst' && sync '$WORK/floor.tar.zst'"
 
-        pgv_log "$name, process-max $pm: restores"
+        pgv_log "$name, process-max $pm, round $round: restores"
         for t in pgvault pgbackrest floor; do
             rm -rf "$WORK/restore-$t"
             mkdir -p "$WORK/restore-$t"
             chown "$U" "$WORK/restore-$t"
             chmod 700 "$WORK/restore-$t"
         done
-        timed "pgvault-restore $name $pm" runuser -u "$U" -- "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" \
+        timed "pgvault-restore $name $tag" runuser -u "$U" -- "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" \
             --catalog off --process-max "$pm" restore --pgdata "$WORK/restore-pgvault" --archive-mode off
-        timed "pgbackrest-restore $name $pm" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
+        timed "pgbackrest-restore $name $tag" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
             --stanza="$name" --process-max="$pm" --pg1-path="$WORK/restore-pgbackrest" restore
-        timed "floor-restore $name $pm" sh -c "zstd -d -q -c '$WORK/floor.tar.zst' | tar xf - -C '$WORK/restore-floor' && sync -f '$WORK/restore-floor'"
+        timed "floor-restore $name $tag" sh -c "zstd -d -q -c '$WORK/floor.tar.zst' | tar xf - -C '$WORK/restore-floor' && sync -f '$WORK/restore-floor'"
         rm -rf "$WORK/restore-pgvault" "$WORK/restore-pgbackrest" "$WORK/restore-floor" "$WORK/floor.tar.zst"
+    done
     done
 done
 
 {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); settings: BENCH_SETS='$SETS' BENCH_SCALE=$SCALE BENCH_RANDOM_MB=$RANDOM_MB BENCH_RANDOM_KIND=$RANDOM_KIND BENCH_PROCESS_MAX='$PMS' BENCH_ROUNDS=$ROUNDS"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
-    echo "versions: $("$PGV" --version), $(pgbackrest version), $(zstd -V | sed 's/^\*\*\* //; s/ \*\*\*$//'), $("$BIN/postgres" --version)"
+    echo "versions: $("$PGV" --version) (git $(git -C "$ROOT" rev-parse --short HEAD)), $(pgbackrest version), $(zstd -V | sed 's/^\*\*\* //; s/ \*\*\*$//'), $("$BIN/postgres" --version)"
     echo
     python3 - "$WORK/times" <<'PY'
-import sys, collections
+import sys, collections, statistics
 size = {}
-rows = collections.defaultdict(dict)
+rows = collections.defaultdict(lambda: collections.defaultdict(list))
+every = []
 for line in open(sys.argv[1]):
     p = line.split()
     if p[0] == "size":
         size[p[1]] = int(p[2])
         continue
-    label, name, pm, secs, rss = p[0], p[1], p[2], float(p[3]), int(p[4])
+    label, name, pmr, secs, rss, usr, sys_, load = p[0], p[1], p[2], float(p[3]), int(p[4]), float(p[5]), float(p[6]), p[7]
+    pm, rnd = pmr.split("/")
     tool, op = label.rsplit("-", 1)
-    rows[(op, name, pm)][tool] = (secs, rss)
+    rows[(op, name, pm)][tool].append((secs, rss))
+    every.append((op, name, pm, rnd, tool, secs, rss, usr + sys_, load))
+print("Every timed command:")
+print()
+print("| operation | data | process-max | round | tool | s | MiB/s | peak RSS MiB | CPU s (user+sys) | 1-min load before |")
+print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
+for op, name, pm, rnd, tool, secs, rss, cpu, load in sorted(every, key=lambda e: (e[0], e[1], e[2], e[3])):
+    print(f"| {op} | {name} | {pm} | {rnd} | {tool} | {secs:.2f} | {size[name] / 1048576 / secs:.0f} | {rss / 1024:.0f} | {cpu:.1f} | {load} |")
+print()
+print("Medians over the rounds (peak RSS: the largest):")
+print()
 print("| operation | data | process-max | pgvault MiB/s (peak RSS) | pgBackRest MiB/s (peak RSS) | floor MiB/s | pgvault / pgBackRest | pgvault / floor |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for (op, name, pm), t in sorted(rows.items()):
     mib = size[name] / 1048576
-    rate = {k: mib / v[0] for k, v in t.items()}
-    print(f"| {op} | {name} ({mib:.0f} MiB) | {pm} | {rate['pgvault']:.0f} ({t['pgvault'][1] // 1024} MiB) | "
-          f"{rate['pgbackrest']:.0f} ({t['pgbackrest'][1] // 1024} MiB) | {rate['floor']:.0f} | "
+    rate = {k: mib / statistics.median(s for s, _ in v) for k, v in t.items()}
+    rss = {k: max(r for _, r in v) // 1024 for k, v in t.items()}
+    print(f"| {op} | {name} ({mib:.0f} MiB) | {pm} | {rate['pgvault']:.0f} ({rss['pgvault']} MiB) | "
+          f"{rate['pgbackrest']:.0f} ({rss['pgbackrest']} MiB) | {rate['floor']:.0f} | "
           f"{rate['pgvault'] / rate['pgbackrest']:.2f}× | {rate['pgvault'] / rate['floor']:.2f}× |")
 PY
-} | tee "${BENCH_OUT:-/dev/null}"
+} | tee -a "${BENCH_OUT:-/dev/null}"

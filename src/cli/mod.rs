@@ -118,10 +118,19 @@ fn spawn_detached(role: &str) {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe and touches no memory.
+    // The prefetcher yields the CPU to PostgreSQL's startup process, which
+    // replays on one core and is what recovery waits for; a prefetch that
+    // falls behind only means a call fetches its segment itself. The
+    // look-ahead pusher keeps normal priority: it is what keeps pg_wal
+    // from filling up.
+    let nice = if role == PREFETCH_ENV { 5 } else { 0 };
+    // SAFETY: setsid and nice are async-signal-safe and touch no memory.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
+            if nice != 0 {
+                libc::nice(nice);
+            }
             Ok(())
         });
     }

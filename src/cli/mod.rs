@@ -230,16 +230,10 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 conn: s.conn.clone(),
                 start_fast: *start_fast,
                 process_max: s.process_max,
-                // Parallel across files; with one file at a time, zstd's
-                // own workers compress while the worker reads and hashes.
-                encode: crate::repo::EncodeOptions {
-                    threads: if s.process_max == 1 {
-                        s.encode.threads
-                    } else {
-                        0
-                    },
-                    ..s.encode
-                },
+                // Parallel across files; where one file is all that is left
+                // (or process-max is 1), zstd's own workers compress while
+                // the worker reads and hashes.
+                encode: s.encode,
                 archive_timeout: s.archive_timeout,
             };
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());

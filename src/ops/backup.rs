@@ -39,6 +39,10 @@ pub struct BackupOptions {
     pub conn: ConnParams,
     pub start_fast: bool,
     pub process_max: usize,
+    /// `threads`: zstd worker threads for a large file while the other
+    /// workers have nothing left to do (the tail of the backup, or
+    /// `process_max` 1); otherwise each file is compressed on its worker's
+    /// own thread.
     pub encode: EncodeOptions,
     /// Bound on waiting for WAL to reach the repository.
     pub archive_timeout: Duration,
@@ -323,6 +327,10 @@ struct Worker {
     done: Vec<FileEntry>,
     /// Read buffer, reused for every file.
     buf: Vec<u8>,
+    /// The file being added is the backup's tail: the files still queued
+    /// are fewer bytes than it, so the other workers will run dry before
+    /// it is done, and zstd's worker threads use their cores.
+    tail: bool,
 }
 
 impl Worker {
@@ -339,6 +347,7 @@ impl Worker {
             bundle: None,
             done: Vec::new(),
             buf: vec![0u8; 1 << 20],
+            tail: true,
         }
     }
 
@@ -378,9 +387,11 @@ impl Worker {
             Error::new(Kind::InvalidInput, format!("stat {}: {e}", f.abs.display()))
         })?;
         let offset = out.n;
-        // zstd worker threads only pay off for large files: starting them
-        // for each small file of a bundle would cost more than it saves.
-        let encode = if f.size >= BUNDLE_FILE_MAX {
+        // zstd worker threads only pay off for large files (starting them
+        // for each small file of a bundle would cost more than it saves),
+        // and only when the cores are not busy with other workers' files
+        // (they cost CPU: each job re-reads the previous one's tail).
+        let encode = if f.size >= BUNDLE_FILE_MAX && self.tail {
             self.encode
         } else {
             EncodeOptions {
@@ -504,7 +515,13 @@ async fn copy_files(
     let new_worker = |id| Worker::new(id, repo, label, opts.encode);
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
+    // Bytes no worker has taken yet.
+    let queued = std::sync::atomic::AtomicU64::new(files.iter().map(|f| f.size).sum());
     let work = move |w: &mut Worker, f: ScanFile| -> Result<()> {
+        let left = queued
+            .fetch_sub(f.size, std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(f.size);
+        w.tail = workers == 1 || left < f.size;
         let size = w.add(&f)?;
         progress2.file_done(size);
         Ok(())

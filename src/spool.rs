@@ -2,9 +2,10 @@
 //! archive-get keep up with PostgreSQL, which calls them one file at a time.
 //!
 //! * `pushed/<wal>`: a record that look-ahead archive-push stored `<wal>`
-//!   durably in the repository, with its SHA-256. Written only after the
-//!   object is durable; a later call for `<wal>` still hashes the file it is
-//!   given and succeeds at once only if the hash matches the record.
+//!   durably in the repository, with its SHA-256 and size, and which file
+//!   it read ([`FileIdentity`]). Written only after the object is durable; a
+//!   later call for `<wal>` succeeds at once only if the file it is given
+//!   is that very file, unchanged, or else hashes to the record's SHA-256.
 //! * `get/<wal>`: a segment prefetched by archive-get, already verified
 //!   against its checksum; a later call for exactly `<wal>` moves it into
 //!   place.
@@ -27,6 +28,42 @@ use sha2::{Digest, Sha256};
 
 use crate::pg::{TimelineId, WalFileName};
 use crate::repo::{Digest256, Sha256Sum};
+
+/// A look-ahead push record: the content pushed, and the file it was read
+/// from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushRecord {
+    pub digest: Digest256,
+    pub identity: Option<FileIdentity>,
+}
+
+/// Which file, in which state: device, inode, size, and modification and
+/// status-change times in nanoseconds. Any write to the file, and any other
+/// file put in its place, changes it (the change time cannot be set back).
+/// PostgreSQL never writes a segment again once it is `.ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path)?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SpoolDir {
@@ -70,24 +107,42 @@ impl SpoolDir {
         self.dir.join(what)
     }
 
-    /// The record of a look-ahead push of `name`, if any: (sha256, size).
-    pub fn pushed(&self, name: &WalFileName) -> Option<Digest256> {
+    /// The record of a look-ahead push of `name`, if any.
+    pub fn pushed(&self, name: &WalFileName) -> Option<PushRecord> {
         let text = fs::read_to_string(self.sub("pushed").join(name.as_str())).ok()?;
-        let (sha, size) = text.trim().split_once(' ')?;
-        Some(Digest256 {
-            sha256: Sha256Sum::from_hex(sha)?,
-            size: size.parse().ok()?,
-        })
+        let f: Vec<&str> = text.split_whitespace().collect();
+        let digest = Digest256 {
+            sha256: Sha256Sum::from_hex(f.first()?)?,
+            size: f.get(1)?.parse().ok()?,
+        };
+        let identity = match f.get(2..6) {
+            Some([dev, ino, mtime, ctime]) => Some(FileIdentity {
+                dev: dev.parse().ok()?,
+                ino: ino.parse().ok()?,
+                size: digest.size,
+                mtime_ns: mtime.parse().ok()?,
+                ctime_ns: ctime.parse().ok()?,
+            }),
+            _ => None,
+        };
+        Some(PushRecord { digest, identity })
     }
 
-    /// Records durably that `name` with `digest` is in the repository.
-    pub fn record_pushed(&self, name: &WalFileName, digest: &Digest256) -> io::Result<()> {
+    /// Records durably that `name` with `digest` is in the repository, and
+    /// which file was read (when it did not change while it was read).
+    pub fn record_pushed(
+        &self,
+        name: &WalFileName,
+        digest: &Digest256,
+        identity: Option<FileIdentity>,
+    ) -> io::Result<()> {
         let dir = self.sub("pushed");
-        write_durable(
-            &dir,
-            name.as_str(),
-            format!("{} {}\n", digest.sha256, digest.size).as_bytes(),
-        )
+        let mut line = format!("{} {}", digest.sha256, digest.size);
+        if let Some(id) = identity.filter(|id| id.size == digest.size) {
+            line += &format!(" {} {} {} {}", id.dev, id.ino, id.mtime_ns, id.ctime_ns);
+        }
+        line.push('\n');
+        write_durable(&dir, name.as_str(), line.as_bytes())
     }
 
     /// Drops push records of WAL files before `name`: PostgreSQL has asked
@@ -255,11 +310,19 @@ mod tests {
             sha256: Sha256Sum([7; 32]),
         };
         assert_eq!(s.pushed(&a), None);
-        s.record_pushed(&a, &dg).unwrap();
-        s.record_pushed(&b, &dg).unwrap();
-        assert_eq!(s.pushed(&a), Some(dg));
+        let f = d.path().join("file");
+        fs::write(&f, [0u8; 16]).unwrap();
+        let id = FileIdentity::of(&f).unwrap();
+        s.record_pushed(&a, &dg, Some(id)).unwrap();
+        s.record_pushed(&b, &dg, None).unwrap();
+        let rec = |digest, identity| Some(PushRecord { digest, identity });
+        assert_eq!(s.pushed(&a), rec(dg, Some(id)));
         s.forget_pushed_before(&b);
         assert_eq!(s.pushed(&a), None);
-        assert_eq!(s.pushed(&b), Some(dg));
+        assert_eq!(s.pushed(&b), rec(dg, None));
+        // A write changes the identity, even with the same bytes.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&f, [0u8; 16]).unwrap();
+        assert_ne!(FileIdentity::of(&f).unwrap(), id);
     }
 }

@@ -70,54 +70,6 @@ fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
     .ok();
 }
 
-/// The socket directory of a harness cluster (the parent of its data
-/// directory, see `Cluster::init`).
-fn sockdir(pg: &Cluster) -> PathBuf {
-    pg.pgdata()
-        .parent()
-        .expect("pgdata has a parent")
-        .to_path_buf()
-}
-
-/// `pgvault backup --start-fast` of `pg` as the postgres user; returns the
-/// label it printed.
-#[track_caller]
-fn backup(env: &TestEnv, repo: &Repo, pg: &Cluster) -> String {
-    let pgdata = pg.pgdata().display().to_string();
-    let host = sockdir(pg).display().to_string();
-    let port = pg.port().to_string();
-    let run = repo.run(
-        env,
-        As::PgUser,
-        &[
-            "backup",
-            "--pgdata",
-            &pgdata,
-            "--pg-host",
-            &host,
-            "--pg-port",
-            &port,
-            "--start-fast",
-        ],
-        env.dir(),
-    );
-    run.ok();
-    eprintln!("pgvault backup took {:.1?}", run.elapsed);
-    let label = run.stdout.trim().to_string();
-    let b = label.as_bytes();
-    assert!(
-        b.len() == 16
-            && b[..8].iter().all(u8::is_ascii_digit)
-            && b[8] == b'-'
-            && b[9..15].iter().all(u8::is_ascii_digit)
-            && b[15] == b'F',
-        "backup should print its label (YYYYMMDD-HHMMSSF) on stdout, got {:?}\n--- stderr\n{}",
-        run.stdout,
-        run.stderr
-    );
-    label
-}
-
 /// `pgvault restore --pgdata DIR ARGS...` as `who`.
 fn restore(env: &TestEnv, repo: &Repo, who: As, pgdata: &Path, args: &[&str]) -> Run {
     let pgdata = pgdata.display().to_string();

@@ -59,44 +59,8 @@ fn pg16_bin() -> Option<PathBuf> {
     Some(bin)
 }
 
-fn sockdir(pg: &Cluster) -> PathBuf {
-    pg.pgdata()
-        .parent()
-        .expect("pgdata has a parent")
-        .to_path_buf()
-}
-
 fn pgdata_arg(pg: &Cluster) -> String {
     pg.pgdata().display().to_string()
-}
-
-/// `pgvault backup --start-fast` as the postgres user; returns the label.
-#[track_caller]
-fn backup(env: &TestEnv, repo: &Repo, pg: &Cluster) -> String {
-    let (pgdata, host, port) = (
-        pgdata_arg(pg),
-        sockdir(pg).display().to_string(),
-        pg.port().to_string(),
-    );
-    let run = repo.run(
-        env,
-        As::PgUser,
-        &[
-            "backup",
-            "--pgdata",
-            &pgdata,
-            "--pg-host",
-            &host,
-            "--pg-port",
-            &port,
-            "--start-fast",
-        ],
-        env.dir(),
-    );
-    run.ok();
-    let label = run.stdout.trim().to_string();
-    assert_eq!(label.len(), 16, "backup label on stdout: {:?}", run.stdout);
-    label
 }
 
 /// Waits until the archiver has failed on `name` at least once.
@@ -163,7 +127,7 @@ fn stanza_upgrade_after_pg_upgrade_15_to_16() {
     env.pgbin = bin16.clone();
     let mut new = Cluster::init(&env, initopts());
     env.pgbin = bin15.clone();
-    let workdir = sockdir(&new);
+    let workdir = new.sockdir().to_path_buf();
     let upgrade: Vec<String> = vec![
         bin16.join("pg_upgrade").display().to_string(),
         "-b".into(),

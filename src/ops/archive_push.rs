@@ -31,7 +31,7 @@ use crate::pg::walscan::{WalScanner, WalSummary};
 use crate::pg::{self, WalFileKind, WalFileName};
 use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{layout, DbInfo, Digest256, PutMode, PutOutcome, Repository, Sha256Sum};
-use crate::spool::SpoolDir;
+use crate::spool::{FileIdentity, SpoolDir};
 
 /// How long a pusher waits before reading back a claim on a store whose
 /// create-if-absent is not atomic: longer than any racing writer's
@@ -139,9 +139,18 @@ async fn pushed_ahead(spool: &SpoolDir, name: &WalFileName, path: &Path) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let p = path.to_path_buf();
-    let digest = tokio::task::spawn_blocking(move || hash_file(&p)).await??;
-    if digest != record {
+    // The very file that was read, unchanged since: those bytes are
+    // archived. Otherwise (copied, touched), its content decides.
+    let same_file = record
+        .identity
+        .is_some_and(|id| FileIdentity::of(path).is_ok_and(|now| now == id));
+    let digest = if same_file {
+        record.digest
+    } else {
+        let p = path.to_path_buf();
+        tokio::task::spawn_blocking(move || hash_file(&p)).await??
+    };
+    if digest != record.digest {
         log::warn!("{name} differs from what was pushed ahead of time; pushing it again");
         return Ok(None);
     }
@@ -217,14 +226,19 @@ pub async fn push_ahead(
                 continue;
             };
             waiting_since = None;
-            let r = push_one(repo, &db, &wal_dir.join(next.as_str()), encode).await;
+            let path = wal_dir.join(next.as_str());
+            let before = FileIdentity::of(&path).ok();
+            let r = push_one(repo, &db, &path, encode).await;
+            // Which file was read, if it did not change meanwhile.
+            let identity = before.filter(|b| FileIdentity::of(&path).is_ok_and(|a| a == *b));
             match r {
                 Ok(done) => {
                     // Only now that the object is durable.
                     let (sp, d) = (spool.clone(), done.clone());
-                    let rec =
-                        tokio::task::spawn_blocking(move || sp.record_pushed(&d.name, &d.digest))
-                            .await;
+                    let rec = tokio::task::spawn_blocking(move || {
+                        sp.record_pushed(&d.name, &d.digest, identity)
+                    })
+                    .await;
                     if !matches!(rec, Ok(Ok(()))) {
                         log::debug!("record the look-ahead push of {next}: {rec:?}");
                     }
@@ -634,7 +648,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(second.outcome, PushOutcome::AlreadyArchived);
-        assert_eq!(second.digest, record);
+        assert_eq!(second.digest, record.digest);
 
         // Different bytes under that name: the record does not vouch for
         // them, and the archive refuses them.

@@ -87,6 +87,11 @@ impl Cluster {
         c
     }
 
+    /// The socket directory (the parent of the data directory).
+    pub fn sockdir(&self) -> &Path {
+        &self.sockdir
+    }
+
     pub fn pgdata(&self) -> &Path {
         &self.pgdata
     }
@@ -391,4 +396,43 @@ impl Drop for Cluster {
             eprintln!("PGVAULT_TEST_KEEP: server log {}", self.log.display());
         }
     }
+}
+
+/// `pgvault backup --start-fast` of `pg` as the postgres user; returns the
+/// label it printed.
+#[track_caller]
+pub fn backup(env: &TestEnv, repo: &Repo, pg: &Cluster) -> String {
+    let pgdata = pg.pgdata().display().to_string();
+    let host = pg.sockdir().display().to_string();
+    let port = pg.port().to_string();
+    let run = repo.run(
+        env,
+        As::PgUser,
+        &[
+            "backup",
+            "--pgdata",
+            &pgdata,
+            "--pg-host",
+            &host,
+            "--pg-port",
+            &port,
+            "--start-fast",
+        ],
+        env.dir(),
+    );
+    run.ok();
+    eprintln!("pgvault backup took {:.1?}", run.elapsed);
+    let label = run.stdout.trim().to_string();
+    let b = label.as_bytes();
+    assert!(
+        b.len() == 16
+            && b[..8].iter().all(u8::is_ascii_digit)
+            && b[8] == b'-'
+            && b[9..15].iter().all(u8::is_ascii_digit)
+            && b[15] == b'F',
+        "backup should print its label (YYYYMMDD-HHMMSSF) on stdout, got {:?}\n--- stderr\n{}",
+        run.stdout,
+        run.stderr
+    );
+    label
 }

@@ -93,7 +93,6 @@ PORT="$(pgv_free_port)"
 # pgvault's local state (spool, catalog) in the temporary directory, not in
 # root's home; archive-get's detached prefetcher off (the round-trip check)
 export XDG_STATE_HOME="$WORK/state" PGVAULT_SPOOL_PATH="$WORK/state/spool" PGVAULT_ARCHIVE_GET_AHEAD=0
-as_user() { runuser -u "$U" -- "$@"; }
 PSQL=(as_user "$BIN/psql" -XAtq -h "$SOCK" -p "$PORT" -d postgres)
 
 cleanup() {

@@ -34,7 +34,6 @@ mkdir -p "$REPO" "$WORK/run" "$WORK/check" "$PGDATA" "$WORK/restored"
 chown "$U" "$REPO" "$WORK/run" "$WORK/check" "$PGDATA" "$WORK/restored"
 chmod 700 "$PGDATA" "$WORK/restored"
 PORT="$(pgv_free_port)"
-as_user() { runuser -u "$U" -- "$@"; }
 PSQL=(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres)
 PGV=(as_user "$WORK/pgvault" --repo "$REPO" --stanza demo --catalog off)
 

@@ -231,3 +231,28 @@ pgv_stop_services() {
     done
     PGV_PIDS=()
 }
+
+# Benchmarks (scripts/bench/*): install what they need (PostgreSQL, the test
+# user, pgBackRest, GNU time, and any extra packages given), build pgvault in
+# release mode, and make a work directory $BASE/pgvault-<tag>.XXXXXX with a
+# copy of the binary, so that a rebuild during the run does not change what
+# is measured. Sets U (the PostgreSQL user), BIN (its bin directory), WORK
+# and PGV (the binary's copy); as_user runs a command as U.
+pgv_bench_setup() {
+    local tag="$1"
+    shift
+    pgv_ensure_tools
+    pgv_ensure_postgres
+    pgv_ensure_user
+    pgv_apt_install pgbackrest time "$@"
+    U="$PGV_TEST_USER"
+    BIN="$PGV_PGBIN"
+    (cd "$ROOT" && cargo build --release --quiet)
+    mkdir -p "$BASE"
+    WORK="$(mktemp -d "$BASE/pgvault-$tag.XXXXXX")"
+    chmod 755 "$WORK"
+    install -m 755 "$ROOT/target/release/pgvault" "$WORK/pgvault"
+    PGV="$WORK/pgvault"
+}
+
+as_user() { runuser -u "$PGV_TEST_USER" -- "$@"; }

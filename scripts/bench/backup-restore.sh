@@ -36,19 +36,7 @@ RANDOM_KIND="${BENCH_RANDOM_KIND:-bytes}"
 case "$RANDOM_KIND" in bytes | md5) ;; *) pgv_die "BENCH_RANDOM_KIND must be bytes or md5" ;; esac
 BASE="${BENCH_DIR:-/var/tmp}"
 
-pgv_ensure_tools
-pgv_ensure_postgres
-pgv_ensure_user
-pgv_apt_install pgbackrest time
-U="$PGV_TEST_USER"
-BIN="$PGV_PGBIN"
-as_user() { runuser -u "$U" -- "$@"; }
-
-(cd "$ROOT" && cargo build --release --quiet)
-WORK="$(mktemp -d "$BASE/pgvault-bench-br.XXXXXX")"
-chmod 755 "$WORK"
-install -m 755 "$ROOT/target/release/pgvault" "$WORK/pgvault"
-PGV="$WORK/pgvault"
+pgv_bench_setup bench-br
 mkdir -p "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
 chown "$U" "$WORK/run" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/pgbr-spool"
 

@@ -26,21 +26,9 @@ RANDOM_MB="${BENCH_RANDOM_MB:-1000}"
 PM="${BENCH_PROCESS_MAX:-2}"
 BASE="${BENCH_DIR:-/var/tmp}"
 [ "$(id -u)" = 0 ] || pgv_die "run as root"
-pgv_ensure_tools
-pgv_ensure_postgres
-pgv_ensure_user
-pgv_apt_install pgbackrest time procps
 command -v perf >/dev/null || pgv_apt_install linux-perf
 command -v strace >/dev/null || pgv_apt_install strace
-U="$PGV_TEST_USER"
-BIN="$PGV_PGBIN"
-as_user() { runuser -u "$U" -- "$@"; }
-
-(cd "$ROOT" && cargo build --release --quiet)
-WORK="$(mktemp -d "$BASE/pgvault-profile-br.XXXXXX")"
-chmod 755 "$WORK"
-install -m 755 "$ROOT/target/release/pgvault" "$WORK/pgvault"
-PGV="$WORK/pgvault"
+pgv_bench_setup profile-br procps
 D="$WORK/data"
 mkdir -p "$D" "$WORK/run" "$WORK/repo-pgv" "$WORK/repo-pgbr" "$WORK/pgbr-lock" "$WORK/pgbr-log" "$WORK/out"
 chown "$U" "$D" "$WORK/run" "$WORK/repo-pgv" "$WORK/repo-pgbr" "$WORK/pgbr-lock" "$WORK/pgbr-log"

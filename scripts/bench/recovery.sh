@@ -48,20 +48,7 @@ SCALE="${BENCH_SCALE:-20}"
 BASE="${BENCH_DIR:-/var/tmp}"
 [ "$(id -u)" = 0 ] || pgv_die "run as root"
 
-pgv_ensure_tools
-pgv_ensure_postgres
-pgv_ensure_user
-pgv_apt_install pgbackrest time
-U="$PGV_TEST_USER"
-BIN="$PGV_PGBIN"
-as_user() { runuser -u "$U" -- "$@"; }
-
-(cd "$ROOT" && cargo build --release --quiet)
-mkdir -p "$BASE"
-WORK="$(mktemp -d "$BASE/pgvault-bench-recovery.XXXXXX")"
-chmod 755 "$WORK"
-install -m 755 "$ROOT/target/release/pgvault" "$WORK/pgvault"
-PGV="$WORK/pgvault"
+pgv_bench_setup bench-recovery
 SRC="$WORK/src"
 SNAP="$WORK/snapshot"
 RUN="$WORK/run"

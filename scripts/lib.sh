@@ -256,3 +256,28 @@ pgv_bench_setup() {
 }
 
 as_user() { runuser -u "$PGV_TEST_USER" -- "$@"; }
+
+# A benchmark that runs one cluster at a time keeps its data directory in
+# CUR: on exit, whatever the cause, that cluster is stopped and $WORK removed
+# (kept with KEEP=1).
+pgv_bench_traps() {
+    CUR=""
+    trap pgv_bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+pgv_bench_cleanup() {
+    local rc=$?
+    if [ -n "${CUR:-}" ] && [ -f "$CUR/postmaster.pid" ]; then
+        as_user "$BIN/pg_ctl" -D "$CUR" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    if [ "${KEEP:-0}" = 1 ]; then pgv_log "kept $WORK"; else rm -rf "$WORK"; fi
+    exit "$rc"
+}
+
+# Benchmarks read cold data where root allows it.
+pgv_drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || pgv_log "warning: cannot drop caches"
+}

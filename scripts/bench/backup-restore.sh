@@ -64,13 +64,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 # timed LABEL CMD... -> appends "LABEL seconds maxrss_kb" to $WORK/times
 timed() {
     local label="$1"
     shift
-    drop_caches
+    pgv_drop_caches
     local load
     load="$(cut -d' ' -f1 /proc/loadavg)"
     /usr/bin/time -o "$WORK/t.out" -f "%e %M %U %S" "$@" >"$WORK/cmd.log" 2>&1 ||

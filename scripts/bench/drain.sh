@@ -53,20 +53,7 @@ chmod 700 "$SNAP"
 PORT="$(pgv_free_port)"
 PSQL=(as_user "$BIN/psql" -XAtq -h "$SOCK" -p "$PORT" -d postgres)
 
-CUR=""
-cleanup() {
-    local rc=$?
-    if [ -n "$CUR" ] && [ -f "$CUR/postmaster.pid" ]; then
-        as_user "$BIN/pg_ctl" -D "$CUR" -m immediate -w stop >/dev/null 2>&1 || true
-    fi
-    if [ "${KEEP:-0}" = 1 ]; then pgv_log "kept $WORK"; else rm -rf "$WORK"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || pgv_log "warning: cannot drop caches"; }
+pgv_bench_traps
 seg_index() { local s="$1"; echo $(((16#${s:8:8}) * 256 + 16#${s:16:8})); }
 nready() { find "$1/pg_wal/archive_status" -name '*.ready' | wc -l; }
 
@@ -184,7 +171,7 @@ drain() {
             cmd="pgbackrest --config=$WORK/pgbackrest.conf --stanza=drain --repo1-path=$d/repo --spool-path=$d/spool archive-push %p"
             ;;
     esac
-    drop_caches
+    pgv_drop_caches
     CUR="$RUN"
     as_user "$BIN/pg_ctl" -D "$RUN" -l "$d/postgres.log" -w start >/dev/null ||
         { tail -n 30 "$d/postgres.log" >&2; pgv_die "PostgreSQL did not start"; }

@@ -98,7 +98,6 @@ for _ in $(seq 1 6000); do
 done
 SIZE_MB=$(($(du -sb --exclude=pg_wal "$D" | cut -f1) / 1048576))
 
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 PGVB=("$PGV" --repo "$WORK/repo-pgv" --stanza bench --catalog off --process-max "$PM")
 PGBRB=(pgbackrest --config "$WORK/pgbr.conf" --stanza=bench --process-max="$PM")
 BACKUP_PGV=(runuser -u "$U" -- "${PGVB[@]}" backup --pgdata "$D" --pg-host "$WORK/run" --pg-port "$PORT" --start-fast)
@@ -111,7 +110,7 @@ fresh() { rm -rf "$WORK/restore"; mkdir -p "$WORK/restore"; chown "$U" "$WORK/re
 under_vmstat() {
     local name="$1" vpid
     shift
-    drop_caches
+    pgv_drop_caches
     vmstat -n 1 >"$WORK/out/$name.vmstat" &
     vpid=$!
     /usr/bin/time -o "$WORK/out/$name.time" -f "%e %U %S %M" "$@" >/dev/null 2>"$WORK/out/$name.err" ||
@@ -146,7 +145,7 @@ PY
         echo
         echo "pgvault $op, perf record -e cpu-clock (all its threads), top symbols:"
         [ "$op" = restore ] && fresh
-        drop_caches
+        pgv_drop_caches
         perf record -q -e cpu-clock -F 999 -o "$WORK/out/perf-$op.data" -- "${cmd[@]}" >/dev/null 2>&1
         perf report -i "$WORK/out/perf-$op.data" --no-children --sort comm,dso,symbol --stdio >"$WORK/out/perf-$op.txt" 2>/dev/null || true
         grep -v '^#' "$WORK/out/perf-$op.txt" | grep -v '^$' | awk 'NR <= 20' || true
@@ -156,7 +155,7 @@ PY
         echo
         echo "pgvault $op, strace -f -c -w (wall time in system calls, summed over threads):"
         [ "$op" = restore ] && fresh
-        drop_caches
+        pgv_drop_caches
         strace -f -c -w -o "$WORK/out/strace-$op.txt" "${cmd[@]}" >/dev/null 2>&1
         awk 'NR <= 16' "$WORK/out/strace-$op.txt"
     done

@@ -60,20 +60,7 @@ chmod 700 "$SRC" "$SNAP"
 PORT="$(pgv_free_port)"
 PSQL=(as_user "$BIN/psql" -XAtq -h "$SOCK" -p "$PORT" -d postgres)
 
-CUR=""
-cleanup() {
-    local rc=$?
-    if [ -n "$CUR" ] && [ -f "$CUR/postmaster.pid" ]; then
-        as_user "$BIN/pg_ctl" -D "$CUR" -m immediate -w stop >/dev/null 2>&1 || true
-    fi
-    if [ "${KEEP:-0}" = 1 ]; then pgv_log "kept $WORK"; else rm -rf "$WORK"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || pgv_log "warning: cannot drop caches"; }
+pgv_bench_traps
 
 # pgBackRest: one configuration for the synchronous archive-get, one for the
 # asynchronous one (spool path per replay, on the command line).
@@ -213,7 +200,7 @@ replay() {
             ;;
     esac
     log="$d/postgres.log"
-    drop_caches
+    pgv_drop_caches
     local load0 load1 c0 c1 t0 t1
     load0="$(cut -d' ' -f1 /proc/loadavg)"
     c0="$(cpu_stat)"

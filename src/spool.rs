@@ -188,15 +188,17 @@ impl SpoolDir {
         sweep(&self.sub("get"), |f| f < name.as_str());
     }
 
-    /// How many look-ahead push records wait for PostgreSQL's call.
-    pub fn pushed_count(&self) -> usize {
+    /// Names with a look-ahead push record (waiting for PostgreSQL's call),
+    /// from one listing.
+    pub fn pushed_names(&self) -> std::collections::BTreeSet<String> {
         fs::read_dir(self.sub("pushed"))
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| e.file_name().to_str().is_some_and(|n| !n.starts_with('.')))
-                    .count()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
             })
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// The look-ahead pusher's lock: `Some` (held until dropped) when no

@@ -469,37 +469,6 @@ fn restore_to_time(env: &TestEnv, p: &Primary, name: &str, time: &str, from: &st
 }
 
 // ---------------------------------------------------------------------------
-// Running cases so that one failure does not hide the others.
-
-struct Cases {
-    start: Instant,
-    failed: Vec<String>,
-}
-
-impl Cases {
-    fn run<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> Option<T> {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        match r {
-            Ok(v) => {
-                eprintln!("[{:>6.1?}] case {name}: ok", self.start.elapsed());
-                Some(v)
-            }
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| p.downcast_ref::<&str>().copied())
-                    .unwrap_or("(no message)");
-                let first = msg.lines().next().unwrap_or_default();
-                eprintln!("[{:>6.1?}] case {name}: FAILED", self.start.elapsed());
-                self.failed.push(format!("{name}: {first}"));
-                None
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // The cases.
 
 /// `check` passes now, and the segment it names is in the repository; then
@@ -1032,10 +1001,7 @@ fn verify_damaged(env: &TestEnv, p: &Primary, backup_label: &str) {
 fn operations_local_repo() {
     let env = TestEnv::new();
     let repo = env.local_repo("ops");
-    let mut cases = Cases {
-        start: Instant::now(),
-        failed: Vec::new(),
-    };
+    let mut cases = Cases::new();
 
     // The primary: exact commit times, archiving through a flag-guarded
     // archive_command.
@@ -1247,12 +1213,7 @@ fn operations_local_repo() {
 
     p.pg.stop();
     eprintln!("operations: {:.1?}", cases.start.elapsed());
-    assert!(
-        cases.failed.is_empty(),
-        "{} case(s) failed (details above):\n  {}",
-        cases.failed.len(),
-        cases.failed.join("\n  ")
-    );
+    cases.finish();
 }
 
 /// Microseconds since the Unix epoch of a time PostgreSQL can parse.

@@ -392,54 +392,6 @@ fn commit_lsns(env: &TestEnv, pg: &Cluster, from: &str, to: &str) -> HashMap<u64
 // ---------------------------------------------------------------------------
 // The cases, in order.
 
-/// Runs the cases of a suite one after another, so that one failing case
-/// does not hide the others' results; the suite fails at the end if any did.
-struct Cases {
-    start: Instant,
-    failed: Vec<String>,
-}
-
-impl Cases {
-    fn new() -> Cases {
-        Cases {
-            start: Instant::now(),
-            failed: Vec::new(),
-        }
-    }
-
-    /// Run one case; its panic (printed as it happens) is recorded.
-    fn run(&mut self, name: &str, f: impl FnOnce()) -> bool {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        match r {
-            Ok(()) => {
-                eprintln!("[{:>6.1?}] case {name}: ok", self.start.elapsed());
-                true
-            }
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| p.downcast_ref::<&str>().copied())
-                    .unwrap_or("(no message)");
-                let first = msg.lines().next().unwrap_or_default();
-                eprintln!("[{:>6.1?}] case {name}: FAILED", self.start.elapsed());
-                self.failed.push(format!("{name}: {first}"));
-                false
-            }
-        }
-    }
-
-    #[track_caller]
-    fn finish(self) {
-        assert!(
-            self.failed.is_empty(),
-            "{} case(s) failed (details above):\n  {}",
-            self.failed.len(),
-            self.failed.join("\n  ")
-        );
-    }
-}
-
 /// Restore args for a clone promoted at `target` (not archiving).
 fn clone_args<'a>(target: &[&'a str]) -> Vec<&'a str> {
     let mut v = target.to_vec();

@@ -202,13 +202,14 @@ pub async fn push_ahead(
         loop {
             let next = {
                 let mut busy = busy.lock().expect("lock poisoned");
-                let Some(first) = ready_files(&wal_dir, &name, spool, &busy)
+                let recorded = spool.pushed_names();
+                let Some(first) = ready_files(&wal_dir, &name, &recorded, &busy)
                     .into_iter()
                     .next()
                 else {
                     return; // nothing left to push
                 };
-                let room = opts.ahead.saturating_sub(spool.pushed_count() + busy.len());
+                let room = opts.ahead.saturating_sub(recorded.len() + busy.len());
                 (room > 0).then(|| {
                     busy.insert(first.clone());
                     let _ = spool.mark_pushing(&first);
@@ -274,16 +275,17 @@ pub fn lookahead_wanted(opts: &PushOptions) -> bool {
     ) else {
         return false;
     };
-    !spool.pusher_running() && !ready_files(wal_dir, &name, spool, &Default::default()).is_empty()
+    !spool.pusher_running()
+        && !ready_files(wal_dir, &name, &spool.pushed_names(), &Default::default()).is_empty()
 }
 
 /// `.ready` files in `pg_wal/archive_status` other than `name` (the one
 /// PostgreSQL's own call pushes), oldest first, neither pushed ahead
-/// already nor taken by a worker.
+/// already (`recorded`: the spool's records) nor taken by a worker.
 fn ready_files(
     wal_dir: &Path,
     name: &WalFileName,
-    spool: &SpoolDir,
+    recorded: &std::collections::BTreeSet<String>,
     busy: &std::collections::BTreeSet<WalFileName>,
 ) -> Vec<WalFileName> {
     let Ok(rd) = std::fs::read_dir(wal_dir.join("archive_status")) else {
@@ -296,7 +298,7 @@ fn ready_files(
             let stem = f.to_str()?.strip_suffix(".ready")?.to_string();
             WalFileName::parse(&stem).ok()
         })
-        .filter(|n| n != name && !busy.contains(n) && spool.pushed(n).is_none())
+        .filter(|n| n != name && !busy.contains(n) && !recorded.contains(n.as_str()))
         .collect();
     names.sort();
     names

@@ -90,9 +90,8 @@ async fn restore_inner(
         )
         .hint("take one with `pgvault backup`"));
     }
-    let (m, db) = choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
+    let (m, db, history) = choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
     if opts.target_check {
-        let history = target_history(repo, &db.dir(), opts.target_timeline.as_deref()).await?;
         check_target_reachable(repo, opts, db, m, history.as_ref()).await?;
     }
     progress.message(&format!(
@@ -384,7 +383,8 @@ async fn target_history(
 }
 
 /// Picks the backup and the cluster (stanza entry) whose archive recovers
-/// it. A named backup brings its own cluster (the manifest's `db_id`).
+/// it, and the target timeline's history read from that archive. A named
+/// backup brings its own cluster (the manifest's `db_id`).
 /// Otherwise the newest cluster that has backups comes first, its
 /// timelines read from its own archive; only when none of its backups can
 /// reach a time or LSN target are the clusters before a `pg_upgrade` tried,
@@ -394,7 +394,7 @@ async fn choose_backup_and_db<'a>(
     stanza: &'a StanzaInfo,
     all: &'a [Manifest],
     opts: &RestoreOptions,
-) -> Result<(&'a Manifest, &'a DbInfo)> {
+) -> Result<(&'a Manifest, &'a DbInfo, Option<TimelineHistory>)> {
     let tli = opts.target_timeline.as_deref();
     if opts.set.as_deref().is_some_and(|l| l != "latest") {
         let m = choose_backup(all, opts, None)?;
@@ -411,8 +411,8 @@ async fn choose_backup_and_db<'a>(
             )
         })?;
         // A timeline named that its archive does not know is refused here.
-        target_history(repo, &db.dir(), tli).await?;
-        return Ok((m, db));
+        let history = target_history(repo, &db.dir(), tli).await?;
+        return Ok((m, db, history));
     }
     let mut refused: Option<Error> = None;
     for db in stanza.dbs.iter().rev() {
@@ -421,16 +421,18 @@ async fn choose_backup_and_db<'a>(
             continue;
         }
         let chosen = match target_history(repo, &db.dir(), tli).await {
-            Ok(history) => choose_backup(&own, opts, history.as_ref()).map(|m| m.label.clone()),
+            Ok(history) => choose_backup(&own, opts, history.as_ref())
+                .map(|m| m.label.clone())
+                .map(|label| (label, history)),
             Err(e) => Err(e),
         };
         match chosen {
-            Ok(label) => {
+            Ok((label, history)) => {
                 let m = all
                     .iter()
                     .find(|m| m.label == label)
                     .expect("chosen among these manifests");
-                return Ok((m, db));
+                return Ok((m, db, history));
             }
             Err(e) if e.kind() == Kind::Usage => refused = refused.or(Some(e)),
             Err(e) => return Err(e),

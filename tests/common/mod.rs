@@ -20,11 +20,13 @@
 
 #![allow(dead_code, unused_imports)] // each test binary uses a different subset
 
+mod cases;
 mod cluster;
 mod node;
 mod process;
 mod wal;
 
+pub use cases::Cases;
 pub use cluster::{backup, Cluster, InitOpts};
 pub use node::{Node, RECOVERY_TIMEOUT};
 pub use process::{finish, spawn_as, As, Run, Spawned, PGVAULT_TIMEOUT};

@@ -5,7 +5,7 @@
 # ${PGVAULT_CACHE:-/var/cache/pgvault}).
 #
 #   scripts/test.sh                    # everything, as CI runs it
-#   scripts/test.sh --test archive     # extra arguments go to `cargo test`
+#   scripts/test.sh archive::          # extra arguments go to `cargo test`
 #   PGVAULT_TEST_SKIP_LINT=1 scripts/test.sh ...   # skip fmt and clippy (local
 #                                                  # iteration only; CI lints)
 #
@@ -73,7 +73,7 @@ export PGVAULT_TEST_AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY"
 export PGVAULT_TEST_AWS_REGION="$PGV_S3_REGION"
 export PGVAULT_TEST_BUCKET="$PGV_S3_BUCKET"
 
-# Other PostgreSQL majors for tests/pitr.rs (PITR by time on each), fetched
+# Other PostgreSQL majors for tests/it/pitr.rs (PITR by time on each), fetched
 # once and cached by scripts/fetch-pg.sh. A failed fetch leaves the variable
 # unset: those tests then fail under CI and are skipped elsewhere.
 for major in 14 16 17 18; do

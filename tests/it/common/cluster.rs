@@ -22,9 +22,8 @@ pub struct InitOpts {
 pub struct Cluster {
     pgbin: PathBuf,
     user: String,
-    uid: u32,
-    gid: u32,
-    scratch: Scratch,
+    /// Removed (unless kept) when the cluster is dropped.
+    _scratch: Scratch,
     pgdata: PathBuf,
     sockdir: PathBuf,
     log: PathBuf,
@@ -62,9 +61,7 @@ impl Cluster {
         let c = Cluster {
             pgbin: env.pgbin.clone(),
             user: env.user.clone(),
-            uid: env.uid,
-            gid: env.gid,
-            scratch,
+            _scratch: scratch,
             sockdir: base.clone(),
             log: base.join("server.log"),
             pgdata,
@@ -106,10 +103,6 @@ impl Cluster {
 
     pub fn wal_segment_size(&self) -> u64 {
         self.wal_segment_size
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// Append settings to postgresql.conf.

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,6 @@ pub enum As {
 /// stdout and stderr as text.
 #[derive(Debug)]
 pub struct Run {
-    pub status: ExitStatus,
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
@@ -135,7 +134,6 @@ pub fn finish(spawned: Spawned, timeout: Duration) -> Run {
     let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr reader")).into_owned();
     Run {
         code: status.code(),
-        status,
         stdout,
         stderr,
         elapsed: started.elapsed(),

@@ -23,9 +23,8 @@
 //! The PITR-by-time case also runs on PostgreSQL 14, 16, 17 and 18 with the
 //! binaries `scripts/test.sh` fetches (`PGVAULT_TEST_PGBIN_<MAJOR>`).
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;

@@ -18,7 +18,7 @@
 //! binary is copied there too, because the cargo target directory may sit
 //! under a path that user cannot reach.
 
-#![allow(dead_code, unused_imports)] // each test binary uses a different subset
+
 
 mod cases;
 mod cluster;

@@ -4,11 +4,10 @@
 //! that PostgreSQL's `restore_command` handling depends on; configuration.
 //!
 //! Run through `scripts/test.sh` (it starts the S3 servers and sets the
-//! `PGVAULT_TEST_*` variables; see tests/common/mod.rs).
+//! `PGVAULT_TEST_*` variables; see tests/it/common/mod.rs).
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};

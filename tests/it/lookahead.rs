@@ -18,9 +18,8 @@
 //!
 //! Run through `scripts/test.sh` (it starts moto and sets `PGVAULT_TEST_*`).
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;

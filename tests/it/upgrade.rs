@@ -17,11 +17,10 @@
 //!    `global/pg_control`. Rows P and A are there, B is not.
 //!
 //! Skipped when `PGVAULT_TEST_PGBIN_16` is not set (outside CI), like the
-//! other majors' tests in tests/pitr.rs.
+//! other majors' tests in tests/it/pitr.rs.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

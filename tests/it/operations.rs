@@ -32,9 +32,8 @@
 //!
 //! `check_archive_mode_off` runs a cluster of its own (archive_mode off).
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;

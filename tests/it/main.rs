@@ -1,0 +1,16 @@
+//! The integration tests: one binary, as ripgrep has, so `tests/it/common`
+//! is compiled once and every helper in it is used by some module.
+//!
+//! Each module drives real things — PostgreSQL run as an unprivileged user,
+//! the real `pgvault` binary, real S3-API servers — and is run through
+//! `scripts/test.sh`, which installs and starts them (see common/mod.rs for
+//! the `PGVAULT_TEST_*` variables). `cargo test --test it archive::` runs
+//! one module.
+
+mod common;
+
+mod archive;
+mod lookahead;
+mod operations;
+mod pitr;
+mod upgrade;

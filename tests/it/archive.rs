@@ -6,7 +6,6 @@
 //! Run through `scripts/test.sh` (it starts the S3 servers and sets the
 //! `PGVAULT_TEST_*` variables; see tests/it/common/mod.rs).
 
-
 use crate::common::*;
 use serde_json::Value;
 use std::fs;

@@ -18,7 +18,6 @@
 //!
 //! Run through `scripts/test.sh` (it starts moto and sets `PGVAULT_TEST_*`).
 
-
 use crate::common::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;

@@ -32,7 +32,6 @@
 //!
 //! `check_archive_mode_off` runs a cluster of its own (archive_mode off).
 
-
 use crate::common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -23,7 +23,6 @@
 //! The PITR-by-time case also runs on PostgreSQL 14, 16, 17 and 18 with the
 //! binaries `scripts/test.sh` fetches (`PGVAULT_TEST_PGBIN_<MAJOR>`).
 
-
 use crate::common::*;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};

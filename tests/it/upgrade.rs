@@ -19,7 +19,6 @@
 //! Skipped when `PGVAULT_TEST_PGBIN_16` is not set (outside CI), like the
 //! other majors' tests in tests/it/pitr.rs.
 
-
 use crate::common::*;
 use serde_json::Value;
 use std::path::PathBuf;

@@ -18,8 +18,6 @@
 //! binary is copied there too, because the cargo target directory may sit
 //! under a path that user cannot reach.
 
-
-
 mod cases;
 mod cluster;
 mod node;

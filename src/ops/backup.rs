@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::check::{prove_archiving, wait_for_wal};
+use crate::ops::pg_error;
 use crate::ops::progress::Progress;
 use crate::ops::stanza_create::read_cluster;
 use crate::ops::workers;
@@ -186,17 +187,6 @@ async fn backup_inner(
     repo.write_manifest(&manifest).await?;
     progress.finish();
     Ok(manifest)
-}
-
-pub(crate) fn pg_error(e: crate::pg::conn::ConnError) -> Error {
-    let hint = matches!(e, crate::pg::conn::ConnError::Connect { .. }).then_some(
-        "set --pg-host/--pg-port/--pg-user (or PGHOST, PGPORT, PGUSER) to reach the server",
-    );
-    let err = Error::new(Kind::Postgres, e.to_string());
-    match hint {
-        Some(h) => err.hint(h),
-        None => err,
-    }
 }
 
 fn stored_size(files: &[FileEntry]) -> u64 {

@@ -44,6 +44,7 @@ pub struct LowArgs {
     pub retention_full: Option<usize>,
     pub retention_window: Option<String>,
     pub archive_push_ahead: Option<usize>,
+    pub archive_push_superseded: Option<String>,
     pub archive_get_ahead: Option<usize>,
     pub spool_path: Option<PathBuf>,
     pub expire_auto: Option<bool>,
@@ -77,6 +78,7 @@ pub struct FileConfig {
     pub retention_full: Option<usize>,
     pub retention_window: Option<String>,
     pub archive_push_ahead: Option<usize>,
+    pub archive_push_superseded: Option<String>,
     pub archive_get_ahead: Option<usize>,
     pub spool_path: Option<PathBuf>,
     pub expire_auto: Option<bool>,
@@ -113,6 +115,7 @@ pub struct Settings {
     pub retention_full: Option<usize>,
     pub retention_window: Option<Duration>,
     pub archive_push_ahead: usize,
+    pub archive_push_superseded: crate::ops::archive_push::OnSuperseded,
     pub archive_get_ahead: usize,
     spool_path: Option<PathBuf>,
     /// Run expire after each successful backup.
@@ -262,6 +265,17 @@ impl LowArgs {
                 .archive_push_ahead
                 .or(file.archive_push_ahead)
                 .unwrap_or(8),
+            archive_push_superseded: self
+                .archive_push_superseded
+                .or(file.archive_push_superseded)
+                .map(|v| {
+                    v.parse().map_err(|e| {
+                        Error::usage(format!("archive-push-superseded: {e}"))
+                            .hint("archive-push-superseded = \"warn\" (the default) or \"fail\"")
+                    })
+                })
+                .transpose()?
+                .unwrap_or_default(),
             archive_get_ahead: self
                 .archive_get_ahead
                 .or(file.archive_get_ahead)

@@ -112,6 +112,14 @@ pub struct Cli {
         value_name = "N"
     )]
     pub archive_push_ahead: Option<usize>,
+    /// archive-push: warn or fail on WAL of a timeline past the point where an archived history left it (a split brain, or the original of a PITR clone) [default: warn]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_ARCHIVE_PUSH_SUPERSEDED",
+        value_name = "warn|fail"
+    )]
+    pub archive_push_superseded: Option<String>,
     /// archive-get: prefetch up to N following segments (0 = off) [default: 8]
     #[arg(
         long,
@@ -282,6 +290,7 @@ impl Cli {
             retention_full: self.retention_full,
             retention_window: self.retention_window.clone(),
             archive_push_ahead: self.archive_push_ahead,
+            archive_push_superseded: self.archive_push_superseded.clone(),
             archive_get_ahead: self.archive_get_ahead,
             spool_path: self.spool_path.clone(),
             expire_auto: self.expire_auto,

@@ -171,6 +171,7 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 ahead: s.archive_push_ahead,
                 process_max: s.process_max,
                 spool: s.spool(),
+                superseded: s.archive_push_superseded,
             };
             if std::env::var_os(LOOKAHEAD_ENV).is_some() {
                 // The detached pusher started below: push ahead, quietly.

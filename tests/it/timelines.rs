@@ -534,7 +534,12 @@ fn failover_rpo_and_split_brain() {
         .parse()
         .expect("epoch");
     pg.psql("insert into t values (2, 'b')");
-    let partial = format!("{}.partial", pg.current_wal());
+    // (The insert position: the write position may still be the start of
+    // the segment, which pg_walfile_name names as the previous one.)
+    let partial = format!(
+        "{}.partial",
+        pg.psql("select pg_walfile_name(pg_current_wal_insert_lsn())")
+    );
     sb.wait_for(IDS, "1,2", RECOVERY_TIMEOUT, "rows 1 and 2 on the standby");
 
     // Failover: the standby is promoted while its WAL receiver still runs

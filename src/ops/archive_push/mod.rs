@@ -15,6 +15,13 @@
 //! With look-ahead ([`lookahead`]), a detached pusher pushes the files
 //! PostgreSQL has marked `.ready` meanwhile, so that its next calls return
 //! at once.
+//!
+//! Timelines ([`timeline_rules`]): a file of timeline N > 1 goes to the
+//! archive only after `0000000N.history`, as PostgreSQL's archiver orders
+//! them; a history file only when the WAL of its timeline already archived
+//! agrees with it; and a segment holding WAL of a timeline past the point
+//! where an archived history left it is archived with a warning, or refused
+//! (`archive-push-superseded`).
 
 mod lookahead;
 
@@ -23,11 +30,11 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::catalog::Catalog;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::ops::walfacts;
 use crate::pg::walscan::{WalScanner, WalSummary};
-use crate::pg::{self, WalFileKind, WalFileName};
-use crate::repo::archive::ClaimOutcome;
+use crate::pg::{self, TimelineId, WalFileKind, WalFileName};
+use crate::repo::archive::{Archive, ClaimOutcome, Fork};
 use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{DbInfo, Digest256, Repository};
 use crate::spool::SpoolDir;
@@ -44,6 +51,47 @@ pub struct PushOptions {
     /// Parallel pushes within one call.
     pub process_max: usize,
     pub spool: Option<SpoolDir>,
+    /// What to do with WAL of a timeline past the point where an archived
+    /// history left it.
+    pub superseded: OnSuperseded,
+}
+
+/// `archive-push-superseded`: what `archive-push` does with a segment
+/// holding WAL of timeline N past the point where an archived history file
+/// left N for another timeline. That is an old primary writing after a
+/// failover (a split brain) — or the original primary going on while a PITR
+/// clone restored into the same stanza with `--archive-mode preserve` was
+/// promoted, which looks the same in the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnSuperseded {
+    /// Archive it, and log a warning naming the timeline and the LSN on
+    /// every such push. The default: failing the pushes of a primary that
+    /// rightly goes on (the clone case) fills its `pg_wal` and stops it.
+    #[default]
+    Warn,
+    /// Refuse it (exit 12), for clusters where a superseded timeline must
+    /// never continue.
+    Fail,
+}
+
+impl std::str::FromStr for OnSuperseded {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "warn" => Ok(OnSuperseded::Warn),
+            "fail" => Ok(OnSuperseded::Fail),
+            _ => Err(format!("{s:?} is not warn or fail")),
+        }
+    }
+}
+
+/// Who pushes: PostgreSQL's own call, or the look-ahead pusher. What must
+/// reach PostgreSQL's log (a warning, a refusal) the pusher leaves to
+/// PostgreSQL's call for that file: its output goes nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Postgres(OnSuperseded),
+    LookAhead,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,9 +149,15 @@ pub async fn archive_push(
 
     let stanza = repo.require_stanza().await.map_err(context)?;
     let db = stanza.current().clone();
-    let pushed = push_one(repo, &db, &opts.path, opts.encode)
-        .await
-        .map_err(context)?;
+    let pushed = push_one(
+        repo,
+        &db,
+        &opts.path,
+        opts.encode,
+        Caller::Postgres(opts.superseded),
+    )
+    .await
+    .map_err(context)?;
     if let Some(spool) = &opts.spool {
         spool.forget_pushed_before(&name);
     }
@@ -116,6 +170,7 @@ async fn push_one(
     db: &DbInfo,
     path: &Path,
     encode: EncodeOptions,
+    caller: Caller,
 ) -> Result<Pushed> {
     let name = file_name_of(path)?;
     let archive = repo.archive(db);
@@ -136,6 +191,8 @@ async fn push_one(
             summary: None,
         });
     }
+
+    let fork = timeline_rules(repo, db, &archive, path, &name, encode, caller).await?;
 
     // Hash + compress + walk the records in one pass into a spool (zstd's
     // own worker threads compress while this thread reads, hashes and
@@ -165,6 +222,9 @@ async fn push_one(
     if let Some(summary) = &summary {
         walfacts::warn_about(&name, summary);
     }
+    if let Some(fork) = fork.filter(|f| f.passed_by(&name, summary.as_ref(), db.wal_segment_size)) {
+        superseded(&name, &fork, caller)?;
+    }
 
     // The summary goes beside the content at the same time; it is not
     // needed to restore the segment (backfill rewrites a missing one), so
@@ -190,6 +250,89 @@ async fn push_one(
         outcome,
         summary,
     })
+}
+
+/// The timeline rules, before a file is stored (see the module doc). For a
+/// history file: the archived WAL of its timeline must agree with it. For
+/// any other file of timeline N > 1: `0000000N.history` is archived first —
+/// from beside the file when the archive lacks it (PostgreSQL's archiver
+/// archives history files first, pgarch.c; a restore that finds no
+/// `0000000N.history` takes N to be free and reuses it). Returns where an
+/// archived history leaves the timeline of a segment, for the check of its
+/// records.
+async fn timeline_rules(
+    repo: &Repository,
+    db: &DbInfo,
+    archive: &Archive,
+    path: &Path,
+    name: &WalFileName,
+    encode: EncodeOptions,
+    caller: Caller,
+) -> Result<Option<Fork>> {
+    let tli = name.timeline();
+    if name.kind() == WalFileKind::History {
+        let p = path.to_path_buf();
+        let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(&p))
+            .await?
+            .map_err(|e| input_error(path, e))?;
+        let history = pg::history::parse_history(tli, &text)
+            .map_err(|e| Error::invalid_input(format!("not a timeline history file: {e}")))?;
+        archive.check_history_agrees(&history).await?;
+        return Ok(None);
+    }
+    let archived = archive.history_timelines().await?;
+    if tli != TimelineId::FIRST && !archived.contains(&tli) {
+        let history = WalFileName::history(tli);
+        let beside = path.with_file_name(history.as_str());
+        if beside.is_file() {
+            Box::pin(push_one(repo, db, &beside, encode, caller))
+                .await
+                .map_err(|e| e.context(format!("archive {history} before {name}")))?;
+        } else if caller == Caller::LookAhead {
+            return Err(Error::new(
+                Kind::Timeline,
+                format!(
+                    "{history} is neither archived nor beside {name}: left to PostgreSQL's call"
+                ),
+            ));
+        } else {
+            // PostgreSQL keeps every history file in pg_wal; none there
+            // means the cluster has none: pg_upgrade (through pg_resetwal)
+            // keeps the timeline number but not its history.
+            log::warn!(
+                "{name}: timeline {tli} has no history file, neither in the archive nor beside it; archived without one (recovery takes timeline {tli} to have no ancestors)"
+            );
+        }
+    }
+    if name.kind() != WalFileKind::Segment {
+        return Ok(None);
+    }
+    let later: Vec<TimelineId> = archived.into_iter().filter(|&m| m > tli).collect();
+    if later.is_empty() {
+        return Ok(None);
+    }
+    Ok(archive.histories_of(later).await?.fork_of(tli))
+}
+
+/// A segment holds WAL past the point where an archived history left its
+/// timeline: warn, refuse, or (look-ahead) leave it to PostgreSQL's call.
+fn superseded(name: &WalFileName, fork: &Fork, caller: Caller) -> Result<()> {
+    let what = format!("{name}: {}", fork.describe());
+    match caller {
+        Caller::Postgres(OnSuperseded::Warn) => {
+            log::warn!(
+                "{what}: an old primary writing after a failover (split brain), or the original of a PITR clone archiving into this stanza; archived (archive-push-superseded = warn)"
+            );
+            Ok(())
+        }
+        Caller::Postgres(OnSuperseded::Fail) => Err(Error::new(Kind::Timeline, what).hint(
+            "a superseded timeline may not continue here (archive-push-superseded = fail): stop this server, or give it a stanza of its own; see docs/disaster-recovery.md",
+        )),
+        Caller::LookAhead => Err(Error::new(
+            Kind::Timeline,
+            format!("{what}: left to PostgreSQL's call, which logs it"),
+        )),
+    }
 }
 
 fn file_name_of(path: &Path) -> Result<WalFileName> {
@@ -358,6 +501,7 @@ mod tests {
             ahead: 8,
             process_max: 2,
             spool: Some(spool.clone()),
+            superseded: OnSuperseded::Warn,
         };
         let o = opts("000000010000000000000014");
         assert!(lookahead_wanted(&o), "15 is ready too");
@@ -401,6 +545,7 @@ mod tests {
                 ahead: 0,
                 process_max: 1,
                 spool: None,
+                superseded: OnSuperseded::Warn,
             };
             archive_push(&repo, None, &opts).await.unwrap();
         }

@@ -7,7 +7,7 @@ use crate::ops::walfacts;
 use crate::pg::history::TimelineHistory;
 use crate::pg::recovery::{self, RecoveryTarget};
 use crate::pg::TimelineId;
-use crate::repo::archive::Archive;
+use crate::repo::archive::{Archive, Histories};
 use crate::repo::manifest::Manifest;
 use crate::repo::{DbInfo, Repository, StanzaInfo};
 
@@ -113,28 +113,61 @@ pub(super) async fn check_target_reachable(
     }
 }
 
-/// The history of the target timeline, when one is named (or `latest`).
-async fn target_history(
-    archive: &Archive,
-    target: Option<&str>,
-) -> Result<Option<TimelineHistory>> {
-    let tli = match target {
-        // The newest timeline with a history file in the archive.
-        None | Some("latest") => archive.history_timelines().await?.last().copied(),
-        Some("current") => None,
-        Some(n) => Some(
-            n.parse::<TimelineId>()
-                .map_err(|e| Error::usage(format!("--target-timeline: {e}")))?,
-        ),
-    };
-    let Some(tli) = tli else {
-        return Ok(None);
-    };
-    match archive.history(tli).await? {
-        Some(h) => Ok(Some(h)),
-        None => Err(Error::usage(format!(
-            "timeline {tli} has no history file in the archive"
-        ))),
+/// What `--target-timeline` asks for (`recovery_target_timeline`).
+enum TimelineGoal {
+    Latest,
+    Current,
+    Numeric(TimelineId),
+}
+
+/// The target timeline as PostgreSQL's recovery resolves it, from the
+/// histories archived for one cluster.
+struct TargetTimeline {
+    goal: TimelineGoal,
+    histories: Histories,
+}
+
+impl TargetTimeline {
+    /// Reads the archive's history files; a timeline named that has none
+    /// is refused, as PostgreSQL refuses it ("recovery target timeline N
+    /// does not exist").
+    async fn read(archive: &Archive, target: Option<&str>) -> Result<TargetTimeline> {
+        let goal = match target {
+            None | Some("latest") => TimelineGoal::Latest,
+            Some("current") => TimelineGoal::Current,
+            Some(n) => TimelineGoal::Numeric(
+                n.parse::<TimelineId>()
+                    .map_err(|e| Error::usage(format!("--target-timeline: {e}")))?,
+            ),
+        };
+        let histories = archive.histories().await?;
+        if let TimelineGoal::Numeric(t) = goal {
+            if t != TimelineId::FIRST && histories.get(t).is_none() {
+                return Err(Error::usage(format!(
+                    "timeline {t} has no history file in the archive"
+                )));
+            }
+        }
+        Ok(TargetTimeline { goal, histories })
+    }
+
+    /// The history recovery from backup `m` follows; `None`: `m`'s own
+    /// timeline (`current`). For `latest`, PostgreSQL probes the archive
+    /// for the history files of the timelines after the backup's, one by
+    /// one, and takes the last before the first missing one
+    /// (`findNewestTimeLine`): so does this.
+    fn for_backup(&self, m: &Manifest) -> Option<TimelineHistory> {
+        let tli = match self.goal {
+            TimelineGoal::Current => return None,
+            TimelineGoal::Numeric(t) => t,
+            TimelineGoal::Latest => self.histories.newest_from(m.timeline),
+        };
+        Some(match self.histories.get(tli) {
+            Some(a) => a.history.clone(),
+            // Timeline 1, or a backup's timeline without a history file
+            // (after pg_upgrade): no ancestors, as PostgreSQL takes it.
+            None => TimelineHistory::root(tli),
+        })
     }
 }
 
@@ -153,7 +186,7 @@ pub(super) async fn choose_backup_and_db<'a>(
 ) -> Result<(&'a Manifest, &'a DbInfo, Option<TimelineHistory>)> {
     let tli = opts.target_timeline.as_deref();
     if opts.set.as_deref().is_some_and(|l| l != "latest") {
-        let m = choose_backup(all, opts, None)?;
+        let (m, _) = choose_backup(all, opts, &|_| None)?;
         let db = stanza.db(m.db_id).ok_or_else(|| {
             Error::new(
                 Kind::Stanza,
@@ -167,8 +200,8 @@ pub(super) async fn choose_backup_and_db<'a>(
             )
         })?;
         // A timeline named that its archive does not know is refused here.
-        let history = target_history(&repo.archive(db), tli).await?;
-        return Ok((m, db, history));
+        let target = TargetTimeline::read(&repo.archive(db), tli).await?;
+        return Ok((m, db, target.for_backup(m)));
     }
     let mut refused: Option<Error> = None;
     for db in stanza.dbs.iter().rev() {
@@ -176,10 +209,9 @@ pub(super) async fn choose_backup_and_db<'a>(
         if own.is_empty() {
             continue;
         }
-        let chosen = match target_history(&repo.archive(db), tli).await {
-            Ok(history) => choose_backup(&own, opts, history.as_ref())
-                .map(|m| m.label.clone())
-                .map(|label| (label, history)),
+        let chosen = match TargetTimeline::read(&repo.archive(db), tli).await {
+            Ok(target) => choose_backup(&own, opts, &|m| target.for_backup(m))
+                .map(|(m, history)| (m.label.clone(), history)),
             Err(e) => Err(e),
         };
         match chosen {
@@ -211,15 +243,19 @@ pub(super) async fn choose_backup_and_db<'a>(
     }))
 }
 
-/// Picks the backup: the named one, or the newest whose stop (as the server
-/// reported it) is before the target and on the target timeline's path.
+/// Picks the backup, with the history recovery from it follows
+/// (`history_of`): the named one, or the newest whose stop (as the server
+/// reported it) is before the target and whose WAL recovery along that
+/// history replays as the backup's own timeline's (PostgreSQL refuses a
+/// backup whose checkpoint is not on the history's path, and one whose WAL
+/// leaves its timeline before it ends never becomes consistent).
 fn choose_backup<'a>(
     all: &'a [Manifest],
     opts: &RestoreOptions,
-    history: Option<&TimelineHistory>,
-) -> Result<&'a Manifest> {
+    history_of: &dyn Fn(&Manifest) -> Option<TimelineHistory>,
+) -> Result<(&'a Manifest, Option<TimelineHistory>)> {
     if let Some(label) = opts.set.as_deref().filter(|l| *l != "latest") {
-        return all.iter().find(|m| m.label == label).ok_or_else(|| {
+        let m = all.iter().find(|m| m.label == label).ok_or_else(|| {
             Error::usage(format!("no complete backup labelled {label}")).hint(format!(
                 "complete backups: {}",
                 all.iter()
@@ -227,26 +263,28 @@ fn choose_backup<'a>(
                     .collect::<Vec<_>>()
                     .join(", ")
             ))
-        });
+        })?;
+        return Ok((m, history_of(m)));
     }
-    let on_path = |m: &Manifest| match history {
-        None => true,
-        Some(h) => {
-            h.contains(m.timeline) && h.end_of(m.timeline).is_none_or(|end| m.stop_lsn <= end)
-        }
-    };
-    let candidates: Vec<&Manifest> = all.iter().filter(|m| on_path(m)).collect();
+    let candidates: Vec<(&Manifest, Option<TimelineHistory>)> = all
+        .iter()
+        .map(|m| (m, history_of(m)))
+        .filter(|(m, h)| {
+            h.as_ref()
+                .is_none_or(|h| h.holds(m.timeline, m.start_lsn, m.stop_lsn))
+        })
+        .collect();
     let fits = |m: &Manifest| match &opts.target {
         Some(RecoveryTarget::Time(t)) => m.stop_time_utc().is_some_and(|s| s < *t),
         Some(RecoveryTarget::Lsn(l)) => m.stop_lsn <= *l,
         _ => true,
     };
-    if let Some(m) = candidates.iter().rev().find(|m| fits(m)) {
-        return Ok(m);
+    if let Some((m, h)) = candidates.iter().rev().find(|(m, _)| fits(m)) {
+        return Ok((m, h.clone()));
     }
     let oldest = candidates
         .first()
-        .copied()
+        .map(|(m, _)| *m)
         .or(all.first())
         .expect("at least one backup");
     let what = match &opts.target {
@@ -303,7 +341,8 @@ mod tests {
             manifest("20261126-080000F", 1, 0x2000000, "2026-11-26T11:00:00Z"),
             manifest("20261126-070000F", 1, 0x3000000, "2026-11-26T12:00:00Z"),
         ];
-        let pick = |t| choose_backup(&all, &opts(Some(time(t))), None).map(|m| m.label.clone());
+        let pick =
+            |t| choose_backup(&all, &opts(Some(time(t))), &|_| None).map(|(m, _)| m.label.clone());
         assert_eq!(pick("2026-11-26T11:30:00Z").unwrap(), "20261126-080000F");
         assert_eq!(pick("2026-11-26T13:00:00Z").unwrap(), "20261126-070000F");
         assert_eq!(pick("2026-11-26T10:00:01Z").unwrap(), "20261126-090000F");
@@ -313,21 +352,25 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("20261126-090000F"), "{e}");
-        let lsn =
-            choose_backup(&all, &opts(Some(RecoveryTarget::Lsn(Lsn(0x2500000)))), None).unwrap();
+        let (lsn, _) = choose_backup(
+            &all,
+            &opts(Some(RecoveryTarget::Lsn(Lsn(0x2500000)))),
+            &|_| None,
+        )
+        .unwrap();
         assert_eq!(lsn.label, "20261126-080000F");
         assert_eq!(
-            choose_backup(&all, &opts(None), None).unwrap().label,
+            choose_backup(&all, &opts(None), &|_| None).unwrap().0.label,
             "20261126-070000F"
         );
         let mut named = opts(None);
         named.set = Some("20261126-080000F".into());
         assert_eq!(
-            choose_backup(&all, &named, None).unwrap().label,
+            choose_backup(&all, &named, &|_| None).unwrap().0.label,
             "20261126-080000F"
         );
         named.set = Some("nope".into());
-        assert!(choose_backup(&all, &named, None).is_err());
+        assert!(choose_backup(&all, &named, &|_| None).is_err());
     }
 
     #[test]
@@ -344,12 +387,37 @@ mod tests {
             "1\t0/2800000\tno recovery target specified\n",
         )
         .unwrap();
-        let pick = |t| choose_backup(&all, &opts(Some(time(t))), Some(&h)).map(|m| m.label.clone());
+        let pick = |t| {
+            choose_backup(&all, &opts(Some(time(t))), &|_| Some(h.clone()))
+                .map(|(m, _)| m.label.clone())
+        };
         assert_eq!(pick("2026-11-26T12:30:00Z").unwrap(), "a");
         assert_eq!(pick("2026-11-26T14:00:00Z").unwrap(), "c");
         let root = TimelineHistory::root(TimelineId(1));
-        let on1 =
-            choose_backup(&all, &opts(Some(time("2026-11-26T14:00:00Z"))), Some(&root)).unwrap();
+        let (on1, _) = choose_backup(&all, &opts(Some(time("2026-11-26T14:00:00Z"))), &|_| {
+            Some(root.clone())
+        })
+        .unwrap();
         assert_eq!(on1.label, "b");
+    }
+
+    #[test]
+    fn a_backup_whose_wal_leaves_its_timeline_is_not_on_the_path() {
+        // 028_pitr_timelines.pl's timeline 3: PostgreSQL reads timeline 3's
+        // WAL from 0/3018C78 on, before timeline 1's own line (0/3018CE0)
+        // ends it. A timeline-1 backup ending at 0/3018CA0 never becomes
+        // consistent along it.
+        let h = parse_history(
+            TimelineId(3),
+            "1\t0/3018CE0\tno recovery target specified\n\n2\t0/3018C78\tat restore point \"rp\"\n",
+        )
+        .unwrap();
+        let all = vec![
+            manifest("early", 1, 0x3018C00, "2026-11-26T10:00:00Z"),
+            manifest("late", 1, 0x3018CA0, "2026-11-26T11:00:00Z"),
+        ];
+        let (m, got) = choose_backup(&all, &opts(None), &|_| Some(h.clone())).unwrap();
+        assert_eq!(m.label, "early");
+        assert_eq!(got, Some(h));
     }
 }

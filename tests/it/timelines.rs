@@ -690,6 +690,15 @@ fn failover_rpo_and_split_brain() {
         }
         let (run, _) = archive_get(&env, &repo, &s);
         run.expect_code(EXIT_NOT_ARCHIVED);
+        // Refused before anything was stored: nothing left behind by the
+        // retries either.
+        let mut leftovers = Vec::new();
+        walk(&repo.local_archive(), &mut |p| {
+            if p.to_string_lossy().contains("pgvault-tmp") {
+                leftovers.push(p.to_path_buf());
+            }
+        });
+        assert!(leftovers.is_empty(), "refused pushes left {leftovers:?}");
         let log = pg.log_tail(200);
         assert!(
             log.lines()

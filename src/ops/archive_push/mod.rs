@@ -192,7 +192,21 @@ async fn push_one(
         });
     }
 
-    let fork = timeline_rules(repo, db, &archive, path, &name, encode, caller).await?;
+    if let Some(fork) = timeline_rules(repo, db, &archive, path, &name, encode, caller).await? {
+        // Decided before anything is stored: a refused push leaves nothing.
+        let seg = db.wal_segment_size;
+        let summary = if name.segno(seg) == Some(fork.at.segno(seg)) {
+            // The segment holding the fork: its records tell (read once
+            // more, only here).
+            let (p, scan) = (path.to_path_buf(), walfacts::scan_options(db, &name));
+            tokio::task::spawn_blocking(move || scan_only(&p, scan)).await??
+        } else {
+            None
+        };
+        if fork.passed_by(&name, summary.as_ref(), seg) {
+            superseded(&name, &fork, caller)?;
+        }
+    }
 
     // Hash + compress + walk the records in one pass into a spool (zstd's
     // own worker threads compress while this thread reads, hashes and
@@ -221,9 +235,6 @@ async fn push_one(
     .await??;
     if let Some(summary) = &summary {
         walfacts::warn_about(&name, summary);
-    }
-    if let Some(fork) = fork.filter(|f| f.passed_by(&name, summary.as_ref(), db.wal_segment_size)) {
-        superseded(&name, &fork, caller)?;
     }
 
     // The summary goes beside the content at the same time; it is not
@@ -441,6 +452,17 @@ impl<A: io::Write, B: io::Write> io::Write for Tee<'_, A, B> {
     }
 }
 
+/// The records of a file, without storing it.
+fn scan_only(path: &Path, scan: Option<pg::walscan::ScanOptions>) -> Result<Option<WalSummary>> {
+    let Some(scan) = scan else {
+        return Ok(None);
+    };
+    let file = File::open(path).map_err(|e| input_error(path, e))?;
+    let mut scanner = WalScanner::new(scan);
+    copy_file(file, &mut scanner, path)?;
+    Ok(Some(scanner.finish()))
+}
+
 fn hash_file(path: &Path) -> Result<Digest256> {
     let file = File::open(path).map_err(|e| input_error(path, e))?;
     let mut h = codec::HashingWriter::new(io::sink());
@@ -573,5 +595,106 @@ mod tests {
             std::fs::read(pg.join("pg_wal/000000010000000000000015")).unwrap()
         );
         assert!(!spool.prefetched(&p15).exists(), "moved, not copied");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_segment_of_a_new_timeline_brings_its_history_file_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pg, repo) = stanza(dir.path()).await;
+        let facts = testdata::facts("pg15");
+        let seg2 = facts["promotion"]["first_new_timeline_segment"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let wal = pg.join("pg_wal");
+        std::fs::write(wal.join(&seg2), testdata::wal("pg15", &seg2)).unwrap();
+        let db = repo.require_stanza().await.unwrap().current().clone();
+        let archive = repo.archive(&db);
+        let history = WalFileName::history(TimelineId(2));
+        let seg_path = wal.join(&seg2);
+        let push = |caller| push_one(&repo, &db, &seg_path, EncodeOptions::default(), caller);
+
+        // No history file anywhere: the look-ahead pusher leaves the
+        // segment to PostgreSQL's call, which archives it (a pg_upgraded
+        // cluster keeps its timeline without a history file).
+        let e = push(Caller::LookAhead).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Timeline, "{e}");
+        assert!(archive
+            .locate(&WalFileName::parse(&seg2).unwrap())
+            .await
+            .unwrap()
+            .is_none());
+
+        // With 00000002.history beside it: the history goes first.
+        std::fs::write(
+            wal.join(history.as_str()),
+            testdata::read("pg15/wal/00000002.history"),
+        )
+        .unwrap();
+        push(Caller::LookAhead).await.unwrap();
+        let got = archive.fetch_small(&history).await.unwrap().unwrap();
+        assert_eq!(got, testdata::read("pg15/wal/00000002.history"));
+
+        // A history that the archived timeline-2 segment contradicts (it
+        // begins timeline 2 one segment later) is refused, exit 12.
+        let other = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&other).unwrap();
+        let switch: crate::pg::Lsn = facts["promotion"]["switch_point"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let later = switch
+            .segno(db.wal_segment_size)
+            .next()
+            .start_lsn(db.wal_segment_size);
+        let forged = other.join("00000002.history");
+        std::fs::write(
+            &forged,
+            format!("1\t{later}\tno recovery target specified\n"),
+        )
+        .unwrap();
+        // (into a second stanza holding only the segment)
+        let repo2 = Repository::open(
+            RepoLocation::Local(dir.path().join("repo")),
+            "s2",
+            &S3Options::default(),
+        )
+        .unwrap();
+        stanza_create(&repo2, &StanzaCreateOptions { pgdata: pg.clone() })
+            .await
+            .unwrap();
+        std::fs::remove_file(wal.join(history.as_str())).unwrap();
+        push_one(
+            &repo2,
+            &db,
+            &wal.join(&seg2),
+            EncodeOptions::default(),
+            Caller::Postgres(OnSuperseded::Warn),
+        )
+        .await
+        .unwrap();
+        let e = push_one(
+            &repo2,
+            &db,
+            &forged,
+            EncodeOptions::default(),
+            Caller::Postgres(OnSuperseded::Warn),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), Kind::Timeline, "{e}");
+        assert!(e.to_string().contains(&seg2), "{e}");
+        // The right one is taken.
+        std::fs::write(&forged, testdata::read("pg15/wal/00000002.history")).unwrap();
+        push_one(
+            &repo2,
+            &db,
+            &forged,
+            EncodeOptions::default(),
+            Caller::Postgres(OnSuperseded::Warn),
+        )
+        .await
+        .unwrap();
     }
 }

@@ -34,7 +34,7 @@ use crate::error::{Error, Kind, Result};
 use crate::ops::walfacts;
 use crate::pg::walscan::{WalScanner, WalSummary};
 use crate::pg::{self, TimelineId, WalFileKind, WalFileName};
-use crate::repo::archive::{Archive, ClaimOutcome, Fork};
+use crate::repo::archive::{ClaimOutcome, Fork};
 use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{DbInfo, Digest256, Repository};
 use crate::spool::SpoolDir;
@@ -178,7 +178,8 @@ async fn push_one(
     // Validate before anything touches the repository.
     let path2 = path.to_path_buf();
     let (name2, db2) = (name.clone(), db.clone());
-    tokio::task::spawn_blocking(move || validate_file(&path2, &name2, &db2)).await??;
+    let history =
+        tokio::task::spawn_blocking(move || validate_file(&path2, &name2, &db2)).await??;
 
     if let Some(claim) = archive.read_claim(&name).await? {
         let path = path.to_path_buf();
@@ -192,7 +193,8 @@ async fn push_one(
         });
     }
 
-    if let Some(fork) = timeline_rules(repo, db, &archive, path, &name, encode, caller).await? {
+    let rules = timeline_rules(repo, db, path, &name, history.as_ref(), encode, caller);
+    if let Some(fork) = rules.await? {
         // Decided before anything is stored: a refused push leaves nothing.
         let seg = db.wal_segment_size;
         let summary = if name.segno(seg) == Some(fork.at.segno(seg)) {
@@ -274,21 +276,16 @@ async fn push_one(
 async fn timeline_rules(
     repo: &Repository,
     db: &DbInfo,
-    archive: &Archive,
     path: &Path,
     name: &WalFileName,
+    history: Option<&pg::history::TimelineHistory>,
     encode: EncodeOptions,
     caller: Caller,
 ) -> Result<Option<Fork>> {
     let tli = name.timeline();
-    if name.kind() == WalFileKind::History {
-        let p = path.to_path_buf();
-        let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(&p))
-            .await?
-            .map_err(|e| input_error(path, e))?;
-        let history = pg::history::parse_history(tli, &text)
-            .map_err(|e| Error::invalid_input(format!("not a timeline history file: {e}")))?;
-        archive.check_history_agrees(&history).await?;
+    let archive = repo.archive(db);
+    if let Some(history) = history {
+        archive.check_history_agrees(history).await?;
         return Ok(None);
     }
     let archived = archive.history_timelines().await?;
@@ -369,8 +366,13 @@ fn input_error(path: &Path, e: io::Error) -> Error {
     }
 }
 
-/// Checks that the file is what its name says and belongs to this stanza.
-fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
+/// Checks that the file is what its name says and belongs to this stanza;
+/// a history file is returned read as PostgreSQL reads it.
+fn validate_file(
+    path: &Path,
+    name: &WalFileName,
+    db: &DbInfo,
+) -> Result<Option<pg::history::TimelineHistory>> {
     let mut file = File::open(path).map_err(|e| input_error(path, e))?;
     let size = file.metadata().map_err(|e| input_error(path, e))?.len();
     match name.kind() {
@@ -399,8 +401,9 @@ fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
         }
         WalFileKind::History => {
             let text = read_small_text(&mut file, size, path)?;
-            pg::history::parse_history(name.timeline(), &text)
+            let history = pg::history::parse_history(name.timeline(), &text)
                 .map_err(|e| Error::invalid_input(format!("not a timeline history file: {e}")))?;
+            return Ok(Some(history));
         }
         WalFileKind::BackupLabel => {
             let text = read_small_text(&mut file, size, path)?;
@@ -408,7 +411,7 @@ fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
                 .map_err(|e| Error::invalid_input(e.to_string()))?;
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn read_small_text(file: &mut File, size: u64, path: &Path) -> Result<String> {

@@ -325,4 +325,59 @@ mod tests {
         let partial = WalFileName::parse("00000001000000000000000B.partial").unwrap();
         assert!(!fork.passed_by(&partial, Some(&ending("0/B00110")), SEG));
     }
+
+    #[test]
+    fn the_replay_path_follows_the_028_history_as_postgresql_reads_files() {
+        use crate::repo::backend::ObjectMeta;
+        use crate::repo::layout;
+        use crate::repo::Sha256Sum;
+        let h = history(
+            3,
+            "1\t0/3018CE0\tno recovery target specified\n\n2\t0/3018C78\tat restore point \"rp\"\n",
+        )
+        .history;
+        let seg16 = 16 << 20;
+        let name = |s: &str| WalFileName::parse(s).unwrap();
+        let listing = |names: &[&str]| {
+            Listing::from_objects(
+                names
+                    .iter()
+                    .map(|n| ObjectMeta {
+                        key: layout::wal_data_key("s", "15-1", &name(n), &Sha256Sum([1; 32])),
+                        size: 1,
+                    })
+                    .collect(),
+            )
+        };
+        let archived = [
+            "000000010000000000000002",
+            "000000010000000000000003.partial",
+            "000000020000000000000003",
+            "000000030000000000000003",
+            "000000030000000000000004",
+            "000000020000000000000004",
+        ];
+        // XLogFileReadAnyTLI: segment 3 from timeline 3 (newest first),
+        // then never back to an older timeline.
+        let path = listing(&archived).replay_path(&h, SegmentNo(2), seg16);
+        assert_eq!(
+            path,
+            [
+                name("000000010000000000000002"),
+                name("000000030000000000000003"),
+                name("000000030000000000000004"),
+            ]
+        );
+        // Without timeline 3's copy of segment 3, PostgreSQL would open
+        // timeline 2's (it lists timeline 2 as beginning in segment 3), and
+        // then stays at timeline 2 or newer.
+        let path = listing(&archived[..3]).replay_path(&h, SegmentNo(2), seg16);
+        assert_eq!(
+            path,
+            [
+                name("000000010000000000000002"),
+                name("000000020000000000000003"),
+            ]
+        );
+    }
 }

@@ -22,12 +22,11 @@
 //!   `archive-push` warns on every such push, `info`, `check` and `verify`
 //!   flag it, and `archive-push-superseded = fail` refuses such pushes.
 //!
-//! State (issue 9, phase 1): the cases of the first test that PostgreSQL's
-//! own history reading decides pass since `pg::history` reads histories as
-//! PostgreSQL does (before, all of them failed: the history was refused
-//! with exit 3 and the look-ahead pusher archived timeline 3's segment
-//! without it). The two hand-pushed cases and every case of the second test
-//! FAIL until phase 2 (the archive's rules in `repo/archive.rs`).
+//! Before issue 9's fixes every case failed: the history file was refused
+//! (exit 3) while the look-ahead pusher archived timeline 3's segment
+//! without it, later restores took timeline 3 again, `info` counted a
+//! commit only a `.partial` held, and WAL archived past a switch point
+//! went unnoticed.
 
 use crate::common::*;
 use crate::pitr::{clone_args, info, lsn, primary, restore, stanza_create, timeline_info};

@@ -3,8 +3,8 @@
 //! xlogrecord.h), and what the main data says (xact.h, pg_control.h).
 
 use super::{
-    RecordHeader, RestorePoint, TimelineSwitch, WalSummary, XactMark, KEEP_HEAD, KEEP_MAIN,
-    RECORD_HEADER_SIZE,
+    RecordHeader, RestorePoint, TimelineSwitch, WalSummary, XactEnd, XactMark, KEEP_HEAD,
+    KEEP_MAIN, RECORD_HEADER_SIZE,
 };
 use crate::pg::Lsn;
 
@@ -294,6 +294,13 @@ pub(super) fn apply(
                 time_us: unix_us(t),
                 commit,
             };
+            if let Some(ends) = &mut s.xact_ends {
+                ends.push(XactEnd {
+                    xid,
+                    lsn: start,
+                    commit,
+                });
+            }
             if commit {
                 s.commits += 1;
             } else {

@@ -57,17 +57,6 @@ fn lsn(s: &str) -> u64 {
     (hi << 32) | lo
 }
 
-fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
-    let pgdata = pgdata.display().to_string();
-    repo.run(
-        env,
-        As::PgUser,
-        &["stanza-create", "--pgdata", &pgdata],
-        env.dir(),
-    )
-    .ok();
-}
-
 /// `pgvault restore --pgdata DIR ARGS...` as `who`.
 fn restore(env: &TestEnv, repo: &Repo, who: As, pgdata: &Path, args: &[&str]) -> Run {
     let pgdata = pgdata.display().to_string();

@@ -55,14 +55,7 @@ fn write_history(env: &TestEnv) -> (Cluster, History) {
             data_checksums: true,
         },
     );
-    let pgdata = pg.pgdata().display().to_string();
-    repo.run(
-        env,
-        As::PgUser,
-        &["stanza-create", "--pgdata", &pgdata],
-        env.dir(),
-    )
-    .ok();
+    stanza_create(env, &repo, pg.pgdata());
     pg.start_archiving(env, &repo);
     pg.psql("create table t(id int primary key)");
     let backup1 = backup(env, &repo, &pg);
@@ -155,6 +148,18 @@ fn start_until_it_stops(node: &Node) {
     }
 }
 
+/// Waits until recovery pauses at the target (`--target-action pause`).
+#[track_caller]
+fn wait_paused(node: &Node) {
+    node.wait_for(
+        "select pg_get_wal_replay_pause_state()",
+        "paused",
+        RECOVERY_TIMEOUT,
+        "a pause at the target",
+    );
+    assert_eq!(node.psql("select pg_is_in_recovery()"), "t");
+}
+
 fn controldata_state(node: &Node) -> String {
     let argv = vec![node.pg("pg_controldata"), node.pgdata.clone().into()];
     let run = node.run_pg(
@@ -236,18 +241,18 @@ fn targets_by_name_and_xid() {
     cases.run("an xid with no archived commit is refused", || {
         let dir = env.mkdir(&format!("refused-{}", unique()), As::PgUser);
         let pgdata = dir.display().to_string();
-        let run = h.repo.run(
-            &env,
-            As::PgUser,
-            &[
+        let restore = |extra: &[&str]| {
+            let mut all = vec![
                 "restore",
                 "--pgdata",
                 &pgdata,
                 "--target-xid",
                 &h.future_xid,
-            ],
-            env.dir(),
-        );
+            ];
+            all.extend_from_slice(extra);
+            h.repo.run(&env, As::PgUser, &all, env.dir())
+        };
+        let run = restore(&[]);
         run.expect_code(EXIT_USAGE);
         let errors: Vec<&str> = run
             .stderr_lines()
@@ -271,19 +276,7 @@ fn targets_by_name_and_xid() {
             "a refused restore must leave --pgdata untouched"
         );
         // --no-target-check tries anyway.
-        let run = h.repo.run(
-            &env,
-            As::PgUser,
-            &[
-                "restore",
-                "--pgdata",
-                &pgdata,
-                "--target-xid",
-                &h.future_xid,
-                "--no-target-check",
-            ],
-            env.dir(),
-        );
+        let run = restore(&["--no-target-check"]);
         run.ok();
     });
 
@@ -291,13 +284,7 @@ fn targets_by_name_and_xid() {
         let args = ["--target-xid", x2.as_str(), "--target-action", "pause"];
         let mut node = restore(&env, &h, "pause", &args, b1);
         node.start();
-        node.wait_for(
-            "select pg_get_wal_replay_pause_state()",
-            "paused",
-            RECOVERY_TIMEOUT,
-            "a pause at the target",
-        );
-        assert_eq!(node.psql("select pg_is_in_recovery()"), "t");
+        wait_paused(&node);
         assert_eq!(node.psql(ROWS), "1,2");
         node.psql("select pg_wal_replay_resume()");
         node.wait_promoted();
@@ -331,13 +318,7 @@ fn targets_by_name_and_xid() {
             )
             .expect("append to postgresql.auto.conf");
             node.start();
-            node.wait_for(
-                "select pg_get_wal_replay_pause_state()",
-                "paused",
-                RECOVERY_TIMEOUT,
-                "a pause at the target",
-            );
-            assert_eq!(node.psql("select pg_is_in_recovery()"), "t");
+            wait_paused(&node);
             assert_eq!(node.psql(ROWS), "1");
             node.stop();
             node.assert_log_clean();

@@ -13,4 +13,5 @@ mod archive;
 mod lookahead;
 mod operations;
 mod pitr;
+mod runbooks;
 mod upgrade;

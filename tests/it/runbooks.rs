@@ -256,63 +256,20 @@ impl Shell<'_> {
 // ---------------------------------------------------------------------------
 // Servers.
 
-/// psql as the PostgreSQL user on the server at `sock`/`port`, database
-/// `postgres`; trimmed stdout or stderr.
-fn try_psql(env: &TestEnv, sock: &Path, port: u16, sql: &str) -> Result<String, String> {
-    let argv: Vec<OsString> = [
-        env.pg("psql"),
-        "-XAtq".into(),
-        "-v".into(),
-        "ON_ERROR_STOP=1".into(),
-        "-h".into(),
-        sock.display().to_string(),
-        "-p".into(),
-        port.to_string(),
-        "-d".into(),
-        "postgres".into(),
-        "-c".into(),
-        sql.into(),
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
-    let run = finish(
-        env.spawn(As::PgUser, &argv, &[], env.dir()),
-        Duration::from_secs(120),
-    );
-    if run.code == Some(0) {
-        Ok(run.stdout.trim().to_string())
-    } else {
-        Err(run.stderr)
+/// The server a runbook started on `port` with data directory `pgdata`,
+/// for the test's own queries (socket in the test's socket directory). As
+/// a [`Node`] it is stopped when dropped, should a step have failed.
+fn server(w: &World, pgdata: &Path, port: u16, log: &Path) -> Node {
+    Node {
+        pgbin: w.env.pgbin.clone(),
+        user: w.env.user.clone(),
+        base: w.sock.clone(),
+        pgdata: pgdata.to_path_buf(),
+        log: log.to_path_buf(),
+        port,
+        running: true,
+        vars: Vec::new(),
     }
-}
-
-#[track_caller]
-fn psql(env: &TestEnv, sock: &Path, port: u16, sql: &str) -> String {
-    try_psql(env, sock, port, sql).unwrap_or_else(|e| panic!("psql -p {port} -c {sql:?}: {e}"))
-}
-
-/// Polls `sql` until it returns `want`.
-#[track_caller]
-fn wait_for(env: &TestEnv, sock: &Path, port: u16, sql: &str, want: &str, what: &str) {
-    let start = Instant::now();
-    loop {
-        let got = try_psql(env, sock, port, sql);
-        if got.as_deref() == Ok(want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < ARCHIVE_TIMEOUT,
-            "no {what} after {ARCHIVE_TIMEOUT:?}: {sql} gave {got:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Runs postgresql-common's tools as root under the test's configuration
@@ -336,12 +293,7 @@ fn pg_common(env: &TestEnv, conf_root: &Path, argv: &[&str]) -> Run {
 /// The primary the runbooks recover from.
 enum Primary {
     /// A Debian cluster: configuration under the test's configuration root.
-    Debian {
-        name: String,
-        pgdata: PathBuf,
-        log: PathBuf,
-        port: u16,
-    },
+    Debian { name: String, node: Node },
     /// A self-contained data directory (the harness's initdb cluster).
     Plain(Cluster),
 }
@@ -533,9 +485,7 @@ impl<'a> World<'a> {
         .ok();
         Primary::Debian {
             name: name.into(),
-            pgdata,
-            log,
-            port,
+            node: server(self, &pgdata, port, &log),
         }
     }
 
@@ -563,58 +513,42 @@ impl<'a> World<'a> {
 }
 
 impl Primary {
-    fn sock<'w>(&'w self, w: &'w World) -> &'w Path {
+    fn sock(&self) -> &Path {
         match self {
-            Primary::Debian { .. } => &w.sock,
+            Primary::Debian { node, .. } => &node.base,
             Primary::Plain(pg) => pg.sockdir(),
         }
     }
 
     fn port(&self) -> u16 {
         match self {
-            Primary::Debian { port, .. } => *port,
+            Primary::Debian { node, .. } => node.port,
             Primary::Plain(pg) => pg.port(),
         }
     }
 
     fn pgdata(&self) -> &Path {
         match self {
-            Primary::Debian { pgdata, .. } => pgdata,
+            Primary::Debian { node, .. } => &node.pgdata,
             Primary::Plain(pg) => pg.pgdata(),
         }
     }
 
     #[track_caller]
-    fn psql(&self, w: &World, sql: &str) -> String {
-        psql(w.env, self.sock(w), self.port(), sql)
+    fn psql(&self, sql: &str) -> String {
+        match self {
+            Primary::Debian { node, .. } => node.psql(sql),
+            Primary::Plain(pg) => pg.psql(sql),
+        }
     }
 
     /// Switches WAL and waits until the finished segment is archived.
     #[track_caller]
-    fn archive_now(&self, w: &World) {
-        let seg = self.psql(w, "select pg_walfile_name(pg_switch_wal())");
-        let start = Instant::now();
-        loop {
-            let last = self.psql(
-                w,
-                "select coalesce(last_archived_wal, '') from pg_stat_archiver",
-            );
-            if last.len() == 24 && last >= seg {
-                return;
-            }
-            assert!(
-                start.elapsed() < ARCHIVE_TIMEOUT,
-                "{seg} not archived after {ARCHIVE_TIMEOUT:?} (last {last:?})\n--- server log\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn log_tail(&self) -> String {
+    fn archive_now(&self) {
+        let seg = self.psql("select pg_walfile_name(pg_switch_wal())");
         match self {
-            Primary::Debian { log, .. } => tail(log, 30),
-            Primary::Plain(pg) => pg.log_tail(30),
+            Primary::Debian { node, .. } => node.wait_archived(&seg),
+            Primary::Plain(pg) => pg.wait_archived(&seg, ARCHIVE_TIMEOUT),
         }
     }
 
@@ -623,7 +557,7 @@ impl Primary {
     fn backup(&self, w: &World) -> String {
         let (d, h, p) = (
             self.pgdata().display().to_string(),
-            self.sock(w).display().to_string(),
+            self.sock().display().to_string(),
             self.port().to_string(),
         );
         let run = w.pgvault(&[
@@ -644,7 +578,8 @@ impl Primary {
     /// layout, its cluster goes, so the runbook can build one of that name).
     fn lose(self, w: &World) {
         match self {
-            Primary::Debian { name, .. } => {
+            Primary::Debian { name, mut node } => {
+                node.running = false;
                 pg_common(
                     w.env,
                     &w.conf_root,
@@ -672,17 +607,17 @@ struct History {
     before_delete: String,
 }
 
-fn write_history(w: &World, pg: &Primary) -> History {
-    pg.psql(w, "create table orders(id int primary key)");
-    pg.psql(w, "insert into orders select generate_series(1, 100)");
+fn write_history(pg: &Primary) -> History {
+    pg.psql("create table orders(id int primary key)");
+    pg.psql("insert into orders select generate_series(1, 100)");
     // The server's clock, read after the insert committed.
-    let before_all = pg.psql(w, "select now()::text");
+    let before_all = pg.psql("select now()::text");
     std::thread::sleep(Duration::from_millis(1100));
-    pg.psql(w, "insert into orders select generate_series(101, 200)");
-    let before_delete = pg.psql(w, "select now()::text");
+    pg.psql("insert into orders select generate_series(101, 200)");
+    let before_delete = pg.psql("select now()::text");
     std::thread::sleep(Duration::from_millis(1100));
-    pg.psql(w, "delete from orders");
-    pg.archive_now(w);
+    pg.psql("delete from orders");
+    pg.archive_now();
     History {
         before_all,
         before_delete,
@@ -705,56 +640,53 @@ fn runbook_3(w: &World, book: &Book, layout: Layout, cleanup: &mut Cleanup, h: &
     sh.set("PITR_DATA", data.display());
     sh.set("PITR_PORT", port);
     sh.set("PITR_LOG", log.display());
-    sh.set("TARGET_TIME", &h.before_all);
+    let copy = server(w, &data, port, &log);
+    let ready = || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("ready to accept read-only connections")
+            .count()
+    };
+    // Restores (again), starts and inspects the copy at `target`; the count
+    // of orders it printed must be `want`.
+    let look = |sh: &mut Shell, steps: &[&str], target: &str, want: u64| {
+        sh.set("TARGET_TIME", target);
+        for step in steps {
+            sh.run("3", step);
+        }
+        let out = sh.run("3", "inspect");
+        assert_eq!(
+            printed_count(&out),
+            Some(want),
+            "paused at {target}, orders should hold {want} rows; printed:\n{out}\n--- log\n{}",
+            copy.log_tail(30)
+        );
+    };
 
     let info = sh.run("3", "info");
     assert!(info.contains("recoverable"), "info printed:\n{info}");
-    sh.run("3", "prepare");
-    sh.run("3", "restore");
-    sh.run("3", "start");
-    let out = sh.run("3", "inspect");
-    assert_eq!(
-        printed_count(&out),
-        Some(100),
-        "paused at {}: orders should hold the first 100 rows; printed:\n{out}\n--- log\n{}",
-        h.before_all,
-        tail(&log, 30)
+    look(
+        &mut sh,
+        &["prepare", "restore", "start"],
+        &h.before_all,
+        100,
     );
-    let ready = |text: &str| {
-        text.matches("ready to accept read-only connections")
-            .count()
-    };
-    assert_eq!(ready(&fs::read_to_string(&log).unwrap_or_default()), 1);
-
+    assert_eq!(ready(), 1);
     // Too early: again, to the moment before the DELETE.
-    sh.set("TARGET_TIME", &h.before_delete);
-    sh.run("3", "stop");
-    sh.run("3", "again");
-    sh.run("3", "start");
-    let out = sh.run("3", "inspect");
-    assert_eq!(
-        printed_count(&out),
-        Some(200),
-        "paused at {}: orders should hold all 200 rows; printed:\n{out}\n--- log\n{}",
-        h.before_delete,
-        tail(&log, 30)
-    );
+    look(&mut sh, &["stop", "again", "start"], &h.before_delete, 200);
     // Same log, same port: the --delta restore touched neither.
-    let text = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
-        ready(&text),
+        ready(),
         2,
-        "{} should log both starts of the copy:\n{text}",
-        log.display()
+        "{} should log both starts of the copy:\n{}",
+        log.display(),
+        copy.log_tail(60)
     );
-    assert_eq!(psql(w.env, &w.sock, port, "show port"), port.to_string());
+    assert_eq!(copy.psql("show port"), port.to_string());
 
     sh.run("3", "resume");
-    assert_eq!(
-        psql(w.env, &w.sock, port, "select count(*) from orders"),
-        "200"
-    );
-    assert_eq!(psql(w.env, &w.sock, port, "show archive_mode"), "off");
+    assert_eq!(copy.psql("select count(*) from orders"), "200");
+    assert_eq!(copy.psql("show archive_mode"), "off");
     sh.run("3", "remove");
     assert!(!data.exists(), "the copy's data directory should be gone");
     assert!(!w.conf_root.join("15").join(&name).exists());
@@ -771,7 +703,7 @@ fn runbook_4(w: &World, book: &Book, layout: Layout, cleanup: &mut Cleanup, pg: 
         "PRIMARY_CONNINFO",
         format!(
             "host={} port={} user={} application_name=node2",
-            pg.sock(w).display(),
+            pg.sock().display(),
             pg.port(),
             w.env.user
         ),
@@ -783,62 +715,34 @@ fn runbook_4(w: &World, book: &Book, layout: Layout, cleanup: &mut Cleanup, pg: 
     assert_eq!(out.trim(), "t", "pg_is_in_recovery() on the standby");
     // It streams: a row the primary writes now, and does not archive,
     // appears on the standby.
-    pg.psql(w, "create table streamed as select 42 as x");
-    wait_for(
-        w.env,
-        &w.sock,
-        port,
+    let standby = server(w, &pgdata, port, &log);
+    pg.psql("create table streamed as select 42 as x");
+    standby.wait_for(
         "select x from streamed",
         "42",
-        "row streamed from the primary",
+        ARCHIVE_TIMEOUT,
+        "the row streamed from the primary",
     );
     assert_eq!(
-        pg.psql(
-            w,
-            "select state from pg_stat_replication where application_name = 'node2'"
-        ),
+        pg.psql("select state from pg_stat_replication where application_name = 'node2'"),
         "streaming"
     );
-    let text = fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        text.contains("started streaming WAL"),
-        "{} should say the standby streams:\n{text}",
-        log.display()
+        standby.log_text().contains("started streaming WAL"),
+        "{} should say the standby streams:\n{}",
+        log.display(),
+        standby.log_tail(30)
     );
-    // The test's own cleanup, not the runbook's.
-    match layout {
-        Layout::Debian => {
-            pg_common(
-                w.env,
-                &w.conf_root,
-                &["pg_dropcluster", "--stop", "15", &name],
-            )
-            .ok();
-        }
-        Layout::SelfContained => {
-            let argv: Vec<OsString> = vec![
-                w.env.pg("pg_ctl").into(),
-                "-D".into(),
-                pgdata.into(),
-                "-m".into(),
-                "fast".into(),
-                "stop".into(),
-            ];
-            finish(
-                w.env.spawn(As::PgUser, &argv, &[], w.env.dir()),
-                Duration::from_secs(120),
-            )
-            .ok();
-        }
-    }
+    // The standby goes (stopped as `standby` drops; Debian's configuration
+    // with the others at the end).
 }
 
 /// Runbook 2: the primary is lost; a new node of the same name restores
 /// the newest backup, replays every archived file, promotes, archives its
 /// new timeline and takes a backup.
 fn runbook_2(w: &World, book: &Book, layout: Layout, cleanup: &mut Cleanup, pg: Primary) {
-    pg.psql(w, "create table last_words as select 'archived' as w");
-    pg.archive_now(w);
+    pg.psql("create table last_words as select 'archived' as w");
+    pg.archive_now();
     let name = match &pg {
         Primary::Debian { name, .. } => name.clone(),
         Primary::Plain(_) => format!("restored{}", unique()),
@@ -846,32 +750,19 @@ fn runbook_2(w: &World, book: &Book, layout: Layout, cleanup: &mut Cleanup, pg: 
     pg.lose(w);
 
     let mut sh = w.shell(book, layout);
-    let (pgdata, port, _log) = w.node(&mut sh, &name);
-    cleanup.pgdatas.push(pgdata);
+    let (pgdata, port, log) = w.node(&mut sh, &name);
+    cleanup.pgdatas.push(pgdata.clone());
     sh.run("2", "prepare");
     sh.run("2", "restore");
     sh.run("2", "start");
     let out = sh.run("2", "finish");
 
     // Everything archived was replayed: the DELETE, and the last row.
-    assert_eq!(
-        psql(w.env, &w.sock, port, "select count(*) from orders"),
-        "0"
-    );
-    assert_eq!(
-        psql(w.env, &w.sock, port, "select w from last_words"),
-        "archived"
-    );
+    let node = server(w, &pgdata, port, &log);
+    assert_eq!(node.psql("select count(*) from orders"), "0");
+    assert_eq!(node.psql("select w from last_words"), "archived");
     // Promoted onto timeline 2, archived into the stanza, backed up there.
-    assert_eq!(
-        psql(
-            w.env,
-            &w.sock,
-            port,
-            "select timeline_id from pg_control_checkpoint()"
-        ),
-        "2"
-    );
+    assert_eq!(node.timeline(), 2);
     let run = w.pgvault(&["info", "--output", "json"]);
     run.ok();
     let info: serde_json::Value =
@@ -906,7 +797,7 @@ fn runbooks(layout: Layout) {
     cleanup.pgdatas.push(pg.pgdata().to_path_buf());
     let label = pg.backup(&w);
     eprintln!("backup {label}");
-    let h = write_history(&w, &pg);
+    let h = write_history(&pg);
 
     let mut cases = Cases::new();
     cases.run("runbook 3: PITR copy, --delta again, resume", || {

@@ -14,4 +14,5 @@ mod lookahead;
 mod operations;
 mod pages;
 mod pitr;
+mod runbooks;
 mod upgrade;

@@ -12,6 +12,8 @@ mod common;
 mod archive;
 mod lookahead;
 mod operations;
+mod pages;
 mod pitr;
+mod runbooks;
 mod targets;
 mod upgrade;

@@ -171,7 +171,7 @@ fn restore_promoted(
 /// archiving into it, with the table `t(id, tag)` the cases count rows of.
 fn primary(env: &TestEnv, repo: &Repo) -> Cluster {
     let mut pg = Cluster::init(env, initopts());
-    stanza_create(env, repo, pg.pgdata());
+    repo.stanza_create(env, pg.pgdata());
     pg.start_archiving(env, repo);
     pg.psql("create table t(id int primary key, tag text not null)");
     // The table Cluster::switch_wal writes to.

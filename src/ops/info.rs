@@ -134,6 +134,7 @@ pub struct Recoverable {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RestorePointReport {
     pub name: String,
+    /// The LSN `pg_create_restore_point` returned (the end of its record).
     pub lsn: Lsn,
     pub time: String,
 }
@@ -357,7 +358,10 @@ fn recoverable(
                 .iter()
                 .map(|rp| RestorePointReport {
                     name: rp.name.clone(),
-                    lsn: rp.lsn,
+                    // What pg_create_restore_point returned: the record's
+                    // end (a summary from before `end` was kept has only
+                    // its start).
+                    lsn: if rp.end > rp.lsn { rp.end } else { rp.lsn },
                     time: walfacts::format_us(rp.time_us),
                 })
                 .collect(),

@@ -15,4 +15,5 @@ mod operations;
 mod pages;
 mod pitr;
 mod runbooks;
+mod targets;
 mod upgrade;

@@ -37,15 +37,16 @@
 //!   flag, the variable or the file key.
 //! - A boolean takes a value (`action = ArgAction::Set`: `--expire-auto
 //!   false`), so that a flag can override the file.
-//! - A secret (a key, a password): type [`Secret`]. It is then hidden from
-//!   `--help`, refused as a flag (flags show in `ps`) and never printed.
+//! - A secret (a key, a password): type [`Secret`] and `hide = true` (a
+//!   test checks). It is refused as a flag (flags show in `ps`) and never
+//!   printed.
 //!
 //! Then read it where `cli/mod.rs` builds the command's options for `ops`,
 //! and add its row to docs/configuration.md.
 
 mod layers;
 
-pub use layers::{parse, ParseError, Parsed};
+pub use layers::{is_secret, parse, ParseError, Parsed};
 
 use std::convert::Infallible;
 use std::fmt;
@@ -134,6 +135,7 @@ pub struct Global {
     #[arg(
         long,
         global = true,
+        hide = true,
         env = "PGVAULT_S3_ACCESS_KEY_ID",
         value_parser = Secret::parse
     )]
@@ -142,6 +144,7 @@ pub struct Global {
     #[arg(
         long,
         global = true,
+        hide = true,
         env = "PGVAULT_S3_SECRET_ACCESS_KEY",
         value_parser = Secret::parse
     )]
@@ -382,7 +385,7 @@ pub struct Restore {
     #[command(flatten)]
     pub workers: Workers,
     /// With --standby: the standby's primary_conninfo (the file or the environment only; passwords belong in ~/.pgpass)
-    #[arg(long, env = "PGVAULT_PRIMARY_CONNINFO", value_parser = Secret::parse)]
+    #[arg(long, hide = true, env = "PGVAULT_PRIMARY_CONNINFO", value_parser = Secret::parse)]
     pub primary_conninfo: Option<Secret>,
     #[command(flatten)]
     pub data: DataDir,

@@ -156,14 +156,13 @@ fn options(cmd: &Command) -> BTreeMap<String, Opt> {
 }
 
 /// A value of type [`Secret`].
-fn is_secret(arg: &Arg) -> bool {
+pub fn is_secret(arg: &Arg) -> bool {
     arg.get_value_parser().type_id() == std::any::TypeId::of::<Secret>()
 }
 
 /// Every option also as a hidden global option of `pgvault` itself (where
-/// it is not one already); secrets hidden from `--help`; and no argument
-/// reading the environment on its own: [`read_env`] does, so that a bad
-/// value is named.
+/// it is not one already), and no argument reading the environment on its
+/// own: [`read_env`] does, so that a bad value is named.
 fn accept_before_command(cmd: Command, opts: &BTreeMap<String, Opt>) -> Command {
     let mut cmd = cmd;
     for o in opts.values() {
@@ -177,12 +176,9 @@ fn accept_before_command(cmd: Command, opts: &BTreeMap<String, Opt>) -> Command 
             );
         }
     }
-    let prepare = |a: Arg| {
-        let hide = is_secret(&a) || a.is_hide_set();
-        a.env(None::<&str>).hide(hide)
-    };
-    cmd.mut_args(prepare)
-        .mut_subcommands(move |sc| sc.mut_args(prepare))
+    let no_env = |a: Arg| a.env(None::<&str>);
+    cmd.mut_args(no_env)
+        .mut_subcommands(move |sc| sc.mut_args(no_env))
 }
 
 /// `values` (by long name) as the defaults of the options they name.

@@ -320,6 +320,20 @@ impl Repo {
         env.pgvault(who, &all, &self.env, cwd)
     }
 
+    /// `stanza-create` for the cluster in `pgdata`, as the postgres user;
+    /// panics unless it succeeds.
+    #[track_caller]
+    pub fn stanza_create(&self, env: &TestEnv, pgdata: &Path) {
+        let pgdata = pgdata.display().to_string();
+        self.run(
+            env,
+            As::PgUser,
+            &["stanza-create", "--pgdata", &pgdata],
+            env.dir(),
+        )
+        .ok();
+    }
+
     /// The stored object for WAL file `name` in a local repository:
     /// `<repo>/<stanza>/archive/**/<name>-<sha256>.zst`.
     pub fn local_wal_objects(&self, name: &str) -> Vec<PathBuf> {

@@ -441,6 +441,21 @@ mod tests {
     }
 
     #[test]
+    fn every_option_is_documented() {
+        let doc = include_str!("../../docs/configuration.md");
+        let cmd = Cli::command();
+        for arg in cmd
+            .get_arguments()
+            .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()))
+        {
+            if let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) {
+                let row = format!("| `{long}` | `{}` |", env.to_string_lossy());
+                assert!(doc.contains(&row), "docs/configuration.md has no row {row}");
+            }
+        }
+    }
+
+    #[test]
     fn secrets_come_from_the_file_or_the_environment_only() {
         let key = |p: &Parsed| {
             p.cli

@@ -4,9 +4,10 @@
 //! this file. Its flag (`--compress-level`), its environment variable
 //! (`PGVAULT_COMPRESS_LEVEL`) and its file key (`compress-level = 3`), its
 //! `--help` text, type, check and default all come from that field.
-//! [`layers`] puts the file and the environment under the flags; a command's
-//! `--help` shows the options of the structs that command flattens, grouped
-//! under "Repository", "PostgreSQL" and the command's own "Options".
+//! `config/layers.rs` puts the file and the environment under the flags. A
+//! command's `--help` shows the options of the structs that command
+//! flattens, grouped under "Repository", "PostgreSQL" and its own
+//! "Options".
 //!
 //! # Adding an option
 //!
@@ -14,7 +15,8 @@
 //! - every command: [`Global`] (with `global = true`);
 //! - one command: that command's struct ([`Backup`], [`ArchivePush`], …);
 //! - several commands: the group they all flatten ([`Compression`],
-//!   [`Workers`], …), or a new group flattened into each of them.
+//!   [`Workers`], …), or a new group (`#[derive(Debug, Clone, Args)]
+//!   #[group(skip)]`, as the others) flattened into each of them.
 //!
 //! ```ignore
 //! /// Take the backup from a standby [default: false]
@@ -41,8 +43,9 @@
 //!   test checks). It is refused as a flag (flags show in `ps`) and never
 //!   printed.
 //!
-//! Then read it where `cli/mod.rs` builds the command's options for `ops`,
-//! and add its row to docs/configuration.md.
+//! Then read it where `cli/mod.rs` builds the command's options for `ops`
+//! (`options.backup_standby`), and add its row to docs/configuration.md (a
+//! test checks).
 
 mod layers;
 

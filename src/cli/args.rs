@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config;
 
+/// Said under every command's `--help`.
+const OPTIONS_NOTE: &str = "Each option can also be set as a PGVAULT_<NAME> environment variable \
+                            or in the configuration file (see docs/configuration.md).";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pgvault",
@@ -24,6 +28,14 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command line, with a note on options under each command's help.
+    pub fn definition() -> clap::Command {
+        <Cli as clap::CommandFactory>::command()
+            .mut_subcommands(|sc| sc.after_help(OPTIONS_NOTE))
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -207,7 +219,7 @@ mod tests {
             .collect();
         let mut vars: Vec<(OsString, OsString)> = vec![("PGVAULT_CONFIG".into(), path.into())];
         vars.extend(env.iter().map(|(k, v)| (k.into(), v.into())));
-        match crate::config::parse(Cli::command(), &argv, &vars) {
+        match crate::config::parse(Cli::definition(), &argv, &vars) {
             Ok(p) => Ok(Parsed {
                 cli: Cli::from_arg_matches(&p.matches).map_err(|e| e.to_string())?,
                 warnings: p.warnings,

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 
 use crate::config::{self, Global};
 use crate::error::{Error, Kind, Result};
@@ -33,7 +33,7 @@ pub fn main() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os().collect();
     let is_get = argv.iter().any(|a| a == "archive-get");
-    let parsed = match config::parse(Cli::command(), &argv, &env) {
+    let parsed = match config::parse(Cli::definition(), &argv, &env) {
         Ok(p) => p,
         Err(config::ParseError::Clap(e)) => return clap_failure(&e, is_get),
         Err(config::ParseError::Config(e)) => {

@@ -33,8 +33,7 @@ pub struct Cli {
 impl Cli {
     /// The command line, with a note on options under each command's help.
     pub fn definition() -> clap::Command {
-        <Cli as clap::CommandFactory>::command()
-            .mut_subcommands(|sc| sc.after_help(OPTIONS_NOTE))
+        <Cli as clap::CommandFactory>::command().mut_subcommands(|sc| sc.after_help(OPTIONS_NOTE))
     }
 }
 

@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod config;
 mod lookahead;
 mod operations;
 mod pages;

@@ -212,9 +212,11 @@ impl SpoolDir {
         try_lock(&self.get_dir())
     }
 
-    /// Is a look-ahead pusher running for this spool?
+    /// Is a look-ahead pusher running for this spool? Asking creates
+    /// nothing: a spool that does not exist has none (and a misspelled
+    /// stanza leaves no spool behind).
     pub fn pusher_running(&self) -> bool {
-        matches!(self.try_lock_pusher(), Ok(None))
+        self.sub("pushing").is_dir() && matches!(self.try_lock_pusher(), Ok(None))
     }
 
     /// Marks `name` as being pushed by the look-ahead pusher (which holds

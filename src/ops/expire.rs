@@ -177,29 +177,6 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
     Ok(report)
 }
 
-/// Parses a retention window: `14d`, `36h`, `2w`, `90m`.
-pub fn parse_window(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| {
-        Error::usage(format!(
-            "retention-window {s:?}: expected a number and a unit, e.g. 14d"
-        ))
-    })?;
-    let secs = match unit {
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" | "" => 86400,
-        "w" => 7 * 86400,
-        _ => {
-            return Err(Error::usage(format!(
-                "retention-window {s:?}: unit must be m, h, d or w"
-            )))
-        }
-    };
-    Ok(Duration::from_secs(n * secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,17 +221,5 @@ mod tests {
             ),
             BTreeSet::from([3])
         );
-    }
-
-    #[test]
-    fn windows() {
-        assert_eq!(
-            parse_window("14d").unwrap(),
-            Duration::from_secs(14 * 86400)
-        );
-        assert_eq!(parse_window("36h").unwrap(), Duration::from_secs(36 * 3600));
-        assert_eq!(parse_window("2w").unwrap(), Duration::from_secs(14 * 86400));
-        assert!(parse_window("soon").is_err());
-        assert!(parse_window("3y").is_err());
     }
 }

@@ -62,6 +62,30 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Temporary files of writers in progress are not listed.
     async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>>;
 
+    /// The names one level below `dir` that hold objects (the
+    /// "directories" of a key prefix), sorted, without reading what they
+    /// hold. This default lists everything below `dir`; backends that can
+    /// list one level (a directory, a delimiter listing) do that instead.
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut out: Vec<String> = self
+            .list(dir)
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let (first, _) = m.key.strip_prefix(&prefix)?.split_once('/')?;
+                Some(first.to_string())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     async fn delete(&self, key: &str) -> Result<()>;
 
     /// Checks that objects exist and makes them durable (an earlier writer

@@ -216,6 +216,30 @@ impl Backend for LocalBackend {
         .map_err(|e| self.err("list", &start, e))
     }
 
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        let start = self.path(dir);
+        let start2 = start.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<Vec<String>> {
+            let entries = match fs::read_dir(&start2) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir() && !name.starts_with(TMP_PREFIX) {
+                    out.push(name);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await?
+        .map_err(|e| self.err("list", &start, e))
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key);
         match fs::remove_file(&path) {

@@ -138,23 +138,58 @@ impl Repository {
         Ok(info)
     }
 
-    /// The stanza, or an error with a hint to create it.
+    /// The stanza, or an error: naming the stanzas the repository does hold
+    /// (a misspelled `--stanza`), else with a hint to create it.
     pub async fn require_stanza(&self) -> Result<StanzaInfo> {
-        self.read_stanza().await?.ok_or_else(|| {
+        if let Some(info) = self.read_stanza().await? {
+            return Ok(info);
+        }
+        let create = format!(
+            "`pgvault --repo {} --stanza {} stanza-create --pgdata <PGDATA>`",
+            self.location().identity(),
+            self.stanza()
+        );
+        let missing = |holds: &str| {
             Error::new(
                 Kind::Stanza,
                 format!(
-                    "stanza {:?} does not exist in {}",
+                    "stanza {:?} does not exist in {}{holds}",
                     self.stanza(),
                     self.describe()
                 ),
             )
-            .hint(format!(
-                "run `pgvault --repo {} --stanza {} stanza-create --pgdata <PGDATA>` first",
-                self.location().identity(),
-                self.stanza()
-            ))
+        };
+        // Only to help: a listing that fails leaves the plain message.
+        let others = self.stanzas().await.unwrap_or_default();
+        Err(match others.as_slice() {
+            [] => missing("").hint(format!("run {create} first")),
+            [one] => missing(&format!("; it holds stanza {one:?}")).hint(format!(
+                "pass --stanza {one}; for a new cluster, run {create}"
+            )),
+            many => {
+                let names: Vec<String> = many.iter().map(|n| format!("{n:?}")).collect();
+                missing(&format!("; it holds stanzas {}", names.join(", "))).hint(format!(
+                    "pass one of them with --stanza; for a new cluster, run {create}"
+                ))
+            }
         })
+    }
+
+    /// The stanzas of the repository: the names at its root that hold a
+    /// stanza object (one level is listed, not the whole repository).
+    pub async fn stanzas(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for name in self.backend().list_dirs("").await? {
+            if self
+                .backend()
+                .get(&layout::stanza_key(&name))
+                .await?
+                .is_some()
+            {
+                out.push(name);
+            }
+        }
+        Ok(out)
     }
 
     /// Replaces the stanza object with `info` (one atomic put: a rename on a

@@ -10,8 +10,12 @@
 mod common;
 
 mod archive;
+mod config;
 mod lookahead;
 mod operations;
+mod pages;
 mod pitr;
+mod runbooks;
+mod targets;
 mod timelines;
 mod upgrade;

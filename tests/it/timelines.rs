@@ -29,7 +29,7 @@
 //! went unnoticed.
 
 use crate::common::*;
-use crate::pitr::{clone_args, info, lsn, primary, restore, stanza_create, timeline_info};
+use crate::pitr::{clone_args, info, lsn, primary, restore, timeline_info};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -376,7 +376,7 @@ fn pitr_before_the_parent_switch_point() {
         "archive-push of a timeline-3 segment archives 00000003.history first",
         || {
             let other = repo.with_stanza("tl028-segment-first");
-            stanza_create(&env, &other, &p3.pgdata);
+            other.stanza_create(&env, &p3.pgdata);
             let path = p3.pgdata.join("pg_wal").join(&seg3);
             other
                 .run(
@@ -405,7 +405,7 @@ fn pitr_before_the_parent_switch_point() {
             // a timeline-3 history from another cluster history: timeline 3
             // beginning one segment later.
             let forged = repo.with_stanza("tl028-forged");
-            stanza_create(&env, &forged, &p3.pgdata);
+            forged.stanza_create(&env, &p3.pgdata);
             copy_objects(&env, &repo, &forged, &seg3);
             let dir = env.mkdir(&format!("forged-{}", unique()), As::PgUser);
             let file = dir.join("00000003.history");

@@ -210,9 +210,10 @@ pub async fn superseded_wal(
         let Some(fork) = histories.fork_of(tli) else {
             continue;
         };
-        // Only segments from the one holding the fork on can be past it.
+        // Only segments from the one holding the fork on can be past it;
+        // only that one needs its records read to tell.
         let from = fork.at.segno(seg);
-        let candidates: Vec<WalFileName> = listing
+        let mut candidates: Vec<WalFileName> = listing
             .archived()
             .map(|(n, _)| n.clone())
             .filter(|n| {
@@ -224,7 +225,17 @@ pub async fn superseded_wal(
         if candidates.is_empty() {
             continue;
         }
-        let sums = load(archive, catalog, listing, &candidates).await?;
+        let holding: Vec<WalFileName> = candidates
+            .iter()
+            .filter(|n| n.segno(seg) == Some(from))
+            .cloned()
+            .collect();
+        let sums = load(archive, catalog, listing, &holding).await?;
+        // Newest first: a timeline's segments are archived in order, so
+        // those archived after the history file are the newest ones, and
+        // the first archived before it ends the search (after a PITR, the
+        // abandoned future of the old timeline can be long).
+        candidates.sort_by_key(|n| std::cmp::Reverse(n.segno(seg)));
         let mut files = Vec::new();
         for name in candidates {
             if !fork.passed_by(&name, sums.by_name.get(&name), seg) {
@@ -234,14 +245,12 @@ pub async fn superseded_wal(
                 .read_claim(&name)
                 .await?
                 .and_then(|c| chrono::DateTime::parse_from_rfc3339(&c.archived_at).ok());
-            let after = match (fork.archived_at, claimed_at) {
-                (Some(history), Some(segment)) => segment >= history,
-                _ => true,
-            };
-            if after {
-                files.push(name);
+            match (fork.archived_at, claimed_at) {
+                (Some(history), Some(segment)) if segment < history => break,
+                _ => files.push(name),
             }
         }
+        files.reverse();
         if !files.is_empty() {
             out.push((fork, files));
         }

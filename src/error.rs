@@ -7,6 +7,8 @@
 //! optional `hint:` line (see docs/exit-codes.md).
 
 use std::fmt;
+use std::io;
+use std::path::Path;
 
 /// What went wrong, coarsely: this is what decides the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +109,17 @@ impl Error {
         self
     }
 
+    /// An I/O error on a local file or directory: `{what} {path}: {cause}`
+    /// ("write /var/lib/pgvault/…: No space left on device"), with a hint
+    /// when the cause is one the user can fix (see [`io_hint`]).
+    pub fn io(kind: Kind, what: &str, path: &Path, e: &io::Error) -> Self {
+        let err = Self::new(kind, format!("{what} {}: {e}", path.display()));
+        match io_hint(e) {
+            Some(h) => err.hint(h),
+            None => err,
+        }
+    }
+
     pub fn with_kind(mut self, kind: Kind) -> Self {
         self.kind = kind;
         self
@@ -144,6 +157,27 @@ impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
     fn context<C: Into<String>>(self, context: impl FnOnce() -> C) -> Result<T> {
         self.map_err(|e| e.into().context(context()))
     }
+}
+
+/// What to do about an I/O error whose cause is outside pgvault. Matched by
+/// kind, which survives an `io::Error` rewrapped with a message.
+pub fn io_hint(e: &io::Error) -> Option<&'static str> {
+    Some(match e.kind() {
+        io::ErrorKind::StorageFull => {
+            "the file system is full: free space on it and run the command again \
+             (PostgreSQL retries archive-push by itself; `pgvault expire` removes \
+             temporary files that killed commands left behind)"
+        }
+        io::ErrorKind::QuotaExceeded => {
+            "the disk quota of the user running pgvault is used up: raise it or free space"
+        }
+        io::ErrorKind::ReadOnlyFilesystem => "the file system is mounted read-only",
+        io::ErrorKind::PermissionDenied => {
+            "the user running pgvault needs access to it (archive_command and \
+             restore_command run as the PostgreSQL server's user)"
+        }
+        _ => return None,
+    })
 }
 
 // No `From<io::Error>` and no `From<PgError>`: an I/O error must name its

@@ -436,6 +436,17 @@ impl Archive {
         Ok(listing)
     }
 
+    /// Keys of the summaries `entry` of `name` has without their content:
+    /// a push stores the two side by side, so one killed in between can
+    /// leave a summary alone (`repo::orphans` sweeps it).
+    pub fn orphan_summary_keys(&self, name: &WalFileName, entry: &NameEntry) -> Vec<String> {
+        entry
+            .orphan_summaries
+            .iter()
+            .map(|sha| self.summary_key(name, sha))
+            .collect()
+    }
+
     /// Every key `entry` of `name` has, in the order to delete them: the
     /// claim first (without it the name answers with its only content, the
     /// same bytes), then summaries, then contents — an interrupted delete
@@ -450,12 +461,7 @@ impl Archive {
                 keys.push(self.summary_key(name, &c.sha));
             }
         }
-        keys.extend(
-            entry
-                .orphan_summaries
-                .iter()
-                .map(|sha| self.summary_key(name, sha)),
-        );
+        keys.extend(self.orphan_summary_keys(name, entry));
         for c in &entry.contents {
             keys.push(self.data_key(name, &c.sha));
         }
@@ -671,6 +677,7 @@ mod tests {
         ObjectMeta {
             key: key.into(),
             size,
+            modified: None,
         }
     }
 

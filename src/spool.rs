@@ -244,8 +244,9 @@ impl SpoolDir {
     /// pushing the same file again.
     pub fn mark_pushing(&self, name: &WalFileName) -> io::Result<()> {
         let dir = self.sub("pushing");
-        fs::create_dir_all(&dir)?;
-        File::create(dir.join(name.as_str())).map(drop)
+        fs::create_dir_all(&dir).map_err(at("create", &dir))?;
+        let path = dir.join(name.as_str());
+        File::create(&path).map(drop).map_err(at("create", &path))
     }
 
     pub fn unmark_pushing(&self, name: &WalFileName) {
@@ -279,8 +280,9 @@ fn recovery_position(name: &WalFileName) -> Option<(String, TimelineId)> {
 /// until the file is dropped (or the process dies); `None`: another process
 /// holds it.
 fn try_lock(dir: &Path) -> io::Result<Option<File>> {
-    fs::create_dir_all(dir)?;
-    let lock = File::create(dir.join(".lock"))?;
+    fs::create_dir_all(dir).map_err(at("create", dir))?;
+    let path = dir.join(".lock");
+    let lock = File::create(&path).map_err(at("create", &path))?;
     // SAFETY: flock on a file descriptor we own.
     let r = unsafe {
         libc::flock(
@@ -294,7 +296,7 @@ fn try_lock(dir: &Path) -> io::Result<Option<File>> {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EWOULDBLOCK) => Ok(None),
-            _ => Err(e),
+            _ => Err(at("lock", &path)(e)),
         }
     }
 }
@@ -321,14 +323,29 @@ fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
 
 /// tmp + fsync + rename + fsync(dir).
 pub fn write_durable(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
+    fs::create_dir_all(dir).map_err(at("create", dir))?;
     let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    let written = File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_all()
+        })
+        .map_err(at("write", &tmp));
+    if let Err(e) = written {
+        // Not left to the sweep: on a full disk every byte counts.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, dir.join(name)).map_err(at("rename into", &dir.join(name)))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(at("fsync", dir))
+}
+
+/// Puts what was done, and to which path, in an I/O error, keeping its kind
+/// (which `error::io_hint` reads).
+fn at<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |e| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use super::backend::{ObjectMeta, ObjectReader, Spool};
 use super::codec::{self, CodecError, Digest256, Sha256Sum};
 use super::layout::{self, ArchiveKey};
 use super::{DbInfo, PutMode, PutOutcome, Repository};
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
@@ -110,6 +110,13 @@ impl Archive {
     /// How `name`'s claim is named in messages.
     pub fn describe_claim(&self, name: &WalFileName) -> String {
         format!("{}/{}", self.repo.describe(), self.claim_key(name))
+    }
+
+    /// How the directory of `name`'s objects is named in messages: where a
+    /// new content is written before its checksum (so its key) is known.
+    pub fn describe_dir(&self, name: &WalFileName) -> String {
+        let dir = layout::wal_dir(self.repo.stanza(), &self.dir(), name);
+        format!("{}/{dir}", self.repo.describe())
     }
 
     /// How a content of `name` is named in messages.
@@ -258,6 +265,18 @@ impl Archive {
         sha: &Sha256Sum,
         sink: W,
     ) -> Result<W> {
+        self.read_content_into(name, sha, sink, None).await
+    }
+
+    /// [`Archive::read_content`] into a local file (`dest`), whose write
+    /// errors are named as such: a full disk is not a damaged object.
+    async fn read_content_into<W: Write + Send + 'static>(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+        sink: W,
+        dest: Option<PathBuf>,
+    ) -> Result<W> {
         let key = self.data_key(name, sha);
         let what = format!("{}/{key}", self.repo.describe());
         let Some(reader) = self.repo.backend().get(&key).await? else {
@@ -266,7 +285,17 @@ impl Archive {
             return Err(Error::repository(format!("{what} is missing")));
         };
         let expected = *sha;
-        tokio::task::spawn_blocking(move || decode_checked(reader, sink, expected, &what)).await?
+        tokio::task::spawn_blocking(move || {
+            let mut watch = WriteWatch::new(sink);
+            decode_checked(reader, &mut watch, expected, &what).map_err(|e| {
+                match (watch.error(), &dest) {
+                    (Some(w), Some(dest)) => Error::io(Kind::Internal, "write", dest.display(), &w),
+                    _ => e,
+                }
+            })?;
+            Ok(watch.into_inner())
+        })
+        .await?
     }
 
     /// Fetches `name` into `dest`, verified: decoded beside `dest` and
@@ -280,7 +309,12 @@ impl Archive {
         let tmp = tmp_path(dest);
         let file = File::create(&tmp).map_err(|e| local_error("create", &tmp, e))?;
         let written = self
-            .read_content(name, &found.sha, BufWriter::with_capacity(1 << 20, file))
+            .read_content_into(
+                name,
+                &found.sha,
+                BufWriter::with_capacity(1 << 20, file),
+                Some(tmp.clone()),
+            )
             .await
             .and_then(|out| {
                 out.into_inner()
@@ -637,12 +671,11 @@ fn short(sha: &Sha256Sum) -> String {
 /// Decodes `reader` into `sink`, then checks the content against `expected`.
 fn decode_checked<W: Write>(
     reader: ObjectReader,
-    sink: W,
+    sink: &mut W,
     expected: Sha256Sum,
     what: &str,
-) -> Result<W> {
-    let mut sink = sink;
-    let digest = codec::decode(reader, &mut sink).map_err(|e| match e {
+) -> Result<()> {
+    let digest = codec::decode(reader, sink).map_err(|e| match e {
         CodecError::Io(io) => Error::repository(format!("read {what}: {io}")),
         other => Error::repository(format!("{what}: {other}")),
     })?;
@@ -652,7 +685,7 @@ fn decode_checked<W: Write>(
             digest.sha256
         )));
     }
-    Ok(sink)
+    Ok(())
 }
 
 /// Where a file is written before it is renamed to `dest`.
@@ -666,7 +699,7 @@ pub(crate) fn tmp_path(dest: &Path) -> PathBuf {
 }
 
 fn local_error(what: &str, path: &Path, e: io::Error) -> Error {
-    Error::new(Kind::Internal, format!("{what} {}: {e}", path.display()))
+    Error::io(Kind::Internal, what, path.display(), &e)
 }
 
 #[cfg(test)]
@@ -773,6 +806,48 @@ mod tests {
         assert_eq!(path, names, "the raced name does not cut the replay path");
         let mut got = archive.fetch_small(&names[1]).await.unwrap().unwrap();
         assert_eq!(std::mem::take(&mut got), names[1].as_str().as_bytes());
+    }
+
+    /// A full disk where archive-get writes is named as such, with its
+    /// path and a hint — not as a damaged object in the repository.
+    #[tokio::test]
+    async fn a_full_destination_is_a_write_error_naming_it() {
+        use crate::pg::TimelineId;
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::local_for_tests(dir.path(), "s");
+        let db = DbInfo {
+            id: 1,
+            system_identifier: "1".into(),
+            pg_version: 15,
+            wal_segment_size: 1 << 20,
+            pg_control_version: 1300,
+            catalog_version: 0,
+        };
+        let archive = repo.archive(&db);
+        let name = WalFileName::for_segment(TimelineId(1), SegmentNo(1), 1 << 20);
+        let (a2, n2) = (archive.clone(), name.clone());
+        let (spool, digest) = tokio::task::spawn_blocking(move || {
+            let spool = a2.spool(&n2).unwrap();
+            let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
+            enc.write_all(&vec![7u8; 1 << 20]).unwrap();
+            enc.finish().unwrap()
+        })
+        .await
+        .unwrap();
+        archive.store_content(spool, &name, &digest).await.unwrap();
+        archive.claim(&name, &digest).await.unwrap();
+
+        let dest = dir.path().join("RECOVERYXLOG");
+        std::os::unix::fs::symlink("/dev/full", tmp_path(&dest)).unwrap();
+        let e = archive.fetch_into(&name, &dest).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("write {}", tmp_path(&dest).display()))
+                && text.contains("No space left on device"),
+            "{text}"
+        );
+        assert_eq!(e.kind(), Kind::Internal, "{e:?}");
+        assert!(e.hint_text().is_some(), "{e:?}");
     }
 
     #[test]

@@ -748,17 +748,9 @@ mod tests {
         assert_eq!(held, [n1, n2]);
     }
 
-    /// Two different contents raced for one name and one of them won the
-    /// claim: every reader must take the name as archived, with the
-    /// claimed content (`info` and restore's target check used to drop the
-    /// name and cut the recoverable window short there).
-    #[tokio::test]
-    async fn a_raced_name_answers_with_its_claimed_content_everywhere() {
-        use crate::pg::history::TimelineHistory;
-        use crate::pg::TimelineId;
-        use crate::repo::DbInfo;
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::local_for_tests(dir.path(), "s");
+    /// The archive of cluster 1 (PostgreSQL 15, 1 MiB segments) of stanza
+    /// `s` in a local repository at `dir`.
+    fn test_archive(dir: &Path) -> Archive {
         let db = DbInfo {
             id: 1,
             system_identifier: "1".into(),
@@ -767,27 +759,39 @@ mod tests {
             pg_control_version: 1300,
             catalog_version: 0,
         };
-        let archive = repo.archive(&db);
+        Repository::local_for_tests(dir, "s").archive(&db)
+    }
+
+    /// Stores `bytes` as a content of `name` (unclaimed).
+    async fn store(archive: &Archive, name: WalFileName, bytes: Vec<u8>) -> Digest256 {
+        let (a2, n2) = (archive.clone(), name.clone());
+        let (spool, digest) = tokio::task::spawn_blocking(move || {
+            let spool = a2.spool(&n2).unwrap();
+            let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
+            enc.write_all(&bytes).unwrap();
+            enc.finish().unwrap()
+        })
+        .await
+        .unwrap();
+        archive.store_content(spool, &name, &digest).await.unwrap();
+        digest
+    }
+
+    /// Two different contents raced for one name and one of them won the
+    /// claim: every reader must take the name as archived, with the
+    /// claimed content (`info` and restore's target check used to drop the
+    /// name and cut the recoverable window short there).
+    #[tokio::test]
+    async fn a_raced_name_answers_with_its_claimed_content_everywhere() {
+        use crate::pg::history::TimelineHistory;
+        use crate::pg::TimelineId;
+        let dir = tempfile::tempdir().unwrap();
+        let archive = test_archive(dir.path());
         let seg = 1u32 << 20;
         let names: Vec<WalFileName> = (1..=3)
             .map(|n| WalFileName::for_segment(TimelineId(1), SegmentNo(n), seg))
             .collect();
-        let push = |name: WalFileName, bytes: Vec<u8>| {
-            let archive = archive.clone();
-            async move {
-                let (a2, n2) = (archive.clone(), name.clone());
-                let (spool, digest) = tokio::task::spawn_blocking(move || {
-                    let spool = a2.spool(&n2).unwrap();
-                    let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
-                    enc.write_all(&bytes).unwrap();
-                    enc.finish().unwrap()
-                })
-                .await
-                .unwrap();
-                archive.store_content(spool, &name, &digest).await.unwrap();
-                digest
-            }
-        };
+        let push = |name: WalFileName, bytes: Vec<u8>| store(&archive, name, bytes);
         for n in &names {
             let d = push(n.clone(), n.as_str().as_bytes().to_vec()).await;
             archive.claim(n, &d).await.unwrap();
@@ -814,27 +818,9 @@ mod tests {
     async fn a_full_destination_is_a_write_error_naming_it() {
         use crate::pg::TimelineId;
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::local_for_tests(dir.path(), "s");
-        let db = DbInfo {
-            id: 1,
-            system_identifier: "1".into(),
-            pg_version: 15,
-            wal_segment_size: 1 << 20,
-            pg_control_version: 1300,
-            catalog_version: 0,
-        };
-        let archive = repo.archive(&db);
+        let archive = test_archive(dir.path());
         let name = WalFileName::for_segment(TimelineId(1), SegmentNo(1), 1 << 20);
-        let (a2, n2) = (archive.clone(), name.clone());
-        let (spool, digest) = tokio::task::spawn_blocking(move || {
-            let spool = a2.spool(&n2).unwrap();
-            let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
-            enc.write_all(&vec![7u8; 1 << 20]).unwrap();
-            enc.finish().unwrap()
-        })
-        .await
-        .unwrap();
-        archive.store_content(spool, &name, &digest).await.unwrap();
+        let digest = store(&archive, name.clone(), vec![7u8; 1 << 20]).await;
         archive.claim(&name, &digest).await.unwrap();
 
         let dest = dir.path().join("RECOVERYXLOG");

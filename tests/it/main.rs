@@ -12,5 +12,6 @@ mod common;
 mod archive;
 mod lookahead;
 mod operations;
+mod orphans;
 mod pitr;
 mod upgrade;

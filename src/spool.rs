@@ -81,12 +81,8 @@ impl SpoolDir {
 
     /// `~/.local/state/pgvault/spool/<repo>-<stanza>` (or under `$XDG_STATE_HOME`).
     pub fn default_for(repo_identity: &str, stanza: &str) -> Option<Self> {
-        let base = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
         Some(Self::under(
-            &base.join("pgvault").join("spool"),
+            &crate::home::state_dir()?.join("spool"),
             repo_identity,
             stanza,
         ))

@@ -13,7 +13,7 @@ use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::Histories;
 use crate::repo::archive::Listing;
-use crate::repo::manifest::{Manifest, PageChecksums};
+use crate::repo::manifest::{Manifest, PageChecksums, UnreadableManifest};
 use crate::repo::{DbInfo, Repository};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
@@ -39,6 +39,9 @@ pub struct InfoReport {
     /// now would lose at most, as far as the archive knows (the recovery
     /// point objective actually met).
     pub rpo_seconds: Option<f64>,
+    /// Backups whose manifest cannot be read: left out of everything above
+    /// (`pgvault verify` checks the rest of the repository).
+    pub unreadable_backups: Vec<UnreadableManifest>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,7 +170,11 @@ pub struct Gap {
 
 pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoReport> {
     let stanza = repo.require_stanza().await?;
-    let manifests = repo.manifests().await?;
+    let backups = repo.backups().await?;
+    for u in &backups.unreadable {
+        log::warn!("backup {} left out: {}", u.label, u.error);
+    }
+    let manifests = backups.manifests;
     let mut dbs = Vec::new();
     let mut current_listing = Listing::default();
     let mut newest_commit = None;
@@ -230,6 +237,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         newest_commit_time: newest_commit.map(walfacts::format_us),
         rpo_seconds: newest_commit
             .map(|us| (chrono::Utc::now().timestamp_micros() - us) as f64 / 1e6),
+        unreadable_backups: backups.unreadable,
     };
     if let Some(cat) = catalog {
         // The catalog caches the current cluster's archive.

@@ -13,6 +13,7 @@ mod archive;
 mod config;
 mod lookahead;
 mod operations;
+mod orphans;
 mod pages;
 mod pitr;
 mod runbooks;

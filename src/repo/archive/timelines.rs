@@ -345,6 +345,7 @@ mod tests {
                     .map(|n| ObjectMeta {
                         key: layout::wal_data_key("s", "15-1", &name(n), &Sha256Sum([1; 32])),
                         size: 1,
+                        modified: None,
                     })
                     .collect(),
             )

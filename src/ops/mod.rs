@@ -6,6 +6,7 @@ pub mod archive_push;
 pub mod backup;
 pub mod check;
 pub mod expire;
+pub mod gaps;
 pub mod info;
 pub mod progress;
 pub mod restore;

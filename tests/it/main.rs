@@ -12,6 +12,7 @@ mod common;
 mod archive;
 mod config;
 mod lookahead;
+mod multirepo;
 mod operations;
 mod orphans;
 mod pages;

@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod blockrefs;
 mod lookahead;
 mod operations;
 mod pitr;

@@ -4,37 +4,22 @@
 use std::collections::BTreeSet;
 
 use super::*;
-
-/// xorshift64*: reproducible noise without a dependency.
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::pg::testdata::Noise;
 
 /// Blocks of several shapes: scattered, dense, runs, near chunk borders and
 /// the top of the block number space.
 fn random_blocks(noise: &mut Noise) -> Vec<u32> {
     let mut v = Vec::new();
-    match noise.below(5) {
-        0 => v.extend((0..noise.below(200)).map(|_| noise.below(1 << 20) as u32)),
+    match noise.below_u64(5) {
+        0 => v.extend((0..noise.below_u64(200)).map(|_| noise.below_u64(1 << 20) as u32)),
         1 => {
-            let base = noise.below(1 << 18) as u32;
-            v.extend((0..noise.below(8_000)).map(|_| base + noise.below(70_000) as u32));
+            let base = noise.below_u64(1 << 18) as u32;
+            v.extend((0..noise.below_u64(8_000)).map(|_| base + noise.below_u64(70_000) as u32));
         }
         2 => {
-            for _ in 0..noise.below(20) {
-                let f = noise.below(1 << 22) as u32;
-                v.extend(f..f + noise.below(10_000) as u32);
+            for _ in 0..noise.below_u64(20) {
+                let f = noise.below_u64(1 << 22) as u32;
+                v.extend(f..f + noise.below_u64(10_000) as u32);
             }
         }
         3 => {
@@ -70,8 +55,8 @@ fn block_set_matches_a_plain_set() {
             t.insert(x);
         }
         if round % 3 == 0 {
-            let f = noise.below(1 << 20) as u32;
-            let l = f + noise.below(200_000) as u32;
+            let f = noise.below_u64(1 << 20) as u32;
+            let l = f + noise.below_u64(200_000) as u32;
             t.insert_range(f, l);
             model.extend(f..=l);
         }
@@ -89,12 +74,15 @@ fn block_set_matches_a_plain_set() {
         for w in ranges.windows(2) {
             assert!(w[0].1 + 1 < w[1].0, "ranges touch: {w:?}");
         }
-        let (lo, hi) = (noise.below(1 << 19) as u32, noise.below(1 << 21) as u32);
+        let (lo, hi) = (
+            noise.below_u64(1 << 19) as u32,
+            noise.below_u64(1 << 21) as u32,
+        );
         let got: Vec<u32> = s.range(lo, hi).collect();
         let want: Vec<u32> = model.range(lo..hi.max(lo)).copied().collect();
         assert_eq!(got, want, "round {round}: range {lo}..{hi}");
         // Truncation.
-        let limit = noise.below(1 << 21) as u32;
+        let limit = noise.below_u64(1 << 21) as u32;
         s.truncate(limit);
         model.retain(|&x| x < limit);
         assert_eq!(model_of(&s), model, "round {round}: truncate {limit}");
@@ -132,33 +120,33 @@ fn key(rel: u32, fork: Fork) -> RelFork {
 
 fn random_change_set(noise: &mut Noise) -> ChangeSet {
     let mut s = ChangeSet::new();
-    for _ in 0..noise.below(40) {
+    for _ in 0..noise.below_u64(40) {
         let k = key(
-            16384 + noise.below(30) as u32,
-            Fork::ALL[noise.below(4) as usize],
+            16384 + noise.below_u64(30) as u32,
+            Fork::ALL[noise.below_u64(4) as usize],
         );
         let mut blocks = random_blocks(noise);
         blocks.sort_unstable();
         blocks.dedup();
         s.mark_blocks_sorted(k, &blocks);
-        s.mark_block(k, noise.below(1 << 24) as u32);
-        match noise.below(8) {
-            0 => s.set_limit(k, noise.below(1 << 20) as u32, fork_flags::TRUNCATED),
+        s.mark_block(k, noise.below_u64(1 << 24) as u32);
+        match noise.below_u64(8) {
+            0 => s.set_limit(k, noise.below_u64(1 << 20) as u32, fork_flags::TRUNCATED),
             1 => s.set_limit(k, 0, fork_flags::CREATED),
             2 => s.drop_relation(k.loc),
             _ => {}
         }
     }
-    if noise.below(3) == 0 {
-        s.mark_database(1663, 16400 + noise.below(3) as u32, dir_flags::COPIED);
+    if noise.below_u64(3) == 0 {
+        s.mark_database(1663, 16400 + noise.below_u64(3) as u32, dir_flags::COPIED);
     }
-    if noise.below(5) == 0 {
+    if noise.below_u64(5) == 0 {
         s.mark_tablespace(16500, dir_flags::CREATED);
     }
-    if noise.below(4) == 0 {
-        let k = key(16384 + noise.below(30) as u32, Fork::Main);
+    if noise.below_u64(4) == 0 {
+        let k = key(16384 + noise.below_u64(30) as u32, Fork::Main);
         s.add_doubt(
-            Lsn(noise.below(1 << 30)),
+            Lsn(noise.below_u64(1 << 30)),
             DoubtScope::Fork(k),
             "a test's doubt, ü".into(),
         );
@@ -263,7 +251,7 @@ fn binary_form_round_trips() {
         let bytes = encode_change_set(&s);
         assert_eq!(decode_change_set(&bytes).unwrap(), s);
         let seg = SegmentRefs {
-            segment_start: Lsn(0x1_0000_0000 + noise.below(1 << 20) * (1 << 20)),
+            segment_start: Lsn(0x1_0000_0000 + noise.below_u64(1 << 20) * (1 << 20)),
             seg_size: 1 << 20,
             major: 17,
             changes: s,

@@ -260,6 +260,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let opts = ops::backup::BackupOptions {
                 pgdata: o.data.pgdata()?.to_path_buf(),
                 conn: o.connection.params(),
+                standby: o.backup_standby,
+                primary: o.primary.over(),
                 start_fast: *start_fast,
                 process_max: o.workers.process_max,
                 // Parallel across files; where one file is all that is left
@@ -295,6 +297,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let repo = open_stanza(g).await?;
             let opts = ops::check::CheckOptions {
                 conn: o.connection.params(),
+                primary: o.primary.over(),
                 archive_timeout: o.connection.archive_timeout(),
             };
             let progress = progress::for_stderr();
@@ -302,8 +305,12 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             for w in &r.warnings {
                 log::warn!("{w}");
             }
+            let through = r
+                .primary
+                .map(|p| format!(", switched on the primary at {p}"))
+                .unwrap_or_default();
             eprintln!(
-                "pgvault: check ok: {} reached {} (stanza {})",
+                "pgvault: check ok: {} reached {} (stanza {}{through})",
                 r.segment,
                 repo.describe(),
                 repo.stanza()

@@ -417,8 +417,14 @@ fn restore_options(
             .as_ref()
             .map(|c| c.expose().to_string()),
     };
+    // Patroni's create_replica_methods pass --role=replica.
+    let standby = a.standby || a.role.as_deref() == Some("replica");
+    let pgdata = match &a.datadir {
+        Some(d) => d.clone(),
+        None => a.options.data.pgdata()?.to_path_buf(),
+    };
     Ok(ops::restore::RestoreOptions {
-        pgdata: a.options.data.pgdata()?.to_path_buf(),
+        pgdata,
         set: a.set.clone(),
         target,
         target_action: a.target_action.map(|t| match t {
@@ -430,8 +436,8 @@ fn restore_options(
         target_exclusive: a.target_exclusive,
         archive_mode_off: a.archive_mode == ArchiveModeArg::Off,
         tablespace_map,
-        standby: a.standby,
-        primary_conninfo: if a.standby { primary_conninfo } else { None },
+        standby,
+        primary_conninfo: if standby { primary_conninfo } else { None },
         delta: a.delta,
         process_max: a.options.workers.process_max,
         restore_command: restore_command(g, config_file)?,

@@ -77,7 +77,7 @@ pub enum Command {
         options: config::Backup,
     },
     /// Restore a backup into --pgdata and write the recovery settings
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Prove that archiving into the repository works right now
     Check {
         #[command(flatten)]

@@ -18,7 +18,10 @@
 //!    rows written before that time (on both timelines) and none after;
 //! 6. docs/disaster-recovery.md's runbook 6, run as written, rebuilds
 //!    node1 (now a replica) from the newest backup: `patronictl reinit`,
-//!    Patroni's `pgvault restore`, streaming from node2 on timeline 2.
+//!    Patroni's `pgvault restore`, streaming from node2 on timeline 2;
+//! 7. a second cluster bootstraps from the stanza with `pgvault restore` as
+//!    its custom bootstrap method, replays the archive to its end, and
+//!    leads.
 
 use crate::common::*;
 use crate::runbooks::book::{Book, Layout, Shell};
@@ -76,8 +79,21 @@ struct World<'a> {
 
 impl World<'_> {
     /// Writes `name`'s Patroni configuration (docs/patroni.md's, with this
-    /// test's ports and paths).
+    /// test's ports and paths), a member of scope `pgv`.
     fn member(&self, name: &str) -> Member {
+        self.member_of("pgv", &self.namespace, name, "", "on")
+    }
+
+    /// A member of `scope`: `bootstrap` is added to the bootstrap section
+    /// (a custom method), `archive_mode` is this member's.
+    fn member_of(
+        &self,
+        scope: &str,
+        namespace: &str,
+        name: &str,
+        bootstrap: &str,
+        archive_mode: &str,
+    ) -> Member {
         let base = self.env.mkdir(name, As::PgUser);
         let (pg_port, rest_port) = (free_port(), free_port());
         let data = base.join("data");
@@ -87,7 +103,7 @@ impl World<'_> {
             self.config.display()
         );
         let yml = format!(
-            r#"scope: pgv
+            r#"scope: {scope}
 namespace: {namespace}
 name: {name}
 log:
@@ -98,7 +114,7 @@ restapi:
 etcd3:
   hosts: {etcd}
 bootstrap:
-  dcs:
+{bootstrap}  dcs:
     ttl: 20
     loop_wait: 2
     retry_timeout: 5
@@ -136,7 +152,7 @@ postgresql:
     unix_socket_directories: '{base}'
     fsync: "off"
     shared_buffers: 32MB
-    archive_mode: "on"
+    archive_mode: "{archive_mode}"
     archive_command: '{pgvault} archive-push %p'
   recovery_conf:
     restore_command: '{pgvault} archive-get %f "%p"'
@@ -146,7 +162,6 @@ postgresql:
     command: {pgvault} restore
     no_leader: true
 "#,
-            namespace = self.namespace,
             etcd = self.etcd,
             data = data.display(),
             pgbin = self.env.pgbin.display(),
@@ -560,4 +575,34 @@ fn patroni_cluster_archives_and_recovers_through_pgvault() {
         n1.psql(&env, "select received_tli from pg_stat_wal_receiver"),
         "2"
     );
+
+    // 7. A new cluster bootstrapped from the stanza (patroni.md's custom
+    // bootstrap method): it replays the archive to its end and leads. It
+    // archives nowhere: two clusters never archive into one stanza.
+    let bootstrap = format!(
+        "  method: pgvault\n  pgvault:\n    command: {} --config {} restore --target-action promote\n    keep_existing_recovery_conf: true\n",
+        env.bin().display(),
+        config.display()
+    );
+    let namespace = format!("{}copy/", w.namespace);
+    ms.all
+        .push(w.member_of("pgvcopy", &namespace, "copy1", &bootstrap, "off"));
+    ms.all[2].start(&w);
+    let copy = &ms.all[2];
+    w.wait_member(&[copy], "copy1", "Leader", "running");
+    assert!(
+        fs::read_to_string(&copy.log)
+            .unwrap_or_default()
+            .contains("Running custom bootstrap script"),
+        "{}",
+        copy.log_tail(40)
+    );
+    assert_eq!(
+        copy.psql(
+            &env,
+            "select tag || '=' || count(*) from t group by tag order by tag"
+        ),
+        "after-backup=100\nafter-switchover=100\nbefore-backup=100\ntoo-late=100"
+    );
+    assert_eq!(copy.psql(&env, "select pg_is_in_recovery()"), "f");
 }

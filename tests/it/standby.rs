@@ -380,7 +380,7 @@ fn promoted_during_the_backup(env: &TestEnv, repo: &Repo, sb: &mut Node) {
     let mut argv = repo.args();
     argv.push("backup".into());
     argv.extend(node_args(sb));
-    argv.extend(["--backup-standby".into(), "y".into()]);
+    argv.extend(["--backup-standby".into(), "y".into(), "--start-fast".into()]);
     let child = env.spawn_pgvault(As::PgUser, &strs(&argv), &repo.env, env.dir());
     let backups = repo
         .local

@@ -174,7 +174,8 @@ pub struct Global {
     pub log_level: log::LevelFilter,
 }
 
-/// The local catalog: `archive-push`, `restore`, `info`, `backfill`.
+/// The local catalog: `archive-push`, `backup`, `restore`, `info`, `expire`,
+/// `backfill`.
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct CatalogFile {
@@ -359,6 +360,8 @@ pub struct Backup {
     pub data: DataDir,
     #[command(flatten)]
     pub connection: Connection,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
 }
 
 impl Backup {
@@ -410,6 +413,8 @@ pub struct Check {
 pub struct Expire {
     #[command(flatten)]
     pub retention: Retention,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
 }
 
 /// `verify`.

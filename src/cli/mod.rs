@@ -274,7 +274,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             render::backup_done(&m)?;
             if let Some(retention) = expire_after {
                 let opts = expire_options(retention, false);
-                let r = ops::expire::expire(&repo, &opts)
+                let catalog = g.catalog(&o.catalog);
+                let r = ops::expire::expire(&repo, catalog.as_ref(), &opts)
                     .await
                     .map_err(|e| e.context("expire after the backup (expire-auto)"))?;
                 for l in &r.expired {
@@ -316,7 +317,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
         } => {
             let opts = expire_options(&o.retention, *dry_run);
             let repo = open_stanza(g).await?;
-            let r = ops::expire::expire(&repo, &opts).await?;
+            let catalog = g.catalog(&o.catalog);
+            let r = ops::expire::expire(&repo, catalog.as_ref(), &opts).await?;
             render::expire(&r)?;
             Ok(0)
         }

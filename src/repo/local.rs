@@ -131,6 +131,29 @@ fn commit_blocking(
 
 /// Lists the files below `dir`: the objects, or (with `leftovers`) only the
 /// writers' temporary files.
+/// Whether `dir` holds an object anywhere below it. Deleting objects leaves
+/// their directories behind; on an object store a "directory" exists only
+/// while it holds objects, and `list_dirs` answers the same here. Stops at
+/// the first object found.
+fn holds_an_object(dir: &Path) -> io::Result<bool> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            continue;
+        }
+        let ft = entry.file_type()?;
+        if ft.is_file() || (ft.is_dir() && holds_an_object(&entry.path())?) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn list_blocking(
     root: &Path,
     dir: &Path,
@@ -251,7 +274,10 @@ impl Backend for LocalBackend {
             for entry in entries {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if entry.file_type()?.is_dir() && !name.starts_with(TMP_PREFIX) {
+                if entry.file_type()?.is_dir()
+                    && !name.starts_with(TMP_PREFIX)
+                    && holds_an_object(&entry.path())?
+                {
                     out.push(name);
                 }
             }

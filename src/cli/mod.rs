@@ -16,7 +16,7 @@ use clap::FromArgMatches;
 use crate::config::{self, Global};
 use crate::error::{Error, Kind, Result};
 use crate::ops;
-use crate::repo::Repository;
+use crate::repo::{Fetched, Repository};
 use args::{ArchiveModeArg, Cli, Command, RestoreArgs, TargetActionArg};
 
 /// Exit code of `archive-get` when the file is not in the archive.
@@ -158,9 +158,13 @@ fn spawn_detached(role: &str) {
 /// before they read the stanza, so that a misspelled `--stanza` leaves
 /// nothing behind. `archive-push` and `archive-get` read it first anyway
 /// and are spared the extra read.
+/// A stanza object that is there but damaged counts as there: the command
+/// says so itself (`verify` reports it and goes on).
 async fn open_stanza(g: &Global) -> Result<Repository> {
     let repo = g.open_repo()?;
-    repo.require_stanza().await?;
+    if let Fetched::Missing = repo.fetch_stanza().await? {
+        repo.require_stanza().await?;
+    }
     Ok(repo)
 }
 

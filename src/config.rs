@@ -60,6 +60,7 @@ use clap::builder::RangedU64ValueParser;
 use clap::{ArgAction, Args};
 
 use crate::error::{Error, Result};
+use crate::ops::archive_push::OnSuperseded;
 use crate::pg::conn::ConnParams;
 use crate::repo::s3::S3Options;
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
@@ -311,6 +312,15 @@ pub struct ArchivePush {
         default_value_t = 8
     )]
     pub archive_push_ahead: usize,
+    /// WAL of a timeline past the point where an archived history file left it (a split brain, or the original of a PITR clone): warn archives it and logs a warning on every such push, fail refuses it (exit 12)
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_PUSH_SUPERSEDED",
+        value_name = "warn|fail",
+        default_value = "warn",
+        value_parser = parse_on_superseded
+    )]
+    pub archive_push_superseded: OnSuperseded,
     #[command(flatten)]
     pub workers: Workers,
     #[command(flatten)]
@@ -566,6 +576,10 @@ fn default_compress_threads() -> u32 {
         .map(|n| n.get() as u32)
         .unwrap_or(1)
         .min(8)
+}
+
+fn parse_on_superseded(s: &str) -> std::result::Result<OnSuperseded, String> {
+    s.parse()
 }
 
 pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {

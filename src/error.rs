@@ -30,6 +30,10 @@ pub enum Kind {
     Timeout,
     /// Another process holds the lock.
     Locked,
+    /// Timelines disagree: a history file that the archived WAL of its
+    /// timeline contradicts, or (with `archive-push-superseded = fail`) WAL
+    /// of a timeline that a later one branched off, past the branch point.
+    Timeline,
     /// Anything else: a bug or an unexpected local failure.
     Internal,
 }
@@ -47,6 +51,7 @@ impl Kind {
             Kind::Timeout => 8,
             Kind::Locked => 9,
             Kind::Internal => 10,
+            Kind::Timeline => 12,
         }
     }
 }

@@ -18,4 +18,5 @@ mod pages;
 mod pitr;
 mod runbooks;
 mod targets;
+mod timelines;
 mod upgrade;

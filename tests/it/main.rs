@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod blockrefs;
 mod config;
 mod lookahead;
 mod operations;

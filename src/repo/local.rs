@@ -5,26 +5,62 @@
 //! name in the final directory, fsync it, link or rename it into place, fsync
 //! the directory. `link()` gives an atomic create-if-absent (it fails with
 //! EEXIST), which is what makes two racing archive-pushes safe here.
+//!
+//! Conditional updates compare the object's version (the SHA-256 of its
+//! bytes) and rename the new one over it while holding an exclusive
+//! `flock` on the directory's `.pgvault-dirlock`; overwrites and deletes
+//! take the same lock, so no replace or delete can slip in between the
+//! compare and the rename. That is enough because every process that
+//! writes a local repository runs on the host that mounts it: flock is
+//! arbitrated by that host's kernel (and on NFS, Linux turns it into a lock
+//! the server arbitrates). Creates need no lock: `link()` cannot replace
+//! an object, and an update needs one to exist.
+//!
+//! Everything pgvault creates here is owner-only (files 0600, directories
+//! 0700): full backups must not be readable by every local user. Run as
+//! root in a repository that belongs to another user (the PostgreSQL
+//! server's user, whose archive_command writes there), pgvault gives what
+//! it creates to that user, so that a root cron job never leaves behind a
+//! directory the archiver cannot write.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
-use super::backend::{Backend, ObjectMeta, ObjectReader, PutMode, PutOutcome, Spool};
+use super::backend::{
+    Backend, ObjectMeta, ObjectVersion, PutMode, PutOutcome, PutResult, RawRead, Spool, TmpFile,
+};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     root: PathBuf,
+    /// Whom new files and directories are given to (see the module docs);
+    /// known once the root exists.
+    owner: Arc<OnceLock<Option<(u32, u32)>>>,
 }
 
+/// Names pgvault uses for its own files in a repository directory; they are
+/// never listed as objects.
+const OWN_PREFIX: &str = ".pgvault-";
 const TMP_PREFIX: &str = ".pgvault-tmp-";
+const DIR_LOCK: &str = ".pgvault-dirlock";
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
 
 impl LocalBackend {
     pub fn new(root: PathBuf) -> Self {
-        LocalBackend { root }
+        LocalBackend {
+            root,
+            owner: Arc::new(OnceLock::new()),
+        }
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -32,40 +68,190 @@ impl LocalBackend {
     }
 
     fn err(&self, what: &str, path: &Path, e: io::Error) -> Error {
-        let mut err = Error::repository(format!("{what} {}: {e}", path.display()));
-        if e.kind() == io::ErrorKind::PermissionDenied {
-            err = err.hint(
-                "the repository must be writable by the user running pgvault \
-                 (archive_command runs as the PostgreSQL server's user)",
-            );
+        local_error(what, path, e)
+    }
+
+    /// The user new files go to when pgvault runs as root in a repository
+    /// that another user owns.
+    fn owner(&self) -> Option<(u32, u32)> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
         }
-        err
+        if let Some(o) = self.owner.get() {
+            return *o;
+        }
+        let meta = fs::metadata(&self.root).ok()?;
+        let owner = (meta.uid() != 0).then_some((meta.uid(), meta.gid()));
+        *self.owner.get_or_init(|| owner)
+    }
+
+    fn ctx(&self) -> Ctx {
+        Ctx {
+            owner: self.owner(),
+        }
     }
 }
 
-/// Creates `dir` and any missing parents, fsyncing each parent whose
-/// entries changed so the new directories survive a crash.
-fn create_dir_durable(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent() {
-        create_dir_durable(parent)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => {
-            if let Some(parent) = dir.parent() {
-                fsync_dir(parent)?;
-            }
-            Ok(())
+/// What the blocking helpers need to know about the repository.
+#[derive(Clone, Copy)]
+struct Ctx {
+    owner: Option<(u32, u32)>,
+}
+
+impl Ctx {
+    /// Gives a new file or directory to the repository's owner (root only).
+    fn adopt(&self, path: &Path) -> io::Result<()> {
+        match self.owner {
+            Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .map_err(|e| at("give to the repository's owner", path, e)),
+            None => Ok(()),
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
     }
+
+    /// Creates `dir` and any missing parents (0700), fsyncing each parent
+    /// whose entries changed so the new directories survive a crash.
+    fn create_dir_durable(&self, dir: &Path) -> io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = dir.parent() {
+            self.create_dir_durable(parent)?;
+        }
+        match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
+            Ok(()) => {
+                self.adopt(dir)?;
+                if let Some(parent) = dir.parent() {
+                    fsync_dir(parent)?;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(at("create directory", dir, e)),
+        }
+    }
+
+    /// A new temporary file (0600) in `dir`.
+    fn create_tmp(&self, dir: &Path) -> io::Result<(PathBuf, File)> {
+        let tmp = dir.join(unique_tmp_name());
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&tmp)
+            .map_err(|e| at("create", &tmp, e))?;
+        self.adopt(&tmp)?;
+        Ok((tmp, file))
+    }
+
+    /// Holds the directory's lock until dropped. `None` when the directory
+    /// does not exist (nothing in it to protect).
+    fn lock_dir(&self, dir: &Path) -> io::Result<Option<File>> {
+        let path = dir.join(DIR_LOCK);
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&path)
+        {
+            Ok(f) => {
+                self.adopt(&path)?;
+                f
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Read-only suffices for flock; a lock file another user
+                // created stays usable.
+                File::open(&path).map_err(|e| at("open", &path, e))?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(at("create", &path, e)),
+        };
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Some(file));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(at("lock", &path, e));
+            }
+        }
+    }
+}
+
+/// An I/O error that says what pgvault was doing and to which path.
+fn at(what: &str, path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// The rich error for a failed local operation: what, where, and for
+/// permissions and a full disk a hint saying what to do.
+pub fn local_error(what: &str, path: &Path, e: io::Error) -> Error {
+    let text = e.to_string();
+    // Errors built by `at` already name the path.
+    let msg = if text.contains(&path.display().to_string()) {
+        text
+    } else {
+        format!("{what} {}: {text}", path.display())
+    };
+    let err = Error::repository(msg);
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => err.hint(permission_hint(path)),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => err.hint(format!(
+            "the filesystem holding {} is full: free space there (or move the repository), \
+             then run the command again; nothing half-written was kept",
+            path.display()
+        )),
+        _ => err,
+    }
+}
+
+/// Which user needs what, for a permission error on `path`.
+pub fn permission_hint(path: &Path) -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = user_name(unsafe { libc::geteuid() });
+    let owner = path
+        .ancestors()
+        .find_map(|p| fs::metadata(p).ok().map(|m| (p.to_path_buf(), m)));
+    let whose = match owner {
+        Some((p, m)) => format!(
+            "{} belongs to {} (mode {:o})",
+            p.display(),
+            user_name(m.uid()),
+            m.mode() & 0o7777
+        ),
+        None => String::new(),
+    };
+    format!(
+        "pgvault runs as {me} here, and {whose}: every pgvault command must run as the \
+         user that owns the repository, which must be the PostgreSQL server's user \
+         (archive_command runs as that user); fix the ownership with \
+         `chown -R <that user> <repository>` or run pgvault as that user"
+    )
+}
+
+/// The login name of `uid`, or the number when it has none.
+pub fn user_name(uid: u32) -> String {
+    let mut buf = vec![0u8; 4096];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both owned here and
+    // alive for the call; `out` is set to `&pwd` or null.
+    let rc =
+        unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() || pwd.pw_name.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string in `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    format!("{} (uid {uid})", name.to_string_lossy())
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| at("fsync directory", dir, e))
 }
 
 fn unique_tmp_name() -> String {
@@ -79,23 +265,44 @@ fn unique_tmp_name() -> String {
     format!("{TMP_PREFIX}{}-{n}-{nanos:08x}", std::process::id())
 }
 
-fn commit_blocking(
-    tmp: &Path,
-    file: BufWriter<File>,
-    dest: &Path,
-    mode: PutMode,
-) -> io::Result<PutOutcome> {
-    let file = file.into_inner().map_err(|e| e.into_error())?;
-    // On network filesystems close() can report the loss of data that
-    // write() accepted; sync_all surfaces it before we claim durability.
-    file.sync_all()?;
-    drop(file);
-    let dir = dest.parent().expect("object keys always have a directory");
-    let outcome = match mode {
-        PutMode::Overwrite => {
-            fs::rename(tmp, dest)?;
-            PutOutcome::Created
+/// A local object's version: the SHA-256 of its bytes.
+fn version_of(bytes: &[u8]) -> ObjectVersion {
+    ObjectVersion {
+        e_tag: Some(hex::encode(Sha256::digest(bytes))),
+        version: None,
+    }
+}
+
+/// The version of the object at `path`, `None` if there is none.
+fn current_version(path: &Path) -> io::Result<Option<ObjectVersion>> {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(at("open", path, e)),
+    };
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(at("read", path, e)),
         }
+    }
+    Ok(Some(ObjectVersion {
+        e_tag: Some(hex::encode(h.finalize())),
+        version: None,
+    }))
+}
+
+/// Puts the fsynced temporary file `tmp` in place as `dest` under `mode`.
+/// `tmp` is gone afterwards whatever happened.
+fn place(ctx: Ctx, tmp: &Path, dest: &Path, mode: &PutMode) -> io::Result<PutOutcome> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| io::Error::other(format!("{} has no directory", dest.display())))?;
+    let outcome = match mode {
         PutMode::CreateNew => {
             let r = fs::hard_link(tmp, dest);
             let _ = fs::remove_file(tmp);
@@ -105,44 +312,126 @@ fn commit_blocking(
                     // The existing copy may come from a writer that crashed
                     // before its fsync: make it durable before anyone relies
                     // on it.
-                    File::open(dest)?.sync_all()?;
+                    File::open(dest)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| at("fsync", dest, e))?;
                     PutOutcome::AlreadyExists
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(at("link into place", dest, e)),
             }
+        }
+        PutMode::Overwrite | PutMode::Update(_) => {
+            let _guard = ctx.lock_dir(dir)?;
+            if let PutMode::Update(expected) = mode {
+                if current_version(dest)?.as_ref() != Some(expected) {
+                    let _ = fs::remove_file(tmp);
+                    return Ok(PutOutcome::AlreadyExists);
+                }
+            }
+            if let Err(e) = fs::rename(tmp, dest) {
+                let _ = fs::remove_file(tmp);
+                return Err(at("rename into place", dest, e));
+            }
+            PutOutcome::Created
         }
     };
     fsync_dir(dir)?;
     Ok(outcome)
 }
 
+/// Flushes and fsyncs a spooled file, then places it.
+fn commit_blocking(
+    ctx: Ctx,
+    tmp: &Path,
+    file: BufWriter<File>,
+    dest: &Path,
+    mode: &PutMode,
+) -> io::Result<PutOutcome> {
+    let r = (|| {
+        let file = file
+            .into_inner()
+            .map_err(|e| at("write", tmp, e.into_error()))?;
+        // On network filesystems close() can report the loss of data that
+        // write() accepted; sync_all surfaces it before we claim durability.
+        file.sync_all().map_err(|e| at("fsync", tmp, e))?;
+        drop(file);
+        if let Some(dir) = dest.parent() {
+            ctx.create_dir_durable(dir)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    place(ctx, tmp, dest, mode)
+}
+
 fn list_blocking(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(at("list", dir, e)),
     };
     for entry in entries {
-        let entry = entry?;
+        let entry = entry.map_err(|e| at("list", dir, e))?;
         let name = entry.file_name();
-        if name.to_string_lossy().starts_with(TMP_PREFIX) {
+        if name.to_string_lossy().starts_with(OWN_PREFIX) {
             continue;
         }
-        let ft = entry.file_type()?;
         let path = entry.path();
+        let ft = entry.file_type().map_err(|e| at("stat", &path, e))?;
         if ft.is_dir() {
             list_blocking(root, &path, out)?;
         } else if ft.is_file() {
-            let rel = path.strip_prefix(root).expect("listed below the root");
+            let Ok(rel) = path.strip_prefix(root) else {
+                continue;
+            };
             let key = rel
                 .components()
                 .map(|c| c.as_os_str().to_string_lossy())
                 .collect::<Vec<_>>()
                 .join("/");
-            out.push(ObjectMeta {
-                key,
-                size: entry.metadata()?.len(),
-            });
+            let size = match entry.metadata() {
+                Ok(m) => m.len(),
+                // Deleted since the directory was read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(at("stat", &path, e)),
+            };
+            out.push(ObjectMeta { key, size });
+        }
+    }
+    Ok(())
+}
+
+/// A file's identity, so that a resumed read never continues in another
+/// file that replaced it.
+fn identity(meta: &fs::Metadata) -> ObjectVersion {
+    ObjectVersion {
+        e_tag: Some(format!(
+            "{}:{}:{}:{}",
+            meta.dev(),
+            meta.ino(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        )),
+        version: None,
+    }
+}
+
+fn delete_blocking(ctx: Ctx, paths: &[PathBuf]) -> std::result::Result<(), (PathBuf, io::Error)> {
+    let mut by_dir: std::collections::BTreeMap<&Path, Vec<&PathBuf>> = Default::default();
+    for p in paths {
+        by_dir.entry(p.parent().unwrap_or(p)).or_default().push(p);
+    }
+    for (dir, files) in by_dir {
+        let _guard = ctx.lock_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
+        for p in files {
+            match fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err((p.clone(), e)),
+            }
         }
     }
     Ok(())
@@ -152,16 +441,11 @@ fn list_blocking(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> io::Resu
 impl Backend for LocalBackend {
     fn spool(&self, dir: &str) -> io::Result<Spool> {
         let dir = self.path(dir);
-        create_dir_durable(&dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", dir.display())))?;
-        let tmp = dir.join(unique_tmp_name());
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", tmp.display())))?;
+        let ctx = self.ctx();
+        ctx.create_dir_durable(&dir)?;
+        let (tmp, file) = ctx.create_tmp(&dir)?;
         Ok(Spool::LocalFile {
-            tmp,
+            tmp: TmpFile::new(tmp),
             file: BufWriter::with_capacity(1 << 20, file),
         })
     }
@@ -169,39 +453,98 @@ impl Backend for LocalBackend {
     async fn commit(&self, spool: Spool, key: &str, mode: PutMode) -> Result<PutOutcome> {
         let dest = self.path(key);
         let (tmp, file) = match spool {
-            Spool::LocalFile { tmp, file } => (tmp, file),
+            Spool::LocalFile { tmp, file } => (tmp.disarm(), file),
             other => {
                 return Err(Error::internal(format!(
                     "local repository given a foreign spool {other:?}"
                 )))
             }
         };
+        let ctx = self.ctx();
         let dest2 = dest.clone();
-        let tmp2 = tmp.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            if let Some(dir) = dest2.parent() {
-                create_dir_durable(dir)?;
+        tokio::task::spawn_blocking(move || commit_blocking(ctx, &tmp, file, &dest2, &mode))
+            .await?
+            .map_err(|e| self.err("write", &dest, e))
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<PutResult> {
+        let dest = self.path(key);
+        let ctx = self.ctx();
+        let dest2 = dest.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<PutResult> {
+            let dir = dest2
+                .parent()
+                .ok_or_else(|| io::Error::other(format!("{} has no directory", dest2.display())))?;
+            ctx.create_dir_durable(dir)?;
+            let (tmp, mut file) = ctx.create_tmp(dir)?;
+            let written = file
+                .write_all(&data)
+                .and_then(|_| file.sync_all())
+                .map_err(|e| at("write", &tmp, e));
+            drop(file);
+            if let Err(e) = written {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
             }
-            commit_blocking(&tmp2, file, &dest2, mode)
+            Ok(match place(ctx, &tmp, &dest2, &mode)? {
+                PutOutcome::Created => PutResult::Written(version_of(&data)),
+                PutOutcome::AlreadyExists => PutResult::Refused,
+            })
         })
-        .await?;
-        r.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.err("write", &dest, e)
-        })
+        .await?
+        .map_err(|e| self.err("write", &dest, e))
     }
 
     fn atomic_create(&self) -> bool {
         true
     }
 
-    async fn get(&self, key: &str) -> Result<Option<ObjectReader>> {
+    async fn open(
+        &self,
+        key: &str,
+        from: u64,
+        pin: Option<&ObjectVersion>,
+    ) -> Result<Option<RawRead>> {
         let path = self.path(key);
-        match File::open(&path) {
-            Ok(f) => Ok(Some(Box::new(f))),
+        let path2 = path.clone();
+        let pin = pin.cloned();
+        tokio::task::spawn_blocking(move || -> io::Result<Option<RawRead>> {
+            let mut f = match File::open(&path2) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let meta = f.metadata()?;
+            let id = identity(&meta);
+            if pin.is_some_and(|p| p != id) {
+                return Ok(None);
+            }
+            if from > 0 {
+                f.seek(SeekFrom::Start(from.min(meta.len())))?;
+            }
+            Ok(Some(RawRead {
+                reader: Box::new(f),
+                size: meta.len(),
+                pin: Some(id),
+            }))
+        })
+        .await?
+        .map_err(|e| self.err("open", &path, e))
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, ObjectVersion)>> {
+        let path = self.path(key);
+        let path2 = path.clone();
+        tokio::task::spawn_blocking(move || match fs::read(&path2) {
+            Ok(bytes) => {
+                let v = version_of(&bytes);
+                Ok(Some((bytes, v)))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.err("open", &path, e)),
-        }
+            Err(e) => Err(e),
+        })
+        .await?
+        .map_err(|e| self.err("read", &path, e))
     }
 
     async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
@@ -217,12 +560,15 @@ impl Backend for LocalBackend {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let path = self.path(key);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.err("delete", &path, e)),
-        }
+        self.delete_many(&[key.to_string()]).await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<()> {
+        let paths: Vec<PathBuf> = keys.iter().map(|k| self.path(k)).collect();
+        let ctx = self.ctx();
+        tokio::task::spawn_blocking(move || delete_blocking(ctx, &paths))
+            .await?
+            .map_err(|(p, e)| self.err("delete", &p, e))
     }
 
     async fn ensure_durable(&self, keys: &[String]) -> Result<()> {
@@ -253,4 +599,11 @@ impl Backend for LocalBackend {
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
+
+    fn clone_arc(&self) -> Arc<dyn Backend> {
+        Arc::new(self.clone())
+    }
 }
+
+#[cfg(test)]
+mod tests;

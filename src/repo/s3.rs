@@ -340,7 +340,17 @@ impl Backend for S3Backend {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             // Replaced since the pinned read began.
             Err(object_store::Error::Precondition { .. }) if pin.is_some() => return Ok(None),
-            Err(e) => return Err(self.err("read", key, e)),
+            Err(e) => {
+                // A read from past the end is refused by the store; say so
+                // in the words of the other backends.
+                if from > 0 {
+                    if let Ok(meta) = self.store.head(&self.path(key)).await {
+                        let what = format!("{}/{key}", self.describe());
+                        check_range(&what, &(from..from), meta.size)?;
+                    }
+                }
+                return Err(self.err("read", key, e));
+            }
         };
         let size = res.meta.size;
         let pin = version(res.meta.e_tag.clone(), res.meta.version.clone());

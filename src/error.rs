@@ -146,17 +146,10 @@ impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
     }
 }
 
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::new(Kind::Internal, e.to_string())
-    }
-}
-
-impl From<crate::pg::PgError> for Error {
-    fn from(e: crate::pg::PgError) -> Self {
-        Error::invalid_input(e.to_string())
-    }
-}
+// No `From<io::Error>` and no `From<PgError>`: an I/O error must name its
+// path and what pgvault was doing, and whether bytes are bad input or a
+// damaged repository object depends on where they came from — so every
+// caller maps them itself (issue 9, defect 6).
 
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {

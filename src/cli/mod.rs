@@ -90,7 +90,7 @@ fn exit_for(command: &Command, e: &Error) -> i32 {
 /// the standby retries and keeps streaming. During archive recovery a
 /// failure must stop recovery instead.
 fn get_failure_code() -> i32 {
-    if std::path::Path::new("standby.signal").exists() {
+    if std::path::Path::new(crate::pg::recovery::STANDBY_SIGNAL).exists() {
         EXIT_NOT_FOUND
     } else {
         EXIT_GET_FATAL

@@ -6,17 +6,14 @@
 //! during archive recovery must stop recovery rather than end it (see
 //! `cli::exit`).
 
-use std::fs::{self, File};
-use std::io::BufWriter;
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Kind, Result};
-use crate::ops::archive_push::read_claim;
+use crate::error::{Error, Result};
 use crate::pg::control::read_cluster_info;
-use crate::pg::history::{self, TimelineHistory};
+use crate::pg::history::TimelineHistory;
 use crate::pg::{WalFileKind, WalFileName};
-use crate::repo::codec::{self, Sha256Sum};
-use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::archive::{tmp_path, Archive};
 use crate::repo::{DbInfo, Repository, StanzaInfo};
 use crate::spool::SpoolDir;
 
@@ -61,7 +58,7 @@ async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
     }
     let stanza = repo.require_stanza().await?;
     let db = db_of_working_dir(&stanza).await;
-    if !fetch_into(repo, &db.dir(), &name, &opts.dest).await? {
+    if !repo.archive(&db).fetch_into(&name, &opts.dest).await? {
         return Ok(GetOutcome::NotFound);
     }
     if let (Some(spool), WalFileKind::History) = (&opts.spool, name.kind()) {
@@ -120,31 +117,6 @@ fn parse_name(name: &str) -> Result<WalFileName> {
     })
 }
 
-/// Fetches `name` into `dest`, verified; `false` when the archive does not
-/// hold it.
-async fn fetch_into(
-    repo: &Repository,
-    db_dir: &str,
-    name: &WalFileName,
-    dest: &Path,
-) -> Result<bool> {
-    let Some((key, sha)) = locate(repo, db_dir, name).await? else {
-        return Ok(false);
-    };
-    let Some(reader) = repo.backend().get(&key).await? else {
-        // Listed or claimed a moment ago: it was there. Vanishing now means
-        // something deletes archived WAL under a running recovery.
-        return Err(Error::repository(format!(
-            "{}/{key} disappeared while being read",
-            repo.describe()
-        )));
-    };
-    let dest = dest.to_path_buf();
-    let what = format!("{}/{key}", repo.describe());
-    tokio::task::spawn_blocking(move || restore_into(reader, &dest, sha, &what)).await??;
-    Ok(true)
-}
-
 /// Renames (or, across file systems, copies) a prefetched file into place.
 fn move_into(from: &Path, dest: &Path) -> std::io::Result<()> {
     if fs::rename(from, dest).is_ok() {
@@ -185,7 +157,8 @@ pub async fn prefetch(
     let Some(start) = name.segno(seg) else {
         return Ok(0);
     };
-    let history = recovery_history(repo, &db.dir(), &name, spool).await;
+    let archive = repo.archive(&db);
+    let history = recovery_history(&archive, &name, spool).await;
     let mut fetched = 0;
     let mut segno = start;
     // Like PostgreSQL, never go back to an older timeline once a newer one's
@@ -206,7 +179,7 @@ pub async fn prefetch(
             // after the checksum matched: the spool never holds an
             // unchecked file.
             let have = spool.prefetched(&next).exists();
-            if have || fetch_into(repo, &db.dir(), &next, &spool.prefetched(&next)).await? {
+            if have || archive.fetch_into(&next, &spool.prefetched(&next)).await? {
                 fetched += usize::from(!have);
                 floor = tli;
                 continue 'ahead;
@@ -221,8 +194,7 @@ pub async fn prefetch(
 /// and includes it (read from the archive); `None`: stay on `name`'s
 /// timeline.
 async fn recovery_history(
-    repo: &Repository,
-    db_dir: &str,
+    archive: &Archive,
     name: &WalFileName,
     spool: &SpoolDir,
 ) -> Option<TimelineHistory> {
@@ -230,135 +202,11 @@ async fn recovery_history(
     if target <= name.timeline() {
         return None;
     }
-    let file = WalFileName::history(target);
-    let bytes = match fetch_small(repo, db_dir, &file).await {
-        Ok(Some(b)) => b,
-        Ok(None) => return None,
+    match archive.history(target).await {
+        Ok(h) => h.filter(|h| h.contains(name.timeline())),
         Err(e) => {
-            log::debug!("prefetch: read {file}: {e}");
-            return None;
+            log::debug!("prefetch: read the history of timeline {target}: {e}");
+            None
         }
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    history::parse_history(target, &text)
-        .ok()
-        .filter(|h| h.contains(name.timeline()))
-}
-
-/// Reads a small archived file (a timeline history) into memory, verified;
-/// `None` when the archive does not hold it.
-pub async fn fetch_small(
-    repo: &Repository,
-    db_dir: &str,
-    name: &WalFileName,
-) -> Result<Option<Vec<u8>>> {
-    let Some((key, sha)) = locate(repo, db_dir, name).await? else {
-        return Ok(None);
-    };
-    let Some(raw) = repo.backend().get_bytes(&key).await? else {
-        return Ok(None);
-    };
-    let what = format!("{}/{key}", repo.describe());
-    let data = codec::decode_bytes(&raw).map_err(|e| Error::repository(format!("{what}: {e}")))?;
-    if codec::read_trailer(&raw).map(|d| d.sha256).ok() != Some(sha) {
-        return Err(Error::repository(format!(
-            "{what}: content does not match its name's checksum"
-        )));
     }
-    Ok(Some(data))
-}
-
-/// Finds the data object for `name`: the one its claim names, or — for a
-/// push that crashed between storing the data and writing the claim — the
-/// only one there is.
-async fn locate(
-    repo: &Repository,
-    db_dir: &str,
-    name: &WalFileName,
-) -> Result<Option<(String, Sha256Sum)>> {
-    let claim_key = layout::wal_claim_key(repo.stanza(), db_dir, name);
-    if let Some(claim) = read_claim(repo, &claim_key).await? {
-        let sha = Sha256Sum::from_hex(&claim.sha256).expect("read_claim checked the checksum");
-        return Ok(Some((
-            layout::wal_data_key(repo.stanza(), db_dir, name, &sha),
-            sha,
-        )));
-    }
-    let dir = layout::wal_dir(repo.stanza(), db_dir, name);
-    let mut found: Vec<Sha256Sum> = repo
-        .backend()
-        .list(&dir)
-        .await?
-        .iter()
-        .filter_map(|m| match layout::parse_archive_key(&m.key) {
-            Some(ArchiveKey::Data { name: n, sha }) if &n == name => Some(sha),
-            _ => None,
-        })
-        .collect();
-    match found.len() {
-        0 => Ok(None),
-        1 => {
-            let sha = found.pop().expect("one element");
-            Ok(Some((
-                layout::wal_data_key(repo.stanza(), db_dir, name, &sha),
-                sha,
-            )))
-        }
-        n => Err(Error::new(
-            Kind::Conflict,
-            format!("{n} different copies of {name} are archived and none is claimed"),
-        )
-        .hint("run `pgvault verify` and keep the right copy")),
-    }
-}
-
-/// Decodes into a temporary file beside `dest`, checks the checksum, and
-/// only then renames it into place: a corrupt object never reaches `dest`.
-fn restore_into(
-    reader: Box<dyn std::io::Read + Send>,
-    dest: &Path,
-    expected: Sha256Sum,
-    what: &str,
-) -> Result<()> {
-    let tmp = tmp_path(dest);
-    let result = (|| -> Result<()> {
-        let file = File::create(&tmp)
-            .map_err(|e| Error::new(Kind::Internal, format!("create {}: {e}", tmp.display())))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let digest = codec::decode(reader, &mut out).map_err(|e| match e {
-            codec::CodecError::Io(io) => Error::repository(format!("{what}: {io}")),
-            other => Error::repository(format!("{what}: {other}")),
-        })?;
-        if digest.sha256 != expected {
-            return Err(Error::repository(format!(
-                "{what}: content checksum {} does not match the archived name's {}",
-                digest.sha256, expected
-            )));
-        }
-        out.into_inner().map_err(|e| {
-            Error::new(
-                Kind::Internal,
-                format!("write {}: {}", tmp.display(), e.error()),
-            )
-        })?;
-        fs::rename(&tmp, dest).map_err(|e| {
-            Error::new(
-                Kind::Internal,
-                format!("rename into {}: {e}", dest.display()),
-            )
-        })
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn tmp_path(dest: &Path) -> PathBuf {
-    let mut name = dest
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_else(|| "wal".into());
-    name.push(".pgvault-tmp");
-    dest.with_file_name(name)
 }

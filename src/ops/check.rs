@@ -4,11 +4,10 @@
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Kind, Result};
-use crate::ops::backup::pg_error;
+use crate::ops::pg_error;
 use crate::ops::progress::Progress;
 use crate::pg::conn::{ArchiverStatus, ConnParams, Session};
 use crate::pg::{SegmentNo, TimelineId, WalFileName};
-use crate::repo::layout::{self, ArchiveKey};
 use crate::repo::{DbInfo, Repository};
 
 #[derive(Debug, Clone)]
@@ -128,21 +127,10 @@ pub(crate) async fn wait_for_wal(
     let mut missing: Vec<WalFileName> = (first.0..=last.0)
         .map(|s| WalFileName::for_segment(tli, SegmentNo(s), seg))
         .collect();
+    let archive = repo.archive(db);
     let mut delay = Duration::from_millis(50);
     loop {
-        let mut dirs: Vec<String> = missing
-            .iter()
-            .map(|n| layout::wal_dir(repo.stanza(), &db.dir(), n))
-            .collect();
-        dirs.dedup();
-        let mut have = std::collections::HashSet::new();
-        for d in dirs {
-            for m in repo.backend().list(&d).await? {
-                if let Some(ArchiveKey::Claim { name }) = layout::parse_archive_key(&m.key) {
-                    have.insert(name);
-                }
-            }
-        }
+        let have = archive.claimed_among(&missing).await?;
         missing.retain(|n| !have.contains(n));
         if missing.is_empty() {
             return Ok(());

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::pg::{SegmentNo, WalFileKind};
-use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::layout;
 use crate::repo::manifest::Manifest;
 use crate::repo::Repository;
 
@@ -45,6 +45,8 @@ pub struct ExpireReport {
     /// is removed.
     pub wal_kept_from: Option<String>,
     pub wal_objects_removed: u64,
+    /// WAL file names (segments, `.partial` and `.backup` files) removed.
+    pub wal_files_removed: u64,
 }
 
 /// Which backups stay, by the policies (indices into `all`, oldest first).
@@ -112,6 +114,7 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
     // current one keeps all of its WAL until it has a backup.
     let current = stanza.current().id;
     let mut wal_keys = Vec::new();
+    let mut wal_names = 0u64;
     let mut wal_kept_from = None;
     for db in &stanza.dbs {
         let seg = db.wal_segment_size;
@@ -131,18 +134,11 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
                     .to_string()
             });
         }
-        let listing = repo
-            .backend()
-            .list(&layout::archive_root(repo.stanza(), &db.dir()))
-            .await?;
-        for m in listing {
-            let (name, is_claim) = match layout::parse_archive_key(&m.key) {
-                Some(ArchiveKey::Claim { name }) => (name, true),
-                Some(ArchiveKey::Data { name, .. }) | Some(ArchiveKey::Summary { name, .. }) => {
-                    (name, false)
-                }
-                None => continue,
-            };
+        let archive = repo.archive(db);
+        let listing = archive.list().await?;
+        for (name, entry) in listing.entries() {
+            // Timeline history files stay: they are tiny, and recovery to
+            // any kept backup may need every one of them.
             if name.kind() == WalFileKind::History {
                 continue;
             }
@@ -150,19 +146,19 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
                 .segno(seg)
                 .is_some_and(|s| first.is_none_or(|first| s < first))
             {
-                wal_keys.push((is_claim, m.key));
+                wal_names += 1;
+                // Per name in the archive's order: claim first, content last.
+                wal_keys.extend(archive.keys_to_delete(name, entry));
             }
         }
     }
-    // Claims first, then data.
-    wal_keys.sort_by_key(|(is_claim, _)| !*is_claim);
-
     let report = ExpireReport {
         dry_run: opts.dry_run,
         kept: kept.iter().map(|m| m.label.clone()).collect(),
         expired: expired.iter().map(|m| m.label.clone()).collect(),
         wal_kept_from,
         wal_objects_removed: wal_keys.len() as u64,
+        wal_files_removed: wal_names,
     };
     if opts.dry_run {
         return Ok(report);
@@ -175,7 +171,7 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
             repo.backend().delete(&o.key).await?;
         }
     }
-    for (_, key) in &wal_keys {
+    for key in &wal_keys {
         repo.backend().delete(key).await?;
     }
     Ok(report)

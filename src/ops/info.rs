@@ -2,18 +2,17 @@
 //! repository itself (the source of truth); the catalog is refreshed from
 //! what was read.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use crate::catalog::{BackupRow, Catalog, Snapshot, TimelineRow, WalRow};
 use crate::error::Result;
-use crate::ops::archive_get::fetch_small;
 use crate::ops::walfacts;
-use crate::pg::history::{parse_history, TimelineHistory};
+use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
-use crate::repo::layout::{self, ArchiveKey};
-use crate::repo::manifest::Manifest;
+use crate::repo::archive::Listing;
+use crate::repo::manifest::{Manifest, PageChecksums};
 use crate::repo::{DbInfo, Repository};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
@@ -74,6 +73,10 @@ pub struct BackupReport {
     /// The cluster (`dbs[].db_id`) it is a backup of.
     pub db_id: u32,
     pub pg_version: u32,
+    /// Data page checksums checked while the backup read the files (null
+    /// when the cluster has no data checksums), and the pages that failed,
+    /// by relation file, fork and block.
+    pub page_checksums: Option<PageChecksums>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,18 +144,11 @@ pub struct Gap {
     pub to: String,
 }
 
-#[derive(Default)]
-struct NameState {
-    claimed: bool,
-    shas: BTreeSet<String>,
-    size: u64,
-}
-
 pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoReport> {
     let stanza = repo.require_stanza().await?;
     let manifests = repo.manifests().await?;
     let mut dbs = Vec::new();
-    let mut current_names = BTreeMap::new();
+    let mut current_listing = Listing::default();
     let mut newest_commit = None;
     for db in &stanza.dbs {
         let own: Vec<Manifest> = manifests
@@ -160,10 +156,10 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
             .filter(|m| m.db_id == db.id)
             .cloned()
             .collect();
-        let (names, timelines, newest) = db_archive(repo, catalog, db, &own).await?;
+        let (listing, timelines, newest) = db_archive(repo, catalog, db, &own).await?;
         let current = db.id == stanza.current().id;
         if current {
-            current_names = names;
+            current_listing = listing;
             newest_commit = newest;
         }
         dbs.push(DbReport {
@@ -205,6 +201,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
                 wal_stop: m.wal_stop.clone(),
                 db_id: m.db_id,
                 pg_version: m.pg_version,
+                page_checksums: m.page_checksums.clone(),
             })
             .collect(),
         timelines: dbs.last().map(|d| d.timelines.clone()).unwrap_or_default(),
@@ -215,7 +212,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
     };
     if let Some(cat) = catalog {
         // The catalog caches the current cluster's archive.
-        cat.replace_best_effort(repo.stanza(), snapshot(&current_names, &report))
+        cat.replace_best_effort(repo.stanza(), snapshot(&current_listing, &report))
             .await;
     }
     Ok(report)
@@ -229,30 +226,10 @@ async fn db_archive(
     catalog: Option<&Catalog>,
     db: &DbInfo,
     manifests: &[Manifest],
-) -> Result<(
-    BTreeMap<WalFileName, NameState>,
-    Vec<TimelineReport>,
-    Option<i64>,
-)> {
-    let listing = repo
-        .backend()
-        .list(&layout::archive_root(repo.stanza(), &db.dir()))
-        .await?;
-
-    let mut names: BTreeMap<WalFileName, NameState> = BTreeMap::new();
-    for m in &listing {
-        match layout::parse_archive_key(&m.key) {
-            Some(ArchiveKey::Claim { name }) => names.entry(name).or_default().claimed = true,
-            Some(ArchiveKey::Data { name, sha }) => {
-                let st = names.entry(name).or_default();
-                st.shas.insert(sha.to_hex());
-                st.size = m.size;
-            }
-            Some(ArchiveKey::Summary { .. }) | None => {}
-        }
-    }
-
-    let mut timelines = timelines(db, &names);
+) -> Result<(Listing, Vec<TimelineReport>, Option<i64>)> {
+    let archive = repo.archive(db);
+    let listing = archive.list().await?;
+    let mut timelines = timelines(db, &listing);
     let mut histories = BTreeMap::new();
     for t in timelines.iter_mut() {
         let tli = TimelineId(t.timeline);
@@ -260,20 +237,20 @@ async fn db_archive(
         if !t.history_file {
             continue;
         }
-        let name = WalFileName::history(tli);
-        if let Some(bytes) = fetch_small(repo, &db.dir(), &name).await? {
-            if let Ok(h) = parse_history(tli, &String::from_utf8_lossy(&bytes)) {
+        match archive.history(tli).await {
+            Ok(Some(h)) => {
                 if let Some(last) = h.entries.last() {
                     t.parent = Some(last.parent.0);
                     t.switch_lsn = Some(last.switch_point);
                 }
                 histories.insert(tli, h);
             }
+            Ok(None) => {}
+            Err(e) => log::warn!("timeline {tli}: {e}"),
         }
     }
-    let archived = walfacts::Archived::from_listing(&listing);
-    let all: Vec<WalFileName> = archived.files.keys().cloned().collect();
-    let sums = walfacts::load(repo, catalog, db, &archived, &all).await?;
+    let all: Vec<WalFileName> = listing.archived().map(|(n, _)| n.clone()).collect();
+    let sums = walfacts::load(&archive, catalog, &listing, &all).await?;
     for t in timelines.iter_mut() {
         t.damaged_records = sums
             .by_name
@@ -282,26 +259,28 @@ async fn db_archive(
             .flat_map(|(n, s)| s.crc_failures.iter().map(move |l| format!("{n} at {l}")))
             .collect();
     }
-    recoverable(db, &archived, &sums, &histories, manifests, &mut timelines);
+    recoverable(db, &listing, &sums, &histories, manifests, &mut timelines);
     let newest = sums
         .by_name
         .values()
         .filter_map(|s| s.last_xact.as_ref().map(|x| x.time_us))
         .max();
-    Ok((names, timelines, newest))
+    Ok((listing, timelines, newest))
 }
 
 /// What the catalog caches of this read of the repository.
-fn snapshot(names: &BTreeMap<WalFileName, NameState>, report: &InfoReport) -> Snapshot {
+fn snapshot(listing: &Listing, report: &InfoReport) -> Snapshot {
     Snapshot {
-        wal: names
-            .iter()
-            .filter(|(_, st)| st.shas.len() == 1)
-            .map(|(n, st)| WalRow {
+        wal: listing
+            .archived()
+            .map(|(n, sha)| WalRow {
                 name: n.as_str().to_string(),
                 timeline: n.timeline().0,
-                sha256: st.shas.iter().next().cloned().unwrap_or_default(),
-                stored_size: st.size,
+                sha256: sha.to_hex(),
+                stored_size: listing
+                    .entry(n)
+                    .and_then(|e| e.content(&sha))
+                    .map_or(0, |c| c.stored_size),
             })
             .collect(),
         backups: report
@@ -337,7 +316,7 @@ fn snapshot(names: &BTreeMap<WalFileName, NameState>, report: &InfoReport) -> Sn
 /// restore points on that way.
 fn recoverable(
     db: &DbInfo,
-    archived: &walfacts::Archived,
+    listing: &Listing,
     sums: &walfacts::Summaries,
     histories: &BTreeMap<TimelineId, TimelineHistory>,
     manifests: &[Manifest],
@@ -354,7 +333,7 @@ fn recoverable(
         let Some(oldest) = manifests.iter().find(on_path) else {
             continue;
         };
-        let path = archived.replay_path(h, oldest.start_lsn.segno(seg), seg);
+        let path = listing.replay_path(h, oldest.start_lsn.segno(seg), seg);
         let Some(last) = path.last() else {
             continue;
         };
@@ -387,11 +366,11 @@ fn recoverable(
     }
 }
 
-fn timelines(db: &DbInfo, names: &BTreeMap<WalFileName, NameState>) -> Vec<TimelineReport> {
+fn timelines(db: &DbInfo, listing: &Listing) -> Vec<TimelineReport> {
     let seg_size = db.wal_segment_size;
     let mut per_tli: BTreeMap<TimelineId, TimelineReport> = BTreeMap::new();
     let mut segnos: BTreeMap<TimelineId, Vec<SegmentNo>> = BTreeMap::new();
-    for (name, st) in names {
+    for (name, entry) in listing.entries() {
         let tli = name.timeline();
         let rep = per_tli.entry(tli).or_insert_with(|| TimelineReport {
             timeline: tli.0,
@@ -407,8 +386,11 @@ fn timelines(db: &DbInfo, names: &BTreeMap<WalFileName, NameState>) -> Vec<Timel
             conflicts: Vec::new(),
             damaged_records: Vec::new(),
         });
-        if st.shas.len() > 1 || (!st.claimed && st.shas.is_empty()) {
+        if entry.is_conflict() {
             rep.conflicts.push(name.as_str().to_string());
+        }
+        if entry.answer.is_none() {
+            continue; // not archived (a conflict, or a claim without data)
         }
         match name.kind() {
             WalFileKind::Segment => {

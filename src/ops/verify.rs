@@ -14,12 +14,11 @@ use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::ops::archive_push::read_claim;
 use crate::ops::progress::Progress;
 use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
-use crate::repo::layout::{self, ArchiveKey};
+use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
 use crate::repo::{Backend, Repository};
 
@@ -81,79 +80,78 @@ pub async fn verify(
     let mut seg_sets: Vec<(u32, BTreeMap<TimelineId, BTreeSet<SegmentNo>>)> = Vec::new();
 
     for db in &stanza.dbs {
-        let listing = repo
-            .backend()
-            .list(&layout::archive_root(repo.stanza(), &db.dir()))
-            .await?;
-        let mut data: BTreeMap<WalFileName, Vec<(Sha256Sum, String)>> = BTreeMap::new();
-        let mut claims: BTreeSet<WalFileName> = BTreeSet::new();
-        for m in &listing {
-            match layout::parse_archive_key(&m.key) {
-                Some(ArchiveKey::Data { name, sha }) => {
-                    data.entry(name).or_default().push((sha, m.key.clone()))
+        let archive = repo.archive(db);
+        let listing = archive.list().await?;
+        for (name, entry) in listing.entries() {
+            if entry.claimed {
+                match archive.read_claim(name).await {
+                    Ok(Some(claim)) if entry.content(&claim.sha256).is_none() => {
+                        // A push stores its data before its claim, so a
+                        // claim without its data is real, never in flight.
+                        problems.push(problem(
+                            "missing",
+                            name.as_str(),
+                            format!(
+                                "claimed content {} is not in the repository",
+                                &claim.sha256.to_hex()[..12]
+                            ),
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) => problems.push(problem(
+                        "corrupt",
+                        archive.describe_claim(name),
+                        e.to_string(),
+                    )),
                 }
-                Some(ArchiveKey::Claim { name }) => {
-                    claims.insert(name);
-                }
-                Some(ArchiveKey::Summary { .. }) | None => {}
             }
-        }
-        for name in &claims {
-            let key = layout::wal_claim_key(repo.stanza(), &db.dir(), name);
-            let claim = match read_claim(repo, &key).await {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                Err(e) => {
-                    problems.push(problem("corrupt", key, e.to_string()));
-                    continue;
-                }
-            };
-            let copies = data.get(name).map(Vec::as_slice).unwrap_or(&[]);
-            if !copies.iter().any(|(sha, _)| sha.to_hex() == claim.sha256) {
-                // A push may be between its data and its claim right now
-                // only in the other order (data first), so this is real.
-                problems.push(problem(
-                    "missing",
-                    name.as_str(),
-                    format!(
-                        "claimed content {} is not in the repository",
-                        &claim.sha256[..12]
-                    ),
-                ));
-            }
-            if copies.len() > 1 {
+            if entry.is_conflict() {
                 problems.push(problem(
                     "conflict",
                     name.as_str(),
-                    format!(
-                        "{} different contents are stored; the claim names {}",
-                        copies.len(),
-                        &claim.sha256[..12]
-                    ),
+                    match entry.answer {
+                        Some(sha) => format!(
+                            "{} different contents are stored; the claim names {}",
+                            entry.contents.len(),
+                            &sha.to_hex()[..12]
+                        ),
+                        None => format!(
+                            "{} different contents are stored and no readable claim names one: \
+                             the name counts as not archived",
+                            entry.contents.len()
+                        ),
+                    },
                 ));
             }
+            for c in &entry.contents {
+                wal_objects += 1;
+                jobs.push(Job::Wal {
+                    key: archive.content_key(name, &c.sha),
+                    sha: c.sha,
+                });
+            }
+        }
+        for m in &listing.unrecognized {
+            problems.push(problem(
+                "unknown-object",
+                format!("{}/{}", repo.describe(), m.key),
+                "not an object pgvault writes in the archive (a leftover temporary file?)",
+            ));
         }
         let mut segs: BTreeMap<TimelineId, BTreeSet<SegmentNo>> = BTreeMap::new();
-        for (name, copies) in &data {
+        for (name, _) in listing.archived() {
             if name.kind() == WalFileKind::Segment {
                 if let Some(s) = name.segno(db.wal_segment_size) {
                     segs.entry(name.timeline()).or_default().insert(s);
                 }
             }
-            for (sha, key) in copies {
-                wal_objects += 1;
-                jobs.push(Job::Wal {
-                    key: key.clone(),
-                    sha: *sha,
-                });
-            }
         }
         seg_sets.push((db.id, segs));
 
-        // Records that failed their CRC check when they were archived.
-        let archived = walfacts::Archived::from_listing(&listing);
-        let names: Vec<WalFileName> = archived.files.keys().cloned().collect();
-        let sums = walfacts::load(repo, None, db, &archived, &names).await?;
+        // Records that failed their CRC check when they were archived, and
+        // summaries that cannot be read.
+        let names: Vec<WalFileName> = listing.archived().map(|(n, _)| n.clone()).collect();
+        let sums = walfacts::load(&archive, None, &listing, &names).await?;
         for (name, s) in &sums.by_name {
             for lsn in &s.crc_failures {
                 problems.push(problem(
@@ -162,6 +160,13 @@ pub async fn verify(
                     format!("the WAL record at {lsn} fails its CRC-32C check"),
                 ));
             }
+        }
+        for (name, why) in &sums.damaged {
+            problems.push(problem(
+                "corrupt",
+                format!("summary of {name}"),
+                why.clone(),
+            ));
         }
     }
 

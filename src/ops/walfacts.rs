@@ -20,11 +20,10 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::pg::history::TimelineHistory;
-use crate::pg::walscan::{RestorePoint, ScanOptions, WalSummary};
-use crate::pg::{Lsn, SegmentNo, WalFileKind, WalFileName};
-use crate::repo::layout::{self, ArchiveKey};
-use crate::repo::{DbInfo, ObjectMeta, PutMode, Repository, Sha256Sum};
+use crate::pg::walscan::{RestorePoint, ScanOptions, WalScanner, WalSummary};
+use crate::pg::{Lsn, WalFileKind, WalFileName};
+use crate::repo::archive::{Archive, Listing, SummaryRead};
+use crate::repo::{DbInfo, Repository, Sha256Sum};
 
 /// Summaries read from the store at once.
 const READ_PARALLEL: usize = 16;
@@ -58,110 +57,30 @@ pub fn warn_about(name: &WalFileName, summary: &WalSummary) {
     }
 }
 
-/// Stores the summary of content `sha` of `name` (idempotent).
-pub async fn store_summary(
-    repo: &Repository,
-    db_dir: &str,
-    name: &WalFileName,
-    sha: &Sha256Sum,
-    summary: &WalSummary,
-) -> Result<()> {
-    let key = layout::wal_summary_key(repo.stanza(), db_dir, name, sha);
-    let json = serde_json::to_vec(summary)
-        .map_err(|e| Error::internal(format!("encode the summary of {name}: {e}")))?;
-    repo.put_encoded(&key, &json, PutMode::CreateNew).await?;
-    Ok(())
-}
-
-/// The archived WAL of one cluster, from one listing: each name's content
-/// (names with more than one are conflicts, left out) and which contents
-/// have a summary.
-#[derive(Debug, Default, Clone)]
-pub struct Archived {
-    pub files: BTreeMap<WalFileName, Sha256Sum>,
-    pub summarized: std::collections::HashSet<(WalFileName, Sha256Sum)>,
-}
-
-impl Archived {
-    pub async fn list(repo: &Repository, db: &DbInfo) -> Result<Archived> {
-        let listing = repo
-            .backend()
-            .list(&layout::archive_root(repo.stanza(), &db.dir()))
-            .await?;
-        Ok(Archived::from_listing(&listing))
-    }
-
-    /// From a listing of one cluster's archive directory.
-    pub fn from_listing(listing: &[ObjectMeta]) -> Archived {
-        let mut shas: BTreeMap<WalFileName, Vec<Sha256Sum>> = BTreeMap::new();
-        let mut out = Archived::default();
-        for m in listing {
-            match layout::parse_archive_key(&m.key) {
-                Some(ArchiveKey::Data { name, sha }) => shas.entry(name).or_default().push(sha),
-                Some(ArchiveKey::Summary { name, sha }) => {
-                    out.summarized.insert((name, sha));
-                }
-                _ => {}
-            }
-        }
-        out.files = shas
-            .into_iter()
-            .filter(|(_, v)| v.len() == 1)
-            .map(|(n, v)| (n, v[0]))
-            .collect();
-        out
-    }
-
-    /// The files recovery along `history` replays from segment `start` on,
-    /// in order, up to the first segment the archive does not have.
-    pub fn replay_path(
-        &self,
-        history: &TimelineHistory,
-        start: SegmentNo,
-        seg_size: u32,
-    ) -> Vec<WalFileName> {
-        let mut out = Vec::new();
-        let mut floor = None;
-        let mut segno = start;
-        'segments: loop {
-            for tli in history.timelines_for_segment(segno, seg_size) {
-                if floor.is_some_and(|f| tli < f) {
-                    break;
-                }
-                let name = WalFileName::for_segment(tli, segno, seg_size);
-                if self.files.contains_key(&name) {
-                    out.push(name);
-                    floor = Some(tli);
-                    segno = segno.next();
-                    continue 'segments;
-                }
-            }
-            return out;
-        }
-    }
-}
-
 /// Summaries of some archived files; `missing` lists those that have none
 /// (archived before pgvault read records, or a push that crashed before
-/// writing it): `pgvault backfill` writes them.
+/// writing it): `pgvault backfill` writes them. `damaged` names summaries
+/// that are there but unreadable (object and cause): their files count as
+/// missing, and `verify` reports them.
 #[derive(Debug, Default, Clone)]
 pub struct Summaries {
     pub by_name: BTreeMap<WalFileName, WalSummary>,
     pub missing: Vec<WalFileName>,
+    pub damaged: Vec<(WalFileName, String)>,
 }
 
-/// Reads the summaries of `names` (files of `archived`): from the catalog
-/// where it has them, otherwise from the store (then cached).
+/// Reads the summaries of `names` (files `listing` holds): from the catalog
+/// where it has them, otherwise from the archive (then cached).
 pub async fn load(
-    repo: &Repository,
+    archive: &Archive,
     catalog: Option<&Catalog>,
-    db: &DbInfo,
-    archived: &Archived,
+    listing: &Listing,
     names: &[WalFileName],
 ) -> Result<Summaries> {
+    let stanza = archive.repo().stanza().to_string();
     let cached: HashMap<(String, String), WalSummary> = match catalog {
         Some(cat) => {
-            let (cat, stanza) = (cat.clone(), repo.stanza().to_string());
+            let (cat, stanza) = (cat.clone(), stanza.clone());
             tokio::task::spawn_blocking(move || cat.summaries(&stanza))
                 .await?
                 .unwrap_or_else(|e| {
@@ -177,53 +96,44 @@ pub async fn load(
         if name.kind() != WalFileKind::Segment && name.kind() != WalFileKind::Partial {
             continue;
         }
-        let Some(sha) = archived.files.get(name) else {
+        let Some(sha) = listing.answer(name) else {
             continue;
         };
         if let Some(s) = cached.get(&(name.as_str().to_string(), sha.to_hex())) {
             out.by_name.insert(name.clone(), s.clone());
-        } else if archived.summarized.contains(&(name.clone(), *sha)) {
-            fetch.push((name.clone(), *sha));
+        } else if listing.is_summarized(name) {
+            fetch.push((name.clone(), sha));
         } else {
             out.missing.push(name.clone());
         }
     }
-    let dir = db.dir();
-    let fetched: Vec<(WalFileName, Sha256Sum, Option<WalSummary>)> = stream::iter(fetch)
-        .map(|(name, sha)| {
-            let key = layout::wal_summary_key(repo.stanza(), &dir, &name, &sha);
-            async move {
-                let bytes = repo.get_decoded(&key).await?;
-                let summary = bytes.and_then(|b| match serde_json::from_slice(&b) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        log::warn!(
-                            "{}/{key}: unreadable summary ({e}); ignored",
-                            repo.describe()
-                        );
-                        None
-                    }
-                });
-                Ok::<_, Error>((name, sha, summary))
-            }
+    let fetched: Vec<(WalFileName, Sha256Sum, SummaryRead)> = stream::iter(fetch)
+        .map(|(name, sha)| async move {
+            let read = archive.read_summary(&name, &sha).await?;
+            Ok::<_, Error>((name, sha, read))
         })
         .buffer_unordered(READ_PARALLEL)
         .try_collect()
         .await?;
     let mut new_rows = Vec::new();
-    for (name, sha, summary) in fetched {
-        match summary {
-            Some(s) => {
-                new_rows.push((name.clone(), sha, s.clone()));
-                out.by_name.insert(name, s);
+    for (name, sha, read) in fetched {
+        match read {
+            SummaryRead::Found(s) => {
+                new_rows.push((name.clone(), sha, (*s).clone()));
+                out.by_name.insert(name, *s);
             }
-            None => out.missing.push(name),
+            SummaryRead::Missing => out.missing.push(name),
+            SummaryRead::Damaged(why) => {
+                log::warn!("{why}; ignored");
+                out.missing.push(name.clone());
+                out.damaged.push((name, why));
+            }
         }
     }
     out.missing.sort();
+    out.damaged.sort();
     if let Some(cat) = catalog {
-        cat.record_summaries_best_effort(repo.stanza(), new_rows)
-            .await;
+        cat.record_summaries_best_effort(&stanza, new_rows).await;
     }
     Ok(out)
 }
@@ -304,27 +214,25 @@ pub async fn backfill(
     let stanza = repo.require_stanza().await?;
     let mut report = BackfillReport::default();
     for db in &stanza.dbs {
-        let archived = Archived::list(repo, db).await?;
+        let archive = repo.archive(db);
+        let listing = archive.list().await?;
         let mut todo = Vec::new();
-        for (name, sha) in &archived.files {
+        for (name, sha) in listing.archived() {
             let Some(opts) = scan_options(db, name) else {
                 continue;
             };
-            if archived.summarized.contains(&(name.clone(), *sha)) {
+            if listing.is_summarized(name) {
                 report.had_summary += 1;
             } else {
-                todo.push((name.clone(), *sha, opts));
+                todo.push((name.clone(), sha, opts));
             }
         }
-        let dir = db.dir();
+        let archive = &archive;
         let done: Vec<(WalFileName, Sha256Sum, WalSummary)> = stream::iter(todo)
-            .map(|(name, sha, opts)| {
-                let dir = dir.clone();
-                async move {
-                    let summary = summarize_object(repo, &dir, &name, &sha, opts).await?;
-                    store_summary(repo, &dir, &name, &sha, &summary).await?;
-                    Ok::<_, Error>((name, sha, summary))
-                }
+            .map(|(name, sha, opts)| async move {
+                let summary = summarize_object(archive, &name, &sha, opts).await?;
+                archive.store_summary(&name, &sha, &summary).await?;
+                Ok::<_, Error>((name, sha, summary))
             })
             .buffer_unordered(process_max.max(1))
             .try_collect()
@@ -344,33 +252,15 @@ pub async fn backfill(
     Ok(report)
 }
 
-/// Reads one archived object and walks its records, checking its checksum.
+/// Reads one archived content and walks its records, checking its checksum.
 pub async fn summarize_object(
-    repo: &Repository,
-    db_dir: &str,
+    archive: &Archive,
     name: &WalFileName,
     sha: &Sha256Sum,
     opts: ScanOptions,
 ) -> Result<WalSummary> {
-    let key = layout::wal_data_key(repo.stanza(), db_dir, name, sha);
-    let what = format!("{}/{key}", repo.describe());
-    let reader = repo
-        .backend()
-        .get(&key)
-        .await?
-        .ok_or_else(|| Error::repository(format!("{what} disappeared while being read")))?;
-    let expected = *sha;
-    tokio::task::spawn_blocking(move || {
-        let mut scanner = crate::pg::walscan::WalScanner::new(opts);
-        let digest = crate::repo::codec::decode(reader, &mut scanner)
-            .map_err(|e| Error::repository(format!("{what}: {e}")))?;
-        if digest.sha256 != expected {
-            return Err(Error::repository(format!(
-                "{what}: content checksum {} does not match the archived name's {expected}",
-                digest.sha256
-            )));
-        }
-        Ok(scanner.finish())
-    })
-    .await?
+    let scanner = archive
+        .read_content(name, sha, WalScanner::new(opts))
+        .await?;
+    Ok(scanner.finish())
 }

@@ -19,6 +19,13 @@ pub struct RecoveryError(pub String);
 
 type Result<T> = std::result::Result<T, RecoveryError>;
 
+/// Archive recovery: recover, then promote (or pause, or shut down).
+pub const RECOVERY_SIGNAL: &str = "recovery.signal";
+/// Standby mode: keep replaying (from the archive or a primary).
+pub const STANDBY_SIGNAL: &str = "standby.signal";
+pub const BACKUP_LABEL: &str = "backup_label";
+pub const TABLESPACE_MAP: &str = "tablespace_map";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecoveryTarget {
     Immediate,
@@ -226,6 +233,39 @@ pub fn parse_backup_label(text: &str) -> Result<BackupLabel> {
     })
 }
 
+/// Checks a backup history file (`<segment>.<offset>.backup`, which
+/// `do_pg_backup_stop` writes into pg_wal and the archiver archives): it
+/// names where the backup started, like a `backup_label`.
+pub fn check_backup_history(text: &str) -> Result<()> {
+    let start = text
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION:"));
+    match start.and_then(|v| v.split_whitespace().next()?.parse::<Lsn>().ok()) {
+        Some(_) => Ok(()),
+        None => Err(RecoveryError(
+            "not a backup history file: no valid START WAL LOCATION line".into(),
+        )),
+    }
+}
+
+/// The `tablespace_map` to restore: lines are `<oid> <path>`, and a
+/// tablespace restored elsewhere (`--tablespace-map OID=DIR`) gets its new
+/// location, from which PostgreSQL recreates the `pg_tblspc` links.
+pub fn remap_tablespace_map(
+    text: &str,
+    map: &std::collections::BTreeMap<u32, std::path::PathBuf>,
+) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let (oid, path) = line.split_once(' ').unwrap_or((line, ""));
+        match oid.parse::<u32>().ok().and_then(|o| map.get(&o)) {
+            Some(p) => out.push_str(&format!("{oid} {}\n", p.display())),
+            None => out.push_str(&format!("{oid} {path}\n")),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +335,16 @@ mod tests {
         assert_eq!(l.start_timeline, TimelineId(3));
         assert_eq!(l.label, "pgvault 20261126-100000F");
         assert!(parse_backup_label("garbage").is_err());
+        assert!(check_backup_history(text).is_ok());
+        assert!(check_backup_history("START WAL LOCATION: nonsense\n").is_err());
+    }
+
+    #[test]
+    fn remaps_tablespaces() {
+        let map = std::collections::BTreeMap::from([(16385, std::path::PathBuf::from("/new/ts"))]);
+        assert_eq!(
+            remap_tablespace_map("16385 /old/ts\n16386 /other path\n", &map),
+            "16385 /new/ts\n16386 /other path\n"
+        );
     }
 }

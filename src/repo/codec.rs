@@ -90,6 +90,22 @@ impl Sha256Sum {
     }
 }
 
+/// As 64 hex characters, the form object keys and claims use.
+impl serde::Serialize for Sha256Sum {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sha256Sum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Sha256Sum::from_hex(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!("{s:?} is not a SHA-256 in hex (64 characters)"))
+        })
+    }
+}
+
 impl std::fmt::Display for Sha256Sum {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())

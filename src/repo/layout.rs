@@ -16,7 +16,7 @@
 //! 16 MiB. The checksum in the WAL key means two different files pushed for
 //! one name can never overwrite each other, even on stores whose conditional
 //! create is missing or not atomic; the `.claim` object decides which one
-//! the name belongs to (see `ops::archive_push`).
+//! the name belongs to (see `repo::archive`, which owns these rules).
 
 use crate::pg::WalFileName;
 use crate::repo::codec::Sha256Sum;

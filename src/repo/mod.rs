@@ -2,6 +2,7 @@
 //! keys, and the storage they live in. Nothing outside this module builds a
 //! key, encodes or decodes an object, or talks to `object_store`.
 
+pub mod archive;
 pub mod backend;
 pub mod codec;
 #[doc(hidden)]
@@ -124,6 +125,17 @@ impl Repository {
             location,
             stanza: stanza.to_string(),
         }
+    }
+
+    /// A repository in local directory `dir` (unit tests).
+    #[cfg(test)]
+    pub(crate) fn local_for_tests(dir: &std::path::Path, stanza: &str) -> Self {
+        Self::open(
+            RepoLocation::Local(dir.to_path_buf()),
+            stanza,
+            &s3::S3Options::default(),
+        )
+        .expect("a valid stanza name")
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {

@@ -7,7 +7,7 @@
 //!
 //! Create-if-absent uses `If-None-Match: *`. Many S3-compatible stores
 //! ignore it or check it non-atomically; with `s3-atomic-create = false`
-//! the callers add their own conflict detection (see `ops::archive_push`).
+//! the callers add their own conflict detection (see `repo::archive`).
 
 use std::io::{self, Read};
 use std::ops::Range;

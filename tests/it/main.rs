@@ -13,5 +13,7 @@ mod archive;
 mod backends;
 mod lookahead;
 mod operations;
+mod pages;
 mod pitr;
+mod runbooks;
 mod upgrade;

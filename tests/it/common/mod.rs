@@ -25,7 +25,7 @@ mod process;
 mod wal;
 
 pub use cases::Cases;
-pub use cluster::{backup, Cluster, InitOpts};
+pub use cluster::{backup, backup_run, Cluster, InitOpts};
 pub use node::{Node, RECOVERY_TIMEOUT};
 pub use process::{finish, spawn_as, As, Run, Spawned, PGVAULT_TIMEOUT};
 pub use wal::{assert_same_file, parse_segment, pseudo_random_bytes, segment_name, segment_range};
@@ -318,6 +318,19 @@ impl Repo {
         all.extend(args.iter().map(|s| s.to_string()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         env.pgvault(who, &all, &self.env, cwd)
+    }
+
+    /// `stanza-create` for `pgdata`, as the postgres user; must succeed.
+    #[track_caller]
+    pub fn stanza_create(&self, env: &TestEnv, pgdata: &Path) {
+        let pgdata = pgdata.display().to_string();
+        self.run(
+            env,
+            As::PgUser,
+            &["stanza-create", "--pgdata", &pgdata],
+            env.dir(),
+        )
+        .ok();
     }
 
     /// The stored object for WAL file `name` in a local repository:

@@ -1,0 +1,785 @@
+//! The archive's rules, in one place: which object answers for a WAL file
+//! name, how a name is claimed and the claim read back, how a listing of
+//! the archive is read. Every command asks this module; none builds or
+//! parses an archive key itself.
+//!
+//! For each WAL file name N (a segment, `.partial`, `.history` or
+//! `.backup` file) the archive of one cluster (`<stanza>/archive/<db>/`,
+//! see [`super::layout`]) holds:
+//! - `N-<sha256>.zst`, a *content*: named by its checksum, so two different
+//!   files pushed for N can never overwrite each other, whatever the store;
+//! - `N.claim`, which content N is: created once, only if absent;
+//! - `N-<sha256>.summary`: what that content's WAL records say.
+//!
+//! **The one answer to "which object is N"**: the content N's claim names.
+//! Without a claim (a push that crashed between storing its data and
+//! creating the claim), the only content there is — a re-push of the same
+//! file then claims it. Several contents and no readable claim naming one
+//! of them: a conflict, and N counts as not archived for every command
+//! (`verify` and `info` report it). `archive-get`, `info`, `restore`'s
+//! target check and `verify` all read the archive through here, so they
+//! cannot disagree.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::backend::{ObjectMeta, ObjectReader, Spool};
+use super::codec::{self, CodecError, Digest256, Sha256Sum};
+use super::layout::{self, ArchiveKey};
+use super::{DbInfo, PutMode, PutOutcome, Repository};
+use crate::error::{Error, Kind, Result};
+use crate::pg::history::{parse_history, TimelineHistory};
+use crate::pg::walscan::WalSummary;
+use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
+
+/// How long a pusher waits before reading back a claim on a store whose
+/// create-if-absent is not atomic: longer than any racing writer's
+/// check-then-write takes.
+const CLAIM_SETTLE: Duration = Duration::from_millis(300);
+
+/// The claim object: which content owns a WAL file name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub sha256: Sha256Sum,
+    pub size: u64,
+    pub archived_at: String,
+}
+
+/// Where the content answering for a name is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub key: String,
+    pub sha: Sha256Sum,
+}
+
+/// Whether a push created the name's claim or found it naming these bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    Claimed,
+    AlreadyClaimed,
+}
+
+/// The archive of one cluster of a stanza.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    repo: Repository,
+    db: DbInfo,
+}
+
+impl Repository {
+    /// The archive of cluster `db` (an entry of this stanza).
+    pub fn archive(&self, db: &DbInfo) -> Archive {
+        Archive {
+            repo: self.clone(),
+            db: db.clone(),
+        }
+    }
+}
+
+impl Archive {
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+    pub fn db(&self) -> &DbInfo {
+        &self.db
+    }
+
+    fn dir(&self) -> String {
+        self.db.dir()
+    }
+    /// The key of content `sha` of `name` (for readers that check objects
+    /// themselves, like `verify`).
+    pub fn content_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        self.data_key(name, sha)
+    }
+    fn data_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        layout::wal_data_key(self.repo.stanza(), &self.dir(), name, sha)
+    }
+    fn claim_key(&self, name: &WalFileName) -> String {
+        layout::wal_claim_key(self.repo.stanza(), &self.dir(), name)
+    }
+    fn summary_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        layout::wal_summary_key(self.repo.stanza(), &self.dir(), name, sha)
+    }
+
+    /// How `name`'s claim is named in messages.
+    pub fn describe_claim(&self, name: &WalFileName) -> String {
+        format!("{}/{}", self.repo.describe(), self.claim_key(name))
+    }
+
+    /// How a content of `name` is named in messages.
+    pub fn describe_content(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        format!("{}/{}", self.repo.describe(), self.data_key(name, sha))
+    }
+
+    /// `name`'s claim, `None` when it has none.
+    pub async fn read_claim(&self, name: &WalFileName) -> Result<Option<Claim>> {
+        let key = self.claim_key(name);
+        self.repo.get_json(&key).await
+    }
+
+    /// A sink for a new content of `name`, to be filled on a blocking
+    /// thread (its key is known only once the content's checksum is) and
+    /// then stored with [`Archive::store_content`]. Blocking.
+    pub fn spool(&self, name: &WalFileName) -> Result<Spool> {
+        let dir = layout::wal_dir(self.repo.stanza(), &self.dir(), name);
+        self.repo
+            .backend()
+            .spool(&dir)
+            .map_err(|e| self.repo.backend().io_error(&dir, e))
+    }
+
+    /// Stores a content of `name` durably under its checksum. Idempotent:
+    /// the key names the bytes, so an existing object is these very bytes.
+    pub async fn store_content(
+        &self,
+        spool: Spool,
+        name: &WalFileName,
+        digest: &Digest256,
+    ) -> Result<()> {
+        let key = self.data_key(name, &digest.sha256);
+        self.repo
+            .backend()
+            .commit(spool, &key, PutMode::CreateNew)
+            .await?;
+        Ok(())
+    }
+
+    /// Makes `name` answer for the stored content `digest` — the last step
+    /// of a push, after [`Archive::store_content`]. Where create-if-absent
+    /// is atomic (local `link()`, S3 `If-None-Match` on stores honouring
+    /// it) exactly one of racing pushers creates the claim; elsewhere each
+    /// waits briefly and reads the claim back, and only the one it names
+    /// succeeds. Either way a loser's content stays under its own key, so a
+    /// conflict is never silent.
+    pub async fn claim(&self, name: &WalFileName, digest: &Digest256) -> Result<ClaimOutcome> {
+        let claim = Claim {
+            sha256: digest.sha256,
+            size: digest.size,
+            archived_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        let created = self
+            .repo
+            .put_json(&self.claim_key(name), &claim, PutMode::CreateNew)
+            .await?;
+        if created == PutOutcome::Created && self.repo.backend().atomic_create() {
+            // Ours, and both objects were made durable as they were
+            // committed (data first): nothing left to check.
+            return Ok(ClaimOutcome::Claimed);
+        }
+        if created == PutOutcome::Created {
+            tokio::time::sleep(CLAIM_SETTLE).await;
+        }
+        let owner = self.read_claim(name).await?.ok_or_else(|| {
+            Error::repository(format!(
+                "{}/{} vanished after it was written",
+                self.repo.describe(),
+                self.claim_key(name)
+            ))
+        })?;
+        self.confirm(name, &owner, digest).await?;
+        Ok(match created {
+            PutOutcome::Created if owner.sha256 == digest.sha256 => ClaimOutcome::Claimed,
+            _ => ClaimOutcome::AlreadyClaimed,
+        })
+    }
+
+    /// `name` is claimed already: fine if the claim names `digest` (once
+    /// that content is durable: an earlier pusher may have crashed before
+    /// its fsync), a conflict otherwise — the archived copy stays.
+    pub async fn confirm(
+        &self,
+        name: &WalFileName,
+        claim: &Claim,
+        digest: &Digest256,
+    ) -> Result<()> {
+        if claim.sha256 != digest.sha256 {
+            return Err(Error::new(
+                Kind::Conflict,
+                format!(
+                    "a different {name} is already archived (sha256 {}, {} bytes; this file: sha256 {}, {} bytes); the archived copy was kept",
+                    short(&claim.sha256),
+                    claim.size,
+                    short(&digest.sha256),
+                    digest.size
+                ),
+            )
+            .hint("two clusters may be archiving into one stanza (an old primary beside a promoted standby?): give each its own stanza"));
+        }
+        self.repo
+            .backend()
+            .ensure_durable(&[self.data_key(name, &digest.sha256), self.claim_key(name)])
+            .await
+    }
+
+    /// The content answering for `name` (see the module doc); `None` when
+    /// the archive does not hold `name`.
+    pub async fn locate(&self, name: &WalFileName) -> Result<Option<Located>> {
+        if let Some(claim) = self.read_claim(name).await? {
+            return Ok(Some(Located {
+                key: self.data_key(name, &claim.sha256),
+                sha: claim.sha256,
+            }));
+        }
+        let dir = layout::wal_dir(self.repo.stanza(), &self.dir(), name);
+        let listing = self.repo.backend().list(&dir).await?;
+        let mut found: Vec<Sha256Sum> = listing
+            .iter()
+            .filter_map(|m| match layout::parse_archive_key(&m.key) {
+                Some(ArchiveKey::Data { name: n, sha }) if &n == name => Some(sha),
+                _ => None,
+            })
+            .collect();
+        match found.len() {
+            0 => Ok(None),
+            1 => {
+                let sha = found.pop().expect("one element");
+                Ok(Some(Located {
+                    key: self.data_key(name, &sha),
+                    sha,
+                }))
+            }
+            n => Err(unresolved(name, n)),
+        }
+    }
+
+    /// Decodes content `sha` of `name` into `sink` on a blocking thread and
+    /// returns the sink once the content matched its checksum. The sink has
+    /// seen every byte before the check at the end: callers write to a
+    /// temporary place and only use it after this returned `Ok`.
+    pub async fn read_content<W: Write + Send + 'static>(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+        sink: W,
+    ) -> Result<W> {
+        let key = self.data_key(name, sha);
+        let what = format!("{}/{key}", self.repo.describe());
+        let Some(reader) = self.repo.backend().get(&key).await? else {
+            // Listed or claimed a moment ago: it was there. Vanishing now
+            // means something deletes archived WAL under a running reader.
+            return Err(Error::repository(format!("{what} is missing")));
+        };
+        let expected = *sha;
+        tokio::task::spawn_blocking(move || decode_checked(reader, sink, expected, &what)).await?
+    }
+
+    /// Fetches `name` into `dest`, verified: decoded beside `dest` and
+    /// renamed into place only after its checksum matched, so a corrupt
+    /// object never reaches `dest`. `false` when the archive does not hold
+    /// `name`.
+    pub async fn fetch_into(&self, name: &WalFileName, dest: &Path) -> Result<bool> {
+        let Some(found) = self.locate(name).await? else {
+            return Ok(false);
+        };
+        let tmp = tmp_path(dest);
+        let file = File::create(&tmp).map_err(|e| local_error("create", &tmp, e))?;
+        let written = self
+            .read_content(name, &found.sha, BufWriter::with_capacity(1 << 20, file))
+            .await
+            .and_then(|out| {
+                out.into_inner()
+                    .map_err(|e| local_error("write", &tmp, e.into_error()))?;
+                fs::rename(&tmp, dest).map_err(|e| local_error("rename into", dest, e))
+            });
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map(|()| true)
+    }
+
+    /// A small archived file (a timeline history) in memory, verified;
+    /// `None` when the archive does not hold it.
+    pub async fn fetch_small(&self, name: &WalFileName) -> Result<Option<Vec<u8>>> {
+        let Some(found) = self.locate(name).await? else {
+            return Ok(None);
+        };
+        self.read_content(name, &found.sha, Vec::new())
+            .await
+            .map(Some)
+    }
+
+    /// The archived history of timeline `tli` (timeline 1 has none and is
+    /// its own root); `None` when the archive has no history file for it.
+    pub async fn history(&self, tli: TimelineId) -> Result<Option<TimelineHistory>> {
+        if tli == TimelineId::FIRST {
+            return Ok(Some(TimelineHistory::root(tli)));
+        }
+        let name = WalFileName::history(tli);
+        let Some(bytes) = self.fetch_small(&name).await? else {
+            return Ok(None);
+        };
+        parse_history(tli, &String::from_utf8_lossy(&bytes))
+            .map(Some)
+            .map_err(|e| {
+                Error::repository(format!(
+                    "{}/{}: {e}",
+                    self.repo.describe(),
+                    self.claim_key(&name)
+                ))
+            })
+    }
+
+    /// Timelines whose history file is claimed in the archive.
+    pub async fn history_timelines(&self) -> Result<Vec<TimelineId>> {
+        let dir = format!(
+            "{}/history",
+            layout::archive_root(self.repo.stanza(), &self.dir())
+        );
+        let mut out: Vec<TimelineId> = self
+            .repo
+            .backend()
+            .list(&dir)
+            .await?
+            .iter()
+            .filter_map(|m| match layout::parse_archive_key(&m.key) {
+                Some(ArchiveKey::Claim { name }) if name.kind() == WalFileKind::History => {
+                    Some(name.timeline())
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Which of `names` are claimed (archived), listing only their
+    /// directories.
+    pub async fn claimed_among(&self, names: &[WalFileName]) -> Result<HashSet<WalFileName>> {
+        let mut dirs: Vec<String> = names
+            .iter()
+            .map(|n| layout::wal_dir(self.repo.stanza(), &self.dir(), n))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        let mut have = HashSet::new();
+        for d in dirs {
+            for m in self.repo.backend().list(&d).await? {
+                if let Some(ArchiveKey::Claim { name }) = layout::parse_archive_key(&m.key) {
+                    if names.contains(&name) {
+                        have.insert(name);
+                    }
+                }
+            }
+        }
+        Ok(have)
+    }
+
+    /// Stores the record summary of content `sha` of `name` (idempotent).
+    pub async fn store_summary(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+        summary: &WalSummary,
+    ) -> Result<()> {
+        let json = serde_json::to_vec(summary)
+            .map_err(|e| Error::internal(format!("encode the summary of {name}: {e}")))?;
+        self.repo
+            .put_encoded(&self.summary_key(name, sha), &json, PutMode::CreateNew)
+            .await?;
+        Ok(())
+    }
+
+    /// The record summary of content `sha` of `name`. A store that cannot
+    /// be read is an error; a summary that is there but damaged is an
+    /// outcome ([`SummaryRead::Damaged`]), so that one bad object hides
+    /// nothing else.
+    pub async fn read_summary(&self, name: &WalFileName, sha: &Sha256Sum) -> Result<SummaryRead> {
+        let key = self.summary_key(name, sha);
+        let Some(raw) = self.repo.backend().get_bytes(&key).await? else {
+            return Ok(SummaryRead::Missing);
+        };
+        let what = format!("{}/{key}", self.repo.describe());
+        let parsed = codec::decode_bytes(&raw)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| format!("unreadable summary: {e}"))
+            });
+        Ok(match parsed {
+            Ok(s) => SummaryRead::Found(Box::new(s)),
+            Err(e) => SummaryRead::Damaged(format!("{what}: {e}")),
+        })
+    }
+
+    /// One listing of the whole archive, read by the rules above.
+    pub async fn list(&self) -> Result<Listing> {
+        let root = layout::archive_root(self.repo.stanza(), &self.dir());
+        let objects = self.repo.backend().list(&root).await?;
+        let mut listing = Listing::from_objects(objects);
+        // Names with several contents: their claim decides (read only
+        // for them; a single content is what the claim names, by the push
+        // protocol, and `verify` checks every claim).
+        let undecided: Vec<WalFileName> = listing
+            .names
+            .iter()
+            .filter(|(_, e)| e.contents.len() > 1 && e.claimed)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in undecided {
+            let claim = self.read_claim(&name).await;
+            let entry = listing.names.get_mut(&name).expect("listed above");
+            match claim {
+                Ok(Some(c)) => {
+                    if entry.contents.iter().any(|x| x.sha == c.sha256) {
+                        entry.answer = Some(c.sha256);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => entry.claim_error = Some(e.to_string()),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Every key `entry` of `name` has, in the order to delete them: the
+    /// claim first (without it the name answers with its only content, the
+    /// same bytes), then summaries, then contents — an interrupted delete
+    /// leaves what a re-run removes, never a claim without its content.
+    pub fn keys_to_delete(&self, name: &WalFileName, entry: &NameEntry) -> Vec<String> {
+        let mut keys = Vec::new();
+        if entry.claimed {
+            keys.push(self.claim_key(name));
+        }
+        for c in &entry.contents {
+            if c.summarized {
+                keys.push(self.summary_key(name, &c.sha));
+            }
+        }
+        keys.extend(
+            entry
+                .orphan_summaries
+                .iter()
+                .map(|sha| self.summary_key(name, sha)),
+        );
+        for c in &entry.contents {
+            keys.push(self.data_key(name, &c.sha));
+        }
+        keys
+    }
+}
+
+/// The outcome of reading one summary object.
+#[derive(Debug, Clone)]
+pub enum SummaryRead {
+    Found(Box<WalSummary>),
+    Missing,
+    /// Present but not readable: object and cause.
+    Damaged(String),
+}
+
+/// A content of a name, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Content {
+    pub sha: Sha256Sum,
+    /// Bytes stored (compressed).
+    pub stored_size: u64,
+    /// Whether its record summary is stored.
+    pub summarized: bool,
+}
+
+/// What one listing shows of one name.
+#[derive(Debug, Clone, Default)]
+pub struct NameEntry {
+    pub claimed: bool,
+    /// Contents stored under the name, by checksum.
+    pub contents: Vec<Content>,
+    /// The content that answers for the name: see the module doc. `None`
+    /// for a conflict, and for a name with a claim but no content.
+    pub answer: Option<Sha256Sum>,
+    /// The claim of a name with several contents could not be read.
+    pub claim_error: Option<String>,
+    /// Summaries whose content is not stored.
+    pub orphan_summaries: Vec<Sha256Sum>,
+}
+
+impl NameEntry {
+    /// Several contents are stored under the name.
+    pub fn is_conflict(&self) -> bool {
+        self.contents.len() > 1
+    }
+    pub fn content(&self, sha: &Sha256Sum) -> Option<&Content> {
+        self.contents.iter().find(|c| &c.sha == sha)
+    }
+}
+
+/// The archive of one cluster as one listing shows it.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    names: BTreeMap<WalFileName, NameEntry>,
+    /// Keys below the archive that pgvault does not write there.
+    pub unrecognized: Vec<ObjectMeta>,
+}
+
+impl Listing {
+    /// Reads a listing of one cluster's archive directory (claims of names
+    /// with several contents are not read here: see [`Archive::list`]).
+    pub fn from_objects(objects: Vec<ObjectMeta>) -> Listing {
+        let mut out = Listing::default();
+        let mut summaries: Vec<(WalFileName, Sha256Sum)> = Vec::new();
+        for m in objects {
+            match layout::parse_archive_key(&m.key) {
+                Some(ArchiveKey::Data { name, sha }) => {
+                    out.names.entry(name).or_default().contents.push(Content {
+                        sha,
+                        stored_size: m.size,
+                        summarized: false,
+                    })
+                }
+                Some(ArchiveKey::Claim { name }) => {
+                    out.names.entry(name).or_default().claimed = true
+                }
+                Some(ArchiveKey::Summary { name, sha }) => summaries.push((name, sha)),
+                None => out.unrecognized.push(m),
+            }
+        }
+        for (name, sha) in summaries {
+            let entry = out.names.entry(name).or_default();
+            match entry.contents.iter_mut().find(|c| c.sha == sha) {
+                Some(c) => c.summarized = true,
+                None => entry.orphan_summaries.push(sha),
+            }
+        }
+        for entry in out.names.values_mut() {
+            entry.contents.sort_by_key(|c| c.sha.0);
+            if entry.contents.len() == 1 {
+                entry.answer = Some(entry.contents[0].sha);
+            }
+        }
+        out
+    }
+
+    /// Every name listed, with what the listing shows of it.
+    pub fn entries(&self) -> impl Iterator<Item = (&WalFileName, &NameEntry)> {
+        self.names.iter()
+    }
+
+    pub fn entry(&self, name: &WalFileName) -> Option<&NameEntry> {
+        self.names.get(name)
+    }
+
+    /// The content answering for `name`, if the archive holds it.
+    pub fn answer(&self, name: &WalFileName) -> Option<Sha256Sum> {
+        self.names.get(name).and_then(|e| e.answer)
+    }
+
+    pub fn holds(&self, name: &WalFileName) -> bool {
+        self.answer(name).is_some()
+    }
+
+    /// Names the archive holds, each with the content answering for it.
+    pub fn archived(&self) -> impl Iterator<Item = (&WalFileName, Sha256Sum)> {
+        self.names
+            .iter()
+            .filter_map(|(n, e)| e.answer.map(|sha| (n, sha)))
+    }
+
+    /// Whether the content answering for `name` has its summary stored.
+    pub fn is_summarized(&self, name: &WalFileName) -> bool {
+        self.names.get(name).is_some_and(|e| {
+            e.answer
+                .and_then(|sha| e.content(&sha))
+                .is_some_and(|c| c.summarized)
+        })
+    }
+
+    /// The files recovery along `history` replays from segment `start` on,
+    /// in order, up to the first segment the archive does not hold.
+    pub fn replay_path(
+        &self,
+        history: &TimelineHistory,
+        start: SegmentNo,
+        seg_size: u32,
+    ) -> Vec<WalFileName> {
+        let mut out = Vec::new();
+        let mut floor = None;
+        let mut segno = start;
+        'segments: loop {
+            for tli in history.timelines_for_segment(segno, seg_size) {
+                if floor.is_some_and(|f| tli < f) {
+                    break;
+                }
+                let name = WalFileName::for_segment(tli, segno, seg_size);
+                if self.holds(&name) {
+                    out.push(name);
+                    floor = Some(tli);
+                    segno = segno.next();
+                    continue 'segments;
+                }
+            }
+            return out;
+        }
+    }
+}
+
+fn unresolved(name: &WalFileName, n: usize) -> Error {
+    Error::new(
+        Kind::Conflict,
+        format!("{n} different copies of {name} are archived and none is claimed"),
+    )
+    .hint("run `pgvault verify` and keep the right copy")
+}
+
+fn short(sha: &Sha256Sum) -> String {
+    sha.to_hex()[..12].to_string()
+}
+
+/// Decodes `reader` into `sink`, then checks the content against `expected`.
+fn decode_checked<W: Write>(
+    reader: ObjectReader,
+    sink: W,
+    expected: Sha256Sum,
+    what: &str,
+) -> Result<W> {
+    let mut sink = sink;
+    let digest = codec::decode(reader, &mut sink).map_err(|e| match e {
+        CodecError::Io(io) => Error::repository(format!("read {what}: {io}")),
+        other => Error::repository(format!("{what}: {other}")),
+    })?;
+    if digest.sha256 != expected {
+        return Err(Error::repository(format!(
+            "{what}: content checksum {} does not match the archived name's {expected}",
+            digest.sha256
+        )));
+    }
+    Ok(sink)
+}
+
+/// Where a file is written before it is renamed to `dest`.
+pub(crate) fn tmp_path(dest: &Path) -> PathBuf {
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "wal".into());
+    name.push(".pgvault-tmp");
+    dest.with_file_name(name)
+}
+
+fn local_error(what: &str, path: &Path, e: io::Error) -> Error {
+    Error::new(Kind::Internal, format!("{what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(key: &str, size: u64) -> ObjectMeta {
+        ObjectMeta {
+            key: key.into(),
+            size,
+        }
+    }
+
+    fn name(s: &str) -> WalFileName {
+        WalFileName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_listing_answers_like_locate() {
+        let n1 = name("000000010000000000000001");
+        let n2 = name("000000010000000000000002");
+        let n3 = name("000000010000000000000003");
+        let (a, b) = (Sha256Sum([1; 32]), Sha256Sum([2; 32]));
+        let key = |n: &WalFileName, s: &Sha256Sum| layout::wal_data_key("s", "15-1", n, s);
+        let listing = Listing::from_objects(vec![
+            meta(&key(&n1, &a), 10),
+            meta(&layout::wal_claim_key("s", "15-1", &n1), 1),
+            meta(&layout::wal_summary_key("s", "15-1", &n1, &a), 1),
+            // unclaimed single content: a push that crashed before its claim
+            meta(&key(&n2, &b), 10),
+            // two contents: undecided until the claim is read
+            meta(&key(&n3, &a), 10),
+            meta(&key(&n3, &b), 10),
+            meta(&layout::wal_claim_key("s", "15-1", &n3), 1),
+            meta("s/archive/15-1/0000000100000000/.pgvault-tmp-1", 3),
+        ]);
+        assert_eq!(listing.answer(&n1), Some(a));
+        assert!(listing.is_summarized(&n1));
+        assert_eq!(listing.answer(&n2), Some(b));
+        assert!(!listing.is_summarized(&n2));
+        assert_eq!(listing.answer(&n3), None);
+        assert!(listing.entry(&n3).unwrap().is_conflict());
+        assert_eq!(listing.unrecognized.len(), 1);
+        let held: Vec<_> = listing.archived().map(|(n, _)| n.clone()).collect();
+        assert_eq!(held, [n1, n2]);
+    }
+
+    /// Two different contents raced for one name and one of them won the
+    /// claim: every reader must take the name as archived, with the
+    /// claimed content (`info` and restore's target check used to drop the
+    /// name and cut the recoverable window short there).
+    #[tokio::test]
+    async fn a_raced_name_answers_with_its_claimed_content_everywhere() {
+        use crate::pg::history::TimelineHistory;
+        use crate::pg::TimelineId;
+        use crate::repo::DbInfo;
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::local_for_tests(dir.path(), "s");
+        let db = DbInfo {
+            id: 1,
+            system_identifier: "1".into(),
+            pg_version: 15,
+            wal_segment_size: 1 << 20,
+            pg_control_version: 1300,
+            catalog_version: 0,
+        };
+        let archive = repo.archive(&db);
+        let seg = 1u32 << 20;
+        let names: Vec<WalFileName> = (1..=3)
+            .map(|n| WalFileName::for_segment(TimelineId(1), SegmentNo(n), seg))
+            .collect();
+        let push = |name: WalFileName, bytes: Vec<u8>| {
+            let archive = archive.clone();
+            async move {
+                let (a2, n2) = (archive.clone(), name.clone());
+                let (spool, digest) = tokio::task::spawn_blocking(move || {
+                    let spool = a2.spool(&n2).unwrap();
+                    let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
+                    enc.write_all(&bytes).unwrap();
+                    enc.finish().unwrap()
+                })
+                .await
+                .unwrap();
+                archive.store_content(spool, &name, &digest).await.unwrap();
+                digest
+            }
+        };
+        for n in &names {
+            let d = push(n.clone(), n.as_str().as_bytes().to_vec()).await;
+            archive.claim(n, &d).await.unwrap();
+        }
+        // The racing loser's content of the middle name, stored unclaimed.
+        let loser = push(names[1].clone(), b"other bytes".to_vec()).await;
+        let e = archive.claim(&names[1], &loser).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Conflict, "{e}");
+
+        let listing = archive.list().await.unwrap();
+        let winner = archive.locate(&names[1]).await.unwrap().unwrap().sha;
+        assert_ne!(winner, loser.sha256);
+        assert!(listing.entry(&names[1]).unwrap().is_conflict());
+        assert_eq!(listing.answer(&names[1]), Some(winner));
+        let path = listing.replay_path(&TimelineHistory::root(TimelineId(1)), SegmentNo(1), seg);
+        assert_eq!(path, names, "the raced name does not cut the replay path");
+        let mut got = archive.fetch_small(&names[1]).await.unwrap().unwrap();
+        assert_eq!(std::mem::take(&mut got), names[1].as_str().as_bytes());
+    }
+
+    #[test]
+    fn claim_sha_is_hex_on_the_wire() {
+        let c = Claim {
+            sha256: Sha256Sum([0xab; 32]),
+            size: 3,
+            archived_at: "t".into(),
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["sha256"], "ab".repeat(32));
+        let back: Claim = serde_json::from_value(v).unwrap();
+        assert_eq!(back, c);
+        let bad = serde_json::json!({"sha256": "xyz", "size": 1, "archived_at": "t"});
+        assert!(serde_json::from_value::<Claim>(bad).is_err());
+    }
+}

@@ -14,7 +14,10 @@
 //! writes a local repository runs on the host that mounts it: flock is
 //! arbitrated by that host's kernel (and on NFS, Linux turns it into a lock
 //! the server arbitrates). Creates need no lock: `link()` cannot replace
-//! an object, and an update needs one to exist.
+//! an object, and an update needs one to exist. The lock is held only
+//! around the compare and the rename; a process frozen right there (SIGSTOP)
+//! holds up the others until it resumes, and they give up after
+//! `DIR_LOCK_WAIT` with an error saying so rather than hang.
 //!
 //! Everything pgvault creates here is owner-only (files 0600, directories
 //! 0700): full backups must not be readable by every local user. Run as
@@ -53,6 +56,8 @@ const OWN_PREFIX: &str = ".pgvault-";
 const TMP_PREFIX: &str = ".pgvault-tmp-";
 const DIR_LOCK: &str = ".pgvault-dirlock";
 const FILE_MODE: u32 = 0o600;
+/// How long a writer waits for a directory's lock.
+const DIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 const DIR_MODE: u32 = 0o700;
 
 impl LocalBackend {
@@ -167,14 +172,33 @@ impl Ctx {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(at("create", &path, e)),
         };
+        // Held only around a compare and a rename, so a wait is short —
+        // unless the holder was paused right there (SIGSTOP, a VM freeze):
+        // then fail after a bound rather than hang behind it.
+        let start = std::time::Instant::now();
         loop {
             // SAFETY: flock on a descriptor we own; no memory is involved.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 return Ok(Some(file));
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(at("lock", &path, e));
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock if start.elapsed() < DIR_LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!(
+                            "lock {}: another process has held it for {}s \
+                             (a pgvault paused in the middle of a replace?)",
+                            path.display(),
+                            DIR_LOCK_WAIT.as_secs()
+                        ),
+                    ))
+                }
+                _ => return Err(at("lock", &path, e)),
             }
         }
     }
@@ -183,69 +207,6 @@ impl Ctx {
 /// An I/O error that says what pgvault was doing and to which path.
 fn at(what: &str, path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-}
-
-/// The rich error for a failed local operation: what, where, and for
-/// permissions and a full disk a hint saying what to do.
-pub fn local_error(what: &str, path: &Path, e: io::Error) -> Error {
-    let text = e.to_string();
-    // Errors built by `at` already name the path.
-    let msg = if text.contains(&path.display().to_string()) {
-        text
-    } else {
-        format!("{what} {}: {text}", path.display())
-    };
-    let err = Error::repository(msg);
-    match e.kind() {
-        io::ErrorKind::PermissionDenied => err.hint(permission_hint(path)),
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => err.hint(format!(
-            "the filesystem holding {} is full: free space there (or move the repository), \
-             then run the command again; nothing half-written was kept",
-            path.display()
-        )),
-        _ => err,
-    }
-}
-
-/// Which user needs what, for a permission error on `path`.
-pub fn permission_hint(path: &Path) -> String {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = user_name(unsafe { libc::geteuid() });
-    let owner = path
-        .ancestors()
-        .find_map(|p| fs::metadata(p).ok().map(|m| (p.to_path_buf(), m)));
-    let whose = match owner {
-        Some((p, m)) => format!(
-            "{} belongs to {} (mode {:o})",
-            p.display(),
-            user_name(m.uid()),
-            m.mode() & 0o7777
-        ),
-        None => String::new(),
-    };
-    format!(
-        "pgvault runs as {me} here, and {whose}: every pgvault command must run as the \
-         user that owns the repository, which must be the PostgreSQL server's user \
-         (archive_command runs as that user); fix the ownership with \
-         `chown -R <that user> <repository>` or run pgvault as that user"
-    )
-}
-
-/// The login name of `uid`, or the number when it has none.
-pub fn user_name(uid: u32) -> String {
-    let mut buf = vec![0u8; 4096];
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both owned here and
-    // alive for the call; `out` is set to `&pwd` or null.
-    let rc =
-        unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
-    if rc != 0 || out.is_null() || pwd.pw_name.is_null() {
-        return format!("uid {uid}");
-    }
-    // SAFETY: on success pw_name points to a NUL-terminated string in `buf`.
-    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
-    format!("{} (uid {uid})", name.to_string_lossy())
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -605,5 +566,8 @@ impl Backend for LocalBackend {
     }
 }
 
+mod errors;
 #[cfg(test)]
 mod tests;
+
+pub use errors::{local_error, permission_hint, user_name};

@@ -8,9 +8,9 @@
 //!
 //! Conditional updates compare the object's version (the SHA-256 of its
 //! bytes) and rename the new one over it while holding an exclusive
-//! `flock` on the directory's `.pgvault-dirlock`; overwrites and deletes
-//! take the same lock, so no replace or delete can slip in between the
-//! compare and the rename. That is enough because every process that
+//! `flock` on the directory's `.pgvault-dirlock`; overwrites take the same
+//! lock, and so do deletes in a directory that has one, so no replace or
+//! delete can slip in between the compare and the rename. That is enough because every process that
 //! writes a local repository runs on the host that mounts it: flock is
 //! arbitrated by that host's kernel (and on NFS, Linux turns it into a lock
 //! the server arbitrates). Creates need no lock: `link()` cannot replace
@@ -150,16 +150,23 @@ impl Ctx {
     }
 
     /// Holds the directory's lock until dropped. `None` when the directory
-    /// does not exist (nothing in it to protect).
-    fn lock_dir(&self, dir: &Path) -> io::Result<Option<File>> {
+    /// does not exist (nothing in it to protect), or when `create` is false
+    /// and it has no lock file: no replace ever happened there, so no
+    /// compare-and-rename can be under way (deletes, which are most of what
+    /// expire does, thus leave no lock file in the directories they empty).
+    fn lock_dir(&self, dir: &Path, create: bool) -> io::Result<Option<File>> {
         let path = dir.join(DIR_LOCK);
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&path)
-        {
+        let created = if create {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&path)
+        } else {
+            Err(io::Error::from(io::ErrorKind::AlreadyExists))
+        };
+        let file = match created {
             Ok(f) => {
                 self.adopt(&path)?;
                 f
@@ -167,7 +174,11 @@ impl Ctx {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Read-only suffices for flock; a lock file another user
                 // created stays usable.
-                File::open(&path).map_err(|e| at("open", &path, e))?
+                match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(at("open", &path, e)),
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(at("create", &path, e)),
@@ -282,7 +293,7 @@ fn place(ctx: Ctx, tmp: &Path, dest: &Path, mode: &PutMode) -> io::Result<PutOut
             }
         }
         PutMode::Overwrite | PutMode::Update(_) => {
-            let _guard = ctx.lock_dir(dir)?;
+            let _guard = ctx.lock_dir(dir, true)?;
             if let PutMode::Update(expected) = mode {
                 if current_version(dest)?.as_ref() != Some(expected) {
                     let _ = fs::remove_file(tmp);
@@ -386,7 +397,9 @@ fn delete_blocking(ctx: Ctx, paths: &[PathBuf]) -> std::result::Result<(), (Path
         by_dir.entry(p.parent().unwrap_or(p)).or_default().push(p);
     }
     for (dir, files) in by_dir {
-        let _guard = ctx.lock_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
+        let _guard = ctx
+            .lock_dir(dir, false)
+            .map_err(|e| (dir.to_path_buf(), e))?;
         for p in files {
             match fs::remove_file(p) {
                 Ok(()) => {}

@@ -301,8 +301,10 @@ impl Repository {
                 let mut st = renewer.state.lock().await;
                 match renewer.renew(&mut st).await {
                     Ok(()) => {}
+                    // The command's next write fails with the error; a
+                    // warning says when it was found.
                     Err(e) if st.lost.is_some() => {
-                        log::error!("{e}");
+                        log::warn!("{e}");
                         return;
                     }
                     Err(e) => log::warn!("renew the stanza lock: {e}"),

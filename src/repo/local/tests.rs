@@ -122,6 +122,31 @@ async fn cut_bodies_are_resumed_or_reported_as_transfers() {
     assert!(!text.contains("corrupt"), "{text}");
 }
 
+/// Deleting leaves nothing of pgvault's own in the directories it empties
+/// (expire removes backups so), and replacing keeps one lock file only.
+#[tokio::test]
+async fn deletes_leave_no_lock_files() {
+    let (d, b) = backend();
+    let keys: Vec<String> = (0..3).map(|i| format!("s/backup/l/data/{i}")).collect();
+    for k in &keys {
+        b.put(k, Bytes::from_static(b"x"), PutMode::CreateNew)
+            .await
+            .expect("put");
+    }
+    b.delete_many(&keys).await.expect("delete");
+    b.delete("s/backup/l/data/9").await.expect("delete");
+    assert_eq!(all_files(d.path()), Vec::<PathBuf>::new());
+    b.put("s/x", Bytes::from_static(b"1"), PutMode::Overwrite)
+        .await
+        .expect("put");
+    b.put("s/x", Bytes::from_static(b"2"), PutMode::Overwrite)
+        .await
+        .expect("put");
+    b.delete("s/x").await.expect("delete");
+    let left: Vec<PathBuf> = all_files(d.path());
+    assert_eq!(left, vec![d.path().join("repo/s").join(DIR_LOCK)]);
+}
+
 /// Issue 9, defect 3: a spool dropped before its commit (a failed encode, a
 /// file that vanished) leaves no temporary file behind.
 #[test]

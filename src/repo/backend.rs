@@ -129,8 +129,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn atomic_create(&self) -> bool;
 
     /// Starts reading `key` at byte `from`; `None` when the object does not
-    /// exist. With `pin`, refuses (with an error) an object that is no longer
-    /// the one pinned. The body may break off: use [`Backend::get`].
+    /// exist — or, with `pin`, is no longer the one pinned (a resumed read
+    /// never continues in another version). The body may break off: use
+    /// [`Backend::get`], which resumes it.
     async fn open(
         &self,
         key: &str,
@@ -369,7 +370,10 @@ impl ResumingReader {
             }
             Ok(None) => Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("{} vanished while it was being read", self.what()),
+                format!(
+                    "{} was removed or replaced while it was being read",
+                    self.what()
+                ),
             )),
             Err(e) => Err(io::Error::other(e.to_string())),
         }

@@ -12,7 +12,7 @@ use crate::ops::walfacts;
 use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::Listing;
-use crate::repo::manifest::{Manifest, PageChecksums};
+use crate::repo::manifest::{Manifest, PageChecksums, UnreadableManifest};
 use crate::repo::{DbInfo, Repository};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
@@ -36,6 +36,9 @@ pub struct InfoReport {
     /// now would lose at most, as far as the archive knows (the recovery
     /// point objective actually met).
     pub rpo_seconds: Option<f64>,
+    /// Backups whose manifest cannot be read: left out of everything above
+    /// (`pgvault verify` checks the rest of the repository).
+    pub unreadable_backups: Vec<UnreadableManifest>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -134,6 +137,7 @@ pub struct Recoverable {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RestorePointReport {
     pub name: String,
+    /// The LSN `pg_create_restore_point` returned (the end of its record).
     pub lsn: Lsn,
     pub time: String,
 }
@@ -146,7 +150,11 @@ pub struct Gap {
 
 pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoReport> {
     let stanza = repo.require_stanza().await?;
-    let manifests = repo.manifests().await?;
+    let backups = repo.backups().await?;
+    for u in &backups.unreadable {
+        log::warn!("backup {} left out: {}", u.label, u.error);
+    }
+    let manifests = backups.manifests;
     let mut dbs = Vec::new();
     let mut current_listing = Listing::default();
     let mut newest_commit = None;
@@ -209,6 +217,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         newest_commit_time: newest_commit.map(walfacts::format_us),
         rpo_seconds: newest_commit
             .map(|us| (chrono::Utc::now().timestamp_micros() - us) as f64 / 1e6),
+        unreadable_backups: backups.unreadable,
     };
     if let Some(cat) = catalog {
         // The catalog caches the current cluster's archive.
@@ -357,7 +366,10 @@ fn recoverable(
                 .iter()
                 .map(|rp| RestorePointReport {
                     name: rp.name.clone(),
-                    lsn: rp.lsn,
+                    // What pg_create_restore_point returned: the record's
+                    // end (a summary from before `end` was kept has only
+                    // its start).
+                    lsn: if rp.end > rp.lsn { rp.end } else { rp.lsn },
                     time: walfacts::format_us(rp.time_us),
                 })
                 .collect(),

@@ -490,6 +490,18 @@ impl Backend for FaultBackend {
         Ok(all)
     }
 
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        self.request("list_dirs", dir, false, || self.inner.list_dirs(dir))
+            .await
+    }
+
+    async fn list_leftovers(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
+        self.request("list_leftovers", dir, false, || {
+            self.inner.list_leftovers(dir)
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         self.request("delete", key, true, || self.inner.delete(key))
             .await

@@ -133,6 +133,14 @@ impl Backend for Fenced {
         self.inner.list(dir).await
     }
 
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        self.inner.list_dirs(dir).await
+    }
+
+    async fn list_leftovers(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
+        self.inner.list_leftovers(dir).await
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         self.gate.check(&self.what(key)).await?;
         self.inner.delete(key).await

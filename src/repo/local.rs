@@ -76,6 +76,19 @@ impl LocalBackend {
         local_error(what, path, e)
     }
 
+    /// See [`list_blocking`].
+    async fn list_files(&self, dir: &str, leftovers: bool) -> Result<Vec<ObjectMeta>> {
+        let root = self.root.clone();
+        let start = self.path(dir);
+        let start2 = start.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            list_blocking(&root, &start2, leftovers, &mut out).map(|_| out)
+        })
+        .await?
+        .map_err(|e| self.err("list", &start, e))
+    }
+
     /// The user new files go to when pgvault runs as root in a repository
     /// that another user owns.
     fn owner(&self) -> Option<(u32, u32)> {
@@ -339,7 +352,15 @@ fn commit_blocking(
     place(ctx, tmp, dest, mode)
 }
 
-fn list_blocking(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
+/// Lists the files below `dir`: the objects, or (with `leftovers`) only the
+/// writers' temporary files. pgvault's other own files (directory locks)
+/// are neither.
+fn list_blocking(
+    root: &Path,
+    dir: &Path,
+    leftovers: bool,
+    out: &mut Vec<ObjectMeta>,
+) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -348,14 +369,14 @@ fn list_blocking(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> io::Resu
     for entry in entries {
         let entry = entry.map_err(|e| at("list", dir, e))?;
         let name = entry.file_name();
-        if name.to_string_lossy().starts_with(OWN_PREFIX) {
-            continue;
-        }
+        let name = name.to_string_lossy();
         let path = entry.path();
         let ft = entry.file_type().map_err(|e| at("stat", &path, e))?;
-        if ft.is_dir() {
-            list_blocking(root, &path, out)?;
-        } else if ft.is_file() {
+        let tmp = name.starts_with(TMP_PREFIX);
+        let own = name.starts_with(OWN_PREFIX);
+        if ft.is_dir() && !own {
+            list_blocking(root, &path, leftovers, out)?;
+        } else if ft.is_file() && (if leftovers { tmp } else { !own }) {
             let Ok(rel) = path.strip_prefix(root) else {
                 continue;
             };
@@ -364,13 +385,18 @@ fn list_blocking(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> io::Resu
                 .map(|c| c.as_os_str().to_string_lossy())
                 .collect::<Vec<_>>()
                 .join("/");
-            let size = match entry.metadata() {
-                Ok(m) => m.len(),
-                // Deleted since the directory was read.
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                // Renamed into place or removed since it was read from the
+                // directory: a writer or a deleter at work.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(at("stat", &path, e)),
             };
-            out.push(ObjectMeta { key, size });
+            out.push(ObjectMeta {
+                key,
+                size: meta.len(),
+                modified: meta.modified().ok(),
+            });
         }
     }
     Ok(())
@@ -522,12 +548,32 @@ impl Backend for LocalBackend {
     }
 
     async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
-        let root = self.root.clone();
+        self.list_files(dir, false).await
+    }
+
+    async fn list_leftovers(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
+        self.list_files(dir, true).await
+    }
+
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
         let start = self.path(dir);
         let start2 = start.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || -> io::Result<Vec<String>> {
+            let entries = match fs::read_dir(&start2) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
             let mut out = Vec::new();
-            list_blocking(&root, &start2, &mut out).map(|_| out)
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir() && !name.starts_with(OWN_PREFIX) {
+                    out.push(name);
+                }
+            }
+            out.sort();
+            Ok(out)
         })
         .await?
         .map_err(|e| self.err("list", &start, e))

@@ -11,9 +11,12 @@ mod common;
 
 mod archive;
 mod backends;
+mod config;
 mod lookahead;
 mod operations;
+mod orphans;
 mod pages;
 mod pitr;
 mod runbooks;
+mod targets;
 mod upgrade;

@@ -391,6 +391,19 @@ impl Drop for Cluster {
     }
 }
 
+/// `pgvault stanza-create` for the cluster at `pgdata`, as the postgres user.
+#[track_caller]
+pub fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
+    let pgdata = pgdata.display().to_string();
+    repo.run(
+        env,
+        As::PgUser,
+        &["stanza-create", "--pgdata", &pgdata],
+        env.dir(),
+    )
+    .ok();
+}
+
 /// `pgvault backup --start-fast` of `pg` as the postgres user.
 pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
     let pgdata = pg.pgdata().display().to_string();

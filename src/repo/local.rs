@@ -8,9 +8,9 @@
 //!
 //! Conditional updates compare the object's version (the SHA-256 of its
 //! bytes) and rename the new one over it while holding an exclusive
-//! `flock` on the directory's `.pgvault-dirlock`; overwrites take the same
-//! lock, and so do deletes in a directory that has one, so no replace or
-//! delete can slip in between the compare and the rename. That is enough because every process that
+//! `flock` on the directory's lock file (in `.pgvault-locks/` at the root);
+//! overwrites and deletes take the same lock, so no replace or delete can
+//! slip in between the compare and the rename. That is enough because every process that
 //! writes a local repository runs on the host that mounts it: flock is
 //! arbitrated by that host's kernel (and on NFS, Linux turns it into a lock
 //! the server arbitrates). Creates need no lock: `link()` cannot replace
@@ -54,7 +54,10 @@ pub struct LocalBackend {
 /// never listed as objects.
 const OWN_PREFIX: &str = ".pgvault-";
 const TMP_PREFIX: &str = ".pgvault-tmp-";
-const DIR_LOCK: &str = ".pgvault-dirlock";
+/// Below the root: the lock files of compare-and-rename, one per stripe of
+/// directories (see [`Ctx::lock_dir`]).
+const LOCKS_DIR: &str = ".pgvault-locks";
+const LOCK_STRIPES: u64 = 256;
 const FILE_MODE: u32 = 0o600;
 /// How long a writer waits for a directory's lock.
 const DIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -106,14 +109,16 @@ impl LocalBackend {
 
     fn ctx(&self) -> Ctx {
         Ctx {
+            root: Arc::new(self.root.clone()),
             owner: self.owner(),
         }
     }
 }
 
 /// What the blocking helpers need to know about the repository.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Ctx {
+    root: Arc<PathBuf>,
     owner: Option<(u32, u32)>,
 }
 
@@ -162,38 +167,41 @@ impl Ctx {
         Ok((tmp, file))
     }
 
-    /// Holds the directory's lock until dropped. `None` when the directory
-    /// does not exist (nothing in it to protect), or when `create` is false
-    /// and it has no lock file: no replace ever happened there, so no
-    /// compare-and-rename can be under way (deletes, which are most of what
-    /// expire does, thus leave no lock file in the directories they empty).
-    fn lock_dir(&self, dir: &Path, create: bool) -> io::Result<Option<File>> {
-        let path = dir.join(DIR_LOCK);
-        let created = if create {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(FILE_MODE)
-                .open(&path)
-        } else {
-            Err(io::Error::from(io::ErrorKind::AlreadyExists))
-        };
-        let file = match created {
+    /// Holds the lock of `dir` until dropped: an exclusive flock on one of
+    /// [`LOCK_STRIPES`] files in `<root>/.pgvault-locks/`, chosen by the
+    /// directory's path, so that the object directories hold nothing but
+    /// objects (expire empties them whole) and the lock files stay few.
+    /// `None` when the repository does not exist yet (nothing to protect).
+    fn lock_dir(&self, dir: &Path) -> io::Result<Option<File>> {
+        if !self.root.is_dir() {
+            return Ok(None);
+        }
+        let locks = self.root.join(LOCKS_DIR);
+        self.create_dir_durable(&locks)?;
+        let rel = dir.strip_prefix(&*self.root).unwrap_or(dir);
+        // FNV-1a: stable across runs and versions, as every process of the
+        // host must pick the same stripe for a directory.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in rel.as_os_str().as_encoded_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let path = locks.join(format!("{:02x}", h % LOCK_STRIPES));
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&path)
+        {
             Ok(f) => {
                 self.adopt(&path)?;
                 f
             }
+            // Read-only suffices for flock; a lock file another user
+            // created stays usable.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                // Read-only suffices for flock; a lock file another user
-                // created stays usable.
-                match File::open(&path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(at("open", &path, e)),
-                }
+                File::open(&path).map_err(|e| at("open", &path, e))?
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(at("create", &path, e)),
         };
         // Held only around a compare and a rename, so a wait is short —
@@ -283,7 +291,7 @@ fn current_version(path: &Path) -> io::Result<Option<ObjectVersion>> {
 
 /// Puts the fsynced temporary file `tmp` in place as `dest` under `mode`.
 /// `tmp` is gone afterwards whatever happened.
-fn place(ctx: Ctx, tmp: &Path, dest: &Path, mode: &PutMode) -> io::Result<PutOutcome> {
+fn place(ctx: &Ctx, tmp: &Path, dest: &Path, mode: &PutMode) -> io::Result<PutOutcome> {
     let dir = dest
         .parent()
         .ok_or_else(|| io::Error::other(format!("{} has no directory", dest.display())))?;
@@ -306,7 +314,7 @@ fn place(ctx: Ctx, tmp: &Path, dest: &Path, mode: &PutMode) -> io::Result<PutOut
             }
         }
         PutMode::Overwrite | PutMode::Update(_) => {
-            let _guard = ctx.lock_dir(dir, true)?;
+            let _guard = ctx.lock_dir(dir)?;
             if let PutMode::Update(expected) = mode {
                 if current_version(dest)?.as_ref() != Some(expected) {
                     let _ = fs::remove_file(tmp);
@@ -349,7 +357,7 @@ fn commit_blocking(
         let _ = fs::remove_file(tmp);
         return Err(e);
     }
-    place(ctx, tmp, dest, mode)
+    place(&ctx, tmp, dest, mode)
 }
 
 /// Lists the files below `dir`: the objects, or (with `leftovers`) only the
@@ -417,15 +425,13 @@ fn identity(meta: &fs::Metadata) -> ObjectVersion {
     }
 }
 
-fn delete_blocking(ctx: Ctx, paths: &[PathBuf]) -> std::result::Result<(), (PathBuf, io::Error)> {
+fn delete_blocking(ctx: &Ctx, paths: &[PathBuf]) -> std::result::Result<(), (PathBuf, io::Error)> {
     let mut by_dir: std::collections::BTreeMap<&Path, Vec<&PathBuf>> = Default::default();
     for p in paths {
         by_dir.entry(p.parent().unwrap_or(p)).or_default().push(p);
     }
     for (dir, files) in by_dir {
-        let _guard = ctx
-            .lock_dir(dir, false)
-            .map_err(|e| (dir.to_path_buf(), e))?;
+        let _guard = ctx.lock_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
         for p in files {
             match fs::remove_file(p) {
                 Ok(()) => {}
@@ -486,7 +492,7 @@ impl Backend for LocalBackend {
                 let _ = fs::remove_file(&tmp);
                 return Err(e);
             }
-            Ok(match place(ctx, &tmp, &dest2, &mode)? {
+            Ok(match place(&ctx, &tmp, &dest2, &mode)? {
                 PutOutcome::Created => PutResult::Written(version_of(&data)),
                 PutOutcome::AlreadyExists => PutResult::Refused,
             })
@@ -586,7 +592,7 @@ impl Backend for LocalBackend {
     async fn delete_many(&self, keys: &[String]) -> Result<()> {
         let paths: Vec<PathBuf> = keys.iter().map(|k| self.path(k)).collect();
         let ctx = self.ctx();
-        tokio::task::spawn_blocking(move || delete_blocking(ctx, &paths))
+        tokio::task::spawn_blocking(move || delete_blocking(&ctx, &paths))
             .await?
             .map_err(|(p, e)| self.err("delete", &p, e))
     }

@@ -122,10 +122,11 @@ async fn cut_bodies_are_resumed_or_reported_as_transfers() {
     assert!(!text.contains("corrupt"), "{text}");
 }
 
-/// Deleting leaves nothing of pgvault's own in the directories it empties
-/// (expire removes backups so), and replacing keeps one lock file only.
+/// Deleting and replacing leave nothing of pgvault's own in the object
+/// directories (expire empties backup directories whole): the lock files
+/// live apart, and stay few.
 #[tokio::test]
-async fn deletes_leave_no_lock_files() {
+async fn lock_files_stay_out_of_object_directories() {
     let (d, b) = backend();
     let keys: Vec<String> = (0..3).map(|i| format!("s/backup/l/data/{i}")).collect();
     for k in &keys {
@@ -133,18 +134,27 @@ async fn deletes_leave_no_lock_files() {
             .await
             .expect("put");
     }
+    for i in 0..300 {
+        b.put(
+            &format!("s/d{i}/x"),
+            Bytes::from_static(b"1"),
+            PutMode::Overwrite,
+        )
+        .await
+        .expect("put");
+        b.delete(&format!("s/d{i}/x")).await.expect("delete");
+    }
     b.delete_many(&keys).await.expect("delete");
-    b.delete("s/backup/l/data/9").await.expect("delete");
-    assert_eq!(all_files(d.path()), Vec::<PathBuf>::new());
-    b.put("s/x", Bytes::from_static(b"1"), PutMode::Overwrite)
-        .await
-        .expect("put");
-    b.put("s/x", Bytes::from_static(b"2"), PutMode::Overwrite)
-        .await
-        .expect("put");
-    b.delete("s/x").await.expect("delete");
-    let left: Vec<PathBuf> = all_files(d.path());
-    assert_eq!(left, vec![d.path().join("repo/s").join(DIR_LOCK)]);
+    let files = all_files(d.path());
+    let locks = d.path().join("repo").join(LOCKS_DIR);
+    assert!(files.iter().all(|f| f.starts_with(&locks)), "{files:?}");
+    assert!(
+        files.len() as u64 <= LOCK_STRIPES,
+        "{} lock files",
+        files.len()
+    );
+    assert!(b.list("").await.expect("list").is_empty());
+    assert!(b.list_dirs("").await.expect("list_dirs") == vec!["s".to_string()]);
 }
 
 /// Issue 9, defect 3: a spool dropped before its commit (a failed encode, a

@@ -33,7 +33,8 @@ use super::backend::{
 use crate::error::{Error, Result};
 
 /// What pgvault's own options say about the store (each overrides `AWS_*`).
-#[derive(Debug, Clone, Default)]
+/// Its `Debug` never shows the secret key.
+#[derive(Clone, Default)]
 pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
@@ -44,6 +45,23 @@ pub struct S3Options {
     pub atomic_create: bool,
     /// Bound on retries of one request, in total.
     pub retry_timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("allow_http", &self.allow_http)
+            .field("atomic_create", &self.atomic_create)
+            .field("retry_timeout", &self.retry_timeout)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -516,5 +534,23 @@ impl Read for ChannelReader {
         out[..n].copy_from_slice(&self.current[..n]);
         self.current = self.current.slice(n..);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_secret_key() {
+        let opts = S3Options {
+            access_key_id: Some("AKIAEXAMPLE".into()),
+            secret_access_key: Some("wJalrXUtnFEMI-very-secret".into()),
+            ..Default::default()
+        };
+        let shown = format!("{opts:?}");
+        assert!(shown.contains("AKIAEXAMPLE"), "{shown}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }

@@ -204,7 +204,8 @@ pub struct RepoSettings {
     pub s3: S3Settings,
 }
 
-/// The local catalog: `archive-push`, `restore`, `info`, `backfill`.
+/// The local catalog: `archive-push`, `backup`, `restore`, `info`, `expire`,
+/// `backfill`.
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct CatalogFile {
@@ -493,6 +494,8 @@ pub struct Backup {
     pub connection: Connection,
     #[command(flatten)]
     pub primary: Primary,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
 }
 
 impl Backup {
@@ -559,6 +562,8 @@ pub struct Check {
 pub struct Expire {
     #[command(flatten)]
     pub retention: Retention,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
 }
 
 /// `verify`.

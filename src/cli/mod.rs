@@ -16,7 +16,7 @@ use clap::FromArgMatches;
 use crate::config::{self, Global, RepoConfig};
 use crate::error::{Error, Kind, Result};
 use crate::ops;
-use crate::repo::Repository;
+use crate::repo::{Fetched, Repository};
 use args::{ArchiveModeArg, Cli, Command, RestoreArgs, TargetActionArg};
 
 /// Exit code of `archive-get` when the file is not in the archive.
@@ -158,9 +158,13 @@ fn spawn_detached(role: &str) {
 /// before they read the stanza, so that a misspelled `--stanza` leaves
 /// nothing behind. `archive-push` and `archive-get` read it first anyway
 /// and are spared the extra read.
+/// A stanza object that is there but damaged counts as there: the command
+/// says so itself (`verify` reports it and goes on).
 async fn open_stanza(g: &Global, r: &RepoConfig) -> Result<Repository> {
     let repo = g.open(r)?;
-    repo.require_stanza().await?;
+    if let Fetched::Missing = repo.fetch_stanza().await? {
+        repo.require_stanza().await?;
+    }
     Ok(repo)
 }
 
@@ -282,7 +286,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     render::backup_done(&m)?;
                     if let Some(retention) = o.expire_after(r.number)? {
                         let opts = expire_options(&retention, false);
-                        let x = ops::expire::expire(&repo, &opts)
+                        let catalog = g.catalog(r, &o.catalog);
+                        let x = ops::expire::expire(&repo, catalog.as_ref(), &opts)
                             .await
                             .map_err(|e| e.context("expire after the backup (expire-auto)"))?;
                         for l in &x.expired {
@@ -306,13 +311,13 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             } else {
                 let opened = repos
                     .iter()
-                    .map(|r| g.open(r))
+                    .map(|r| Ok((g.open(r)?, g.catalog(r, &args.options.catalog))))
                     .collect::<Result<Vec<_>>>()?;
                 let (i, r) = ops::restore::restore_first(&opened, &opts, progress).await?;
                 eprintln!(
                     "pgvault: restored from repository {} ({})",
                     repos[i].number,
-                    opened[i].describe()
+                    opened[i].0.describe()
                 );
                 r
             };
@@ -391,7 +396,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 let done = async {
                     let repo = open_stanza(g, r).await?;
                     each.announce(r, &repo, "expire in");
-                    let x = ops::expire::expire(&repo, &opts).await?;
+                    let catalog = g.catalog(r, &o.catalog);
+                    let x = ops::expire::expire(&repo, catalog.as_ref(), &opts).await?;
                     render::expire(&x)
                 };
                 let done = done.await;

@@ -41,7 +41,8 @@ use crate::pg::{Lsn, WalFileName};
 use crate::repo::codec::{EncodeOptions, Encoder};
 use crate::repo::layout;
 use crate::repo::manifest::{
-    BadPageEntry, DirEntry, FileEntry, Manifest, PageChecksums, Tablespace, MANIFEST_FORMAT,
+    BackupHeader, BadPageEntry, DirEntry, FileEntry, Manifest, PageChecksums, Tablespace,
+    MANIFEST_FORMAT,
 };
 use crate::repo::{Backend, PutMode, Repository, Spool};
 
@@ -225,32 +226,35 @@ async fn backup_inner(
     let original_size = files.iter().map(|f| f.size).sum();
     let stored_size = stored_size(&files);
     let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        label: label.clone(),
-        backup_type: "full".into(),
-        start_lsn,
-        stop_lsn: stop.lsn,
-        start_time,
-        stop_time,
-        timeline: tli,
-        pg_version: db.pg_version,
-        system_identifier: db.system_identifier.clone(),
-        db_id: db.id,
-        wal_segment_size: seg,
-        wal_start: WalFileName::for_segment(tli, first, seg)
-            .as_str()
-            .to_string(),
-        wal_stop: WalFileName::for_segment(tli, last, seg)
-            .as_str()
-            .to_string(),
+        header: BackupHeader {
+            format: MANIFEST_FORMAT,
+            label: label.clone(),
+            backup_type: "full".into(),
+            start_lsn,
+            stop_lsn: stop.lsn,
+            start_time,
+            stop_time,
+            timeline: tli,
+            pg_version: db.pg_version,
+            system_identifier: db.system_identifier.clone(),
+            db_id: db.id,
+            wal_segment_size: seg,
+            wal_start: WalFileName::for_segment(tli, first, seg)
+                .as_str()
+                .to_string(),
+            wal_stop: WalFileName::for_segment(tli, last, seg)
+                .as_str()
+                .to_string(),
+            original_size,
+            stored_size,
+            file_count: files.len() as u64,
+            page_checksums,
+        },
         backup_label: stop.backup_label,
         tablespace_map: stop.tablespace_map,
         tablespaces,
         dirs,
         files,
-        original_size,
-        stored_size,
-        page_checksums,
     };
     repo.write_manifest(&manifest).await?;
     progress.finish();

@@ -4,6 +4,7 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
+pub mod backups;
 pub mod check;
 pub mod expire;
 pub mod gaps;

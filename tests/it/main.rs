@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod backends;
 mod blockrefs;
 mod config;
 mod lookahead;

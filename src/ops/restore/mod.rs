@@ -23,7 +23,7 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::ops::progress::Progress;
 use crate::pg::recovery::{RecoveryTarget, TargetAction};
-use crate::repo::manifest::{label_time, Manifest, UnreadableManifest};
+use crate::repo::manifest::{label_time, BackupHeader, ManifestRead, UnreadableManifest};
 use crate::repo::Repository;
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -56,7 +56,7 @@ pub struct RestoreOptions {
 /// target.
 fn warn_hidden_candidates(
     unreadable: &[UnreadableManifest],
-    chosen: &Manifest,
+    chosen: &BackupHeader,
     target: Option<&RecoveryTarget>,
 ) {
     for u in unreadable.iter().filter(|u| u.label > chosen.label) {
@@ -101,25 +101,33 @@ pub async fn restore(
 /// that has a backup recovering to the target — a repository that cannot
 /// be read, has no fitting backup or whose archive does not reach the
 /// target is passed over, with a warning, before anything is written.
-/// Returns the index in `repos` of the one used.
+/// Each repository comes with its own catalog (`opts.catalog` is ignored):
+/// a catalog caches one repository's backups, and reading another's
+/// through it would forget the backups it knows. Returns the index in
+/// `repos` of the one used.
 pub async fn restore_first(
-    repos: &[Repository],
+    repos: &[(Repository, Option<Catalog>)],
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<(usize, Restored)> {
-    let (last, rest) = repos
+    let with = |catalog: &Option<Catalog>| RestoreOptions {
+        catalog: catalog.clone(),
+        ..opts.clone()
+    };
+    let ((last, last_catalog), rest) = repos
         .split_last()
         .ok_or_else(|| Error::internal("restore from no repository"))?;
-    for (i, repo) in rest.iter().enumerate() {
-        match restore_inner(repo, opts, None).await {
-            Ok(_) => return restore(repo, opts, progress).await.map(|r| (i, r)),
+    for (i, (repo, catalog)) in rest.iter().enumerate() {
+        let opts = with(catalog);
+        match restore_inner(repo, &opts, None).await {
+            Ok(_) => return restore(repo, &opts, progress).await.map(|r| (i, r)),
             Err(e) => log::warn!(
                 "not restoring from {}: {e}; trying the next repository",
                 repo.describe()
             ),
         }
     }
-    restore(last, opts, progress)
+    restore(last, &with(last_catalog), progress)
         .await
         .map(|r| (repos.len() - 1, r))
 }
@@ -132,7 +140,7 @@ async fn restore_inner(
     progress: Option<Arc<dyn Progress>>,
 ) -> Result<Option<Restored>> {
     let stanza = repo.require_stanza().await?;
-    let backups = repo.backups().await?;
+    let backups = crate::ops::backups::index(repo, opts.catalog.as_ref()).await?;
     if let Some(u) = opts.set.as_deref().and_then(|l| backups.unreadable(l)) {
         return Err(Error::repository(format!(
             "backup {} cannot be restored: {}",
@@ -140,7 +148,7 @@ async fn restore_inner(
         ))
         .hint("choose another backup with --set (`pgvault info` lists them)"));
     }
-    let manifests = &backups.manifests;
+    let manifests = &backups.headers;
     if manifests.is_empty() {
         let unreadable: Vec<&str> = backups
             .unreadable
@@ -188,7 +196,35 @@ async fn restore_inner(
         ));
     }
 
-    let skipped = lay::lay_down(repo, m, opts, progress.clone()).await?;
+    // The choice read headers (from the catalog where it could); laying
+    // the backup down needs all of its manifest.
+    let read = repo.read_manifest(&m.label).await?;
+    if !matches!(read, Some(ManifestRead::Found(_))) {
+        // The catalog's copy of its header is stale: forget it.
+        if let Some(cat) = &opts.catalog {
+            cat.update_backups_best_effort(repo.stanza(), Vec::new(), vec![m.label.clone()])
+                .await;
+        }
+    }
+    let m = match read {
+        Some(ManifestRead::Found(full)) => full,
+        Some(ManifestRead::Unreadable(u)) => {
+            return Err(Error::repository(format!(
+                "backup {} cannot be restored: {}",
+                u.label, u.error
+            ))
+            .hint("choose another backup with --set (`pgvault info` lists them)"))
+        }
+        None => {
+            return Err(Error::repository(format!(
+                "backup {} is gone from {} (expired while this restore started?)",
+                m.label,
+                repo.describe()
+            ))
+            .hint("run the restore again: it chooses among the backups there now"))
+        }
+    };
+    let skipped = lay::lay_down(repo, &m, opts, progress.clone()).await?;
     progress.finish();
     Ok(Some(Restored {
         label: m.label.clone(),

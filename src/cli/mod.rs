@@ -333,16 +333,11 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let repos = g.repos()?;
             let mut each = Each::new(&repos);
             for r in &repos {
+                // Before the repository is asked: one that does not answer
+                // still has its queue shown.
+                warn_behind(g, r, &o.spool);
                 let done = async {
                     let repo = open_stanza(g, r).await?;
-                    let queue = g.spool(r, &o.spool).map(|s| s.queue().state());
-                    if let Some(q) = queue.as_ref().filter(|q| q.files > 0) {
-                        log::warn!(
-                            "repository {} is behind: {}",
-                            r.number,
-                            render::queue_line(q)
-                        );
-                    }
                     let progress = progress::for_stderr();
                     let c = ops::check::check(&repo, &opts, &*progress).await?;
                     for w in &c.warnings {
@@ -435,17 +430,31 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let mut each = Each::new(&repos);
             let mut reports = Vec::new();
             for r in &repos {
+                let queue = if repos.len() > 1 || g.selected().is_some() {
+                    g.spool(r, &o.spool).map(|s| s.queue().state())
+                } else {
+                    None
+                };
                 let done = async {
                     let repo = g.open(r)?;
                     let mut report =
                         ops::info::info(&repo, g.catalog(r, &o.catalog).as_ref()).await?;
                     report.repository_number = r.number;
-                    if repos.len() > 1 || g.selected().is_some() {
-                        report.archive_push_queue = g.spool(r, &o.spool).map(|s| s.queue().state());
-                    }
+                    report.archive_push_queue = queue.clone();
                     Ok(report)
                 };
                 let done = done.await;
+                // A repository that does not answer: what waits for it
+                // here is what a DBA needs to see now (runbook 8 of
+                // docs/disaster-recovery.md).
+                if done.is_err() {
+                    if let Some(q) = queue
+                        .as_ref()
+                        .filter(|q| q.files > 0 || !q.dropped_pending.is_empty())
+                    {
+                        log::warn!("repository {}: {}", r.number, render::queue_line(q));
+                    }
+                }
                 if let Some(report) = each.note(r, done)? {
                     reports.push(report);
                 }
@@ -552,6 +561,19 @@ async fn archive_push(g: &Global, path: &Path, o: &config::ArchivePush) -> Resul
 /// reported as it comes and the others still run; the exit code is the
 /// first failure's. With one repository its error is the command's, as
 /// always.
+/// Warns when this host's spool holds files for repository `r` that it
+/// does not have yet (several repositories: its archive-push queue).
+fn warn_behind(g: &Global, r: &RepoConfig, spool: &config::Spool) {
+    let queue = g.spool(r, spool).map(|s| s.queue().state());
+    if let Some(q) = queue.as_ref().filter(|q| q.files > 0) {
+        log::warn!(
+            "repository {} is behind: {}",
+            r.number,
+            render::queue_line(q)
+        );
+    }
+}
+
 struct Each {
     several: bool,
     code: Option<i32>,

@@ -6,6 +6,8 @@
 //! `archive_command` fail and `pg_wal` fill up, and nothing could fall
 //! back to a second copy.
 
+mod runbooks;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

@@ -65,14 +65,18 @@ impl OwnMoto {
             },
         };
         m.spawn();
-        m.python(&format!(
+        m.create_bucket();
+        Some(m)
+    }
+
+    fn create_bucket(&self) {
+        self.python(&format!(
             "import boto3\n\
              s3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1',\n\
              aws_access_key_id='k', aws_secret_access_key='s')\n\
              s3.create_bucket(Bucket='{}')\n",
-            m.server.endpoint, m.server.bucket
+            self.server.endpoint, self.server.bucket
         ));
-        Some(m)
     }
 
     fn spawn(&mut self) {
@@ -123,6 +127,15 @@ impl OwnMoto {
              urllib.request.urlopen(r, timeout=600).read()\n",
             self.server.endpoint
         ));
+    }
+
+    /// Starts it again on the same port, empty but for the bucket: the
+    /// store came back without what it held.
+    pub fn restart_empty(&mut self) {
+        assert!(self.child.is_none(), "moto is running");
+        let _ = fs::remove_file(&self.recording);
+        self.spawn();
+        self.create_bucket();
     }
 
     fn python(&self, code: &str) {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{rows, Two};
-use crate::common::{As, Node};
+use crate::common::{free_port, As, Node};
 use crate::runbooks::book::{Book, Layout, Shell};
 
 impl Two {
@@ -126,6 +126,8 @@ fn runbooks_8_and_9_one_repository_then_the_first_ones_region() {
     let repo1 = two.repo1.local.clone().expect("repository 1 is local");
     std::fs::remove_dir_all(&repo1).expect("remove repository 1");
     let mut node = Node::new(&two.env, &two.repo1, "region");
+    // Node::start would choose one; the runbook starts it.
+    node.port = free_port();
     let mut sh = two.runbook_shell(&book);
     sh.set("PGDATA", node.pgdata.display());
     sh.set("PGPORT", node.port);
@@ -145,7 +147,10 @@ fn runbooks_8_and_9_one_repository_then_the_first_ones_region() {
     assert!(out.contains("repository 2:"), "info of both: {out}");
     assert_eq!(node.timeline(), 2, "{}", node.log_tail(30));
     assert_eq!(rows(&node), "A|10\nB|30\nC|10\nD|10");
-    node.psql("insert into t select g, 'E' from generate_series(1, 10) g");
+    // It is the primary: it takes writes.
+    node.psql(
+        "insert into t select (select max(id) from t) + g, 'E' from generate_series(1, 10) g",
+    );
     let run = two.pgv(As::PgUser, &["info", "--repo", "1", "--output", "json"]);
     run.ok();
     let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("info is JSON");

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::{ObjectMeta, ObjectReader, Spool};
 use super::codec::{self, CodecError, Digest256, Sha256Sum};
 use super::layout::{self, ArchiveKey};
-use super::{DbInfo, PutMode, PutOutcome, Repository};
+use super::{DbInfo, Deletion, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
@@ -483,21 +483,20 @@ impl Archive {
     /// claim first (without it the name answers with its only content, the
     /// same bytes), then summaries, then contents — an interrupted delete
     /// leaves what a re-run removes, never a claim without its content.
-    pub fn keys_to_delete(&self, name: &WalFileName, entry: &NameEntry) -> Vec<String> {
-        let mut keys = Vec::new();
-        if entry.claimed {
-            keys.push(self.claim_key(name));
-        }
-        for c in &entry.contents {
-            if c.summarized {
-                keys.push(self.summary_key(name, &c.sha));
-            }
-        }
-        keys.extend(self.orphan_summary_keys(name, entry));
-        for c in &entry.contents {
-            keys.push(self.data_key(name, &c.sha));
-        }
-        keys
+    pub fn keys_to_delete(&self, name: &WalFileName, entry: &NameEntry) -> Deletion {
+        let claim = entry.claimed.then(|| self.claim_key(name));
+        let summaries = entry
+            .contents
+            .iter()
+            .filter(|c| c.summarized)
+            .map(|c| self.summary_key(name, &c.sha))
+            .chain(self.orphan_summary_keys(name, entry));
+        let contents = entry.contents.iter().map(|c| self.data_key(name, &c.sha));
+        Deletion::phased([
+            claim.into_iter().collect::<Vec<_>>(),
+            summaries.collect(),
+            contents.collect(),
+        ])
     }
 }
 

@@ -54,6 +54,9 @@ pub fn main() -> i32 {
     for w in &parsed.warnings {
         log::warn!("{w}");
     }
+    if let Some(code) = archive_get_from_spool(&cli) {
+        return code;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -153,6 +156,40 @@ fn spawn_detached(role: &str) {
     }
 }
 
+/// `archive-get`'s common call during recovery, answered before the async
+/// runtime and the repository exist: the file waits in the prefetch
+/// spool, and a rename hands it over. A prefetcher is started only when
+/// the spool runs low and none is running (one start per call was a
+/// process start-up competing with PostgreSQL's startup process for the
+/// CPU on every segment). `None`: take the ordinary path.
+fn archive_get_from_spool(cli: &Cli) -> Option<i32> {
+    let Command::ArchiveGet {
+        name,
+        dest,
+        options: o,
+    } = &cli.command
+    else {
+        return None;
+    };
+    if o.archive_get_ahead == 0 || std::env::var_os(PREFETCH_ENV).is_some() {
+        return None;
+    }
+    let spool = cli.global.spool(&o.spool)?;
+    let wal = crate::pg::WalFileName::parse(name).ok()?;
+    let taken = ops::archive_get::take_prefetched(&spool, &wal, dest)?;
+    if taken.waiting * 2 < o.archive_get_ahead {
+        start_prefetcher(&spool);
+    }
+    Some(0)
+}
+
+/// Starts the detached prefetcher unless one is running already.
+fn start_prefetcher(spool: &crate::spool::SpoolDir) {
+    if !spool.prefetcher_running() {
+        spawn_detached(PREFETCH_ENV);
+    }
+}
+
 /// The repository, once the stanza is known to exist: for the commands
 /// that take the stanza lock (or start a look-ahead pusher with its spool)
 /// before they read the stanza, so that a misspelled `--stanza` leaves
@@ -245,8 +282,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             };
             match ops::archive_get::archive_get(&repo, &opts).await? {
                 ops::archive_get::GetOutcome::Restored => {
-                    if spool.is_some() {
-                        spawn_detached(PREFETCH_ENV);
+                    if let Some(spool) = &spool {
+                        start_prefetcher(spool);
                     }
                     Ok(0)
                 }

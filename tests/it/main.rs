@@ -14,6 +14,7 @@ mod backends;
 mod blockrefs;
 mod config;
 mod lookahead;
+mod manyfiles;
 mod operations;
 mod orphans;
 mod pages;

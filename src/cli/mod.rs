@@ -230,7 +230,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let catalog = g.catalog(&o.catalog);
             let opts = ops::archive_push::PushOptions {
                 path: path.clone(),
-                encode: o.compression.encode(),
+                encode: o.compression.encode_wal(),
                 ahead: o.archive_push_ahead,
                 process_max: o.workers.process_max,
                 spool: g.spool(&o.spool),
@@ -309,7 +309,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // Parallel across files; where one file is all that is left
                 // (or process-max is 1), zstd's own workers compress while
                 // the worker reads and hashes.
-                encode: o.compression.encode(),
+                encode: o.compression.encode_backup(),
                 archive_timeout: o.connection.archive_timeout(),
             };
             let repo = open_stanza(g).await?;

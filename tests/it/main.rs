@@ -20,6 +20,7 @@ mod orphans;
 mod pages;
 mod patroni;
 mod pitr;
+mod prefetch;
 mod runbooks;
 mod standby;
 mod targets;

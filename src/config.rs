@@ -284,15 +284,14 @@ impl Primary {
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct Compression {
-    /// zstd level of what is stored, 1 to 19
+    /// zstd level of what is stored, 1 to 19 [default: 1 for WAL, 3 for backups]
     #[arg(
         long,
         env = "PGVAULT_COMPRESS_LEVEL",
         value_name = "N",
-        default_value_t = 3,
         value_parser = clap::value_parser!(i32).range(1..=19)
     )]
-    pub compress_level: i32,
+    pub compress_level: Option<i32>,
     /// zstd worker threads for one file [default: number of cores, at most 8]
     #[arg(long, env = "PGVAULT_COMPRESS_THREADS", value_name = "N")]
     pub compress_threads: Option<u32>,
@@ -837,11 +836,29 @@ impl Connection {
     }
 }
 
+/// zstd level of archived WAL when none is set. Measured on real WAL
+/// (docs/benchmarks.md, issue 14): level 1 compresses 2.2–2.9× faster than
+/// level 3 for 14–19 % more bytes, and archive-push is the CPU-bound path
+/// whose slowness fills pg_wal; WAL is kept only for the retention window.
+pub const WAL_COMPRESS_LEVEL: i32 = 1;
+/// zstd level of backups when none is set.
+pub const BACKUP_COMPRESS_LEVEL: i32 = 3;
+
 impl Compression {
-    pub fn encode(&self) -> EncodeOptions {
+    /// For archived WAL (`archive-push`).
+    pub fn encode_wal(&self) -> EncodeOptions {
+        self.encode_or(WAL_COMPRESS_LEVEL)
+    }
+
+    /// For backups.
+    pub fn encode_backup(&self) -> EncodeOptions {
+        self.encode_or(BACKUP_COMPRESS_LEVEL)
+    }
+
+    fn encode_or(&self, default_level: i32) -> EncodeOptions {
         EncodeOptions {
             compression: crate::repo::codec::Compression::Zstd,
-            level: self.compress_level,
+            level: self.compress_level.unwrap_or(default_level),
             threads: self
                 .compress_threads
                 .unwrap_or_else(default_compress_threads),

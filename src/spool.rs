@@ -199,10 +199,12 @@ impl SpoolDir {
     /// A request for a history or backup history file says nothing about
     /// where recovery is (it reads history files whenever it looks for a
     /// newer timeline): nothing is dropped then.
-    pub fn forget_prefetched_before(&self, name: &WalFileName) {
+    ///
+    /// Returns how many prefetched files are left (`name`'s included): the
+    /// caller starts a prefetcher only when the spool runs low.
+    pub fn forget_prefetched_before(&self, name: &WalFileName) -> usize {
         let Some(asked) = recovery_position(name) else {
-            sweep(&self.sub("get"), |_| false);
-            return;
+            return sweep(&self.sub("get"), |_| false);
         };
         sweep(&self.sub("get"), |f| {
             WalFileName::parse(f)
@@ -210,7 +212,7 @@ impl SpoolDir {
                 .as_ref()
                 .and_then(recovery_position)
                 .is_some_and(|p| p < asked)
-        });
+        })
     }
 
     /// Names with a look-ahead push record (waiting for PostgreSQL's call),
@@ -235,6 +237,12 @@ impl SpoolDir {
     /// The prefetcher's lock, likewise.
     pub fn try_lock_prefetcher(&self) -> io::Result<Option<File>> {
         try_lock(&self.get_dir())
+    }
+
+    /// Is a prefetcher running for this spool? (Asking takes its lock for
+    /// an instant, never waits for it.)
+    pub fn prefetcher_running(&self) -> bool {
+        matches!(self.try_lock_prefetcher(), Ok(None))
     }
 
     /// Is a look-ahead pusher running for this spool? Asking creates
@@ -321,10 +329,13 @@ fn lock_file(path: &Path, wait: bool) -> io::Result<Option<File>> {
     }
 }
 
-fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
+/// Removes the files of `dir` that `old` names and stale temporaries;
+/// returns how many other (complete, non-dot) files it left.
+fn sweep(dir: &Path, old: impl Fn(&str) -> bool) -> usize {
     let Ok(rd) = fs::read_dir(dir) else {
-        return;
+        return 0;
     };
+    let mut left = 0;
     for e in rd.flatten() {
         let Some(n) = e.file_name().to_str().map(str::to_string) else {
             continue;
@@ -337,8 +348,11 @@ fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
         // Dot files (the lock, the timeline record) are not WAL.
         if stale_tmp || (!tmp && !n.starts_with('.') && old(&n)) {
             let _ = fs::remove_file(e.path());
+        } else if !tmp && !n.starts_with('.') {
+            left += 1;
         }
     }
+    left
 }
 
 /// tmp + fsync + rename + fsync(dir).

@@ -17,6 +17,12 @@
 # command. Results: markdown tables on stdout (and in BENCH_OUT if set): every
 # timed command, then the medians over the rounds and the ratios.
 #
+# BENCH_SETS may also name "many": a cluster of BENCH_TABLES (default 20000)
+# small tables, each with a primary key and a TOAST table (four files a
+# table, about 81,000 files at 20,000), for what costs per file: wall time
+# and peak RSS against the file count. Keep BENCH_TABLES modest on a shared
+# machine (creating 20,000 tables takes a minute or more).
+#
 # BENCH_RANDOM_KIND=bytes (default): rows of gen_random_bytes(1000) (pgcrypto),
 # stored uncompressed: zstd cannot shrink them at all. md5: rows of
 # md5(random()) text (hex, no extension needed), stored uncompressed: zstd
@@ -33,6 +39,8 @@ PMS="${BENCH_PROCESS_MAX:-1 2}"
 SETS="${BENCH_SETS:-pgbench random}"
 ROUNDS="${BENCH_ROUNDS:-1}"
 RANDOM_KIND="${BENCH_RANDOM_KIND:-bytes}"
+TABLES="${BENCH_TABLES:-20000}"
+case "$TABLES" in '' | *[!0-9]*) pgv_die "BENCH_TABLES must be a number" ;; esac
 case "$RANDOM_KIND" in bytes | md5) ;; *) pgv_die "BENCH_RANDOM_KIND must be bytes or md5" ;; esac
 BASE="${BENCH_DIR:-/var/tmp}"
 
@@ -122,6 +130,7 @@ CONF
 
 PORT1="$(pgv_free_port)"
 PORT2="$(pgv_free_port)"
+PORT3="$(pgv_free_port)"
 if [[ " $SETS " == *" pgbench "* ]]; then
     make_cluster pgbench "$PORT1"
     pgv_log "pgbench -i -s $SCALE"
@@ -155,13 +164,35 @@ if [[ " $SETS " == *" random "* ]]; then
     wait_archived "$PORT2"
 fi
 
+if [[ " $SETS " == *" many "* ]]; then
+    make_cluster many "$PORT3"
+    pgv_log "$TABLES small tables"
+    # 500 tables a transaction: all in one would exceed the shared lock
+    # table (max_locks_per_transaction × max_connections).
+    for first in $(seq 0 500 $((TABLES - 1))); do
+        last=$((first + 499 < TABLES - 1 ? first + 499 : TABLES - 1))
+        as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT3" -d postgres -c "do \$\$ begin
+            for i in $first..$last loop
+                execute format('create table m_%s (id int primary key, v text)', i);
+                execute format('insert into m_%s values (1, ''x'')', i);
+            end loop; end \$\$" >/dev/null
+    done
+    as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT3" -d postgres -c checkpoint
+    pgv_log "$(find "$WORK/many/data" -type f | wc -l) files; waiting for the archiver to catch up"
+    wait_archived "$PORT3"
+fi
+
 : >"$WORK/times"
 for name in $SETS; do
     data="$WORK/$name/data"
-    port=$PORT1
-    [ "$name" = random ] && port=$PORT2
+    case "$name" in
+        random) port=$PORT2 ;;
+        many) port=$PORT3 ;;
+        *) port=$PORT1 ;;
+    esac
     size=$(du -sb --exclude=pg_wal "$data" | cut -f1)
     echo "size $name $size" >>"$WORK/times"
+    echo "files $name $(find "$data" -type f -not -path "$data/pg_wal/*" | wc -l)" >>"$WORK/times"
     for round in $(seq 1 "$ROUNDS"); do
     for pm in $PMS; do
         tag="$pm/$round"
@@ -197,12 +228,16 @@ done
     python3 - "$WORK/times" <<'PY'
 import sys, collections, statistics
 size = {}
+files = {}
 rows = collections.defaultdict(lambda: collections.defaultdict(list))
 every = []
 for line in open(sys.argv[1]):
     p = line.split()
     if p[0] == "size":
         size[p[1]] = int(p[2])
+        continue
+    if p[0] == "files":
+        files[p[1]] = int(p[2])
         continue
     label, name, pmr, secs, rss, usr, sys_, load = p[0], p[1], p[2], float(p[3]), int(p[4]), float(p[5]), float(p[6]), p[7]
     pm, rnd = pmr.split("/")
@@ -224,7 +259,7 @@ for (op, name, pm), t in sorted(rows.items()):
     mib = size[name] / 1048576
     rate = {k: mib / statistics.median(s for s, _ in v) for k, v in t.items()}
     rss = {k: max(r for _, r in v) // 1024 for k, v in t.items()}
-    print(f"| {op} | {name} ({mib:.0f} MiB) | {pm} | {rate['pgvault']:.0f} ({rss['pgvault']} MiB) | "
+    print(f"| {op} | {name} ({mib:.0f} MiB, {files.get(name, 0)} files) | {pm} | {rate['pgvault']:.0f} ({rss['pgvault']} MiB) | "
           f"{rate['pgbackrest']:.0f} ({rss['pgbackrest']} MiB) | {rate['floor']:.0f} | "
           f"{rate['pgvault'] / rate['pgbackrest']:.2f}× | {rate['pgvault'] / rate['floor']:.2f}× |")
 PY

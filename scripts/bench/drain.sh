@@ -159,11 +159,11 @@ drain() {
             [ "$tool" = pgvault-pm3 ] && extra="--process-max 3"
             [ "$tool" = pgvault-ahead0 ] && extra="--archive-push-ahead 0"
             as_user "$PGV" --repo "$d/repo" --stanza drain stanza-create --pgdata "$RUN" >/dev/null 2>&1
-            cmd="$PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db $extra archive-push %p"
+            cmd="$PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db --compress-level 3 $extra archive-push %p"
             ;;
         pgvault-profile)
             as_user "$PGV" --repo "$d/repo" --stanza drain stanza-create --pgdata "$RUN" >/dev/null 2>&1
-            cmd="/usr/bin/time -a -o $d/calls.txt -f %e,%U,%S,%F,%R,%c,%w $PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db archive-push %p"
+            cmd="/usr/bin/time -a -o $d/calls.txt -f %e,%U,%S,%F,%R,%c,%w $PGV --repo $d/repo --stanza drain --spool-path $d/spool --catalog $d/catalog.db --compress-level 3 archive-push %p"
             ;;
         pgbackrest)
             mkdir -p "$d/repo" "$d/spool"

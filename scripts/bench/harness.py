@@ -89,7 +89,8 @@ class Bench:
 
     def command(self, tool, repo, seg):
         if tool == "pgvault":
-            return self.pgvault(repo, "--catalog", "off", "archive-push", seg), None
+            # pgBackRest's compress-level=3, not pgvault's WAL default (1)
+            return self.pgvault(repo, "--catalog", "off", "--compress-level", "3", "archive-push", seg), None
         if tool == "pgbackrest":
             return self.pgbr(repo, "archive-push", seg), None
         out = os.path.join(repo, os.path.basename(seg) + ".zst")

@@ -103,7 +103,7 @@ port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$SOCK'
 archive_mode = on
-archive_command = 'cp %p $RAW/%f.tmp && mv $RAW/%f.tmp $RAW/%f && $PGV --repo $WORK/repo-pgv --stanza bench --catalog off --spool-path $WORK/state/push-spool archive-push %p && pgbackrest --config=$WORK/pgbr.conf --stanza=bench archive-push %p'
+archive_command = 'cp %p $RAW/%f.tmp && mv $RAW/%f.tmp $RAW/%f && $PGV --repo $WORK/repo-pgv --stanza bench --catalog off --spool-path $WORK/state/push-spool --compress-level 3 archive-push %p && pgbackrest --config=$WORK/pgbr.conf --stanza=bench archive-push %p'
 max_wal_size = '8GB'
 checkpoint_timeout = '1h'
 autovacuum = off

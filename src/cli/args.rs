@@ -339,10 +339,11 @@ mod tests {
                 file: "5",
                 env: "7",
                 flag: "9",
-                default: "3",
+                // Set nowhere: archive-push's own default (WAL_COMPRESS_LEVEL).
+                default: "1",
                 read: |c| match &c.command {
                     Command::ArchivePush { options, .. } => {
-                        options.compression.compress_level.to_string()
+                        options.compression.encode_wal().level.to_string()
                     }
                     _ => unreachable!(),
                 },

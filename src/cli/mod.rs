@@ -54,6 +54,9 @@ pub fn main() -> i32 {
     for w in &parsed.warnings {
         log::warn!("{w}");
     }
+    if let Some(code) = archive_get_from_spool(&cli) {
+        return code;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -153,6 +156,42 @@ fn spawn_detached(role: &str) {
     }
 }
 
+/// `archive-get`'s common call during recovery, answered before the async
+/// runtime and the repository exist: the file waits in the prefetch
+/// spool, and a rename hands it over. A prefetcher is started only when
+/// the spool runs low and none is running (one start per call was a
+/// process start-up competing with PostgreSQL's startup process for the
+/// CPU on every segment). `None`: take the ordinary path.
+fn archive_get_from_spool(cli: &Cli) -> Option<i32> {
+    let Command::ArchiveGet {
+        name,
+        dest,
+        options: o,
+    } = &cli.command
+    else {
+        return None;
+    };
+    if o.archive_get_ahead == 0 || std::env::var_os(PREFETCH_ENV).is_some() {
+        return None;
+    }
+    // The first repository's spool, as the ordinary path below uses.
+    let repos = cli.global.repos().ok()?;
+    let spool = cli.global.spool(repos.first()?, &o.spool)?;
+    let wal = crate::pg::WalFileName::parse(name).ok()?;
+    let taken = ops::archive_get::take_prefetched(&spool, &wal, dest)?;
+    if taken.waiting * 2 < o.archive_get_ahead {
+        start_prefetcher(&spool);
+    }
+    Some(0)
+}
+
+/// Starts the detached prefetcher unless one is running already.
+fn start_prefetcher(spool: &crate::spool::SpoolDir) {
+    if !spool.prefetcher_running() {
+        spawn_detached(PREFETCH_ENV);
+    }
+}
+
 /// The repository, once the stanza is known to exist: for the commands
 /// that take the stanza lock (or start a look-ahead pusher with its spool)
 /// before they read the stanza, so that a misspelled `--stanza` leaves
@@ -242,8 +281,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             };
             match ops::archive_get::archive_get_any(&opened, &opts).await? {
                 ops::archive_get::GetOutcome::Restored => {
-                    if spool.is_some() {
-                        spawn_detached(PREFETCH_ENV);
+                    if let Some(spool) = &spool {
+                        start_prefetcher(spool);
                     }
                     Ok(0)
                 }
@@ -272,7 +311,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // Parallel across files; where one file is all that is left
                 // (or process-max is 1), zstd's own workers compress while
                 // the worker reads and hashes.
-                encode: o.compression.encode(),
+                encode: o.compression.encode_backup(),
                 archive_timeout: o.connection.archive_timeout(),
             };
             let mut each = Each::new(&repos);
@@ -491,7 +530,7 @@ async fn archive_push(g: &Global, path: &Path, o: &config::ArchivePush) -> Resul
     let repos = g.repos()?;
     let opts = ops::archive_push::PushOptions {
         path: path.to_path_buf(),
-        encode: o.compression.encode(),
+        encode: o.compression.encode_wal(),
         ahead: o.archive_push_ahead,
         process_max: o.workers.process_max,
         spool: g.spool(&repos[0], &o.spool),

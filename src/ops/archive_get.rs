@@ -45,23 +45,46 @@ pub async fn archive_get_any(repos: &[Repository], opts: &GetOptions) -> Result<
         .map_err(|e| e.context(format!("archive-get {}", opts.name)))
 }
 
+/// A prefetched file handed over: how many more wait in the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FromSpool {
+    pub waiting: usize,
+}
+
+/// The common call during recovery: `name` waits in the prefetch spool.
+/// Moves it to `dest` with a rename, and nothing else — no repository,
+/// no async runtime: the binary calls this before it builds either.
+/// `dest` is not synced: PostgreSQL reads `RECOVERYXLOG` once and replays
+/// it, and a crash restarts recovery, which asks again (xlogarchive.c,
+/// `RestoreArchivedFile`, syncs nothing either). `None`: not there (or
+/// not movable), take the ordinary path.
+pub fn take_prefetched(spool: &SpoolDir, name: &WalFileName, dest: &Path) -> Option<FromSpool> {
+    let left = spool.forget_prefetched_before(name);
+    let ready = spool.prefetched(name);
+    // Checked against its checksum when it was fetched; only ever handed
+    // out under exactly the name it was fetched for.
+    match move_into(&ready, dest) {
+        Ok(()) => {
+            log::debug!("{name}: from the prefetch spool");
+            Some(FromSpool {
+                waiting: left.saturating_sub(1),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            log::debug!("use prefetched {name}: {e}; fetching it again");
+            None
+        }
+    }
+}
+
 async fn get_inner(repos: &[Repository], opts: &GetOptions) -> Result<GetOutcome> {
     let name = parse_name(&opts.name)?;
-    if let Some(spool) = &opts.spool {
-        spool.forget_prefetched_before(&name);
-        let ready = spool.prefetched(&name);
-        if ready.exists() {
-            // Checked against its checksum when it was fetched; only ever
-            // handed out under exactly the name it was fetched for.
-            let dest = opts.dest.clone();
-            let moved = tokio::task::spawn_blocking(move || move_into(&ready, &dest)).await?;
-            match moved {
-                Ok(()) => {
-                    log::debug!("{name}: from the prefetch spool");
-                    return Ok(GetOutcome::Restored);
-                }
-                Err(e) => log::debug!("use prefetched {name}: {e}; fetching it again"),
-            }
+    if let Some(spool) = opts.spool.clone() {
+        let (n, dest) = (name.clone(), opts.dest.clone());
+        let taken = tokio::task::spawn_blocking(move || take_prefetched(&spool, &n, &dest)).await?;
+        if taken.is_some() {
+            return Ok(GetOutcome::Restored);
         }
     }
     let mut failed: Option<Error> = None;
@@ -151,8 +174,10 @@ fn parse_name(name: &str) -> Result<WalFileName> {
 
 /// Renames (or, across file systems, copies) a prefetched file into place.
 fn move_into(from: &Path, dest: &Path) -> std::io::Result<()> {
-    if fs::rename(from, dest).is_ok() {
-        return Ok(());
+    match fs::rename(from, dest) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
     }
     let tmp = tmp_path(dest);
     fs::copy(from, &tmp)?;

@@ -34,9 +34,9 @@ use serde::Serialize;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::pg::{SegmentNo, WalFileKind};
-use crate::repo::manifest::{BackupHeader, Backups, UnreadableManifest};
+use crate::repo::manifest::{BackupDir, BackupHeader, Backups, UnreadableManifest};
 use crate::repo::orphans::{self, Orphan};
-use crate::repo::Repository;
+use crate::repo::{Deletion, Repository};
 
 #[derive(Debug, Clone, Default)]
 pub struct ExpireOptions {
@@ -152,7 +152,7 @@ async fn expire_locked(
     // before an upgrade with no backup kept needs none of its WAL; the
     // current one keeps all of its WAL until it has a backup.
     let current = stanza.current().id;
-    let mut wal_keys = Vec::new();
+    let mut wal_keys = Deletion::default();
     let mut wal_names = 0u64;
     let mut wal_kept_from = None;
     let mut archives = Vec::new();
@@ -190,8 +190,9 @@ async fn expire_locked(
                 .is_some_and(|s| first.is_none_or(|first| s < first))
             {
                 wal_names += 1;
-                // Per name in the archive's order: claim first, content last.
-                wal_keys.extend(archive.keys_to_delete(name, entry));
+                // Per name in the archive's order: claim first, content
+                // last; all names together, phase by phase.
+                wal_keys.merge(archive.keys_to_delete(name, entry));
             }
         }
         archives.push((archive, listing));
@@ -199,8 +200,8 @@ async fn expire_locked(
     let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
     let mut leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
     // A summary in expired WAL goes with it, counted there.
-    let doomed: BTreeSet<&str> = wal_keys.iter().map(String::as_str).collect();
-    leftovers.retain(|o| !o.keys().iter().all(|k| doomed.contains(k.as_str())));
+    let doomed: BTreeSet<&str> = wal_keys.keys().map(String::as_str).collect();
+    leftovers.retain(|o| !o.keys().keys().all(|k| doomed.contains(k.as_str())));
     let report = ExpireReport {
         dry_run: opts.dry_run,
         kept: kept.iter().map(|m| m.label.clone()).collect(),
@@ -214,22 +215,22 @@ async fn expire_locked(
     if opts.dry_run {
         return Ok(report);
     }
-    for m in &expired {
-        if let Some(dir) = backups.dirs.iter().find(|d| d.label == m.label) {
-            repo.delete_backup(dir).await?;
-        }
-    }
+    // Backups before the WAL they need: an interruption never leaves a
+    // backup that is offered without its WAL.
+    let dirs: Vec<&BackupDir> = backups
+        .dirs
+        .iter()
+        .filter(|d| expired.iter().any(|m| m.label == d.label))
+        .collect();
+    repo.delete_backups(&dirs).await?;
     if let Some(cat) = catalog {
         let gone = expired.iter().map(|m| m.label.clone()).collect();
         cat.update_backups_best_effort(repo.stanza(), Vec::new(), gone)
             .await;
     }
-    for key in &wal_keys {
-        repo.backend().delete(key).await?;
-    }
-    for o in report.orphans.iter().filter(|o| o.removable) {
-        orphans::remove(repo, o).await?;
-    }
+    repo.delete_all(&wal_keys).await?;
+    let removable: Vec<&Orphan> = report.orphans.iter().filter(|o| o.removable).collect();
+    orphans::remove(repo, &removable).await?;
     Ok(report)
 }
 

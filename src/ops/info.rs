@@ -281,7 +281,7 @@ async fn db_archive(
     let archive = repo.archive(db);
     let listing = archive.list().await?;
     let mut timelines = timelines(db, &listing);
-    let archived_histories = archive.histories().await?;
+    let archived_histories = archive.histories_listed(&listing).await?;
     let mut histories = BTreeMap::new();
     for t in timelines.iter_mut() {
         let tli = TimelineId(t.timeline);

@@ -111,9 +111,20 @@ pub async fn verify(
     for db in &dbs {
         let archive = repo.archive(db);
         let listing = archive.list().await?;
+        // Every claim is read (it names the content that answers), in
+        // parallel: one at a time was a round trip per archived name.
+        let mut claims: BTreeMap<&WalFileName, _> =
+            stream::iter(listing.entries().filter(|(_, e)| e.claimed).map(|(n, _)| n))
+                .map(|name| {
+                    let archive = &archive;
+                    async move { (name, archive.read_claim(name).await) }
+                })
+                .buffer_unordered(opts.process_max.max(1) * 4)
+                .collect()
+                .await;
         for (name, entry) in listing.entries() {
-            if entry.claimed {
-                match archive.read_claim(name).await {
+            if let Some(claim) = claims.remove(name) {
+                match claim {
                     Ok(Some(claim)) if entry.content(&claim.sha256).is_none() => {
                         // A push stores its data before its claim, so a
                         // claim without its data is real, never in flight.
@@ -212,7 +223,7 @@ pub async fn verify(
                 run.describe(),
             ));
         }
-        let histories = archive.histories().await?;
+        let histories = archive.histories_listed(&listing).await?;
         for (fork, files) in walfacts::superseded_wal(&archive, None, &listing, &histories).await? {
             problems.push(problem(
                 "superseded",

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::{ObjectMeta, ObjectReader, Spool};
 use super::codec::{self, CodecError, Digest256, Sha256Sum};
 use super::layout::{self, ArchiveKey};
-use super::{DbInfo, PutMode, PutOutcome, Repository};
+use super::{DbInfo, Deletion, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
@@ -515,24 +515,23 @@ impl Archive {
     /// claim first (without it the name answers with its only content, the
     /// same bytes), then summaries, then contents — an interrupted delete
     /// leaves what a re-run removes, never a claim without its content.
-    pub fn keys_to_delete(&self, name: &WalFileName, entry: &NameEntry) -> Vec<String> {
-        let mut keys = Vec::new();
-        if entry.claimed {
-            keys.push(self.claim_key(name));
-        }
-        for c in &entry.contents {
-            if c.summarized {
-                keys.push(self.summary_key(name, &c.sha));
-            }
-        }
-        keys.extend(self.orphan_summary_keys(name, entry));
-        for c in &entry.contents {
-            keys.push(self.data_key(name, &c.sha));
-        }
-        if entry.gap {
-            keys.push(self.gap_key(name));
-        }
-        keys
+    pub fn keys_to_delete(&self, name: &WalFileName, entry: &NameEntry) -> Deletion {
+        let claim = entry.claimed.then(|| self.claim_key(name));
+        let summaries = entry
+            .contents
+            .iter()
+            .filter(|c| c.summarized)
+            .map(|c| self.summary_key(name, &c.sha))
+            .chain(self.orphan_summary_keys(name, entry));
+        let contents = entry.contents.iter().map(|c| self.data_key(name, &c.sha));
+        Deletion::phased([
+            claim.into_iter().collect::<Vec<_>>(),
+            summaries.collect(),
+            contents.collect(),
+            // The gap marker last: it says what was dropped until the
+            // name's objects are all gone.
+            entry.gap.then(|| self.gap_key(name)).into_iter().collect(),
+        ])
     }
 }
 

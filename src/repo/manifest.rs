@@ -16,7 +16,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::layout::{self, BackupObject};
-use super::{Fetched, ObjectMeta, PutMode, Repository};
+use super::{Deletion, Fetched, ObjectMeta, PutMode, Repository};
 use crate::error::Result;
 use crate::pg::{Lsn, TimelineId};
 
@@ -170,7 +170,7 @@ impl BackupDir {
     /// then on the backup is not offered), then the data, `expire`'s mark
     /// last (until then a re-run knows to finish). Objects pgvault does not
     /// write there stay, for `verify` to report.
-    pub fn deletion_order(&self, stanza: &str) -> Vec<String> {
+    pub fn deletion_order(&self, stanza: &str) -> Deletion {
         let of = |want: BackupObject| {
             self.objects
                 .iter()
@@ -179,10 +179,11 @@ impl BackupDir {
                 })
                 .map(|o| o.key.clone())
         };
-        of(BackupObject::Manifest)
-            .chain(of(BackupObject::Data))
-            .chain(of(BackupObject::Expiring))
-            .collect()
+        Deletion::phased([
+            of(BackupObject::Manifest).collect::<Vec<_>>(),
+            of(BackupObject::Data).collect(),
+            of(BackupObject::Expiring).collect(),
+        ])
     }
 
     /// Objects pgvault does not write in a backup directory.
@@ -259,21 +260,32 @@ impl Repository {
         Ok(())
     }
 
-    /// Deletes backup `dir` so that an interruption at any point leaves
-    /// what a re-run finishes: `expire`'s mark first (a directory with it
-    /// counts as gone and is finished by the next expire, see
-    /// `repo::orphans`), then in [`BackupDir::deletion_order`].
-    pub async fn delete_backup(&self, dir: &BackupDir) -> Result<()> {
-        let mark = layout::backup_expiring_key(self.stanza(), &dir.label);
+    /// Deletes backups `dirs` so that an interruption at any point leaves
+    /// what a re-run finishes: `expire`'s mark in each first (a directory
+    /// with it counts as gone and is finished by the next expire, see
+    /// `repo::orphans`), then in [`BackupDir::deletion_order`], all of them
+    /// together phase by phase (bulk deletes, see `repo::deletion`).
+    pub async fn delete_backups(&self, dirs: &[&BackupDir]) -> Result<()> {
         let since = ExpiringMark {
             expire_started_at: chrono::Utc::now()
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         };
-        self.put_json(&mark, &since, PutMode::Overwrite).await?;
-        for key in dir.deletion_order(self.stanza()) {
-            self.backend().delete(&key).await?;
+        let marks: Vec<String> = dirs
+            .iter()
+            .map(|d| layout::backup_expiring_key(self.stanza(), &d.label))
+            .collect();
+        stream::iter(&marks)
+            .map(|mark| self.put_json(mark, &since, PutMode::Overwrite))
+            .buffer_unordered(READ_PARALLEL)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let mut all = Deletion::default();
+        for d in dirs {
+            all.merge(d.deletion_order(self.stanza()));
         }
-        self.backend().delete(&mark).await
+        // The marks last, also those the listing did not show yet.
+        all.merge(Deletion::phased([Vec::new(), Vec::new(), marks]));
+        self.delete_all(&all).await
     }
 
     /// The manifest of backup `label` (`None`: it has none). A store that

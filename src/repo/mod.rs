@@ -7,6 +7,7 @@ pub mod backend;
 pub mod codec;
 #[doc(hidden)]
 pub mod conformance;
+pub mod deletion;
 pub mod fault;
 pub mod fence;
 pub mod layout;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use backend::{Backend, ObjectMeta, ObjectVersion, PutMode, PutOutcome, PutResult, Spool};
 pub use codec::{Digest256, EncodeOptions, Sha256Sum};
+pub use deletion::Deletion;
 pub use stanza::{DbInfo, StanzaInfo};
 
 use crate::error::{Error, Result};

@@ -26,7 +26,7 @@
 //! `verify` lists them all (with what `expire` would do); `expire` removes
 //! those that may go, and `expire --dry-run` shows which.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -34,7 +34,7 @@ use serde::Serialize;
 use super::archive::{Archive, Listing};
 use super::layout;
 use super::manifest::{label_time, Backups};
-use super::{ObjectMeta, Repository};
+use super::{Deletion, ObjectMeta, Repository};
 use crate::error::Result;
 
 /// How old a leftover must be before `expire` removes it.
@@ -79,12 +79,12 @@ pub struct Orphan {
     pub removable: bool,
     /// Its keys, in the order to delete them.
     #[serde(skip)]
-    keys: Vec<String>,
+    keys: Deletion,
 }
 
 impl Orphan {
     /// Its keys, in the order [`remove`] deletes them.
-    pub fn keys(&self) -> &[String] {
+    pub fn keys(&self) -> &Deletion {
         &self.keys
     }
 }
@@ -108,10 +108,11 @@ pub async fn find(
     for dir in &backups.dirs {
         let key = layout::backup_dir(stanza, &dir.label);
         let keys = dir.deletion_order(stanza);
+        let doomed: HashSet<&String> = keys.keys().collect();
         let bytes = dir
             .objects
             .iter()
-            .filter(|o| keys.contains(&o.key))
+            .filter(|o| doomed.contains(&o.key))
             .map(|o| o.size)
             .sum();
         if dir.expiring {
@@ -169,7 +170,7 @@ pub async fn find(
             bytes: t.size,
             age_seconds: age.map(|a| a.as_secs()),
             removable: age.is_some_and(|a| a >= MIN_AGE),
-            keys: vec![t.key.clone()],
+            keys: Deletion::phased([[t.key.clone()]]),
         });
     }
 
@@ -194,20 +195,22 @@ pub async fn find(
             bytes: meta.map_or(0, |m| m.size),
             age_seconds: age.map(|a| a.as_secs()),
             removable: age.is_some_and(|a| a >= MIN_AGE),
-            keys: vec![key],
+            keys: Deletion::phased([[key]]),
         });
     }
     out.sort_by(|a, b| (a.kind, &a.what).cmp(&(b.kind, &b.what)));
     Ok(out)
 }
 
-/// Removes `orphan`, in its order. A key already gone is no error, so a
-/// re-run after an interruption finishes.
-pub async fn remove(repo: &Repository, orphan: &Orphan) -> Result<()> {
-    for key in &orphan.keys {
-        repo.backend().delete(key).await?;
+/// Removes `orphans`, each in its order, together in bulk (see
+/// `repo::deletion`). A key already gone is no error, so a re-run after an
+/// interruption finishes.
+pub async fn remove(repo: &Repository, orphans: &[&Orphan]) -> Result<()> {
+    let mut all = Deletion::default();
+    for o in orphans {
+        all.merge(o.keys.clone());
     }
-    Ok(())
+    repo.delete_all(&all).await
 }
 
 /// What expire does about a leftover of this age.
@@ -369,10 +372,14 @@ mod tests {
         );
         // The mark goes last.
         let expiring = &found[2];
-        assert!(expiring.keys().last().unwrap().ends_with("expiring.pgv"));
-        for o in found.iter().filter(|o| o.removable) {
-            remove(&repo, o).await.unwrap();
-        }
+        assert!(expiring
+            .keys()
+            .keys()
+            .last()
+            .unwrap()
+            .ends_with("expiring.pgv"));
+        let removable: Vec<&Orphan> = found.iter().filter(|o| o.removable).collect();
+        remove(&repo, &removable).await.unwrap();
         let backups = repo.backups().await.unwrap();
         let left: Vec<&str> = backups.dirs.iter().map(|d| d.label.as_str()).collect();
         assert_eq!(

@@ -164,6 +164,17 @@ impl Archive {
         self.histories_of(all).await
     }
 
+    /// Every history file `listing` (one listing of this archive) shows
+    /// claimed: without listing the archive again.
+    pub async fn histories_listed(&self, listing: &Listing) -> Result<Histories> {
+        let all: Vec<TimelineId> = listing
+            .entries()
+            .filter(|(n, e)| n.kind() == WalFileKind::History && e.claimed)
+            .map(|(n, _)| n.timeline())
+            .collect();
+        self.histories_of(all).await
+    }
+
     /// Refuses a history file for timeline N that the WAL of N already in
     /// the archive contradicts: WAL of N from before N begins in this
     /// history, or a first segment whose switch record (the end-of-recovery

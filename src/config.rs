@@ -63,6 +63,8 @@ use crate::error::{Error, Result};
 use crate::ops::archive_push::OnSuperseded;
 use crate::ops::standby::{PrimaryOverride, StandbyMode};
 use crate::pg::conn::ConnParams;
+use crate::repo::azure::AzureOptions;
+use crate::repo::gcs::GcsOptions;
 use crate::repo::s3::S3Options;
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
 use crate::spool::SpoolDir;
@@ -78,7 +80,7 @@ const GENERAL: &str = "General";
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct Global {
-    /// Repository: a path, file:///path or s3://bucket/prefix
+    /// Repository: a path, file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix
     #[arg(
         long,
         global = true,
@@ -154,6 +156,62 @@ pub struct Global {
         value_parser = Secret::parse
     )]
     pub s3_secret_access_key: Option<Secret>,
+    /// GCS base URL, for an emulator or a private endpoint [default: https://storage.googleapis.com]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_GCS_ENDPOINT",
+        value_name = "URL",
+        help_heading = REPOSITORY
+    )]
+    pub gcs_endpoint: Option<String>,
+    /// GCS service-account JSON key file [default: GOOGLE_APPLICATION_CREDENTIALS, then the metadata server]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_GCS_KEY_FILE",
+        value_name = "FILE",
+        help_heading = REPOSITORY
+    )]
+    pub gcs_key_file: Option<String>,
+    /// Azure storage account [default: from an https:// repository URL, or AZURE_STORAGE_ACCOUNT_NAME]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_AZURE_ACCOUNT",
+        value_name = "NAME",
+        help_heading = REPOSITORY
+    )]
+    pub azure_account: Option<String>,
+    /// Azure Blob endpoint, for sovereign clouds or Azurite [default: https://<account>.blob.core.windows.net]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_AZURE_ENDPOINT",
+        value_name = "URL",
+        help_heading = REPOSITORY
+    )]
+    pub azure_endpoint: Option<String>,
+    /// Azure storage account key (the file or the environment only) [default: AZURE_STORAGE_ACCOUNT_KEY]
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_AZURE_KEY",
+        value_parser = Secret::parse
+    )]
+    pub azure_key: Option<Secret>,
+    /// Delete Azure blobs in batches of 256 (false for Azurite, which hangs on them)
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_AZURE_BULK_DELETE",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = true,
+        help_heading = REPOSITORY
+    )]
+    pub azure_bulk_delete: bool,
     /// Configuration file (TOML) [default: /etc/pgvault/pgvault.toml, when it exists]
     #[arg(
         long,
@@ -532,7 +590,7 @@ impl Global {
     pub fn repo(&self) -> Result<&RepoLocation> {
         self.repo.as_ref().ok_or_else(|| {
             Error::usage("no repository given")
-                .hint("pass --repo PATH|s3://bucket/prefix, set PGVAULT_REPO, or put repo = \"…\" in the configuration file")
+                .hint("pass --repo PATH|s3://…|gs://…|az://…, set PGVAULT_REPO, or put repo = \"…\" in the configuration file")
         })
     }
 
@@ -545,6 +603,16 @@ impl Global {
             allow_http: self.s3_allow_http,
             atomic_create: self.s3_atomic_create,
             retry_timeout: Duration::from_secs(60),
+            gcs: GcsOptions {
+                endpoint: self.gcs_endpoint.clone(),
+                key_file: self.gcs_key_file.clone(),
+            },
+            azure: AzureOptions {
+                account: self.azure_account.clone(),
+                access_key: self.azure_key.as_ref().map(|s| s.0.clone()),
+                endpoint: self.azure_endpoint.clone(),
+                bulk_delete: self.azure_bulk_delete,
+            },
         }
     }
 

@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgvault::repo::azure::AzureOptions;
 use pgvault::repo::backend::Backend;
 use pgvault::repo::conformance::{self, Suite};
 use pgvault::repo::fault::{FaultBackend, FaultConfig};
@@ -17,7 +18,8 @@ use pgvault::repo::s3::{S3Backend, S3Options};
 use serde_json::Value;
 
 use crate::common::{
-    assert_same_file, finish, As, Cluster, InitOpts, Repo, S3Server, Spawned, TestEnv,
+    assert_same_file, finish, As, Cloud, Cluster, InitOpts, Repo, S3Server, Spawned, TestEnv,
+    AZURITE_ACCOUNT, AZURITE_KEY,
 };
 
 /// Whether this run is CI's, where a missing server is a failure.
@@ -26,7 +28,7 @@ fn ci() -> bool {
 }
 
 /// The server, or `None` (skip) outside CI when its variable is unset.
-fn require(server: Option<S3Server>, var: &str) -> Option<S3Server> {
+pub(crate) fn require(server: Option<S3Server>, var: &str) -> Option<S3Server> {
     if server.is_none() {
         assert!(
             !ci(),
@@ -42,7 +44,7 @@ fn require(server: Option<S3Server>, var: &str) -> Option<S3Server> {
 /// (5.2: `put_object` looks the key up, then stores, with no lock between —
 /// two of 16 racing creates have been seen to both succeed). The suite then
 /// checks the read-back that such stores get; real S3 is atomic.
-fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
+pub(crate) fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -54,10 +56,21 @@ fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
         access_key_id: Some(server.access_key.clone()),
         secret_access_key: Some(server.secret_key.clone()),
         allow_http: Some(true),
-        atomic_create: false,
+        atomic_create: server.atomic_create,
         retry_timeout: Duration::from_secs(60),
+        azure: AzureOptions {
+            account: Some(AZURITE_ACCOUNT.into()),
+            access_key: Some(AZURITE_KEY.into()),
+            endpoint: Some(server.endpoint.clone()),
+            bulk_delete: false,
+        },
+        ..Default::default()
     };
-    Arc::new(S3Backend::new(&server.bucket, &prefix, &opts).expect("an S3 backend"))
+    let backend = match server.cloud {
+        Cloud::S3 => S3Backend::new(&server.bucket, &prefix, &opts),
+        Cloud::Azure => S3Backend::azure(None, &server.bucket, &prefix, &opts),
+    };
+    Arc::new(backend.expect("an object-store backend"))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -68,7 +81,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
-fn conformance_on(server: &S3Server) {
+pub(crate) fn conformance_on(server: &S3Server) {
     runtime().block_on(conformance::run(
         s3_backend(server),
         "suite",
@@ -82,7 +95,7 @@ fn conformance_on(server: &S3Server) {
 const FAULTS: &str = "error=0.15,reset=0.1,timeout=0.05,timeout_ms=100,truncate=0.3,\
                       slow=0.05,slow_ms=20,hide=0.2,hide_ms=300,attempts=10";
 
-fn conformance_under_faults_on(server: &S3Server, seed: u64) {
+pub(crate) fn conformance_under_faults_on(server: &S3Server, seed: u64) {
     let config = FaultConfig::parse(&format!("seed={seed},{FAULTS}")).expect("fault config");
     let faulty = FaultBackend::new(s3_backend(server), config);
     runtime().block_on(conformance::run(

@@ -1,6 +1,6 @@
 //! Azure Blob Storage repositories (issue 11) against Azurite, started by
 //! scripts/test.sh: the backend conformance suite (plain and under the
-//! fault injector), the archive round trip and racing pushes, as on the S3
+//! fault injector), the archive round trip, racing pushes and the PITR suite, as on the S3
 //! servers. What Azurite enforces of conditional writes is in
 //! docs/testing.md, and why no GCS emulator runs here (none accepts the
 //! XML-API uploads object_store's GCS client sends).
@@ -39,5 +39,14 @@ fn racing_pushes_azurite() {
     let env = TestEnv::new();
     if let Some(s) = require(env.azurite.clone(), "PGVAULT_TEST_AZURITE") {
         racing_pushes(&s);
+    }
+}
+
+#[test]
+fn pitr_azurite() {
+    let env = TestEnv::new();
+    if let Some(s) = require(env.azurite.clone(), "PGVAULT_TEST_AZURITE") {
+        let repo = env.s3_repo(&s, "pitr");
+        crate::pitr::pitr_suite(&env, &repo, false);
     }
 }

@@ -65,7 +65,7 @@ use crate::ops::standby::{PrimaryOverride, StandbyMode};
 use crate::pg::conn::ConnParams;
 use crate::repo::azure::AzureOptions;
 use crate::repo::gcs::GcsOptions;
-use crate::repo::s3::S3Options;
+use crate::repo::s3::{S3Options, Sse};
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
 use crate::spool::SpoolDir;
 
@@ -156,6 +156,35 @@ pub struct Global {
         value_parser = Secret::parse
     )]
     pub s3_secret_access_key: Option<Secret>,
+    /// S3 server-side encryption of every object written: none, sse-s3, sse-kms or sse-c
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_SSE",
+        value_name = "KIND",
+        default_value = "none",
+        value_parser = ["none", "sse-s3", "sse-kms", "sse-c"],
+        help_heading = REPOSITORY
+    )]
+    pub s3_sse: String,
+    /// With s3-sse = sse-kms: the KMS key id or ARN [default: the account's S3 key]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_SSE_KMS_KEY_ID",
+        value_name = "ID",
+        help_heading = REPOSITORY
+    )]
+    pub s3_sse_kms_key_id: Option<String>,
+    /// With s3-sse = sse-c: the key, base64 of 32 bytes (the file or the environment only)
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_S3_SSE_C_KEY",
+        value_parser = Secret::parse
+    )]
+    pub s3_sse_c_key: Option<Secret>,
     /// GCS base URL, for an emulator or a private endpoint [default: https://storage.googleapis.com]
     #[arg(
         long,
@@ -594,8 +623,8 @@ impl Global {
         })
     }
 
-    pub fn s3(&self) -> S3Options {
-        S3Options {
+    pub fn s3(&self) -> Result<S3Options> {
+        Ok(S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             access_key_id: self.s3_access_key_id.as_ref().map(|s| s.0.clone()),
@@ -613,11 +642,16 @@ impl Global {
                 endpoint: self.azure_endpoint.clone(),
                 bulk_delete: self.azure_bulk_delete,
             },
-        }
+            sse: Sse::from_options(
+                &self.s3_sse,
+                self.s3_sse_kms_key_id.as_deref(),
+                self.s3_sse_c_key.as_ref().map(Secret::expose),
+            )?,
+        })
     }
 
     pub fn open_repo(&self) -> Result<Repository> {
-        Repository::open(self.repo()?.clone(), &self.stanza, &self.s3())
+        Repository::open(self.repo()?.clone(), &self.stanza, &self.s3()?)
     }
 
     /// The local spool of this repository and stanza (look-ahead push

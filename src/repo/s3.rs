@@ -33,6 +33,8 @@ pub struct S3Options {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub allow_http: Option<bool>,
+    /// Server-side encryption asked of S3 for every object written.
+    pub sse: Sse,
     /// Whether the store's conditional create is atomic under races.
     pub atomic_create: bool,
     /// Bound on retries of one request, in total.
@@ -54,11 +56,64 @@ impl std::fmt::Debug for S3Options {
                 &self.secret_access_key.as_ref().map(|_| "<redacted>"),
             )
             .field("allow_http", &self.allow_http)
+            .field("sse", &self.sse)
             .field("atomic_create", &self.atomic_create)
             .field("retry_timeout", &self.retry_timeout)
             .field("gcs", &self.gcs)
             .field("azure", &self.azure)
             .finish()
+    }
+}
+
+/// S3 server-side encryption (`s3-sse`): the store encrypts what it keeps.
+/// Its `Debug` never shows an SSE-C key.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum Sse {
+    /// The bucket's default.
+    #[default]
+    None,
+    /// SSE-S3: keys managed by S3 (`AES256`).
+    S3,
+    /// SSE-KMS with this key id or ARN (the account's default key when empty).
+    Kms(String),
+    /// SSE-C: this base64-encoded 256-bit key, sent with every request; S3
+    /// does not keep it, and every read needs it.
+    Customer(String),
+}
+
+impl std::fmt::Debug for Sse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sse::None => f.write_str("None"),
+            Sse::S3 => f.write_str("S3"),
+            Sse::Kms(k) => write!(f, "Kms({k:?})"),
+            Sse::Customer(_) => f.write_str("Customer(<redacted>)"),
+        }
+    }
+}
+
+impl Sse {
+    /// From `s3-sse` (`none`, `sse-s3`, `sse-kms`, `sse-c`) and the key
+    /// options it needs.
+    pub fn from_options(
+        kind: &str,
+        kms_key_id: Option<&str>,
+        customer_key: Option<&str>,
+    ) -> Result<Sse> {
+        match kind {
+            "none" => Ok(Sse::None),
+            "sse-s3" => Ok(Sse::S3),
+            "sse-kms" => Ok(Sse::Kms(kms_key_id.unwrap_or_default().to_string())),
+            "sse-c" => customer_key
+                .map(|k| Sse::Customer(k.to_string()))
+                .ok_or_else(|| {
+                    Error::usage("s3-sse = sse-c needs a key")
+                        .hint("set s3-sse-c-key (base64 of 32 bytes) in the configuration file or PGVAULT_S3_SSE_C_KEY")
+                }),
+            other => Err(Error::usage(format!(
+                "s3-sse {other:?}: use none, sse-s3, sse-kms or sse-c"
+            ))),
+        }
     }
 }
 
@@ -81,6 +136,17 @@ impl CloudBackend {
         if let Some(v) = opts.allow_http {
             b = b.with_allow_http(v);
         }
+        b = match &opts.sse {
+            Sse::None => b,
+            Sse::S3 => {
+                let key: AmazonS3ConfigKey = "aws_server_side_encryption"
+                    .parse()
+                    .map_err(|e| Error::internal(format!("S3 encryption option: {e}")))?;
+                b.with_config(key, "AES256")
+            }
+            Sse::Kms(key) => b.with_sse_kms_encryption(key.clone()),
+            Sse::Customer(key) => b.with_ssec_encryption(key.clone()),
+        };
         b = b
             .with_retry(retry_config(opts.retry_timeout))
             // Set the timeouts one by one: with_client_options would
@@ -113,6 +179,21 @@ impl CloudBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sse_options() {
+        assert_eq!(Sse::from_options("none", None, None).unwrap(), Sse::None);
+        assert_eq!(Sse::from_options("sse-s3", None, None).unwrap(), Sse::S3);
+        assert_eq!(
+            Sse::from_options("sse-kms", Some("k1"), None).unwrap(),
+            Sse::Kms("k1".into())
+        );
+        let err = Sse::from_options("sse-c", None, None).expect_err("no key");
+        assert!(format!("{err:#}").contains("sse-c"), "{err:#}");
+        let c = Sse::from_options("sse-c", None, Some("c2VjcmV0LWtleQ==")).unwrap();
+        assert!(!format!("{c:?}").contains("c2VjcmV0"), "{c:?}");
+        assert!(Sse::from_options("aes", None, None).is_err());
+    }
 
     #[test]
     fn debug_never_shows_the_secret_key() {

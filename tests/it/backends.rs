@@ -14,7 +14,8 @@ use pgvault::repo::azure::AzureOptions;
 use pgvault::repo::backend::Backend;
 use pgvault::repo::conformance::{self, Suite};
 use pgvault::repo::fault::{FaultBackend, FaultConfig};
-use pgvault::repo::s3::{S3Backend, S3Options};
+use pgvault::repo::s3::{S3Backend, S3Options, Sse};
+use pgvault::repo::PutMode;
 use serde_json::Value;
 
 use crate::common::{
@@ -512,5 +513,76 @@ fn stanza_create_refuses_a_repository_the_server_cannot_write() {
         );
         let left = fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0, "stanza-create left files in {}", dir.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// S3 server-side encryption: the headers are really sent (moto records them).
+
+/// The response headers of a HEAD of `bucket/key` on moto, lower-cased.
+/// Moto refuses anonymous reads of a private object but does not check
+/// signatures: an Authorization header naming a key is enough.
+fn moto_head(server: &S3Server, path: &str) -> String {
+    use std::io::{Read, Write};
+    let hostport = server
+        .endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(hostport).expect("connect to moto");
+    write!(
+        conn,
+        "HEAD /{}/{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential={}/20260101/{}/s3/aws4_request, \
+         SignedHeaders=host, Signature=0\r\n\r\n",
+        server.bucket, server.access_key, server.region
+    )
+    .expect("send a HEAD to moto");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)
+        .expect("read moto's answer");
+    answer.to_ascii_lowercase()
+}
+
+#[test]
+fn s3_server_side_encryption_is_requested() {
+    let env = TestEnv::new();
+    let Some(server) = require(env.moto.clone(), "PGVAULT_TEST_MOTO") else {
+        return;
+    };
+    let cases = [
+        (Sse::None, None),
+        (Sse::S3, Some("x-amz-server-side-encryption: aes256")),
+        (
+            Sse::Kms("pgvault-test-kms-key".into()),
+            Some("x-amz-server-side-encryption-aws-kms-key-id: pgvault-test-kms-key"),
+        ),
+    ];
+    for (sse, header) in cases {
+        let prefix = format!("sse-{}-{}", std::process::id(), crate::common::unique());
+        let opts = S3Options {
+            endpoint: Some(server.endpoint.clone()),
+            region: Some(server.region.clone()),
+            access_key_id: Some(server.access_key.clone()),
+            secret_access_key: Some(server.secret_key.clone()),
+            allow_http: Some(true),
+            sse: sse.clone(),
+            retry_timeout: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let b = S3Backend::new(&server.bucket, &prefix, &opts).expect("an S3 backend");
+        runtime().block_on(async {
+            b.put_bytes("obj", b"secret rows".to_vec(), PutMode::Overwrite)
+                .await
+                .expect("put");
+        });
+        let head = moto_head(&server, &format!("{prefix}/obj"));
+        assert!(head.starts_with("http/1.1 200"), "{sse:?}: {head}");
+        match header {
+            Some(h) => assert!(head.contains(h), "{sse:?}: no {h:?} in {head}"),
+            None => assert!(
+                !head.contains("x-amz-server-side-encryption"),
+                "{sse:?}: {head}"
+            ),
+        }
     }
 }

@@ -51,7 +51,17 @@ pub(crate) fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let prefix = format!("conformance-{}-{nanos}", std::process::id());
-    let opts = S3Options {
+    let opts = server_options(server);
+    let backend = match server.cloud {
+        Cloud::S3 => S3Backend::new(&server.bucket, &prefix, &opts),
+        Cloud::Azure => S3Backend::azure(None, &server.bucket, &prefix, &opts),
+    };
+    Arc::new(backend.expect("an object-store backend"))
+}
+
+/// What a backend on `server` needs (its endpoint and credentials).
+fn server_options(server: &S3Server) -> S3Options {
+    S3Options {
         endpoint: Some(server.endpoint.clone()),
         region: Some(server.region.clone()),
         access_key_id: Some(server.access_key.clone()),
@@ -66,12 +76,7 @@ pub(crate) fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
             bulk_delete: false,
         },
         ..Default::default()
-    };
-    let backend = match server.cloud {
-        Cloud::S3 => S3Backend::new(&server.bucket, &prefix, &opts),
-        Cloud::Azure => S3Backend::azure(None, &server.bucket, &prefix, &opts),
-    };
-    Arc::new(backend.expect("an object-store backend"))
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -560,14 +565,8 @@ fn s3_server_side_encryption_is_requested() {
     for (sse, header) in cases {
         let prefix = format!("sse-{}-{}", std::process::id(), crate::common::unique());
         let opts = S3Options {
-            endpoint: Some(server.endpoint.clone()),
-            region: Some(server.region.clone()),
-            access_key_id: Some(server.access_key.clone()),
-            secret_access_key: Some(server.secret_key.clone()),
-            allow_http: Some(true),
             sse: sse.clone(),
-            retry_timeout: Duration::from_secs(60),
-            ..Default::default()
+            ..server_options(&server)
         };
         let b = S3Backend::new(&server.bucket, &prefix, &opts).expect("an S3 backend");
         runtime().block_on(async {

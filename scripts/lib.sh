@@ -15,6 +15,8 @@
 #   PGV_MOTO_URL / PGV_S3SFS_URL   endpoints once started
 #   PGV_ETCD_HOSTS   host:port of the etcd started on loopback
 #   PGV_S3_ACCESS_KEY / PGV_S3_SECRET_KEY / PGV_S3_REGION / PGV_S3_BUCKET
+#   PGV_AZURITE_BIN  Azurite's blob service (Azure Blob Storage emulator)
+#   PGV_AZURITE_URL  its blob endpoint with the account, once started
 
 PGV_CACHE="${PGVAULT_CACHE:-/var/cache/pgvault}"
 PGV_PGBIN="/usr/lib/postgresql/15/bin"
@@ -34,6 +36,12 @@ PGV_S3SFS_URL=""
 PGV_PATRONI_BIN="$PGV_CACHE/patroni-venv/bin"
 PGV_ETCD_BIN="/usr/bin/etcd"
 PGV_ETCD_HOSTS=""
+PGV_AZURITE_VERSION="3.37.0"
+PGV_AZURITE_BIN="/usr/local/bin/azurite-blob"
+PGV_AZURITE_URL=""
+# Azurite's one built-in account and its published, well-known key.
+PGV_AZURITE_ACCOUNT="devstoreaccount1"
+PGV_AZURITE_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 # pids of what we started, stopped by pgv_stop_services
 PGV_PIDS=()
 PGV_APT_UPDATED=0
@@ -163,6 +171,18 @@ pgv_ensure_patroni() {
         pgv_die "patroni does not run as $PGV_TEST_USER after install"
 }
 
+# Azurite (Microsoft's Azure Storage emulator) from npm; Node and npm from
+# Debian when missing.
+pgv_ensure_azurite() {
+    if [ -x "$PGV_AZURITE_BIN" ]; then
+        return 0
+    fi
+    command -v npm >/dev/null || pgv_apt_install nodejs npm
+    pgv_log "npm install -g azurite@$PGV_AZURITE_VERSION"
+    npm install -g --prefix /usr/local --silent "azurite@$PGV_AZURITE_VERSION" >/dev/null
+    [ -x "$PGV_AZURITE_BIN" ] || pgv_die "azurite-blob is not at $PGV_AZURITE_BIN after install"
+}
+
 pgv_install_all() {
     pgv_ensure_tools
     pgv_ensure_postgres
@@ -170,6 +190,7 @@ pgv_install_all() {
     pgv_ensure_moto
     pgv_ensure_s3sfs
     pgv_ensure_patroni
+    pgv_ensure_azurite
 }
 
 # A free TCP port on 127.0.0.1 (the kernel picks; a tiny race with other
@@ -246,6 +267,48 @@ pgv_start_s3sfs() {
     pgv_wait_port "$port" "$pid" "$logdir/s3s-fs.log"
     PGV_S3SFS_URL="http://127.0.0.1:$port"
     pgv_create_bucket "$PGV_S3SFS_URL"
+}
+
+# pgv_start_azurite LOGDIR: Azurite's blob service on a free loopback port,
+# in memory, and the test container $PGV_S3_BUCKET in its built-in account.
+pgv_start_azurite() {
+    local logdir="$1" port pid
+    mkdir -p "$logdir"
+    port="$(pgv_free_port)"
+    pgv_log "starting azurite-blob on 127.0.0.1:$port (log: $logdir/azurite.log)"
+    # In memory (it cannot also take --location); started from LOGDIR so
+    # that anything it writes lands there.
+    (cd "$logdir" && exec "$PGV_AZURITE_BIN" --blobHost 127.0.0.1 --blobPort "$port" \
+        --inMemoryPersistence --skipApiVersionCheck --disableTelemetry) \
+        >"$logdir/azurite.log" 2>&1 &
+    pid=$!
+    PGV_PIDS+=("$pid")
+    pgv_wait_port "$port" "$pid" "$logdir/azurite.log"
+    PGV_AZURITE_URL="http://127.0.0.1:$port/$PGV_AZURITE_ACCOUNT"
+    # Create the container: one Shared Key-signed PUT (Azure's "Authorize
+    # with Shared Key" scheme), no SDK needed.
+    python3 - "$PGV_AZURITE_URL" "$PGV_AZURITE_ACCOUNT" "$PGV_AZURITE_KEY" "$PGV_S3_BUCKET" <<'EOF'
+import base64, hashlib, hmac, sys, urllib.error, urllib.request
+from email.utils import formatdate
+url, account, key, container = sys.argv[1:5]
+date, version = formatdate(usegmt=True), "2021-08-06"
+path = "/%s/%s" % (account, container)
+# VERB, then Content-Encoding, -Language, -Length (empty for 0), -MD5,
+# -Type, Date, If-Modified-Since, If-Match, If-None-Match,
+# If-Unmodified-Since, Range; then the x-ms- headers and the resource.
+ctype = "application/octet-stream"
+to_sign = "PUT\n\n\n\n\n%s\n\n\n\n\n\n\nx-ms-date:%s\nx-ms-version:%s\n/%s%s\nrestype:container" % (
+    ctype, date, version, account, path)
+sig = base64.b64encode(hmac.new(base64.b64decode(key), to_sign.encode(), hashlib.sha256).digest()).decode()
+req = urllib.request.Request(url + "/" + container + "?restype=container", method="PUT", data=b"", headers={
+    "x-ms-date": date, "x-ms-version": version, "Content-Type": ctype,
+    "Authorization": "SharedKey %s:%s" % (account, sig)})
+try:
+    urllib.request.urlopen(req)
+except urllib.error.HTTPError as e:
+    if e.code != 409:  # already there
+        sys.exit("create container %s: %s %s" % (container, e.code, e.read()[:300]))
+EOF
 }
 
 # pgv_start_etcd LOGDIR: a one-member etcd on free loopback ports, its data

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what the tests need, run every check, stop what it
 # started. Works on a fresh Debian 12 machine as root (it installs
-# PostgreSQL 15, moto, s3s-fs, etcd and Patroni on first use; s3s-fs's build is cached in
+# PostgreSQL 15, moto, s3s-fs, Azurite, etcd and Patroni on first use; s3s-fs's build is cached in
 # ${PGVAULT_CACHE:-/var/cache/pgvault}).
 #
 #   scripts/test.sh                    # everything, as CI runs it
@@ -26,7 +26,7 @@ on_exit() {
     local rc=$?
     if [ "$rc" -ne 0 ]; then
         local f
-        for f in "$LOGDIR"/moto.log "$LOGDIR"/s3s-fs.log "$LOGDIR"/etcd.log; do
+        for f in "$LOGDIR"/moto.log "$LOGDIR"/s3s-fs.log "$LOGDIR"/azurite.log "$LOGDIR"/etcd.log; do
             if [ -s "$f" ]; then
                 printf '\n--- last lines of %s\n' "$f" >&2
                 tail -n 40 "$f" >&2 || true
@@ -63,6 +63,7 @@ cargo build --all-targets --quiet
 
 pgv_start_moto "$LOGDIR"
 pgv_start_s3sfs "$LOGDIR"
+pgv_start_azurite "$LOGDIR"
 pgv_start_etcd "$LOGDIR"
 
 export PGVAULT_TEST_PGBIN="$PGV_PGBIN"
@@ -71,6 +72,7 @@ export PGVAULT_TEST_MOTO="$PGV_MOTO_URL"
 # Tests that kill and restart a moto of their own (tests/it/common/moto.rs).
 export PGVAULT_TEST_MOTO_PY="$PGV_MOTO_PY"
 export PGVAULT_TEST_S3SFS="$PGV_S3SFS_URL"
+export PGVAULT_TEST_AZURITE="$PGV_AZURITE_URL"
 export PGVAULT_TEST_AWS_ACCESS_KEY_ID="$PGV_S3_ACCESS_KEY"
 export PGVAULT_TEST_AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY"
 export PGVAULT_TEST_AWS_REGION="$PGV_S3_REGION"

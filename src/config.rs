@@ -65,7 +65,9 @@ use crate::error::{Error, Result};
 use crate::ops::archive_push::OnSuperseded;
 use crate::ops::standby::{PrimaryOverride, StandbyMode};
 use crate::pg::conn::ConnParams;
-use crate::repo::s3::S3Options;
+use crate::repo::azure::AzureOptions;
+use crate::repo::gcs::GcsOptions;
+use crate::repo::s3::{S3Options, Sse};
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
 use crate::spool::SpoolDir;
 use repos::PerRepo;
@@ -81,7 +83,7 @@ const GENERAL: &str = "General";
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct Global {
-    /// Repository 1: a path, file:///path or s3://bucket/prefix; or a number N: act on repository N only (repositories 2 to 4: repo2-path, repo2-s3-…, see docs/configuration.md)
+    /// Repository 1: a path, file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix; or a number N: act on repository N only (repositories 2 to 4: repo2-path, repo2-s3-…, see docs/configuration.md)
     #[arg(
         long,
         global = true,
@@ -190,6 +192,91 @@ pub struct S3Settings {
         value_parser = Secret::parse
     )]
     pub s3_secret_access_key: Option<Secret>,
+    /// S3 server-side encryption of every object written: none, sse-s3, sse-kms or sse-c
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_SSE",
+        value_name = "KIND",
+        default_value = "none",
+        value_parser = ["none", "sse-s3", "sse-kms", "sse-c"],
+        help_heading = REPOSITORY
+    )]
+    pub s3_sse: String,
+    /// With s3-sse = sse-kms: the KMS key id or ARN [default: the account's S3 key]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_SSE_KMS_KEY_ID",
+        value_name = "ID",
+        help_heading = REPOSITORY
+    )]
+    pub s3_sse_kms_key_id: Option<String>,
+    /// With s3-sse = sse-c: the key, base64 of 32 bytes (the file or the environment only)
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_S3_SSE_C_KEY",
+        value_parser = Secret::parse
+    )]
+    pub s3_sse_c_key: Option<Secret>,
+    /// GCS base URL, for an emulator or a private endpoint [default: https://storage.googleapis.com]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_GCS_ENDPOINT",
+        value_name = "URL",
+        help_heading = REPOSITORY
+    )]
+    pub gcs_endpoint: Option<String>,
+    /// GCS service-account JSON key file [default: GOOGLE_APPLICATION_CREDENTIALS, then the metadata server]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_GCS_KEY_FILE",
+        value_name = "FILE",
+        help_heading = REPOSITORY
+    )]
+    pub gcs_key_file: Option<String>,
+    /// Azure storage account [default: from an https:// repository URL, or AZURE_STORAGE_ACCOUNT_NAME]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_AZURE_ACCOUNT",
+        value_name = "NAME",
+        help_heading = REPOSITORY
+    )]
+    pub azure_account: Option<String>,
+    /// Azure Blob endpoint, for sovereign clouds or Azurite [default: https://<account>.blob.core.windows.net]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_AZURE_ENDPOINT",
+        value_name = "URL",
+        help_heading = REPOSITORY
+    )]
+    pub azure_endpoint: Option<String>,
+    /// Azure storage account key (the file or the environment only) [default: AZURE_STORAGE_ACCOUNT_KEY]
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_AZURE_KEY",
+        value_parser = Secret::parse
+    )]
+    pub azure_key: Option<Secret>,
+    /// Delete Azure blobs in batches of 256 (false for Azurite, which hangs on them)
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_AZURE_BULK_DELETE",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = true,
+        help_heading = REPOSITORY
+    )]
+    pub azure_bulk_delete: bool,
 }
 
 /// Where repository N is and how to reach it: the template of the
@@ -197,7 +284,7 @@ pub struct S3Settings {
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct RepoSettings {
-    /// A path, file:///path or s3://bucket/prefix
+    /// A path, file:///path, s3://, gs:// or az:// URL
     #[arg(long = "path", global = true, value_name = "URL", value_parser = RepoLocation::parse)]
     pub path: Option<RepoLocation>,
     #[command(flatten)]
@@ -730,7 +817,7 @@ impl Global {
     }
 
     pub fn open(&self, r: &RepoConfig) -> Result<Repository> {
-        Repository::open(r.location.clone(), &self.stanza, &r.s3.options())
+        Repository::open(r.location.clone(), &self.stanza, &r.s3.options()?)
     }
 
     /// The local spool of repository `r` and this stanza (look-ahead push
@@ -761,8 +848,10 @@ impl Global {
 }
 
 impl S3Settings {
-    pub fn options(&self) -> S3Options {
-        S3Options {
+    /// What the store's client gets; a bad server-side encryption
+    /// setting is refused here.
+    pub fn options(&self) -> Result<S3Options> {
+        Ok(S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             access_key_id: self.s3_access_key_id.as_ref().map(|s| s.0.clone()),
@@ -770,46 +859,54 @@ impl S3Settings {
             allow_http: self.s3_allow_http,
             atomic_create: self.s3_atomic_create,
             retry_timeout: Duration::from_secs(60),
-        }
+            gcs: GcsOptions {
+                endpoint: self.gcs_endpoint.clone(),
+                key_file: self.gcs_key_file.clone(),
+            },
+            azure: AzureOptions {
+                account: self.azure_account.clone(),
+                access_key: self.azure_key.as_ref().map(|s| s.0.clone()),
+                endpoint: self.azure_endpoint.clone(),
+                bulk_delete: self.azure_bulk_delete,
+            },
+            sse: Sse::from_options(
+                &self.s3_sse,
+                self.s3_sse_kms_key_id.as_deref(),
+                self.s3_sse_c_key.as_ref().map(Secret::expose),
+            )?,
+        })
     }
 
     /// These settings with what repository 1's numbered options
     /// (`repo1-s3-…`) give over them.
     fn under(&self, n: &repos::Numbered<RepoSettings>) -> S3Settings {
         let v = &n.value.s3;
-        let pick = |id: &str| n.is_set(id);
-        S3Settings {
-            s3_endpoint: if pick("s3_endpoint") {
-                v.s3_endpoint.clone()
-            } else {
-                self.s3_endpoint.clone()
-            },
-            s3_region: if pick("s3_region") {
-                v.s3_region.clone()
-            } else {
-                self.s3_region.clone()
-            },
-            s3_allow_http: if pick("s3_allow_http") {
-                v.s3_allow_http
-            } else {
-                self.s3_allow_http
-            },
-            s3_atomic_create: if pick("s3_atomic_create") {
-                v.s3_atomic_create
-            } else {
-                self.s3_atomic_create
-            },
-            s3_access_key_id: if pick("s3_access_key_id") {
-                v.s3_access_key_id.clone()
-            } else {
-                self.s3_access_key_id.clone()
-            },
-            s3_secret_access_key: if pick("s3_secret_access_key") {
-                v.s3_secret_access_key.clone()
-            } else {
-                self.s3_secret_access_key.clone()
-            },
+        // Each field: repository 1's numbered option where it was given,
+        // else the plain one.
+        macro_rules! over {
+            ($($f:ident),* $(,)?) => {
+                S3Settings {
+                    $($f: if n.is_set(stringify!($f)) { v.$f.clone() } else { self.$f.clone() },)*
+                }
+            };
         }
+        over!(
+            s3_endpoint,
+            s3_region,
+            s3_allow_http,
+            s3_atomic_create,
+            s3_access_key_id,
+            s3_secret_access_key,
+            s3_sse,
+            s3_sse_kms_key_id,
+            s3_sse_c_key,
+            gcs_endpoint,
+            gcs_key_file,
+            azure_account,
+            azure_endpoint,
+            azure_key,
+            azure_bulk_delete,
+        )
     }
 }
 

@@ -1,6 +1,6 @@
 //! Where repository objects live: a small trait with two implementations,
 //! a local directory ([`super::local::LocalBackend`]) and S3-compatible
-//! object storage ([`super::s3::S3Backend`]), and wrappers that compose
+//! object storage ([`super::cloud::CloudBackend`]: S3, GCS, Azure), and wrappers that compose
 //! around any of them (object_store's way): [`super::fence::Fenced`] stops
 //! the writes of a process that lost the stanza lock, and
 //! [`super::fault::FaultBackend`] injects faults in tests.
@@ -247,12 +247,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// among `keys` is kept: a caller that needs one (data before the
     /// manifest that points to it) makes two calls.
     async fn delete_many(&self, keys: &[String]) -> Result<()> {
-        let mut results = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(8) {
-            let batch = futures::future::join_all(chunk.iter().map(|k| self.delete(k))).await;
-            results.extend(batch);
-        }
-        first_of_failures(results.into_iter().filter_map(|r| r.err()), keys.len())
+        delete_each(self, keys).await
     }
 
     /// [`Backend::put`], made reliable for conditional modes on every store:
@@ -307,6 +302,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// The error for a range that does not lie within an object of `size` bytes.
+/// Deletes `keys` one request each, eight at a time: stores without bulk
+/// deletion, and a bulk request that failed as a whole.
+pub async fn delete_each<B: Backend + ?Sized>(b: &B, keys: &[String]) -> Result<()> {
+    let mut results = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(8) {
+        let batch = futures::future::join_all(chunk.iter().map(|k| b.delete(k))).await;
+        results.extend(batch);
+    }
+    first_of_failures(results.into_iter().filter_map(|r| r.err()), keys.len())
+}
+
 pub fn check_range(what: &str, range: &Range<u64>, size: u64) -> Result<()> {
     if range.start > range.end || range.end > size {
         return Err(Error::repository(format!(

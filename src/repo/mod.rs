@@ -3,13 +3,16 @@
 //! key, encodes or decodes an object, or talks to `object_store`.
 
 pub mod archive;
+pub mod azure;
 pub mod backend;
+pub mod cloud;
 pub mod codec;
 #[doc(hidden)]
 pub mod conformance;
 pub mod deletion;
 pub mod fault;
 pub mod fence;
+pub mod gcs;
 pub mod layout;
 pub mod local;
 pub mod lock;
@@ -47,24 +50,72 @@ pub enum Fetched<T> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoLocation {
     Local(PathBuf),
-    S3 { bucket: String, prefix: String },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    Gcs {
+        bucket: String,
+        prefix: String,
+    },
+    /// `account` when the URL named it (the `https://` form); otherwise
+    /// from `azure-account` or the environment.
+    Azure {
+        account: Option<String>,
+        container: String,
+        prefix: String,
+    },
+}
+
+/// `bucket/some/prefix/` as (bucket, prefix), or `None` without a bucket.
+fn bucket_and_prefix(rest: &str) -> Option<(String, String)> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return None;
+    }
+    Some((bucket.to_string(), prefix.trim_matches('/').to_string()))
 }
 
 impl RepoLocation {
-    /// Accepts a plain path, `file:///path` or `s3://bucket/prefix`.
+    /// Accepts a plain path, `file:///path`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix` or
+    /// `https://<account>.blob.core.windows.net/<container>/prefix`.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::usage(format!("repository {s:?}: {why}"))
-                .hint("--repo takes a path, file:///path or s3://bucket/prefix")
+                .hint("--repo takes a path, file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or https://<account>.blob.core.windows.net/<container>/prefix")
         };
         if let Some(rest) = s.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(bad("no bucket name"));
+            let (bucket, prefix) = bucket_and_prefix(rest).ok_or_else(|| bad("no bucket name"))?;
+            return Ok(RepoLocation::S3 { bucket, prefix });
+        }
+        if let Some(rest) = s.strip_prefix("gs://") {
+            let (bucket, prefix) = bucket_and_prefix(rest).ok_or_else(|| bad("no bucket name"))?;
+            return Ok(RepoLocation::Gcs { bucket, prefix });
+        }
+        if let Some(rest) = s.strip_prefix("az://") {
+            let (container, prefix) =
+                bucket_and_prefix(rest).ok_or_else(|| bad("no container name"))?;
+            return Ok(RepoLocation::Azure {
+                account: None,
+                container,
+                prefix,
+            });
+        }
+        if let Some(rest) = s.strip_prefix("https://") {
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let Some(account) = host.strip_suffix(".blob.core.windows.net") else {
+                return Err(bad("an https:// repository must be an Azure Blob Storage URL (https://<account>.blob.core.windows.net/<container>/prefix)"));
+            };
+            if account.is_empty() || account.contains('.') {
+                return Err(bad("no storage account name"));
             }
-            return Ok(RepoLocation::S3 {
-                bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
+            let (container, prefix) =
+                bucket_and_prefix(path).ok_or_else(|| bad("no container name"))?;
+            return Ok(RepoLocation::Azure {
+                account: Some(account.to_string()),
+                container,
+                prefix,
             });
         }
         let path = if let Some(rest) = s.strip_prefix("file://") {
@@ -100,6 +151,17 @@ impl RepoLocation {
         match self {
             RepoLocation::Local(p) => format!("file://{}", p.display()),
             RepoLocation::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+            RepoLocation::Gcs { bucket, prefix } => format!("gs://{bucket}/{prefix}"),
+            RepoLocation::Azure {
+                account: Some(account),
+                container,
+                prefix,
+            } => format!("https://{account}.blob.core.windows.net/{container}/{prefix}"),
+            RepoLocation::Azure {
+                account: None,
+                container,
+                prefix,
+            } => format!("az://{container}/{prefix}"),
         }
     }
 }
@@ -124,8 +186,21 @@ impl Repository {
         let backend: Arc<dyn Backend> = match &location {
             RepoLocation::Local(p) => Arc::new(local::LocalBackend::new(p.clone())),
             RepoLocation::S3 { bucket, prefix } => {
-                Arc::new(s3::S3Backend::new(bucket, prefix, s3)?)
+                Arc::new(cloud::CloudBackend::new(bucket, prefix, s3)?)
             }
+            RepoLocation::Gcs { bucket, prefix } => {
+                Arc::new(cloud::CloudBackend::gcs(bucket, prefix, s3)?)
+            }
+            RepoLocation::Azure {
+                account,
+                container,
+                prefix,
+            } => Arc::new(cloud::CloudBackend::azure(
+                account.as_deref(),
+                container,
+                prefix,
+                s3,
+            )?),
         };
         let backend = fault::from_env(backend)?;
         Ok(Self::with_backend(backend, location, stanza))
@@ -248,7 +323,33 @@ mod tests {
             }
         );
         assert!(RepoLocation::parse("s3:///x").is_err());
-        assert!(RepoLocation::parse("gs://b/x").is_err());
+        assert_eq!(
+            RepoLocation::parse("gs://b/x/").unwrap(),
+            RepoLocation::Gcs {
+                bucket: "b".into(),
+                prefix: "x".into()
+            }
+        );
+        assert_eq!(
+            RepoLocation::parse("az://c/p/q").unwrap(),
+            RepoLocation::Azure {
+                account: None,
+                container: "c".into(),
+                prefix: "p/q".into()
+            }
+        );
+        assert_eq!(
+            RepoLocation::parse("https://acct.blob.core.windows.net/c/p").unwrap(),
+            RepoLocation::Azure {
+                account: Some("acct".into()),
+                container: "c".into(),
+                prefix: "p".into()
+            }
+        );
+        assert!(RepoLocation::parse("gs://").is_err());
+        assert!(RepoLocation::parse("https://example.com/c/p").is_err());
+        assert!(RepoLocation::parse("https://acct.blob.core.windows.net/").is_err());
+        assert!(RepoLocation::parse("ftp://b/x").is_err());
         assert!(RepoLocation::parse("file://relative").is_err());
     }
 

@@ -1,39 +1,31 @@
-//! A repository in S3-compatible object storage, through `object_store`.
+//! S3 and S3-compatible object storage: builds the `object_store` client
+//! that [`CloudBackend`] drives.
 //!
 //! Endpoint, region and credentials come from the standard `AWS_*`
 //! variables (as `object_store` reads them), overridden by pgvault's own
 //! `s3-*` options so that a configuration file can carry them where the
 //! environment cannot (a postmaster's `restore_command`).
-//!
-//! Create-if-absent uses `If-None-Match: *`. Many S3-compatible stores
-//! ignore it or check it non-atomically; with `s3-atomic-create = false`
-//! the callers add their own conflict detection (see `repo::archive`).
 
-use std::io::{self, Read};
-use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use futures::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::path::Path as OsPath;
-use object_store::{
-    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
-    PutMode as OsPutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion, WriteMultipart,
-};
-use tokio::sync::mpsc;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::ClientConfigKey;
 
-use super::backend::{
-    check_range, first_of_failures, Backend, ObjectMeta, ObjectReader, ObjectVersion, PutMode,
-    PutOutcome, PutResult, RawRead, Spool,
-};
+use super::cloud::{clean, retry_config, Cloud, CloudBackend};
 use crate::error::{Error, Result};
 
-/// What pgvault's own options say about the store (each overrides `AWS_*`).
-/// Its `Debug` never shows the secret key.
+/// The S3 repository's backend (the shared object-store backend).
+pub type S3Backend = CloudBackend;
+
+/// Connection and whole-request timeouts of every object-store client.
+pub(crate) const CONNECT_TIMEOUT: &str = "5s";
+pub(crate) const REQUEST_TIMEOUT: &str = "120s";
+
+/// What pgvault's own options say about an object store: the `s3-*` ones
+/// (each overrides `AWS_*`), the `gcs-*` and `azure-*` ones (each overrides
+/// that cloud's variables), and what applies to every store. Its `Debug`
+/// never shows a secret.
 #[derive(Clone, Default)]
 pub struct S3Options {
     pub endpoint: Option<String>,
@@ -41,10 +33,16 @@ pub struct S3Options {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub allow_http: Option<bool>,
+    /// Server-side encryption asked of S3 for every object written.
+    pub sse: Sse,
     /// Whether the store's conditional create is atomic under races.
     pub atomic_create: bool,
     /// Bound on retries of one request, in total.
     pub retry_timeout: Duration,
+    /// Google Cloud Storage (see `gcs.rs`).
+    pub gcs: super::gcs::GcsOptions,
+    /// Azure Blob Storage (see `azure.rs`).
+    pub azure: super::azure::AzureOptions,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -58,25 +56,69 @@ impl std::fmt::Debug for S3Options {
                 &self.secret_access_key.as_ref().map(|_| "<redacted>"),
             )
             .field("allow_http", &self.allow_http)
+            .field("sse", &self.sse)
             .field("atomic_create", &self.atomic_create)
             .field("retry_timeout", &self.retry_timeout)
+            .field("gcs", &self.gcs)
+            .field("azure", &self.azure)
             .finish()
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct S3Backend {
-    store: Arc<AmazonS3>,
-    bucket: String,
-    prefix: String,
-    atomic_create: bool,
-    /// Conditional puts rejected as not implemented (`AWS_CONDITIONAL_PUT=disabled`).
-    conditional_disabled: Arc<AtomicBool>,
+/// S3 server-side encryption (`s3-sse`): the store encrypts what it keeps.
+/// Its `Debug` never shows an SSE-C key.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum Sse {
+    /// The bucket's default.
+    #[default]
+    None,
+    /// SSE-S3: keys managed by S3 (`AES256`).
+    S3,
+    /// SSE-KMS with this key id or ARN (the account's default key when empty).
+    Kms(String),
+    /// SSE-C: this base64-encoded 256-bit key, sent with every request; S3
+    /// does not keep it, and every read needs it.
+    Customer(String),
 }
 
-const PART_SIZE: usize = 8 << 20;
+impl std::fmt::Debug for Sse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sse::None => f.write_str("None"),
+            Sse::S3 => f.write_str("S3"),
+            Sse::Kms(k) => write!(f, "Kms({k:?})"),
+            Sse::Customer(_) => f.write_str("Customer(<redacted>)"),
+        }
+    }
+}
 
-impl S3Backend {
+impl Sse {
+    /// From `s3-sse` (`none`, `sse-s3`, `sse-kms`, `sse-c`) and the key
+    /// options it needs.
+    pub fn from_options(
+        kind: &str,
+        kms_key_id: Option<&str>,
+        customer_key: Option<&str>,
+    ) -> Result<Sse> {
+        match kind {
+            "none" => Ok(Sse::None),
+            "sse-s3" => Ok(Sse::S3),
+            "sse-kms" => Ok(Sse::Kms(kms_key_id.unwrap_or_default().to_string())),
+            "sse-c" => customer_key
+                .map(|k| Sse::Customer(k.to_string()))
+                .ok_or_else(|| {
+                    Error::usage("s3-sse = sse-c needs a key")
+                        .hint("set s3-sse-c-key (base64 of 32 bytes) in the configuration file or PGVAULT_S3_SSE_C_KEY")
+                }),
+            other => Err(Error::usage(format!(
+                "s3-sse {other:?}: use none, sse-s3, sse-kms or sse-c"
+            ))),
+        }
+    }
+}
+
+impl CloudBackend {
+    /// A backend on S3 bucket `bucket` below `prefix`.
     pub fn new(bucket: &str, prefix: &str, opts: &S3Options) -> Result<Self> {
         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
         if let Some(v) = &opts.endpoint {
@@ -94,452 +136,64 @@ impl S3Backend {
         if let Some(v) = opts.allow_http {
             b = b.with_allow_http(v);
         }
+        b = match &opts.sse {
+            Sse::None => b,
+            Sse::S3 => {
+                let key: AmazonS3ConfigKey = "aws_server_side_encryption"
+                    .parse()
+                    .map_err(|e| Error::internal(format!("S3 encryption option: {e}")))?;
+                b.with_config(key, "AES256")
+            }
+            Sse::Kms(key) => b.with_sse_kms_encryption(key.clone()),
+            Sse::Customer(key) => b.with_ssec_encryption(key.clone()),
+        };
         b = b
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
-                    base: 2.0,
-                },
-                max_retries: 10,
-                retry_timeout: opts.retry_timeout,
-            })
+            .with_retry(retry_config(opts.retry_timeout))
             // Set the timeouts one by one: with_client_options would
             // replace every client option read from the environment, among
             // them AWS_ALLOW_HTTP.
             .with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                "5s",
+                CONNECT_TIMEOUT,
             )
-            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "120s");
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                REQUEST_TIMEOUT,
+            );
         let store = b.build().map_err(|e| {
             Error::usage(format!(
                 "S3 repository s3://{bucket}/{prefix}: {}",
                 clean(&e)
             ))
         })?;
-        Ok(S3Backend {
-            store: Arc::new(store),
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            atomic_create: opts.atomic_create,
-            conditional_disabled: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    fn path(&self, key: &str) -> OsPath {
-        if self.prefix.is_empty() {
-            OsPath::from(key)
-        } else {
-            OsPath::from(format!("{}/{}", self.prefix, key))
-        }
-    }
-
-    fn strip(&self, p: &OsPath) -> String {
-        let s = p.as_ref();
-        if self.prefix.is_empty() {
-            s.to_string()
-        } else {
-            s.strip_prefix(&self.prefix)
-                .map(|r| r.trim_start_matches('/'))
-                .unwrap_or(s)
-                .to_string()
-        }
-    }
-
-    fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
-        let mut err = Error::repository(format!("{what} {}/{key}: {}", self.describe(), clean(&e)));
-        let text = e.to_string();
-        if text.contains("403")
-            || text.contains("InvalidAccessKeyId")
-            || text.contains("SignatureDoesNotMatch")
-        {
-            err = err.hint("check the S3 credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or s3-access-key-id/s3-secret-access-key)");
-        } else if text.contains("error sending request") || text.contains("connect") {
-            err = err.hint(
-                "check the S3 endpoint (AWS_ENDPOINT or s3-endpoint) and that it is reachable",
-            );
-        }
-        err
-    }
-
-    async fn put_payload(
-        &self,
-        key: &str,
-        payload: PutPayload,
-        mode: PutMode,
-    ) -> Result<PutResult> {
-        let path = self.path(key);
-        let conditional = mode != PutMode::Overwrite;
-        if conditional && self.conditional_disabled.load(Ordering::Relaxed) {
-            return self.put_unconditionally(key, payload, mode).await;
-        }
-        let os_mode = match &mode {
-            PutMode::Overwrite => OsPutMode::Overwrite,
-            PutMode::CreateNew => OsPutMode::Create,
-            PutMode::Update(v) => OsPutMode::Update(UpdateVersion {
-                e_tag: v.e_tag.clone(),
-                version: v.version.clone(),
-            }),
-        };
-        let opts = PutOptions {
-            mode: os_mode,
-            ..Default::default()
-        };
-        match self.store.put_opts(&path, payload.clone(), opts).await {
-            Ok(r) => Ok(PutResult::Written(version(r.e_tag, r.version))),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(PutResult::Refused),
-            Err(object_store::Error::NotImplemented { .. }) if conditional => {
-                // The store was configured without conditional puts: fall
-                // back to a plain PUT; callers detect conflicts themselves.
-                self.conditional_disabled.store(true, Ordering::Relaxed);
-                self.put_unconditionally(key, payload, mode).await
-            }
-            Err(e) => Err(self.err("write", key, e)),
-        }
-    }
-
-    /// A conditional put on a store without conditional puts: check, then
-    /// write. Not atomic ([`Backend::atomic_create`] says so, and
-    /// [`Backend::put_versioned`] reads back), but it never replaces an
-    /// object that was already there when the check ran.
-    async fn put_unconditionally(
-        &self,
-        key: &str,
-        payload: PutPayload,
-        mode: PutMode,
-    ) -> Result<PutResult> {
-        let path = self.path(key);
-        let current = match self.store.head(&path).await {
-            Ok(meta) => Some(version(meta.e_tag, meta.version)),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => return Err(self.err("check", key, e)),
-        };
-        let allowed = match &mode {
-            PutMode::Overwrite => true,
-            PutMode::CreateNew => current.is_none(),
-            PutMode::Update(v) => current.as_ref().is_some_and(|c| c.e_tag == v.e_tag),
-        };
-        if !allowed {
-            return Ok(PutResult::Refused);
-        }
-        self.store
-            .put(&path, payload)
-            .await
-            .map(|r| PutResult::Written(version(r.e_tag, r.version)))
-            .map_err(|e| self.err("write", key, e))
-    }
-
-    /// Streams a GET's body into a channel that a blocking reader drains.
-    fn stream(&self, key: &str, res: object_store::GetResult) -> ObjectReader {
-        let mut stream = res.into_stream();
-        // A small bounded channel: memory stays at a few chunks whatever the
-        // object size, and the blocking consumer applies back-pressure.
-        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-        let what = format!("{}/{key}", self.describe());
-        tokio::spawn(async move {
-            while let Some(item) = stream.next().await {
-                let item =
-                    item.map_err(|e| io::Error::other(format!("read {what}: {}", clean(&e))));
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        Box::new(ChannelReader {
-            rx,
-            current: Bytes::new(),
-        })
-    }
-}
-
-/// An object's version as the store reports it (e-tag, version id).
-fn version(e_tag: Option<String>, version: Option<String>) -> ObjectVersion {
-    ObjectVersion { e_tag, version }
-}
-
-/// object_store's messages can be long and nested; keep them to one line.
-fn clean(e: &dyn std::fmt::Display) -> String {
-    e.to_string().replace('\n', " ")
-}
-
-#[async_trait]
-impl Backend for S3Backend {
-    fn spool(&self, _dir: &str) -> io::Result<Spool> {
-        Ok(Spool::Memory(Vec::new()))
-    }
-
-    async fn commit(&self, spool: Spool, key: &str, mode: PutMode) -> Result<PutOutcome> {
-        match spool {
-            Spool::Memory(v) => Ok(
-                match self
-                    .put_payload(key, PutPayload::from(Bytes::from(v)), mode)
-                    .await?
-                {
-                    PutResult::Written(_) => PutOutcome::Created,
-                    PutResult::Refused => PutOutcome::AlreadyExists,
-                },
-            ),
-            Spool::Spilled(f) => {
-                let file = f
-                    .into_inner()
-                    .map_err(|e| self.io_error(key, e.into_error()))?;
-                let file = file.reopen().map_err(|e| self.io_error(key, e))?;
-                // Large objects: a multipart upload becomes visible only
-                // when completed, so readers still never see a partial one.
-                // It cannot be conditional: the caller's conflict detection
-                // covers it (WAL keys carry the content's checksum).
-                let upload = self
-                    .store
-                    .put_multipart(&self.path(key))
-                    .await
-                    .map_err(|e| self.err("start upload of", key, e))?;
-                let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-                let mut file = Some(file);
-                loop {
-                    // Read the spilled file off the runtime, one part at a time.
-                    let mut f = file.take().expect("file is put back after every read");
-                    let (f, chunk) = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; PART_SIZE];
-                        let mut filled = 0;
-                        while filled < buf.len() {
-                            let n = f.read(&mut buf[filled..])?;
-                            if n == 0 {
-                                break;
-                            }
-                            filled += n;
-                        }
-                        buf.truncate(filled);
-                        Ok::<_, io::Error>((f, buf))
-                    })
-                    .await?
-                    .map_err(|e| self.io_error(key, e))?;
-                    file = Some(f);
-                    if chunk.is_empty() {
-                        break;
-                    }
-                    w.wait_for_capacity(2)
-                        .await
-                        .map_err(|e| self.err("upload", key, e))?;
-                    w.put(Bytes::from(chunk));
-                }
-                w.finish()
-                    .await
-                    .map_err(|e| self.err("complete upload of", key, e))?;
-                Ok(PutOutcome::Created)
-            }
-            Spool::LocalFile { .. } => Err(Error::internal("S3 repository given a local spool")),
-        }
-    }
-
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<PutResult> {
-        self.put_payload(key, PutPayload::from(data), mode).await
-    }
-
-    fn atomic_create(&self) -> bool {
-        self.atomic_create && !self.conditional_disabled.load(Ordering::Relaxed)
-    }
-
-    async fn open(
-        &self,
-        key: &str,
-        from: u64,
-        pin: Option<&ObjectVersion>,
-    ) -> Result<Option<RawRead>> {
-        let opts = GetOptions {
-            range: (from > 0).then_some(GetRange::Offset(from)),
-            if_match: pin.and_then(|p| p.e_tag.clone()),
-            ..Default::default()
-        };
-        let res = match self.store.get_opts(&self.path(key), opts).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            // Replaced since the pinned read began.
-            Err(object_store::Error::Precondition { .. }) if pin.is_some() => return Ok(None),
-            Err(e) => {
-                // A read from past the end is refused by the store; say so
-                // in the words of the other backends.
-                if from > 0 {
-                    if let Ok(meta) = self.store.head(&self.path(key)).await {
-                        let what = format!("{}/{key}", self.describe());
-                        check_range(&what, &(from..from), meta.size)?;
-                    }
-                }
-                return Err(self.err("read", key, e));
-            }
-        };
-        let size = res.meta.size;
-        let pin = version(res.meta.e_tag.clone(), res.meta.version.clone());
-        Ok(Some(RawRead {
-            reader: self.stream(key, res),
-            size,
-            pin: Some(pin),
-        }))
-    }
-
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
-        let what = format!("{}/{key}", self.describe());
-        let path = self.path(key);
-        if range.is_empty() {
-            // S3 cannot express an empty range: only check the object.
-            return match self.store.head(&path).await {
-                Ok(meta) => check_range(&what, &range, meta.size).map(|_| Some(Bytes::new())),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(self.err("check", key, e)),
-            };
-        }
-        let opts = GetOptions {
-            range: Some(GetRange::Bounded(range.clone())),
-            ..Default::default()
-        };
-        let res = match self.store.get_opts(&path, opts).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => {
-                // A range past the end is refused by the store; say so in
-                // the words of the other backends.
-                if let Ok(meta) = self.store.head(&path).await {
-                    check_range(&what, &range, meta.size)?;
-                }
-                return Err(self.err("read", key, e));
-            }
-        };
-        check_range(&what, &range, res.meta.size)?;
-        // object_store resumes a body that breaks off (ranged, pinned to the
-        // e-tag), within its retry budget.
-        let bytes = res.bytes().await.map_err(|e| self.err("read", key, e))?;
-        if bytes.len() as u64 != range.end - range.start {
-            return Err(Error::repository(format!(
-                "read {what} bytes {range:?}: got {} bytes",
-                bytes.len()
-            )));
-        }
-        Ok(Some(bytes))
-    }
-
-    async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, ObjectVersion)>> {
-        let res = match self.store.get(&self.path(key)).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.err("read", key, e)),
-        };
-        let v = version(res.meta.e_tag.clone(), res.meta.version.clone());
-        let bytes = res.bytes().await.map_err(|e| self.err("read", key, e))?;
-        Ok(Some((bytes.to_vec(), v)))
-    }
-
-    async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
-        let prefix = self.path(dir);
-        let mut stream = self.store.list(Some(&prefix));
-        let mut out = Vec::new();
-        while let Some(item) = stream.next().await {
-            let meta = item.map_err(|e| self.err("list", dir, e))?;
-            out.push(ObjectMeta {
-                key: self.strip(&meta.location),
-                size: meta.size,
-                modified: Some(meta.last_modified.into()),
-            });
-        }
-        Ok(out)
-    }
-
-    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
-        let listed = self
-            .store
-            .list_with_delimiter(Some(&self.path(dir)))
-            .await
-            .map_err(|e| self.err("list", dir, e))?;
-        let mut out: Vec<String> = listed
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .collect();
-        out.sort();
-        Ok(out)
-    }
-
-    async fn delete(&self, key: &str) -> Result<()> {
-        match self.store.delete(&self.path(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err("delete", key, e)),
-        }
-    }
-
-    async fn delete_many(&self, keys: &[String]) -> Result<()> {
-        // DeleteObjects takes 1,000 keys per request; object_store sends up
-        // to 20 such requests at once, which bounds the parallelism.
-        let paths: Vec<object_store::Result<OsPath>> =
-            keys.iter().map(|k| Ok(self.path(k))).collect();
-        let results: Vec<object_store::Result<OsPath>> = self
-            .store
-            .delete_stream(futures::stream::iter(paths).boxed())
-            .collect()
-            .await;
-        let errors = results.into_iter().filter_map(|r| match r {
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => Some(self.err("delete", "", e)),
-        });
-        first_of_failures(errors, keys.len())
-    }
-
-    async fn ensure_durable(&self, keys: &[String]) -> Result<()> {
-        // A completed PUT is durable on an object store; what is left to
-        // check is that the objects are there.
-        for key in keys {
-            match self.store.head(&self.path(key)).await {
-                Ok(_) => {}
-                Err(object_store::Error::NotFound { .. }) => {
-                    return Err(Error::repository(format!(
-                        "{}/{key} is missing",
-                        self.describe()
-                    )))
-                }
-                Err(e) => return Err(self.err("check", key, e)),
-            }
-        }
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        if self.prefix.is_empty() {
-            format!("s3://{}", self.bucket)
-        } else {
-            format!("s3://{}/{}", self.bucket, self.prefix)
-        }
-    }
-
-    fn clone_arc(&self) -> Arc<dyn Backend> {
-        Arc::new(self.clone())
-    }
-}
-
-/// Adapts the async chunk stream to a blocking `Read`.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.current = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = self.current.len().min(out.len());
-        out[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        Ok(n)
+        Ok(CloudBackend::from_store(
+            Arc::new(store),
+            Cloud::S3,
+            bucket,
+            prefix,
+            opts.atomic_create,
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sse_options() {
+        assert_eq!(Sse::from_options("none", None, None).unwrap(), Sse::None);
+        assert_eq!(Sse::from_options("sse-s3", None, None).unwrap(), Sse::S3);
+        assert_eq!(
+            Sse::from_options("sse-kms", Some("k1"), None).unwrap(),
+            Sse::Kms("k1".into())
+        );
+        let err = Sse::from_options("sse-c", None, None).expect_err("no key");
+        assert!(format!("{err:#}").contains("sse-c"), "{err:#}");
+        let c = Sse::from_options("sse-c", None, Some("c2VjcmV0LWtleQ==")).unwrap();
+        assert!(!format!("{c:?}").contains("c2VjcmV0"), "{c:?}");
+        assert!(Sse::from_options("aes", None, None).is_err());
+    }
 
     #[test]
     fn debug_never_shows_the_secret_key() {

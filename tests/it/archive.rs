@@ -70,7 +70,12 @@ fn cluster_with_segments(env: &TestEnv, n: usize) -> (Cluster, Vec<String>) {
 /// Archive at least `min_segments` segments through the real archiver, then
 /// fetch each one back and compare it with the original still in pg_wal,
 /// and check `info --output json`.
-fn end_to_end(env: &TestEnv, repo: &Repo, wal_segsize_mb: Option<u32>, min_segments: u64) {
+pub(crate) fn end_to_end(
+    env: &TestEnv,
+    repo: &Repo,
+    wal_segsize_mb: Option<u32>,
+    min_segments: u64,
+) {
     let mut pg = Cluster::init(
         env,
         InitOpts {
@@ -437,6 +442,7 @@ fn archive_get_exit_codes() {
     );
     let dead = S3Server {
         name: "closed port",
+        cloud: crate::common::Cloud::S3,
         endpoint: "http://127.0.0.1:1".into(),
         access_key: "pgvault-test-key".into(),
         secret_key: "pgvault-test-secret".into(),
@@ -483,7 +489,7 @@ fn archive_get_exit_codes() {
 // ---------------------------------------------------------------------------
 // Racing pushes of different bytes under one name.
 
-fn racing_pushes(server: &S3Server) {
+pub(crate) fn racing_pushes(server: &S3Server) {
     const ROUNDS: usize = 10;
     let env = TestEnv::new();
     let (pg, names) = cluster_with_segments(&env, ROUNDS);

@@ -10,14 +10,17 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgvault::repo::azure::AzureOptions;
 use pgvault::repo::backend::Backend;
 use pgvault::repo::conformance::{self, Suite};
 use pgvault::repo::fault::{FaultBackend, FaultConfig};
-use pgvault::repo::s3::{S3Backend, S3Options};
+use pgvault::repo::s3::{S3Backend, S3Options, Sse};
+use pgvault::repo::PutMode;
 use serde_json::Value;
 
 use crate::common::{
-    assert_same_file, finish, As, Cluster, InitOpts, Repo, S3Server, Spawned, TestEnv,
+    assert_same_file, finish, As, Cloud, Cluster, InitOpts, Repo, S3Server, Spawned, TestEnv,
+    AZURITE_ACCOUNT, AZURITE_KEY,
 };
 
 /// Whether this run is CI's, where a missing server is a failure.
@@ -26,7 +29,7 @@ fn ci() -> bool {
 }
 
 /// The server, or `None` (skip) outside CI when its variable is unset.
-fn require(server: Option<S3Server>, var: &str) -> Option<S3Server> {
+pub(crate) fn require(server: Option<S3Server>, var: &str) -> Option<S3Server> {
     if server.is_none() {
         assert!(
             !ci(),
@@ -42,22 +45,38 @@ fn require(server: Option<S3Server>, var: &str) -> Option<S3Server> {
 /// (5.2: `put_object` looks the key up, then stores, with no lock between —
 /// two of 16 racing creates have been seen to both succeed). The suite then
 /// checks the read-back that such stores get; real S3 is atomic.
-fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
+pub(crate) fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let prefix = format!("conformance-{}-{nanos}", std::process::id());
-    let opts = S3Options {
+    let opts = server_options(server);
+    let backend = match server.cloud {
+        Cloud::S3 => S3Backend::new(&server.bucket, &prefix, &opts),
+        Cloud::Azure => S3Backend::azure(None, &server.bucket, &prefix, &opts),
+    };
+    Arc::new(backend.expect("an object-store backend"))
+}
+
+/// What a backend on `server` needs (its endpoint and credentials).
+fn server_options(server: &S3Server) -> S3Options {
+    S3Options {
         endpoint: Some(server.endpoint.clone()),
         region: Some(server.region.clone()),
         access_key_id: Some(server.access_key.clone()),
         secret_access_key: Some(server.secret_key.clone()),
         allow_http: Some(true),
-        atomic_create: false,
+        atomic_create: server.atomic_create,
         retry_timeout: Duration::from_secs(60),
-    };
-    Arc::new(S3Backend::new(&server.bucket, &prefix, &opts).expect("an S3 backend"))
+        azure: AzureOptions {
+            account: Some(AZURITE_ACCOUNT.into()),
+            access_key: Some(AZURITE_KEY.into()),
+            endpoint: Some(server.endpoint.clone()),
+            bulk_delete: false,
+        },
+        ..Default::default()
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -68,7 +87,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
-fn conformance_on(server: &S3Server) {
+pub(crate) fn conformance_on(server: &S3Server) {
     runtime().block_on(conformance::run(
         s3_backend(server),
         "suite",
@@ -82,7 +101,7 @@ fn conformance_on(server: &S3Server) {
 const FAULTS: &str = "error=0.15,reset=0.1,timeout=0.05,timeout_ms=100,truncate=0.3,\
                       slow=0.05,slow_ms=20,hide=0.2,hide_ms=300,attempts=10";
 
-fn conformance_under_faults_on(server: &S3Server, seed: u64) {
+pub(crate) fn conformance_under_faults_on(server: &S3Server, seed: u64) {
     let config = FaultConfig::parse(&format!("seed={seed},{FAULTS}")).expect("fault config");
     let faulty = FaultBackend::new(s3_backend(server), config);
     runtime().block_on(conformance::run(
@@ -499,5 +518,70 @@ fn stanza_create_refuses_a_repository_the_server_cannot_write() {
         );
         let left = fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0, "stanza-create left files in {}", dir.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// S3 server-side encryption: the headers are really sent (moto records them).
+
+/// The response headers of a HEAD of `bucket/key` on moto, lower-cased.
+/// Moto refuses anonymous reads of a private object but does not check
+/// signatures: an Authorization header naming a key is enough.
+fn moto_head(server: &S3Server, path: &str) -> String {
+    use std::io::{Read, Write};
+    let hostport = server
+        .endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(hostport).expect("connect to moto");
+    write!(
+        conn,
+        "HEAD /{}/{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential={}/20260101/{}/s3/aws4_request, \
+         SignedHeaders=host, Signature=0\r\n\r\n",
+        server.bucket, server.access_key, server.region
+    )
+    .expect("send a HEAD to moto");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)
+        .expect("read moto's answer");
+    answer.to_ascii_lowercase()
+}
+
+#[test]
+fn s3_server_side_encryption_is_requested() {
+    let env = TestEnv::new();
+    let Some(server) = require(env.moto.clone(), "PGVAULT_TEST_MOTO") else {
+        return;
+    };
+    let cases = [
+        (Sse::None, None),
+        (Sse::S3, Some("x-amz-server-side-encryption: aes256")),
+        (
+            Sse::Kms("pgvault-test-kms-key".into()),
+            Some("x-amz-server-side-encryption-aws-kms-key-id: pgvault-test-kms-key"),
+        ),
+    ];
+    for (sse, header) in cases {
+        let prefix = format!("sse-{}-{}", std::process::id(), crate::common::unique());
+        let opts = S3Options {
+            sse: sse.clone(),
+            ..server_options(&server)
+        };
+        let b = S3Backend::new(&server.bucket, &prefix, &opts).expect("an S3 backend");
+        runtime().block_on(async {
+            b.put_bytes("obj", b"secret rows".to_vec(), PutMode::Overwrite)
+                .await
+                .expect("put");
+        });
+        let head = moto_head(&server, &format!("{prefix}/obj"));
+        assert!(head.starts_with("http/1.1 200"), "{sse:?}: {head}");
+        match header {
+            Some(h) => assert!(head.contains(h), "{sse:?}: no {h:?} in {head}"),
+            None => assert!(
+                !head.contains("x-amz-server-side-encryption"),
+                "{sse:?}: {head}"
+            ),
+        }
     }
 }

@@ -388,7 +388,7 @@ pub(crate) fn clone_args<'a>(target: &[&'a str]) -> Vec<&'a str> {
 
 /// Everything on one repository; `local` adds the case that needs to touch
 /// the repository's files.
-fn pitr_suite(env: &TestEnv, repo: &Repo, local: bool) {
+pub(crate) fn pitr_suite(env: &TestEnv, repo: &Repo, local: bool) {
     let mut cases = Cases::new();
     let mut pg = primary(env, repo);
     let (label, ledger) = backup_under_load(env, repo, &pg);

@@ -8,6 +8,8 @@
 //! - `PGVAULT_TEST_USER`   OS user that runs postgres (default `pgvtest`)
 //! - `PGVAULT_TEST_MOTO`, `PGVAULT_TEST_S3SFS`  S3 endpoints; a test that
 //!   needs one whose variable is missing is skipped with a message
+//! - `PGVAULT_TEST_AZURITE` Azurite's blob URL with its account
+//!   (`http://127.0.0.1:PORT/devstoreaccount1`), used like the S3 servers
 //! - `PGVAULT_TEST_AWS_ACCESS_KEY_ID`, `PGVAULT_TEST_AWS_SECRET_ACCESS_KEY`,
 //!   `PGVAULT_TEST_AWS_REGION`, `PGVAULT_TEST_BUCKET`  credentials both servers accept
 //! - `PGVAULT_TEST_MOTO_PY`  the Python that runs moto, for tests that start
@@ -43,10 +45,24 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// One S3-API server the tests may use.
+/// Which cloud's API a test server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cloud {
+    S3,
+    Azure,
+}
+
+/// Azurite's built-in account and its published key.
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// One object-store server the tests may use (an S3-API server, or the
+/// Azure emulator).
 #[derive(Clone, Debug)]
 pub struct S3Server {
     pub name: &'static str,
+    pub cloud: Cloud,
     pub endpoint: String,
     pub access_key: String,
     pub secret_key: String,
@@ -70,6 +86,7 @@ pub struct TestEnv {
     pub gid: u32,
     pub moto: Option<S3Server>,
     pub s3sfs: Option<S3Server>,
+    pub azurite: Option<S3Server>,
     scratch: Scratch,
     bin: PathBuf,
     home_root: PathBuf,
@@ -96,12 +113,13 @@ impl TestEnv {
                 .or_else(|_| std::env::var(name))
                 .unwrap_or_else(|_| default.into())
         };
-        let server = |name: &'static str, var: &str, atomic_create: bool| {
+        let server = |name: &'static str, cloud: Cloud, var: &str, atomic_create: bool| {
             std::env::var(var)
                 .ok()
                 .filter(|v| !v.is_empty())
                 .map(|endpoint| S3Server {
                     name,
+                    cloud,
                     endpoint,
                     access_key: cred("AWS_ACCESS_KEY_ID", "pgvault-test-key"),
                     secret_key: cred("AWS_SECRET_ACCESS_KEY", "pgvault-test-secret"),
@@ -111,8 +129,10 @@ impl TestEnv {
                     atomic_create,
                 })
         };
-        let moto = server("moto", "PGVAULT_TEST_MOTO", false);
-        let s3sfs = server("s3s-fs", "PGVAULT_TEST_S3SFS", false);
+        let moto = server("moto", Cloud::S3, "PGVAULT_TEST_MOTO", false);
+        let s3sfs = server("s3s-fs", Cloud::S3, "PGVAULT_TEST_S3SFS", false);
+        // Azurite's conditional writes are atomic (measured, docs/testing.md).
+        let azurite = server("azurite", Cloud::Azure, "PGVAULT_TEST_AZURITE", true);
 
         let scratch = Scratch::new("env");
         let bindir = scratch.path().join("bin");
@@ -137,6 +157,7 @@ impl TestEnv {
             gid,
             moto,
             s3sfs,
+            azurite,
             scratch,
             bin,
             home_root,
@@ -202,7 +223,7 @@ impl TestEnv {
             .unwrap_or(0);
         let prefix = format!("it-{}-{nanos}-{}", std::process::id(), unique());
         Repo {
-            url: format!("s3://{}/{prefix}", server.bucket),
+            url: server.url(&prefix),
             stanza: stanza.into(),
             env: server.env(),
             local: None,
@@ -263,17 +284,39 @@ impl S3Server {
     /// What a pgvault process needs to reach this server (the names
     /// object_store reads).
     pub fn env(&self) -> Vec<(String, String)> {
-        let mut env = vec![
+        let mut env = match self.cloud {
+            Cloud::S3 => self.s3_env(),
+            Cloud::Azure => vec![
+                ("PGVAULT_AZURE_ENDPOINT".into(), self.endpoint.clone()),
+                ("PGVAULT_AZURE_ACCOUNT".into(), AZURITE_ACCOUNT.into()),
+                ("PGVAULT_AZURE_KEY".into(), AZURITE_KEY.into()),
+                // Azurite stops answering after a blob batch (docs/testing.md).
+                ("PGVAULT_AZURE_BULK_DELETE".into(), "false".into()),
+            ],
+        };
+        if !self.atomic_create {
+            env.push(("PGVAULT_S3_ATOMIC_CREATE".into(), "false".into()));
+        }
+        env
+    }
+
+    /// The repository URL of `prefix` in the test bucket (or container).
+    pub fn url(&self, prefix: &str) -> String {
+        let scheme = match self.cloud {
+            Cloud::S3 => "s3",
+            Cloud::Azure => "az",
+        };
+        format!("{scheme}://{}/{prefix}", self.bucket)
+    }
+
+    fn s3_env(&self) -> Vec<(String, String)> {
+        vec![
             ("AWS_ENDPOINT".into(), self.endpoint.clone()),
             ("AWS_ALLOW_HTTP".into(), "true".into()),
             ("AWS_ACCESS_KEY_ID".into(), self.access_key.clone()),
             ("AWS_SECRET_ACCESS_KEY".into(), self.secret_key.clone()),
             ("AWS_REGION".into(), self.region.clone()),
-        ];
-        if !self.atomic_create {
-            env.push(("PGVAULT_S3_ATOMIC_CREATE".into(), "false".into()));
-        }
-        env
+        ]
     }
 }
 

@@ -61,7 +61,9 @@ impl OwnMoto {
                 secret_key: "pgvault-test-secret".into(),
                 region: "us-east-1".into(),
                 bucket: "pgvault-own".into(),
-                atomic_create: true,
+                // moto's conditional create is not atomic under races.
+                atomic_create: false,
+                cloud: super::Cloud::S3,
             },
         };
         m.spawn();

@@ -590,7 +590,7 @@ mod tests {
         let p = ok(&["info"], &[], "repo = \"/one\"\nrepo2-s3-region = \"x\"\n");
         let e = p.cli.global.repos().unwrap_err();
         assert!(e.to_string().contains("no repo2-path"), "{e}");
-        let e = err(&["info"], &[], "repo2-path = \"gs://x\"\n");
+        let e = err(&["info"], &[], "repo2-path = \"ftp://x\"\n");
         assert!(e.contains("repo2-path"), "{e}");
         let e = err(&["info"], &[], "repo5-path = \"/x\"\n");
         assert!(e.contains("unknown option repo5-path"), "{e}");

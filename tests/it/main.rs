@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod campaign;
 mod lookahead;
 mod operations;
 mod pitr;

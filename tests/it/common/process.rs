@@ -3,10 +3,10 @@
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long any single pgvault invocation may take before the harness kills
@@ -95,13 +95,28 @@ pub struct Spawned {
 /// Wait for a started process (killing it after `timeout`) and collect its
 /// output.
 pub fn finish(spawned: Spawned, timeout: Duration) -> Run {
+    finish_inner(spawned, timeout, None)
+}
+
+/// [`finish`], also noting when each stderr line arrived (from the start of
+/// the process): the phases of a command, for choosing crash points.
+pub fn finish_timed(spawned: Spawned, timeout: Duration) -> (Run, Vec<(Duration, String)>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let run = finish_inner(spawned, timeout, Some(lines.clone()));
+    let lines = std::mem::take(&mut *lines.lock().expect("stderr lines"));
+    (run, lines)
+}
+
+type TimedLines = Arc<Mutex<Vec<(Duration, String)>>>;
+
+fn finish_inner(spawned: Spawned, timeout: Duration, timed: Option<TimedLines>) -> Run {
     let Spawned {
         mut child,
         what,
         started,
     } = spawned;
     let mut out = child.stdout.take().expect("stdout is piped");
-    let mut err = child.stderr.take().expect("stderr is piped");
+    let err = child.stderr.take().expect("stderr is piped");
     let t_out = std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = out.read_to_end(&mut s);
@@ -109,7 +124,21 @@ pub fn finish(spawned: Spawned, timeout: Duration) -> Run {
     });
     let t_err = std::thread::spawn(move || {
         let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
+        let mut err = BufReader::new(err);
+        loop {
+            let at = s.len();
+            match err.read_until(b'\n', &mut s) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if let Some(t) = &timed {
+                        let line = String::from_utf8_lossy(&s[at..]).trim_end().to_string();
+                        t.lock()
+                            .expect("stderr lines")
+                            .push((started.elapsed(), line));
+                    }
+                }
+            }
+        }
         s
     });
     let (tx, rx) = mpsc::channel();

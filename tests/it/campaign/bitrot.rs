@@ -360,7 +360,7 @@ fn check_damage(g: &Golden, repo: &Repo, kind: Kind, file: &str) -> Vec<String> 
     if matches!(kind, Kind::BackupData | Kind::Manifest | Kind::Stanza) {
         let node = Node::new(&g.env, repo, "rot");
         let args = restore_args(&node.pgdata, &g.label, &TO_BACKUP_END);
-        let run = super::run(&g.env, repo, As::PgUser, &args, &[]);
+        let run = exec(&g.env, repo, As::PgUser, &args, &[]);
         if run.code == Some(0) {
             problems.push("restore of the damaged backup succeeded".into());
         } else if !run.stderr.lines().any(|l| l.starts_with("error:")) {
@@ -384,7 +384,7 @@ fn check_damage(g: &Golden, repo: &Repo, kind: Kind, file: &str) -> Vec<String> 
 fn recover_through_damage(g: &Golden, repo: &Repo, victim: &str) -> Result<(), String> {
     let mut node = Node::new(&g.env, repo, "rot-recovery");
     let args = restore_args(&node.pgdata, &g.label, &TO_ARCHIVE_END);
-    run(&g.env, repo, As::PgUser, &args, &[]).ok();
+    exec(&g.env, repo, As::PgUser, &args, &[]).ok();
     if node.try_start().is_ok() {
         // Running: recovery must not get past the damaged segment.
         std::thread::sleep(Duration::from_secs(5));

@@ -143,34 +143,6 @@ fn pg_args(pg: &Cluster, cmd: &[&str]) -> Vec<String> {
     v
 }
 
-/// Waits until PostgreSQL archived `name`, however many of its
-/// `archive_command` calls fail meanwhile: after three failures in a row
-/// its archiver sleeps a minute unless woken, so a new segment wakes it.
-fn wait_archived(pg: &Cluster, name: &str) {
-    let start = std::time::Instant::now();
-    let mut last_progress = start;
-    let mut last_seen = String::new();
-    loop {
-        let seen = pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver");
-        if seen.len() == 24 && seen.as_str() >= name {
-            return;
-        }
-        if seen != last_seen {
-            last_seen = seen;
-            last_progress = std::time::Instant::now();
-        } else if last_progress.elapsed() > Duration::from_secs(5) {
-            pg.switch_wal();
-            last_progress = std::time::Instant::now();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "{name} not archived under faults after 10 minutes (last {last_seen:?})\n{}",
-            pg.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn info(env: &TestEnv, repo: &Repo) -> Value {
     let run = repo.run(env, As::Root, &["info", "--output", "json"], env.dir());
     run.ok();

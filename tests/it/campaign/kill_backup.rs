@@ -129,7 +129,7 @@ fn start_and_check(node: &mut Node, marks: u64) {
 fn restore_and_check(env: &TestEnv, repo: &Repo, label: &str, marks: u64) -> Result<(), String> {
     let mut node = Node::new(env, repo, "restored");
     let args = restore_args(&node.pgdata, label, &TO_BACKUP_END);
-    let run = run(env, repo, As::PgUser, &args, &[]);
+    let run = exec(env, repo, As::PgUser, &args, &[]);
     if run.code != Some(0) {
         return Err(format!(
             "restore of {label} exited {:?}: {}",

@@ -23,14 +23,18 @@
 //! `$PGVAULT_CAMPAIGN_REPORT`) into docs/reliability.md's table.
 
 mod bitrot;
+mod concurrency;
+mod enospc;
 mod faults;
 mod inventory;
 mod kill_archive;
 mod kill_backup;
 mod points;
+mod secrets;
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -267,7 +271,7 @@ pub fn clear_error(run: &Run) -> Result<(), String> {
 }
 
 /// [`spawn`] from the test's directory, to completion.
-pub fn run(
+pub fn exec(
     env: &TestEnv,
     repo: &Repo,
     who: As,
@@ -280,18 +284,46 @@ pub fn run(
     )
 }
 
+/// Waits until PostgreSQL archived `name`, however many of its
+/// `archive_command` calls fail meanwhile: after three failures in a row
+/// its archiver sleeps a minute unless woken, so a new segment wakes it.
+pub fn wait_archived(pg: &Cluster, name: &str) {
+    let start = Instant::now();
+    let mut last_progress = start;
+    let mut last_seen = String::new();
+    loop {
+        let seen = pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver");
+        if seen.len() == 24 && seen.as_str() >= name {
+            return;
+        }
+        if seen != last_seen {
+            last_seen = seen;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > Duration::from_secs(5) {
+            pg.switch_wal();
+            last_progress = Instant::now();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "{name} not archived after 10 minutes (last {last_seen:?})\n{}",
+            pg.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until no pgvault process of this test runs (detached helpers
 /// finishing); a problem if they do not within a minute.
 pub fn wait_quiet(env: &TestEnv) -> Option<String> {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while !pgvault_pids(env).is_empty() {
-        if start.elapsed() > std::time::Duration::from_secs(60) {
+        if start.elapsed() > Duration::from_secs(60) {
             return Some(format!(
                 "pgvault processes still running after a minute: {:?}",
                 pgvault_pids(env)
             ));
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     None
 }

@@ -5,7 +5,8 @@
 #   OUTPUT_DIR defaults to fixtures/. STORY is one of
 #     clusters  pg15/ pg15-16mib/ pg14/ pg16/ pg17/ pg18/
 #     records   pg15-records/ only (the WAL record scanner's story, below)
-#     all       both (the default)
+#     pages     pg15-pages/ only (data pages with checksums, below)
+#     all       all of them (the default)
 #   A story replaces only its own directories, so `make-fixtures.sh records`
 #   leaves the others as they are.
 #
@@ -34,6 +35,9 @@
 #                XLOG_SWITCH, and an overwrite contrecord (a record cut short
 #                by a crash whose continuation segment was lost, as
 #                PostgreSQL's own test 026_overwrite_contrecord.pl makes one).
+#   pg15-pages/  Debian's PostgreSQL 15 with data checksums: the first blocks of
+#                a table's main fork after a checkpoint and a clean stop, with
+#                each page's stored pd_checksum and pd_lsn read by Python.
 # Each directory has facts.json: the values tests assert, taken from
 # pg_controldata and pg_waldump output and from raw header bytes read here
 # with Python's struct module — never from pgvault's own parser.
@@ -61,7 +65,7 @@ out=$repo/fixtures
 stories=()
 for arg in "$@"; do
     case "$arg" in
-        all | clusters | records) stories+=("$arg") ;;
+        all | clusters | records | pages) stories+=("$arg") ;;
         *) out=$arg ;;
     esac
 done
@@ -839,6 +843,38 @@ with open(os.path.join(d, "facts.json"), "w") as f:
 PY
 }
 
+###############################################################################
+# PostgreSQL 15: data pages with checksums (pg15-pages/)
+###############################################################################
+make_pg15_pages() {
+    local bin=$pg15_bin port=54351 dst=$out/pg15-pages c=$work/pg15-pages
+    log "PostgreSQL 15: data pages with checksums"
+    rm -rf "$dst" && mkdir -p "$dst"
+    new_cluster "$bin" "$c" "$port" --data-checksums
+    start "$c"
+    sql "$bin" "$port" "create table t as select g as id, md5(g::text) as v from generate_series(1, 600) g" >/dev/null
+    local rel
+    rel=$(sql "$bin" "$port" "select pg_relation_filepath('t')")
+    sql "$bin" "$port" "checkpoint" >/dev/null
+    stop "$c"
+    # Four blocks of the main fork: pages of segment 0, blocks 0..3.
+    dd if="$c/$rel" of="$dst/t.main" bs=8192 count=4 status=none
+    python3 - "$dst" "$rel" <<'PY'
+import json, os, struct, sys
+d, rel = sys.argv[1:3]
+data = open(os.path.join(d, "t.main"), "rb").read()
+pages = []
+for n in range(len(data) // 8192):
+    p = data[n * 8192:(n + 1) * 8192]
+    hi, lo, checksum, flags, lower, upper = struct.unpack_from("<IIHHHH", p, 0)
+    pages.append({"block": n, "pd_lsn": "%X/%X" % (hi, lo), "pd_checksum": checksum, "pd_upper": upper})
+facts = {"file": "t.main", "relation_path": rel, "first_block": 0, "pages": pages}
+with open(os.path.join(d, "facts.json"), "w") as f:
+    json.dump(facts, f, indent=2, sort_keys=True)
+    f.write("\n")
+PY
+}
+
 mkdir -p "$out"
 case " ${stories[*]} " in *" all "* | *" clusters "*)
     make_pg15
@@ -850,5 +886,6 @@ case " ${stories[*]} " in *" all "* | *" clusters "*)
     ;;
 esac
 case " ${stories[*]} " in *" all "* | *" records "*) make_pg15_records ;; esac
+case " ${stories[*]} " in *" all "* | *" pages "*) make_pg15_pages ;; esac
 chmod -R a+rX "$out"
 log "fixtures written to $out ($(du -sh "$out" | cut -f1))"

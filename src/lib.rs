@@ -1,9 +1,12 @@
 //! pgvault: backup, WAL archive and point-in-time recovery for PostgreSQL.
 //!
-//! Layering (see docs/architecture.md): `cli` renders, `ops` holds one async
-//! function per command, and below it `repo` (objects, codec, layout,
-//! storage backends), `pg` (PostgreSQL file formats and SQL) and `catalog`
-//! (the SQLite cache). Nothing below `cli` prints or knows clap.
+//! Layering: `cli` parses, renders and maps errors to exit codes; `ops`
+//! holds one async function per command; below it `repo` (keys, the object
+//! format, the archive's rules, manifests, the stanza, the lock, storage
+//! backends), `pg` (every fact about PostgreSQL's files, and its SQL) and
+//! `catalog` (the SQLite cache). Nothing below `cli` prints or knows clap.
+//! docs/architecture.md describes the layers, the data flow of each
+//! command, where each rule lives and the order of writes and deletes.
 
 pub mod catalog;
 pub mod cli;

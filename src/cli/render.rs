@@ -197,6 +197,18 @@ fn info_backups<'a>(s: &mut String, backups: impl Iterator<Item = &'a BackupRepo
             b.wal_start,
             b.wal_stop
         );
+        if let Some(pc) = &b.page_checksums {
+            if !pc.bad_pages.is_empty() {
+                *s += &format!(
+                    "{ind}  page checksums: {} of {} checked pages FAILED:\n",
+                    pc.bad_pages.len(),
+                    pc.pages_checked
+                );
+                for p in &pc.bad_pages {
+                    *s += &format!("{ind}    {} ({} fork) block {}\n", p.path, p.fork, p.block);
+                }
+            }
+        }
     }
     if none {
         *s += &format!("{ind}backups: none\n");
@@ -272,6 +284,18 @@ fn info_timelines(s: &mut String, timelines: &[TimelineReport], ind: &str) {
 
 /// The label on stdout (for scripts), a summary on stderr.
 pub fn backup_done(m: &Manifest) -> Result<()> {
+    if let Some(pc) = &m.page_checksums {
+        let bad = pc.bad_pages.len();
+        eprintln!(
+            "pgvault: page checksums: {} pages checked, {}",
+            pc.pages_checked,
+            if bad == 0 {
+                "all valid".to_string()
+            } else {
+                format!("{bad} FAILED (listed above, and in `pgvault info`)")
+            }
+        );
+    }
     eprintln!(
         "pgvault: backup {} complete: {} files, {} ({} stored), WAL {} … {}, consistent at {}",
         m.label,

@@ -27,11 +27,15 @@ use crate::ops::stanza_create::read_cluster;
 use crate::ops::workers;
 use crate::pg::conn::{ConnParams, Session};
 use crate::pg::datadir::{self, Entry};
+use crate::pg::page::PageVerifier;
 use crate::pg::recovery::parse_backup_label;
-use crate::pg::WalFileName;
+use crate::pg::relfile::RelFile;
+use crate::pg::{Lsn, WalFileName};
 use crate::repo::codec::{EncodeOptions, Encoder};
 use crate::repo::layout;
-use crate::repo::manifest::{DirEntry, FileEntry, Manifest, Tablespace, MANIFEST_FORMAT};
+use crate::repo::manifest::{
+    BadPageEntry, DirEntry, FileEntry, Manifest, PageChecksums, Tablespace, MANIFEST_FORMAT,
+};
 use crate::repo::{Backend, PutMode, Repository, Spool};
 
 #[derive(Debug, Clone)]
@@ -121,11 +125,23 @@ async fn backup_inner(
         })
         .collect();
 
-    let copied = copy_files(repo, &label, opts, progress.clone()).await;
+    // With data checksums, every page is checked as it is read (pages
+    // changed after the start are not: WAL replay rewrites them).
+    let verify_pages = (cluster.control.data_checksum_version != 0).then_some(start_lsn);
+    let copied = copy_files(repo, &label, opts, verify_pages, progress.clone()).await;
     // Stop the backup whatever happened to the copy: leaving it running
     // would hold back WAL removal until the session ends.
     let stop = session.backup_stop().await.map_err(pg_error);
-    let (files, dirs) = copied?;
+    let (files, dirs, page_checksums) = copied?;
+    if let Some(pc) = &page_checksums {
+        for b in &pc.bad_pages {
+            progress.message(&format!(
+                "warning: {} ({} fork) block {}: page checksum {} does not match its contents ({}); \
+                 the backup holds the page as it is on disk",
+                b.path, b.fork, b.block, b.stored, b.computed
+            ));
+        }
+    }
     let stop = stop?;
     let stop_time = session.now_utc().await.map_err(pg_error)?;
     let parsed = parse_backup_label(&stop.backup_label).map_err(|e| {
@@ -183,6 +199,7 @@ async fn backup_inner(
         files,
         original_size,
         stored_size,
+        page_checksums,
     };
     repo.write_manifest(&manifest).await?;
     progress.finish();
@@ -317,6 +334,9 @@ struct Worker {
     done: Vec<FileEntry>,
     /// Read buffer, reused for every file.
     buf: Vec<u8>,
+    /// Check data page checksums of relation files (the backup's start).
+    verify_pages: Option<Lsn>,
+    pages: PageChecksums,
     /// The file being added is the backup's tail: the files still queued
     /// are fewer bytes than it, so the other workers will run dry before
     /// it is done, and zstd's worker threads use their cores.
@@ -324,7 +344,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(id: usize, repo: &Repository, label: &str, encode: EncodeOptions) -> Worker {
+    fn new(
+        id: usize,
+        repo: &Repository,
+        label: &str,
+        encode: EncodeOptions,
+        verify_pages: Option<Lsn>,
+    ) -> Worker {
         Worker {
             id,
             backend: repo.backend().clone(),
@@ -337,6 +363,8 @@ impl Worker {
             bundle: None,
             done: Vec::new(),
             buf: vec![0u8; 1 << 20],
+            verify_pages,
+            pages: PageChecksums::default(),
             tail: true,
         }
     }
@@ -390,6 +418,10 @@ impl Worker {
             }
         };
         let mut enc = Encoder::new(&mut *out, encode).map_err(|e| self.write_err(e))?;
+        let relfile = self.verify_pages.and(RelFile::parse(&f.rel));
+        let mut verifier = relfile
+            .zip(self.verify_pages)
+            .map(|(r, start)| PageVerifier::new(r, start));
         let mut r = file;
         let mut buf = std::mem::take(&mut self.buf);
         let copied = loop {
@@ -407,9 +439,30 @@ impl Worker {
             if let Err(e) = enc.write_all(&buf[..n]) {
                 break Err(self.write_err(e));
             }
+            if let Some(v) = verifier.as_mut() {
+                let _ = v.write_all(&buf[..n]); // never fails
+            }
         };
         self.buf = buf;
         copied?;
+        if let (Some(v), Some(rf)) = (verifier, relfile) {
+            let report = v.finish(&f.abs).map_err(|e| {
+                Error::new(
+                    Kind::InvalidInput,
+                    format!("read {} again to check its pages: {e}", f.abs.display()),
+                )
+            })?;
+            self.pages.pages_checked += report.checked;
+            self.pages
+                .bad_pages
+                .extend(report.bad.into_iter().map(|b| BadPageEntry {
+                    path: f.rel.clone(),
+                    fork: rf.fork.name().to_string(),
+                    block: b.block,
+                    stored: b.stored,
+                    computed: b.computed,
+                }));
+        }
         let (_, digest) = enc.finish().map_err(|e| self.write_err(e))?;
         Ok(Some(FileEntry {
             path: f.rel.clone(),
@@ -479,8 +532,9 @@ async fn copy_files(
     repo: &Repository,
     label: &str,
     opts: &BackupOptions,
+    verify_pages: Option<Lsn>,
     progress: Arc<dyn Progress>,
-) -> Result<(Vec<FileEntry>, Vec<DirEntry>)> {
+) -> Result<(Vec<FileEntry>, Vec<DirEntry>, Option<PageChecksums>)> {
     let pgdata = opts.pgdata.clone();
     let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&pgdata))
         .await?
@@ -502,7 +556,7 @@ async fn copy_files(
     progress.set_total(files.len() as u64 + 1, total);
 
     let workers = opts.process_max.max(1);
-    let new_worker = |id| Worker::new(id, repo, label, opts.encode);
+    let new_worker = |id| Worker::new(id, repo, label, opts.encode, verify_pages);
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
     // Bytes no worker has taken yet.
@@ -518,10 +572,19 @@ async fn copy_files(
     };
     let done = workers::run(files, states, work, |mut w: Worker| {
         w.flush()?;
-        Ok(w.done)
+        Ok((w.done, w.pages))
     })
     .await?;
-    let mut entries: Vec<FileEntry> = done.into_iter().flatten().collect();
+    let mut entries = Vec::new();
+    let mut pages = PageChecksums::default();
+    for (done, p) in done {
+        entries.extend(done);
+        pages.pages_checked += p.pages_checked;
+        pages.bad_pages.extend(p.bad_pages);
+    }
+    pages
+        .bad_pages
+        .sort_by(|a, b| (&a.path, a.block).cmp(&(&b.path, b.block)));
     // pg_control last, in an object of its own.
     let mut w = new_worker(workers);
     let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
@@ -539,5 +602,5 @@ async fn copy_files(
     progress.file_done(control_entry[0].size);
     entries.extend(control_entry);
     entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((entries, dirs))
+    Ok((entries, dirs, verify_pages.map(|_| pages)))
 }

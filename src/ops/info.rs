@@ -12,7 +12,7 @@ use crate::ops::walfacts;
 use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::Listing;
-use crate::repo::manifest::Manifest;
+use crate::repo::manifest::{Manifest, PageChecksums};
 use crate::repo::{DbInfo, Repository};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
@@ -73,6 +73,10 @@ pub struct BackupReport {
     /// The cluster (`dbs[].db_id`) it is a backup of.
     pub db_id: u32,
     pub pg_version: u32,
+    /// Data page checksums checked while the backup read the files (null
+    /// when the cluster has no data checksums), and the pages that failed,
+    /// by relation file, fork and block.
+    pub page_checksums: Option<PageChecksums>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,6 +134,7 @@ pub struct Recoverable {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RestorePointReport {
     pub name: String,
+    /// The LSN `pg_create_restore_point` returned (the end of its record).
     pub lsn: Lsn,
     pub time: String,
 }
@@ -197,6 +202,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
                 wal_stop: m.wal_stop.clone(),
                 db_id: m.db_id,
                 pg_version: m.pg_version,
+                page_checksums: m.page_checksums.clone(),
             })
             .collect(),
         timelines: dbs.last().map(|d| d.timelines.clone()).unwrap_or_default(),
@@ -352,7 +358,10 @@ fn recoverable(
                 .iter()
                 .map(|rp| RestorePointReport {
                     name: rp.name.clone(),
-                    lsn: rp.lsn,
+                    // What pg_create_restore_point returned: the record's
+                    // end (a summary from before `end` was kept has only
+                    // its start).
+                    lsn: if rp.end > rp.lsn { rp.end } else { rp.lsn },
                     time: walfacts::format_us(rp.time_us),
                 })
                 .collect(),

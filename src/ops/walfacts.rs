@@ -185,6 +185,108 @@ pub fn path_facts(path: &[WalFileName], sums: &Summaries, seg_size: u32) -> Path
     f
 }
 
+/// A target recovery stops at on meeting one record (`recoveryStopsAfter`
+/// and `recoveryStopsBefore`, xlogrecovery.c).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordTarget {
+    /// A restore point's name: recovery stops after the first restore
+    /// point of that name it replays (names can repeat).
+    Name(String),
+    /// A transaction: recovery stops after (or, exclusive, before) the
+    /// commit or abort record whose xid is this one — the top-level xid,
+    /// or the prepared transaction's for COMMIT/ABORT PREPARED.
+    Xid(u32),
+}
+
+impl std::fmt::Display for RecordTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordTarget::Name(n) => write!(f, "restore point {n:?}"),
+            RecordTarget::Xid(x) => write!(f, "the commit or abort of transaction {x}"),
+        }
+    }
+}
+
+/// Where recovery along a replay path meets a [`RecordTarget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// At the record starting at this LSN: the first on the path from
+    /// where replay begins.
+    At(Lsn),
+    /// No such record on the path, and every file on it says so.
+    Absent,
+    /// A file on the way, before any such record, has no summary that
+    /// tells (none, or one written before pgvault kept xids).
+    Unknown,
+}
+
+/// The records of some archived files that stop recovery at one target.
+#[derive(Debug, Default)]
+pub struct StopRecords {
+    /// By file: the records' LSNs, in WAL order; `None` when its summary
+    /// does not tell.
+    by_file: HashMap<WalFileName, Option<Vec<Lsn>>>,
+}
+
+impl StopRecords {
+    /// Looks for `target` in the summaries of `files` (each file read once,
+    /// however many replay paths share it).
+    pub fn find<'a>(
+        target: &RecordTarget,
+        files: impl IntoIterator<Item = &'a WalFileName>,
+        sums: &Summaries,
+    ) -> StopRecords {
+        let mut by_file = HashMap::new();
+        for name in files {
+            if by_file.contains_key(name) {
+                continue;
+            }
+            let found = sums.by_name.get(name).and_then(|s| match target {
+                RecordTarget::Name(n) => Some(
+                    s.restore_points
+                        .iter()
+                        .filter(|rp| &rp.name == n)
+                        .map(|rp| rp.lsn)
+                        .collect(),
+                ),
+                RecordTarget::Xid(x) => Some(
+                    s.xact_ends
+                        .as_ref()?
+                        .iter()?
+                        .filter(|e| e.xid == *x)
+                        .map(|e| e.lsn)
+                        .collect(),
+                ),
+            });
+            by_file.insert(name.clone(), found);
+        }
+        StopRecords { by_file }
+    }
+
+    /// Where recovery replaying `path` from `from` (the backup's start)
+    /// stops.
+    pub fn first_on(&self, path: &[WalFileName], from: Lsn) -> Stop {
+        for name in path {
+            match self.by_file.get(name) {
+                Some(Some(lsns)) => {
+                    if let Some(l) = lsns.iter().find(|l| **l >= from) {
+                        return Stop::At(*l);
+                    }
+                }
+                _ => return Stop::Unknown,
+            }
+        }
+        Stop::Absent
+    }
+
+    /// Files on `path` whose summary does not tell.
+    pub fn unknown_on(&self, path: &[WalFileName]) -> usize {
+        path.iter()
+            .filter(|n| !matches!(self.by_file.get(*n), Some(Some(_))))
+            .count()
+    }
+}
+
 /// Unix µs as an RFC 3339 UTC time with microseconds.
 pub fn format_us(us: i64) -> String {
     chrono::DateTime::from_timestamp_micros(us)
@@ -263,4 +365,116 @@ pub async fn summarize_object(
         .read_content(name, sha, WalScanner::new(opts))
         .await?;
     Ok(scanner.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::walscan::{XactEnd, XactEnds};
+
+    fn name(n: &str) -> WalFileName {
+        WalFileName::parse(n).unwrap()
+    }
+
+    fn rp(name: &str, lsn: u64) -> RestorePoint {
+        RestorePoint {
+            name: name.into(),
+            lsn: Lsn(lsn),
+            time_us: 0,
+            end: Lsn(lsn + 0x68),
+        }
+    }
+
+    fn ends(list: &[(u32, u64)]) -> Option<XactEnds> {
+        let mut x = XactEnds::new();
+        for (xid, lsn) in list {
+            x.push(XactEnd {
+                xid: *xid,
+                lsn: Lsn(*lsn),
+                commit: true,
+            });
+        }
+        Some(x)
+    }
+
+    /// Four 16 MiB segments: 1 and 2 summarized, 3 with a format-1 summary
+    /// (no xact ends), 4 with none.
+    fn archive() -> (Vec<WalFileName>, Summaries) {
+        let path: Vec<WalFileName> = (1..=4)
+            .map(|i| name(&format!("00000001000000000000000{i}")))
+            .collect();
+        let mut sums = Summaries::default();
+        sums.by_name.insert(
+            path[0].clone(),
+            WalSummary {
+                restore_points: vec![rp("daily", 0x1000100), rp("x", 0x1000200)],
+                xact_ends: ends(&[(740, 0x1000080), (741, 0x1000300)]),
+                ..WalSummary::default()
+            },
+        );
+        sums.by_name.insert(
+            path[1].clone(),
+            WalSummary {
+                restore_points: vec![rp("daily", 0x2000100)],
+                xact_ends: ends(&[(743, 0x2000080), (742, 0x2000400)]),
+                ..WalSummary::default()
+            },
+        );
+        sums.by_name.insert(
+            path[2].clone(),
+            WalSummary {
+                restore_points: vec![rp("late", 0x3000100)],
+                xact_ends: None,
+                ..WalSummary::default()
+            },
+        );
+        sums.missing.push(path[3].clone());
+        (path, sums)
+    }
+
+    #[test]
+    fn recovery_stops_at_the_first_matching_record_from_the_backup_on() {
+        let (path, sums) = archive();
+        let name = |n: &str| RecordTarget::Name(n.into());
+        let daily = StopRecords::find(&name("daily"), &path, &sums);
+        // A name repeats: the first one replayed.
+        assert_eq!(
+            daily.first_on(&path, Lsn(0x1000000)),
+            Stop::At(Lsn(0x1000100))
+        );
+        assert_eq!(
+            daily.first_on(&path, Lsn(0x1000180)),
+            Stop::At(Lsn(0x2000100))
+        );
+        assert_eq!(
+            daily.first_on(&path[1..], Lsn(0x2000000)),
+            Stop::At(Lsn(0x2000100))
+        );
+        // Past the last one: file 3 has a summary, file 4 none.
+        assert_eq!(daily.first_on(&path[..3], Lsn(0x2000200)), Stop::Absent);
+        assert_eq!(daily.first_on(&path, Lsn(0x2000200)), Stop::Unknown);
+        assert_eq!(daily.unknown_on(&path), 1);
+        // A format-1 summary tells restore points, not xids.
+        let late = StopRecords::find(&name("late"), &path, &sums);
+        assert_eq!(
+            late.first_on(&path, Lsn(0x1000000)),
+            Stop::At(Lsn(0x3000100))
+        );
+
+        let xid = |x| StopRecords::find(&RecordTarget::Xid(x), &path, &sums);
+        assert_eq!(
+            xid(742).first_on(&path, Lsn(0x1000000)),
+            Stop::At(Lsn(0x2000400))
+        );
+        assert_eq!(
+            xid(740).first_on(&path, Lsn(0x1000000)),
+            Stop::At(Lsn(0x1000080))
+        );
+        // Ended before the backup started: not replayed.
+        assert_eq!(xid(740).first_on(&path[..2], Lsn(0x1000100)), Stop::Absent);
+        // Not in files 1-2; file 3 cannot tell.
+        assert_eq!(xid(999).first_on(&path[..2], Lsn(0x1000000)), Stop::Absent);
+        assert_eq!(xid(999).first_on(&path, Lsn(0x1000000)), Stop::Unknown);
+        assert_eq!(xid(999).unknown_on(&path), 2);
+    }
 }

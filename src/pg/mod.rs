@@ -19,7 +19,9 @@ pub mod control;
 pub mod datadir;
 pub mod history;
 pub mod lsn;
+pub mod page;
 pub mod recovery;
+pub mod relfile;
 pub mod wal;
 pub mod walscan;
 

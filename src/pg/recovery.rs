@@ -90,6 +90,40 @@ pub fn format_target_time(t: &DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()
 }
 
+/// The transaction a `recovery_target_xid` setting names, read as
+/// PostgreSQL's `check_recovery_target_xid` reads it: `strtou64(value,
+/// NULL, 0)` — leading blanks, a sign, `0x` hex or `0`
+/// octal, digits up to the first other character (none gives 0, as glibc
+/// returns) — then cast to a 32-bit `TransactionId`, which keeps the low
+/// half of a `pg_current_xact_id()` value. `None` where PostgreSQL refuses
+/// the setting: a value past 64 bits.
+pub fn target_xid(value: &str) -> Option<u32> {
+    let s = value.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (negative, s) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let lower = s.to_ascii_lowercase();
+    let (radix, digits) =
+        if lower.starts_with("0x") && lower[2..].starts_with(|c: char| c.is_ascii_hexdigit()) {
+            (16, &s[2..])
+        } else if s.starts_with('0') {
+            (8, s)
+        } else {
+            (10, s)
+        };
+    let mut v: u64 = 0;
+    for c in digits.chars() {
+        let Some(d) = c.to_digit(radix) else {
+            break;
+        };
+        v = v.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
+    }
+    let v = if negative { v.wrapping_neg() } else { v };
+    Some(v as u32)
+}
+
 /// Parses RFC 3339 (`2026-11-26T03:15:00Z`) or PostgreSQL's own form
 /// (`2026-11-26 03:15:00.123456+01`, `… +05:30`, `… UTC`). A time without a
 /// zone is refused: guessing the zone during a disaster is how PITR lands an
@@ -269,6 +303,20 @@ pub fn remap_tablespace_map(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_xid_as_postgresql_reads_it() {
+        assert_eq!(target_xid("745"), Some(745));
+        assert_eq!(target_xid("  745"), Some(745));
+        assert_eq!(target_xid("0x2e9"), Some(745));
+        assert_eq!(target_xid("01351"), Some(745));
+        // pg_current_xact_id() of epoch 1: the low 32 bits.
+        assert_eq!(target_xid("4294968041"), Some(745));
+        assert_eq!(target_xid("745abc"), Some(745));
+        assert_eq!(target_xid("abc"), Some(0));
+        assert_eq!(target_xid("-1"), Some(u32::MAX));
+        assert_eq!(target_xid("99999999999999999999"), None);
+    }
 
     #[test]
     fn parses_times() {

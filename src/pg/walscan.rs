@@ -30,8 +30,10 @@ use super::{wal_magic_for_major, Lsn, WAL_BLOCK_SIZE};
 
 mod decode;
 mod summary;
+mod xacts;
 
 pub use summary::{RestorePoint, TimelineSwitch, WalSummary, XactMark, SUMMARY_FORMAT};
+pub use xacts::{XactEnd, XactEnds};
 
 /// What the scanner needs to know about the file it is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +168,7 @@ impl WalScanner {
             expect_prev: None,
             summary: WalSummary {
                 format: SUMMARY_FORMAT,
+                xact_ends: Some(XactEnds::new()),
                 ..WalSummary::default()
             },
         };

@@ -43,6 +43,34 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     pub original_size: u64,
     pub stored_size: u64,
+    /// Data page checksums verified as the files were read (the cluster
+    /// has data checksums), and the pages that failed.
+    #[serde(default)]
+    pub page_checksums: Option<PageChecksums>,
+}
+
+/// What the page checksum check of a backup found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageChecksums {
+    /// Pages checked (new pages and pages changed after the backup's start
+    /// are not checked: WAL replay rewrites them).
+    pub pages_checked: u64,
+    /// Pages that failed their checksum twice (read again once: a page
+    /// being written while read can be torn).
+    pub bad_pages: Vec<BadPageEntry>,
+}
+
+/// One page that failed its checksum.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BadPageEntry {
+    /// The relation segment file, relative to the data directory.
+    pub path: String,
+    /// `main`, `fsm`, `vm` or `init`.
+    pub fork: String,
+    /// Block number in the fork.
+    pub block: u32,
+    pub stored: u16,
+    pub computed: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -165,6 +193,7 @@ pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &st
         files: vec![],
         original_size: 0,
         stored_size: 0,
+        page_checksums: None,
     }
 }
 

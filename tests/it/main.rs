@@ -13,5 +13,8 @@ mod archive;
 mod campaign;
 mod lookahead;
 mod operations;
+mod pages;
 mod pitr;
+mod runbooks;
+mod targets;
 mod upgrade;

@@ -57,17 +57,6 @@ fn lsn(s: &str) -> u64 {
     (hi << 32) | lo
 }
 
-fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
-    let pgdata = pgdata.display().to_string();
-    repo.run(
-        env,
-        As::PgUser,
-        &["stanza-create", "--pgdata", &pgdata],
-        env.dir(),
-    )
-    .ok();
-}
-
 /// `pgvault restore --pgdata DIR ARGS...` as `who`.
 fn restore(env: &TestEnv, repo: &Repo, who: As, pgdata: &Path, args: &[&str]) -> Run {
     let pgdata = pgdata.display().to_string();
@@ -182,7 +171,7 @@ fn restore_promoted(
 /// archiving into it, with the table `t(id, tag)` the cases count rows of.
 fn primary(env: &TestEnv, repo: &Repo) -> Cluster {
     let mut pg = Cluster::init(env, initopts());
-    stanza_create(env, repo, pg.pgdata());
+    repo.stanza_create(env, pg.pgdata());
     pg.start_archiving(env, repo);
     pg.psql("create table t(id int primary key, tag text not null)");
     // The table Cluster::switch_wal writes to.

@@ -83,10 +83,11 @@ async fn restore_inner(
         )
         .hint("take one with `pgvault backup`"));
     }
-    let (m, db, history) = plan::choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
+    let plan = plan::choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
     if opts.target_check {
-        plan::check_target_reachable(repo, opts, db, m, history.as_ref()).await?;
+        plan::check_target_reachable(repo, opts, &plan).await?;
     }
+    let (m, db) = (plan.backup, plan.db);
     progress.message(&format!(
         "restoring backup {} (stopped {} at {}, timeline {})",
         m.label, m.stop_time, m.stop_lsn, m.timeline

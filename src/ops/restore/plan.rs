@@ -2,42 +2,120 @@
 //! cluster of the stanza recovers it, the target timeline's history, and
 //! whether the archived WAL reaches the target.
 
+use std::collections::{BTreeSet, HashMap};
+
 use crate::error::{Error, Kind, Result};
-use crate::ops::walfacts;
+use crate::ops::walfacts::{self, RecordTarget, Stop, StopRecords, Summaries};
 use crate::pg::history::TimelineHistory;
 use crate::pg::recovery::{self, RecoveryTarget};
-use crate::pg::TimelineId;
-use crate::repo::archive::Archive;
+use crate::pg::{TimelineId, WalFileName};
+use crate::repo::archive::{Archive, Listing};
 use crate::repo::manifest::Manifest;
 use crate::repo::{DbInfo, Repository, StanzaInfo};
 
 use super::RestoreOptions;
 
+/// What planning decided.
+pub(super) struct Plan<'a> {
+    pub backup: &'a Manifest,
+    pub db: &'a DbInfo,
+    /// The target timeline's history; `None`: the backup's own timeline.
+    pub history: Option<TimelineHistory>,
+    /// The archive as the choice read it (a name or xid target), so that
+    /// the check does not read it again.
+    wal: Option<ArchivedWal>,
+}
+
+/// One cluster's archive, listed, with the summaries of every file on the
+/// replay paths of some backups.
+struct ArchivedWal {
+    listing: Listing,
+    sums: Summaries,
+}
+
+impl ArchivedWal {
+    async fn read(
+        archive: &Archive,
+        opts: &RestoreOptions,
+        history: Option<&TimelineHistory>,
+        backups: &[&Manifest],
+    ) -> Result<ArchivedWal> {
+        let listing = archive.list().await?;
+        let seg = archive.db().wal_segment_size;
+        let files: BTreeSet<WalFileName> = backups
+            .iter()
+            .flat_map(|m| replay_path(&listing, history, m, seg))
+            .collect();
+        let files: Vec<WalFileName> = files.into_iter().collect();
+        let sums = walfacts::load(archive, opts.catalog.as_ref(), &listing, &files).await?;
+        Ok(ArchivedWal { listing, sums })
+    }
+
+    fn path(&self, history: Option<&TimelineHistory>, m: &Manifest, seg: u32) -> Vec<WalFileName> {
+        replay_path(&self.listing, history, m, seg)
+    }
+}
+
+/// The files recovery of `m` replays: along `history`, or `m`'s own
+/// timeline.
+fn replay_path(
+    listing: &Listing,
+    history: Option<&TimelineHistory>,
+    m: &Manifest,
+    seg: u32,
+) -> Vec<WalFileName> {
+    let root = TimelineHistory::root(m.timeline);
+    listing.replay_path(history.unwrap_or(&root), m.start_lsn.segno(seg), seg)
+}
+
+/// A name or xid target, as recovery matches it against records.
+fn record_target(target: Option<&RecoveryTarget>) -> Result<Option<RecordTarget>> {
+    Ok(match target {
+        Some(RecoveryTarget::Name(n)) => Some(RecordTarget::Name(n.clone())),
+        Some(RecoveryTarget::Xid(x)) => Some(RecordTarget::Xid(
+            recovery::target_xid(x).ok_or_else(|| {
+                Error::usage(format!(
+                    "--target-xid {x}: not a transaction id (PostgreSQL refuses a value past 64 bits)"
+                ))
+            })?,
+        )),
+        _ => None,
+    })
+}
+
 /// Refuses, before anything is written, a target the archive cannot reach:
 /// a time after the last archived commit (or abort, or restore point: the
-/// records recovery can stop at), a restore point that is not in the WAL
-/// recovery would replay, an LSN past its end. Files without a record
-/// summary make the answer unknown: then a warning, not a refusal.
+/// records recovery can stop at), a restore point or a transaction's end
+/// that is not in the WAL recovery would replay after the backup is
+/// consistent, an LSN past its end. Files without a record summary that
+/// tells make the answer unknown: then a warning, not a refusal.
 pub(super) async fn check_target_reachable(
     repo: &Repository,
     opts: &RestoreOptions,
-    db: &DbInfo,
-    m: &Manifest,
-    history: Option<&TimelineHistory>,
+    plan: &Plan<'_>,
 ) -> Result<()> {
     let target = match &opts.target {
-        Some(t @ (RecoveryTarget::Time(_) | RecoveryTarget::Name(_) | RecoveryTarget::Lsn(_))) => t,
+        Some(
+            t @ (RecoveryTarget::Time(_)
+            | RecoveryTarget::Name(_)
+            | RecoveryTarget::Lsn(_)
+            | RecoveryTarget::Xid(_)),
+        ) => t,
         _ => return Ok(()),
     };
+    let (m, db, history) = (plan.backup, plan.db, plan.history.as_ref());
     let seg = db.wal_segment_size;
-    let root = TimelineHistory::root(m.timeline);
-    let history = history.unwrap_or(&root);
-    let archive = repo.archive(db);
-    let listing = archive.list().await?;
-    let path = listing.replay_path(history, m.start_lsn.segno(seg), seg);
-    let sums = walfacts::load(&archive, opts.catalog.as_ref(), &listing, &path).await?;
-    let facts = walfacts::path_facts(&path, &sums, seg);
-    let timeline = history.timeline;
+    let read;
+    let wal = match &plan.wal {
+        Some(wal) => wal,
+        None => {
+            read = ArchivedWal::read(&repo.archive(db), opts, history, &[m]).await?;
+            &read
+        }
+    };
+    let path = wal.path(history, m, seg);
+    let facts = walfacts::path_facts(&path, &wal.sums, seg);
+    let timeline = history.map_or(m.timeline, |h| h.timeline);
     let window = match (&facts.last_time, path.last()) {
         (Some((t, _)), Some(last)) => format!(
             "recoverable on timeline {timeline} from backup {}: {} to {} (last archived commit), WAL up to {} ({})",
@@ -63,10 +141,9 @@ pub(super) async fn check_target_reachable(
         Err(Error::usage(format!("{what}; {window}"))
             .hint("choose a target inside that window, or pass --no-target-check to try anyway"))
     };
-    let unsure = |what: &str| {
+    let unsure = |what: &str, files: usize| {
         log::warn!(
-            "cannot check {what}: {} archived segment(s) on the way have no record summary (run `pgvault backfill`)",
-            facts.unsummarized.len()
+            "cannot check {what}: {files} archived segment(s) on the way have no record summary that tells (run `pgvault backfill`)"
         );
         Ok(())
     };
@@ -75,32 +152,13 @@ pub(super) async fn check_target_reachable(
             let want = t.timestamp_micros();
             match facts.last_time {
                 Some((last, _)) if want <= last => Ok(()),
-                _ if !facts.unsummarized.is_empty() => unsure("the target time"),
+                _ if !facts.unsummarized.is_empty() => {
+                    unsure("the target time", facts.unsummarized.len())
+                }
                 _ => refuse(format!(
                     "target time {} is after the last archived commit",
                     recovery::format_target_time(t)
                 )),
-            }
-        }
-        RecoveryTarget::Name(n) => {
-            if facts.restore_points.iter().any(|rp| &rp.name == n) {
-                Ok(())
-            } else if !facts.unsummarized.is_empty() {
-                unsure("the restore point")
-            } else {
-                let known: Vec<&str> = facts
-                    .restore_points
-                    .iter()
-                    .map(|rp| rp.name.as_str())
-                    .collect();
-                refuse(format!(
-                    "restore point {n:?} is not in the archived WAL (restore points there: {})",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ))
             }
         }
         RecoveryTarget::Lsn(l) => match facts.end_lsn {
@@ -109,7 +167,41 @@ pub(super) async fn check_target_reachable(
                 "target LSN {l} is past the end of the archived WAL"
             )),
         },
-        _ => Ok(()),
+        _ => {
+            let Some(t) = record_target(Some(target))? else {
+                return Ok(());
+            };
+            let records = StopRecords::find(&t, &path, &wal.sums);
+            match records.first_on(&path, m.start_lsn) {
+                Stop::At(l) if l >= m.stop_lsn => Ok(()),
+                Stop::At(l) => refuse(format!(
+                    "{t} at {l} is before backup {} is consistent ({}): recovery would stop too early",
+                    m.label, m.stop_lsn
+                )),
+                Stop::Unknown => unsure(&t.to_string(), records.unknown_on(&path)),
+                Stop::Absent => match &t {
+                    RecordTarget::Name(n) => {
+                        let known: Vec<&str> = facts
+                            .restore_points
+                            .iter()
+                            .map(|rp| rp.name.as_str())
+                            .collect();
+                        refuse(format!(
+                            "restore point {n:?} is not in the archived WAL (restore points there: {})",
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ))
+                    }
+                    RecordTarget::Xid(x) => refuse(format!(
+                        "no commit or abort of transaction {x} is archived after backup {}",
+                        m.label
+                    )),
+                },
+            }
+        }
     }
 }
 
@@ -143,17 +235,19 @@ async fn target_history(
 /// backup brings its own cluster (the manifest's `db_id`).
 /// Otherwise the newest cluster that has backups comes first, its
 /// timelines read from its own archive; only when none of its backups can
-/// reach a time or LSN target are the clusters before a `pg_upgrade` tried,
-/// newest first.
+/// reach the target (for a restore point or a transaction: when no replay
+/// path in its archive holds it) are the clusters before a `pg_upgrade`
+/// tried, newest first.
 pub(super) async fn choose_backup_and_db<'a>(
     repo: &Repository,
     stanza: &'a StanzaInfo,
     all: &'a [Manifest],
     opts: &RestoreOptions,
-) -> Result<(&'a Manifest, &'a DbInfo, Option<TimelineHistory>)> {
+) -> Result<Plan<'a>> {
     let tli = opts.target_timeline.as_deref();
+    let record = record_target(opts.target.as_ref())?;
     if opts.set.as_deref().is_some_and(|l| l != "latest") {
-        let m = choose_backup(all, opts, None)?;
+        let m = choose_backup(all, opts, None, &HashMap::new())?;
         let db = stanza.db(m.db_id).ok_or_else(|| {
             Error::new(
                 Kind::Stanza,
@@ -168,39 +262,70 @@ pub(super) async fn choose_backup_and_db<'a>(
         })?;
         // A timeline named that its archive does not know is refused here.
         let history = target_history(&repo.archive(db), tli).await?;
-        return Ok((m, db, history));
+        return Ok(Plan {
+            backup: m,
+            db,
+            history,
+            wal: None,
+        });
     }
     let mut refused: Option<Error> = None;
+    // The first cluster's choice when no replay path there holds the
+    // restore point or transaction.
+    let mut absent: Option<Plan<'a>> = None;
     for db in stanza.dbs.iter().rev() {
         let own: Vec<Manifest> = all.iter().filter(|m| m.db_id == db.id).cloned().collect();
         if own.is_empty() {
             continue;
         }
         let chosen = match target_history(&repo.archive(db), tli).await {
-            Ok(history) => choose_backup(&own, opts, history.as_ref())
-                .map(|m| m.label.clone())
-                .map(|label| (label, history)),
+            Ok(history) => {
+                let (stops, wal) = match &record {
+                    Some(t) => {
+                        let (stops, wal) =
+                            locate(repo, db, opts, t, &own, history.as_ref()).await?;
+                        (stops, Some(wal))
+                    }
+                    None => (HashMap::new(), None),
+                };
+                choose_backup(&own, opts, history.as_ref(), &stops)
+                    .map(|m| m.label.clone())
+                    .map(|label| (label, history, stops, wal))
+            }
             Err(e) => Err(e),
         };
         match chosen {
-            Ok((label, history)) => {
+            Ok((label, history, stops, wal)) => {
                 let m = all
                     .iter()
                     .find(|m| m.label == label)
                     .expect("chosen among these manifests");
-                return Ok((m, db, history));
+                let plan = Plan {
+                    backup: m,
+                    db,
+                    history,
+                    wal,
+                };
+                if record.is_some()
+                    && !stops.is_empty()
+                    && stops.values().all(|s| *s == Stop::Absent)
+                {
+                    absent = absent.or(Some(plan));
+                } else {
+                    return Ok(plan);
+                }
             }
             Err(e) if e.kind() == Kind::Usage => refused = refused.or(Some(e)),
             Err(e) => return Err(e),
         }
-        if !matches!(
-            opts.target,
-            Some(RecoveryTarget::Time(_) | RecoveryTarget::Lsn(_))
-        ) {
+        if matches!(opts.target, None | Some(RecoveryTarget::Immediate)) {
             break;
         }
     }
-    Err(refused.unwrap_or_else(|| {
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    absent.ok_or_else(|| {
         Error::new(
             Kind::Stanza,
             format!(
@@ -208,15 +333,59 @@ pub(super) async fn choose_backup_and_db<'a>(
                 repo.stanza()
             ),
         )
-    }))
+    })
 }
 
-/// Picks the backup: the named one, or the newest whose stop (as the server
-/// reported it) is before the target and on the target timeline's path.
+/// Where recovery from each of `backups` on the target timeline's path
+/// would stop for a restore point or transaction (by label), from the WAL
+/// summaries of their replay paths; and the archive as read for it.
+async fn locate(
+    repo: &Repository,
+    db: &DbInfo,
+    opts: &RestoreOptions,
+    target: &RecordTarget,
+    backups: &[Manifest],
+    history: Option<&TimelineHistory>,
+) -> Result<(HashMap<String, Stop>, ArchivedWal)> {
+    let seg = db.wal_segment_size;
+    let candidates: Vec<&Manifest> = backups.iter().filter(|m| on_path(m, history)).collect();
+    let wal = ArchivedWal::read(&repo.archive(db), opts, history, &candidates).await?;
+    let paths: Vec<(&Manifest, Vec<WalFileName>)> = candidates
+        .iter()
+        .map(|m| (*m, wal.path(history, m, seg)))
+        .collect();
+    let records = StopRecords::find(target, paths.iter().flat_map(|(_, p)| p), &wal.sums);
+    let stops = paths
+        .iter()
+        .map(|(m, p)| (m.label.clone(), records.first_on(p, m.start_lsn)))
+        .collect();
+    Ok((stops, wal))
+}
+
+/// Whether recovery along `history` can start from `m`: its timeline is on
+/// the history's path and it ended before that timeline was left.
+fn on_path(m: &Manifest, history: Option<&TimelineHistory>) -> bool {
+    match history {
+        None => true,
+        Some(h) => {
+            h.contains(m.timeline) && h.end_of(m.timeline).is_none_or(|end| m.stop_lsn <= end)
+        }
+    }
+}
+
+/// Picks the backup: the named one, or the newest on the target timeline's
+/// path whose stop (as the server reported it) is before the target. For a
+/// restore point or a transaction, `stops` says where recovery from each
+/// backup would stop (by label; one not there is unknown): the newest that
+/// stops after it is consistent; else the newest whose WAL may hold the
+/// target (not every file summarized); else, when no replay path holds it,
+/// the oldest — its replay reads the most WAL, and the check then refuses
+/// it with the whole window.
 fn choose_backup<'a>(
     all: &'a [Manifest],
     opts: &RestoreOptions,
     history: Option<&TimelineHistory>,
+    stops: &HashMap<String, Stop>,
 ) -> Result<&'a Manifest> {
     if let Some(label) = opts.set.as_deref().filter(|l| *l != "latest") {
         return all.iter().find(|m| m.label == label).ok_or_else(|| {
@@ -229,33 +398,59 @@ fn choose_backup<'a>(
             ))
         });
     }
-    let on_path = |m: &Manifest| match history {
-        None => true,
-        Some(h) => {
-            h.contains(m.timeline) && h.end_of(m.timeline).is_none_or(|end| m.stop_lsn <= end)
-        }
-    };
-    let candidates: Vec<&Manifest> = all.iter().filter(|m| on_path(m)).collect();
+    let candidates: Vec<&Manifest> = all.iter().filter(|m| on_path(m, history)).collect();
+    let record = record_target(opts.target.as_ref())?;
+    let stop = |m: &Manifest| stops.get(&m.label).copied().unwrap_or(Stop::Unknown);
     let fits = |m: &Manifest| match &opts.target {
         Some(RecoveryTarget::Time(t)) => m.stop_time_utc().is_some_and(|s| s < *t),
         Some(RecoveryTarget::Lsn(l)) => m.stop_lsn <= *l,
+        // Recovery stops at the record, after (or, exclusive, before)
+        // replaying it: the backup must be consistent by then, or
+        // PostgreSQL refuses to start ("requested recovery stop point is
+        // before consistent recovery point").
+        Some(RecoveryTarget::Name(_) | RecoveryTarget::Xid(_)) => {
+            matches!(stop(m), Stop::At(l) if l >= m.stop_lsn)
+        }
         _ => true,
     };
     if let Some(m) = candidates.iter().rev().find(|m| fits(m)) {
         return Ok(m);
     }
-    let oldest = candidates
-        .first()
-        .copied()
-        .or(all.first())
-        .expect("at least one backup");
-    let what = match &opts.target {
-        Some(RecoveryTarget::Time(t)) => format!("target time {}", recovery::format_target_time(t)),
-        Some(RecoveryTarget::Lsn(l)) => format!("target LSN {l}"),
+    let mut before = None;
+    if record.is_some() {
+        if let Some(m) = candidates.iter().rev().find(|m| stop(m) == Stop::Unknown) {
+            return Ok(m);
+        }
+        // The oldest backup whose replay meets the target (too early).
+        before = candidates.iter().find_map(|m| match stop(m) {
+            Stop::At(l) => Some((*m, l)),
+            _ => None,
+        });
+        if let (None, Some(oldest)) = (before, candidates.first()) {
+            return Ok(oldest);
+        }
+    }
+    let (oldest, at) = match before {
+        Some((m, l)) => (m, format!(" at {l}")),
+        None => (
+            candidates
+                .first()
+                .copied()
+                .or(all.first())
+                .expect("at least one backup"),
+            String::new(),
+        ),
+    };
+    let what = match (&opts.target, &record) {
+        (Some(RecoveryTarget::Time(t)), _) => {
+            format!("target time {}", recovery::format_target_time(t))
+        }
+        (Some(RecoveryTarget::Lsn(l)), _) => format!("target LSN {l}"),
+        (_, Some(t)) => t.to_string(),
         _ => "the target".into(),
     };
     Err(Error::usage(format!(
-        "{what} is before the end of the oldest usable backup ({}, consistent at {} / {})",
+        "{what}{at} is before the end of the oldest usable backup ({}, consistent at {} / {})",
         oldest.label, oldest.stop_time, oldest.stop_lsn
     ))
     .hint("choose a later target; a backup can only recover to moments after it ended"))
@@ -303,7 +498,10 @@ mod tests {
             manifest("20261126-080000F", 1, 0x2000000, "2026-11-26T11:00:00Z"),
             manifest("20261126-070000F", 1, 0x3000000, "2026-11-26T12:00:00Z"),
         ];
-        let pick = |t| choose_backup(&all, &opts(Some(time(t))), None).map(|m| m.label.clone());
+        let pick = |t| {
+            choose_backup(&all, &opts(Some(time(t))), None, &HashMap::new())
+                .map(|m| m.label.clone())
+        };
         assert_eq!(pick("2026-11-26T11:30:00Z").unwrap(), "20261126-080000F");
         assert_eq!(pick("2026-11-26T13:00:00Z").unwrap(), "20261126-070000F");
         assert_eq!(pick("2026-11-26T10:00:01Z").unwrap(), "20261126-090000F");
@@ -313,21 +511,106 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("20261126-090000F"), "{e}");
-        let lsn =
-            choose_backup(&all, &opts(Some(RecoveryTarget::Lsn(Lsn(0x2500000)))), None).unwrap();
+        let lsn = choose_backup(
+            &all,
+            &opts(Some(RecoveryTarget::Lsn(Lsn(0x2500000)))),
+            None,
+            &HashMap::new(),
+        )
+        .unwrap();
         assert_eq!(lsn.label, "20261126-080000F");
         assert_eq!(
-            choose_backup(&all, &opts(None), None).unwrap().label,
+            choose_backup(&all, &opts(None), None, &HashMap::new())
+                .unwrap()
+                .label,
             "20261126-070000F"
         );
         let mut named = opts(None);
         named.set = Some("20261126-080000F".into());
         assert_eq!(
-            choose_backup(&all, &named, None).unwrap().label,
+            choose_backup(&all, &named, None, &HashMap::new())
+                .unwrap()
+                .label,
             "20261126-080000F"
         );
         named.set = Some("nope".into());
-        assert!(choose_backup(&all, &named, None).is_err());
+        assert!(choose_backup(&all, &named, None, &HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn a_name_or_xid_picks_the_newest_backup_consistent_before_it() {
+        // Backups consistent at 0/1000000, 0/2000000, 0/3000000, each
+        // started 0x100 bytes earlier.
+        let all = vec![
+            manifest("a", 1, 0x1000000, "2026-11-26T10:00:00Z"),
+            manifest("b", 1, 0x2000000, "2026-11-26T11:00:00Z"),
+            manifest("c", 1, 0x3000000, "2026-11-26T12:00:00Z"),
+        ];
+        let at = |l: u64| Stop::At(Lsn(l));
+        let pick = |target: RecoveryTarget, stops: [Stop; 3]| {
+            let stops: HashMap<String, Stop> = ["a", "b", "c"]
+                .iter()
+                .map(|l| l.to_string())
+                .zip(stops)
+                .collect();
+            choose_backup(&all, &opts(Some(target)), None, &stops).map(|m| m.label.clone())
+        };
+        let name = || RecoveryTarget::Name("rp".into());
+        let xid = || RecoveryTarget::Xid("745".into());
+        for t in [name(), xid()] {
+            // Between a and b: a, not the newest.
+            assert_eq!(
+                pick(t.clone(), [at(0x1800000), Stop::Absent, Stop::Absent]).unwrap(),
+                "a"
+            );
+            // After c: c.
+            assert_eq!(
+                pick(t.clone(), [at(0x3800000), at(0x3800000), at(0x3800000)]).unwrap(),
+                "c"
+            );
+            // While b ran: b would stop before it is consistent.
+            assert_eq!(
+                pick(t.clone(), [at(0x1ffff80), at(0x1ffff80), Stop::Absent]).unwrap(),
+                "a"
+            );
+            // A newer backup that cannot tell does not beat a sure one...
+            assert_eq!(
+                pick(t.clone(), [at(0x1800000), Stop::Absent, Stop::Unknown]).unwrap(),
+                "a"
+            );
+            // ...but is taken when nothing is sure (the check then warns).
+            assert_eq!(
+                pick(t.clone(), [Stop::Unknown, Stop::Unknown, Stop::Absent]).unwrap(),
+                "b"
+            );
+            // On no replay path: the oldest, whose replay reads the most WAL
+            // (the check refuses it with the whole window).
+            assert_eq!(
+                pick(t.clone(), [Stop::Absent, Stop::Absent, Stop::Absent]).unwrap(),
+                "a"
+            );
+            // Only while the oldest backup ran: refused.
+            let e = pick(t.clone(), [at(0x0ffff80), Stop::Absent, Stop::Absent])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("at 0/FFFF80 is before the end of the oldest usable backup (a,"),
+                "{e}"
+            );
+        }
+        // A repeated name: each backup stops at the first one it replays.
+        assert_eq!(
+            pick(name(), [at(0x1800000), at(0x2800000), Stop::Absent]).unwrap(),
+            "b"
+        );
+        let e = pick(name(), [at(0x0ffff80), Stop::Absent, Stop::Absent])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("restore point \"rp\""), "{e}");
+        let e = pick(xid(), [at(0x0ffff80), Stop::Absent, Stop::Absent])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transaction 745"), "{e}");
     }
 
     #[test]
@@ -344,12 +627,20 @@ mod tests {
             "1\t0/2800000\tno recovery target specified\n",
         )
         .unwrap();
-        let pick = |t| choose_backup(&all, &opts(Some(time(t))), Some(&h)).map(|m| m.label.clone());
+        let pick = |t| {
+            choose_backup(&all, &opts(Some(time(t))), Some(&h), &HashMap::new())
+                .map(|m| m.label.clone())
+        };
         assert_eq!(pick("2026-11-26T12:30:00Z").unwrap(), "a");
         assert_eq!(pick("2026-11-26T14:00:00Z").unwrap(), "c");
         let root = TimelineHistory::root(TimelineId(1));
-        let on1 =
-            choose_backup(&all, &opts(Some(time("2026-11-26T14:00:00Z"))), Some(&root)).unwrap();
+        let on1 = choose_backup(
+            &all,
+            &opts(Some(time("2026-11-26T14:00:00Z"))),
+            Some(&root),
+            &HashMap::new(),
+        )
+        .unwrap();
         assert_eq!(on1.label, "b");
     }
 }

@@ -3,8 +3,8 @@
 //! xlogrecord.h), and what the main data says (xact.h, pg_control.h).
 
 use super::{
-    RecordHeader, RestorePoint, TimelineSwitch, WalSummary, XactMark, KEEP_HEAD, KEEP_MAIN,
-    RECORD_HEADER_SIZE,
+    RecordHeader, RestorePoint, TimelineSwitch, WalSummary, XactEnd, XactMark, KEEP_HEAD,
+    KEEP_MAIN, RECORD_HEADER_SIZE,
 };
 use crate::pg::Lsn;
 
@@ -274,6 +274,7 @@ pub(super) fn apply(
     c: &Capture,
 ) {
     let Some(main) = c.main_data() else {
+        forget_xids_if_xact(s, c.kind);
         return;
     };
     match c.kind {
@@ -281,19 +282,31 @@ pub(super) fn apply(
         Kind::Xact { commit, prepared } => {
             // xl_xact_commit / xl_xact_abort: TimestampTz xact_time first.
             let Some(t) = i64_at(main, 0) else {
+                forget_xids_if_xact(s, c.kind);
                 return;
             };
-            let xid = if prepared {
-                twophase_xid(major, h.info, main, commit).unwrap_or(h.xid)
-            } else {
-                h.xid
-            };
+            let twophase = prepared
+                .then(|| twophase_xid(major, h.info, main, commit))
+                .flatten();
+            if prepared && twophase.is_none() {
+                // The prepared xid lies past the bytes kept: this
+                // segment's list would miss it.
+                s.xact_ends = None;
+            }
+            let xid = twophase.unwrap_or(h.xid);
             let mark = XactMark {
                 lsn: start,
                 xid,
                 time_us: unix_us(t),
                 commit,
             };
+            if let Some(ends) = &mut s.xact_ends {
+                ends.push(XactEnd {
+                    xid,
+                    lsn: start,
+                    commit,
+                });
+            }
             if commit {
                 s.commits += 1;
             } else {
@@ -361,6 +374,14 @@ pub(super) fn apply(
     }
 }
 
+/// A commit or abort record that could not be read: the segment's
+/// `xact_ends` would miss it, so which xids end here is unknown.
+fn forget_xids_if_xact(s: &mut WalSummary, kind: Kind) {
+    if matches!(kind, Kind::Xact { .. }) {
+        s.xact_ends = None;
+    }
+}
+
 /// The prepared transaction's xid in a COMMIT/ABORT PREPARED record's main
 /// data (ParseCommitRecord / ParseAbortRecord in xactdesc.c): the optional
 /// parts after xl_xact_xinfo come in a fixed order, each an int count and
@@ -398,4 +419,60 @@ fn twophase_xid(major: u32, info: u8, main: &[u8], commit: bool) -> Option<u32> 
         return None;
     }
     u32_at(main, off)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::walscan::XactEnds;
+
+    /// Decodes a COMMIT PREPARED record whose main data holds `nmsgs`
+    /// invalidation messages before the prepared xid 777.
+    fn commit_prepared(nmsgs: u32) -> WalSummary {
+        let mut main = Vec::new();
+        main.extend_from_slice(&0i64.to_le_bytes()); // xact_time
+        main.extend_from_slice(&(XACT_XINFO_HAS_INVALS | XACT_XINFO_HAS_TWOPHASE).to_le_bytes());
+        main.extend_from_slice(&nmsgs.to_le_bytes());
+        main.extend(std::iter::repeat_n(0u8, nmsgs as usize * 16));
+        main.extend_from_slice(&777u32.to_le_bytes());
+        let mut body = vec![XLR_BLOCK_ID_DATA_LONG];
+        body.extend_from_slice(&(main.len() as u32).to_le_bytes());
+        body.extend_from_slice(&main);
+        let h = RecordHeader {
+            tot_len: (RECORD_HEADER_SIZE + body.len()) as u32,
+            xid: 0,
+            prev: Lsn(0),
+            info: XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_HAS_INFO,
+            rmid: RM_XACT_ID,
+            crc: 0,
+        };
+        let mut c = Capture::default();
+        assert!(c.reset(&h));
+        c.take(15, 0, &body);
+        let mut s = WalSummary {
+            xact_ends: Some(XactEnds::new()),
+            ..WalSummary::default()
+        };
+        apply(&mut s, 15, Lsn(0x3000028), Lsn(0x3000028 + 8192), &h, &c);
+        s
+    }
+
+    #[test]
+    fn a_prepared_xid_past_the_kept_bytes_makes_the_xids_unknown() {
+        let s = commit_prepared(2);
+        let ends: Vec<XactEnd> = s.xact_ends.unwrap().iter().unwrap().collect();
+        assert_eq!(
+            ends,
+            vec![XactEnd {
+                xid: 777,
+                lsn: Lsn(0x3000028),
+                commit: true
+            }]
+        );
+        // 300 messages: the xid is past KEEP_MAIN. Recording the record's
+        // own xid (0) instead would make an archived target look absent.
+        let s = commit_prepared(300);
+        assert_eq!(s.commits, 1);
+        assert!(s.xact_ends.is_none(), "{s:?}");
+    }
 }

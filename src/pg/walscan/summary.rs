@@ -4,6 +4,8 @@
 
 use crate::pg::Lsn;
 
+use super::XactEnds;
+
 /// The last commit or abort seen, or the first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -59,6 +61,10 @@ pub struct WalSummary {
     pub aborts: u64,
     pub first_xact: Option<XactMark>,
     pub last_xact: Option<XactMark>,
+    /// Every commit and abort record, for `--target-xid`. `None` in a
+    /// summary written before pgvault kept them (format 1): which xids end
+    /// in the segment is then unknown.
+    pub xact_ends: Option<XactEnds>,
     pub restore_points: Vec<RestorePoint>,
     pub timeline_switches: Vec<TimelineSwitch>,
     /// LSN of the `XLOG_SWITCH` record that ends the segment early.
@@ -75,4 +81,5 @@ pub struct WalSummary {
 }
 
 /// Layout version of [`WalSummary`].
-pub const SUMMARY_FORMAT: u32 = 1;
+/// 2: `xact_ends`.
+pub const SUMMARY_FORMAT: u32 = 2;

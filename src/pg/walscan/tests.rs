@@ -168,6 +168,74 @@ fn commits_and_aborts_with_their_times() {
 }
 
 #[test]
+fn every_commit_and_abort_is_kept_for_xid_targets() {
+    // The same records first_xact/last_xact step through, in WAL order,
+    // with the xid recovery matches: ROLLBACK PREPARED's is the prepared
+    // transaction's, from the main data.
+    let facts = testdata::facts(RECORDS);
+    let mut ends = Vec::new();
+    for name in facts["segments"].as_array().unwrap() {
+        let (o, bytes) = records_segment(name.as_str().unwrap());
+        let s = scan_segment(&bytes, o);
+        let kept: Vec<XactEnd> = s
+            .xact_ends
+            .as_ref()
+            .expect("a new summary keeps the xact ends")
+            .iter()
+            .expect("readable")
+            .collect();
+        let marks: Vec<XactEnd> = all_xacts(o, &bytes)
+            .into_iter()
+            .map(|m| XactEnd {
+                xid: m.xid,
+                lsn: m.lsn,
+                commit: m.commit,
+            })
+            .collect();
+        assert_eq!(kept, marks, "{name}");
+        assert_eq!(kept.len() as u64, s.commits + s.aborts, "{name}");
+        // And they survive the summary's JSON.
+        let back: WalSummary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        ends.extend(kept);
+    }
+    for c in facts["commits"].as_array().unwrap() {
+        let want = XactEnd {
+            lsn: lsn(&c["lsn"]),
+            xid: c["xid"].as_u64().unwrap() as u32,
+            commit: true,
+        };
+        assert!(ends.contains(&want), "{want:?} not in {ends:#?}");
+    }
+    let ap = &facts["abort_prepared"];
+    assert!(ends.contains(&XactEnd {
+        lsn: lsn(&ap["lsn"]),
+        xid: ap["xid"].as_u64().unwrap() as u32,
+        commit: false,
+    }));
+    assert!(ends.contains(&XactEnd {
+        lsn: lsn(&facts["abort_lsn"]),
+        xid: facts["abort_xid"].as_u64().unwrap() as u32,
+        commit: false,
+    }));
+}
+
+#[test]
+fn a_summary_written_before_xact_ends_still_parses() {
+    // Format 1, as archive-push wrote it before the field existed.
+    let old = r#"{"format":1,"records":12,"first_record":"0/3000028","end_of_wal":"0/30001A0",
+        "commits":1,"aborts":0,
+        "first_xact":{"lsn":"0/3000100","xid":740,"time_us":1764000000000000,"commit":true},
+        "last_xact":{"lsn":"0/3000100","xid":740,"time_us":1764000000000000,"commit":true},
+        "restore_points":[],"timeline_switches":[],"xlog_switch":null,"spanning":0,
+        "crc_failures":[],"problems":[],"overwritten_contrecords":[]}"#;
+    let s: WalSummary = serde_json::from_str(old).unwrap();
+    assert_eq!(s.format, 1);
+    assert_eq!(s.commits, 1);
+    assert!(s.xact_ends.is_none(), "unknown, not empty: {s:#?}");
+}
+
+#[test]
 fn restore_points_by_name() {
     let facts = testdata::facts(RECORDS);
     let mut found = Vec::new();

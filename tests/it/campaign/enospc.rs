@@ -115,7 +115,10 @@ fn enospc_error(run: &Run, under: &Path) -> Result<(), String> {
         return Err(format!("the error does not say the disk is full: {line}"));
     }
     if !line.contains(&under.display().to_string()) {
-        return Err(format!("the error names no path under {}: {line}", under.display()));
+        return Err(format!(
+            "the error names no path under {}: {line}",
+            under.display()
+        ));
     }
     Ok(())
 }
@@ -126,7 +129,8 @@ fn temporaries(dir: &Path) -> Vec<String> {
         .into_iter()
         .filter_map(|p| {
             let name = p.file_name()?.to_string_lossy().into_owned();
-            (name.contains("pgvault-tmp") || name.starts_with(".tmp-")).then(|| p.display().to_string())
+            (name.contains("pgvault-tmp") || name.starts_with(".tmp-"))
+                .then(|| p.display().to_string())
         })
         .collect()
 }
@@ -182,11 +186,17 @@ fn full_disks() {
     }
     let inv = inventory(&repo_dir, &repo.stanza);
     if inv.backups.keys().collect::<Vec<_>>() != [&first] {
-        c.problem(&ctx, format!("complete backups now: {:?}", inv.backups.keys()));
+        c.problem(
+            &ctx,
+            format!("complete backups now: {:?}", inv.backups.keys()),
+        );
     }
     let left = temporaries(&repo_dir.join(&repo.stanza).join("backup"));
     if !left.is_empty() {
-        c.problem(&ctx, format!("the failed backup left temporary files: {left:?}"));
+        c.problem(
+            &ctx,
+            format!("the failed backup left temporary files: {left:?}"),
+        );
     }
 
     // WAL into a repository with no room at all: PostgreSQL retries.
@@ -211,7 +221,10 @@ fn full_disks() {
             break;
         }
         if start.elapsed() > Duration::from_secs(120) {
-            c.problem(&ctx, format!("only {} archive_command failures", failed - failed_before));
+            c.problem(
+                &ctx,
+                format!("only {} archive_command failures", failed - failed_before),
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -222,19 +235,32 @@ fn full_disks() {
     for e in errors.iter().filter(|e| {
         !(e.contains("No space left on device") && e.contains(&repo_dir.display().to_string()))
     }) {
-        c.problem(&ctx, format!("an error line that does not name the full disk's path: {e}"));
+        c.problem(
+            &ctx,
+            format!("an error line that does not name the full disk's path: {e}"),
+        );
     }
     let left = temporaries(&repo_dir.join(&repo.stanza).join("archive"));
     if !left.is_empty() {
         c.problem(
             &ctx,
-            format!("{} failed pushes left temporary files that keep the disk full: {left:?}", errors.len()),
+            format!(
+                "{} failed pushes left temporary files that keep the disk full: {left:?}",
+                errors.len()
+            ),
         );
     }
     // Nothing half-written is taken as complete: verify reads only.
     let (code, found, vrun) = super::inventory::verify(&env, &repo);
     if code != Some(0) {
-        c.problem(&ctx, format!("verify on the full repository exited {code:?}: {} {}", found.join("; "), vrun.stderr.trim()));
+        c.problem(
+            &ctx,
+            format!(
+                "verify on the full repository exited {code:?}: {} {}",
+                found.join("; "),
+                vrun.stderr.trim()
+            ),
+        );
     }
 
     // Space freed: PostgreSQL's retries and the same backup succeed.
@@ -247,7 +273,14 @@ fn full_disks() {
         c.count("commands that succeeded once space was freed", 1);
         again.stdout.trim().to_string()
     } else {
-        c.problem(&ctx, format!("the same backup exited {:?}: {}", again.code, again.stderr.trim()));
+        c.problem(
+            &ctx,
+            format!(
+                "the same backup exited {:?}: {}",
+                again.code,
+                again.stderr.trim()
+            ),
+        );
         first.clone()
     };
     let rows = pg.psql("select count(*) from t");
@@ -271,7 +304,10 @@ fn full_disks() {
         }
     }
     if node.pgdata.join("global/pg_control").exists() {
-        c.problem(&ctx, "the failed restore left global/pg_control: PostgreSQL would start it");
+        c.problem(
+            &ctx,
+            "the failed restore left global/pg_control: PostgreSQL would start it",
+        );
     }
     fs_target.resize(256);
     let mut again = exec(&env, &repo, As::PgUser, &args, &[]);
@@ -281,13 +317,24 @@ fn full_disks() {
         again = exec(&env, &repo, As::PgUser, &delta, &[]);
     }
     if again.code != Some(0) {
-        c.problem(&ctx, format!("the restore after space was freed exited {:?}: {}", again.code, again.stderr.trim()));
+        c.problem(
+            &ctx,
+            format!(
+                "the restore after space was freed exited {:?}: {}",
+                again.code,
+                again.stderr.trim()
+            ),
+        );
     } else {
         c.count("commands that succeeded once space was freed", 1);
         c.guard(&ctx, || {
             node.start();
             node.wait_promoted();
-            assert_eq!(node.psql("select count(*) from t"), rows, "rows after the restore");
+            assert_eq!(
+                node.psql("select count(*) from t"),
+                rows,
+                "rows after the restore"
+            );
             node.stop();
             node.checksums();
         });
@@ -317,7 +364,10 @@ fn full_disks() {
                 c.problem(&ctx, e);
             }
         }
-        code => c.problem(&ctx, format!("exit {code:?} (want 254): {}", failed.stderr.trim())),
+        code => c.problem(
+            &ctx,
+            format!("exit {code:?} (want 254): {}", failed.stderr.trim()),
+        ),
     }
     let left: Vec<String> = fs::read_dir(&dest_dir)
         .map(|rd| {
@@ -333,7 +383,14 @@ fn full_disks() {
     let _ = fs::remove_file(&filler);
     let again = exec(&env, &repo, As::PgUser, &args, &[]);
     if again.code != Some(0) || fs::read(&dest).ok() != fs::read(pg.wal_dir().join(&last)).ok() {
-        c.problem(&ctx, format!("after space was freed: exit {:?}: {}", again.code, again.stderr.trim()));
+        c.problem(
+            &ctx,
+            format!(
+                "after space was freed: exit {:?}: {}",
+                again.code,
+                again.stderr.trim()
+            ),
+        );
     } else {
         c.count("commands that succeeded once space was freed", 1);
     }

@@ -66,8 +66,8 @@ impl Scale {
                 .unwrap_or(default)
         };
         Scale {
-            points: n("PGVAULT_CAMPAIGN_POINTS", 3),
-            flips: n("PGVAULT_CAMPAIGN_FLIPS", 14),
+            points: n("PGVAULT_CAMPAIGN_POINTS", 2),
+            flips: n("PGVAULT_CAMPAIGN_FLIPS", 12),
             fault_rounds: n("PGVAULT_CAMPAIGN_FAULT_ROUNDS", 1),
         }
     }
@@ -172,19 +172,6 @@ pub fn small_segments() -> InitOpts {
         wal_segsize_mb: Some(1),
         data_checksums: true,
     }
-}
-
-/// `stanza-create` for `pg` in `repo`, as the postgres user.
-#[track_caller]
-pub fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &std::path::Path) {
-    let pgdata = pgdata.display().to_string();
-    repo.run(
-        env,
-        As::PgUser,
-        &["stanza-create", "--pgdata", &pgdata],
-        env.dir(),
-    )
-    .ok();
 }
 
 /// `restore --pgdata <pgdata> --set <label>` and `more` (a target, an

@@ -52,10 +52,7 @@ fn files_holding(dir: &Path, secret: &str, except: &Path) -> Vec<String> {
         .into_iter()
         .filter(|p| p != except)
         .filter(|p| {
-            fs::read(p).is_ok_and(|b| {
-                b.windows(secret.len())
-                    .any(|w| w == secret.as_bytes())
-            })
+            fs::read(p).is_ok_and(|b| b.windows(secret.len()).any(|w| w == secret.as_bytes()))
         })
         .map(|p| p.display().to_string())
         .collect()
@@ -120,7 +117,15 @@ fn secrets_never_show() {
             outputs.push((format!("{what}: stdout"), run.stdout.clone()));
         };
         let pgdata = pg.pgdata().display().to_string();
-        note("stanza-create", pgv(As::PgUser, &cfg(&["stanza-create", "--pgdata", &pgdata]), &[]).ok());
+        note(
+            "stanza-create",
+            pgv(
+                As::PgUser,
+                &cfg(&["stanza-create", "--pgdata", &pgdata]),
+                &[],
+            )
+            .ok(),
+        );
         // PostgreSQL archives with the secret from the file (look-ahead on).
         pg.set_conf(&format!(
             "archive_mode = on\narchive_command = '{} --config {} archive-push %p'\nwal_keep_size = 1GB\n",
@@ -146,7 +151,10 @@ fn secrets_never_show() {
         check.extend(conn);
         note("check", pgv(As::PgUser, &cfg(&check), &[]).ok());
         for out in ["text", "json"] {
-            note(&format!("info --output {out}"), pgv(As::Root, &cfg(&["info", "--output", out]), &[]).ok());
+            note(
+                &format!("info --output {out}"),
+                pgv(As::Root, &cfg(&["info", "--output", out]), &[]).ok(),
+            );
         }
         note("verify", pgv(As::Root, &cfg(&["verify"]), &[]).ok());
         note("backfill", pgv(As::Root, &cfg(&["backfill"]), &[]).ok());
@@ -155,14 +163,27 @@ fn secrets_never_show() {
         // Restore, and recovery through archive-get with prefetch.
         let mut node = Node::new(&env, &repo, "secret");
         let nd = node.pgdata.display().to_string();
-        let restore = cfg(&["restore", "--pgdata", &nd, "--set", &label, "--target-action", "promote", "--archive-mode", "off"]);
+        let restore = cfg(&[
+            "restore",
+            "--pgdata",
+            &nd,
+            "--set",
+            &label,
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+        ]);
         note("restore", pgv(As::PgUser, &restore, &[]).ok());
         c.guard("restored cluster", || {
             node.start();
             node.wait_promoted();
             node.stop();
         });
-        note("expire", pgv(As::PgUser, &cfg(&["expire", "--retention-full", "1"]), &[]).ok());
+        note(
+            "expire",
+            pgv(As::PgUser, &cfg(&["expire", "--retention-full", "1"]), &[]).ok(),
+        );
         // The secret from the environment, both names.
         let from_env = |name: &str| {
             let mut v = vec![(name.to_string(), secret.clone())];
@@ -180,17 +201,29 @@ fn secrets_never_show() {
             v
         };
         for var in ["AWS_SECRET_ACCESS_KEY", "PGVAULT_S3_SECRET_ACCESS_KEY"] {
-            note(&format!("info ({var})"), pgv(As::Root, &plain(&["info"]), &from_env(var)).ok());
+            note(
+                &format!("info ({var})"),
+                pgv(As::Root, &plain(&["info"]), &from_env(var)).ok(),
+            );
             let dest = env.dir().join(format!("got-{var}"));
             let get = plain(&["archive-get", &last, &dest.display().to_string()]);
-            note(&format!("archive-get ({var})"), pgv(As::Root, &get, &from_env(var)).ok());
+            note(
+                &format!("archive-get ({var})"),
+                pgv(As::Root, &get, &from_env(var)).ok(),
+            );
         }
         // Errors: a bucket that does not exist; s3s-fs refusing the secret.
         let wrong = Repo {
             url: format!("s3://no-such-bucket-{nanos}/x"),
             ..repo.clone()
         };
-        let mut a = vec!["--repo".to_string(), wrong.url.clone(), "--stanza".into(), "campaign".into(), "info".into()];
+        let mut a = vec![
+            "--repo".to_string(),
+            wrong.url.clone(),
+            "--stanza".into(),
+            "campaign".into(),
+            "info".into(),
+        ];
         let r = pgv(As::Root, &a, &from_env("AWS_SECRET_ACCESS_KEY"));
         if r.code == Some(0) {
             c.problem("info on a bucket that does not exist", "exit 0");

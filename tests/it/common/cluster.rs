@@ -1,7 +1,7 @@
 //! A PostgreSQL cluster in a temporary directory, run as the unprivileged
 //! test user (PostgreSQL refuses to run as root).
 
-use super::process::{finish, spawn_as, Spawned};
+use super::process::{finish, spawn_as, Run, Spawned};
 use super::{chown, free_port, keep, mkdir_mode, As, Repo, Scratch, TestEnv};
 use std::ffi::OsString;
 use std::fs;
@@ -391,14 +391,25 @@ impl Drop for Cluster {
     }
 }
 
-/// `pgvault backup --start-fast` of `pg` as the postgres user; returns the
-/// label it printed.
+/// `pgvault stanza-create` for the cluster at `pgdata`, as the postgres user.
 #[track_caller]
-pub fn backup(env: &TestEnv, repo: &Repo, pg: &Cluster) -> String {
+pub fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
+    let pgdata = pgdata.display().to_string();
+    repo.run(
+        env,
+        As::PgUser,
+        &["stanza-create", "--pgdata", &pgdata],
+        env.dir(),
+    )
+    .ok();
+}
+
+/// `pgvault backup --start-fast` of `pg` as the postgres user.
+pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
     let pgdata = pg.pgdata().display().to_string();
     let host = pg.sockdir().display().to_string();
     let port = pg.port().to_string();
-    let run = repo.run(
+    repo.run(
         env,
         As::PgUser,
         &[
@@ -412,7 +423,14 @@ pub fn backup(env: &TestEnv, repo: &Repo, pg: &Cluster) -> String {
             "--start-fast",
         ],
         env.dir(),
-    );
+    )
+}
+
+/// `pgvault backup --start-fast` of `pg` as the postgres user; returns the
+/// label it printed.
+#[track_caller]
+pub fn backup(env: &TestEnv, repo: &Repo, pg: &Cluster) -> String {
+    let run = backup_run(env, repo, pg);
     run.ok();
     eprintln!("pgvault backup took {:.1?}", run.elapsed);
     let label = run.stdout.trim().to_string();

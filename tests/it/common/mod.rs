@@ -28,7 +28,7 @@ mod spool;
 mod wal;
 
 pub use cases::{panic_message, Cases};
-pub use cluster::{backup, Cluster, InitOpts};
+pub use cluster::{backup, backup_run, stanza_create, Cluster, InitOpts};
 pub use crash::*;
 pub use node::{Node, RECOVERY_TIMEOUT};
 pub use objects::{decode_envelope, encode_envelope, try_decode_envelope};
@@ -344,6 +344,19 @@ impl Repo {
         all.extend(args.iter().map(|s| s.to_string()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         env.pgvault(who, &all, &self.env, cwd)
+    }
+
+    /// `stanza-create` for `pgdata`, as the postgres user; must succeed.
+    #[track_caller]
+    pub fn stanza_create(&self, env: &TestEnv, pgdata: &Path) {
+        let pgdata = pgdata.display().to_string();
+        self.run(
+            env,
+            As::PgUser,
+            &["stanza-create", "--pgdata", &pgdata],
+            env.dir(),
+        )
+        .ok();
     }
 
     /// The stored object for WAL file `name` in a local repository:

@@ -20,29 +20,7 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::*;
-
-fn backup_args(pg: &Cluster) -> Vec<String> {
-    [
-        "backup",
-        "--pgdata",
-        &pg.pgdata().display().to_string(),
-        "--pg-host",
-        &pg.sockdir().display().to_string(),
-        "--pg-port",
-        &pg.port().to_string(),
-        "--start-fast",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn args(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
-}
 
 /// Exit 0, or exit 9 with one error line naming the lock's holder.
 fn done_or_locked(what: &str, run: &Run) -> Result<bool, String> {
@@ -56,20 +34,6 @@ fn done_or_locked(what: &str, run: &Run) -> Result<bool, String> {
         Some(9) if errors == 1 && run.stderr.contains("locked by") => Ok(false),
         code => Err(format!("{what} exited {code:?}: {}", run.stderr.trim())),
     }
-}
-
-fn labels(env: &TestEnv, repo: &Repo) -> Vec<String> {
-    let run = repo.run(env, As::Root, &["info", "--output", "json"], env.dir());
-    serde_json::from_str::<Value>(&run.stdout)
-        .ok()
-        .and_then(|v| {
-            v["backups"].as_array().map(|a| {
-                a.iter()
-                    .filter_map(|b| b["label"].as_str().map(String::from))
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
 }
 
 /// Starts `a` and `b` `gap` apart and waits for both.
@@ -87,7 +51,7 @@ fn concurrency_on(c: &mut Campaign, env: &TestEnv, repo: Repo) {
     stanza_create(env, &repo, pg.pgdata());
     pg.start_archiving(env, &repo);
     pg.psql("create table t as select g from generate_series(1, 10000) g");
-    let backup = backup_args(&pg);
+    let backup = with_cluster(&pg, &["backup", "--start-fast"]);
     let expire = args(&["expire", "--retention-full", "1"]);
     let mut problems = Vec::new();
 
@@ -123,7 +87,7 @@ fn concurrency_on(c: &mut Campaign, env: &TestEnv, repo: Repo) {
             problems.push(format!("two expires: {e}"));
         }
     }
-    let left = labels(env, &repo);
+    let left = info_labels(env, &repo);
     if left.len() != 1 {
         problems.push(format!(
             "after expire --retention-full 1 (twice at once): backups {left:?}"
@@ -175,7 +139,7 @@ fn concurrency_on(c: &mut Campaign, env: &TestEnv, repo: Repo) {
     // (On the local repository only in the short sample: restoring from S3
     // is what tests/it/pitr.rs does.)
     let restore = repo.local.is_some() || Scale::from_env().points > 2;
-    if let Some(label) = labels(env, &repo).pop().filter(|_| restore) {
+    if let Some(label) = info_labels(env, &repo).pop().filter(|_| restore) {
         let ctx = format!("seed {} {on}: restore of {label}", c.seed);
         c.guard(&ctx, || {
             let mut node = Node::new(env, &repo, "after-races");

@@ -162,19 +162,7 @@ fn full_disks() {
     // A backup into a repository with room for WAL but not for it.
     let ctx = format!("seed {} backup into a full repository", c.seed);
     let filler = fill(&mnt, 1 << 20);
-    let args: Vec<String> = [
-        "backup",
-        "--pgdata",
-        &pg.pgdata().display().to_string(),
-        "--pg-host",
-        &pg.sockdir().display().to_string(),
-        "--pg-port",
-        &pg.port().to_string(),
-        "--start-fast",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = with_cluster(&pg, &["backup", "--start-fast"]);
     let failed = exec(&env, &repo, As::PgUser, &args, &[]);
     if failed.code == Some(0) {
         c.problem(&ctx, "succeeded in 1 MiB");

@@ -26,8 +26,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::*;
 
 /// The fault mix of one command run; `seed` changes with every run, so a
@@ -130,36 +128,6 @@ impl Bench<'_> {
     }
 }
 
-fn pg_args(pg: &Cluster, cmd: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
-    v.extend([
-        "--pgdata".into(),
-        pg.pgdata().display().to_string(),
-        "--pg-host".into(),
-        pg.sockdir().display().to_string(),
-        "--pg-port".into(),
-        pg.port().to_string(),
-    ]);
-    v
-}
-
-fn info(env: &TestEnv, repo: &Repo) -> Value {
-    let run = repo.run(env, As::Root, &["info", "--output", "json"], env.dir());
-    run.ok();
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("info JSON: {e}\n{}", run.stdout))
-}
-
-fn labels(info: &Value) -> Vec<String> {
-    info["backups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["label"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Whether this binary injects faults at all (the fault-injecting backend
 /// landed): every request failing must fail `info`.
 fn injects_faults(env: &TestEnv, repo: &Repo) -> bool {
@@ -225,7 +193,7 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
         wait_archived(&pg, archived.last().expect("segments"));
 
         // backup: exit 0 means restorable (checked below).
-        let mut args = pg_args(&pg, &["backup"]);
+        let mut args = with_cluster(&pg, &["backup"]);
         args.push("--start-fast".into());
         if let Some(run) = b.until_ok("backup", As::PgUser, &args, env.dir(), 8) {
             backups.push(run.stdout.trim().to_string());
@@ -299,9 +267,9 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
         std::thread::sleep(Duration::from_millis(1000));
         let info_args: Vec<String> = vec!["info".into(), "--output".into(), "json".into()];
         if let Some(run) = b.until_ok("info", As::Root, &info_args, env.dir(), 5) {
-            let got = serde_json::from_str::<Value>(&run.stdout).map(|v| labels(&v));
+            let got = labels_in(&run.stdout);
             for label in &backups {
-                if !got.as_ref().is_ok_and(|l| l.contains(label)) {
+                if !got.contains(label) {
                     let ctx = format!("seed {} info (round {round})", b.c.seed);
                     b.c.problem(
                         &ctx,
@@ -343,7 +311,7 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
         }
 
         // check: archiving works end to end, or a clear error.
-        let args = pg_args(&pg, &["check"]);
+        let args = with_cluster(&pg, &["check"]);
         b.until_ok("check", As::PgUser, &args, env.dir(), 5);
     }
 
@@ -433,7 +401,7 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
             .is_some()
         {
             std::thread::sleep(Duration::from_millis(1000));
-            let got = labels(&info(env, &repo));
+            let got = info_labels(env, &repo);
             let want = vec![backups.last().expect("a backup").clone()];
             if got != want {
                 let ctx = format!("seed {} expire", b.c.seed);

@@ -23,6 +23,9 @@ use super::inventory::settle;
 use super::points::{files_below, measure, run_killed};
 use super::*;
 
+/// What check_after_kill's findings are prefixed with.
+const KILLED: &str = "after the kill";
+
 /// A stopped cluster's real segments, kept in its pg_wal.
 struct Segments {
     pg: Cluster,
@@ -163,7 +166,7 @@ fn kill_archive_push_and_get() {
             &repo,
             &wal,
             &scratch,
-            "after the kill",
+            KILLED,
             &mut checked,
         ));
         // The same command again (PostgreSQL retries it), then the rest.
@@ -259,7 +262,7 @@ fn kill_archive_push_and_get() {
             &repo,
             &wal,
             &scratch,
-            "after the kill",
+            KILLED,
             &mut checked,
         ));
         // The same call again.

@@ -57,21 +57,10 @@ impl World {
     }
 
     fn backup_args(&self) -> Vec<String> {
-        [
-            "--log-level",
-            "debug",
-            "backup",
-            "--pgdata",
-            &self.pg.pgdata().display().to_string(),
-            "--pg-host",
-            &self.pg.sockdir().display().to_string(),
-            "--pg-port",
-            &self.pg.port().to_string(),
-            "--start-fast",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        with_cluster(
+            &self.pg,
+            &["--log-level", "debug", "backup", "--start-fast"],
+        )
     }
 
     /// One more row in `marks`: the content of the next backup.

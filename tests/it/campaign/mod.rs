@@ -200,6 +200,45 @@ pub const TO_BACKUP_END: [&str; 6] = [
 /// Recovery to the end of the archive, promoted, archiving off.
 pub const TO_ARCHIVE_END: [&str; 4] = ["--target-action", "promote", "--archive-mode", "off"];
 
+/// Owned arguments.
+pub fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// `cmd` and what reaches `pg`: `--pgdata`, `--pg-host`, `--pg-port`.
+pub fn with_cluster(pg: &Cluster, cmd: &[&str]) -> Vec<String> {
+    let mut v = args(cmd);
+    v.extend([
+        "--pgdata".into(),
+        pg.pgdata().display().to_string(),
+        "--pg-host".into(),
+        pg.sockdir().display().to_string(),
+        "--pg-port".into(),
+        pg.port().to_string(),
+    ]);
+    v
+}
+
+/// The labels of the backups `info` lists (none when it fails).
+pub fn info_labels(env: &TestEnv, repo: &Repo) -> Vec<String> {
+    let run = repo.run(env, As::Root, &["info", "--output", "json"], env.dir());
+    labels_in(&run.stdout)
+}
+
+/// The backup labels in `info --output json`'s output.
+pub fn labels_in(info: &str) -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(info)
+        .ok()
+        .and_then(|v| {
+            v["backups"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|b| b["label"].as_str().map(String::from))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// `args` after the repository's, as one owned vector (for spawning).
 pub fn with_repo(repo: &Repo, args: &[&str]) -> Vec<String> {
     let mut all = repo.args();

@@ -11,6 +11,7 @@
 //! every few seconds, forever); and once space is freed the same command
 //! succeeds.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -123,16 +124,23 @@ fn enospc_error(run: &Run, under: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// pgvault's temporary files below `dir` (what a failed write must remove).
+/// pgvault's temporary files below `dir` that stay (there now, and two
+/// seconds later): what a failed write left instead of removing it. (One
+/// being written now is gone by then, at a full disk.)
 fn temporaries(dir: &Path) -> Vec<String> {
-    all_files(dir)
-        .into_iter()
-        .filter_map(|p| {
-            let name = p.file_name()?.to_string_lossy().into_owned();
-            (name.contains("pgvault-tmp") || name.starts_with(".tmp-"))
-                .then(|| p.display().to_string())
-        })
-        .collect()
+    let look = || -> BTreeSet<String> {
+        all_files(dir)
+            .into_iter()
+            .filter_map(|p| {
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                (name.contains("pgvault-tmp") || name.starts_with(".tmp-"))
+                    .then(|| p.display().to_string())
+            })
+            .collect()
+    };
+    let first = look();
+    std::thread::sleep(Duration::from_secs(2));
+    first.intersection(&look()).cloned().collect()
 }
 
 #[test]
@@ -216,6 +224,29 @@ fn full_disks() {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+    // Between PostgreSQL's retries nothing of pgvault's may keep working
+    // at a disk that stays full (a helper retrying in a loop).
+    let before = pgvault_cpu_ticks(&env);
+    std::thread::sleep(Duration::from_secs(3));
+    let after = pgvault_cpu_ticks(&env);
+    for (pid, t) in &after {
+        if let Some(b) = before.get(pid) {
+            if t - b > 30 {
+                c.problem(
+                    &ctx,
+                    format!(
+                        "pgvault process {pid} ({}) used {} ms of CPU in 3 s at the full repository: \
+                         it keeps retrying",
+                        fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                            .unwrap_or_default()
+                            .replace('\0', " ")
+                            .trim(),
+                        (t - b) * 10
+                    ),
+                );
+            }
+        }
     }
     let log = pg.log_tail(usize::MAX);
     let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();

@@ -126,7 +126,15 @@ pub fn inventory(root: &Path, stanza: &str) -> Inventory {
             continue;
         };
         let parts: Vec<&str> = inner.iter().filter_map(|c| c.to_str()).collect();
+        // The local backend's lock file of a directory it replaces or
+        // deletes in (`.pgvault-dirlock`) belongs to the directory: fine
+        // where the directory is pgvault's, left behind in a backup's that
+        // is gone.
+        let dirlock = file == ".pgvault-dirlock";
         match parts.as_slice() {
+            _ if dirlock && !inner.starts_with("backup") => {}
+            ["backup", _] if dirlock => {}
+            ["backup", label, ..] if dirlock && inv.backups.contains_key(*label) => {}
             ["stanza.pgv"] => {}
             ["lock", "stanza.lock"] => inv.lock = Some(f.clone()),
             ["backup", label, "manifest.pgv"] if inv.backups.contains_key(*label) => {}

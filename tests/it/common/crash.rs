@@ -135,3 +135,20 @@ pub fn wait_untagged(env: &TestEnv, tag: &str, timeout: Duration) -> bool {
     }
     true
 }
+
+/// CPU time (user and system, in clock ticks) the pgvault processes of this
+/// test have used so far, by pid.
+pub fn pgvault_cpu_ticks(env: &TestEnv) -> std::collections::BTreeMap<i32, u64> {
+    pgvault_pids(env)
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command name (which may hold spaces): state
+            // is field 3, utime and stime fields 14 and 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((pid, ticks))
+        })
+        .collect()
+}

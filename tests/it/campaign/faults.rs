@@ -33,8 +33,8 @@ use super::*;
 /// request and how often it was made).
 fn faults(seed: u64) -> String {
     format!(
-        "seed={seed},error=0.08,reset=0.05,timeout=0.03,timeout_ms=100,slow=0.05,slow_ms=40,\
-         truncate=0.08,hide=0.2,hide_ms=800"
+        "seed={seed},error=0.12,reset=0.08,timeout=0.04,timeout_ms=100,slow=0.08,slow_ms=40,\
+         truncate=0.12,hide=0.25,hide_ms=800"
     )
 }
 
@@ -193,8 +193,7 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
         wait_archived(&pg, archived.last().expect("segments"));
 
         // backup: exit 0 means restorable (checked below).
-        let mut args = with_cluster(&pg, &["backup"]);
-        args.push("--start-fast".into());
+        let args = with_cluster(&pg, &["backup", "--start-fast"]);
         if let Some(run) = b.until_ok("backup", As::PgUser, &args, env.dir(), 8) {
             backups.push(run.stdout.trim().to_string());
         }
@@ -315,8 +314,15 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
         b.until_ok("check", As::PgUser, &args, env.dir(), 5);
     }
 
-    // restore of the newest backup under faults, and PostgreSQL recovering
-    // through archive-get under faults to the end of the archive.
+    // A second backup (expire below needs one to remove), then a restore
+    // of the newest under faults, and PostgreSQL recovering through
+    // archive-get under faults to the end of the archive.
+    if backups.len() < 2 {
+        let args = with_cluster(&pg, &["backup", "--start-fast"]);
+        if let Some(run) = b.until_ok("backup", As::PgUser, &args, env.dir(), 8) {
+            backups.push(run.stdout.trim().to_string());
+        }
+    }
     pg.psql("insert into t values (-1)");
     let last = pg.switch_wal();
     wait_archived(&pg, &last);
@@ -409,6 +415,11 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
             }
         }
     }
+    let failed: u64 = pg
+        .psql("select failed_count from pg_stat_archiver")
+        .parse()
+        .unwrap_or(0);
+    b.c.count("archive_command failures PostgreSQL retried", failed);
     pg.stop();
     b.count_faults(&pg.log_tail(usize::MAX));
 

@@ -1,138 +1,489 @@
 //! Options: flags > `PGVAULT_*` environment variables > the TOML file.
 //!
-//! `cli` turns flags and environment (clap does both) into [`LowArgs`]; this
-//! module layers the configuration file under them and builds the
-//! high-level [`Settings`] the commands use. Names are the same everywhere:
-//! `--compress-level`, `PGVAULT_COMPRESS_LEVEL`, `compress-level = 3`.
+//! Every option is written once, as one field of a clap `Args` struct in
+//! this file. Its flag (`--compress-level`), its environment variable
+//! (`PGVAULT_COMPRESS_LEVEL`) and its file key (`compress-level = 3`), its
+//! `--help` text, type, check and default all come from that field.
+//! `config/layers.rs` puts the file and the environment under the flags. A
+//! command's `--help` shows the options of the structs that command
+//! flattens, grouped under "Repository", "PostgreSQL" and its own
+//! "Options".
+//!
+//! # Adding an option
+//!
+//! One field, in the struct of the commands that use it:
+//! - every command: [`Global`] (with `global = true`);
+//! - one command: that command's struct ([`Backup`], [`ArchivePush`], …);
+//! - several commands: the group they all flatten ([`Compression`],
+//!   [`Workers`], …), or a new group (`#[derive(Debug, Clone, Args)]
+//!   #[group(skip)]`, as the others) flattened into each of them.
+//!
+//! ```ignore
+//! /// Take the backup from a standby [default: false]
+//! #[arg(long, env = "PGVAULT_BACKUP_STANDBY", value_name = "BOOL",
+//!       action = ArgAction::Set, default_value_t = false)]
+//! pub backup_standby: bool,
+//! ```
+//!
+//! - `env = "PGVAULT_<NAME>"` (the long name in upper case, `_` for `-`;
+//!   a test checks) is what makes the field an option: settable from the
+//!   environment and the file too. Flags of the command line only
+//!   (`--start-fast`, `--target-time`) live in `cli/args.rs` without one.
+//! - The doc comment is the `--help` text: true for every command that
+//!   shows it.
+//! - The default: `default_value_t` (shown by `--help`), or `Option<T>`
+//!   when there is none or it is computed at run time (then say it in the
+//!   text).
+//! - Parse into the type the code uses (`value_parser = parse_duration`):
+//!   a bad value is then refused before the command starts, naming the
+//!   flag, the variable or the file key.
+//! - A boolean takes a value (`action = ArgAction::Set`: `--expire-auto
+//!   false`), so that a flag can override the file.
+//! - A secret (a key, a password): type [`Secret`] and `hide = true` (a
+//!   test checks). It is refused as a flag (flags show in `ps`) and never
+//!   printed.
+//!
+//! Then read it where `cli/mod.rs` builds the command's options for `ops`
+//! (`options.backup_standby`), and add its row to docs/configuration.md (a
+//! test checks).
 
+mod layers;
+
+pub use layers::{is_secret, parse, ParseError, Parsed};
+
+use std::convert::Infallible;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use clap::builder::RangedU64ValueParser;
+use clap::{ArgAction, Args};
 
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::ops::archive_push::OnSuperseded;
 use crate::pg::conn::ConnParams;
 use crate::repo::s3::S3Options;
-use crate::repo::{EncodeOptions, RepoLocation};
+use crate::repo::{EncodeOptions, RepoLocation, Repository};
 use crate::spool::SpoolDir;
 
 pub const DEFAULT_CONFIG: &str = "/etc/pgvault/pgvault.toml";
-pub const DEFAULT_STANZA: &str = "main";
 
-/// What the user typed (flag or environment), before the file is consulted.
-#[derive(Debug, Clone, Default)]
-pub struct LowArgs {
-    pub config: Option<PathBuf>,
-    pub repo: Option<String>,
-    pub stanza: Option<String>,
-    pub pgdata: Option<PathBuf>,
-    pub compress_level: Option<i32>,
-    pub compress_threads: Option<u32>,
-    pub catalog: Option<String>,
-    pub log_level: Option<String>,
+/// `--help` headings; options without one are the command's own.
+const REPOSITORY: &str = "Repository";
+const POSTGRES: &str = "PostgreSQL";
+const GENERAL: &str = "General";
+
+/// Options of every command, accepted before or after the command name.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Global {
+    /// Repository: a path, file:///path or s3://bucket/prefix
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_REPO",
+        value_name = "URL",
+        value_parser = RepoLocation::parse,
+        help_heading = REPOSITORY
+    )]
+    pub repo: Option<RepoLocation>,
+    /// Stanza: the cluster's name in the repository
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STANZA",
+        value_name = "NAME",
+        default_value = "main",
+        help_heading = REPOSITORY
+    )]
+    pub stanza: String,
+    /// S3 endpoint URL [default: AWS_ENDPOINT]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_ENDPOINT",
+        value_name = "URL",
+        help_heading = REPOSITORY
+    )]
     pub s3_endpoint: Option<String>,
+    /// S3 region [default: AWS_REGION]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_REGION",
+        value_name = "REGION",
+        help_heading = REPOSITORY
+    )]
     pub s3_region: Option<String>,
-    pub s3_atomic_create: Option<bool>,
+    /// Allow plain HTTP to the S3 endpoint [default: AWS_ALLOW_HTTP]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_ALLOW_HTTP",
+        value_name = "BOOL",
+        help_heading = REPOSITORY
+    )]
     pub s3_allow_http: Option<bool>,
-    pub process_max: Option<usize>,
-    pub archive_timeout: Option<u64>,
-    pub pg_host: Option<String>,
-    pub pg_port: Option<u16>,
-    pub pg_user: Option<String>,
-    pub pg_database: Option<String>,
-    pub retention_full: Option<usize>,
-    pub retention_window: Option<String>,
-    pub archive_push_ahead: Option<usize>,
-    pub archive_get_ahead: Option<usize>,
-    pub spool_path: Option<PathBuf>,
-    pub expire_auto: Option<bool>,
+    /// Whether the store's conditional create (If-None-Match) is atomic under races
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_S3_ATOMIC_CREATE",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = true,
+        help_heading = REPOSITORY
+    )]
+    pub s3_atomic_create: bool,
+    /// S3 access key id (the file or the environment only) [default: AWS_ACCESS_KEY_ID]
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_S3_ACCESS_KEY_ID",
+        value_parser = Secret::parse
+    )]
+    pub s3_access_key_id: Option<Secret>,
+    /// S3 secret access key (the file or the environment only) [default: AWS_SECRET_ACCESS_KEY]
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_S3_SECRET_ACCESS_KEY",
+        value_parser = Secret::parse
+    )]
+    pub s3_secret_access_key: Option<Secret>,
+    /// Configuration file (TOML) [default: /etc/pgvault/pgvault.toml, when it exists]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_CONFIG",
+        value_name = "FILE",
+        help_heading = GENERAL
+    )]
+    pub config: Option<PathBuf>,
+    /// Log lines on stderr from this level up: off, error, warn, info, debug or trace
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "warn",
+        value_parser = parse_log_level,
+        help_heading = GENERAL
+    )]
+    pub log_level: log::LevelFilter,
 }
 
-/// The configuration file. Unknown keys are an error naming the key.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    pub repo: Option<String>,
-    pub stanza: Option<String>,
+/// The local catalog: `archive-push`, `restore`, `info`, `backfill`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct CatalogFile {
+    /// Local catalog (SQLite cache of the repository) file, or "off" [default: ~/.local/state/pgvault/catalog-<repo>.db]
+    #[arg(
+        long,
+        env = "PGVAULT_CATALOG",
+        value_name = "FILE",
+        value_parser = parse_catalog,
+        help_heading = REPOSITORY
+    )]
+    pub catalog: Option<CatalogSetting>,
+}
+
+/// The data directory: `stanza-create`, `stanza-upgrade`, `backup`, `restore`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct DataDir {
+    /// PostgreSQL data directory
+    #[arg(long, env = "PGVAULT_PGDATA", value_name = "DIR", help_heading = POSTGRES)]
     pub pgdata: Option<PathBuf>,
-    pub compress_level: Option<i32>,
-    pub compress_threads: Option<u32>,
-    pub catalog: Option<String>,
-    pub log_level: Option<String>,
-    pub s3_endpoint: Option<String>,
-    pub s3_region: Option<String>,
-    pub s3_access_key_id: Option<String>,
-    /// Only from the file (or `PGVAULT_S3_SECRET_ACCESS_KEY`), never a flag:
-    /// flags show in `ps`.
-    pub s3_secret_access_key: Option<String>,
-    pub s3_atomic_create: Option<bool>,
-    pub s3_allow_http: Option<bool>,
-    pub process_max: Option<usize>,
-    pub archive_timeout: Option<u64>,
+}
+
+/// A connection to the running cluster: `backup`, `check`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Connection {
+    /// PostgreSQL host or socket directory [default: PGHOST]
+    #[arg(long, env = "PGVAULT_PG_HOST", value_name = "HOST", help_heading = POSTGRES)]
     pub pg_host: Option<String>,
+    /// PostgreSQL port [default: PGPORT]
+    #[arg(long, env = "PGVAULT_PG_PORT", value_name = "PORT", help_heading = POSTGRES)]
     pub pg_port: Option<u16>,
+    /// PostgreSQL user [default: PGUSER]
+    #[arg(long, env = "PGVAULT_PG_USER", value_name = "USER", help_heading = POSTGRES)]
     pub pg_user: Option<String>,
+    /// PostgreSQL database [default: PGDATABASE, else postgres]
+    #[arg(long, env = "PGVAULT_PG_DATABASE", value_name = "DB", help_heading = POSTGRES)]
     pub pg_database: Option<String>,
+    /// Seconds to wait for the cluster's WAL to reach the repository
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 120
+    )]
+    pub archive_timeout: u64,
+}
+
+/// zstd settings for what is stored: `archive-push`, `backup`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Compression {
+    /// zstd level of what is stored, 1 to 19
+    #[arg(
+        long,
+        env = "PGVAULT_COMPRESS_LEVEL",
+        value_name = "N",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(i32).range(1..=19)
+    )]
+    pub compress_level: i32,
+    /// zstd worker threads for one file [default: number of cores, at most 8]
+    #[arg(long, env = "PGVAULT_COMPRESS_THREADS", value_name = "N")]
+    pub compress_threads: Option<u32>,
+}
+
+/// Parallelism: `archive-push` (its look-ahead), `backup`, `restore`,
+/// `verify`, `backfill`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Workers {
+    /// Parallel workers: files or objects processed at once, 1 to 64
+    #[arg(
+        long,
+        env = "PGVAULT_PROCESS_MAX",
+        value_name = "N",
+        default_value_t = 2,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=64)
+    )]
+    pub process_max: usize,
+}
+
+/// Retention: `expire`, and `backup` for `expire-auto`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Retention {
+    /// Expire: keep this many full backups
+    #[arg(long, env = "PGVAULT_RETENTION_FULL", value_name = "N")]
     pub retention_full: Option<usize>,
-    pub retention_window: Option<String>,
-    pub archive_push_ahead: Option<usize>,
-    pub archive_get_ahead: Option<usize>,
+    /// Expire: keep what recovers to any moment this far back (90m, 36h, 14d, 2w)
+    #[arg(
+        long,
+        env = "PGVAULT_RETENTION_WINDOW",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub retention_window: Option<Duration>,
+}
+
+impl Retention {
+    pub fn is_set(&self) -> bool {
+        self.retention_full.is_some() || self.retention_window.is_some()
+    }
+}
+
+/// The local spool: `archive-push`, `archive-get`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Spool {
+    /// Local spool directory (look-ahead push records, prefetched WAL) [default: ~/.local/state/pgvault/spool]
+    #[arg(long, env = "PGVAULT_SPOOL_PATH", value_name = "DIR")]
     pub spool_path: Option<PathBuf>,
-    pub expire_auto: Option<bool>,
-    /// For `restore --standby`: the standby's primary_conninfo. Passwords
-    /// belong in ~/.pgpass, not here.
-    pub primary_conninfo: Option<String>,
+}
+
+/// `stanza-create` and `stanza-upgrade`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Stanza {
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+/// `archive-push`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct ArchivePush {
+    /// Also push up to N files already marked .ready, in parallel (0 = off)
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_PUSH_AHEAD",
+        value_name = "N",
+        default_value_t = 8
+    )]
+    pub archive_push_ahead: usize,
+    /// WAL of a timeline past the point where an archived history file left it (a split brain, or the original of a PITR clone): warn archives it and logs a warning on every such push, fail refuses it (exit 12)
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_PUSH_SUPERSEDED",
+        value_name = "warn|fail",
+        default_value = "warn",
+        value_parser = parse_on_superseded
+    )]
+    pub archive_push_superseded: OnSuperseded,
+    #[command(flatten)]
+    pub workers: Workers,
+    #[command(flatten)]
+    pub compression: Compression,
+    #[command(flatten)]
+    pub spool: Spool,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
+}
+
+/// `archive-get`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct ArchiveGet {
+    /// Prefetch up to N following segments (0 = off)
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_GET_AHEAD",
+        value_name = "N",
+        default_value_t = 8
+    )]
+    pub archive_get_ahead: usize,
+    #[command(flatten)]
+    pub spool: Spool,
+}
+
+/// `backup`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Backup {
+    #[command(flatten)]
+    pub workers: Workers,
+    #[command(flatten)]
+    pub compression: Compression,
+    /// Run expire (with the retention options) after each successful backup
+    #[arg(
+        long,
+        env = "PGVAULT_EXPIRE_AUTO",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = false
+    )]
+    pub expire_auto: bool,
+    #[command(flatten)]
+    pub retention: Retention,
+    #[command(flatten)]
+    pub data: DataDir,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+impl Backup {
+    /// The retention to apply after the backup, if `expire-auto` is on.
+    /// Refused up front without any: the backup would succeed and its
+    /// expire then fail, and a cron job would see a failed backup.
+    pub fn expire_after(&self) -> Result<Option<&Retention>> {
+        if !self.expire_auto {
+            return Ok(None);
+        }
+        if !self.retention.is_set() {
+            return Err(Error::usage(
+                "expire-auto is on but no retention is set: the expire after the backup would have nothing to apply",
+            )
+            .hint(
+                "set retention-full and/or retention-window (a flag, PGVAULT_RETENTION_FULL, or the configuration file), or turn expire-auto off",
+            ));
+        }
+        Ok(Some(&self.retention))
+    }
+}
+
+/// `restore`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Restore {
+    #[command(flatten)]
+    pub workers: Workers,
+    /// With --standby: the standby's primary_conninfo (the file or the environment only; passwords belong in ~/.pgpass)
+    #[arg(long, hide = true, env = "PGVAULT_PRIMARY_CONNINFO", value_parser = Secret::parse)]
+    pub primary_conninfo: Option<Secret>,
+    #[command(flatten)]
+    pub data: DataDir,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
+}
+
+/// `check`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Check {
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+/// `expire`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Expire {
+    #[command(flatten)]
+    pub retention: Retention,
+}
+
+/// `verify`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Verify {
+    #[command(flatten)]
+    pub workers: Workers,
+}
+
+/// `info`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Info {
+    #[command(flatten)]
+    pub catalog: CatalogFile,
+}
+
+/// `backfill`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Backfill {
+    #[command(flatten)]
+    pub workers: Workers,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
+}
+
+/// A value never shown: not by `Debug`, not in an error, not in `--help`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    fn parse(s: &str) -> std::result::Result<Secret, Infallible> {
+        Ok(Secret(s.to_string()))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
 }
 
 /// Where the catalog lives, or that there is none.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CatalogSetting {
     Off,
     Default,
     Path(PathBuf),
 }
 
-/// High-level settings, built once at the edge.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub repo: Option<RepoLocation>,
-    pub stanza: String,
-    pub pgdata: Option<PathBuf>,
-    pub encode: EncodeOptions,
-    pub catalog: CatalogSetting,
-    pub log_level: log::LevelFilter,
-    pub s3: S3Options,
-    /// The configuration file that was read, if any (restore writes it into
-    /// `restore_command`).
-    pub config_file: Option<PathBuf>,
-    pub process_max: usize,
-    pub archive_timeout: Duration,
-    pub conn: ConnParams,
-    pub primary_conninfo: Option<String>,
-    pub retention_full: Option<usize>,
-    pub retention_window: Option<Duration>,
-    pub archive_push_ahead: usize,
-    pub archive_get_ahead: usize,
-    spool_path: Option<PathBuf>,
-    /// Run expire after each successful backup.
-    pub expire_auto: bool,
+fn parse_catalog(s: &str) -> std::result::Result<CatalogSetting, Infallible> {
+    Ok(match s {
+        "" => CatalogSetting::Default,
+        "off" | "none" => CatalogSetting::Off,
+        p => CatalogSetting::Path(PathBuf::from(p)),
+    })
 }
 
-impl Settings {
-    /// The local spool of this repository and stanza (look-ahead push
-    /// records, prefetched WAL); `None` when no place for it is known.
-    pub fn spool(&self) -> Option<SpoolDir> {
-        match &self.spool_path {
-            Some(p) => Some(SpoolDir::under(
-                p,
-                &self.repo.as_ref()?.identity(),
-                &self.stanza,
-            )),
-            None => SpoolDir::default_for(&self.repo.as_ref()?.identity(), &self.stanza),
-        }
-    }
-
+impl Global {
     pub fn repo(&self) -> Result<&RepoLocation> {
         self.repo.as_ref().ok_or_else(|| {
             Error::usage("no repository given")
@@ -140,135 +491,75 @@ impl Settings {
         })
     }
 
+    pub fn s3(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: self.s3_access_key_id.as_ref().map(|s| s.0.clone()),
+            secret_access_key: self.s3_secret_access_key.as_ref().map(|s| s.0.clone()),
+            allow_http: self.s3_allow_http,
+            atomic_create: self.s3_atomic_create,
+            retry_timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn open_repo(&self) -> Result<Repository> {
+        Repository::open(self.repo()?.clone(), &self.stanza, &self.s3())
+    }
+
+    /// The local spool of this repository and stanza (look-ahead push
+    /// records, prefetched WAL); `None` when no place for it is known.
+    pub fn spool(&self, spool: &Spool) -> Option<SpoolDir> {
+        let identity = self.repo.as_ref()?.identity();
+        match &spool.spool_path {
+            Some(p) => Some(SpoolDir::under(p, &identity, &self.stanza)),
+            None => SpoolDir::default_for(&identity, &self.stanza),
+        }
+    }
+
+    pub fn catalog(&self, catalog: &CatalogFile) -> Option<crate::catalog::Catalog> {
+        match catalog.catalog.as_ref().unwrap_or(&CatalogSetting::Default) {
+            CatalogSetting::Off => None,
+            CatalogSetting::Path(p) => Some(crate::catalog::Catalog::at(p.clone())),
+            CatalogSetting::Default => {
+                crate::catalog::Catalog::default_for(&self.repo.as_ref()?.identity())
+            }
+        }
+    }
+}
+
+impl DataDir {
     pub fn pgdata(&self) -> Result<&Path> {
         self.pgdata.as_deref().ok_or_else(|| {
             Error::usage("no data directory given").hint("pass --pgdata DIR, set PGVAULT_PGDATA, or put pgdata = \"…\" in the configuration file")
         })
     }
+}
 
-    pub fn catalog(&self) -> Option<Catalog> {
-        match &self.catalog {
-            CatalogSetting::Off => None,
-            CatalogSetting::Path(p) => Some(Catalog::at(p.clone())),
-            CatalogSetting::Default => Catalog::default_for(&self.repo.as_ref()?.identity()),
+impl Connection {
+    pub fn params(&self) -> ConnParams {
+        ConnParams {
+            host: self.pg_host.clone(),
+            port: self.pg_port,
+            user: self.pg_user.clone(),
+            dbname: self.pg_database.clone(),
         }
+    }
+
+    pub fn archive_timeout(&self) -> Duration {
+        Duration::from_secs(self.archive_timeout)
     }
 }
 
-/// Reads the configuration file: the one named, else the default one if it
-/// exists, else none.
-pub fn load_file(explicit: Option<&Path>) -> Result<(Option<PathBuf>, FileConfig)> {
-    let path = match explicit {
-        Some(p) => p.to_path_buf(),
-        None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
-        None => return Ok((None, FileConfig::default())),
-    };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::usage(format!("configuration file {}: {e}", path.display())))?;
-    let cfg: FileConfig = toml::from_str(&text).map_err(|e| {
-        Error::usage(format!(
-            "configuration file {}: {}",
-            path.display(),
-            e.message().replace("field", "option")
-        ))
-    })?;
-    Ok((Some(path), cfg))
-}
-
-impl LowArgs {
-    /// Layers the file under the flags/environment and validates.
-    pub fn resolve(self) -> Result<Settings> {
-        let (config_file, file) = load_file(self.config.as_deref())?;
-        let repo = self
-            .repo
-            .or(file.repo)
-            .map(|r| RepoLocation::parse(&r))
-            .transpose()?;
-        let level = self.compress_level.or(file.compress_level).unwrap_or(3);
-        if !(1..=19).contains(&level) {
-            return Err(Error::usage(format!(
-                "compress-level {level} is out of range (1 to 19)"
-            )));
+impl Compression {
+    pub fn encode(&self) -> EncodeOptions {
+        EncodeOptions {
+            compression: crate::repo::codec::Compression::Zstd,
+            level: self.compress_level,
+            threads: self
+                .compress_threads
+                .unwrap_or_else(default_compress_threads),
         }
-        let threads = self
-            .compress_threads
-            .or(file.compress_threads)
-            .unwrap_or_else(default_compress_threads);
-        let catalog = match self.catalog.or(file.catalog).as_deref() {
-            None | Some("") => CatalogSetting::Default,
-            Some("off") | Some("none") => CatalogSetting::Off,
-            Some(p) => CatalogSetting::Path(PathBuf::from(p)),
-        };
-        let log_level = parse_log_level(
-            self.log_level
-                .or(file.log_level)
-                .as_deref()
-                .unwrap_or("warn"),
-        )?;
-        let s3 = S3Options {
-            endpoint: self.s3_endpoint.or(file.s3_endpoint),
-            region: self.s3_region.or(file.s3_region),
-            access_key_id: std::env::var("PGVAULT_S3_ACCESS_KEY_ID")
-                .ok()
-                .or(file.s3_access_key_id),
-            secret_access_key: std::env::var("PGVAULT_S3_SECRET_ACCESS_KEY")
-                .ok()
-                .or(file.s3_secret_access_key),
-            allow_http: self.s3_allow_http.or(file.s3_allow_http),
-            atomic_create: self
-                .s3_atomic_create
-                .or(file.s3_atomic_create)
-                .unwrap_or(true),
-            retry_timeout: Duration::from_secs(60),
-        };
-        Ok(Settings {
-            repo,
-            stanza: self
-                .stanza
-                .or(file.stanza)
-                .unwrap_or_else(|| DEFAULT_STANZA.to_string()),
-            pgdata: self.pgdata.or(file.pgdata),
-            encode: EncodeOptions {
-                compression: crate::repo::codec::Compression::Zstd,
-                level,
-                threads,
-            },
-            catalog,
-            log_level,
-            s3,
-            config_file,
-            process_max: self
-                .process_max
-                .or(file.process_max)
-                .unwrap_or(2)
-                .clamp(1, 64),
-            archive_timeout: Duration::from_secs(
-                self.archive_timeout.or(file.archive_timeout).unwrap_or(120),
-            ),
-            conn: ConnParams {
-                host: self.pg_host.or(file.pg_host),
-                port: self.pg_port.or(file.pg_port),
-                user: self.pg_user.or(file.pg_user),
-                dbname: self.pg_database.or(file.pg_database),
-            },
-            primary_conninfo: file.primary_conninfo,
-            retention_full: self.retention_full.or(file.retention_full),
-            retention_window: self
-                .retention_window
-                .or(file.retention_window)
-                .map(|w| crate::ops::expire::parse_window(&w))
-                .transpose()?,
-            archive_push_ahead: self
-                .archive_push_ahead
-                .or(file.archive_push_ahead)
-                .unwrap_or(8),
-            archive_get_ahead: self
-                .archive_get_ahead
-                .or(file.archive_get_ahead)
-                .unwrap_or(8),
-            spool_path: self.spool_path.or(file.spool_path),
-            expire_auto: self.expire_auto.or(file.expire_auto).unwrap_or(false),
-        })
     }
 }
 
@@ -282,6 +573,10 @@ fn default_compress_threads() -> u32 {
         .min(8)
 }
 
+fn parse_on_superseded(s: &str) -> std::result::Result<OnSuperseded, String> {
+    s.parse()
+}
+
 pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {
     match s.to_ascii_lowercase().as_str() {
         "off" => Ok(log::LevelFilter::Off),
@@ -290,10 +585,29 @@ pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {
         "info" => Ok(log::LevelFilter::Info),
         "debug" => Ok(log::LevelFilter::Debug),
         "trace" => Ok(log::LevelFilter::Trace),
-        other => Err(Error::usage(format!(
-            "log-level {other:?} is not one of off, error, warn, info, debug, trace"
-        ))),
+        _ => Err(Error::usage(
+            "expected one of off, error, warn, info, debug, trace",
+        )),
     }
+}
+
+/// A duration with a unit: `90m`, `36h`, `14d`, `2w` (a bare number is days).
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::usage("expected a number and a unit, e.g. 14d"))?;
+    let secs = match unit {
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" | "" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(Error::usage("the unit must be m, h, d or w")),
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| Error::usage("too long"))
 }
 
 #[cfg(test)]
@@ -301,33 +615,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_key_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, "repo = \"/x\"\ncompres-level = 3\n").unwrap();
-        let e = load_file(Some(&p)).unwrap_err().to_string();
-        assert!(e.contains("compres-level"), "{e}");
-        assert!(e.contains(&p.display().to_string()), "{e}");
+    fn durations() {
+        assert_eq!(
+            parse_duration("14d").unwrap(),
+            Duration::from_secs(14 * 86400)
+        );
+        assert_eq!(
+            parse_duration("36h").unwrap(),
+            Duration::from_secs(36 * 3600)
+        );
+        assert_eq!(
+            parse_duration("2w").unwrap(),
+            Duration::from_secs(14 * 86400)
+        );
+        assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3y").is_err());
+        assert!(parse_duration("99999999999999999w").is_err());
     }
 
     #[test]
-    fn flags_beat_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(
-            &p,
-            "repo = \"/from/file\"\nstanza = \"filestanza\"\ncompress-level = 5\n",
-        )
-        .unwrap();
-        let s = LowArgs {
-            config: Some(p),
-            repo: Some("/from/flag".into()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
-        assert_eq!(s.repo, Some(RepoLocation::Local("/from/flag".into())));
-        assert_eq!(s.stanza, "filestanza");
-        assert_eq!(s.encode.level, 5);
+    fn secrets_are_not_printed() {
+        let s = Secret::parse("hunter2").unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
     }
 }

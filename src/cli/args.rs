@@ -1,146 +1,60 @@
-//! Low-level arguments: what the user typed, as clap parses it.
+//! Low-level arguments: what the user typed, as clap parses it. The options
+//! (settable from the environment and the file too) are defined in
+//! `config`; here are the commands and their command-line-only flags.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::LowArgs;
+use crate::config;
+
+/// Said under every command's `--help`.
+const OPTIONS_NOTE: &str = "Each option can also be set as a PGVAULT_<NAME> environment variable \
+                            or in the configuration file (see docs/configuration.md).";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "pgvault",
     version,
     about = "Backup, WAL archive and point-in-time recovery for PostgreSQL",
-    after_help = "Options can also be set as PGVAULT_<NAME> environment variables or in the TOML \
-                  configuration file (--config, default /etc/pgvault/pgvault.toml). \
-                  Exit codes: see docs/exit-codes.md."
+    after_help = "Each option can also be set as a PGVAULT_<NAME> environment variable or in the TOML \
+                  configuration file (--config, default /etc/pgvault/pgvault.toml); S3 credentials \
+                  (s3-access-key-id, s3-secret-access-key) only there. `pgvault <command> --help` \
+                  shows a command's options. Exit codes: see docs/exit-codes.md."
 )]
 pub struct Cli {
-    /// Configuration file (TOML)
-    #[arg(long, global = true, env = "PGVAULT_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Repository: a path, file:///path or s3://bucket/prefix
-    #[arg(long, global = true, env = "PGVAULT_REPO", value_name = "URL")]
-    pub repo: Option<String>,
-    /// Stanza (the cluster's name in the repository) [default: main]
-    #[arg(long, global = true, env = "PGVAULT_STANZA")]
-    pub stanza: Option<String>,
-    /// PostgreSQL data directory
-    #[arg(long, global = true, env = "PGVAULT_PGDATA", value_name = "DIR")]
-    pub pgdata: Option<PathBuf>,
-    /// zstd level, 1 to 19 [default: 3]
-    #[arg(long, global = true, env = "PGVAULT_COMPRESS_LEVEL", value_name = "N")]
-    pub compress_level: Option<i32>,
-    /// zstd worker threads for one file [default: number of cores, at most 8]
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_COMPRESS_THREADS",
-        value_name = "N"
-    )]
-    pub compress_threads: Option<u32>,
-    /// Catalog (SQLite cache) file, or "off" [default: ~/.local/state/pgvault/catalog-<repo>.db]
-    #[arg(long, global = true, env = "PGVAULT_CATALOG", value_name = "FILE")]
-    pub catalog: Option<String>,
-    /// off, error, warn, info, debug or trace [default: warn]
-    #[arg(long, global = true, env = "PGVAULT_LOG_LEVEL", value_name = "LEVEL")]
-    pub log_level: Option<String>,
-    /// S3 endpoint URL (overrides AWS_ENDPOINT)
-    #[arg(long, global = true, env = "PGVAULT_S3_ENDPOINT", value_name = "URL")]
-    pub s3_endpoint: Option<String>,
-    /// S3 region (overrides AWS_REGION)
-    #[arg(long, global = true, env = "PGVAULT_S3_REGION")]
-    pub s3_region: Option<String>,
-    /// Whether the store's conditional create (If-None-Match) is atomic [default: true]
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_S3_ATOMIC_CREATE",
-        value_name = "BOOL"
-    )]
-    pub s3_atomic_create: Option<bool>,
-    /// Allow plain HTTP to the S3 endpoint (overrides AWS_ALLOW_HTTP)
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_S3_ALLOW_HTTP",
-        value_name = "BOOL"
-    )]
-    pub s3_allow_http: Option<bool>,
-
-    /// Parallel workers for backup and restore [default: 2]
-    #[arg(long, global = true, env = "PGVAULT_PROCESS_MAX", value_name = "N")]
-    pub process_max: Option<usize>,
-    /// Seconds to wait for WAL to reach the repository [default: 120]
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_ARCHIVE_TIMEOUT",
-        value_name = "SECS"
-    )]
-    pub archive_timeout: Option<u64>,
-    /// PostgreSQL host or socket directory (else PGHOST)
-    #[arg(long, global = true, env = "PGVAULT_PG_HOST")]
-    pub pg_host: Option<String>,
-    /// PostgreSQL port (else PGPORT)
-    #[arg(long, global = true, env = "PGVAULT_PG_PORT")]
-    pub pg_port: Option<u16>,
-    /// PostgreSQL user (else PGUSER)
-    #[arg(long, global = true, env = "PGVAULT_PG_USER")]
-    pub pg_user: Option<String>,
-    /// PostgreSQL database (else PGDATABASE)
-    #[arg(long, global = true, env = "PGVAULT_PG_DATABASE")]
-    pub pg_database: Option<String>,
-
-    /// expire: keep this many full backups
-    #[arg(long, global = true, env = "PGVAULT_RETENTION_FULL", value_name = "N")]
-    pub retention_full: Option<usize>,
-    /// expire: keep what recovers to any moment this far back (14d, 36h, 2w)
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_RETENTION_WINDOW",
-        value_name = "DURATION"
-    )]
-    pub retention_window: Option<String>,
-
-    /// archive-push: also push up to N files already marked .ready (0 = off) [default: 8]
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_ARCHIVE_PUSH_AHEAD",
-        value_name = "N"
-    )]
-    pub archive_push_ahead: Option<usize>,
-    /// archive-get: prefetch up to N following segments (0 = off) [default: 8]
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_ARCHIVE_GET_AHEAD",
-        value_name = "N"
-    )]
-    pub archive_get_ahead: Option<usize>,
-    /// backup: run expire after each successful backup [default: false]
-    #[arg(long, global = true, env = "PGVAULT_EXPIRE_AUTO", value_name = "BOOL")]
-    pub expire_auto: Option<bool>,
-    /// Local spool directory [default: ~/.local/state/pgvault/spool]
-    #[arg(long, global = true, env = "PGVAULT_SPOOL_PATH", value_name = "DIR")]
-    pub spool_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub global: config::Global,
 
     #[command(subcommand)]
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line, with a note on options under each command's help.
+    pub fn definition() -> clap::Command {
+        <Cli as clap::CommandFactory>::command().mut_subcommands(|sc| sc.after_help(OPTIONS_NOTE))
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Register the cluster in --pgdata in the repository
-    StanzaCreate,
+    StanzaCreate {
+        #[command(flatten)]
+        options: config::Stanza,
+    },
     /// After pg_upgrade: record the upgraded cluster in --pgdata as the stanza's current one
-    StanzaUpgrade,
+    StanzaUpgrade {
+        #[command(flatten)]
+        options: config::Stanza,
+    },
     /// Archive one WAL file (archive_command = 'pgvault archive-push %p')
     ArchivePush {
         /// The file, as PostgreSQL passes it (%p, relative to the data directory)
         path: PathBuf,
+        #[command(flatten)]
+        options: config::ArchivePush,
     },
     /// Fetch one archived WAL file (restore_command = 'pgvault archive-get %f "%p"')
     ArchiveGet {
@@ -148,6 +62,8 @@ pub enum Command {
         name: String,
         /// Where to put it (%p)
         dest: PathBuf,
+        #[command(flatten)]
+        options: config::ArchiveGet,
     },
     /// Take a base backup of the running cluster
     Backup {
@@ -157,31 +73,47 @@ pub enum Command {
         /// Start with an immediate checkpoint instead of a spread one
         #[arg(long)]
         start_fast: bool,
+        #[command(flatten)]
+        options: config::Backup,
     },
     /// Restore a backup into --pgdata and write the recovery settings
     Restore(RestoreArgs),
     /// Prove that archiving into the repository works right now
-    Check,
+    Check {
+        #[command(flatten)]
+        options: config::Check,
+    },
     /// Apply retention: delete old backups and the WAL nothing kept needs
     Expire {
         /// Show what would be deleted, delete nothing
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        options: config::Expire,
     },
     /// Read every object of the stanza and check checksums, backups and the WAL chain
     Verify {
+        /// Output format: text for people, json for scripts
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        #[command(flatten)]
+        options: config::Verify,
     },
     /// Show what the repository holds for the stanza
     Info {
+        /// Output format: text for people, json for scripts
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        #[command(flatten)]
+        options: config::Info,
     },
     /// Summarize the records of archived WAL that has no summary yet (archived by an older pgvault)
     Backfill {
+        /// Output format: text for people, json for scripts
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        #[command(flatten)]
+        options: config::Backfill,
     },
 }
 
@@ -237,6 +169,8 @@ pub struct RestoreArgs {
     /// Try the target even if the archive does not reach it (a time after the last archived commit, an unknown restore point)
     #[arg(long)]
     pub no_target_check: bool,
+    #[command(flatten)]
+    pub options: config::Restore,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -258,33 +192,432 @@ pub enum Output {
     Json,
 }
 
-impl Cli {
-    pub fn low_args(&self) -> LowArgs {
-        LowArgs {
-            config: self.config.clone(),
-            repo: self.repo.clone(),
-            stanza: self.stanza.clone(),
-            pgdata: self.pgdata.clone(),
-            compress_level: self.compress_level,
-            compress_threads: self.compress_threads,
-            catalog: self.catalog.clone(),
-            log_level: self.log_level.clone(),
-            s3_endpoint: self.s3_endpoint.clone(),
-            s3_region: self.s3_region.clone(),
-            s3_atomic_create: self.s3_atomic_create,
-            s3_allow_http: self.s3_allow_http,
-            process_max: self.process_max,
-            archive_timeout: self.archive_timeout,
-            pg_host: self.pg_host.clone(),
-            pg_port: self.pg_port,
-            pg_user: self.pg_user.clone(),
-            pg_database: self.pg_database.clone(),
-            retention_full: self.retention_full,
-            retention_window: self.retention_window.clone(),
-            archive_push_ahead: self.archive_push_ahead,
-            archive_get_ahead: self.archive_get_ahead,
-            spool_path: self.spool_path.clone(),
-            expire_auto: self.expire_auto,
+#[cfg(test)]
+mod tests {
+    //! The whole command line: flags, `PGVAULT_*` and the file through
+    //! `config::parse` into [`Cli`], with the real option definitions.
+
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+    use std::ffi::OsString;
+
+    struct Parsed {
+        cli: Cli,
+        warnings: Vec<String>,
+    }
+
+    /// `pgvault ARGS` with exactly `env` as the environment and `file` as
+    /// the configuration file.
+    fn parse(args: &[&str], env: &[(&str, &str)], file: &str) -> Result<Parsed, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgvault.toml");
+        std::fs::write(&path, file).unwrap();
+        let argv: Vec<OsString> = std::iter::once("pgvault")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
+        let mut vars: Vec<(OsString, OsString)> = vec![("PGVAULT_CONFIG".into(), path.into())];
+        vars.extend(env.iter().map(|(k, v)| (k.into(), v.into())));
+        match crate::config::parse(Cli::definition(), &argv, &vars) {
+            Ok(p) => Ok(Parsed {
+                cli: Cli::from_arg_matches(&p.matches).map_err(|e| e.to_string())?,
+                warnings: p.warnings,
+            }),
+            Err(crate::config::ParseError::Clap(e)) => Err(e.to_string()),
+            Err(crate::config::ParseError::Config(e)) => {
+                Err(format!("{e}\nhint: {}", e.hint_text().unwrap_or_default()))
+            }
         }
+    }
+
+    #[track_caller]
+    fn ok(args: &[&str], env: &[(&str, &str)], file: &str) -> Parsed {
+        parse(args, env, file).unwrap_or_else(|e| panic!("pgvault {args:?}: {e}"))
+    }
+
+    #[track_caller]
+    fn err(args: &[&str], env: &[(&str, &str)], file: &str) -> String {
+        match parse(args, env, file) {
+            Ok(p) => panic!("pgvault {args:?} should fail, got {:?}", p.cli),
+            Err(e) => e,
+        }
+    }
+
+    /// One option of each kind, read back from the parsed command line.
+    struct Kind {
+        /// The command (and positional arguments) that uses the option.
+        command: &'static [&'static str],
+        key: &'static str,
+        /// Values for the file (TOML), the environment and the flag.
+        file: &'static str,
+        env: &'static str,
+        flag: &'static str,
+        default: &'static str,
+        read: fn(&Cli) -> String,
+    }
+
+    fn kinds() -> Vec<Kind> {
+        vec![
+            Kind {
+                command: &["info"],
+                key: "stanza",
+                file: "\"f\"",
+                env: "e",
+                flag: "c",
+                default: "main",
+                read: |c| c.global.stanza.clone(),
+            },
+            Kind {
+                command: &["info"],
+                key: "repo",
+                file: "\"/f\"",
+                env: "/e",
+                flag: "s3://c/x",
+                default: "None",
+                read: |c| format!("{:?}", c.global.repo.as_ref().map(|r| r.identity())),
+            },
+            Kind {
+                command: &["info"],
+                key: "s3-atomic-create",
+                file: "false",
+                env: "true",
+                flag: "false",
+                default: "true",
+                read: |c| c.global.s3_atomic_create.to_string(),
+            },
+            Kind {
+                command: &["info"],
+                key: "log-level",
+                file: "\"error\"",
+                env: "debug",
+                flag: "trace",
+                default: "WARN",
+                read: |c| c.global.log_level.to_string(),
+            },
+            Kind {
+                command: &["info"],
+                key: "catalog",
+                file: "\"off\"",
+                env: "/e.db",
+                flag: "/c.db",
+                default: "None",
+                read: |c| match &c.command {
+                    Command::Info { options, .. } => format!("{:?}", options.catalog.catalog),
+                    _ => unreachable!(),
+                },
+            },
+            Kind {
+                command: &["archive-push", "pg_wal/x"],
+                key: "compress-level",
+                file: "5",
+                env: "7",
+                flag: "9",
+                default: "3",
+                read: |c| match &c.command {
+                    Command::ArchivePush { options, .. } => {
+                        options.compression.compress_level.to_string()
+                    }
+                    _ => unreachable!(),
+                },
+            },
+            Kind {
+                command: &["backup"],
+                key: "expire-auto",
+                file: "true",
+                env: "false",
+                flag: "true",
+                default: "false",
+                read: |c| match &c.command {
+                    Command::Backup { options, .. } => options.expire_auto.to_string(),
+                    _ => unreachable!(),
+                },
+            },
+            Kind {
+                command: &["backup"],
+                key: "pg-port",
+                file: "5433",
+                env: "5434",
+                flag: "5435",
+                default: "None",
+                read: |c| match &c.command {
+                    Command::Backup { options, .. } => {
+                        format!("{:?}", options.connection.pg_port)
+                    }
+                    _ => unreachable!(),
+                },
+            },
+            Kind {
+                command: &["expire"],
+                key: "retention-window",
+                file: "\"1d\"",
+                env: "2h",
+                flag: "3m",
+                default: "None",
+                read: |c| match &c.command {
+                    Command::Expire { options, .. } => {
+                        format!("{:?}", options.retention.retention_window)
+                    }
+                    _ => unreachable!(),
+                },
+            },
+            Kind {
+                command: &["restore"],
+                key: "pgdata",
+                file: "\"/f\"",
+                env: "/e",
+                flag: "/c",
+                default: "None",
+                read: |c| match &c.command {
+                    Command::Restore(a) => format!("{:?}", a.options.data.pgdata),
+                    _ => unreachable!(),
+                },
+            },
+            Kind {
+                command: &["verify"],
+                key: "process-max",
+                file: "3",
+                env: "4",
+                flag: "5",
+                default: "2",
+                read: |c| match &c.command {
+                    Command::Verify { options, .. } => options.workers.process_max.to_string(),
+                    _ => unreachable!(),
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn flag_beats_environment_beats_file_for_every_kind_of_option() {
+        for k in kinds() {
+            let var = format!("PGVAULT_{}", k.key.to_uppercase().replace('-', "_"));
+            let file = format!("{} = {}\n", k.key, k.file);
+            let flag = format!("--{}={}", k.key, k.flag);
+            let read = |args: &[&str], env: &[(&str, &str)], file: &str| {
+                let mut all = k.command.to_vec();
+                all.extend_from_slice(args);
+                (k.read)(&ok(&all, env, file).cli)
+            };
+            let expect = |value: &str| {
+                // What the option reads as when given `value` on its own.
+                read(&[&format!("--{}={value}", k.key)], &[], "")
+            };
+            let from_file = read(&[], &[], &file);
+            let from_env = read(&[], &[(&var, k.env)], &file);
+            let from_flag = read(&[&flag], &[(&var, k.env)], &file);
+            assert_eq!(read(&[], &[], ""), k.default, "{}: default", k.key);
+            assert_eq!(
+                from_file,
+                expect(k.file.trim_matches('"')),
+                "{}: the file",
+                k.key
+            );
+            assert_ne!(from_file, k.default, "{}: the file's value is seen", k.key);
+            assert_eq!(from_env, expect(k.env), "{}: environment over file", k.key);
+            assert_eq!(from_flag, expect(k.flag), "{}: flag over both", k.key);
+            // A flag before the command name counts the same.
+            let mut before = vec![flag.as_str()];
+            before.extend_from_slice(k.command);
+            assert_eq!(
+                (k.read)(&ok(&before, &[(&var, k.env)], &file).cli),
+                from_flag,
+                "{}: flag before the command",
+                k.key
+            );
+        }
+    }
+
+    #[test]
+    fn environment_names_follow_the_long_names() {
+        let cmd = Cli::command();
+        let mut options = 0;
+        for arg in cmd
+            .get_arguments()
+            .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()))
+        {
+            let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+                continue;
+            };
+            options += 1;
+            assert_eq!(
+                env.to_string_lossy(),
+                format!("PGVAULT_{}", long.to_uppercase().replace('-', "_"))
+            );
+            assert!(arg.get_help().is_some(), "--{long} has no help text");
+            if crate::config::is_secret(arg) {
+                assert!(arg.is_hide_set(), "the secret --{long} must be hidden");
+            }
+        }
+        assert!(options >= 25, "only {options} options found");
+    }
+
+    #[test]
+    fn every_option_is_documented() {
+        let doc = include_str!("../../docs/configuration.md");
+        let cmd = Cli::command();
+        for arg in cmd
+            .get_arguments()
+            .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()))
+        {
+            if let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) {
+                let row = format!("| `{long}` | `{}` |", env.to_string_lossy());
+                assert!(doc.contains(&row), "docs/configuration.md has no row {row}");
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_the_file_or_the_environment_only() {
+        let key = |p: &Parsed| {
+            p.cli
+                .global
+                .s3_secret_access_key
+                .as_ref()
+                .map(|s| s.expose().to_string())
+        };
+        let file = "s3-secret-access-key = \"from-file\"\n";
+        assert_eq!(key(&ok(&["info"], &[], file)).as_deref(), Some("from-file"));
+        let env = [("PGVAULT_S3_SECRET_ACCESS_KEY", "from-env")];
+        assert_eq!(key(&ok(&["info"], &env, file)).as_deref(), Some("from-env"));
+        let e = err(&["info", "--s3-secret-access-key", "hunter2"], &[], "");
+        assert!(e.contains("--s3-secret-access-key is not accepted"), "{e}");
+        assert!(e.contains("PGVAULT_S3_SECRET_ACCESS_KEY"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err(&["--s3-access-key-id=AKIA", "info"], &[], "");
+        assert!(e.contains("--s3-access-key-id is not accepted"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelled_variable_is_named_with_the_closest_option() {
+        let p = ok(
+            &["info"],
+            &[
+                ("PGVAULT_COMPRES_LEVEL", "5"),
+                ("PGVAULT_INTERNAL_PREFETCH", "1"),
+                ("PGVAULT_REPO", "/r"),
+                ("PGVAULT_ZZZ", "1"),
+            ],
+            "",
+        );
+        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("PGVAULT_COMPRES_LEVEL")
+                && p.warnings[0].contains("did you mean PGVAULT_COMPRESS_LEVEL?"),
+            "{:?}",
+            p.warnings
+        );
+        assert!(p.warnings[1].contains("PGVAULT_ZZZ"), "{:?}", p.warnings);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_or_variable() {
+        let e = err(&["backup"], &[], "pg-port = \"port\"\n");
+        assert!(
+            e.contains("pgvault.toml: pg-port = \"port\": invalid digit"),
+            "{e}"
+        );
+        let e = err(&["info"], &[], "pg-port = 70000\n");
+        assert!(
+            e.contains("pg-port = 70000: 70000 is not in 0..=65535"),
+            "{e}"
+        );
+        let e = err(&["info"], &[], "compress-level = true\n");
+        assert!(e.contains("compress-level = true: invalid digit"), "{e}");
+        let e = err(&["info"], &[], "process-max = [1, 2]\n");
+        assert!(e.contains("process-max: expected one value"), "{e}");
+        let e = err(&["info"], &[("PGVAULT_RETENTION_WINDOW", "3y")], "");
+        assert!(
+            e.contains("environment variable PGVAULT_RETENTION_WINDOW=3y: the unit must be"),
+            "{e}"
+        );
+        let e = err(&["info"], &[], "log-level = \"loud\"\n");
+        assert!(
+            e.contains("log-level = \"loud\": expected one of off"),
+            "{e}"
+        );
+        // A number as a string is read as any value is: as text.
+        let p = ok(&["backup"], &[], "pg-port = \"55601\"\n");
+        match p.cli.command {
+            Command::Backup { options, .. } => assert_eq!(options.connection.pg_port, Some(55601)),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let e = err(&["info"], &[], "repo = \"/x\"\ncompres-level = 3\n");
+        assert!(
+            e.contains("pgvault.toml: unknown option compres-level"),
+            "{e}"
+        );
+        assert!(e.contains("did you mean compress-level?"), "{e}");
+        let e = err(&["info"], &[], "start-fast = true\n");
+        assert!(
+            e.contains("--start-fast is a flag of the command line only"),
+            "{e}"
+        );
+        let e = err(&["info"], &[], "config = \"/etc/other.toml\"\n");
+        assert!(e.contains("unknown option config"), "{e}");
+    }
+
+    #[test]
+    fn one_file_serves_every_command() {
+        let file = "repo = \"/r\"\nstanza = \"s\"\npgdata = \"/d\"\npg-port = 5433\n\
+                    compress-level = 5\nretention-full = 2\nretention-window = \"14d\"\n\
+                    expire-auto = true\narchive-push-ahead = 4\narchive-get-ahead = 0\n\
+                    spool-path = \"/s\"\ncatalog = \"off\"\nprocess-max = 4\n\
+                    archive-timeout = 60\nprimary-conninfo = \"host=p\"\n\
+                    s3-secret-access-key = \"k\"\n";
+        for args in [
+            &["archive-get", "000000010000000000000001", "p"][..],
+            &["archive-push", "p"],
+            &["info"],
+            &["stanza-create"],
+            &["restore"],
+            &["backup"],
+        ] {
+            let p = ok(args, &[], file);
+            assert!(p.warnings.is_empty(), "{args:?}: {:?}", p.warnings);
+        }
+    }
+
+    #[test]
+    fn a_flag_the_command_does_not_use_is_ignored_with_a_warning() {
+        for args in [
+            &["--retention-full", "2", "archive-get", "x", "y"][..],
+            &["archive-get", "--retention-full", "2", "x", "y"],
+        ] {
+            let p = ok(args, &[], "");
+            assert_eq!(
+                p.warnings,
+                ["--retention-full is not an option of archive-get; ignored"],
+                "{args:?}"
+            );
+        }
+        // Used by the command: no warning, wherever it stands.
+        let p = ok(
+            &["--archive-get-ahead", "0", "archive-get", "x", "y"],
+            &[],
+            "",
+        );
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        match p.cli.command {
+            Command::ArchiveGet { options, .. } => assert_eq!(options.archive_get_ahead, 0),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn expire_auto_needs_a_retention() {
+        let backup = |file: &str| match ok(&["backup"], &[], file).cli.command {
+            Command::Backup { options, .. } => options,
+            _ => unreachable!(),
+        };
+        let e = backup("expire-auto = true\n").expire_after().unwrap_err();
+        assert!(e.to_string().contains("expire-auto"), "{e}");
+        assert!(e.hint_text().unwrap().contains("retention-full"), "{e:?}");
+        let o = backup("expire-auto = true\nretention-full = 2\n");
+        assert_eq!(o.expire_after().unwrap().unwrap().retention_full, Some(2));
+        assert!(backup("").expire_after().unwrap().is_none());
     }
 }

@@ -8,14 +8,16 @@ mod render;
 
 use std::io::Write;
 
-use clap::Parser;
+use std::path::Path;
+use std::sync::Arc;
 
-use crate::config::Settings;
+use clap::FromArgMatches;
+
+use crate::config::{self, Global};
 use crate::error::{Error, Kind, Result};
 use crate::ops;
 use crate::repo::Repository;
 use args::{ArchiveModeArg, Cli, Command, RestoreArgs, TargetActionArg};
-use std::sync::Arc;
 
 /// Exit code of `archive-get` when the file is not in the archive.
 pub const EXIT_NOT_FOUND: i32 = 1;
@@ -29,28 +31,29 @@ pub const EXIT_VERIFY_PROBLEMS: i32 = 11;
 
 pub fn main() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os().collect();
     let is_get = argv.iter().any(|a| a == "archive-get");
-    let cli = match Cli::try_parse_from(&argv) {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            if code != 0 && is_get {
-                return get_failure_code();
-            }
-            return code;
-        }
-    };
-    let command = cli.command.clone();
-    let settings = match cli.low_args().resolve() {
-        Ok(s) => s,
-        Err(e) => {
+    let parsed = match config::parse(Cli::definition(), &argv, &env) {
+        Ok(p) => p,
+        Err(config::ParseError::Clap(e)) => return clap_failure(&e, is_get),
+        Err(config::ParseError::Config(e)) => {
             logger::init(log::LevelFilter::Warn);
             report(&e);
-            return exit_for(&command, &e);
+            return if is_get {
+                get_failure_code()
+            } else {
+                e.kind().exit_code()
+            };
         }
     };
-    logger::init(settings.log_level);
+    let cli = match Cli::from_arg_matches(&parsed.matches) {
+        Ok(c) => c,
+        Err(e) => return clap_failure(&e, is_get),
+    };
+    logger::init(cli.global.log_level);
+    for w in &parsed.warnings {
+        log::warn!("{w}");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -62,13 +65,24 @@ pub fn main() -> i32 {
             return Kind::Internal.exit_code();
         }
     };
-    match rt.block_on(run(&command, &settings)) {
+    match rt.block_on(run(&cli, parsed.config_file.as_deref())) {
         Ok(code) => code,
         Err(e) => {
             report(&e);
-            exit_for(&command, &e)
+            exit_for(&cli.command, &e)
         }
     }
+}
+
+/// Help and version exit 0; refused flags 2, or what `archive-get` must
+/// answer PostgreSQL.
+fn clap_failure(e: &clap::Error, is_get: bool) -> i32 {
+    let code = if e.use_stderr() { 2 } else { 0 };
+    let _ = e.print();
+    if code != 0 && is_get {
+        return get_failure_code();
+    }
+    code
 }
 
 fn report(e: &Error) {
@@ -139,44 +153,55 @@ fn spawn_detached(role: &str) {
     }
 }
 
-fn open_repo(s: &Settings) -> Result<Repository> {
-    Repository::open(s.repo()?.clone(), &s.stanza, &s.s3)
+/// The repository, once the stanza is known to exist: for the commands
+/// that take the stanza lock (or start a look-ahead pusher with its spool)
+/// before they read the stanza, so that a misspelled `--stanza` leaves
+/// nothing behind. `archive-push` and `archive-get` read it first anyway
+/// and are spared the extra read.
+async fn open_stanza(g: &Global) -> Result<Repository> {
+    let repo = g.open_repo()?;
+    repo.require_stanza().await?;
+    Ok(repo)
 }
 
-async fn run(command: &Command, s: &Settings) -> Result<i32> {
-    match command {
-        Command::StanzaCreate => {
-            let repo = open_repo(s)?;
+async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::StanzaCreate { options } => {
+            let repo = g.open_repo()?;
             let opts = ops::stanza_create::StanzaCreateOptions {
-                pgdata: s.pgdata()?.to_path_buf(),
+                pgdata: options.data.pgdata()?.to_path_buf(),
             };
             let r = ops::stanza_create::stanza_create(&repo, &opts).await?;
             render::stanza_created(&repo, &r);
             Ok(0)
         }
-        Command::StanzaUpgrade => {
-            let repo = open_repo(s)?;
-            let opts = ops::stanza_upgrade::StanzaUpgradeOptions {
-                pgdata: s.pgdata()?.to_path_buf(),
-            };
+        Command::StanzaUpgrade { options } => {
+            let pgdata = options.data.pgdata()?.to_path_buf();
+            let repo = open_stanza(g).await?;
+            let opts = ops::stanza_upgrade::StanzaUpgradeOptions { pgdata };
             let r = ops::stanza_upgrade::stanza_upgrade(&repo, &opts).await?;
             render::stanza_upgraded(&repo, &r);
             Ok(0)
         }
-        Command::ArchivePush { path } => {
-            let repo = open_repo(s)?;
+        Command::ArchivePush { path, options: o } => {
+            let repo = g.open_repo()?;
+            let catalog = g.catalog(&o.catalog);
             let opts = ops::archive_push::PushOptions {
                 path: path.clone(),
-                encode: s.encode,
-                ahead: s.archive_push_ahead,
-                process_max: s.process_max,
-                spool: s.spool(),
+                encode: o.compression.encode(),
+                ahead: o.archive_push_ahead,
+                process_max: o.workers.process_max,
+                spool: g.spool(&o.spool),
+                superseded: o.archive_push_superseded,
             };
             if std::env::var_os(LOOKAHEAD_ENV).is_some() {
                 // The detached pusher started below: push ahead, quietly.
-                if let Err(e) =
-                    ops::archive_push::push_ahead(&repo, s.catalog().as_ref(), &opts).await
-                {
+                let pushed = match repo.require_stanza().await {
+                    Ok(_) => ops::archive_push::push_ahead(&repo, catalog.as_ref(), &opts).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = pushed {
                     log::debug!("look-ahead after {}: {e}", path.display());
                 }
                 return Ok(0);
@@ -184,13 +209,17 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             if ops::archive_push::lookahead_wanted(&opts) {
                 spawn_detached(LOOKAHEAD_ENV);
             }
-            ops::archive_push::archive_push(&repo, s.catalog().as_ref(), &opts).await?;
+            ops::archive_push::archive_push(&repo, catalog.as_ref(), &opts).await?;
             Ok(0)
         }
-        Command::ArchiveGet { name, dest } => {
-            let repo = open_repo(s)?;
-            let spool = if s.archive_get_ahead > 0 {
-                s.spool()
+        Command::ArchiveGet {
+            name,
+            dest,
+            options: o,
+        } => {
+            let repo = g.open_repo()?;
+            let spool = if o.archive_get_ahead > 0 {
+                g.spool(&o.spool)
             } else {
                 None
             };
@@ -198,7 +227,7 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 // The detached prefetcher started below: fetch ahead, quietly.
                 if let Some(spool) = &spool {
                     if let Err(e) =
-                        ops::archive_get::prefetch(&repo, name, s.archive_get_ahead, spool).await
+                        ops::archive_get::prefetch(&repo, name, o.archive_get_ahead, spool).await
                     {
                         log::debug!("prefetch after {name}: {e}");
                     }
@@ -223,28 +252,29 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 }
             }
         }
-        Command::Backup { start_fast, .. } => {
-            let repo = open_repo(s)?;
+        Command::Backup {
+            start_fast,
+            options: o,
+            ..
+        } => {
+            let expire_after = o.expire_after()?;
             let opts = ops::backup::BackupOptions {
-                pgdata: s.pgdata()?.to_path_buf(),
-                conn: s.conn.clone(),
+                pgdata: o.data.pgdata()?.to_path_buf(),
+                conn: o.connection.params(),
                 start_fast: *start_fast,
-                process_max: s.process_max,
+                process_max: o.workers.process_max,
                 // Parallel across files; where one file is all that is left
                 // (or process-max is 1), zstd's own workers compress while
                 // the worker reads and hashes.
-                encode: s.encode,
-                archive_timeout: s.archive_timeout,
+                encode: o.compression.encode(),
+                archive_timeout: o.connection.archive_timeout(),
             };
+            let repo = open_stanza(g).await?;
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
             let m = ops::backup::backup(&repo, &opts, progress).await?;
             render::backup_done(&m)?;
-            if s.expire_auto {
-                let opts = ops::expire::ExpireOptions {
-                    retention_full: s.retention_full,
-                    retention_window: s.retention_window,
-                    dry_run: false,
-                };
+            if let Some(retention) = expire_after {
+                let opts = expire_options(retention, false);
                 let r = ops::expire::expire(&repo, &opts)
                     .await
                     .map_err(|e| e.context("expire after the backup (expire-auto)"))?;
@@ -255,18 +285,18 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             Ok(0)
         }
         Command::Restore(args) => {
-            let repo = open_repo(s)?;
-            let opts = restore_options(s, args)?;
+            let opts = restore_options(g, config_file, args)?;
+            let repo = open_stanza(g).await?;
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
             let r = ops::restore::restore(&repo, &opts, progress).await?;
             render::restore_done(&r, &opts);
             Ok(0)
         }
-        Command::Check => {
-            let repo = open_repo(s)?;
+        Command::Check { options: o } => {
+            let repo = open_stanza(g).await?;
             let opts = ops::check::CheckOptions {
-                conn: s.conn.clone(),
-                archive_timeout: s.archive_timeout,
+                conn: o.connection.params(),
+                archive_timeout: o.connection.archive_timeout(),
             };
             let progress = progress::for_stderr();
             let r = ops::check::check(&repo, &opts, &*progress).await?;
@@ -281,21 +311,20 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Expire { dry_run } => {
-            let repo = open_repo(s)?;
-            let opts = ops::expire::ExpireOptions {
-                retention_full: s.retention_full,
-                retention_window: s.retention_window,
-                dry_run: *dry_run,
-            };
+        Command::Expire {
+            dry_run,
+            options: o,
+        } => {
+            let opts = expire_options(&o.retention, *dry_run);
+            let repo = open_stanza(g).await?;
             let r = ops::expire::expire(&repo, &opts).await?;
             render::expire(&r)?;
             Ok(0)
         }
-        Command::Verify { output } => {
-            let repo = open_repo(s)?;
+        Command::Verify { output, options: o } => {
+            let repo = open_stanza(g).await?;
             let opts = ops::verify::VerifyOptions {
-                process_max: s.process_max,
+                process_max: o.workers.process_max,
             };
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
             let r = ops::verify::verify(&repo, &opts, progress).await?;
@@ -306,22 +335,39 @@ async fn run(command: &Command, s: &Settings) -> Result<i32> {
                 EXIT_VERIFY_PROBLEMS
             })
         }
-        Command::Info { output } => {
-            let repo = open_repo(s)?;
-            let report = ops::info::info(&repo, s.catalog().as_ref()).await?;
+        Command::Info { output, options: o } => {
+            let repo = g.open_repo()?;
+            let report = ops::info::info(&repo, g.catalog(&o.catalog).as_ref()).await?;
             render::info(&report, *output)?;
             Ok(0)
         }
-        Command::Backfill { output } => {
-            let repo = open_repo(s)?;
-            let r = ops::walfacts::backfill(&repo, s.catalog().as_ref(), s.process_max).await?;
+        Command::Backfill { output, options: o } => {
+            let repo = open_stanza(g).await?;
+            let r = ops::walfacts::backfill(
+                &repo,
+                g.catalog(&o.catalog).as_ref(),
+                o.workers.process_max,
+            )
+            .await?;
             render::backfill(&r, *output)?;
             Ok(0)
         }
     }
 }
 
-fn restore_options(s: &Settings, a: &RestoreArgs) -> Result<ops::restore::RestoreOptions> {
+fn expire_options(r: &config::Retention, dry_run: bool) -> ops::expire::ExpireOptions {
+    ops::expire::ExpireOptions {
+        retention_full: r.retention_full,
+        retention_window: r.retention_window,
+        dry_run,
+    }
+}
+
+fn restore_options(
+    g: &Global,
+    config_file: Option<&Path>,
+    a: &RestoreArgs,
+) -> Result<ops::restore::RestoreOptions> {
     use crate::pg::recovery::{parse_target_time, RecoveryTarget, TargetAction};
     let target = if let Some(t) = &a.target_time {
         Some(RecoveryTarget::Time(
@@ -359,10 +405,14 @@ fn restore_options(s: &Settings, a: &RestoreArgs) -> Result<ops::restore::Restor
                 .trim()
                 .to_string(),
         ),
-        None => s.primary_conninfo.clone(),
+        None => a
+            .options
+            .primary_conninfo
+            .as_ref()
+            .map(|c| c.expose().to_string()),
     };
     Ok(ops::restore::RestoreOptions {
-        pgdata: s.pgdata()?.to_path_buf(),
+        pgdata: a.options.data.pgdata()?.to_path_buf(),
         set: a.set.clone(),
         target,
         target_action: a.target_action.map(|t| match t {
@@ -377,10 +427,10 @@ fn restore_options(s: &Settings, a: &RestoreArgs) -> Result<ops::restore::Restor
         standby: a.standby,
         primary_conninfo: if a.standby { primary_conninfo } else { None },
         delta: a.delta,
-        process_max: s.process_max,
-        restore_command: restore_command(s)?,
+        process_max: a.options.workers.process_max,
+        restore_command: restore_command(g, config_file)?,
         target_check: !a.no_target_check,
-        catalog: s.catalog(),
+        catalog: g.catalog(&a.options.catalog),
     })
 }
 
@@ -388,31 +438,31 @@ fn restore_options(s: &Settings, a: &RestoreArgs) -> Result<ops::restore::Restor
 /// what it needs to reach this repository. The postmaster's environment has
 /// no `AWS_*` variables, so the configuration file is passed along when one
 /// was used; secrets are never written here.
-fn restore_command(s: &Settings) -> Result<String> {
+fn restore_command(g: &Global, config_file: Option<&Path>) -> Result<String> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::internal(format!("find this program's path: {e}")))?;
     let mut parts = vec![shell_quote(&exe.display().to_string())];
-    if let Some(c) = &s.config_file {
-        let c = std::fs::canonicalize(c).unwrap_or_else(|_| c.clone());
+    if let Some(c) = config_file {
+        let c = std::fs::canonicalize(c).unwrap_or_else(|_| c.to_path_buf());
         parts.push("--config".into());
         parts.push(shell_quote(&c.display().to_string()));
     }
     parts.push("--repo".into());
-    parts.push(shell_quote(&s.repo()?.identity()));
+    parts.push(shell_quote(&g.repo()?.identity()));
     parts.push("--stanza".into());
-    parts.push(shell_quote(&s.stanza));
-    if let Some(e) = &s.s3.endpoint {
+    parts.push(shell_quote(&g.stanza));
+    if let Some(e) = &g.s3_endpoint {
         parts.push("--s3-endpoint".into());
         parts.push(shell_quote(e));
     }
-    if let Some(r) = &s.s3.region {
+    if let Some(r) = &g.s3_region {
         parts.push("--s3-region".into());
         parts.push(shell_quote(r));
     }
-    if let Some(h) = s.s3.allow_http {
+    if let Some(h) = g.s3_allow_http {
         parts.push(format!("--s3-allow-http={h}"));
     }
-    if !s.s3.atomic_create {
+    if !g.s3_atomic_create {
         parts.push("--s3-atomic-create=false".into());
     }
     parts.push("archive-get %f \"%p\"".into());

@@ -103,8 +103,11 @@ pub fn verify(r: &VerifyReport, output: Output) -> Result<()> {
     for p in &r.problems {
         s += &format!("{}: {}: {}\n", p.kind, p.what, p.detail);
     }
+    for o in &r.orphans {
+        s += &format!("orphan {}: {}: {}\n", o.kind.as_str(), o.what, o.detail);
+    }
     s += &format!(
-        "verify {}: {} WAL objects, {} backups ({} objects), {} read: {}\n",
+        "verify {}: {} WAL objects, {} backups ({} objects), {} read: {}{}\n",
         r.stanza,
         r.wal_objects,
         r.backups,
@@ -114,6 +117,14 @@ pub fn verify(r: &VerifyReport, output: Output) -> Result<()> {
             "no problems".to_string()
         } else {
             format!("{} problem(s)", r.problems.len())
+        },
+        if r.orphans.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} orphan(s) left by killed or failed commands (`pgvault expire` removes them)",
+                r.orphans.len()
+            )
         }
     );
     out(&s)
@@ -176,6 +187,12 @@ fn info_text(r: &InfoReport) -> String {
 fn info_rpo(s: &mut String, r: &InfoReport) {
     if let (Some(t), Some(age)) = (&r.newest_commit_time, r.rpo_seconds) {
         *s += &format!("    newest archived commit: {t} ({age:.0} s ago)\n");
+    }
+    for u in &r.unreadable_backups {
+        *s += &format!(
+            "    backup {}: left out, its manifest cannot be read: {}\n",
+            u.label, u.error
+        );
     }
 }
 
@@ -279,6 +296,16 @@ fn info_timelines(s: &mut String, timelines: &[TimelineReport], ind: &str) {
                 "{ind}    CONFLICT: {c} is stored with more than one content (run pgvault verify)\n"
             );
         }
+        if let Some(x) = &t.superseded {
+            *s += &format!(
+                "{ind}    SUPERSEDED: timeline {} continues past {}, where timeline {} branched off ({}): {} archived after that (a split brain, or the original of a PITR clone archiving here; see docs/disaster-recovery.md)\n",
+                t.timeline,
+                x.at_lsn,
+                x.by_timeline,
+                x.history_file,
+                x.files.join(", ")
+            );
+        }
     }
 }
 
@@ -351,6 +378,20 @@ pub fn expire(r: &ExpireReport) -> Result<()> {
             )
         }
         None => s += "no WAL expired\n",
+    }
+    for u in &r.unreadable {
+        s += &format!(
+            "kept backup {} (its manifest cannot be read: {})\n",
+            u.label, u.error
+        );
+    }
+    for o in &r.orphans {
+        let verb = match (o.removable, r.dry_run) {
+            (true, true) => "would remove",
+            (true, false) => "removed",
+            (false, _) => "left",
+        };
+        s += &format!("{verb} {}: {}: {}\n", o.kind.as_str(), o.what, o.detail);
     }
     out(&s)
 }

@@ -11,8 +11,9 @@ use crate::error::Result;
 use crate::ops::walfacts;
 use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
+use crate::repo::archive::Histories;
 use crate::repo::archive::Listing;
-use crate::repo::manifest::{Manifest, PageChecksums};
+use crate::repo::manifest::{Manifest, PageChecksums, UnreadableManifest};
 use crate::repo::{DbInfo, Repository};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
@@ -30,12 +31,17 @@ pub struct InfoReport {
     /// Every cluster the stanza records, oldest first (one more per
     /// `pg_upgrade`); the last is the one archiving now.
     pub dbs: Vec<DbReport>,
-    /// The newest commit (or abort) in the current cluster's archived WAL.
+    /// The newest commit (or abort) recovery can reach: on the replay path
+    /// of a recoverable window of the current cluster (a commit only a
+    /// `.partial` file or a file past a gap holds is not recoverable).
     pub newest_commit_time: Option<String>,
     /// How old that commit is now, in seconds: the data a disaster right
     /// now would lose at most, as far as the archive knows (the recovery
     /// point objective actually met).
     pub rpo_seconds: Option<f64>,
+    /// Backups whose manifest cannot be read: left out of everything above
+    /// (`pgvault verify` checks the rest of the repository).
+    pub unreadable_backups: Vec<UnreadableManifest>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +115,23 @@ pub struct TimelineReport {
     pub conflicts: Vec<String>,
     /// Records that failed their CRC-32C check when archived: "<file> at <LSN>".
     pub damaged_records: Vec<String>,
+    /// WAL of this timeline archived past the point where a later
+    /// timeline's history file left it, after that file was archived: a
+    /// split brain, or the original of a PITR clone archiving into this
+    /// stanza (see docs/disaster-recovery.md). Null when there is none.
+    pub superseded: Option<SupersededReport>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SupersededReport {
+    /// The timeline that branched off.
+    pub by_timeline: u32,
+    /// Where (the switch point of this timeline in that history).
+    pub at_lsn: Lsn,
+    /// The history file that says so.
+    pub history_file: String,
+    /// The segments holding this timeline's WAL past that point.
+    pub files: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -147,7 +170,11 @@ pub struct Gap {
 
 pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoReport> {
     let stanza = repo.require_stanza().await?;
-    let manifests = repo.manifests().await?;
+    let backups = repo.backups().await?;
+    for u in &backups.unreadable {
+        log::warn!("backup {} left out: {}", u.label, u.error);
+    }
+    let manifests = backups.manifests;
     let mut dbs = Vec::new();
     let mut current_listing = Listing::default();
     let mut newest_commit = None;
@@ -210,6 +237,7 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         newest_commit_time: newest_commit.map(walfacts::format_us),
         rpo_seconds: newest_commit
             .map(|us| (chrono::Utc::now().timestamp_micros() - us) as f64 / 1e6),
+        unreadable_backups: backups.unreadable,
     };
     if let Some(cat) = catalog {
         // The catalog caches the current cluster's archive.
@@ -231,24 +259,19 @@ async fn db_archive(
     let archive = repo.archive(db);
     let listing = archive.list().await?;
     let mut timelines = timelines(db, &listing);
+    let archived_histories = archive.histories().await?;
     let mut histories = BTreeMap::new();
     for t in timelines.iter_mut() {
         let tli = TimelineId(t.timeline);
-        histories.insert(tli, TimelineHistory::root(tli));
-        if !t.history_file {
-            continue;
+        let h = match archived_histories.get(tli) {
+            Some(a) => a.history.clone(),
+            None => TimelineHistory::root(tli),
+        };
+        if let Some(last) = h.entries.last() {
+            t.parent = Some(last.parent.0);
+            t.switch_lsn = Some(last.switch_point);
         }
-        match archive.history(tli).await {
-            Ok(Some(h)) => {
-                if let Some(last) = h.entries.last() {
-                    t.parent = Some(last.parent.0);
-                    t.switch_lsn = Some(last.switch_point);
-                }
-                histories.insert(tli, h);
-            }
-            Ok(None) => {}
-            Err(e) => log::warn!("timeline {tli}: {e}"),
-        }
+        histories.insert(tli, h);
     }
     let all: Vec<WalFileName> = listing.archived().map(|(n, _)| n.clone()).collect();
     let sums = walfacts::load(&archive, catalog, &listing, &all).await?;
@@ -260,13 +283,38 @@ async fn db_archive(
             .flat_map(|(n, s)| s.crc_failures.iter().map(move |l| format!("{n} at {l}")))
             .collect();
     }
-    recoverable(db, &listing, &sums, &histories, manifests, &mut timelines);
-    let newest = sums
-        .by_name
-        .values()
-        .filter_map(|s| s.last_xact.as_ref().map(|x| x.time_us))
-        .max();
+    flag_superseded(
+        &archive,
+        catalog,
+        &listing,
+        &archived_histories,
+        &mut timelines,
+    )
+    .await?;
+    let newest = recoverable(db, &listing, &sums, &histories, manifests, &mut timelines);
     Ok((listing, timelines, newest))
+}
+
+/// Fills `superseded` of the timelines a later history leaves and that
+/// went on past that point.
+async fn flag_superseded(
+    archive: &crate::repo::archive::Archive,
+    catalog: Option<&Catalog>,
+    listing: &Listing,
+    histories: &Histories,
+    timelines: &mut [TimelineReport],
+) -> Result<()> {
+    for (fork, files) in walfacts::superseded_wal(archive, catalog, listing, histories).await? {
+        if let Some(t) = timelines.iter_mut().find(|t| t.timeline == fork.timeline.0) {
+            t.superseded = Some(SupersededReport {
+                by_timeline: fork.to.0,
+                at_lsn: fork.at,
+                history_file: WalFileName::history(fork.file).as_str().to_string(),
+                files: files.iter().map(|f| f.as_str().to_string()).collect(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What the catalog caches of this read of the repository.
@@ -314,7 +362,8 @@ fn snapshot(listing: &Listing, report: &InfoReport) -> Snapshot {
 /// Per timeline: from the oldest backup recovery onto it can start from
 /// (one on it, or on an ancestor before the switch) to as far as the
 /// archived WAL on its way runs without a gap, with the commit times and
-/// restore points on that way.
+/// restore points on that way. Returns the newest commit (or abort) on
+/// any of those ways (Unix µs).
 fn recoverable(
     db: &DbInfo,
     listing: &Listing,
@@ -322,15 +371,18 @@ fn recoverable(
     histories: &BTreeMap<TimelineId, TimelineHistory>,
     manifests: &[Manifest],
     timelines: &mut [TimelineReport],
-) {
+) -> Option<i64> {
     let seg = db.wal_segment_size;
+    let mut newest = None;
     for t in timelines.iter_mut() {
         let Some(h) = histories.get(&TimelineId(t.timeline)) else {
             continue;
         };
-        let on_path = |m: &&Manifest| {
-            h.contains(m.timeline) && h.end_of(m.timeline).is_none_or(|end| m.stop_lsn <= end)
-        };
+        // Recovery along `h` replays the backup's WAL as its timeline's
+        // (PostgreSQL refuses a backup whose checkpoint is not, and one
+        // whose WAL leaves its timeline before its end never gets
+        // consistent).
+        let on_path = |m: &&Manifest| h.holds(m.timeline, m.start_lsn, m.stop_lsn);
         let Some(oldest) = manifests.iter().find(on_path) else {
             continue;
         };
@@ -347,6 +399,7 @@ fn recoverable(
             continue;
         }
         let f = walfacts::path_facts(&path, sums, seg);
+        newest = newest.max(f.last_xact);
         t.recoverable = Some(Recoverable {
             from_lsn: oldest.stop_lsn,
             from_time: oldest.stop_time.clone(),
@@ -368,6 +421,7 @@ fn recoverable(
             unsummarized_segments: f.unsummarized.len() as u64,
         });
     }
+    newest
 }
 
 fn timelines(db: &DbInfo, listing: &Listing) -> Vec<TimelineReport> {
@@ -389,6 +443,7 @@ fn timelines(db: &DbInfo, listing: &Listing) -> Vec<TimelineReport> {
             recoverable: None,
             conflicts: Vec::new(),
             damaged_records: Vec::new(),
+            superseded: None,
         });
         if entry.is_conflict() {
             rep.conflicts.push(name.as_str().to_string());

@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was last written, where the store says (a local
+    /// file's mtime, an object's `Last-Modified`): how old a leftover is.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +64,38 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Every object below `dir` (recursively), in no particular order.
     /// Temporary files of writers in progress are not listed.
     async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// The names one level below `dir` that hold objects (the
+    /// "directories" of a key prefix), sorted, without reading what they
+    /// hold. This default lists everything below `dir`; backends that can
+    /// list one level (a directory, a delimiter listing) do that instead.
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut out: Vec<String> = self
+            .list(dir)
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let (first, _) = m.key.strip_prefix(&prefix)?.split_once('/')?;
+                Some(first.to_string())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The temporary files of writers below `dir` (recursively), which
+    /// [`Backend::list`] hides: those of a writer killed before it committed
+    /// stay behind. Only a local directory has them (an object store never
+    /// shows an upload before it completes).
+    async fn list_leftovers(&self, _dir: &str) -> Result<Vec<ObjectMeta>> {
+        Ok(Vec::new())
+    }
 
     async fn delete(&self, key: &str) -> Result<()>;
 

@@ -291,8 +291,24 @@ impl Backend for S3Backend {
             out.push(ObjectMeta {
                 key: self.strip(&meta.location),
                 size: meta.size,
+                modified: Some(meta.last_modified.into()),
             });
         }
+        Ok(out)
+    }
+
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&self.path(dir)))
+            .await
+            .map_err(|e| self.err("list", dir, e))?;
+        let mut out: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        out.sort();
         Ok(out)
     }
 

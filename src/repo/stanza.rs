@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::layout;
-use super::{PutMode, PutOutcome, Repository};
+use super::{Fetched, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result};
 
 pub const STANZA_FORMAT: u32 = 1;
@@ -119,42 +119,84 @@ pub enum CreateOutcome {
 
 impl Repository {
     pub async fn read_stanza(&self) -> Result<Option<StanzaInfo>> {
-        let info: Option<StanzaInfo> = self.get_json(&layout::stanza_key(self.stanza())).await?;
-        if let Some(i) = &info {
-            if i.format > STANZA_FORMAT {
-                return Err(Error::repository(format!(
-                    "stanza {} was written by a newer pgvault (format {})",
-                    self.stanza(),
-                    i.format
-                )));
-            }
-            if i.dbs.is_empty() {
-                return Err(Error::repository(format!(
-                    "stanza {} lists no cluster",
-                    self.stanza()
-                )));
-            }
+        match self.fetch_stanza().await? {
+            Fetched::Found(info) => Ok(Some(info)),
+            Fetched::Missing => Ok(None),
+            Fetched::Damaged(why) => Err(Error::repository(why)),
         }
-        Ok(info)
     }
 
-    /// The stanza, or an error with a hint to create it.
+    /// The stanza object, telling a damaged one (or one this pgvault cannot
+    /// read) from a store that cannot be read: `verify` reports the first
+    /// and goes on.
+    pub async fn fetch_stanza(&self) -> Result<Fetched<StanzaInfo>> {
+        let key = layout::stanza_key(self.stanza());
+        let what = || format!("{}/{key}", self.describe());
+        Ok(match self.fetch_json::<StanzaInfo>(&key).await? {
+            Fetched::Found(i) if i.format > STANZA_FORMAT => Fetched::Damaged(format!(
+                "{}: written by a newer pgvault (format {})",
+                what(),
+                i.format
+            )),
+            Fetched::Found(i) if i.dbs.is_empty() => {
+                Fetched::Damaged(format!("{}: lists no cluster", what()))
+            }
+            other => other,
+        })
+    }
+
+    /// The stanza, or an error: naming the stanzas the repository does hold
+    /// (a misspelled `--stanza`), else with a hint to create it.
     pub async fn require_stanza(&self) -> Result<StanzaInfo> {
-        self.read_stanza().await?.ok_or_else(|| {
+        if let Some(info) = self.read_stanza().await? {
+            return Ok(info);
+        }
+        let create = format!(
+            "`pgvault --repo {} --stanza {} stanza-create --pgdata <PGDATA>`",
+            self.location().identity(),
+            self.stanza()
+        );
+        let missing = |holds: &str| {
             Error::new(
                 Kind::Stanza,
                 format!(
-                    "stanza {:?} does not exist in {}",
+                    "stanza {:?} does not exist in {}{holds}",
                     self.stanza(),
                     self.describe()
                 ),
             )
-            .hint(format!(
-                "run `pgvault --repo {} --stanza {} stanza-create --pgdata <PGDATA>` first",
-                self.location().identity(),
-                self.stanza()
-            ))
+        };
+        // Only to help: a listing that fails leaves the plain message.
+        let others = self.stanzas().await.unwrap_or_default();
+        Err(match others.as_slice() {
+            [] => missing("").hint(format!("run {create} first")),
+            [one] => missing(&format!("; it holds stanza {one:?}")).hint(format!(
+                "pass --stanza {one}; for a new cluster, run {create}"
+            )),
+            many => {
+                let names: Vec<String> = many.iter().map(|n| format!("{n:?}")).collect();
+                missing(&format!("; it holds stanzas {}", names.join(", "))).hint(format!(
+                    "pass one of them with --stanza; for a new cluster, run {create}"
+                ))
+            }
         })
+    }
+
+    /// The stanzas of the repository: the names at its root that hold a
+    /// stanza object (one level is listed, not the whole repository).
+    pub async fn stanzas(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for name in self.backend().list_dirs("").await? {
+            if self
+                .backend()
+                .get(&layout::stanza_key(&name))
+                .await?
+                .is_some()
+            {
+                out.push(name);
+            }
+        }
+        Ok(out)
     }
 
     /// Replaces the stanza object with `info` (one atomic put: a rename on a

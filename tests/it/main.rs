@@ -11,10 +11,13 @@ mod common;
 
 mod archive;
 mod campaign;
+mod config;
 mod lookahead;
 mod operations;
+mod orphans;
 mod pages;
 mod pitr;
 mod runbooks;
 mod targets;
+mod timelines;
 mod upgrade;

@@ -23,6 +23,7 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::ops::progress::Progress;
 use crate::pg::recovery::{RecoveryTarget, TargetAction};
+use crate::repo::manifest::{label_time, Manifest, UnreadableManifest};
 use crate::repo::Repository;
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -47,6 +48,32 @@ pub struct RestoreOptions {
     /// turns it off).
     pub target_check: bool,
     pub catalog: Option<Catalog>,
+}
+
+/// Says so when a backup that restore had to skip, its manifest
+/// unreadable, may have been a better start than `chosen`: one that began
+/// after it (labels are start times) and, for a time target, before the
+/// target.
+fn warn_hidden_candidates(
+    unreadable: &[UnreadableManifest],
+    chosen: &Manifest,
+    target: Option<&RecoveryTarget>,
+) {
+    for u in unreadable.iter().filter(|u| u.label > chosen.label) {
+        let started = label_time(&u.label);
+        if let (Some(RecoveryTarget::Time(t)), Some(started)) = (target, started) {
+            if started >= *t {
+                continue;
+            }
+        }
+        log::warn!(
+            "backup {} is newer than backup {} and might have been a closer start, \
+             but it was skipped: {}",
+            u.label,
+            chosen.label,
+            u.error
+        );
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -75,15 +102,40 @@ async fn restore_inner(
     progress: Arc<dyn Progress>,
 ) -> Result<Restored> {
     let stanza = repo.require_stanza().await?;
-    let manifests = repo.manifests().await?;
+    let backups = repo.backups().await?;
+    if let Some(u) = opts.set.as_deref().and_then(|l| backups.unreadable(l)) {
+        return Err(Error::repository(format!(
+            "backup {} cannot be restored: {}",
+            u.label, u.error
+        ))
+        .hint("choose another backup with --set (`pgvault info` lists them)"));
+    }
+    let manifests = &backups.manifests;
     if manifests.is_empty() {
+        let unreadable: Vec<&str> = backups
+            .unreadable
+            .iter()
+            .map(|u| u.label.as_str())
+            .collect();
+        if !unreadable.is_empty() {
+            return Err(Error::repository(format!(
+                "stanza {:?} has no backup that can be restored: the manifest of every \
+                 complete backup ({}) cannot be read",
+                repo.stanza(),
+                unreadable.join(", ")
+            ))
+            .hint("`pgvault verify` says what is damaged"));
+        }
         return Err(Error::new(
             Kind::Stanza,
             format!("stanza {:?} has no complete backup", repo.stanza()),
         )
         .hint("take one with `pgvault backup`"));
     }
-    let plan = plan::choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
+    let plan = plan::choose_backup_and_db(repo, &stanza, manifests, opts).await?;
+    if opts.set.is_none() || opts.set.as_deref() == Some("latest") {
+        warn_hidden_candidates(&backups.unreadable, plan.backup, opts.target.as_ref());
+    }
     if opts.target_check {
         plan::check_target_reachable(repo, opts, &plan).await?;
     }

@@ -82,6 +82,7 @@ pub struct Campaign {
     pub seed: u64,
     pub counts: BTreeMap<String, u64>,
     pub problems: Vec<String>,
+    started: Instant,
 }
 
 impl Campaign {
@@ -93,6 +94,7 @@ impl Campaign {
             seed,
             counts: BTreeMap::new(),
             problems: Vec::new(),
+            started: Instant::now(),
         }
     }
 
@@ -141,6 +143,7 @@ impl Campaign {
             "seed": self.seed,
             "counts": self.counts,
             "problems": self.problems.len(),
+            "seconds": self.started.elapsed().as_secs(),
         });
         eprintln!("campaign figures {}: {figures}", self.test);
         if let Ok(path) = std::env::var("PGVAULT_CAMPAIGN_REPORT") {

@@ -131,14 +131,18 @@ fn kill_archive_push_and_get() {
             env.dir(),
         )
     };
+    // What a push writes: the repository, and the spool's records.
+    let writes = |repo: &Repo| {
+        files_below(vec![
+            repo.local.clone().expect("local"),
+            pg_spool_dir(&env, repo),
+        ])
+    };
     let (run, plan) = measure(
         &env,
         "archive-push",
         |tag| push(&repo, tag),
-        files_below(vec![
-            repo.local.clone().expect("local"),
-            pg_spool_dir(&env, &repo),
-        ]),
+        writes(&repo),
         &mut rng,
     );
     run.ok();
@@ -154,7 +158,7 @@ fn kill_archive_push_and_get() {
         let ctx = format!("seed {} archive-push#{i} ({point})", c.seed);
         let repo = fresh_repo(&env, &s);
         mark_all_ready(&wal, names);
-        let killed = run_killed(&env, &ctx, &point, |tag| push(&repo, tag));
+        let killed = run_killed(&env, &ctx, &point, |tag| push(&repo, tag), writes(&repo));
         let mut problems = Vec::new();
         if killed.run.code == Some(0) {
             if let Err(e) = check_acknowledged_file(&env, &repo, &wal, &names[0], &scratch) {
@@ -172,11 +176,7 @@ fn kill_archive_push_and_get() {
         // The same command again (PostgreSQL retries it), then the rest.
         problems.extend(archive_all(&env, &repo, &wal, names));
         problems.extend(settle(&env, &repo, 1));
-        c.count(
-            "archive-push kill points survived",
-            u64::from(problems.is_empty()),
-        );
-        c.count("archive-push processes killed", killed.killed as u64);
+        c.tally("archive-push", &killed, &problems);
         c.problems(&ctx, problems);
     }
     c.count("look-ahead records checked after a kill", checked.0 as u64);
@@ -196,10 +196,11 @@ fn kill_archive_push_and_get() {
             "pg_wal/RECOVERYXLOG".into(),
         ]
     };
+    // Between cases (nothing runs then): the prefetch spool emptied, its
+    // lock and timeline record too, so that each case's prefetcher starts
+    // as the measured one did and its steps can be waited for.
     let clear_spool = || {
-        for path in spool_files(&env, &repo, "get").values() {
-            let _ = fs::remove_file(path);
-        }
+        let _ = fs::remove_dir_all(pg_spool_dir(&env, &repo).join("get"));
     };
     let get = |name: &str, tag: &[(String, String)]| {
         spawn(&env, &repo, As::PgUser, &get_args(name), tag, &recov)
@@ -221,6 +222,7 @@ fn kill_archive_push_and_get() {
             None
         }
     };
+    clear_spool();
     let (run, plan) = measure(
         &env,
         "archive-get",
@@ -228,6 +230,7 @@ fn kill_archive_push_and_get() {
         files_below(vec![pg_spool_dir(&env, &repo), recov.clone()]),
         &mut rng,
     );
+    let fetches = files_below(vec![pg_spool_dir(&env, &repo), recov.clone()]);
     run.ok();
     let prefetched = spool_files(&env, &repo, "get").len();
     if prefetched == 0 {
@@ -239,14 +242,20 @@ fn kill_archive_push_and_get() {
     clear_spool();
     for i in 0..scale.points {
         let point = plan.point(i, scale.points, &mut rng);
-        let k = rng.below(names.len() as u64 - 1) as usize;
+        // A segment with as many after it to prefetch as the measured
+        // run had (8, the default look-ahead).
+        let k = rng.below(names.len().saturating_sub(9).max(1) as u64) as usize;
         let name = &names[k];
         let ctx = format!("seed {} archive-get#{i} of {name} ({point})", c.seed);
         // PostgreSQL removes the destination before each call.
         let _ = fs::remove_file(&dest);
-        let killed = run_killed(&env, &ctx, &point, |tag| {
-            get(name, std::slice::from_ref(tag))
-        });
+        let killed = run_killed(
+            &env,
+            &ctx,
+            &point,
+            |tag| get(name, std::slice::from_ref(tag)),
+            &fetches,
+        );
         let mut problems = Vec::new();
         if killed.run.code == Some(0) && sha256_file(&dest) != sha256_file(&wal.join(name)) {
             problems.push("exit 0 with other bytes".to_string());
@@ -271,11 +280,7 @@ fn kill_archive_push_and_get() {
             problems.push(p);
         }
         problems.extend(leftovers(&recov.join("pg_wal"), &["RECOVERYXLOG"]));
-        c.count(
-            "archive-get kill points survived",
-            u64::from(problems.is_empty()),
-        );
-        c.count("archive-get processes killed", killed.killed as u64);
+        c.tally("archive-get", &killed, &problems);
         c.problems(&ctx, problems);
         // Checked: dropped, so that the next prefetcher has work to be
         // killed in.

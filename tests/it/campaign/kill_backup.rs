@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::path::Path;
 
 use super::inventory::{copy_repo, inventory, settle, settle_except};
 use super::points::{files_below, measure, run_killed};
@@ -130,6 +131,40 @@ fn restore_and_check(env: &TestEnv, repo: &Repo, label: &str, marks: u64) -> Res
     Ok(())
 }
 
+/// An observer of a restore into `pgdata`: the top directories as they
+/// appear, files by the hundred, and pg_control, written last.
+fn laying(pgdata: &Path) -> impl Fn() -> BTreeSet<String> + Sync {
+    let pgdata = pgdata.to_path_buf();
+    move || {
+        let mut seen: BTreeSet<String> = fs::read_dir(&pgdata)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| format!("+ {}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let n = super::inventory::all_files(&pgdata).len();
+        seen.extend((1..=n / 100).map(|h| format!("= {} files", h * 100)));
+        if pgdata.join("global/pg_control").exists() {
+            seen.insert("+ global/pg_control".into());
+        }
+        seen
+    }
+}
+
+/// An observer of an expire in `repo`: each deletion (nothing appears),
+/// counted from when the observer was made.
+fn deleting(repo: &Repo) -> impl Fn() -> BTreeSet<String> + Sync {
+    let root = repo.local.clone().expect("local");
+    let before = super::inventory::all_files(&root).len();
+    move || {
+        let n = super::inventory::all_files(&root).len();
+        (1..=before.saturating_sub(n))
+            .map(|k| format!("= {k} deleted"))
+            .collect()
+    }
+}
+
 #[test]
 fn kill_backup_restore_expire() {
     let mut c = Campaign::new("kill_backup_restore_expire");
@@ -140,16 +175,17 @@ fn kill_backup_restore_expire() {
     let mut rng = c.rng(1);
     let args = w.backup_args();
     let marks = w.mark();
+    let backups = files_below(vec![w
+        .repo
+        .local
+        .clone()
+        .expect("local")
+        .join("campaign/backup")]);
     let (run, plan) = measure(
         &w.env,
         "backup",
         |tag| w.spawn(&args, Some(tag)),
-        files_below(vec![w
-            .repo
-            .local
-            .clone()
-            .expect("local")
-            .join("campaign/backup")]),
+        &backups,
         &mut rng,
     );
     run.ok();
@@ -158,7 +194,13 @@ fn kill_backup_restore_expire() {
         let point = plan.point(i, scale.points, &mut rng);
         let ctx = format!("seed {} backup#{i} ({point})", c.seed);
         let marks = w.mark();
-        let killed = run_killed(&w.env, &ctx, &point, |tag| w.spawn(&args, Some(tag)));
+        let killed = run_killed(
+            &w.env,
+            &ctx,
+            &point,
+            |tag| w.spawn(&args, Some(tag)),
+            &backups,
+        );
         let mut problems = Vec::new();
         let mut again = finish(w.spawn(&args, None), PGVAULT_TIMEOUT);
         if again.code == Some(9) {
@@ -193,11 +235,7 @@ fn kill_backup_restore_expire() {
             "backups completed before their kill",
             completed_before_kill as u64,
         );
-        c.count(
-            "backup kill points survived",
-            u64::from(problems.is_empty()),
-        );
-        c.count("backup processes killed", killed.killed as u64);
+        c.tally("backup", &killed, &problems);
         c.problems(&ctx, problems);
     }
     // The primary stops (archiving what it has), so that nothing writes
@@ -234,26 +272,7 @@ fn kill_backup_restore_expire() {
         &w.env,
         "restore",
         |tag| w.spawn(&args, Some(tag)),
-        {
-            // The top directories as they appear, files by the hundred,
-            // and pg_control, written last.
-            let pgdata = node.pgdata.clone();
-            move || {
-                let mut seen: BTreeSet<String> = fs::read_dir(&pgdata)
-                    .map(|rd| {
-                        rd.flatten()
-                            .map(|e| format!("+ {}", e.file_name().to_string_lossy()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let n = super::inventory::all_files(&pgdata).len();
-                seen.insert(format!("{} files", n / 100 * 100));
-                if pgdata.join("global/pg_control").exists() {
-                    seen.insert("+ global/pg_control".into());
-                }
-                seen
-            }
-        },
+        laying(&node.pgdata),
         &mut rng,
     );
     run.ok();
@@ -263,7 +282,13 @@ fn kill_backup_restore_expire() {
         let ctx = format!("seed {} restore#{i} of {label} ({point})", c.seed);
         let mut node = Node::new(&w.env, &w.repo, "killed");
         let args = restore_args(&node.pgdata, &label, &TO_BACKUP_END);
-        let killed = run_killed(&w.env, &ctx, &point, |tag| w.spawn(&args, Some(tag)));
+        let killed = run_killed(
+            &w.env,
+            &ctx,
+            &point,
+            |tag| w.spawn(&args, Some(tag)),
+            laying(&node.pgdata),
+        );
         if node.pgdata.join("global/pg_control").exists() {
             c.count("restores killed after pg_control was written", 1);
         }
@@ -288,11 +313,7 @@ fn kill_backup_restore_expire() {
         {
             problems.push("the restored cluster did not check clean (above)".into());
         }
-        c.count(
-            "restore kill points survived",
-            u64::from(problems.is_empty()),
-        );
-        c.count("restore processes killed", killed.killed as u64);
+        c.tally("restore", &killed, &problems);
         c.problems(&ctx, problems);
     }
 
@@ -322,11 +343,7 @@ fn kill_backup_restore_expire() {
                 w.env.dir(),
             )
         },
-        || {
-            // Deletions: each one (nothing appears).
-            let n = super::inventory::all_files(measured.local.as_ref().expect("local")).len();
-            BTreeSet::from([format!("{n} files left")])
-        },
+        deleting(&measured),
         &mut rng,
     );
     run.ok();
@@ -338,7 +355,13 @@ fn kill_backup_restore_expire() {
             let extra: Vec<(String, String)> = tag.into_iter().cloned().collect();
             spawn(&w.env, &repo, As::PgUser, &args, &extra, w.env.dir())
         };
-        let killed = run_killed(&w.env, &ctx, &point, |tag| run_on(Some(tag)));
+        let killed = run_killed(
+            &w.env,
+            &ctx,
+            &point,
+            |tag| run_on(Some(tag)),
+            deleting(&repo),
+        );
         let mut problems = Vec::new();
         let mut again = finish(run_on(None), PGVAULT_TIMEOUT);
         if again.code == Some(9) {
@@ -375,11 +398,7 @@ fn kill_backup_restore_expire() {
                 None => {}
             }
         }
-        c.count(
-            "expire kill points survived",
-            u64::from(problems.is_empty()),
-        );
-        c.count("expire processes killed", killed.killed as u64);
+        c.tally("expire", &killed, &problems);
         c.problems(&ctx, problems);
     }
     c.finish();

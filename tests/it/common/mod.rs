@@ -32,7 +32,7 @@ pub use cluster::{backup, backup_run, stanza_create, Cluster, InitOpts};
 pub use crash::*;
 pub use node::{Node, RECOVERY_TIMEOUT};
 pub use objects::{decode_envelope, encode_envelope, try_decode_envelope};
-pub use process::{finish, finish_timed, spawn_as, As, Run, Spawned, PGVAULT_TIMEOUT};
+pub use process::{finish, finish_timed, spawn_as, As, Run, Running, Spawned, PGVAULT_TIMEOUT};
 pub use spool::*;
 pub use wal::{assert_same_file, parse_segment, pseudo_random_bytes, segment_name, segment_range};
 

@@ -14,6 +14,7 @@
 //!
 //! Supported majors: 14 to 18.
 
+pub mod blockref;
 pub mod conn;
 pub mod control;
 pub mod datadir;

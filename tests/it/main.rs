@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod blockrefs;
 mod campaign;
 mod config;
 mod lookahead;

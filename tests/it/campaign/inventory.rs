@@ -122,14 +122,17 @@ pub fn inventory(root: &Path, stanza: &str) -> Inventory {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let Ok(inner) = f.strip_prefix(&base) else {
-            inv.orphans.push(format!("{r}: outside the stanza"));
+            // The local backend's lock stripes, shared by the stanzas.
+            if !r.starts_with(".pgvault-locks/") {
+                inv.orphans.push(format!("{r}: outside the stanza"));
+            }
             continue;
         };
         let parts: Vec<&str> = inner.iter().filter_map(|c| c.to_str()).collect();
-        // The local backend's lock file of a directory it replaces or
-        // deletes in (`.pgvault-dirlock`) belongs to the directory: fine
-        // where the directory is pgvault's, left behind in a backup's that
-        // is gone.
+        // A local backend's lock file of a directory it replaces or deletes
+        // in (`.pgvault-dirlock`, before they moved to `.pgvault-locks/`)
+        // belongs to the directory: fine where the directory is pgvault's,
+        // left behind in a backup's that is gone.
         let dirlock = file == ".pgvault-dirlock";
         match parts.as_slice() {
             _ if dirlock && !inner.starts_with("backup") => {}

@@ -4,11 +4,13 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
+pub mod backups;
 pub mod check;
 pub mod expire;
 pub mod info;
 pub mod progress;
 pub mod restore;
+pub mod standby;
 pub mod stanza_create;
 pub mod stanza_upgrade;
 pub mod verify;

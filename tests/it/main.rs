@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod backends;
 mod blockrefs;
 mod campaign;
 mod config;
@@ -17,8 +18,10 @@ mod lookahead;
 mod operations;
 mod orphans;
 mod pages;
+mod patroni;
 mod pitr;
 mod runbooks;
+mod standby;
 mod targets;
 mod timelines;
 mod upgrade;

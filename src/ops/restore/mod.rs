@@ -23,7 +23,7 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::ops::progress::Progress;
 use crate::pg::recovery::{RecoveryTarget, TargetAction};
-use crate::repo::manifest::{label_time, Manifest, UnreadableManifest};
+use crate::repo::manifest::{label_time, BackupHeader, ManifestRead, UnreadableManifest};
 use crate::repo::Repository;
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -56,7 +56,7 @@ pub struct RestoreOptions {
 /// target.
 fn warn_hidden_candidates(
     unreadable: &[UnreadableManifest],
-    chosen: &Manifest,
+    chosen: &BackupHeader,
     target: Option<&RecoveryTarget>,
 ) {
     for u in unreadable.iter().filter(|u| u.label > chosen.label) {
@@ -102,7 +102,7 @@ async fn restore_inner(
     progress: Arc<dyn Progress>,
 ) -> Result<Restored> {
     let stanza = repo.require_stanza().await?;
-    let backups = repo.backups().await?;
+    let backups = crate::ops::backups::index(repo, opts.catalog.as_ref()).await?;
     if let Some(u) = opts.set.as_deref().and_then(|l| backups.unreadable(l)) {
         return Err(Error::repository(format!(
             "backup {} cannot be restored: {}",
@@ -110,7 +110,7 @@ async fn restore_inner(
         ))
         .hint("choose another backup with --set (`pgvault info` lists them)"));
     }
-    let manifests = &backups.manifests;
+    let manifests = &backups.headers;
     if manifests.is_empty() {
         let unreadable: Vec<&str> = backups
             .unreadable
@@ -155,7 +155,35 @@ async fn restore_inner(
         ));
     }
 
-    let skipped = lay::lay_down(repo, m, opts, progress.clone()).await?;
+    // The choice read headers (from the catalog where it could); laying
+    // the backup down needs all of its manifest.
+    let read = repo.read_manifest(&m.label).await?;
+    if !matches!(read, Some(ManifestRead::Found(_))) {
+        // The catalog's copy of its header is stale: forget it.
+        if let Some(cat) = &opts.catalog {
+            cat.update_backups_best_effort(repo.stanza(), Vec::new(), vec![m.label.clone()])
+                .await;
+        }
+    }
+    let m = match read {
+        Some(ManifestRead::Found(full)) => full,
+        Some(ManifestRead::Unreadable(u)) => {
+            return Err(Error::repository(format!(
+                "backup {} cannot be restored: {}",
+                u.label, u.error
+            ))
+            .hint("choose another backup with --set (`pgvault info` lists them)"))
+        }
+        None => {
+            return Err(Error::repository(format!(
+                "backup {} is gone from {} (expired while this restore started?)",
+                m.label,
+                repo.describe()
+            ))
+            .hint("run the restore again: it chooses among the backups there now"))
+        }
+    };
+    let skipped = lay::lay_down(repo, &m, opts, progress.clone()).await?;
     progress.finish();
     Ok(Restored {
         label: m.label.clone(),

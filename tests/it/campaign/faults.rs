@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use super::*;
@@ -139,6 +140,39 @@ fn injects_faults(env: &TestEnv, repo: &Repo) -> bool {
     env.pgvault(As::Root, &args, &vars, env.dir()).code != Some(0)
 }
 
+/// The archive_command of a primary archiving under faults: a script that
+/// runs pgvault's archive-push with `PGVAULT_FAULTS` seeded by `base` plus
+/// the number of the call. A fault decision is a function of the seed, the
+/// request and how often this process made it, so with one seed in the
+/// postmaster's environment every retry of a segment would meet exactly
+/// the faults that failed it — forever. The calls are numbered in the
+/// order PostgreSQL makes them (its archiver is one process), so a seed
+/// replays.
+fn archiver_under_faults(env: &TestEnv, repo: &Repo, base: u64) -> String {
+    let dir = env.mkdir(&format!("archiver-{}", unique()), As::PgUser);
+    let script = dir.join("archive-under-faults");
+    let calls = dir.join("calls");
+    let mix = faults(0);
+    let mix = mix.split_once(',').map_or("", |(_, rest)| rest);
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             n=$(( $(cat {calls} 2>/dev/null || echo 0) + 1 ))\n\
+             echo \"$n\" >{calls}\n\
+             PGVAULT_FAULTS=\"seed=$(( {base} + n )),{mix}\" exec \"$@\"\n",
+            calls = calls.display(),
+            // (the shell's arithmetic is signed 64-bit)
+            base = (base % (1 << 62)) + 100_000
+        ),
+    )
+    .expect("write the archiver script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755))
+        .expect("chmod the archiver script");
+    chown(&script, env.uid, env.gid);
+    format!("{} {}", script.display(), repo.archive_command(env.bin()))
+}
+
 fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_seed: u64) {
     let rounds = Scale::from_env().fault_rounds.max(1);
     let where_ = if repo.local.is_some() { "local" } else { "S3" };
@@ -171,11 +205,16 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
         );
         return;
     }
-    // PostgreSQL archives under faults: the postmaster's environment.
+    // PostgreSQL archives under faults, each archive_command call with a
+    // seed of its own (see archiver_under_faults).
     pg.enable_archiving(env, &repo);
+    pg.set_conf(&format!(
+        "archive_command = '{}'\n",
+        archiver_under_faults(env, &repo, base_seed)
+    ));
     let mut vars = env.base_env(As::PgUser);
     vars.extend(repo.env.iter().cloned());
-    vars.extend(b.vars());
+    vars.push(("PGVAULT_LOG_LEVEL".into(), "info".into()));
     pg.start_with_env(&vars);
     pg.psql("create table t(n int)");
     let mut backups: Vec<String> = Vec::new();

@@ -365,12 +365,14 @@ pub fn run_killed<O: Fn() -> BTreeSet<String>>(
 }
 
 impl Campaign {
-    /// Counts one kill point of `command`: survived (no problem), the
-    /// processes killed, and whether its phase began at all.
+    /// Counts one kill point of `command`: survived (it killed a process
+    /// and no problem followed — a point that killed nothing proves
+    /// nothing, however clean its aftermath), the processes killed, and
+    /// whether its phase began at all.
     pub fn tally(&mut self, command: &str, killed: &Killed, problems: &[String]) {
         self.count(
             &format!("{command} kill points survived"),
-            u64::from(problems.is_empty()),
+            u64::from(problems.is_empty() && killed.killed > 0),
         );
         self.count(&format!("{command} kill points tried"), 1);
         self.count(

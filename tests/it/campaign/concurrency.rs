@@ -170,7 +170,7 @@ fn racing_pushes(c: &mut Campaign, env: &TestEnv, repo: &Repo) -> Vec<String> {
     let mut pg = Cluster::init(env, small_segments());
     pg.set_conf("wal_keep_size = 1GB\n");
     pg.start();
-    let names: Vec<String> = (0..2).map(|_| pg.switch_wal()).collect();
+    let names: Vec<String> = (0..3).map(|_| pg.switch_wal()).collect();
     pg.stop();
     stanza_create(env, repo, pg.pgdata());
     let dir = env.mkdir(&format!("race-{}", unique()), As::PgUser);
@@ -279,7 +279,52 @@ fn racing_pushes(c: &mut Campaign, env: &TestEnv, repo: &Repo) -> Vec<String> {
             r.code
         ));
     }
+    // The raced name holds two data objects and one claim: `info` must
+    // read it as archived, like archive-get (issue 9, defect 1: it dropped
+    // the name and ended the timeline's archive before it).
+    let third = pg.wal_dir().join(&names[2]);
+    let r = exec(
+        env,
+        repo,
+        As::PgUser,
+        &args(&["archive-push", &third.display().to_string()]),
+        &[],
+    );
+    if r.code != Some(0) {
+        problems.push(format!(
+            "push after the race: exit {:?}: {}",
+            r.code,
+            r.stderr.trim()
+        ));
+    }
+    problems.extend(raced_name_in_info(env, repo, &names));
     problems
+}
+
+/// `info` lists the archive of `names` (the middle one raced) as one
+/// timeline without a gap, ending at the last.
+fn raced_name_in_info(env: &TestEnv, repo: &Repo, names: &[String]) -> Option<String> {
+    let run = exec(
+        env,
+        repo,
+        As::PgUser,
+        &args(&["info", "--output", "json"]),
+        &[],
+    );
+    let info: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+    let tl = &info["timelines"][0];
+    let (first, last) = (&names[0], &names[names.len() - 1]);
+    let whole = tl["first_segment"].as_str() == Some(first.as_str())
+        && tl["last_segment"].as_str() == Some(last.as_str())
+        && tl["segments"].as_u64() == Some(names.len() as u64)
+        && tl["gaps"].as_array().is_some_and(Vec::is_empty);
+    (!whole).then(|| {
+        format!(
+            "after the race info should list {first}..{last} whole (exit {:?}): {}",
+            run.code,
+            serde_json::to_string(&info["timelines"]).unwrap_or_default()
+        )
+    })
 }
 
 #[test]

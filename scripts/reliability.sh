@@ -45,6 +45,6 @@ jq -rs '
   (map(.counts | to_entries[]) | group_by(.key)
    | map("| \(.[0].key) | \(map(.value) | add) |") | .[]),
   "",
-  (map("\(.test): seed \(.seed), \(.problems) problem(s)") | .[])
+  (map("\(.test): seed \(.seed), \(.problems) problem(s), \(.seconds // "?")s") | .[])
 ' "$FIGURES"
 exit "$rc"

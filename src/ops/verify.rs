@@ -111,8 +111,11 @@ pub async fn verify(
         let listing = archive.list().await?;
         for (name, entry) in listing.entries() {
             if entry.claimed {
-                match archive.read_claim(name).await {
-                    Ok(Some(claim)) if entry.content(&claim.sha256).is_none() => {
+                // A claim the store cannot hand over (a transfer that
+                // failed every retry) is not a damaged claim: verify fails
+                // on it, as on a listing it cannot read.
+                match archive.fetch_claim(name).await? {
+                    Fetched::Found(claim) if entry.content(&claim.sha256).is_none() => {
                         // A push stores its data before its claim, so a
                         // claim without its data is real, never in flight.
                         problems.push(problem(
@@ -124,12 +127,10 @@ pub async fn verify(
                             ),
                         ))
                     }
-                    Ok(_) => {}
-                    Err(e) => problems.push(problem(
-                        "corrupt",
-                        archive.describe_claim(name),
-                        e.to_string(),
-                    )),
+                    Fetched::Found(_) | Fetched::Missing => {}
+                    Fetched::Damaged(why) => {
+                        problems.push(problem("corrupt", archive.describe_claim(name), why))
+                    }
                 }
             }
             if entry.is_conflict() {

@@ -91,6 +91,12 @@ for major in 14 16 17 18; do
     fi
 done
 
+# The fault campaign (tests/it/campaign, docs/reliability.md) runs its short
+# seeded sample here; each of its tests appends its figures to this file
+# (scripts/reliability.sh runs the full campaign).
+export PGVAULT_CAMPAIGN_REPORT="$LOGDIR/campaign-figures.jsonl"
+: >"$PGVAULT_CAMPAIGN_REPORT"
+
 # Two test threads: each integration test runs a PostgreSQL cluster plus
 # pgvault processes, and the machine has 2 cores. --no-fail-fast: a failing
 # unit test must not hide the integration tests' results.

@@ -117,15 +117,18 @@ pub async fn verify(
             stream::iter(listing.entries().filter(|(_, e)| e.claimed).map(|(n, _)| n))
                 .map(|name| {
                     let archive = &archive;
-                    async move { (name, archive.read_claim(name).await) }
+                    async move { (name, archive.fetch_claim(name).await) }
                 })
                 .buffer_unordered(opts.process_max.max(1) * 4)
                 .collect()
                 .await;
         for (name, entry) in listing.entries() {
             if let Some(claim) = claims.remove(name) {
-                match claim {
-                    Ok(Some(claim)) if entry.content(&claim.sha256).is_none() => {
+                // A claim the store cannot hand over (a transfer that
+                // failed every retry) is not a damaged claim: verify fails
+                // on it, as on a listing it cannot read.
+                match claim? {
+                    Fetched::Found(claim) if entry.content(&claim.sha256).is_none() => {
                         // A push stores its data before its claim, so a
                         // claim without its data is real, never in flight.
                         problems.push(problem(
@@ -137,12 +140,10 @@ pub async fn verify(
                             ),
                         ))
                     }
-                    Ok(_) => {}
-                    Err(e) => problems.push(problem(
-                        "corrupt",
-                        archive.describe_claim(name),
-                        e.to_string(),
-                    )),
+                    Fetched::Found(_) | Fetched::Missing => {}
+                    Fetched::Damaged(why) => {
+                        problems.push(problem("corrupt", archive.describe_claim(name), why))
+                    }
                 }
             }
             if entry.is_conflict() {

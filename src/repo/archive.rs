@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::{ObjectMeta, ObjectReader, Spool};
 use super::codec::{self, CodecError, Digest256, Sha256Sum};
 use super::layout::{self, ArchiveKey};
-use super::{DbInfo, Deletion, PutMode, PutOutcome, Repository};
+use super::{DbInfo, Deletion, Fetched, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
@@ -158,6 +158,13 @@ impl Archive {
     pub async fn read_claim(&self, name: &WalFileName) -> Result<Option<Claim>> {
         let key = self.claim_key(name);
         self.repo.get_json(&key).await
+    }
+
+    /// `name`'s claim, telling a damaged claim (an outcome) from a store
+    /// that cannot be read right now (an error): `verify` reports the one
+    /// and fails on the other.
+    pub async fn fetch_claim(&self, name: &WalFileName) -> Result<Fetched<Claim>> {
+        self.repo.fetch_json(&self.claim_key(name)).await
     }
 
     /// A sink for a new content of `name`, to be filled on a blocking

@@ -19,13 +19,11 @@
 //! Run through `scripts/test.sh` (it starts moto and sets `PGVAULT_TEST_*`).
 
 use crate::common::*;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -141,134 +139,6 @@ fn one_mib() -> InitOpts {
         wal_segsize_mb: Some(1),
         data_checksums: false,
     }
-}
-
-fn sha256_file(p: &Path) -> String {
-    let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-    hex::encode(Sha256::digest(&bytes))
-}
-
-/// The postgres user's spool root (`$XDG_STATE_HOME/pgvault/spool`).
-fn pg_spool_root(env: &TestEnv) -> PathBuf {
-    let state = env
-        .base_env(As::PgUser)
-        .into_iter()
-        .find(|(k, _)| k == "XDG_STATE_HOME")
-        .map(|(_, v)| v)
-        .expect("XDG_STATE_HOME in base_env");
-    PathBuf::from(state).join("pgvault").join("spool")
-}
-
-fn is_temp(name: &str) -> bool {
-    name.starts_with('.') || name.ends_with(".pgvault-tmp")
-}
-
-/// The postgres user's spool of `repo` (`<root>/<sha256(url)[..8]>-<stanza>`).
-fn pg_spool_dir(env: &TestEnv, repo: &Repo) -> PathBuf {
-    let id = hex::encode(&Sha256::digest(repo.url.as_bytes())[..8]);
-    pg_spool_root(env).join(format!("{id}-{}", repo.stanza))
-}
-
-/// Complete (non-temporary) files in `<spool of repo>/<sub>/`: name -> path.
-fn spool_files(env: &TestEnv, repo: &Repo, sub: &str) -> BTreeMap<String, PathBuf> {
-    let mut out = BTreeMap::new();
-    let Ok(files) = fs::read_dir(pg_spool_dir(env, repo).join(sub)) else {
-        return out;
-    };
-    for f in files.flatten() {
-        let name = f.file_name().to_string_lossy().into_owned();
-        if !is_temp(&name) {
-            out.insert(name, f.path());
-        }
-    }
-    out
-}
-
-/// Push records: segment name -> the record's text (`<sha256> <size>`).
-fn pushed_records(env: &TestEnv, repo: &Repo) -> BTreeMap<String, String> {
-    spool_files(env, repo, "pushed")
-        .into_iter()
-        .filter_map(|(n, p)| fs::read_to_string(p).ok().map(|t| (n, t)))
-        .collect()
-}
-
-/// archive-get `name` as root (its own home and spool, no prefetch) into a
-/// fresh file; returns its path, or None when the archive does not have it.
-fn fetch(env: &TestEnv, repo: &Repo, name: &str, dir: &Path) -> Option<PathBuf> {
-    let dest = dir.join(format!("{name}.{}", unique()));
-    let dest_s = dest.display().to_string();
-    let run = repo.run(
-        env,
-        As::Root,
-        &["--archive-get-ahead", "0", "archive-get", name, &dest_s],
-        dir,
-    );
-    match run.code {
-        Some(0) => Some(dest),
-        Some(1) => None,
-        _ => {
-            run.ok();
-            unreachable!()
-        }
-    }
-}
-
-/// Every pgvault process started from this test's copy of the binary
-/// (PostgreSQL's archive_command children, detached prefetchers).
-fn pgvault_pids(env: &TestEnv) -> Vec<i32> {
-    let bin = env.bin().as_os_str().to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-        if argv0 == bin.as_bytes() {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn sigkill_all(env: &TestEnv) -> usize {
-    let pids = pgvault_pids(env);
-    for pid in &pids {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-    }
-    pids.len()
-}
-
-/// xorshift64*: the schedule of a crash test is a function of its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("PGVAULT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5EED_0004)
 }
 
 // ---------------------------------------------------------------------------
@@ -446,80 +316,15 @@ fn burst_through_a_slow_repository() {
 // ---------------------------------------------------------------------------
 // 2. SIGKILL during look-ahead pushes and during prefetch.
 
-/// After a kill: every push record names bytes the store holds (and that
-/// are the original's); every prefetched file in the spool is complete and
-/// identical to the original.
-fn check_after_kill(
-    env: &TestEnv,
-    direct: &Repo,
-    wal: &Path,
-    dir: &Path,
-    ctx: &str,
-    checked: &mut (usize, usize),
-) -> Vec<String> {
-    let mut problems = Vec::new();
-    let records = pushed_records(env, direct);
-    let prefetched = spool_files(env, direct, "get");
-    checked.0 += records.len();
-    checked.1 += prefetched.len();
-    for (name, record) in records {
-        let sha = record.split_whitespace().next().unwrap_or_default();
-        let original = sha256_file(&wal.join(&name));
-        if sha != original {
-            problems.push(format!(
-                "{ctx}: record for {name} says {sha}, the original is {original}"
-            ));
-        }
-        match fetch(env, direct, &name, dir) {
-            None => problems.push(format!(
-                "{ctx}: record for {name} exists but the archive does not have it"
-            )),
-            Some(got) => {
-                let got_sha = sha256_file(&got);
-                let _ = fs::remove_file(&got);
-                if got_sha != sha {
-                    problems.push(format!(
-                        "{ctx}: record for {name} says {sha}, the archive holds {got_sha}"
-                    ));
-                }
-            }
-        }
-    }
-    for (name, path) in prefetched {
-        let original = wal.join(&name);
-        if !original.exists() {
-            problems.push(format!(
-                "{ctx}: prefetched {name} is not a segment of this cluster"
-            ));
-            continue;
-        }
-        if sha256_file(&path) != sha256_file(&original) {
-            problems.push(format!(
-                "{ctx}: prefetched {name} ({} bytes) differs from the original",
-                fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
-            ));
-        }
-    }
-    problems
-}
-
 /// What recovery must reproduce: pgbench's tables, row by row in sum.
 const ROW_COUNTS: &str = "select (select count(*) from pgbench_accounts) || '/' || \
      (select sum(abalance) from pgbench_accounts) || '/' || \
      (select count(*) from pgbench_history)";
 
-fn mark_done(wal: &Path, name: &str) {
-    let status = wal.join("archive_status");
-    let _ = fs::rename(
-        status.join(format!("{name}.ready")),
-        status.join(format!("{name}.done")),
-    );
-}
-
 #[test]
 fn sigkill_during_lookahead_push_and_prefetch() {
     let started = Instant::now();
-    let seed = seed();
+    let seed = seed_or(0x5EED_0004);
     let mut rng = Rng(seed | 1);
     let replay = format!("seed {seed} (replay: PGVAULT_TEST_SEED={seed})");
     // 2 MiB/s: a push of nine segments or a prefetch of eight takes a good
@@ -779,25 +584,4 @@ fn sigkill_during_lookahead_push_and_prefetch() {
         checked.1,
         started.elapsed()
     );
-}
-
-fn check_acknowledged_file(
-    env: &TestEnv,
-    direct: &Repo,
-    wal: &Path,
-    name: &str,
-    dir: &Path,
-) -> Result<(), String> {
-    let Some(got) = fetch(env, direct, name, dir) else {
-        return Err(format!("{name} is not in the archive"));
-    };
-    let same = sha256_file(&got) == sha256_file(&wal.join(name));
-    let _ = fs::remove_file(&got);
-    if same {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name}: the archived copy differs from the original"
-        ))
-    }
 }

@@ -12,6 +12,7 @@ mod common;
 mod archive;
 mod backends;
 mod blockrefs;
+mod campaign;
 mod clouds;
 mod config;
 mod lookahead;

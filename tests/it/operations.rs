@@ -34,7 +34,6 @@
 
 use crate::common::*;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -337,48 +336,6 @@ fn archived_segments(repo: &Repo) -> BTreeSet<String> {
 
 fn lock_path(repo: &Repo) -> PathBuf {
     stanza_dir(repo).join("lock").join("stanza.lock")
-}
-
-// ---------------------------------------------------------------------------
-// The object envelope (docs/repository-format.md), written independently of
-// the crate: 16-byte header, payload (raw or one zstd frame), 48-byte trailer
-// (original size u64 LE, SHA-256, "PGVEND\0\0").
-
-fn decode_envelope(bytes: &[u8]) -> Vec<u8> {
-    assert!(
-        bytes.len() >= 64 && &bytes[..8] == b"PGVAULT\0",
-        "not a pgvault object"
-    );
-    let (payload, trailer) = bytes[16..].split_at(bytes.len() - 16 - 48);
-    assert_eq!(&trailer[40..], b"PGVEND\0\0", "trailer magic");
-    let data = match bytes[10] {
-        0 => payload.to_vec(),
-        1 => zstd::decode_all(payload).expect("zstd payload"),
-        c => panic!("unknown compression {c}"),
-    };
-    let size = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
-    assert_eq!(size, data.len() as u64, "trailer size");
-    assert_eq!(
-        &trailer[8..40],
-        Sha256::digest(&data).as_slice(),
-        "trailer checksum"
-    );
-    data
-}
-
-/// Encode `data` with the header of `like` (same format version and
-/// compression).
-fn encode_envelope(like: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut out = like[..16].to_vec();
-    match like[10] {
-        0 => out.extend_from_slice(data),
-        1 => out.extend(zstd::encode_all(data, 3).expect("zstd")),
-        c => panic!("unknown compression {c}"),
-    }
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(Sha256::digest(data).as_slice());
-    out.extend_from_slice(b"PGVEND\0\0");
-    out
 }
 
 /// The lock object's JSON, if there is a lock.

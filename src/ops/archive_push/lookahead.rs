@@ -102,6 +102,10 @@ pub async fn push_ahead(
     };
     // Names taken by a worker and not recorded yet.
     let busy = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    // Names whose push failed: not tried again by this pusher. PostgreSQL
+    // asks for them and meets the error then; retrying here would loop at
+    // full speed on a cause that stays (a full disk: issue 9's campaign).
+    let failed = std::sync::Mutex::new(std::collections::BTreeSet::new());
     let pushed = std::sync::atomic::AtomicUsize::new(0);
     let worker = || async {
         let mut waiting_since: Option<std::time::Instant> = None;
@@ -109,7 +113,11 @@ pub async fn push_ahead(
             let next = {
                 let mut busy = busy.lock().expect("lock poisoned");
                 let recorded = spool.pushed_names();
-                let Some(first) = ready_files(&wal_dir, &name, &recorded, &busy)
+                let skip: std::collections::BTreeSet<WalFileName> = busy
+                    .union(&failed.lock().expect("lock poisoned"))
+                    .cloned()
+                    .collect();
+                let Some(first) = ready_files(&wal_dir, &name, &recorded, &skip)
                     .into_iter()
                     .next()
                 else {
@@ -153,7 +161,10 @@ pub async fn push_ahead(
                     done.record_in(catalog, repo).await;
                 }
                 // PostgreSQL will ask for it and get the error then.
-                Err(e) => log::debug!("look-ahead push of {next} failed: {e}"),
+                Err(e) => {
+                    log::debug!("look-ahead push of {next} failed: {e}");
+                    failed.lock().expect("lock poisoned").insert(next.clone());
+                }
             }
             spool.unmark_pushing(&next);
             busy.lock().expect("lock poisoned").remove(&next);

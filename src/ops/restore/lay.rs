@@ -129,15 +129,23 @@ pub(super) async fn lay_down(
         sync_tree(&pgdata)?;
         let mut reader = reader;
         discard(&mut reader, control.offset, &what)?;
+        // Under another name until it is whole and checked: a damaged or
+        // cut-off object must leave no pg_control that PostgreSQL would
+        // start from (write_one checks the checksum only at the end).
         let dest = pgdata.join(&control.path);
-        write_one(&mut reader.take(control.length), &dest, &control, &what)?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::lchown(&dest, Some(uid), Some(gid))
-                .map_err(local_err("chown", &dest))?;
+        let tmp = dest.with_file_name("pg_control.pgvault-restore");
+        if let Err(e) = write_one(&mut reader.take(control.length), &tmp, &control, &what) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
-        File::open(&dest)
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))
+                .map_err(local_err("chown", &tmp))?;
+        }
+        File::open(&tmp)
             .and_then(|f| f.sync_all())
-            .map_err(local_err("fsync", &dest))?;
+            .map_err(local_err("fsync", &tmp))?;
+        fs::rename(&tmp, &dest).map_err(local_err("rename", &tmp))?;
         fsync_dir(dest.parent().expect("global/pg_control has a parent"))?;
         Ok(())
     })

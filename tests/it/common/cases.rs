@@ -4,6 +4,14 @@
 
 use std::time::Instant;
 
+/// What a caught panic said.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| p.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)")
+}
+
 pub struct Cases {
     pub start: Instant,
     failed: Vec<String>,
@@ -32,12 +40,7 @@ impl Cases {
                 Some(v)
             }
             Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| p.downcast_ref::<&str>().copied())
-                    .unwrap_or("(no message)");
-                let first = msg.lines().next().unwrap_or_default();
+                let first = panic_message(&p).lines().next().unwrap_or_default();
                 eprintln!("[{:>6.1?}] case {name}: FAILED", self.start.elapsed());
                 self.failed.push(format!("{name}: {first}"));
                 None

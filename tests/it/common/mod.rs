@@ -24,16 +24,24 @@
 
 mod cases;
 mod cluster;
+mod crash;
 mod moto;
 mod node;
+mod objects;
 mod process;
+mod spool;
 mod wal;
 
-pub use cases::Cases;
+pub use cases::{panic_message, Cases};
 pub use cluster::{backup, backup_run, stanza_create, Cluster, InitOpts};
+pub use crash::*;
 pub use moto::OwnMoto;
 pub use node::{Node, RECOVERY_TIMEOUT};
-pub use process::{children_of, finish, spawn_as, As, Run, Spawned, PGVAULT_TIMEOUT};
+pub use objects::{decode_envelope, encode_envelope, try_decode_envelope};
+pub use process::{
+    children_of, finish, finish_timed, spawn_as, As, Run, Running, Spawned, PGVAULT_TIMEOUT,
+};
+pub use spool::*;
 pub use wal::{assert_same_file, parse_segment, pseudo_random_bytes, segment_name, segment_range};
 
 use std::ffi::OsString;
@@ -318,6 +326,26 @@ impl S3Server {
             ("AWS_REGION".into(), self.region.clone()),
         ]
     }
+}
+
+/// Whether this run is CI's (`CI=true`), where a missing server or binary
+/// is a failure, never a skip.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// `server`, or `None` (the caller skips, saying so) when its variable
+/// `var` is unset — which under CI fails the test instead.
+#[track_caller]
+pub fn require_server(server: Option<S3Server>, var: &str) -> Option<S3Server> {
+    if server.is_none() {
+        assert!(
+            !ci(),
+            "{var} is not set: under CI the S3 tests must run (scripts/test.sh starts the servers)"
+        );
+        eprintln!("skipped: {var} is not set (run scripts/test.sh)");
+    }
+    server
 }
 
 /// A repository and stanza as pgvault sees them.

@@ -80,6 +80,14 @@ impl Node {
     /// server log when the server does not come up (e.g. recovery FATAL).
     #[track_caller]
     pub fn start(&mut self) {
+        if let Err(e) = self.try_start() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Node::start`], returning what went wrong instead of panicking (a
+    /// server that must refuse to start).
+    pub fn try_start(&mut self) -> Result<(), String> {
         assert!(!self.running, "already running");
         self.port = free_port();
         let opts = format!(
@@ -102,16 +110,17 @@ impl Node {
         ];
         let run = self.run_pg(argv, &self.vars, Duration::from_secs(240));
         if run.code != Some(0) {
-            panic!(
+            return Err(format!(
                 "pg_ctl start of the restored cluster {} failed:\n{}\n{}\n--- server log\n{}\n--- postgresql.auto.conf\n{}",
                 self.pgdata.display(),
                 run.stdout,
                 run.stderr,
                 self.log_tail(60),
                 self.auto_conf()
-            );
+            ));
         }
         self.running = true;
+        Ok(())
     }
 
     /// `pg_ctl stop -m MODE`, waiting up to `secs`.

@@ -3,10 +3,11 @@
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long any single pgvault invocation may take before the harness kills
@@ -122,49 +123,145 @@ pub fn children_of(pid: u32) -> Vec<u32> {
 /// Wait for a started process (killing it after `timeout`) and collect its
 /// output.
 pub fn finish(spawned: Spawned, timeout: Duration) -> Run {
-    let Spawned {
-        mut child,
-        what,
-        started,
-    } = spawned;
-    let mut out = child.stdout.take().expect("stdout is piped");
-    let mut err = child.stderr.take().expect("stderr is piped");
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let (tx, rx) = mpsc::channel();
-    let pid = child.id();
-    let waiter = std::thread::spawn(move || {
-        let status = child.wait();
-        let _ = tx.send(());
-        status
-    });
-    if rx.recv_timeout(timeout).is_err() {
-        // runuser forwards SIGTERM to its child; SIGKILL as a last resort.
-        let _ = Command::new("kill").arg(pid.to_string()).status();
-        std::thread::sleep(Duration::from_secs(2));
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        panic!("`{what}` did not finish within {timeout:?}; killed it");
+    Running::start(spawned, false).wait(timeout)
+}
+
+/// [`finish`], also noting when each stderr line arrived (from the start of
+/// the process): the phases of a command, for choosing crash points.
+pub fn finish_timed(spawned: Spawned, timeout: Duration) -> (Run, Vec<(Duration, String)>) {
+    let running = Running::start(spawned, true);
+    let lines = running.lines();
+    let run = running.wait(timeout);
+    // The reader is done once the process has exited and its pipe closed.
+    (run, lines_of(&lines))
+}
+
+type TimedLines = Arc<Mutex<Vec<(Duration, String)>>>;
+
+fn lines_of(lines: &TimedLines) -> Vec<(Duration, String)> {
+    lines.lock().expect("stderr lines").clone()
+}
+
+/// A started process whose output is being read: its stderr lines can be
+/// looked at while it runs (a crash test waits for one before it kills).
+pub struct Running {
+    pid: u32,
+    what: String,
+    started: Instant,
+    lines: TimedLines,
+    exited: Arc<AtomicBool>,
+    t_out: std::thread::JoinHandle<Vec<u8>>,
+    t_err: std::thread::JoinHandle<Vec<u8>>,
+    waiter: std::thread::JoinHandle<std::io::Result<std::process::ExitStatus>>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Running {
+    /// Starts reading the output of `spawned` (noting when each stderr
+    /// line arrives if `timed`).
+    pub fn start(spawned: Spawned, timed: bool) -> Running {
+        let Spawned {
+            mut child,
+            what,
+            started,
+        } = spawned;
+        let mut out = child.stdout.take().expect("stdout is piped");
+        let err = child.stderr.take().expect("stderr is piped");
+        let lines: TimedLines = Arc::default();
+        let t_out = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = out.read_to_end(&mut s);
+            s
+        });
+        let noted = lines.clone();
+        let t_err = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let mut err = BufReader::new(err);
+            loop {
+                let at = s.len();
+                match err.read_until(b'\n', &mut s) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if timed => {
+                        let line = String::from_utf8_lossy(&s[at..]).trim_end().to_string();
+                        noted
+                            .lock()
+                            .expect("stderr lines")
+                            .push((started.elapsed(), line));
+                    }
+                    Ok(_) => {}
+                }
+            }
+            s
+        });
+        let (tx, done) = mpsc::channel();
+        let pid = child.id();
+        let exited = Arc::new(AtomicBool::new(false));
+        let flag = exited.clone();
+        let waiter = std::thread::spawn(move || {
+            let status = child.wait();
+            flag.store(true, Ordering::SeqCst);
+            let _ = tx.send(());
+            status
+        });
+        Running {
+            pid,
+            what,
+            started,
+            lines,
+            exited,
+            t_out,
+            t_err,
+            waiter,
+            done,
+        }
     }
-    let status = waiter
-        .join()
-        .expect("waiter thread")
-        .expect("wait for child");
-    let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout reader")).into_owned();
-    let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr reader")).into_owned();
-    Run {
-        code: status.code(),
-        stdout,
-        stderr,
-        elapsed: started.elapsed(),
-        what,
+
+    /// Whether it has exited.
+    pub fn exited(&self) -> bool {
+        self.exited.load(Ordering::SeqCst)
+    }
+
+    /// Its stderr lines so far, with when each arrived (if timed).
+    pub fn lines_so_far(&self) -> Vec<(Duration, String)> {
+        lines_of(&self.lines)
+    }
+
+    fn lines(&self) -> TimedLines {
+        self.lines.clone()
+    }
+
+    /// Waits for it (killing it after `timeout`) and collects its output.
+    pub fn wait(self, timeout: Duration) -> Run {
+        let Running {
+            pid,
+            what,
+            started,
+            t_out,
+            t_err,
+            waiter,
+            done,
+            ..
+        } = self;
+        if done.recv_timeout(timeout).is_err() {
+            // runuser forwards SIGTERM to its child; SIGKILL as a last resort.
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("`{what}` did not finish within {timeout:?}; killed it");
+        }
+        let status = waiter
+            .join()
+            .expect("waiter thread")
+            .expect("wait for child");
+        let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout reader")).into_owned();
+        let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr reader")).into_owned();
+        Run {
+            code: status.code(),
+            stdout,
+            stderr,
+            elapsed: started.elapsed(),
+            what,
+        }
     }
 }
 

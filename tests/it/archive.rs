@@ -214,8 +214,7 @@ fn archive_roundtrip_local_16mib_segments() {
 #[test]
 fn archive_roundtrip_moto() {
     let env = TestEnv::new();
-    let Some(server) = env.moto.clone() else {
-        eprintln!("skipped: PGVAULT_TEST_MOTO is not set");
+    let Some(server) = require_server(env.moto.clone(), "PGVAULT_TEST_MOTO") else {
         return;
     };
     let repo = env.s3_repo(&server, "main");
@@ -225,8 +224,7 @@ fn archive_roundtrip_moto() {
 #[test]
 fn archive_roundtrip_s3sfs() {
     let env = TestEnv::new();
-    let Some(server) = env.s3sfs.clone() else {
-        eprintln!("skipped: PGVAULT_TEST_S3SFS is not set");
+    let Some(server) = require_server(env.s3sfs.clone(), "PGVAULT_TEST_S3SFS") else {
         return;
     };
     let repo = env.s3_repo(&server, "main");
@@ -559,18 +557,16 @@ pub(crate) fn racing_pushes(server: &S3Server) {
 #[test]
 fn racing_pushes_moto() {
     let env = TestEnv::new();
-    match env.moto.clone() {
-        Some(server) => racing_pushes(&server),
-        None => eprintln!("skipped: PGVAULT_TEST_MOTO is not set"),
+    if let Some(server) = require_server(env.moto.clone(), "PGVAULT_TEST_MOTO") {
+        racing_pushes(&server);
     }
 }
 
 #[test]
 fn racing_pushes_s3sfs() {
     let env = TestEnv::new();
-    match env.s3sfs.clone() {
-        Some(server) => racing_pushes(&server),
-        None => eprintln!("skipped: PGVAULT_TEST_S3SFS is not set"),
+    if let Some(server) = require_server(env.s3sfs.clone(), "PGVAULT_TEST_S3SFS") {
+        racing_pushes(&server);
     }
 }
 

@@ -23,22 +23,7 @@ use crate::common::{
     AZURITE_ACCOUNT, AZURITE_KEY,
 };
 
-/// Whether this run is CI's, where a missing server is a failure.
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// The server, or `None` (skip) outside CI when its variable is unset.
-pub(crate) fn require(server: Option<S3Server>, var: &str) -> Option<S3Server> {
-    if server.is_none() {
-        assert!(
-            !ci(),
-            "{var} is not set: under CI the S3 tests must run (scripts/test.sh starts the servers)"
-        );
-        eprintln!("skipped: {var} is not set (run scripts/test.sh)");
-    }
-    server
-}
+pub(crate) use crate::common::require_server as require;
 
 /// A backend on `server`. Conditional writes are taken as not atomic on
 /// both test servers: s3s-fs checks them non-atomically, and so does moto

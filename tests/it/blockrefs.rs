@@ -21,7 +21,7 @@ use super::common::{As, Cluster, InitOpts, TestEnv};
 fn pg17_env() -> Option<TestEnv> {
     let var = "PGVAULT_TEST_PGBIN_17";
     let Some(bin) = std::env::var(var).ok().filter(|v| !v.is_empty()) else {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        let ci = crate::common::ci();
         assert!(
             !ci,
             "{var} is not set: scripts/test.sh sets it from `scripts/fetch-pg.sh 17`"

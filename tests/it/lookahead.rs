@@ -101,10 +101,7 @@ fn start_slow_proxy(upstream: SocketAddr, bytes_per_sec: f64) -> SocketAddr {
 
 /// moto (if configured), and the same server behind a slow proxy.
 fn moto_and_slow(bytes_per_sec: f64) -> Option<(S3Server, S3Server)> {
-    let Some(moto) = TestEnv::new().moto.clone() else {
-        eprintln!("skipped: PGVAULT_TEST_MOTO is not set (run scripts/test.sh)");
-        return None;
-    };
+    let moto = require_server(TestEnv::new().moto.clone(), "PGVAULT_TEST_MOTO")?;
     let hostport = moto
         .endpoint
         .trim_start_matches("http://")

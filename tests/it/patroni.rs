@@ -45,7 +45,7 @@ fn tools() -> Option<(String, PathBuf)> {
         .filter(|b| b.join("patroni").exists());
     match (etcd, bin) {
         (Some(e), Some(b)) => Some((e, b)),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+        _ if crate::common::ci() => {
             panic!("CI=true but no etcd/Patroni: PGVAULT_TEST_ETCD and PGVAULT_TEST_PATRONI come from scripts/test.sh")
         }
         _ => {

@@ -789,8 +789,7 @@ fn pitr_local_repo() {
 #[test]
 fn pitr_s3_moto() {
     let env = TestEnv::new();
-    let Some(moto) = env.moto.clone() else {
-        eprintln!("skipping: PGVAULT_TEST_MOTO is not set (run scripts/test.sh)");
+    let Some(moto) = require_server(env.moto.clone(), "PGVAULT_TEST_MOTO") else {
         return;
     };
     let repo = env.s3_repo(&moto, "pitr");
@@ -804,7 +803,7 @@ fn pitr_by_time_on(major: u32) {
     let var = format!("PGVAULT_TEST_PGBIN_{major}");
     let bin = std::env::var(&var).ok().filter(|v| !v.is_empty());
     let Some(bin) = bin else {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        let ci = crate::common::ci();
         assert!(
             !ci,
             "{var} is not set: scripts/test.sh sets it from `scripts/fetch-pg.sh {major}`"

@@ -40,7 +40,7 @@ fn initopts() -> InitOpts {
 fn pg16_bin() -> Option<PathBuf> {
     let var = "PGVAULT_TEST_PGBIN_16";
     let Some(bin) = std::env::var(var).ok().filter(|v| !v.is_empty()) else {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        let ci = crate::common::ci();
         assert!(
             !ci,
             "{var} is not set: scripts/test.sh sets it from `scripts/fetch-pg.sh 16`"

@@ -338,14 +338,30 @@ pub fn ci() -> bool {
 /// `var` is unset — which under CI fails the test instead.
 #[track_caller]
 pub fn require_server(server: Option<S3Server>, var: &str) -> Option<S3Server> {
+    require_server_in(server, var, ci())
+}
+
+#[track_caller]
+fn require_server_in(server: Option<S3Server>, var: &str, ci: bool) -> Option<S3Server> {
     if server.is_none() {
         assert!(
-            !ci(),
+            !ci,
             "{var} is not set: under CI the S3 tests must run (scripts/test.sh starts the servers)"
         );
         eprintln!("skipped: {var} is not set (run scripts/test.sh)");
     }
     server
+}
+
+/// Issue 9, defect 5: a server test without its server fails under CI
+/// instead of passing as if it had run.
+#[test]
+fn a_missing_server_fails_under_ci() {
+    let r = std::panic::catch_unwind(|| require_server_in(None, "PGVAULT_TEST_MOTO", true));
+    let payload = r.expect_err("no server under CI must fail the test");
+    let msg = panic_message(&*payload);
+    assert!(msg.contains("PGVAULT_TEST_MOTO is not set"), "{msg}");
+    assert!(require_server_in(None, "PGVAULT_TEST_MOTO", false).is_none());
 }
 
 /// A repository and stanza as pgvault sees them.

@@ -34,7 +34,7 @@ impl OwnMoto {
     pub fn start() -> Option<OwnMoto> {
         let py = match python() {
             Some(py) => py,
-            None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            None if super::ci() => {
                 panic!("CI=true: no Python with moto (set PGVAULT_TEST_MOTO_PY, or run scripts/test.sh)")
             }
             None => {

@@ -139,8 +139,8 @@ pub fn backfill(r: &BackfillReport, output: Output) -> Result<()> {
         s += &format!("damaged record: {d}\n");
     }
     s += &format!(
-        "backfill: {} segment(s) summarized now, {} had a summary already\n",
-        r.summarized, r.had_summary
+        "backfill: {} segment(s) summarized now, block references written for {}, {} had both already\n",
+        r.summarized, r.blockrefs, r.had_summary
     );
     out(&s)
 }

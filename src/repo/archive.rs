@@ -9,7 +9,9 @@
 //! - `N-<sha256>.zst`, a *content*: named by its checksum, so two different
 //!   files pushed for N can never overwrite each other, whatever the store;
 //! - `N.claim`, which content N is: created once, only if absent;
-//! - `N-<sha256>.summary`: what that content's WAL records say.
+//! - `N-<sha256>.summary`: what that content's WAL records say;
+//! - `N-<sha256>.blockrefs`: the relation blocks and storage events of its
+//!   records (`pg::blockref`), which incremental backups read.
 //!
 //! **The one answer to "which object is N"**: the content N's claim names.
 //! Without a claim (a push that crashed between storing its data and
@@ -37,6 +39,7 @@ use super::codec::{self, CodecError, Digest256, Sha256Sum};
 use super::layout::{self, ArchiveKey};
 use super::{DbInfo, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result, WriteWatch};
+use crate::pg::blockref::{decode_segment, encode_segment, SegmentRefs};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
@@ -109,6 +112,15 @@ impl Archive {
     }
     fn summary_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
         layout::wal_summary_key(self.repo.stanza(), &self.dir(), name, sha)
+    }
+    fn blockrefs_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        layout::wal_blockrefs_key(self.repo.stanza(), &self.dir(), name, sha)
+    }
+
+    /// How the block references of content `sha` of `name` are named in
+    /// messages.
+    pub fn describe_blockrefs(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        format!("{}/{}", self.repo.describe(), self.blockrefs_key(name, sha))
     }
 
     /// How `name`'s claim is named in messages.
@@ -423,6 +435,46 @@ impl Archive {
         Ok(())
     }
 
+    /// Stores the block references of content `sha` of `name`
+    /// (`pg::blockref::encode_segment`; idempotent).
+    pub async fn store_blockrefs(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+        refs: &SegmentRefs,
+    ) -> Result<()> {
+        let bytes = encode_segment(refs);
+        self.repo
+            .put_encoded(&self.blockrefs_key(name, sha), &bytes, PutMode::CreateNew)
+            .await?;
+        Ok(())
+    }
+
+    /// The block references of content `sha` of `name`: like
+    /// [`Archive::read_summary`], a store that cannot be read is an error,
+    /// a missing or damaged object an outcome.
+    pub async fn read_blockrefs(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+    ) -> Result<BlockRefsRead> {
+        let key = self.blockrefs_key(name, sha);
+        let Some(raw) = self.repo.backend().get_bytes(&key).await? else {
+            return Ok(BlockRefsRead::Missing);
+        };
+        let what = format!("{}/{key}", self.repo.describe());
+        let parsed = tokio::task::spawn_blocking(move || {
+            codec::decode_bytes(&raw)
+                .map_err(|e| e.to_string())
+                .and_then(|b| decode_segment(&b).map_err(|e| e.to_string()))
+        })
+        .await?;
+        Ok(match parsed {
+            Ok(s) => BlockRefsRead::Found(Box::new(s)),
+            Err(e) => BlockRefsRead::Damaged(format!("{what}: {e}")),
+        })
+    }
+
     /// The record summary of content `sha` of `name`. A store that cannot
     /// be read is an error; a summary that is there but damaged is an
     /// outcome ([`SummaryRead::Damaged`]), so that one bad object hides
@@ -482,6 +534,12 @@ impl Archive {
             .orphan_summaries
             .iter()
             .map(|sha| self.summary_key(name, sha))
+            .chain(
+                entry
+                    .orphan_blockrefs
+                    .iter()
+                    .map(|sha| self.blockrefs_key(name, sha)),
+            )
             .collect()
     }
 
@@ -497,6 +555,9 @@ impl Archive {
         for c in &entry.contents {
             if c.summarized {
                 keys.push(self.summary_key(name, &c.sha));
+            }
+            if c.blockrefs {
+                keys.push(self.blockrefs_key(name, &c.sha));
             }
         }
         keys.extend(self.orphan_summary_keys(name, entry));
@@ -516,6 +577,15 @@ pub enum SummaryRead {
     Damaged(String),
 }
 
+/// The outcome of reading one block references object.
+#[derive(Debug, Clone)]
+pub enum BlockRefsRead {
+    Found(Box<SegmentRefs>),
+    Missing,
+    /// Present but not readable: object and cause.
+    Damaged(String),
+}
+
 /// A content of a name, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Content {
@@ -524,6 +594,8 @@ pub struct Content {
     pub stored_size: u64,
     /// Whether its record summary is stored.
     pub summarized: bool,
+    /// Whether its block references are stored.
+    pub blockrefs: bool,
 }
 
 /// What one listing shows of one name.
@@ -539,6 +611,8 @@ pub struct NameEntry {
     pub claim_error: Option<String>,
     /// Summaries whose content is not stored.
     pub orphan_summaries: Vec<Sha256Sum>,
+    /// Block references whose content is not stored.
+    pub orphan_blockrefs: Vec<Sha256Sum>,
 }
 
 impl NameEntry {
@@ -565,6 +639,7 @@ impl Listing {
     pub fn from_objects(objects: Vec<ObjectMeta>) -> Listing {
         let mut out = Listing::default();
         let mut summaries: Vec<(WalFileName, Sha256Sum)> = Vec::new();
+        let mut blockrefs: Vec<(WalFileName, Sha256Sum)> = Vec::new();
         for m in objects {
             match layout::parse_archive_key(&m.key) {
                 Some(ArchiveKey::Data { name, sha }) => {
@@ -572,12 +647,14 @@ impl Listing {
                         sha,
                         stored_size: m.size,
                         summarized: false,
+                        blockrefs: false,
                     })
                 }
                 Some(ArchiveKey::Claim { name }) => {
                     out.names.entry(name).or_default().claimed = true
                 }
                 Some(ArchiveKey::Summary { name, sha }) => summaries.push((name, sha)),
+                Some(ArchiveKey::BlockRefs { name, sha }) => blockrefs.push((name, sha)),
                 None => out.unrecognized.push(m),
             }
         }
@@ -586,6 +663,13 @@ impl Listing {
             match entry.contents.iter_mut().find(|c| c.sha == sha) {
                 Some(c) => c.summarized = true,
                 None => entry.orphan_summaries.push(sha),
+            }
+        }
+        for (name, sha) in blockrefs {
+            let entry = out.names.entry(name).or_default();
+            match entry.contents.iter_mut().find(|c| c.sha == sha) {
+                Some(c) => c.blockrefs = true,
+                None => entry.orphan_blockrefs.push(sha),
             }
         }
         for entry in out.names.values_mut() {
@@ -628,6 +712,16 @@ impl Listing {
             e.answer
                 .and_then(|sha| e.content(&sha))
                 .is_some_and(|c| c.summarized)
+        })
+    }
+
+    /// Whether the content answering for `name` has its block references
+    /// stored.
+    pub fn has_blockrefs(&self, name: &WalFileName) -> bool {
+        self.names.get(name).is_some_and(|e| {
+            e.answer
+                .and_then(|sha| e.content(&sha))
+                .is_some_and(|c| c.blockrefs)
         })
     }
 

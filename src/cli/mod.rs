@@ -265,6 +265,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let opts = ops::backup::BackupOptions {
                 pgdata: o.data.pgdata()?.to_path_buf(),
                 conn: o.connection.params(),
+                standby: o.backup_standby,
+                primary: o.primary.over(),
                 start_fast: *start_fast,
                 process_max: o.workers.process_max,
                 // Parallel across files; where one file is all that is left
@@ -301,6 +303,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let repo = open_stanza(g).await?;
             let opts = ops::check::CheckOptions {
                 conn: o.connection.params(),
+                primary: o.primary.over(),
                 archive_timeout: o.connection.archive_timeout(),
             };
             let progress = progress::for_stderr();
@@ -308,8 +311,12 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             for w in &r.warnings {
                 log::warn!("{w}");
             }
+            let through = r
+                .primary
+                .map(|p| format!(", switched on the primary at {p}"))
+                .unwrap_or_default();
             eprintln!(
-                "pgvault: check ok: {} reached {} (stanza {})",
+                "pgvault: check ok: {} reached {} (stanza {}{through})",
                 r.segment,
                 repo.describe(),
                 repo.stanza()
@@ -417,8 +424,14 @@ fn restore_options(
             .as_ref()
             .map(|c| c.expose().to_string()),
     };
+    // Patroni's create_replica_methods pass --role=replica.
+    let standby = a.standby || a.role.as_deref() == Some("replica");
+    let pgdata = match &a.datadir {
+        Some(d) => d.clone(),
+        None => a.options.data.pgdata()?.to_path_buf(),
+    };
     Ok(ops::restore::RestoreOptions {
-        pgdata: a.options.data.pgdata()?.to_path_buf(),
+        pgdata,
         set: a.set.clone(),
         target,
         target_action: a.target_action.map(|t| match t {
@@ -430,8 +443,8 @@ fn restore_options(
         target_exclusive: a.target_exclusive,
         archive_mode_off: a.archive_mode == ArchiveModeArg::Off,
         tablespace_map,
-        standby: a.standby,
-        primary_conninfo: if a.standby { primary_conninfo } else { None },
+        standby,
+        primary_conninfo: if standby { primary_conninfo } else { None },
         delta: a.delta,
         process_max: a.options.workers.process_max,
         restore_command: restore_command(g, config_file)?,

@@ -1,11 +1,17 @@
 //! `check`: prove that the set-up works now, end to end. `backup` runs the
 //! same proof before it copies anything.
+//!
+//! Archiving is proven on the primary: it switches WAL and the segment must
+//! reach the repository. Run against a standby, `check` finds its primary
+//! (as a backup from the standby does), checks that the standby streams
+//! from it on the same timeline, and proves archiving there.
 
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::pg_error;
 use crate::ops::progress::Progress;
+use crate::ops::standby::{self, PrimaryOverride};
 use crate::ops::walfacts;
 use crate::pg::conn::{ArchiverStatus, ConnParams, Session};
 use crate::pg::{SegmentNo, TimelineId, WalFileName};
@@ -14,12 +20,17 @@ use crate::repo::{DbInfo, Repository};
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
     pub conn: ConnParams,
+    /// The primary, when `conn` is a standby whose own connection to it is
+    /// not the way.
+    pub primary: PrimaryOverride,
     pub archive_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct CheckReport {
     pub segment: String,
+    /// The primary archiving was proven on, when `conn` is a standby.
+    pub primary: Option<String>,
     pub warnings: Vec<String>,
 }
 
@@ -40,7 +51,20 @@ pub async fn check(
         ))
         .hint("after pg_upgrade run `pgvault stanza-upgrade --pgdata <new PGDATA>`"));
     }
-    let status = session.archiver_status().await.map_err(pg_error)?;
+    let primary = if session.in_recovery().await.map_err(pg_error)? {
+        let p = standby::primary_of(&session, &opts.conn, &opts.primary).await?;
+        standby::check_pair(&session, &p).await?;
+        progress.message(&format!(
+            "{} is a standby streaming from the primary at {}: proving archiving there",
+            opts.conn.describe(),
+            p.params.describe()
+        ));
+        Some(p)
+    } else {
+        None
+    };
+    let on = primary.as_ref().map(|p| &p.session).unwrap_or(&session);
+    let status = on.archiver_status().await.map_err(pg_error)?;
     let mut warnings = Vec::new();
     if status.archive_mode == "always" {
         warnings.push(
@@ -62,7 +86,7 @@ pub async fn check(
             "set archive_command = 'pgvault --config <file> archive-push %p' and reload PostgreSQL",
         ));
     }
-    let segment = prove_archiving(repo, &db, &session, opts.archive_timeout, progress).await?;
+    let segment = prove_archiving(repo, &db, on, opts.archive_timeout, progress).await?;
     // Archiving works; the archive must also be one cluster history.
     let archive = repo.archive(&db);
     let listing = archive.list().await?;
@@ -79,7 +103,11 @@ pub async fn check(
         )
         .hint("a split brain (an old primary writing after a failover: stop it), or the original of a PITR clone archiving into this stanza (restore clones with --archive-mode off); see docs/disaster-recovery.md"));
     }
-    Ok(CheckReport { segment, warnings })
+    Ok(CheckReport {
+        segment,
+        primary: primary.map(|p| p.params.describe()),
+        warnings,
+    })
 }
 
 /// Archiving must work: archive_mode on, and a WAL switch now reaches the
@@ -96,12 +124,12 @@ pub(crate) async fn prove_archiving(
         return Err(Error::new(Kind::Postgres, "archive_mode is off: WAL is not archived")
             .hint("set archive_mode = on and archive_command = 'pgvault archive-push %p', then restart PostgreSQL"));
     }
+    // Callers hand the primary; a standby cannot switch WAL.
     if session.in_recovery().await.map_err(pg_error)? {
         return Err(Error::new(
             Kind::Postgres,
-            "the server is in recovery; run this against the primary",
-        )
-        .hint("backups and checks from a standby are not supported yet"));
+            "the server is in recovery: only the primary can switch WAL to prove archiving",
+        ));
     }
     // pg_switch_wal() does nothing on an idle cluster: write a little WAL first.
     let segment = session.write_and_switch().await.map_err(pg_error)?;

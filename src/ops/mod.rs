@@ -10,6 +10,7 @@ pub mod expire;
 pub mod info;
 pub mod progress;
 pub mod restore;
+pub mod standby;
 pub mod stanza_create;
 pub mod stanza_upgrade;
 pub mod verify;

@@ -10,14 +10,17 @@
 mod common;
 
 mod archive;
+mod backends;
 mod blockrefs;
 mod config;
 mod lookahead;
 mod operations;
 mod orphans;
 mod pages;
+mod patroni;
 mod pitr;
 mod runbooks;
+mod standby;
 mod targets;
 mod timelines;
 mod upgrade;

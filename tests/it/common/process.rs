@@ -92,6 +92,33 @@ pub struct Spawned {
     started: Instant,
 }
 
+impl Spawned {
+    /// The started process's id (with `As::PgUser`, that of `runuser`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Ids of the children of process `pid` (from `/proc/*/stat`).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // "pid (comm) state ppid …"; comm may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// Wait for a started process (killing it after `timeout`) and collect its
 /// output.
 pub fn finish(spawned: Spawned, timeout: Duration) -> Run {

@@ -257,12 +257,17 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             }
         }
         Command::Backup {
+            backup_type,
             start_fast,
             options: o,
-            ..
         } => {
             let expire_after = o.expire_after()?;
             let opts = ops::backup::BackupOptions {
+                kind: match backup_type {
+                    args::BackupType::Full => ops::backup::BackupKind::Full,
+                    args::BackupType::Diff => ops::backup::BackupKind::Diff,
+                    args::BackupType::Incr => ops::backup::BackupKind::Incr,
+                },
                 pgdata: o.data.pgdata()?.to_path_buf(),
                 conn: o.connection.params(),
                 standby: o.backup_standby,

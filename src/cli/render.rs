@@ -214,6 +214,21 @@ fn info_backups<'a>(s: &mut String, backups: impl Iterator<Item = &'a BackupRepo
             b.wal_start,
             b.wal_stop
         );
+        if let (Some(r), Some(c)) = (&b.reference, &b.changes) {
+            *s += &format!(
+                "{ind}  on {} (chain {}): changes found by {}, {} changed blocks in {} files, {} files unchanged, {} copied whole\n",
+                r,
+                b.depends_on.join(" ← "),
+                c.method,
+                c.changed_blocks,
+                c.delta_files,
+                c.unchanged_files,
+                c.whole_files
+            );
+            for f in &c.fallbacks {
+                *s += &format!("{ind}  fell back: {f}\n");
+            }
+        }
         if let Some(pc) = &b.page_checksums {
             if !pc.bad_pages.is_empty() {
                 *s += &format!(
@@ -320,6 +335,24 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
                 "all valid".to_string()
             } else {
                 format!("{bad} FAILED (listed above, and in `pgvault info`)")
+            }
+        );
+    }
+    if let (Some(r), Some(c)) = (&m.reference, &m.changes) {
+        eprintln!(
+            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged, {} copied whole{}",
+            m.backup_type,
+            r,
+            c.method,
+            c.segments,
+            c.changed_blocks,
+            c.delta_files,
+            c.unchanged_files,
+            c.whole_files,
+            if c.fallbacks.is_empty() {
+                String::new()
+            } else {
+                format!(", {} fallback(s)", c.fallbacks.len())
             }
         );
     }

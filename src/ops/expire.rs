@@ -94,6 +94,21 @@ pub fn keep_set(all: &[BackupHeader], opts: &ExpireOptions) -> BTreeSet<usize> {
     }
     // Never expire everything.
     keep.insert(all.len() - 1);
+    // A differential or incremental backup goes with its full backup (as
+    // pgBackRest's retention-full does); a kept one keeps every backup it
+    // takes files or blocks from.
+    for (i, h) in all.iter().enumerate() {
+        let full = h.depends_on.last();
+        if full.is_some_and(|f| keep.iter().any(|&k| &all[k].label == f)) {
+            keep.insert(i);
+        }
+    }
+    let needed: Vec<&String> = keep.iter().flat_map(|&k| &all[k].depends_on).collect();
+    for (i, h) in all.iter().enumerate() {
+        if needed.contains(&&h.label) {
+            keep.insert(i);
+        }
+    }
     keep
 }
 

@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod backend;
+pub mod blockmap;
 pub mod codec;
 #[doc(hidden)]
 pub mod conformance;

@@ -13,6 +13,7 @@ mod archive;
 mod backends;
 mod blockrefs;
 mod config;
+mod incr;
 mod lookahead;
 mod operations;
 mod orphans;

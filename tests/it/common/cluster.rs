@@ -414,8 +414,13 @@ pub fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
     .ok();
 }
 
-/// `pgvault backup --start-fast` of `pg` as the postgres user.
+/// `pgvault backup --type full --start-fast` of `pg` as the postgres user.
 pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
+    backup_typed(env, repo, pg, "full")
+}
+
+/// `pgvault backup --type TYPE --start-fast` of `pg` as the postgres user.
+pub fn backup_typed(env: &TestEnv, repo: &Repo, pg: &Cluster, backup_type: &str) -> Run {
     let pgdata = pg.pgdata().display().to_string();
     let host = pg.sockdir().display().to_string();
     let port = pg.port().to_string();
@@ -424,6 +429,8 @@ pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
         As::PgUser,
         &[
             "backup",
+            "--type",
+            backup_type,
             "--pgdata",
             &pgdata,
             "--pg-host",

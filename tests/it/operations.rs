@@ -150,6 +150,8 @@ fn backup_args(p: &Primary, archive_timeout: u64) -> Vec<String> {
     v.extend(
         [
             "backup",
+            "--type",
+            "full",
             "--pgdata",
             &p.pgdata(),
             "--pg-host",

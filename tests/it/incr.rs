@@ -91,10 +91,33 @@ fn content(env: &TestEnv, sockdir: &Path, port: u16) -> BTreeMap<String, String>
     out
 }
 
-/// Runs `backup --type ty`; returns its label and stderr.
+/// `pgvault backup --type ty --start-fast` of the server at `pgdata`
+/// listening in `sockdir` on `port`; returns its label and stderr.
 #[track_caller]
-fn backup_of(env: &TestEnv, repo: &Repo, pg: &Cluster, ty: &str) -> (String, String) {
-    let run = backup_typed(env, repo, pg, ty);
+fn backup_at(
+    env: &TestEnv,
+    repo: &Repo,
+    (pgdata, sockdir, port): (&Path, &Path, u16),
+    ty: &str,
+) -> (String, String) {
+    let (pgdata, host, port) = (
+        pgdata.display().to_string(),
+        sockdir.display().to_string(),
+        port.to_string(),
+    );
+    let args = [
+        "backup",
+        "--type",
+        ty,
+        "--pgdata",
+        &pgdata,
+        "--pg-host",
+        &host,
+        "--pg-port",
+        &port,
+        "--start-fast",
+    ];
+    let run = repo.run(env, As::PgUser, &args, env.dir());
     run.ok();
     for l in run
         .stderr
@@ -104,6 +127,12 @@ fn backup_of(env: &TestEnv, repo: &Repo, pg: &Cluster, ty: &str) -> (String, Str
         eprintln!("{ty}: {l}");
     }
     (run.stdout.trim().to_string(), run.stderr.clone())
+}
+
+/// Runs `backup --type ty` of `pg`; returns its label and stderr.
+#[track_caller]
+fn backup_of(env: &TestEnv, repo: &Repo, pg: &Cluster, ty: &str) -> (String, String) {
+    backup_at(env, repo, (pg.pgdata(), pg.sockdir(), pg.port()), ty)
 }
 
 #[track_caller]
@@ -152,12 +181,65 @@ fn restore_and_compare(
 
 #[test]
 fn incremental_chain_restores_every_backup() {
-    let env = TestEnv::new();
+    cycle(&TestEnv::new(), 15, true);
+}
+
+/// The chain (full, incr, diff, incr, each restored and compared) on
+/// another PostgreSQL major, with the binaries `scripts/test.sh` fetches.
+fn cycle_on(major: u32) {
+    let var = format!("PGVAULT_TEST_PGBIN_{major}");
+    let Some(bin) = std::env::var(&var).ok().filter(|v| !v.is_empty()) else {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(
+            !ci,
+            "{var} is not set: scripts/test.sh sets it from `scripts/fetch-pg.sh {major}`"
+        );
+        eprintln!("skipping PostgreSQL {major}: {var} is not set (run scripts/test.sh)");
+        return;
+    };
+    let mut env = TestEnv::new();
+    env.pgbin = std::path::PathBuf::from(&bin);
+    cycle(&env, major, false);
+}
+
+#[test]
+fn incremental_chain_pg14() {
+    cycle_on(14);
+}
+
+#[test]
+fn incremental_chain_pg16() {
+    cycle_on(16);
+}
+
+#[test]
+fn incremental_chain_pg17() {
+    cycle_on(17);
+}
+
+#[test]
+fn incremental_chain_pg18() {
+    cycle_on(18);
+}
+
+/// The scenario of the module comment on `major`; `tail`: also PITR,
+/// fallback, expire and verify.
+fn cycle(env: &TestEnv, major: u32, tail: bool) {
     let repo = env.local_repo("incr");
-    let mut pg = Cluster::init(&env, initopts());
-    repo.stanza_create(&env, pg.pgdata());
-    pg.start_archiving(&env, &repo);
+    let mut pg = Cluster::init(env, initopts());
+    repo.stanza_create(env, pg.pgdata());
+    pg.start_archiving(env, &repo);
     let (sock, port) = (pg.sockdir().to_path_buf(), pg.port());
+    assert_eq!(
+        pg.psql("select current_setting('server_version_num')::int / 10000"),
+        major.to_string()
+    );
+    // STRATEGY (FILE_COPY or WAL_LOG) is PostgreSQL 15's; 14 copies files.
+    let file_copy = if major >= 15 {
+        "create database db3 strategy file_copy"
+    } else {
+        "create database db3"
+    };
     pg.psql("create table if not exists pgvault_it_switch(x int)");
     pg.psql(
         "create table accounts(id int primary key, bal int, tags int[], pad text);
@@ -173,13 +255,13 @@ fn incremental_chain_restores_every_backup() {
     );
 
     // With no backup at all, an incr becomes a full one and says so.
-    let (full, err) = backup_of(&env, &repo, &pg, "incr");
+    let (full, err) = backup_of(env, &repo, &pg, "incr");
     assert!(full.ends_with('F'), "label {full}");
     assert!(
         err.contains("taking a full backup"),
         "an incr without a full should say it takes a full one:\n{err}"
     );
-    let full_content = content(&env, &sock, port);
+    let full_content = content(env, &sock, port);
 
     // Round 1.
     for sql in [
@@ -192,31 +274,31 @@ fn incremental_chain_restores_every_backup() {
         "vacuum vac",
         "create table newt as select g as id, md5(g::text) as h from generate_series(1, 5000) g",
         "create database db2",
-        "create database db3 strategy file_copy",
+        file_copy,
     ] {
         pg.psql(sql);
     }
     psql_db(
-        &env,
+        env,
         &sock,
         port,
         "db2",
         "create table x as select generate_series(1, 1000) id",
     );
     psql_db(
-        &env,
+        env,
         &sock,
         port,
         "db3",
         "create table y as select generate_series(1, 500) id",
     );
-    let (incr1, err) = backup_of(&env, &repo, &pg, "incr");
+    let (incr1, err) = backup_of(env, &repo, &pg, "incr");
     assert!(incr1.ends_with('I'), "label {incr1}");
     assert!(
         err.contains(&format!("incr backup on {full}")) && err.contains("changes found by wal"),
         "the incr should name its reference and its method:\n{err}"
     );
-    let incr1_content = content(&env, &sock, port);
+    let incr1_content = content(env, &sock, port);
 
     // Round 2.
     for sql in [
@@ -228,23 +310,23 @@ fn incremental_chain_restores_every_backup() {
         pg.psql(sql);
     }
     psql_db(
-        &env,
+        env,
         &sock,
         port,
         "db3",
         "insert into y select generate_series(501, 600)",
     );
-    let (diff, err) = backup_of(&env, &repo, &pg, "diff");
+    let (diff, err) = backup_of(env, &repo, &pg, "diff");
     assert!(diff.ends_with('D'), "label {diff}");
     assert!(err.contains(&format!("diff backup on {full}")), "{err}");
-    let diff_content = content(&env, &sock, port);
+    let diff_content = content(env, &sock, port);
 
     pg.psql("update accounts set pad = 'z' where id between 100 and 300; insert into newt values (0, 'zero');");
-    let (incr2, err) = backup_of(&env, &repo, &pg, "incr");
+    let (incr2, err) = backup_of(env, &repo, &pg, "incr");
     assert!(err.contains(&format!("incr backup on {diff}")), "{err}");
-    let incr2_content = content(&env, &sock, port);
+    let incr2_content = content(env, &sock, port);
 
-    let i = info(&env, &repo);
+    let i = info(env, &repo);
     let b = backup_info(&i, &incr2);
     assert_eq!(b["type"], "incr");
     assert_eq!(b["reference"], diff.as_str());
@@ -265,18 +347,22 @@ fn incremental_chain_restores_every_backup() {
     );
 
     let immediate: &[&str] = &["--target", "immediate"];
-    restore_and_compare(&env, &repo, &full, immediate, &full_content);
-    restore_and_compare(&env, &repo, &incr1, immediate, &incr1_content);
-    restore_and_compare(&env, &repo, &diff, immediate, &diff_content);
-    restore_and_compare(&env, &repo, &incr2, immediate, &incr2_content);
+    restore_and_compare(env, &repo, &full, immediate, &full_content);
+    restore_and_compare(env, &repo, &incr1, immediate, &incr1_content);
+    restore_and_compare(env, &repo, &diff, immediate, &diff_content);
+    restore_and_compare(env, &repo, &incr2, immediate, &incr2_content);
+    if !tail {
+        pg.stop();
+        return;
+    }
 
     // PITR from the incremental to the end of the archive: rows written
     // after it are there.
     pg.psql("insert into newt values (-1, 'after incr2')");
     let seg = pg.switch_wal();
     pg.wait_archived(&seg, Duration::from_secs(120));
-    let latest = content(&env, &sock, port);
-    restore_and_compare(&env, &repo, &incr2, &[], &latest);
+    let latest = content(env, &sock, port);
+    restore_and_compare(env, &repo, &incr2, &[], &latest);
 
     // A missing block references object: the backup falls back to whole
     // files, says so and restores right.
@@ -299,34 +385,34 @@ fn incremental_chain_restores_every_backup() {
         std::fs::remove_file(p).expect("remove a blockrefs object");
     }
     pg.psql("update accounts set bal = 0 where id % 3 = 0");
-    let (fallback, err) = backup_of(&env, &repo, &pg, "incr");
+    let (fallback, err) = backup_of(env, &repo, &pg, "incr");
     assert!(
         err.contains("falling back to whole files") && err.contains("no block references"),
         "the backup should say it fell back, and why:\n{err}"
     );
-    let fallback_content = content(&env, &sock, port);
-    let i = info(&env, &repo);
+    let fallback_content = content(env, &sock, port);
+    let i = info(env, &repo);
     assert_eq!(
         backup_info(&i, &fallback)["changes"]["method"],
         "whole-files"
     );
-    restore_and_compare(&env, &repo, &fallback, immediate, &fallback_content);
+    restore_and_compare(env, &repo, &fallback, immediate, &fallback_content);
 
     // A new full and an incr on it; retention of one full removes the old
     // chain and keeps the incr's full.
-    let (full2, _) = backup_of(&env, &repo, &pg, "full");
+    let (full2, _) = backup_of(env, &repo, &pg, "full");
     pg.psql("update accounts set bal = 1 where id % 97 = 0");
-    let (incr3, err) = backup_of(&env, &repo, &pg, "incr");
+    let (incr3, err) = backup_of(env, &repo, &pg, "incr");
     assert!(err.contains(&format!("incr backup on {full2}")), "{err}");
-    let incr3_content = content(&env, &sock, port);
+    let incr3_content = content(env, &sock, port);
     repo.run(
-        &env,
+        env,
         As::PgUser,
         &["expire", "--retention-full", "1"],
         env.dir(),
     )
     .ok();
-    let i = info(&env, &repo);
+    let i = info(env, &repo);
     let labels: Vec<&str> = i["backups"]
         .as_array()
         .expect("backups")
@@ -334,7 +420,7 @@ fn incremental_chain_restores_every_backup() {
         .filter_map(|b| b["label"].as_str())
         .collect();
     assert_eq!(labels, [full2.as_str(), incr3.as_str()], "after expire");
-    restore_and_compare(&env, &repo, &incr3, immediate, &incr3_content);
+    restore_and_compare(env, &repo, &incr3, immediate, &incr3_content);
 
     // The full an incr depends on gone by hand: verify names it.
     let dir = repo
@@ -344,7 +430,7 @@ fn incremental_chain_restores_every_backup() {
         .join("incr/backup")
         .join(&full2);
     std::fs::remove_dir_all(&dir).expect("remove the full's directory");
-    let v = repo.run(&env, As::PgUser, &["verify", "--output", "json"], env.dir());
+    let v = repo.run(env, As::PgUser, &["verify", "--output", "json"], env.dir());
     assert!(
         v.stdout.contains("missing-dependency") && v.stdout.contains(&full2),
         "verify should name the missing reference {full2}:\n{}\n{}",
@@ -352,4 +438,65 @@ fn incremental_chain_restores_every_backup() {
         v.stderr
     );
     pg.stop();
+}
+
+/// Across a timeline switch: the old primary stops, its incremental is
+/// restored as the new primary (archiving into the same stanza) and
+/// promoted to timeline 2; an incremental of it builds on the timeline-1
+/// incremental, and its restore equals the new primary at that backup.
+#[test]
+fn incremental_across_a_timeline_switch() {
+    let env = &TestEnv::new();
+    let repo = env.local_repo("incrtl");
+    let mut pg = Cluster::init(env, initopts());
+    repo.stanza_create(env, pg.pgdata());
+    pg.start_archiving(env, &repo);
+    let (sock, port) = (pg.sockdir().to_path_buf(), pg.port());
+    pg.psql("create table if not exists pgvault_it_switch(x int)");
+    pg.psql(
+        "create table a(id int primary key, v int);
+         insert into a select g, 0 from generate_series(1, 20000) g",
+    );
+    let (full, _) = backup_of(env, &repo, &pg, "full");
+    pg.psql("update a set v = 1 where id % 40 = 0");
+    let (incr1, _) = backup_of(env, &repo, &pg, "incr");
+    let incr1_content = content(env, &sock, port);
+    // The old primary goes on a little on timeline 1, then stops.
+    pg.psql("update a set v = 7 where id % 3 = 0");
+    pg.stop();
+
+    let mut p2 = Node::new(env, &repo, "incr-tl2");
+    let pgdata = p2.pgdata.display().to_string();
+    let args = [
+        "restore",
+        "--pgdata",
+        pgdata.as_str(),
+        "--set",
+        &incr1,
+        "--target",
+        "immediate",
+        "--target-action",
+        "promote",
+        "--archive-mode",
+        "preserve",
+    ];
+    repo.run(env, As::PgUser, &args, env.dir()).ok();
+    p2.start();
+    p2.wait_promoted();
+    assert_eq!(p2.timeline(), 2);
+    assert_eq!(content(env, &p2.base, p2.port), incr1_content);
+    p2.psql("update a set v = 2 where id % 60 = 0");
+    p2.psql("insert into a select g, 2 from generate_series(20001, 21000) g");
+    let (incr2, err) = backup_at(env, &repo, (&p2.pgdata, &p2.base, p2.port), "incr");
+    assert!(
+        incr2.ends_with('I') && err.contains(&format!("incr backup on {incr1}")),
+        "the timeline-2 incr should build on the timeline-1 incr {incr1}:\n{err}"
+    );
+    let want = content(env, &p2.base, p2.port);
+    let i = info(env, &repo);
+    let b = backup_info(&i, &incr2);
+    assert_eq!(b["timeline"], 2);
+    assert_eq!(b["depends_on"], serde_json::json!([incr1, full]));
+    restore_and_compare(env, &repo, &incr2, &["--target", "immediate"], &want);
+    p2.stop();
 }

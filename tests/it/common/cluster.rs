@@ -416,11 +416,6 @@ pub fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
 
 /// `pgvault backup --type full --start-fast` of `pg` as the postgres user.
 pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
-    backup_typed(env, repo, pg, "full")
-}
-
-/// `pgvault backup --type TYPE --start-fast` of `pg` as the postgres user.
-pub fn backup_typed(env: &TestEnv, repo: &Repo, pg: &Cluster, backup_type: &str) -> Run {
     let pgdata = pg.pgdata().display().to_string();
     let host = pg.sockdir().display().to_string();
     let port = pg.port().to_string();
@@ -430,7 +425,7 @@ pub fn backup_typed(env: &TestEnv, repo: &Repo, pg: &Cluster, backup_type: &str)
         &[
             "backup",
             "--type",
-            backup_type,
+            "full",
             "--pgdata",
             &pgdata,
             "--pg-host",

@@ -25,7 +25,7 @@ mod process;
 mod wal;
 
 pub use cases::Cases;
-pub use cluster::{backup, backup_run, backup_typed, stanza_create, Cluster, InitOpts};
+pub use cluster::{backup, backup_run, stanza_create, Cluster, InitOpts};
 pub use node::{Node, RECOVERY_TIMEOUT};
 pub use process::{children_of, finish, spawn_as, As, Run, Spawned, PGVAULT_TIMEOUT};
 pub use wal::{assert_same_file, parse_segment, pseudo_random_bytes, segment_name, segment_range};

@@ -279,6 +279,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // the worker reads and hashes.
                 encode: o.compression.encode(),
                 archive_timeout: o.connection.archive_timeout(),
+                catalog: g.catalog(&o.catalog),
             };
             let repo = open_stanza(g).await?;
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());

@@ -340,7 +340,7 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
     }
     if let (Some(r), Some(c)) = (&m.reference, &m.changes) {
         eprintln!(
-            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged, {} copied whole{}",
+            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged ({} compared with the reference), {} copied whole{}",
             m.backup_type,
             r,
             c.method,
@@ -348,6 +348,7 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
             c.changed_blocks,
             c.delta_files,
             c.unchanged_files,
+            c.compared_files,
             c.whole_files,
             if c.fallbacks.is_empty() {
                 String::new()

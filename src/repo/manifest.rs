@@ -91,6 +91,10 @@ pub struct ChangeReport {
     /// Files copied whole (not relation files, new, created, truncated to
     /// nothing, free space maps, or a doubt).
     pub whole_files: u64,
+    /// Files the WAL could not answer for, read and compared with the
+    /// reference's copy (those found the same count as unchanged).
+    #[serde(default)]
+    pub compared_files: u64,
     /// Why files were copied whole where the WAL could not answer: one
     /// line each (a missing segment, a doubt, a size not explained).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

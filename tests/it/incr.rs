@@ -392,9 +392,13 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
     );
     let fallback_content = content(env, &sock, port);
     let i = info(env, &repo);
-    assert_eq!(
-        backup_info(&i, &fallback)["changes"]["method"],
-        "whole-files"
+    let c = &backup_info(&i, &fallback)["changes"];
+    assert_eq!(c["method"], "whole-files");
+    // Read and compared, the files that did not change are not stored again.
+    assert!(
+        c["compared_files"].as_u64().unwrap_or(0) > 0
+            && c["unchanged_files"].as_u64().unwrap_or(0) > 0,
+        "the fallback should compare files with the reference: {c:#}"
     );
     restore_and_compare(env, &repo, &fallback, immediate, &fallback_content);
 
@@ -422,13 +426,29 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
     assert_eq!(labels, [full2.as_str(), incr3.as_str()], "after expire");
     restore_and_compare(env, &repo, &incr3, immediate, &incr3_content);
 
+    // A damaged object of the incr (its changed blocks or a whole file):
+    // verify names the backup.
+    let backups = repo.local.as_ref().expect("local repo").join("incr/backup");
+    let mut objects = Vec::new();
+    walk(&backups.join(&incr3).join("data"), &mut |p: &Path| {
+        objects.push(p.to_path_buf())
+    });
+    objects.sort_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+    let victim = objects.last().expect("incr3 stored objects");
+    let mut bytes = std::fs::read(victim).expect("read an object");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(victim, &bytes).expect("damage an object");
+    let v = repo.run(env, As::PgUser, &["verify", "--output", "json"], env.dir());
+    assert!(
+        v.stdout.contains("corrupt") && v.stdout.contains(&format!("backup {incr3}")),
+        "verify should report the damaged object of {incr3}:\n{}\n{}",
+        v.stdout,
+        v.stderr
+    );
+
     // The full an incr depends on gone by hand: verify names it.
-    let dir = repo
-        .local
-        .as_ref()
-        .expect("local repo")
-        .join("incr/backup")
-        .join(&full2);
+    let dir = backups.join(&full2);
     std::fs::remove_dir_all(&dir).expect("remove the full's directory");
     let v = repo.run(env, As::PgUser, &["verify", "--output", "json"], env.dir());
     assert!(

@@ -91,6 +91,7 @@ pub(super) async fn history_of(
 /// backup becomes a full one.
 pub(super) async fn choose_reference(
     repo: &Repository,
+    catalog: Option<&crate::catalog::Catalog>,
     db: &DbInfo,
     kind: BackupKind,
     history: Option<&TimelineHistory>,
@@ -109,7 +110,7 @@ pub(super) async fn choose_reference(
     let Some(history) = history else {
         return full("the current timeline has no history file in the archive".into());
     };
-    let index = backups::index(repo, None).await?;
+    let index = backups::index(repo, catalog).await?;
     let present: std::collections::HashSet<&str> =
         index.headers.iter().map(|h| h.label.as_str()).collect();
     let usable = index.headers.iter().rev().find(|h| {
@@ -270,6 +271,10 @@ pub(super) enum Decision {
     Same(FileEntry),
     /// These blocks of it, the rest from the reference's parts.
     Blocks { blocks: Ranges, older: Vec<Part> },
+    /// The WAL cannot answer for it: read it and compare it with the
+    /// reference's copy (same size, whole-file checksum); the same, it is
+    /// taken from the reference, else copied whole.
+    Compare(FileEntry),
 }
 
 impl Plan {
@@ -283,8 +288,14 @@ impl Plan {
         let Some(old) = self.by_path.get(rel) else {
             return whole;
         };
+        // Where the WAL cannot answer, a file the reference holds whole at
+        // the same size is compared rather than copied.
+        let compare = || match old.parts.is_empty() && old.size == size {
+            true => (Decision::Compare(self.same(old)), None),
+            false => (Decision::Whole, None),
+        };
         let Some(changes) = &self.changes else {
-            return whole;
+            return compare();
         };
         let Some(fork) = blockref::Fork::from_number(rf.fork as u8) else {
             return whole;
@@ -310,24 +321,28 @@ impl Plan {
         let (n, m) = (blockmap::block_count(size), blockmap::block_count(old.size));
         let seg_first = rf.segno.saturating_mul(RELSEG_SIZE);
         let seg_end = seg_first.saturating_add(RELSEG_SIZE);
-        let state = changes.with_fork_state(&key, |st| match st {
-            ForkState::Unchanged => Some((Vec::new(), None)),
-            ForkState::Changed { blocks, limit } => Some((
+        /// What the change set says of the fork, owned.
+        enum Said {
+            Blocks(Vec<u32>, Option<u32>),
+            Doubt,
+            Whole,
+        }
+        let said = changes.with_fork_state(&key, |st| match st {
+            ForkState::Unchanged => Said::Blocks(Vec::new(), None),
+            ForkState::Changed { blocks, limit } => Said::Blocks(
                 blocks
                     .range(seg_first, seg_end)
                     .map(|b| b - seg_first)
-                    .collect::<Vec<u32>>(),
+                    .collect(),
                 limit.map(|l| l.saturating_sub(seg_first)),
-            )),
-            ForkState::Whole(Whole::Doubt(_))
-            | ForkState::Whole(Whole::NotWalLogged)
-            | ForkState::Whole(Whole::Tablespace(_))
-            | ForkState::Whole(Whole::Database(_))
-            | ForkState::Whole(Whole::Fork(_)) => None,
+            ),
+            ForkState::Whole(Whole::Doubt(_)) => Said::Doubt,
+            ForkState::Whole(_) => Said::Whole,
         });
-        let (changed, limit) = match state {
-            Ok(Some(s)) => s,
-            Ok(None) => return whole,
+        let (changed, limit) = match said {
+            Ok(Said::Blocks(changed, limit)) => (changed, limit),
+            Ok(Said::Doubt) => return compare(),
+            Ok(Said::Whole) => return whole,
             Err(e) => {
                 return (
                     Decision::Whole,
@@ -352,13 +367,19 @@ impl Plan {
         let blocks = blockmap::ranges_of(blocks);
         let older = blockmap::parts_of(old, &self.reference.label);
         if blocks.is_empty() && n == m {
-            let mut same = old.clone();
-            if same.parts.is_empty() && same.backup.is_none() {
-                same.backup = Some(self.reference.label.clone());
-            }
-            return (Decision::Same(same), None);
+            return (Decision::Same(self.same(old)), None);
         }
         (Decision::Blocks { blocks, older }, None)
+    }
+
+    /// The reference's entry as this backup lists it: pointing at the
+    /// backup that holds it.
+    fn same(&self, old: &FileEntry) -> FileEntry {
+        let mut same = old.clone();
+        if same.parts.is_empty() && same.backup.is_none() {
+            same.backup = Some(self.reference.label.clone());
+        }
+        same
     }
 }
 

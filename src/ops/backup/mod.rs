@@ -75,6 +75,9 @@ pub struct BackupOptions {
     pub encode: EncodeOptions,
     /// Bound on waiting for WAL to reach the repository.
     pub archive_timeout: Duration,
+    /// The local cache of backup headers, for choosing a reference without
+    /// reading every manifest.
+    pub catalog: Option<crate::catalog::Catalog>,
 }
 
 /// Files smaller than this go into bundles.
@@ -157,8 +160,15 @@ async fn backup_inner(
     } else {
         incr::history_of(repo, &db, tli_now).await?
     };
-    let reference =
-        incr::choose_reference(repo, &db, opts.kind, history.as_ref(), &*progress).await?;
+    let reference = incr::choose_reference(
+        repo,
+        opts.catalog.as_ref(),
+        &db,
+        opts.kind,
+        history.as_ref(),
+        &*progress,
+    )
+    .await?;
     let kind = match (&reference, &history) {
         (Some(_), Some(_)) => opts.kind,
         _ => BackupKind::Full,
@@ -255,6 +265,7 @@ async fn backup_inner(
             r.delta_files = counts.delta_files;
             r.changed_blocks = counts.changed_blocks;
             r.whole_files = counts.whole_files;
+            r.compared_files = counts.compared_files;
             for f in &counts.fallbacks {
                 progress.message(&format!("falling back to the whole file: {f}"));
             }
@@ -661,6 +672,21 @@ impl Worker {
         Error::io(Kind::Repository, "write to", dir, &e)
     }
 
+    /// Whether `f` on disk is the reference's copy `old` (size and SHA-256;
+    /// a file that vanished is not).
+    fn same_as(&mut self, f: &ScanFile, old: &FileEntry) -> Result<bool> {
+        let mut file = match File::open(&f.abs) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(Kind::InvalidInput, "open", f.abs.display(), &e)),
+        };
+        let mut h = crate::repo::codec::HashingWriter::new(io::sink());
+        io::copy(&mut file, &mut h)
+            .map_err(|e| Error::io(Kind::InvalidInput, "read", f.abs.display(), &e))?;
+        let (_, d) = h.finish();
+        Ok(d.size == old.size && d.sha256.to_hex() == old.sha256)
+    }
+
     fn add(&mut self, f: &ScanFile) -> Result<u64> {
         let decision = self.plan.as_ref().map(|p| p.decide(&f.rel, f.size));
         let mut delta = None;
@@ -679,6 +705,16 @@ impl Worker {
                     self.counts.changed_blocks += blockmap::count(&blocks);
                     stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
                     delta = Some((blocks, older));
+                }
+                Decision::Compare(old) => {
+                    self.counts.compared_files += 1;
+                    if self.same_as(f, &old)? {
+                        self.counts.unchanged_files += 1;
+                        let size = old.size;
+                        self.done.push(old);
+                        return Ok(size);
+                    }
+                    self.counts.whole_files += 1;
                 }
                 Decision::Whole => self.counts.whole_files += 1,
             }
@@ -790,6 +826,7 @@ async fn copy_files(
         counts.delta_files += c.delta_files;
         counts.changed_blocks += c.changed_blocks;
         counts.whole_files += c.whole_files;
+        counts.compared_files += c.compared_files;
         counts.fallbacks.extend(c.fallbacks);
         pages.pages_checked += p.pages_checked;
         pages.bad_pages.extend(p.bad_pages);

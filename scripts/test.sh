@@ -68,6 +68,8 @@ pgv_start_etcd "$LOGDIR"
 export PGVAULT_TEST_PGBIN="$PGV_PGBIN"
 export PGVAULT_TEST_USER="$PGV_TEST_USER"
 export PGVAULT_TEST_MOTO="$PGV_MOTO_URL"
+# Tests that kill and restart a moto of their own (tests/it/common/moto.rs).
+export PGVAULT_TEST_MOTO_PY="$PGV_MOTO_PY"
 export PGVAULT_TEST_S3SFS="$PGV_S3SFS_URL"
 export PGVAULT_TEST_AWS_ACCESS_KEY_ID="$PGV_S3_ACCESS_KEY"
 export PGVAULT_TEST_AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY"

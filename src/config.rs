@@ -48,8 +48,10 @@
 //! test checks).
 
 mod layers;
+pub mod repos;
 
 pub use layers::{is_secret, parse, ParseError, Parsed};
+pub use repos::{RepoArg, REPO_MAX};
 
 use std::convert::Infallible;
 use std::fmt;
@@ -66,6 +68,7 @@ use crate::pg::conn::ConnParams;
 use crate::repo::s3::S3Options;
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
 use crate::spool::SpoolDir;
+use repos::PerRepo;
 
 pub const DEFAULT_CONFIG: &str = "/etc/pgvault/pgvault.toml";
 
@@ -78,16 +81,16 @@ const GENERAL: &str = "General";
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct Global {
-    /// Repository: a path, file:///path or s3://bucket/prefix
+    /// Repository 1: a path, file:///path or s3://bucket/prefix; or a number N: act on repository N only (repositories 2 to 4: repo2-path, repo2-s3-…, see docs/configuration.md)
     #[arg(
         long,
         global = true,
         env = "PGVAULT_REPO",
-        value_name = "URL",
-        value_parser = RepoLocation::parse,
+        value_name = "URL|N",
+        value_parser = RepoArg::parse,
         help_heading = REPOSITORY
     )]
-    pub repo: Option<RepoLocation>,
+    pub repo: Option<RepoArg>,
     /// Stanza: the cluster's name in the repository
     #[arg(
         long,
@@ -98,6 +101,39 @@ pub struct Global {
         help_heading = REPOSITORY
     )]
     pub stanza: String,
+    /// Repository 1's S3 settings.
+    #[command(flatten)]
+    pub s3: S3Settings,
+    /// `repoN-path`, `repoN-s3-…`.
+    #[command(flatten)]
+    pub numbered: PerRepo<RepoSettings>,
+    /// Configuration file (TOML) [default: /etc/pgvault/pgvault.toml, when it exists]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_CONFIG",
+        value_name = "FILE",
+        help_heading = GENERAL
+    )]
+    pub config: Option<PathBuf>,
+    /// Log lines on stderr from this level up: off, error, warn, info, debug or trace
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "warn",
+        value_parser = parse_log_level,
+        help_heading = GENERAL
+    )]
+    pub log_level: log::LevelFilter,
+}
+
+/// How to reach an S3 repository: repository 1's as they are
+/// (`s3-endpoint`), the others' numbered (`repo2-s3-endpoint`).
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct S3Settings {
     /// S3 endpoint URL [default: AWS_ENDPOINT]
     #[arg(
         long,
@@ -154,26 +190,18 @@ pub struct Global {
         value_parser = Secret::parse
     )]
     pub s3_secret_access_key: Option<Secret>,
-    /// Configuration file (TOML) [default: /etc/pgvault/pgvault.toml, when it exists]
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_CONFIG",
-        value_name = "FILE",
-        help_heading = GENERAL
-    )]
-    pub config: Option<PathBuf>,
-    /// Log lines on stderr from this level up: off, error, warn, info, debug or trace
-    #[arg(
-        long,
-        global = true,
-        env = "PGVAULT_LOG_LEVEL",
-        value_name = "LEVEL",
-        default_value = "warn",
-        value_parser = parse_log_level,
-        help_heading = GENERAL
-    )]
-    pub log_level: log::LevelFilter,
+}
+
+/// Where repository N is and how to reach it: the template of the
+/// numbered options `repoN-path`, `repoN-s3-…` (see `config/repos.rs`).
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct RepoSettings {
+    /// A path, file:///path or s3://bucket/prefix
+    #[arg(long = "path", global = true, value_name = "URL", value_parser = RepoLocation::parse)]
+    pub path: Option<RepoLocation>,
+    #[command(flatten)]
+    pub s3: S3Settings,
 }
 
 /// The local catalog: `archive-push`, `backup`, `restore`, `info`, `expire`,
@@ -286,10 +314,24 @@ pub struct Workers {
     pub process_max: usize,
 }
 
-/// Retention: `expire`, and `backup` for `expire-auto`.
+/// Retention: `expire`, and `backup` for `expire-auto`. Each repository
+/// has its own: `retention-full` is repository 1's, `repo2-retention-full`
+/// repository 2's.
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct Retention {
+    /// Repository 1's.
+    #[command(flatten)]
+    pub values: RetentionSettings,
+    /// `repoN-retention-…`.
+    #[command(flatten)]
+    pub numbered: PerRepo<RetentionSettings>,
+}
+
+/// The retention of one repository.
+#[derive(Debug, Clone, Default, Args)]
+#[group(skip)]
+pub struct RetentionSettings {
     /// Expire: keep this many full backups
     #[arg(long, env = "PGVAULT_RETENTION_FULL", value_name = "N")]
     pub retention_full: Option<usize>,
@@ -303,17 +345,45 @@ pub struct Retention {
     pub retention_window: Option<Duration>,
 }
 
-impl Retention {
+impl RetentionSettings {
     pub fn is_set(&self) -> bool {
         self.retention_full.is_some() || self.retention_window.is_some()
     }
 }
 
-/// The local spool: `archive-push`, `archive-get`.
+impl Retention {
+    /// Repository `n`'s retention: its numbered options, and for
+    /// repository 1 the unnumbered ones under them.
+    pub fn for_repo(&self, n: u8) -> RetentionSettings {
+        let base = if n == 1 {
+            self.values.clone()
+        } else {
+            RetentionSettings::default()
+        };
+        match self.numbered.get(n) {
+            None => base,
+            Some(r) => RetentionSettings {
+                retention_full: if r.is_set("retention_full") {
+                    r.value.retention_full
+                } else {
+                    base.retention_full
+                },
+                retention_window: if r.is_set("retention_window") {
+                    r.value.retention_window
+                } else {
+                    base.retention_window
+                },
+            },
+        }
+    }
+}
+
+/// The local spool: `archive-push`, `archive-get`; `info` and `check`
+/// read the archive-push queues there.
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct Spool {
-    /// Local spool directory (look-ahead push records, prefetched WAL) [default: ~/.local/state/pgvault/spool]
+    /// Local spool directory (look-ahead push records, archive-push queues, prefetched WAL) [default: ~/.local/state/pgvault/spool]
     #[arg(long, env = "PGVAULT_SPOOL_PATH", value_name = "DIR")]
     pub spool_path: Option<PathBuf>,
 }
@@ -347,6 +417,22 @@ pub struct ArchivePush {
         value_parser = parse_on_superseded
     )]
     pub archive_push_superseded: OnSuperseded,
+    /// With several repositories: acknowledge PostgreSQL once this many hold the file durably; the others get it queued in the spool, and a detached pusher catches them up [default: all]
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_PUSH_QUORUM",
+        value_name = "N",
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=u64::from(REPO_MAX))
+    )]
+    pub archive_push_quorum: Option<usize>,
+    /// Most bytes queued in the spool for one repository that is behind (4GiB, 512MiB, or bytes); past it the oldest files queued for that repository are dropped from its queue and the gap recorded [default: no limit]
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_PUSH_QUEUE_MAX",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
+    pub archive_push_queue_max: Option<u64>,
     #[command(flatten)]
     pub workers: Workers,
     #[command(flatten)]
@@ -413,22 +499,33 @@ pub struct Backup {
 }
 
 impl Backup {
-    /// The retention to apply after the backup, if `expire-auto` is on.
-    /// Refused up front without any: the backup would succeed and its
-    /// expire then fail, and a cron job would see a failed backup.
-    pub fn expire_after(&self) -> Result<Option<&Retention>> {
+    /// The retention to apply after the backup into repository `n`, if
+    /// `expire-auto` is on. Refused up front without any: the backup would
+    /// succeed and its expire then fail, and a cron job would see a failed
+    /// backup.
+    pub fn expire_after(&self, n: u8) -> Result<Option<RetentionSettings>> {
         if !self.expire_auto {
             return Ok(None);
         }
-        if !self.retention.is_set() {
-            return Err(Error::usage(
-                "expire-auto is on but no retention is set: the expire after the backup would have nothing to apply",
-            )
-            .hint(
-                "set retention-full and/or retention-window (a flag, PGVAULT_RETENTION_FULL, or the configuration file), or turn expire-auto off",
-            ));
+        let r = self.retention.for_repo(n);
+        if !r.is_set() {
+            let (full, window) = if n == 1 {
+                ("retention-full".to_string(), "retention-window".to_string())
+            } else {
+                (
+                    repos::numbered_long(n, "retention-full"),
+                    repos::numbered_long(n, "retention-window"),
+                )
+            };
+            return Err(Error::usage(format!(
+                "expire-auto is on but repository {n} has no retention: the expire after the backup would have nothing to apply",
+            ))
+            .hint(format!(
+                "set {full} and/or {window} (a flag, PGVAULT_{}, or the configuration file), or turn expire-auto off",
+                full.to_ascii_uppercase().replace('-', "_")
+            )));
         }
-        Ok(Some(&self.retention))
+        Ok(Some(r))
     }
 }
 
@@ -455,6 +552,8 @@ pub struct Check {
     pub connection: Connection,
     #[command(flatten)]
     pub primary: Primary,
+    #[command(flatten)]
+    pub spool: Spool,
 }
 
 /// `expire`.
@@ -481,6 +580,8 @@ pub struct Verify {
 pub struct Info {
     #[command(flatten)]
     pub catalog: CatalogFile,
+    #[command(flatten)]
+    pub spool: Spool,
 }
 
 /// `backfill`.
@@ -528,15 +629,140 @@ fn parse_catalog(s: &str) -> std::result::Result<CatalogSetting, Infallible> {
     })
 }
 
+/// One repository a command acts on: its number, where it is, and how to
+/// reach it.
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    pub number: u8,
+    pub location: RepoLocation,
+    pub s3: S3Settings,
+}
+
 impl Global {
-    pub fn repo(&self) -> Result<&RepoLocation> {
-        self.repo.as_ref().ok_or_else(|| {
-            Error::usage("no repository given")
-                .hint("pass --repo PATH|s3://bucket/prefix, set PGVAULT_REPO, or put repo = \"…\" in the configuration file")
-        })
+    /// Every configured repository, in number order: repository 1 from
+    /// `repo` (a location) or `repo1-path`, the others from `repoN-path`.
+    pub fn configured(&self) -> Result<Vec<RepoConfig>> {
+        let out = self.configured_or_none()?;
+        if out.is_empty() {
+            return Err(Error::usage("no repository given").hint(
+                "pass --repo PATH|s3://bucket/prefix, set PGVAULT_REPO, or put repo = \"…\" (or repo1-path, repo2-path, …) in the configuration file",
+            ));
+        }
+        Ok(out)
     }
 
-    pub fn s3(&self) -> S3Options {
+    fn configured_or_none(&self) -> Result<Vec<RepoConfig>> {
+        let mut out = Vec::new();
+        let first = self.repo.as_ref().and_then(RepoArg::location);
+        let numbered_first = self.numbered.get(1).and_then(|r| r.value.path.as_ref());
+        if let (Some(a), Some(b)) = (first, numbered_first) {
+            if a != b {
+                return Err(Error::usage(format!(
+                    "repo ({}) and repo1-path ({}) name two different places for repository 1",
+                    a.identity(),
+                    b.identity()
+                ))
+                .hint("they are one option under two names: keep one"));
+            }
+        }
+        if let Some(location) = numbered_first.or(first) {
+            let s3 = match self.numbered.get(1) {
+                Some(n) => self.s3.under(n),
+                None => self.s3.clone(),
+            };
+            out.push(RepoConfig {
+                number: 1,
+                location: location.clone(),
+                s3,
+            });
+        }
+        for n in self.numbered.numbers().filter(|&n| n > 1) {
+            let r = self.numbered.get(n).expect("a number listed");
+            let Some(location) = &r.value.path else {
+                return Err(Error::usage(format!(
+                    "repository {n} has options but no {}",
+                    repos::numbered_long(n, "path")
+                ))
+                .hint(format!(
+                    "set {} to its path, file:///path or s3://bucket/prefix",
+                    repos::numbered_long(n, "path")
+                )));
+            };
+            out.push(RepoConfig {
+                number: n,
+                location: location.clone(),
+                s3: r.value.s3.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The repository `--repo N` selects, if it is a number.
+    pub fn selected(&self) -> Option<u8> {
+        match self.repo {
+            Some(RepoArg::Number(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The repositories a command acts on: the one `--repo N` selects,
+    /// else every configured one.
+    pub fn repos(&self) -> Result<Vec<RepoConfig>> {
+        let Some(n) = self.selected() else {
+            return self.configured();
+        };
+        match self.configured_or_none()?.into_iter().find(|r| r.number == n) {
+            Some(r) => Ok(vec![r]),
+            None => Err(Error::usage(format!(
+                "--repo {n}: repository {n} is not configured"
+            ))
+            .hint(format!(
+                "set {} (a --repo {n} flag replaces a repo = \"…\" of the configuration file or the environment: name repository 1 repo1-path there)",
+                repos::numbered_long(n, "path")
+            ))),
+        }
+    }
+
+    /// Repository 1 (or the one `--repo N` selects) alone: for the commands
+    /// that act on one repository.
+    pub fn repo_config(&self) -> Result<RepoConfig> {
+        let mut all = self.repos()?;
+        Ok(all.remove(0))
+    }
+
+    pub fn open(&self, r: &RepoConfig) -> Result<Repository> {
+        Repository::open(r.location.clone(), &self.stanza, &r.s3.options())
+    }
+
+    /// The local spool of repository `r` and this stanza (look-ahead push
+    /// records, its archive-push queue, prefetched WAL); `None` when no
+    /// place for it is known.
+    pub fn spool(&self, r: &RepoConfig, spool: &Spool) -> Option<SpoolDir> {
+        let identity = r.location.identity();
+        match &spool.spool_path {
+            Some(p) => Some(SpoolDir::under(p, &identity, &self.stanza)),
+            None => SpoolDir::default_for(&identity, &self.stanza),
+        }
+    }
+
+    /// Repository `r`'s catalog: one file per repository.
+    pub fn catalog(
+        &self,
+        r: &RepoConfig,
+        catalog: &CatalogFile,
+    ) -> Option<crate::catalog::Catalog> {
+        match catalog.catalog.as_ref().unwrap_or(&CatalogSetting::Default) {
+            CatalogSetting::Off => None,
+            CatalogSetting::Path(p) => Some(crate::catalog::Catalog::at(repos::catalog_path_for(
+                p, r.number,
+            ))),
+            CatalogSetting::Default => crate::catalog::Catalog::default_for(&r.location.identity()),
+        }
+    }
+}
+
+impl S3Settings {
+    pub fn options(&self) -> S3Options {
         S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
@@ -548,27 +774,42 @@ impl Global {
         }
     }
 
-    pub fn open_repo(&self) -> Result<Repository> {
-        Repository::open(self.repo()?.clone(), &self.stanza, &self.s3())
-    }
-
-    /// The local spool of this repository and stanza (look-ahead push
-    /// records, prefetched WAL); `None` when no place for it is known.
-    pub fn spool(&self, spool: &Spool) -> Option<SpoolDir> {
-        let identity = self.repo.as_ref()?.identity();
-        match &spool.spool_path {
-            Some(p) => Some(SpoolDir::under(p, &identity, &self.stanza)),
-            None => SpoolDir::default_for(&identity, &self.stanza),
-        }
-    }
-
-    pub fn catalog(&self, catalog: &CatalogFile) -> Option<crate::catalog::Catalog> {
-        match catalog.catalog.as_ref().unwrap_or(&CatalogSetting::Default) {
-            CatalogSetting::Off => None,
-            CatalogSetting::Path(p) => Some(crate::catalog::Catalog::at(p.clone())),
-            CatalogSetting::Default => {
-                crate::catalog::Catalog::default_for(&self.repo.as_ref()?.identity())
-            }
+    /// These settings with what repository 1's numbered options
+    /// (`repo1-s3-…`) give over them.
+    fn under(&self, n: &repos::Numbered<RepoSettings>) -> S3Settings {
+        let v = &n.value.s3;
+        let pick = |id: &str| n.is_set(id);
+        S3Settings {
+            s3_endpoint: if pick("s3_endpoint") {
+                v.s3_endpoint.clone()
+            } else {
+                self.s3_endpoint.clone()
+            },
+            s3_region: if pick("s3_region") {
+                v.s3_region.clone()
+            } else {
+                self.s3_region.clone()
+            },
+            s3_allow_http: if pick("s3_allow_http") {
+                v.s3_allow_http
+            } else {
+                self.s3_allow_http
+            },
+            s3_atomic_create: if pick("s3_atomic_create") {
+                v.s3_atomic_create
+            } else {
+                self.s3_atomic_create
+            },
+            s3_access_key_id: if pick("s3_access_key_id") {
+                v.s3_access_key_id.clone()
+            } else {
+                self.s3_access_key_id.clone()
+            },
+            s3_secret_access_key: if pick("s3_secret_access_key") {
+                v.s3_secret_access_key.clone()
+            } else {
+                self.s3_secret_access_key.clone()
+            },
         }
     }
 }
@@ -636,6 +877,33 @@ pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {
     }
 }
 
+/// A size in bytes: a number with an optional unit, binary (`KiB`, `MiB`,
+/// `GiB`, `TiB`) or decimal (`kB`, `MB`, `GB`, `TB`).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::usage("expected a number of bytes, e.g. 4GiB or 512MiB"))?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => {
+            return Err(Error::usage(
+                "the unit must be KiB, MiB, GiB, TiB, kB, MB, GB or TB",
+            ))
+        }
+    };
+    n.checked_mul(mul).ok_or_else(|| Error::usage("too large"))
+}
+
 /// A duration with a unit: `90m`, `36h`, `14d`, `2w` (a bare number is days).
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
@@ -677,6 +945,17 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("3y").is_err());
         assert!(parse_duration("99999999999999999w").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("3MB").unwrap(), 3_000_000);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
     }
 
     #[test]

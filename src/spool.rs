@@ -14,6 +14,9 @@
 //!   waits for the record rather than push it a second time.
 //! * `get/.timeline`: the timeline whose history file recovery fetched last
 //!   (the one it recovers along), so that prefetch follows its switches.
+//! * `queue/<wal>` and `gaps/`: with several repositories, the WAL this
+//!   repository does not hold yet though PostgreSQL was told it is archived,
+//!   and what was dropped from that queue ([`Queue`]).
 //!
 //! Files appear under their final name only by rename, after their checksum
 //! was verified (and, for records, after an fsync), so a crash at any moment
@@ -28,6 +31,10 @@ use sha2::{Digest, Sha256};
 
 use crate::pg::{TimelineId, WalFileKind, WalFileName};
 use crate::repo::{Digest256, Sha256Sum};
+
+mod queue;
+
+pub use queue::{Dropped, Enqueued, Queue, QueueState, Queued};
 
 /// A look-ahead push record: the content pushed, and the file it was read
 /// from.
@@ -255,6 +262,11 @@ impl SpoolDir {
         self.sub("pushing").join(name.as_str()).exists()
     }
 
+    /// This repository's archive-push queue (several repositories).
+    pub fn queue(&self) -> Queue {
+        Queue::new(self.sub("queue"), self.sub("gaps"))
+    }
+
     /// Drops every marker (a new pusher, holding the lock: any marker left
     /// is a dead pusher's).
     pub fn clear_pushing_marks(&self) {
@@ -278,23 +290,33 @@ fn recovery_position(name: &WalFileName) -> Option<(String, TimelineId)> {
 /// until the file is dropped (or the process dies); `None`: another process
 /// holds it.
 fn try_lock(dir: &Path) -> io::Result<Option<File>> {
-    fs::create_dir_all(dir).map_err(at("create", dir))?;
-    let path = dir.join(".lock");
-    let lock = File::create(&path).map_err(at("create", &path))?;
-    // SAFETY: flock on a file descriptor we own.
-    let r = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    };
-    if r == 0 {
-        Ok(Some(lock))
+    lock_file(&dir.join(".lock"), false)
+}
+
+/// `flock(LOCK_EX)` on `path` (created with its directory if need be),
+/// waiting for it when `wait`, else `None` when another process holds it.
+/// Held until the file is dropped (or the process dies).
+fn lock_file(path: &Path, wait: bool) -> io::Result<Option<File>> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(at("create", dir))?;
+    }
+    let lock = File::create(path).map_err(at("create", path))?;
+    let op = if wait {
+        libc::LOCK_EX
     } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    loop {
+        // SAFETY: flock on a file descriptor we own.
+        let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), op) };
+        if r == 0 {
+            return Ok(Some(lock));
+        }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => Ok(None),
-            _ => Err(at("lock", &path)(e)),
+            Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
+            Some(libc::EINTR) => continue,
+            _ => return Err(at("lock", path)(e)),
         }
     }
 }

@@ -68,6 +68,16 @@ const MIGRATIONS: &[&str] = &[
     // 4: the whole header of each backup's manifest, so that info, restore's
     // choice and expire read a manifest only for a backup they have not seen
     "ALTER TABLE backup ADD COLUMN header TEXT;",
+    // 5: WAL this repository missed: dropped from its archive-push queue
+    // (several repositories), as the spool recorded it or `info` read the
+    // repository's gap markers
+    "CREATE TABLE wal_gap (
+        stanza     TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        dropped_at TEXT NOT NULL,
+        reason     TEXT NOT NULL,
+        PRIMARY KEY (stanza, name)
+    ) WITHOUT ROWID;",
 ];
 
 /// How long a best-effort writer waits for a lock held by another process.
@@ -90,6 +100,24 @@ pub struct TimelineRow {
 pub struct Snapshot {
     pub wal: Vec<WalRow>,
     pub timelines: Vec<TimelineRow>,
+}
+
+/// A WAL file this repository missed (see `spool::Queue`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapRow {
+    pub name: String,
+    pub dropped_at: String,
+    pub reason: String,
+}
+
+impl From<&crate::spool::Dropped> for GapRow {
+    fn from(d: &crate::spool::Dropped) -> Self {
+        GapRow {
+            name: d.name.clone(),
+            dropped_at: d.dropped_at.clone(),
+            reason: d.reason.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +235,52 @@ impl Catalog {
         })
         .await;
         self.log_failure(r);
+    }
+
+    /// Records that this repository missed a WAL file; failures are
+    /// logged, never returned.
+    pub async fn record_gap_best_effort(&self, stanza: &str, gap: &crate::spool::Dropped) {
+        let (cat, stanza, gap) = (self.clone(), stanza.to_string(), GapRow::from(gap));
+        let r = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
+            let conn = cat.connect(BEST_EFFORT_BUSY)?;
+            insert_gap(&conn, &stanza, &gap)
+        })
+        .await;
+        self.log_failure(r);
+    }
+
+    /// Replaces the WAL a stanza's repository missed with what a fresh
+    /// read of its gap markers found.
+    pub async fn replace_gaps_best_effort(&self, stanza: &str, gaps: Vec<GapRow>) {
+        let (cat, stanza) = (self.clone(), stanza.to_string());
+        let r = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
+            let mut conn = cat.connect(Duration::from_secs(2))?;
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM wal_gap WHERE stanza = ?1", params![stanza])?;
+            for g in &gaps {
+                insert_gap(&tx, &stanza, g)?;
+            }
+            tx.commit()
+        })
+        .await;
+        self.log_failure(r);
+    }
+
+    /// The WAL a stanza's repository missed, as far as this catalog knows,
+    /// in name order.
+    pub fn gaps(&self, stanza: &str) -> rusqlite::Result<Vec<GapRow>> {
+        let conn = self.connect(Duration::from_secs(2))?;
+        let mut st = conn.prepare(
+            "SELECT name, dropped_at, reason FROM wal_gap WHERE stanza = ?1 ORDER BY name",
+        )?;
+        let rows = st.query_map(params![stanza], |r| {
+            Ok(GapRow {
+                name: r.get(0)?,
+                dropped_at: r.get(1)?,
+                reason: r.get(2)?,
+            })
+        })?;
+        rows.collect()
     }
 
     /// Caches record summaries (they describe one content each, so they
@@ -380,6 +454,15 @@ impl Catalog {
             Err(e) => log::debug!("catalog {}: {e}", self.path.display()),
         }
     }
+}
+
+fn insert_gap(conn: &Connection, stanza: &str, g: &GapRow) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO wal_gap (stanza, name, dropped_at, reason) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (stanza, name) DO UPDATE SET dropped_at = excluded.dropped_at, reason = excluded.reason",
+        params![stanza, g.name, g.dropped_at, g.reason],
+    )?;
+    Ok(())
 }
 
 fn insert_summary(

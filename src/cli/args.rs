@@ -300,7 +300,12 @@ mod tests {
                 env: "/e",
                 flag: "s3://c/x",
                 default: "None",
-                read: |c| format!("{:?}", c.global.repo.as_ref().map(|r| r.identity())),
+                read: |c| match &c.global.repo {
+                    Some(crate::config::RepoArg::Location(l)) => {
+                        format!("{:?}", Some(l.identity()))
+                    }
+                    other => format!("{other:?}"),
+                },
             },
             Kind {
                 command: &["info"],
@@ -309,7 +314,7 @@ mod tests {
                 env: "true",
                 flag: "false",
                 default: "true",
-                read: |c| c.global.s3_atomic_create.to_string(),
+                read: |c| c.global.s3.s3_atomic_create.to_string(),
             },
             Kind {
                 command: &["info"],
@@ -381,7 +386,7 @@ mod tests {
                 default: "None",
                 read: |c| match &c.command {
                     Command::Expire { options, .. } => {
-                        format!("{:?}", options.retention.retention_window)
+                        format!("{:?}", options.retention.values.retention_window)
                     }
                     _ => unreachable!(),
                 },
@@ -486,10 +491,144 @@ mod tests {
             .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()))
         {
             if let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) {
-                let row = format!("| `{long}` | `{}` |", env.to_string_lossy());
+                // Repository N's options are documented once, as repoN-….
+                let (long, env) = match numbered(long) {
+                    Some(n) => (
+                        long.replacen(&format!("repo{n}-"), "repoN-", 1),
+                        env.to_string_lossy().replacen(
+                            &format!("PGVAULT_REPO{n}_"),
+                            "PGVAULT_REPON_",
+                            1,
+                        ),
+                    ),
+                    None => (long.to_string(), env.to_string_lossy().into_owned()),
+                };
+                let row = format!("| `{long}` | `{env}` |");
                 assert!(doc.contains(&row), "docs/configuration.md has no row {row}");
             }
         }
+    }
+
+    /// N of a numbered option's name `repoN-…`.
+    fn numbered(long: &str) -> Option<u8> {
+        let rest = long.strip_prefix("repo")?;
+        let (n, _) = rest.split_once('-')?;
+        n.parse().ok()
+    }
+
+    fn configured(p: &Parsed) -> Vec<(u8, String)> {
+        p.cli
+            .global
+            .repos()
+            .unwrap()
+            .iter()
+            .map(|r| (r.number, r.location.identity()))
+            .collect()
+    }
+
+    /// `repo` is repository 1 as it always was; `repo2-path` and its
+    /// numbered options add repository 2, from the file, the environment
+    /// or flags; `--repo N` selects one.
+    #[test]
+    fn numbered_repositories() {
+        let file =
+            "repo = \"/one\"\nrepo2-path = \"s3://b/two\"\nrepo2-s3-endpoint = \"http://e\"\n\
+                    repo2-s3-atomic-create = false\nrepo2-s3-secret-access-key = \"k2\"\n\
+                    s3-region = \"r1\"\n";
+        let p = ok(&["info"], &[], file);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(
+            configured(&p),
+            [(1, "file:///one".into()), (2, "s3://b/two".into())]
+        );
+        let repos = p.cli.global.repos().unwrap();
+        assert_eq!(repos[0].s3.s3_region.as_deref(), Some("r1"));
+        assert!(repos[0].s3.s3_atomic_create);
+        let two = &repos[1].s3;
+        assert_eq!(two.s3_endpoint.as_deref(), Some("http://e"));
+        assert_eq!(two.s3_region, None, "repository 1's settings are its own");
+        assert!(!two.s3_atomic_create);
+        assert_eq!(
+            two.s3_secret_access_key.as_ref().map(|s| s.expose()),
+            Some("k2")
+        );
+        // The environment and flags, as for any option.
+        let env = [("PGVAULT_REPO3_PATH", "/three")];
+        let p = ok(&["info", "--repo2-path", "/two"], &env, "repo = \"/one\"\n");
+        assert_eq!(
+            configured(&p),
+            [
+                (1, "file:///one".into()),
+                (2, "file:///two".into()),
+                (3, "file:///three".into())
+            ]
+        );
+        // --repo N selects; a flag replaces repo of the file, so repository
+        // 1 is then named repo1-path there.
+        let file = "repo1-path = \"/one\"\nrepo2-path = \"/two\"\n";
+        let p = ok(&["info", "--repo", "2"], &[], file);
+        assert_eq!(configured(&p), [(2, "file:///two".into())]);
+        let p = ok(&["--repo", "1", "info"], &[], file);
+        assert_eq!(configured(&p), [(1, "file:///one".into())]);
+        let p = ok(&["info", "--repo", "2"], &[], "repo = \"/one\"\n");
+        let e = p.cli.global.repos().unwrap_err();
+        assert!(
+            e.to_string().contains("repository 2 is not configured"),
+            "{e}"
+        );
+        let p = ok(
+            &["info", "--repo", "1"],
+            &[],
+            "repo = \"/one\"\nrepo2-path = \"/t\"\n",
+        );
+        let e = p.cli.global.repos().unwrap_err();
+        assert!(e.hint_text().unwrap().contains("repo1-path"), "{e:?}");
+        // One place under two names is fine; two places are not.
+        let p = ok(&["info"], &[], "repo = \"/one\"\nrepo1-path = \"/one\"\n");
+        assert_eq!(configured(&p), [(1, "file:///one".into())]);
+        let p = ok(&["info"], &[], "repo = \"/one\"\nrepo1-path = \"/uno\"\n");
+        let e = p.cli.global.repos().unwrap_err();
+        assert!(e.to_string().contains("two different places"), "{e}");
+        // Options without a path, and bad values, are named.
+        let p = ok(&["info"], &[], "repo = \"/one\"\nrepo2-s3-region = \"x\"\n");
+        let e = p.cli.global.repos().unwrap_err();
+        assert!(e.to_string().contains("no repo2-path"), "{e}");
+        let e = err(&["info"], &[], "repo2-path = \"gs://x\"\n");
+        assert!(e.contains("repo2-path"), "{e}");
+        let e = err(&["info"], &[], "repo5-path = \"/x\"\n");
+        assert!(e.contains("unknown option repo5-path"), "{e}");
+        let e = err(&["info", "--repo2-s3-secret-access-key", "k"], &[], "");
+        assert!(e.contains("is not accepted on the command line"), "{e}");
+        let e = err(&["info", "--repo", "7"], &[], "");
+        assert!(e.contains("numbered 1 to 4"), "{e}");
+        // Today's single repository, unchanged.
+        let p = ok(&["info", "--repo", "/r"], &[], "");
+        assert_eq!(configured(&p), [(1, "file:///r".into())]);
+        assert_eq!(p.cli.global.selected(), None);
+    }
+
+    #[test]
+    fn quorum_and_queue_max() {
+        let push = |file: &str| match ok(&["archive-push", "p"], &[], file).cli.command {
+            Command::ArchivePush { options, .. } => options,
+            _ => unreachable!(),
+        };
+        let o = push("archive-push-quorum = 1\narchive-push-queue-max = \"64MiB\"\n");
+        assert_eq!(o.archive_push_quorum, Some(1));
+        assert_eq!(o.archive_push_queue_max, Some(64 << 20));
+        let o = push("");
+        assert_eq!(
+            (o.archive_push_quorum, o.archive_push_queue_max),
+            (None, None)
+        );
+        let e = err(&["archive-push", "p"], &[], "archive-push-quorum = 0\n");
+        assert!(e.contains("archive-push-quorum"), "{e}");
+        let e = err(
+            &["archive-push", "p"],
+            &[],
+            "archive-push-queue-max = \"lots\"\n",
+        );
+        assert!(e.contains("archive-push-queue-max"), "{e}");
     }
 
     #[test]
@@ -528,6 +667,7 @@ mod tests {
         let key = |p: &Parsed| {
             p.cli
                 .global
+                .s3
                 .s3_secret_access_key
                 .as_ref()
                 .map(|s| s.expose().to_string())
@@ -670,11 +810,29 @@ mod tests {
             Command::Backup { options, .. } => options,
             _ => unreachable!(),
         };
-        let e = backup("expire-auto = true\n").expire_after().unwrap_err();
+        let e = backup("expire-auto = true\n").expire_after(1).unwrap_err();
         assert!(e.to_string().contains("expire-auto"), "{e}");
         assert!(e.hint_text().unwrap().contains("retention-full"), "{e:?}");
         let o = backup("expire-auto = true\nretention-full = 2\n");
-        assert_eq!(o.expire_after().unwrap().unwrap().retention_full, Some(2));
-        assert!(backup("").expire_after().unwrap().is_none());
+        assert_eq!(o.expire_after(1).unwrap().unwrap().retention_full, Some(2));
+        assert!(backup("").expire_after(1).unwrap().is_none());
+        // Each repository its own: repository 2 has none here.
+        let e = o.expire_after(2).unwrap_err();
+        assert!(
+            e.to_string().contains("repository 2 has no retention"),
+            "{e}"
+        );
+        assert!(
+            e.hint_text().unwrap().contains("repo2-retention-full"),
+            "{e:?}"
+        );
+        let o = backup("expire-auto = true\nrepo2-retention-window = \"7d\"\n");
+        let r2 = o.expire_after(2).unwrap().unwrap();
+        assert_eq!(
+            r2.retention_window,
+            Some(std::time::Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(r2.retention_full, None);
+        assert!(o.expire_after(1).is_err(), "repository 1's is its own");
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use clap::FromArgMatches;
 
-use crate::config::{self, Global};
+use crate::config::{self, Global, RepoConfig};
 use crate::error::{Error, Kind, Result};
 use crate::ops;
 use crate::repo::{Fetched, Repository};
@@ -160,8 +160,8 @@ fn spawn_detached(role: &str) {
 /// and are spared the extra read.
 /// A stanza object that is there but damaged counts as there: the command
 /// says so itself (`verify` reports it and goes on).
-async fn open_stanza(g: &Global) -> Result<Repository> {
-    let repo = g.open_repo()?;
+async fn open_stanza(g: &Global, r: &RepoConfig) -> Result<Repository> {
+    let repo = g.open(r)?;
     if let Fetched::Missing = repo.fetch_stanza().await? {
         repo.require_stanza().await?;
     }
@@ -172,66 +172,63 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
     let g = &cli.global;
     match &cli.command {
         Command::StanzaCreate { options } => {
-            let repo = g.open_repo()?;
             let opts = ops::stanza_create::StanzaCreateOptions {
                 pgdata: options.data.pgdata()?.to_path_buf(),
             };
-            let r = ops::stanza_create::stanza_create(&repo, &opts).await?;
-            render::stanza_created(&repo, &r);
-            Ok(0)
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                let done = async {
+                    let repo = g.open(r)?;
+                    let c = ops::stanza_create::stanza_create(&repo, &opts).await?;
+                    render::stanza_created(&repo, &c);
+                    Ok(())
+                };
+                each.note(r, done.await)?;
+            }
+            Ok(each.code(0))
         }
         Command::StanzaUpgrade { options } => {
-            let pgdata = options.data.pgdata()?.to_path_buf();
-            let repo = open_stanza(g).await?;
-            let opts = ops::stanza_upgrade::StanzaUpgradeOptions { pgdata };
-            let r = ops::stanza_upgrade::stanza_upgrade(&repo, &opts).await?;
-            render::stanza_upgraded(&repo, &r);
-            Ok(0)
-        }
-        Command::ArchivePush { path, options: o } => {
-            let repo = g.open_repo()?;
-            let catalog = g.catalog(&o.catalog);
-            let opts = ops::archive_push::PushOptions {
-                path: path.clone(),
-                encode: o.compression.encode(),
-                ahead: o.archive_push_ahead,
-                process_max: o.workers.process_max,
-                spool: g.spool(&o.spool),
-                superseded: o.archive_push_superseded,
+            let opts = ops::stanza_upgrade::StanzaUpgradeOptions {
+                pgdata: options.data.pgdata()?.to_path_buf(),
             };
-            if std::env::var_os(LOOKAHEAD_ENV).is_some() {
-                // The detached pusher started below: push ahead, quietly.
-                let pushed = match repo.require_stanza().await {
-                    Ok(_) => ops::archive_push::push_ahead(&repo, catalog.as_ref(), &opts).await,
-                    Err(e) => Err(e),
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                let done = async {
+                    let repo = open_stanza(g, r).await?;
+                    let u = ops::stanza_upgrade::stanza_upgrade(&repo, &opts).await?;
+                    render::stanza_upgraded(&repo, &u);
+                    Ok(())
                 };
-                if let Err(e) = pushed {
-                    log::debug!("look-ahead after {}: {e}", path.display());
-                }
-                return Ok(0);
+                each.note(r, done.await)?;
             }
-            if ops::archive_push::lookahead_wanted(&opts) {
-                spawn_detached(LOOKAHEAD_ENV);
-            }
-            ops::archive_push::archive_push(&repo, catalog.as_ref(), &opts).await?;
-            Ok(0)
+            Ok(each.code(0))
         }
+        Command::ArchivePush { path, options: o } => archive_push(g, path, o).await,
         Command::ArchiveGet {
             name,
             dest,
             options: o,
         } => {
-            let repo = g.open_repo()?;
+            let repos = g.repos()?;
+            let opened = repos
+                .iter()
+                .map(|r| g.open(r))
+                .collect::<Result<Vec<_>>>()?;
+            // One prefetch spool: the first repository's (a prefetched file
+            // is verified, whichever repository it came from).
             let spool = if o.archive_get_ahead > 0 {
-                g.spool(&o.spool)
+                g.spool(&repos[0], &o.spool)
             } else {
                 None
             };
             if std::env::var_os(PREFETCH_ENV).is_some() {
                 // The detached prefetcher started below: fetch ahead, quietly.
                 if let Some(spool) = &spool {
+                    let ahead = o.archive_get_ahead;
                     if let Err(e) =
-                        ops::archive_get::prefetch(&repo, name, o.archive_get_ahead, spool).await
+                        ops::archive_get::prefetch_any(&opened, name, ahead, spool).await
                     {
                         log::debug!("prefetch after {name}: {e}");
                     }
@@ -243,7 +240,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 dest: dest.clone(),
                 spool: spool.clone(),
             };
-            match ops::archive_get::archive_get(&repo, &opts).await? {
+            match ops::archive_get::archive_get_any(&opened, &opts).await? {
                 ops::archive_get::GetOutcome::Restored => {
                     if spool.is_some() {
                         spawn_detached(PREFETCH_ENV);
@@ -261,7 +258,10 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             start_fast,
             options: o,
         } => {
-            let expire_after = o.expire_after()?;
+            let repos = g.repos()?;
+            for r in &repos {
+                o.expire_after(r.number)?;
+            }
             let opts = ops::backup::BackupOptions {
                 kind: match backup_type {
                     args::BackupType::Full => ops::backup::BackupKind::Full,
@@ -279,102 +279,355 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // the worker reads and hashes.
                 encode: o.compression.encode(),
                 archive_timeout: o.connection.archive_timeout(),
-                catalog: g.catalog(&o.catalog),
+                // Set per repository below.
+                catalog: None,
             };
-            let repo = open_stanza(g).await?;
-            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
-            let m = ops::backup::backup(&repo, &opts, progress).await?;
-            render::backup_done(&m)?;
-            if let Some(retention) = expire_after {
-                let opts = expire_options(retention, false);
-                let catalog = g.catalog(&o.catalog);
-                let r = ops::expire::expire(&repo, catalog.as_ref(), &opts)
-                    .await
-                    .map_err(|e| e.context("expire after the backup (expire-auto)"))?;
-                for l in &r.expired {
-                    eprintln!("pgvault: expired backup {l}");
-                }
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                let done = async {
+                    let repo = open_stanza(g, r).await?;
+                    each.announce(r, &repo, "backup into");
+                    let progress: Arc<dyn ops::progress::Progress> =
+                        Arc::from(progress::for_stderr());
+                    let opts = ops::backup::BackupOptions {
+                        catalog: g.catalog(r, &o.catalog),
+                        ..opts.clone()
+                    };
+                    let m = ops::backup::backup(&repo, &opts, progress).await?;
+                    render::backup_done(&m)?;
+                    if let Some(retention) = o.expire_after(r.number)? {
+                        let opts = expire_options(&retention, false);
+                        let catalog = g.catalog(r, &o.catalog);
+                        let x = ops::expire::expire(&repo, catalog.as_ref(), &opts)
+                            .await
+                            .map_err(|e| e.context("expire after the backup (expire-auto)"))?;
+                        for l in &x.expired {
+                            eprintln!("pgvault: expired backup {l}");
+                        }
+                    }
+                    Ok(())
+                };
+                let done = done.await;
+                each.note(r, done)?;
             }
-            Ok(0)
+            Ok(each.code(0))
         }
         Command::Restore(args) => {
-            let opts = restore_options(g, config_file, args)?;
-            let repo = open_stanza(g).await?;
+            let repos = g.repos()?;
+            let opts = restore_options(g, config_file, args, &repos)?;
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
-            let r = ops::restore::restore(&repo, &opts, progress).await?;
+            let r = if repos.len() == 1 {
+                let repo = open_stanza(g, &repos[0]).await?;
+                ops::restore::restore(&repo, &opts, progress).await?
+            } else {
+                let opened = repos
+                    .iter()
+                    .map(|r| Ok((g.open(r)?, g.catalog(r, &args.options.catalog))))
+                    .collect::<Result<Vec<_>>>()?;
+                let (i, r) = ops::restore::restore_first(&opened, &opts, progress).await?;
+                eprintln!(
+                    "pgvault: restored from repository {} ({})",
+                    repos[i].number,
+                    opened[i].0.describe()
+                );
+                r
+            };
             render::restore_done(&r, &opts);
             Ok(0)
         }
         Command::Check { options: o } => {
-            let repo = open_stanza(g).await?;
             let opts = ops::check::CheckOptions {
                 conn: o.connection.params(),
                 primary: o.primary.over(),
                 archive_timeout: o.connection.archive_timeout(),
             };
-            let progress = progress::for_stderr();
-            let r = ops::check::check(&repo, &opts, &*progress).await?;
-            for w in &r.warnings {
-                log::warn!("{w}");
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                // Before the repository is asked: one that does not answer
+                // still has its queue shown.
+                warn_behind(g, r, &o.spool);
+                let done = async {
+                    let repo = open_stanza(g, r).await?;
+                    let progress = progress::for_stderr();
+                    let c = ops::check::check(&repo, &opts, &*progress).await?;
+                    for w in &c.warnings {
+                        log::warn!("{w}");
+                    }
+                    let through = c
+                        .primary
+                        .map(|p| format!(", switched on the primary at {p}"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "pgvault: check ok: {} reached {} (stanza {}{through})",
+                        c.segment,
+                        repo.describe(),
+                        repo.stanza()
+                    );
+                    Ok(())
+                };
+                let done = done.await;
+                each.note(r, done)?;
             }
-            let through = r
-                .primary
-                .map(|p| format!(", switched on the primary at {p}"))
-                .unwrap_or_default();
-            eprintln!(
-                "pgvault: check ok: {} reached {} (stanza {}{through})",
-                r.segment,
-                repo.describe(),
-                repo.stanza()
-            );
-            Ok(0)
+            Ok(each.code(0))
         }
         Command::Expire {
             dry_run,
             options: o,
         } => {
-            let opts = expire_options(&o.retention, *dry_run);
-            let repo = open_stanza(g).await?;
-            let catalog = g.catalog(&o.catalog);
-            let r = ops::expire::expire(&repo, catalog.as_ref(), &opts).await?;
-            render::expire(&r)?;
-            Ok(0)
+            let repos = g.repos()?;
+            let several = repos.len() > 1;
+            if several
+                && repos
+                    .iter()
+                    .all(|r| !o.retention.for_repo(r.number).is_set())
+            {
+                return Err(Error::usage("no repository has a retention policy").hint(
+                    "set retention-full and/or retention-window for repository 1, repo2-retention-full and/or repo2-retention-window for repository 2, …",
+                ));
+            }
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                let retention = o.retention.for_repo(r.number);
+                if several && !retention.is_set() {
+                    eprintln!(
+                        "pgvault: repository {} has no retention ({} / {}): nothing expired there",
+                        r.number,
+                        config::repos::numbered_long(r.number, "retention-full"),
+                        config::repos::numbered_long(r.number, "retention-window")
+                    );
+                    continue;
+                }
+                let opts = expire_options(&retention, *dry_run);
+                let done = async {
+                    let repo = open_stanza(g, r).await?;
+                    each.announce(r, &repo, "expire in");
+                    let catalog = g.catalog(r, &o.catalog);
+                    let x = ops::expire::expire(&repo, catalog.as_ref(), &opts).await?;
+                    render::expire(&x)
+                };
+                let done = done.await;
+                each.note(r, done)?;
+            }
+            Ok(each.code(0))
         }
         Command::Verify { output, options: o } => {
-            let repo = open_stanza(g).await?;
             let opts = ops::verify::VerifyOptions {
                 process_max: o.workers.process_max,
             };
-            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
-            let r = ops::verify::verify(&repo, &opts, progress).await?;
-            render::verify(&r, *output)?;
-            Ok(if r.problems.is_empty() {
-                0
-            } else {
-                EXIT_VERIFY_PROBLEMS
-            })
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            let mut reports = Vec::new();
+            for r in &repos {
+                let done = async {
+                    let repo = open_stanza(g, r).await?;
+                    let progress: Arc<dyn ops::progress::Progress> =
+                        Arc::from(progress::for_stderr());
+                    ops::verify::verify(&repo, &opts, progress)
+                        .await
+                        .map(|v| (r.number, repo.describe(), v))
+                };
+                let done = done.await;
+                if let Some(v) = each.note(r, done)? {
+                    reports.push(v);
+                }
+            }
+            render::verify_all(&reports, *output)?;
+            let problems = reports.iter().any(|(_, _, v)| !v.problems.is_empty());
+            Ok(each.code(if problems { EXIT_VERIFY_PROBLEMS } else { 0 }))
         }
         Command::Info { output, options: o } => {
-            let repo = g.open_repo()?;
-            let report = ops::info::info(&repo, g.catalog(&o.catalog).as_ref()).await?;
-            render::info(&report, *output)?;
-            Ok(0)
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            let mut reports = Vec::new();
+            for r in &repos {
+                let queue = if repos.len() > 1 || g.selected().is_some() {
+                    g.spool(r, &o.spool).map(|s| s.queue().state())
+                } else {
+                    None
+                };
+                let done = async {
+                    let repo = g.open(r)?;
+                    let mut report =
+                        ops::info::info(&repo, g.catalog(r, &o.catalog).as_ref()).await?;
+                    report.repository_number = r.number;
+                    report.archive_push_queue = queue.clone();
+                    Ok(report)
+                };
+                let done = done.await;
+                // A repository that does not answer: what waits for it
+                // here is what a DBA needs to see now (runbook 8 of
+                // docs/disaster-recovery.md).
+                if done.is_err() {
+                    if let Some(q) = queue
+                        .as_ref()
+                        .filter(|q| q.files > 0 || !q.dropped_pending.is_empty())
+                    {
+                        log::warn!("repository {}: {}", r.number, render::queue_line(q));
+                    }
+                }
+                if let Some(report) = each.note(r, done)? {
+                    reports.push(report);
+                }
+            }
+            render::info_all(&reports, repos.len() > 1, *output)?;
+            Ok(each.code(0))
         }
         Command::Backfill { output, options: o } => {
-            let repo = open_stanza(g).await?;
-            let r = ops::walfacts::backfill(
-                &repo,
-                g.catalog(&o.catalog).as_ref(),
-                o.workers.process_max,
-            )
-            .await?;
-            render::backfill(&r, *output)?;
-            Ok(0)
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                let done = async {
+                    let repo = open_stanza(g, r).await?;
+                    each.announce(r, &repo, "backfill in");
+                    let b = ops::walfacts::backfill(
+                        &repo,
+                        g.catalog(r, &o.catalog).as_ref(),
+                        o.workers.process_max,
+                    )
+                    .await?;
+                    render::backfill(&b, *output)
+                };
+                let done = done.await;
+                each.note(r, done)?;
+            }
+            Ok(each.code(0))
         }
     }
 }
 
-fn expire_options(r: &config::Retention, dry_run: bool) -> ops::expire::ExpireOptions {
+/// `archive-push`: into one repository as always, or into several with a
+/// quorum and queues (`ops::archive_push::archive_push_quorum`).
+async fn archive_push(g: &Global, path: &Path, o: &config::ArchivePush) -> Result<i32> {
+    let repos = g.repos()?;
+    let opts = ops::archive_push::PushOptions {
+        path: path.to_path_buf(),
+        encode: o.compression.encode(),
+        ahead: o.archive_push_ahead,
+        process_max: o.workers.process_max,
+        spool: g.spool(&repos[0], &o.spool),
+        superseded: o.archive_push_superseded,
+    };
+    let detached = std::env::var_os(LOOKAHEAD_ENV).is_some();
+    if repos.len() == 1 {
+        let repo = g.open(&repos[0])?;
+        let catalog = g.catalog(&repos[0], &o.catalog);
+        if detached {
+            // The detached pusher started below: push ahead, quietly.
+            let pushed = match repo.require_stanza().await {
+                Ok(_) => ops::archive_push::push_ahead(&repo, catalog.as_ref(), &opts).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = pushed {
+                log::debug!("look-ahead after {}: {e}", path.display());
+            }
+            return Ok(0);
+        }
+        if ops::archive_push::lookahead_wanted(&opts) {
+            spawn_detached(LOOKAHEAD_ENV);
+        }
+        ops::archive_push::archive_push(&repo, catalog.as_ref(), &opts).await?;
+        return Ok(0);
+    }
+    let targets = repos
+        .iter()
+        .map(|r| {
+            Ok(ops::archive_push::Target {
+                number: r.number,
+                repo: g.open(r)?,
+                catalog: g.catalog(r, &o.catalog),
+                spool: g.spool(r, &o.spool),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let quorum = o.archive_push_quorum.unwrap_or(targets.len());
+    if quorum > targets.len() {
+        return Err(Error::usage(format!(
+            "archive-push-quorum is {quorum}, but {} repositories are configured",
+            targets.len()
+        ))
+        .hint("the quorum is how many repositories must hold a file before PostgreSQL is told"));
+    }
+    if detached {
+        // The detached pusher: catch up the queues, push ahead, quietly.
+        ops::archive_push::push_behind(&targets, &opts).await;
+        return Ok(0);
+    }
+    if ops::archive_push::pusher_wanted(&targets, &opts) {
+        spawn_detached(LOOKAHEAD_ENV);
+    }
+    let q = ops::archive_push::QuorumOptions {
+        quorum,
+        queue_max: o.archive_push_queue_max,
+    };
+    let out = ops::archive_push::archive_push_quorum(&targets, &opts, &q).await?;
+    // A queue that formed just now needs its pusher.
+    if !out.queued.is_empty() && ops::archive_push::pusher_wanted(&targets, &opts) {
+        spawn_detached(LOOKAHEAD_ENV);
+    }
+    Ok(0)
+}
+
+/// A command acting on each of several repositories: one's failure is
+/// reported as it comes and the others still run; the exit code is the
+/// first failure's. With one repository its error is the command's, as
+/// always.
+/// Warns when this host's spool holds files for repository `r` that it
+/// does not have yet (several repositories: its archive-push queue).
+fn warn_behind(g: &Global, r: &RepoConfig, spool: &config::Spool) {
+    let queue = g.spool(r, spool).map(|s| s.queue().state());
+    if let Some(q) = queue.as_ref().filter(|q| q.files > 0) {
+        log::warn!(
+            "repository {} is behind: {}",
+            r.number,
+            render::queue_line(q)
+        );
+    }
+}
+
+struct Each {
+    several: bool,
+    code: Option<i32>,
+}
+
+impl Each {
+    fn new(repos: &[RepoConfig]) -> Each {
+        Each {
+            several: repos.len() > 1,
+            code: None,
+        }
+    }
+
+    fn note<T>(&mut self, r: &RepoConfig, res: Result<T>) -> Result<Option<T>> {
+        match res {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if !self.several => Err(e),
+            Err(e) => {
+                let e = e.context(format!("repository {}", r.number));
+                report(&e);
+                self.code.get_or_insert(e.kind().exit_code());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Says which repository comes next, when there are several.
+    fn announce(&self, r: &RepoConfig, repo: &Repository, what: &str) {
+        if self.several {
+            eprintln!(
+                "pgvault: {what} repository {} ({})",
+                r.number,
+                repo.describe()
+            );
+        }
+    }
+
+    fn code(&self, ok: i32) -> i32 {
+        self.code.unwrap_or(ok)
+    }
+}
+
+fn expire_options(r: &config::RetentionSettings, dry_run: bool) -> ops::expire::ExpireOptions {
     ops::expire::ExpireOptions {
         retention_full: r.retention_full,
         retention_window: r.retention_window,
@@ -386,6 +639,7 @@ fn restore_options(
     g: &Global,
     config_file: Option<&Path>,
     a: &RestoreArgs,
+    repos: &[RepoConfig],
 ) -> Result<ops::restore::RestoreOptions> {
     use crate::pg::recovery::{parse_target_time, RecoveryTarget, TargetAction};
     let target = if let Some(t) = &a.target_time {
@@ -453,17 +707,21 @@ fn restore_options(
         primary_conninfo: if standby { primary_conninfo } else { None },
         delta: a.delta,
         process_max: a.options.workers.process_max,
-        restore_command: restore_command(g, config_file)?,
+        restore_command: restore_command(g, config_file, repos)?,
         target_check: !a.no_target_check,
-        catalog: g.catalog(&a.options.catalog),
+        catalog: g.catalog(&repos[0], &a.options.catalog),
     })
 }
 
 /// The `restore_command` a restored cluster runs: this same binary, with
-/// what it needs to reach this repository. The postmaster's environment has
-/// no `AWS_*` variables, so the configuration file is passed along when one
-/// was used; secrets are never written here.
-fn restore_command(g: &Global, config_file: Option<&Path>) -> Result<String> {
+/// what it needs to reach the repositories this restore used. The
+/// postmaster's environment has no `AWS_*` variables, so the configuration
+/// file is passed along when one was used; secrets are never written here.
+/// Every repository configured, each file from the first that holds it;
+/// with `--repo N`, repository N alone (and `--repo N`, so that one the
+/// configuration file names too is not asked: after losing a region, a
+/// repository there must not stop recovery at its end).
+fn restore_command(g: &Global, config_file: Option<&Path>, repos: &[RepoConfig]) -> Result<String> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::internal(format!("find this program's path: {e}")))?;
     let mut parts = vec![shell_quote(&exe.display().to_string())];
@@ -472,24 +730,44 @@ fn restore_command(g: &Global, config_file: Option<&Path>) -> Result<String> {
         parts.push("--config".into());
         parts.push(shell_quote(&c.display().to_string()));
     }
-    parts.push("--repo".into());
-    parts.push(shell_quote(&g.repo()?.identity()));
+    let selected = g.selected();
+    for r in repos {
+        // Repository 1 by the names it always had, unless one is selected.
+        let name = |long: &str| {
+            if r.number == 1 && selected.is_none() {
+                format!("--{long}")
+            } else {
+                format!("--{}", config::repos::numbered_long(r.number, long))
+            }
+        };
+        parts.push(if r.number == 1 && selected.is_none() {
+            "--repo".into()
+        } else {
+            name("path")
+        });
+        parts.push(shell_quote(&r.location.identity()));
+        let s3 = &r.s3;
+        if let Some(e) = &s3.s3_endpoint {
+            parts.push(name("s3-endpoint"));
+            parts.push(shell_quote(e));
+        }
+        if let Some(reg) = &s3.s3_region {
+            parts.push(name("s3-region"));
+            parts.push(shell_quote(reg));
+        }
+        if let Some(h) = s3.s3_allow_http {
+            parts.push(format!("{}={h}", name("s3-allow-http")));
+        }
+        if !s3.s3_atomic_create {
+            parts.push(format!("{}=false", name("s3-atomic-create")));
+        }
+    }
+    if let Some(n) = selected {
+        parts.push("--repo".into());
+        parts.push(n.to_string());
+    }
     parts.push("--stanza".into());
     parts.push(shell_quote(&g.stanza));
-    if let Some(e) = &g.s3_endpoint {
-        parts.push("--s3-endpoint".into());
-        parts.push(shell_quote(e));
-    }
-    if let Some(r) = &g.s3_region {
-        parts.push("--s3-region".into());
-        parts.push(shell_quote(r));
-    }
-    if let Some(h) = g.s3_allow_http {
-        parts.push(format!("--s3-allow-http={h}"));
-    }
-    if !g.s3_atomic_create {
-        parts.push("--s3-atomic-create=false".into());
-    }
     parts.push("archive-get %f \"%p\"".into());
     Ok(parts.join(" "))
 }

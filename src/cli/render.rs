@@ -14,6 +14,7 @@ use crate::ops::walfacts::BackfillReport;
 use crate::repo::manifest::Manifest;
 use crate::repo::stanza::CreateOutcome;
 use crate::repo::Repository;
+use crate::spool::QueueState;
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error.
 fn out(text: &str) -> Result<()> {
@@ -88,14 +89,72 @@ fn json<T: serde::Serialize>(v: &T) -> Result<()> {
     out(&s)
 }
 
-pub fn info(report: &InfoReport, output: Output) -> Result<()> {
-    match output {
-        Output::Json => json(report),
-        Output::Text => out(&info_text(report)),
+/// With one repository, its report as it always was; with several, one
+/// after the other (text), or `{"schema_version": 1, "repositories":
+/// [...]}` (JSON).
+pub fn info_all(reports: &[InfoReport], several: bool, output: Output) -> Result<()> {
+    match (output, several) {
+        (Output::Json, false) => reports.iter().try_for_each(json),
+        (Output::Json, true) => json(&serde_json::json!({
+            "schema_version": crate::ops::info::INFO_SCHEMA_VERSION,
+            "repositories": reports,
+        })),
+        (Output::Text, _) => {
+            let text: Vec<String> = reports.iter().map(|r| info_text(r, several)).collect();
+            out(&text.join("\n"))
+        }
     }
 }
 
-pub fn verify(r: &VerifyReport, output: Output) -> Result<()> {
+/// A repository's archive-push queue on this host, in one line.
+pub fn queue_line(q: &QueueState) -> String {
+    let mut s = match (&q.oldest, &q.newest) {
+        (Some(a), Some(b)) => format!(
+            "{} file(s) ({}) queued in this host's spool, {a} … {b}",
+            q.files,
+            bytes(q.bytes)
+        ),
+        _ => "nothing queued in this host's spool".to_string(),
+    };
+    if q.files > 0 {
+        s += if q.pusher_running {
+            ", pusher running"
+        } else {
+            ", no pusher running (the next archive-push starts one)"
+        };
+    }
+    let dropped = q.dropped_pending.len() + q.dropped_recorded.len();
+    if dropped > 0 {
+        s += &format!(
+            "; {dropped} file(s) dropped from the queue ({} not yet marked in the repository)",
+            q.dropped_pending.len()
+        );
+    }
+    s
+}
+
+/// Each repository's report: text one after the other, JSON as one
+/// report (one repository) or `{"schema_version": 1, "repositories":
+/// [{"repository": N, "describe": …, "report": …}]}`.
+pub fn verify_all(reports: &[(u8, String, VerifyReport)], output: Output) -> Result<()> {
+    let several = reports.len() > 1;
+    if output == Output::Json && several {
+        let all: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|(n, d, r)| serde_json::json!({"repository": n, "describe": d, "report": r}))
+            .collect();
+        return json(&serde_json::json!({"schema_version": 1, "repositories": all}));
+    }
+    for (n, d, r) in reports {
+        if several && output == Output::Text {
+            out(&format!("repository {n}: {d}\n"))?;
+        }
+        verify(r, output)?;
+    }
+    Ok(())
+}
+
+fn verify(r: &VerifyReport, output: Output) -> Result<()> {
     if output == Output::Json {
         return json(r);
     }
@@ -145,11 +204,24 @@ pub fn backfill(r: &BackfillReport, output: Output) -> Result<()> {
     out(&s)
 }
 
-fn info_text(r: &InfoReport) -> String {
+fn info_text(r: &InfoReport, several: bool) -> String {
     let mut s = String::new();
     let st = &r.stanza;
     s += &format!("stanza: {}\n", st.name);
-    s += &format!("    repository: {}\n", r.repository);
+    if several || r.repository_number > 1 {
+        s += &format!("    repository {}: {}\n", r.repository_number, r.repository);
+    } else {
+        s += &format!("    repository: {}\n", r.repository);
+    }
+    if let Some(q) = &r.archive_push_queue {
+        s += &format!("    archive-push queue: {}\n", queue_line(q));
+        for d in &q.dropped_pending {
+            s += &format!(
+                "    DROPPED {} at {} ({}): gap marker not in the repository yet\n",
+                d.name, d.dropped_at, d.reason
+            );
+        }
+    }
     if r.dbs.len() <= 1 {
         s += &format!(
             "    cluster: PostgreSQL {}, system identifier {}, WAL segments of {}\n",
@@ -299,6 +371,9 @@ fn info_timelines(s: &mut String, timelines: &[TimelineReport], ind: &str) {
         }
         for g in &t.gaps {
             *s += &format!("{ind}    gap: {} … {} missing\n", g.from, g.to);
+        }
+        for d in &t.dropped {
+            *s += &format!("{ind}    DROPPED: {}\n", d.describe());
         }
         for p in &t.partial {
             *s += &format!("{ind}    partial: {p}\n");

@@ -32,12 +32,20 @@ pub enum GetOutcome {
 }
 
 pub async fn archive_get(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
-    get_inner(repo, opts)
+    archive_get_any(std::slice::from_ref(repo), opts).await
+}
+
+/// With several repositories: the first that holds the file hands it
+/// over. One that cannot be read is passed over for the next — and then
+/// the answer is never "not in the archive": it may hold the file, and
+/// recovery must stop rather than end early (DESIGN.md).
+pub async fn archive_get_any(repos: &[Repository], opts: &GetOptions) -> Result<GetOutcome> {
+    get_inner(repos, opts)
         .await
         .map_err(|e| e.context(format!("archive-get {}", opts.name)))
 }
 
-async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
+async fn get_inner(repos: &[Repository], opts: &GetOptions) -> Result<GetOutcome> {
     let name = parse_name(&opts.name)?;
     if let Some(spool) = &opts.spool {
         spool.forget_prefetched_before(&name);
@@ -56,17 +64,41 @@ async fn get_inner(repo: &Repository, opts: &GetOptions) -> Result<GetOutcome> {
             }
         }
     }
-    let stanza = repo.require_stanza().await?;
-    let db = db_of_working_dir(&stanza).await;
-    if !repo.archive(&db).fetch_into(&name, &opts.dest).await? {
-        return Ok(GetOutcome::NotFound);
-    }
-    if let (Some(spool), WalFileKind::History) = (&opts.spool, name.kind()) {
-        if let Err(e) = spool.record_recovery_timeline(name.timeline()) {
-            log::debug!("record the recovery timeline {}: {e}", name.timeline());
+    let mut failed: Option<Error> = None;
+    for repo in repos {
+        match fetch_from(repo, &name, &opts.dest).await {
+            Ok(true) => {
+                if let Some(e) = &failed {
+                    log::info!("{name}: from {} ({e})", repo.describe());
+                }
+                if let (Some(spool), WalFileKind::History) = (&opts.spool, name.kind()) {
+                    if let Err(e) = spool.record_recovery_timeline(name.timeline()) {
+                        log::debug!("record the recovery timeline {}: {e}", name.timeline());
+                    }
+                }
+                return Ok(GetOutcome::Restored);
+            }
+            Ok(false) => {}
+            Err(e) if repos.len() > 1 => {
+                log::warn!("{e}; trying the next repository");
+                failed.get_or_insert(e.context(repo.describe()));
+            }
+            Err(e) => return Err(e),
         }
     }
-    Ok(GetOutcome::Restored)
+    match failed {
+        Some(e) => Err(e.context(format!(
+            "{name} is in no repository that answered, and one did not answer"
+        ))),
+        None => Ok(GetOutcome::NotFound),
+    }
+}
+
+/// Fetches `name` from `repo` into `dest`; `false`: not archived there.
+async fn fetch_from(repo: &Repository, name: &WalFileName, dest: &Path) -> Result<bool> {
+    let stanza = repo.require_stanza().await?;
+    let db = db_of_working_dir(&stanza).await;
+    repo.archive(&db).fetch_into(name, dest).await
 }
 
 /// Which of the stanza's clusters the recovering server belongs to.
@@ -140,6 +172,17 @@ pub async fn prefetch(
     ahead: usize,
     spool: &SpoolDir,
 ) -> Result<usize> {
+    prefetch_any(std::slice::from_ref(repo), name, ahead, spool).await
+}
+
+/// [`prefetch`] from several repositories: each segment from the first
+/// that holds it.
+pub async fn prefetch_any(
+    repos: &[Repository],
+    name: &str,
+    ahead: usize,
+    spool: &SpoolDir,
+) -> Result<usize> {
     let name = parse_name(name)?;
     if name.kind() != WalFileKind::Segment || ahead == 0 {
         return Ok(0);
@@ -150,14 +193,24 @@ pub async fn prefetch(
     else {
         return Ok(0); // another prefetcher is at work
     };
-    let stanza = repo.require_stanza().await?;
-    let db = db_of_working_dir(&stanza).await;
-    let seg = db.wal_segment_size;
+    let mut archives = Vec::new();
+    let mut first_err = None;
+    for repo in repos {
+        match repo.require_stanza().await {
+            Ok(stanza) => archives.push(repo.archive(&db_of_working_dir(&stanza).await)),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let Some(first) = archives.first() else {
+        return Err(first_err.unwrap_or_else(|| Error::internal("no repository to prefetch from")));
+    };
+    let seg = first.db().wal_segment_size;
     let Some(start) = name.segno(seg) else {
         return Ok(0);
     };
-    let archive = repo.archive(&db);
-    let history = recovery_history(&archive, &name, spool).await;
+    let history = recovery_history(first, &name, spool).await;
     let mut fetched = 0;
     let mut segno = start;
     // Like PostgreSQL, never go back to an older timeline once a newer one's
@@ -174,14 +227,26 @@ pub async fn prefetch(
         };
         for tli in timelines.into_iter().filter(|&t| t >= floor) {
             let next = WalFileName::for_segment(tli, segno, seg);
-            // fetch_into decodes beside the destination and renames only
-            // after the checksum matched: the spool never holds an
-            // unchecked file.
-            let have = spool.prefetched(&next).exists();
-            if have || archive.fetch_into(&next, &spool.prefetched(&next)).await? {
-                fetched += usize::from(!have);
+            let dest = spool.prefetched(&next);
+            if dest.exists() {
                 floor = tli;
                 continue 'ahead;
+            }
+            // fetch_into decodes beside the destination and renames only
+            // after the checksum matched: the spool never holds an
+            // unchecked file. A repository that fails is passed over: the
+            // prefetcher only saves time, PostgreSQL's call decides.
+            for archive in &archives {
+                match archive.fetch_into(&next, &dest).await {
+                    Ok(true) => {
+                        fetched += 1;
+                        floor = tli;
+                        continue 'ahead;
+                    }
+                    Ok(false) => {}
+                    Err(e) if archives.len() > 1 => log::debug!("prefetch {next}: {e}"),
+                    Err(e) => return Err(e),
+                }
             }
         }
         break; // not archived (yet) on any timeline: stop here

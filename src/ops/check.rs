@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Kind, Result};
+use crate::ops::gaps;
 use crate::ops::pg_error;
 use crate::ops::progress::Progress;
 use crate::ops::standby::{self, PrimaryOverride};
@@ -103,11 +104,63 @@ pub async fn check(
         )
         .hint("a split brain (an old primary writing after a failover: stop it), or the original of a PITR clone archiving into this stanza (restore clones with --archive-mode off); see docs/disaster-recovery.md"));
     }
+    missed_wal(repo, &archive, &listing, &mut warnings).await?;
     Ok(CheckReport {
         segment,
         primary: primary.map(|p| p.params.describe()),
         warnings,
     })
+}
+
+/// WAL this repository missed (several repositories: dropped from its
+/// archive-push queue, see `ops::gaps`): a failure while no backup in it
+/// starts after the gap — recovery from this repository cannot reach now —
+/// and a warning once one does.
+async fn missed_wal(
+    repo: &Repository,
+    archive: &crate::repo::archive::Archive,
+    listing: &crate::repo::archive::Listing,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let dropped = gaps::dropped_runs(archive, listing).await?;
+    if dropped.is_empty() {
+        return Ok(());
+    }
+    let db = archive.db();
+    let seg = db.wal_segment_size;
+    let newest = repo
+        .backups()
+        .await?
+        .manifests
+        .into_iter()
+        .filter(|m| m.db_id == db.id)
+        .map(|m| m.start_lsn.segno(seg))
+        .max();
+    let blocking: Vec<String> = dropped
+        .iter()
+        .filter(|r| {
+            let end = WalFileName::parse(&r.to).ok().and_then(|n| n.segno(seg));
+            match (newest, end) {
+                (Some(start), Some(end)) => end >= start,
+                _ => true,
+            }
+        })
+        .map(|r| r.describe())
+        .collect();
+    if blocking.is_empty() {
+        for r in &dropped {
+            warnings.push(format!(
+                "{} (before the newest backup's start: recovery to now does not need it)",
+                r.describe()
+            ));
+        }
+        return Ok(());
+    }
+    Err(Error::repository(format!(
+        "{}: recovery from this repository's backups cannot pass it",
+        blocking.join("; ")
+    ))
+    .hint("take a backup into this repository (`pgvault backup`, with --repo N for repository N alone): recovery from it does not need the missed WAL; the other repositories hold it"))
 }
 
 /// Archiving must work: archive_mode on, and a WAL switch now reaches the

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::catalog::{Catalog, Snapshot, TimelineRow, WalRow};
 use crate::error::Result;
+use crate::ops::gaps::{self, DroppedRun};
 use crate::ops::walfacts;
 use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
@@ -15,6 +16,7 @@ use crate::repo::archive::Histories;
 use crate::repo::archive::Listing;
 use crate::repo::manifest::{BackupHeader, ChangeReport, PageChecksums, UnreadableManifest};
 use crate::repo::{DbInfo, Repository};
+use crate::spool::QueueState;
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
 pub const INFO_SCHEMA_VERSION: u32 = 1;
@@ -42,6 +44,13 @@ pub struct InfoReport {
     /// Backups whose manifest cannot be read: left out of everything above
     /// (`pgvault verify` checks the rest of the repository).
     pub unreadable_backups: Vec<UnreadableManifest>,
+    /// Its number among the repositories configured (`repo2-…`): 1 with
+    /// one repository.
+    pub repository_number: u8,
+    /// With several repositories: this host's archive-push queue for this
+    /// repository (files PostgreSQL was told are archived that it does not
+    /// hold yet, and what was dropped from it), when this host has one.
+    pub archive_push_queue: Option<QueueState>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,6 +138,10 @@ pub struct TimelineReport {
     /// split brain, or the original of a PITR clone archiving into this
     /// stanza (see docs/disaster-recovery.md). Null when there is none.
     pub superseded: Option<SupersededReport>,
+    /// WAL of this timeline this repository missed: with several
+    /// repositories, dropped from its archive-push queue
+    /// (`archive-push-queue-max`), as its gap markers record.
+    pub dropped: Vec<DroppedRun>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -250,10 +263,19 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         rpo_seconds: newest_commit
             .map(|us| (chrono::Utc::now().timestamp_micros() - us) as f64 / 1e6),
         unreadable_backups: backups.unreadable,
+        repository_number: 1,
+        archive_push_queue: None,
     };
     if let Some(cat) = catalog {
         // The catalog caches the current cluster's archive.
         cat.replace_best_effort(repo.stanza(), snapshot(&current_listing, &report))
+            .await;
+        let runs: Vec<DroppedRun> = report
+            .timelines
+            .iter()
+            .flat_map(|t| t.dropped.iter().cloned())
+            .collect();
+        cat.replace_gaps_best_effort(repo.stanza(), gaps::rows(&runs, &current_listing))
             .await;
     }
     Ok(report)
@@ -303,6 +325,11 @@ async fn db_archive(
         &mut timelines,
     )
     .await?;
+    for run in gaps::dropped_runs(&archive, &listing).await? {
+        if let Some(t) = timelines.iter_mut().find(|t| t.timeline == run.timeline) {
+            t.dropped.push(run);
+        }
+    }
     let newest = recoverable(db, &listing, &sums, &histories, manifests, &mut timelines);
     Ok((listing, timelines, newest))
 }
@@ -441,6 +468,7 @@ fn timelines(db: &DbInfo, listing: &Listing) -> Vec<TimelineReport> {
             conflicts: Vec::new(),
             damaged_records: Vec::new(),
             superseded: None,
+            dropped: Vec::new(),
         });
         if entry.is_conflict() {
             rep.conflicts.push(name.as_str().to_string());

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod backups;
 pub mod check;
 pub mod expire;
+pub mod gaps;
 pub mod info;
 pub mod progress;
 pub mod restore;

@@ -23,6 +23,7 @@ use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::ops::gaps;
 use crate::ops::progress::Progress;
 use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
@@ -54,7 +55,8 @@ pub struct VerifyReport {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
     /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`,
-    /// `damaged-record`, `unknown-object`, `superseded`.
+    /// `damaged-record`, `unknown-object`, `superseded`, `dropped` (WAL
+    /// this repository missed: its gap markers).
     pub kind: String,
     /// The object, file or WAL range concerned.
     pub what: String,
@@ -197,6 +199,17 @@ pub async fn verify(
                 "corrupt",
                 format!("summary of {name}"),
                 why.clone(),
+            ));
+        }
+        for run in gaps::dropped_runs(&archive, &listing).await? {
+            problems.push(problem(
+                "dropped",
+                if run.from == run.to {
+                    run.from.clone()
+                } else {
+                    format!("{} … {}", run.from, run.to)
+                },
+                run.describe(),
             ));
         }
         let histories = archive.histories().await?;

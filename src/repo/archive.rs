@@ -12,6 +12,11 @@
 //! - `N-<sha256>.summary`: what that content's WAL records say;
 //! - `N-<sha256>.blockrefs`: the relation blocks and storage events of its
 //!   records (`pg::blockref`), which incremental backups read.
+//! - `N.gap`, a *gap marker*: this repository missed N — with several
+//!   repositories, N left this repository's archive-push queue unsent
+//!   (past `archive-push-queue-max`, or refused), while PostgreSQL was
+//!   told N is archived because the others hold it. `info`, `check` and
+//!   `verify` show it; a content of N stored later fills the gap.
 //!
 //! **The one answer to "which object is N"**: the content N's claim names.
 //! Without a claim (a push that crashed between storing its data and
@@ -49,6 +54,16 @@ pub struct Claim {
     pub sha256: Sha256Sum,
     pub size: u64,
     pub archived_at: String,
+}
+
+/// The gap marker object: why and when this repository missed a name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapMarker {
+    pub dropped_at: String,
+    /// Bytes of the file that was dropped.
+    pub size: u64,
+    /// `archive-push-queue-max`, or why the repository refused it.
+    pub reason: String,
 }
 
 /// Where the content answering for a name is.
@@ -115,6 +130,24 @@ impl Archive {
     /// messages.
     pub fn describe_blockrefs(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
         format!("{}/{}", self.repo.describe(), self.blockrefs_key(name, sha))
+    }
+
+    fn gap_key(&self, name: &WalFileName) -> String {
+        layout::wal_gap_key(self.repo.stanza(), &self.dir(), name)
+    }
+
+    /// Marks that this repository missed `name` (idempotent: a marker that
+    /// is there already stays as it is).
+    pub async fn mark_gap(&self, name: &WalFileName, marker: &GapMarker) -> Result<()> {
+        self.repo
+            .put_json(&self.gap_key(name), marker, PutMode::CreateNew)
+            .await?;
+        Ok(())
+    }
+
+    /// The gap marker of `name`, if it has one (see `repo::Fetched`).
+    pub async fn read_gap(&self, name: &WalFileName) -> Result<super::Fetched<GapMarker>> {
+        self.repo.fetch_json(&self.gap_key(name)).await
     }
 
     /// How `name`'s claim is named in messages.
@@ -558,6 +591,9 @@ impl Archive {
         for c in &entry.contents {
             keys.push(self.data_key(name, &c.sha));
         }
+        if entry.gap {
+            keys.push(self.gap_key(name));
+        }
         keys
     }
 }
@@ -607,6 +643,8 @@ pub struct NameEntry {
     pub orphan_summaries: Vec<Sha256Sum>,
     /// Block references whose content is not stored.
     pub orphan_blockrefs: Vec<Sha256Sum>,
+    /// A gap marker says this repository missed the name.
+    pub gap: bool,
 }
 
 impl NameEntry {
@@ -649,6 +687,7 @@ impl Listing {
                 }
                 Some(ArchiveKey::Summary { name, sha }) => summaries.push((name, sha)),
                 Some(ArchiveKey::BlockRefs { name, sha }) => blockrefs.push((name, sha)),
+                Some(ArchiveKey::Gap { name }) => out.names.entry(name).or_default().gap = true,
                 None => out.unrecognized.push(m),
             }
         }
@@ -691,6 +730,15 @@ impl Listing {
 
     pub fn holds(&self, name: &WalFileName) -> bool {
         self.answer(name).is_some()
+    }
+
+    /// Names this repository missed: a gap marker, and no content
+    /// answering for the name (a content stored later fills the gap).
+    pub fn dropped(&self) -> impl Iterator<Item = &WalFileName> {
+        self.names
+            .iter()
+            .filter(|(_, e)| e.gap && e.answer.is_none())
+            .map(|(n, _)| n)
     }
 
     /// Names the archive holds, each with the content answering for it.
@@ -815,6 +863,7 @@ mod tests {
         let n1 = name("000000010000000000000001");
         let n2 = name("000000010000000000000002");
         let n3 = name("000000010000000000000003");
+        let n4 = name("000000010000000000000004");
         let (a, b) = (Sha256Sum([1; 32]), Sha256Sum([2; 32]));
         let key = |n: &WalFileName, s: &Sha256Sum| layout::wal_data_key("s", "15-1", n, s);
         let listing = Listing::from_objects(vec![
@@ -828,7 +877,13 @@ mod tests {
             meta(&key(&n3, &b), 10),
             meta(&layout::wal_claim_key("s", "15-1", &n3), 1),
             meta("s/archive/15-1/0000000100000000/.pgvault-tmp-1", 3),
+            // missed (a gap marker), and missed but filled later
+            meta(&layout::wal_gap_key("s", "15-1", &n4), 1),
+            meta(&layout::wal_gap_key("s", "15-1", &n1), 1),
         ]);
+        let dropped: Vec<&WalFileName> = listing.dropped().collect();
+        assert_eq!(dropped, [&n4]);
+        assert!(!listing.holds(&n4));
         assert_eq!(listing.answer(&n1), Some(a));
         assert!(listing.is_summarized(&n1));
         assert_eq!(listing.answer(&n2), Some(b));

@@ -6,6 +6,7 @@
 //! <stanza>/archive/<db>/<tli+log>/<wal>.claim           which content owns the name <wal>
 //! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.summary what that content's records say
 //! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.blockrefs the relation blocks its records touch
+//! <stanza>/archive/<db>/<tli+log>/<wal>.gap            this repository missed <wal> (dropped from its archive-push queue)
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             packs of frames: whole files, block chunks
 //! <stanza>/backup/<label>/files.pgv                         the file list with block maps (format 2)
@@ -29,6 +30,7 @@ pub const WAL_SUFFIX: &str = ".zst";
 pub const CLAIM_SUFFIX: &str = ".claim";
 pub const SUMMARY_SUFFIX: &str = ".summary";
 pub const BLOCKREFS_SUFFIX: &str = ".blockrefs";
+pub const GAP_SUFFIX: &str = ".gap";
 
 pub fn stanza_key(stanza: &str) -> String {
     format!("{stanza}/{STANZA_OBJECT}")
@@ -184,6 +186,16 @@ pub fn wal_blockrefs_key(
     )
 }
 
+/// The marker that this repository missed `name`: it left the repository's
+/// archive-push queue unsent (see `repo::archive`, `spool::Queue`).
+pub fn wal_gap_key(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
+    format!(
+        "{}/{}{GAP_SUFFIX}",
+        wal_dir(stanza, db_dir, name),
+        name.as_str()
+    )
+}
+
 /// What a key below an archive root is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArchiveKey {
@@ -191,6 +203,7 @@ pub enum ArchiveKey {
     Claim { name: WalFileName },
     Summary { name: WalFileName, sha: Sha256Sum },
     BlockRefs { name: WalFileName, sha: Sha256Sum },
+    Gap { name: WalFileName },
 }
 
 /// Parses the last component of a key below `archive/<db>/`; `None` for
@@ -201,6 +214,11 @@ pub fn parse_archive_key(key: &str) -> Option<ArchiveKey> {
         return WalFileName::parse(stem)
             .ok()
             .map(|name| ArchiveKey::Claim { name });
+    }
+    if let Some(stem) = file.strip_suffix(GAP_SUFFIX) {
+        return WalFileName::parse(stem)
+            .ok()
+            .map(|name| ArchiveKey::Gap { name });
     }
     #[derive(PartialEq)]
     enum Side {
@@ -276,6 +294,9 @@ mod tests {
             wal_claim_key("s", "15-1", &h),
             "s/archive/15-1/history/00000002.history.claim"
         );
+        let g = wal_gap_key("s", "15-1", &h);
+        assert_eq!(g, "s/archive/15-1/history/00000002.history.gap");
+        assert_eq!(parse_archive_key(&g), Some(ArchiveKey::Gap { name: h }));
         assert_eq!(parse_archive_key("s/archive/15-1/x/.pgvault-tmp-1"), None);
         assert_eq!(
             parse_archive_key("s/archive/15-1/x/00000001000000020000003A-zz.zst"),

@@ -15,6 +15,7 @@ mod blockrefs;
 mod config;
 mod incr;
 mod lookahead;
+mod multirepo;
 mod operations;
 mod orphans;
 mod pages;

@@ -16,7 +16,7 @@
 //!    archiving continues there (its segments and history in the stanza);
 //! 5. a PITR to a time after the switchover lands on timeline 2, with the
 //!    rows written before that time (on both timelines) and none after;
-//! 6. docs/disaster-recovery.md's runbook 6, run as written, rebuilds
+//! 6. docs/disaster-recovery.md's runbook 7, run as written, rebuilds
 //!    node1 (now a replica) from the newest backup: `patronictl reinit`,
 //!    Patroni's `pgvault restore`, streaming from node2 on timeline 2;
 //! 7. a second cluster bootstraps from the stanza with `pgvault restore` as
@@ -526,7 +526,7 @@ fn patroni_cluster_archives_and_recovers_through_pgvault() {
     );
     node.assert_log_clean();
 
-    // 6. Runbook 6: node1 rebuilt from the newest backup.
+    // 6. Runbook 7: node1 rebuilt from the newest backup.
     let before = fs::read_to_string(&n1.log).unwrap_or_default().len();
     let book = Book::load();
     let mut sh = Shell {
@@ -554,13 +554,13 @@ fn patroni_cluster_archives_and_recovers_through_pgvault() {
     sh.set("PATRONI_CONFIG", n1.yml.display());
     sh.set("PATRONI_SCOPE", "pgv");
     sh.set("MEMBER", "node1");
-    let listed = sh.run("6", "check");
+    let listed = sh.run("7", "check");
     assert!(
         listed.contains("node1") && listed.contains("node2"),
         "{listed}"
     );
-    sh.run("6", "rebuild");
-    sh.run("6", "verify");
+    sh.run("7", "rebuild");
+    sh.run("7", "verify");
     let log1 = fs::read_to_string(&n1.log).unwrap_or_default();
     assert!(
         log1[before..].contains("replica has been created using pgvault"),

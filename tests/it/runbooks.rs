@@ -187,7 +187,8 @@ impl<'a> World<'a> {
         sh.set("PITR_LOG", self.logdir.join("none.log").display());
         sh.set("TARGET_TIME", "none");
         sh.set("PRIMARY_CONNINFO", "none");
-        // Runbook 6 (Patroni) runs in tests/it/patroni.rs.
+        // Runbook 7 (Patroni) runs in tests/it/patroni.rs; 8 and 9 in
+        // tests/it/multirepo/runbooks.rs.
         sh.set("PATRONI_CONFIG", "none");
         sh.set("PATRONI_SCOPE", "none");
         sh.set("MEMBER", "none");
@@ -633,6 +634,8 @@ fn runbook_blocks_are_well_formed() {
             ],
         ),
         ("4", &["prepare", "restore", "start", "check"]),
+        ("8", &["look", "recreate", "wait", "backup"]),
+        ("9", &["restore", "finish"]),
     ] {
         for step in steps {
             for layout in ["debian", "self-contained"] {

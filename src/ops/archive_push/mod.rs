@@ -16,6 +16,11 @@
 //! PostgreSQL has marked `.ready` meanwhile, so that its next calls return
 //! at once.
 //!
+//! With several repositories ([`quorum`]), PostgreSQL is told once
+//! `archive-push-quorum` of them hold the file; each of the others gets it
+//! queued durably in its spool, and the detached pusher ([`catchup`])
+//! sends the queue when the repository answers again.
+//!
 //! Timelines ([`timeline_rules`]): a file of timeline N > 1 goes to the
 //! archive only after `0000000N.history`, as PostgreSQL's archiver orders
 //! them; a history file only when the WAL of its timeline already archived
@@ -23,7 +28,9 @@
 //! where an archived history left it is archived with a warning, or refused
 //! (`archive-push-superseded`).
 
+mod catchup;
 mod lookahead;
+mod quorum;
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -39,7 +46,9 @@ use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{DbInfo, Digest256, Repository};
 use crate::spool::SpoolDir;
 
+pub use catchup::{catch_up, push_behind, pusher_wanted};
 pub use lookahead::{lookahead_wanted, push_ahead};
+pub use quorum::{archive_push_quorum, QuorumOptions, QuorumOutcome, Target};
 
 #[derive(Debug, Clone)]
 pub struct PushOptions {
@@ -500,4 +509,4 @@ fn hash_file(path: &Path) -> Result<Digest256> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -6,7 +6,7 @@ use crate::repo::s3::S3Options;
 use crate::repo::RepoLocation;
 
 /// A data directory with two real, consecutive segments marked ready.
-fn pgdata(dir: &Path) -> PathBuf {
+pub(super) fn pgdata(dir: &Path) -> PathBuf {
     let pg = dir.join("pg");
     std::fs::create_dir_all(pg.join("global")).unwrap();
     std::fs::create_dir_all(pg.join("pg_wal/archive_status")).unwrap();
@@ -24,7 +24,7 @@ fn pgdata(dir: &Path) -> PathBuf {
 }
 
 /// That data directory, and a local repository with its stanza.
-async fn stanza(dir: &Path) -> (PathBuf, Repository) {
+pub(super) async fn stanza(dir: &Path) -> (PathBuf, Repository) {
     let pg = pgdata(dir);
     let repo = Repository::open(
         RepoLocation::Local(dir.join("repo")),

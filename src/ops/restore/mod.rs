@@ -91,16 +91,54 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Restored> {
-    restore_inner(repo, opts, progress)
+    restore_inner(repo, opts, Some(progress))
         .await
+        .map(|r| r.expect("laid down when given a progress"))
         .map_err(|e| e.context(format!("restore into {}", opts.pgdata.display())))
 }
 
+/// With several repositories: restores from the first (in `repos`' order)
+/// that has a backup recovering to the target — a repository that cannot
+/// be read, has no fitting backup or whose archive does not reach the
+/// target is passed over, with a warning, before anything is written.
+/// Each repository comes with its own catalog (`opts.catalog` is ignored):
+/// a catalog caches one repository's backups, and reading another's
+/// through it would forget the backups it knows. Returns the index in
+/// `repos` of the one used.
+pub async fn restore_first(
+    repos: &[(Repository, Option<Catalog>)],
+    opts: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<(usize, Restored)> {
+    let with = |catalog: &Option<Catalog>| RestoreOptions {
+        catalog: catalog.clone(),
+        ..opts.clone()
+    };
+    let ((last, last_catalog), rest) = repos
+        .split_last()
+        .ok_or_else(|| Error::internal("restore from no repository"))?;
+    for (i, (repo, catalog)) in rest.iter().enumerate() {
+        let opts = with(catalog);
+        match restore_inner(repo, &opts, None).await {
+            Ok(_) => return restore(repo, &opts, progress).await.map(|r| (i, r)),
+            Err(e) => log::warn!(
+                "not restoring from {}: {e}; trying the next repository",
+                repo.describe()
+            ),
+        }
+    }
+    restore(last, &with(last_catalog), progress)
+        .await
+        .map(|r| (repos.len() - 1, r))
+}
+
+/// Plans the restore and, with `progress`, lays it down; without, stops
+/// after the plan (nothing written) and returns `None`.
 async fn restore_inner(
     repo: &Repository,
     opts: &RestoreOptions,
-    progress: Arc<dyn Progress>,
-) -> Result<Restored> {
+    progress: Option<Arc<dyn Progress>>,
+) -> Result<Option<Restored>> {
     let stanza = repo.require_stanza().await?;
     let backups = crate::ops::backups::index(repo, opts.catalog.as_ref()).await?;
     if let Some(u) = opts.set.as_deref().and_then(|l| backups.unreadable(l)) {
@@ -139,6 +177,9 @@ async fn restore_inner(
     if opts.target_check {
         plan::check_target_reachable(repo, opts, &plan).await?;
     }
+    let Some(progress) = progress else {
+        return Ok(None);
+    };
     let (m, db) = (plan.backup, plan.db);
     progress.message(&format!(
         "restoring backup {} (stopped {} at {}, timeline {})",
@@ -185,11 +226,11 @@ async fn restore_inner(
     };
     let skipped = lay::lay_down(repo, &m, opts, progress.clone()).await?;
     progress.finish();
-    Ok(Restored {
+    Ok(Some(Restored {
         label: m.label.clone(),
         files: m.files.len(),
         bytes: m.original_size,
         skipped_by_delta: skipped,
         pg_version: db.pg_version,
-    })
+    }))
 }

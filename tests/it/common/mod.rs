@@ -10,6 +10,8 @@
 //!   needs one whose variable is missing is skipped with a message
 //! - `PGVAULT_TEST_AWS_ACCESS_KEY_ID`, `PGVAULT_TEST_AWS_SECRET_ACCESS_KEY`,
 //!   `PGVAULT_TEST_AWS_REGION`, `PGVAULT_TEST_BUCKET`  credentials both servers accept
+//! - `PGVAULT_TEST_MOTO_PY`  the Python that runs moto, for tests that start
+//!   (and kill) a moto of their own ([`OwnMoto`])
 //! - `PGVAULT_TEST_KEEP=1` keeps temporary directories for a post-mortem.
 //!
 //! PostgreSQL refuses to run as root, so the tests (run as root) start it
@@ -20,12 +22,14 @@
 
 mod cases;
 mod cluster;
+mod moto;
 mod node;
 mod process;
 mod wal;
 
 pub use cases::Cases;
 pub use cluster::{backup, backup_run, stanza_create, Cluster, InitOpts};
+pub use moto::OwnMoto;
 pub use node::{Node, RECOVERY_TIMEOUT};
 pub use process::{children_of, finish, spawn_as, As, Run, Spawned, PGVAULT_TIMEOUT};
 pub use wal::{assert_same_file, parse_segment, pseudo_random_bytes, segment_name, segment_range};

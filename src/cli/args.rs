@@ -67,8 +67,10 @@ pub enum Command {
     },
     /// Take a base backup of the running cluster
     Backup {
-        /// Backup type (only full for now)
-        #[arg(long = "type", value_enum, default_value_t = BackupType::Full)]
+        /// Backup type: full, diff (changes since the newest full) or incr
+        /// (changes since the newest backup); a diff or incr without a
+        /// usable backup to build on becomes a full one, and says so
+        #[arg(long = "type", value_enum, default_value_t = BackupType::Incr)]
         backup_type: BackupType,
         /// Start with an immediate checkpoint instead of a spread one
         #[arg(long)]
@@ -120,6 +122,8 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackupType {
     Full,
+    Diff,
+    Incr,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -293,15 +293,20 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             }
         }
         Command::Backup {
+            backup_type,
             start_fast,
             options: o,
-            ..
         } => {
             let repos = g.repos()?;
             for r in &repos {
                 o.expire_after(r.number)?;
             }
             let opts = ops::backup::BackupOptions {
+                kind: match backup_type {
+                    args::BackupType::Full => ops::backup::BackupKind::Full,
+                    args::BackupType::Diff => ops::backup::BackupKind::Diff,
+                    args::BackupType::Incr => ops::backup::BackupKind::Incr,
+                },
                 pgdata: o.data.pgdata()?.to_path_buf(),
                 conn: o.connection.params(),
                 standby: o.backup_standby,
@@ -313,6 +318,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // the worker reads and hashes.
                 encode: o.compression.encode_backup(),
                 archive_timeout: o.connection.archive_timeout(),
+                // Set per repository below.
+                catalog: None,
             };
             let mut each = Each::new(&repos);
             for r in &repos {
@@ -321,6 +328,10 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     each.announce(r, &repo, "backup into");
                     let progress: Arc<dyn ops::progress::Progress> =
                         Arc::from(progress::for_stderr());
+                    let opts = ops::backup::BackupOptions {
+                        catalog: g.catalog(r, &o.catalog),
+                        ..opts.clone()
+                    };
                     let m = ops::backup::backup(&repo, &opts, progress).await?;
                     render::backup_done(&m)?;
                     if let Some(retention) = o.expire_after(r.number)? {

@@ -198,8 +198,8 @@ pub fn backfill(r: &BackfillReport, output: Output) -> Result<()> {
         s += &format!("damaged record: {d}\n");
     }
     s += &format!(
-        "backfill: {} segment(s) summarized now, {} had a summary already\n",
-        r.summarized, r.had_summary
+        "backfill: {} segment(s) summarized now, block references written for {}, {} had both already\n",
+        r.summarized, r.blockrefs, r.had_summary
     );
     out(&s)
 }
@@ -286,6 +286,21 @@ fn info_backups<'a>(s: &mut String, backups: impl Iterator<Item = &'a BackupRepo
             b.wal_start,
             b.wal_stop
         );
+        if let (Some(r), Some(c)) = (&b.reference, &b.changes) {
+            *s += &format!(
+                "{ind}  on {} (chain {}): changes found by {}, {} changed blocks in {} files, {} files unchanged, {} copied whole\n",
+                r,
+                b.depends_on.join(" ← "),
+                c.method,
+                c.changed_blocks,
+                c.delta_files,
+                c.unchanged_files,
+                c.whole_files
+            );
+            for f in &c.fallbacks {
+                *s += &format!("{ind}  fell back: {f}\n");
+            }
+        }
         if let Some(pc) = &b.page_checksums {
             if !pc.bad_pages.is_empty() {
                 *s += &format!(
@@ -395,6 +410,25 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
                 "all valid".to_string()
             } else {
                 format!("{bad} FAILED (listed above, and in `pgvault info`)")
+            }
+        );
+    }
+    if let (Some(r), Some(c)) = (&m.reference, &m.changes) {
+        eprintln!(
+            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged ({} compared with the reference), {} copied whole{}",
+            m.backup_type,
+            r,
+            c.method,
+            c.segments,
+            c.changed_blocks,
+            c.delta_files,
+            c.unchanged_files,
+            c.compared_files,
+            c.whole_files,
+            if c.fallbacks.is_empty() {
+                String::new()
+            } else {
+                format!(", {} fallback(s)", c.fallbacks.len())
             }
         );
     }

@@ -94,6 +94,21 @@ pub fn keep_set(all: &[BackupHeader], opts: &ExpireOptions) -> BTreeSet<usize> {
     }
     // Never expire everything.
     keep.insert(all.len() - 1);
+    // A differential or incremental backup goes with its full backup (as
+    // pgBackRest's retention-full does); a kept one keeps every backup it
+    // takes files or blocks from.
+    for (i, h) in all.iter().enumerate() {
+        let full = h.depends_on.last();
+        if full.is_some_and(|f| keep.iter().any(|&k| &all[k].label == f)) {
+            keep.insert(i);
+        }
+    }
+    let needed: Vec<&String> = keep.iter().flat_map(|&k| &all[k].depends_on).collect();
+    for (i, h) in all.iter().enumerate() {
+        if needed.contains(&&h.label) {
+            keep.insert(i);
+        }
+    }
     keep
 }
 
@@ -278,5 +293,38 @@ mod tests {
             ),
             BTreeSet::from([3])
         );
+    }
+
+    /// A kept incremental keeps its chain; incrementals go with their full.
+    #[test]
+    fn chains() {
+        let on = |label: &str, stop: &str, kind: &str, deps: &[&str]| {
+            let mut h = m(label, stop);
+            h.backup_type = kind.into();
+            h.reference = deps.first().map(|d| d.to_string());
+            h.depends_on = deps.iter().map(|d| d.to_string()).collect();
+            h
+        };
+        let all = vec![
+            on("f1", "2026-11-20T00:00:00Z", "full", &[]),
+            on("i1", "2026-11-21T00:00:00Z", "incr", &["f1"]),
+            on("d1", "2026-11-22T00:00:00Z", "diff", &["f1"]),
+            on("i2", "2026-11-23T00:00:00Z", "incr", &["d1", "f1"]),
+            on("f2", "2026-11-24T00:00:00Z", "full", &[]),
+            on("i3", "2026-11-25T00:00:00Z", "incr", &["f2"]),
+        ];
+        let full1 = ExpireOptions {
+            retention_full: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(keep_set(&all, &full1), BTreeSet::from([4, 5]));
+        // A window reaching back to i2 only: i2's diff and full stay.
+        let win = ExpireOptions {
+            retention_window: Some(Duration::from_secs(86400)),
+            ..Default::default()
+        };
+        let mut only_i2 = all[..4].to_vec();
+        only_i2[3].stop_time = "2026-11-30T00:00:00Z".into();
+        assert_eq!(keep_set(&only_i2, &win), BTreeSet::from([0, 2, 3]));
     }
 }

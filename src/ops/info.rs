@@ -14,7 +14,7 @@ use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::Histories;
 use crate::repo::archive::Listing;
-use crate::repo::manifest::{BackupHeader, PageChecksums, UnreadableManifest};
+use crate::repo::manifest::{BackupHeader, ChangeReport, PageChecksums, UnreadableManifest};
 use crate::repo::{DbInfo, Repository};
 use crate::spool::QueueState;
 
@@ -92,6 +92,15 @@ pub struct BackupReport {
     /// when the cluster has no data checksums), and the pages that failed,
     /// by relation file, fork and block.
     pub page_checksums: Option<PageChecksums>,
+    /// A diff's or incr's reference backup, and every backup it depends
+    /// on, newest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// How it found what changed: method, counts, fallbacks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangeReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -243,6 +252,9 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
                 db_id: m.db_id,
                 pg_version: m.pg_version,
                 page_checksums: m.page_checksums.clone(),
+                reference: m.reference.clone(),
+                depends_on: m.depends_on.clone(),
+                changes: m.changes.clone(),
             })
             .collect(),
         timelines: dbs.last().map(|d| d.timelines.clone()).unwrap_or_default(),

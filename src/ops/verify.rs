@@ -261,12 +261,44 @@ pub async fn verify(
     let manifests = &backups.manifests;
     let mut backup_objects = 0;
     for m in manifests {
+        // What this backup stored: whole files and its own parts of block
+        // maps (the objects of the backups it depends on are checked with
+        // those, which must be there).
         let mut by_object: BTreeMap<String, Vec<FileEntry>> = BTreeMap::new();
         for f in &m.files {
-            by_object
-                .entry(f.object.clone())
-                .or_default()
-                .push(f.clone());
+            if f.parts.is_empty() && f.backup.is_none() {
+                by_object
+                    .entry(f.object.clone())
+                    .or_default()
+                    .push(f.clone());
+            }
+            for p in f.parts.iter().filter(|p| p.backup == m.label) {
+                by_object
+                    .entry(p.object.clone())
+                    .or_default()
+                    .push(FileEntry {
+                        path: format!("{} (its changed blocks)", f.path),
+                        size: p.raw_size,
+                        sha256: p.sha256.clone(),
+                        object: p.object.clone(),
+                        offset: p.offset,
+                        length: p.length,
+                        backup: None,
+                        parts: Vec::new(),
+                        ..f.clone()
+                    });
+            }
+        }
+        for dep in &m.depends_on {
+            if !manifests.iter().any(|o| &o.label == dep) {
+                problems.push(problem(
+                    "missing-dependency",
+                    format!("backup {}", m.label),
+                    format!(
+                        "depends on backup {dep} (its reference chain), which is not in the repository: it cannot be restored"
+                    ),
+                ));
+            }
         }
         for (object, mut files) in by_object {
             files.sort_by_key(|f| f.offset);

@@ -20,6 +20,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::pg::blockref::SegmentRefs;
 use crate::pg::walscan::{RestorePoint, ScanOptions, WalScanner, WalSummary};
 use crate::pg::{Lsn, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::{Archive, Fork, Histories, Listing, SummaryRead};
@@ -378,17 +379,21 @@ pub fn format_us(us: i64) -> String {
 /// What `backfill` did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct BackfillReport {
-    /// Files that had a summary already.
+    /// Files that had a summary (and block references) already.
     pub had_summary: u64,
     /// Files read and summarized now.
     pub summarized: u64,
+    /// Files whose block references were written now (archived by a
+    /// pgvault that did not keep them).
+    pub blockrefs: u64,
     /// Records that failed their CRC check in the files read now.
     pub damaged: Vec<String>,
 }
 
-/// Writes the summary of every archived segment (and `.partial`) that has
-/// none: reads the object, checks it against its checksum while walking its
-/// records, stores the summary. `process_max` objects at a time.
+/// Writes the summary and the block references of every archived segment
+/// (and `.partial`) that lacks either: reads the object, checks it against
+/// its checksum while walking its records, stores what was missing.
+/// `process_max` objects at a time.
 pub async fn backfill(
     repo: &Repository,
     catalog: Option<&Catalog>,
@@ -404,28 +409,41 @@ pub async fn backfill(
             let Some(opts) = scan_options(db, name) else {
                 continue;
             };
-            if listing.is_summarized(name) {
+            let (summarized, refs) = (listing.is_summarized(name), listing.has_blockrefs(name));
+            if summarized && refs {
                 report.had_summary += 1;
             } else {
-                todo.push((name.clone(), sha, opts));
+                todo.push((name.clone(), sha, opts, summarized, refs));
             }
         }
         let archive = &archive;
-        let done: Vec<(WalFileName, Sha256Sum, WalSummary)> = stream::iter(todo)
-            .map(|(name, sha, opts)| async move {
-                let summary = summarize_object(archive, &name, &sha, opts).await?;
-                archive.store_summary(&name, &sha, &summary).await?;
-                Ok::<_, Error>((name, sha, summary))
+        let done: Vec<(WalFileName, Sha256Sum, WalSummary, bool, bool)> = stream::iter(todo)
+            .map(|(name, sha, opts, had_summary, had_refs)| async move {
+                let (summary, refs) = summarize_object(archive, &name, &sha, opts).await?;
+                if !had_summary {
+                    archive.store_summary(&name, &sha, &summary).await?;
+                }
+                if !had_refs {
+                    archive.store_blockrefs(&name, &sha, &refs).await?;
+                }
+                Ok::<_, Error>((name, sha, summary, had_summary, had_refs))
             })
             .buffer_unordered(process_max.max(1))
             .try_collect()
             .await?;
-        for (name, _, s) in &done {
-            warn_about(name, s);
+        let mut summarized = Vec::new();
+        for (name, sha, s, had_summary, had_refs) in done {
+            report.blockrefs += u64::from(!had_refs);
+            if had_summary {
+                continue;
+            }
+            warn_about(&name, &s);
             report
                 .damaged
                 .extend(s.crc_failures.iter().map(|l| format!("{name} at {l}")));
+            summarized.push((name, sha, s));
         }
+        let done = summarized;
         report.summarized += done.len() as u64;
         if let Some(cat) = catalog {
             cat.record_summaries_best_effort(repo.stanza(), done).await;
@@ -435,17 +453,18 @@ pub async fn backfill(
     Ok(report)
 }
 
-/// Reads one archived content and walks its records, checking its checksum.
+/// Reads one archived content and walks its records, checking its
+/// checksum: its summary and its block references.
 pub async fn summarize_object(
     archive: &Archive,
     name: &WalFileName,
     sha: &Sha256Sum,
     opts: ScanOptions,
-) -> Result<WalSummary> {
+) -> Result<(WalSummary, SegmentRefs)> {
     let scanner = archive
         .read_content(name, sha, WalScanner::new(opts))
         .await?;
-    Ok(scanner.finish())
+    Ok(scanner.finish_with_blocks())
 }
 
 #[cfg(test)]

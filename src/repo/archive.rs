@@ -10,6 +10,8 @@
 //!   files pushed for N can never overwrite each other, whatever the store;
 //! - `N.claim`, which content N is: created once, only if absent;
 //! - `N-<sha256>.summary`: what that content's WAL records say;
+//! - `N-<sha256>.blockrefs`: the relation blocks and storage events of its
+//!   records (`pg::blockref`), which incremental backups read.
 //! - `N.gap`, a *gap marker*: this repository missed N — with several
 //!   repositories, N left this repository's archive-push queue unsent
 //!   (past `archive-push-queue-max`, or refused), while PostgreSQL was
@@ -41,6 +43,7 @@ use super::codec::{self, CodecError, Digest256, Sha256Sum};
 use super::layout::{self, ArchiveKey};
 use super::{DbInfo, Deletion, Fetched, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result, WriteWatch};
+use crate::pg::blockref::{decode_segment, encode_segment, SegmentRefs};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
@@ -119,6 +122,16 @@ impl Archive {
     fn summary_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
         layout::wal_summary_key(self.repo.stanza(), &self.dir(), name, sha)
     }
+    fn blockrefs_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        layout::wal_blockrefs_key(self.repo.stanza(), &self.dir(), name, sha)
+    }
+
+    /// How the block references of content `sha` of `name` are named in
+    /// messages.
+    pub fn describe_blockrefs(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
+        format!("{}/{}", self.repo.describe(), self.blockrefs_key(name, sha))
+    }
+
     fn gap_key(&self, name: &WalFileName) -> String {
         layout::wal_gap_key(self.repo.stanza(), &self.dir(), name)
     }
@@ -456,6 +469,46 @@ impl Archive {
         Ok(())
     }
 
+    /// Stores the block references of content `sha` of `name`
+    /// (`pg::blockref::encode_segment`; idempotent).
+    pub async fn store_blockrefs(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+        refs: &SegmentRefs,
+    ) -> Result<()> {
+        let bytes = encode_segment(refs);
+        self.repo
+            .put_encoded(&self.blockrefs_key(name, sha), &bytes, PutMode::CreateNew)
+            .await?;
+        Ok(())
+    }
+
+    /// The block references of content `sha` of `name`: like
+    /// [`Archive::read_summary`], a store that cannot be read is an error,
+    /// a missing or damaged object an outcome.
+    pub async fn read_blockrefs(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+    ) -> Result<BlockRefsRead> {
+        let key = self.blockrefs_key(name, sha);
+        let Some(raw) = self.repo.backend().get_bytes(&key).await? else {
+            return Ok(BlockRefsRead::Missing);
+        };
+        let what = format!("{}/{key}", self.repo.describe());
+        let parsed = tokio::task::spawn_blocking(move || {
+            codec::decode_bytes(&raw)
+                .map_err(|e| e.to_string())
+                .and_then(|b| decode_segment(&b).map_err(|e| e.to_string()))
+        })
+        .await?;
+        Ok(match parsed {
+            Ok(s) => BlockRefsRead::Found(Box::new(s)),
+            Err(e) => BlockRefsRead::Damaged(format!("{what}: {e}")),
+        })
+    }
+
     /// The record summary of content `sha` of `name`. A store that cannot
     /// be read is an error; a summary that is there but damaged is an
     /// outcome ([`SummaryRead::Damaged`]), so that one bad object hides
@@ -515,20 +568,29 @@ impl Archive {
             .orphan_summaries
             .iter()
             .map(|sha| self.summary_key(name, sha))
+            .chain(
+                entry
+                    .orphan_blockrefs
+                    .iter()
+                    .map(|sha| self.blockrefs_key(name, sha)),
+            )
             .collect()
     }
 
     /// Every key `entry` of `name` has, in the order to delete them: the
     /// claim first (without it the name answers with its only content, the
-    /// same bytes), then summaries, then contents — an interrupted delete
+    /// same bytes), then summaries and block references, then contents — an interrupted delete
     /// leaves what a re-run removes, never a claim without its content.
     pub fn keys_to_delete(&self, name: &WalFileName, entry: &NameEntry) -> Deletion {
         let claim = entry.claimed.then(|| self.claim_key(name));
         let summaries = entry
             .contents
             .iter()
-            .filter(|c| c.summarized)
-            .map(|c| self.summary_key(name, &c.sha))
+            .flat_map(|c| {
+                let summary = c.summarized.then(|| self.summary_key(name, &c.sha));
+                let blockrefs = c.blockrefs.then(|| self.blockrefs_key(name, &c.sha));
+                summary.into_iter().chain(blockrefs)
+            })
             .chain(self.orphan_summary_keys(name, entry));
         let contents = entry.contents.iter().map(|c| self.data_key(name, &c.sha));
         Deletion::phased([
@@ -551,6 +613,15 @@ pub enum SummaryRead {
     Damaged(String),
 }
 
+/// The outcome of reading one block references object.
+#[derive(Debug, Clone)]
+pub enum BlockRefsRead {
+    Found(Box<SegmentRefs>),
+    Missing,
+    /// Present but not readable: object and cause.
+    Damaged(String),
+}
+
 /// A content of a name, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Content {
@@ -559,6 +630,8 @@ pub struct Content {
     pub stored_size: u64,
     /// Whether its record summary is stored.
     pub summarized: bool,
+    /// Whether its block references are stored.
+    pub blockrefs: bool,
 }
 
 /// What one listing shows of one name.
@@ -574,6 +647,8 @@ pub struct NameEntry {
     pub claim_error: Option<String>,
     /// Summaries whose content is not stored.
     pub orphan_summaries: Vec<Sha256Sum>,
+    /// Block references whose content is not stored.
+    pub orphan_blockrefs: Vec<Sha256Sum>,
     /// A gap marker says this repository missed the name.
     pub gap: bool,
 }
@@ -602,6 +677,7 @@ impl Listing {
     pub fn from_objects(objects: Vec<ObjectMeta>) -> Listing {
         let mut out = Listing::default();
         let mut summaries: Vec<(WalFileName, Sha256Sum)> = Vec::new();
+        let mut blockrefs: Vec<(WalFileName, Sha256Sum)> = Vec::new();
         for m in objects {
             match layout::parse_archive_key(&m.key) {
                 Some(ArchiveKey::Data { name, sha }) => {
@@ -609,12 +685,14 @@ impl Listing {
                         sha,
                         stored_size: m.size,
                         summarized: false,
+                        blockrefs: false,
                     })
                 }
                 Some(ArchiveKey::Claim { name }) => {
                     out.names.entry(name).or_default().claimed = true
                 }
                 Some(ArchiveKey::Summary { name, sha }) => summaries.push((name, sha)),
+                Some(ArchiveKey::BlockRefs { name, sha }) => blockrefs.push((name, sha)),
                 Some(ArchiveKey::Gap { name }) => out.names.entry(name).or_default().gap = true,
                 None => out.unrecognized.push(m),
             }
@@ -624,6 +702,13 @@ impl Listing {
             match entry.contents.iter_mut().find(|c| c.sha == sha) {
                 Some(c) => c.summarized = true,
                 None => entry.orphan_summaries.push(sha),
+            }
+        }
+        for (name, sha) in blockrefs {
+            let entry = out.names.entry(name).or_default();
+            match entry.contents.iter_mut().find(|c| c.sha == sha) {
+                Some(c) => c.blockrefs = true,
+                None => entry.orphan_blockrefs.push(sha),
             }
         }
         for entry in out.names.values_mut() {
@@ -675,6 +760,16 @@ impl Listing {
             e.answer
                 .and_then(|sha| e.content(&sha))
                 .is_some_and(|c| c.summarized)
+        })
+    }
+
+    /// Whether the content answering for `name` has its block references
+    /// stored.
+    pub fn has_blockrefs(&self, name: &WalFileName) -> bool {
+        self.names.get(name).is_some_and(|e| {
+            e.answer
+                .and_then(|sha| e.content(&sha))
+                .is_some_and(|c| c.blockrefs)
         })
     }
 

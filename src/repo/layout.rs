@@ -5,9 +5,11 @@
 //! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.zst    archived WAL, content-addressed
 //! <stanza>/archive/<db>/<tli+log>/<wal>.claim           which content owns the name <wal>
 //! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.summary what that content's records say
+//! <stanza>/archive/<db>/<tli+log>/<wal>-<sha256>.blockrefs the relation blocks its records touch
 //! <stanza>/archive/<db>/<tli+log>/<wal>.gap            this repository missed <wal> (dropped from its archive-push queue)
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
-//! <stanza>/backup/<label>/data/<worker>-<n>.pgv             backed-up files (one, or a bundle of small ones)
+//! <stanza>/backup/<label>/data/<worker>-<n>.pgv             whole files and parts (changed blocks), small ones bundled
+//! <stanza>/backup/<label>/files.pgv                         reserved: format 2's streamed file list (not written yet)
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
 //! ```
@@ -27,6 +29,7 @@ pub const STANZA_OBJECT: &str = "stanza.pgv";
 pub const WAL_SUFFIX: &str = ".zst";
 pub const CLAIM_SUFFIX: &str = ".claim";
 pub const SUMMARY_SUFFIX: &str = ".summary";
+pub const BLOCKREFS_SUFFIX: &str = ".blockrefs";
 pub const GAP_SUFFIX: &str = ".gap";
 
 pub fn stanza_key(stanza: &str) -> String {
@@ -52,7 +55,13 @@ pub fn backup_expiring_key(stanza: &str, label: &str) -> String {
     format!("{}/{EXPIRING_OBJECT}", backup_dir(stanza, label))
 }
 
+/// The file list of a format-2 backup (`repo::filelist`).
+pub fn backup_file_list_key(stanza: &str, label: &str) -> String {
+    format!("{}/{FILE_LIST_OBJECT}", backup_dir(stanza, label))
+}
+
 const MANIFEST_OBJECT: &str = "manifest.pgv";
+const FILE_LIST_OBJECT: &str = "files.pgv";
 const EXPIRING_OBJECT: &str = "expiring.pgv";
 
 /// What an object of a backup directory is.
@@ -60,6 +69,8 @@ const EXPIRING_OBJECT: &str = "expiring.pgv";
 pub enum BackupObject {
     Manifest,
     Expiring,
+    /// The file list (format 2): written just before the manifest.
+    FileList,
     Data,
     /// Not an object pgvault writes in a backup directory.
     Unknown,
@@ -73,6 +84,7 @@ pub fn parse_backup_key<'a>(stanza: &str, key: &'a str) -> Option<(&'a str, Back
     let kind = match object {
         MANIFEST_OBJECT => BackupObject::Manifest,
         EXPIRING_OBJECT => BackupObject::Expiring,
+        FILE_LIST_OBJECT => BackupObject::FileList,
         o if o.starts_with("data/") && o.ends_with(".pgv") && !o[5..].contains('/') => {
             BackupObject::Data
         }
@@ -84,6 +96,18 @@ pub fn parse_backup_key<'a>(stanza: &str, key: &'a str) -> Option<(&'a str, Back
 /// A data object of a backup, relative to the backup's directory.
 pub fn backup_object_name(worker: usize, n: u64) -> String {
     format!("data/{worker:02}-{n:06}.pgv")
+}
+
+/// The worker and sequence number of a data object's name
+/// ([`backup_object_name`]); `None` for any other name.
+pub fn parse_backup_object_name(name: &str) -> Option<(usize, u64)> {
+    let stem = name.strip_prefix("data/")?.strip_suffix(".pgv")?;
+    let (w, n) = stem.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(w) || !digits(n) {
+        return None;
+    }
+    Some((w.parse().ok()?, n.parse().ok()?))
 }
 
 pub fn backup_object_key(stanza: &str, label: &str, object: &str) -> String {
@@ -145,6 +169,23 @@ pub fn wal_summary_key(stanza: &str, db_dir: &str, name: &WalFileName, sha: &Sha
     )
 }
 
+/// The relation blocks and storage events of one archived content's
+/// records (`pg::blockref::encode_segment`), for incremental backups. Named
+/// by the content's checksum, like its summary.
+pub fn wal_blockrefs_key(
+    stanza: &str,
+    db_dir: &str,
+    name: &WalFileName,
+    sha: &Sha256Sum,
+) -> String {
+    format!(
+        "{}/{}-{}{BLOCKREFS_SUFFIX}",
+        wal_dir(stanza, db_dir, name),
+        name.as_str(),
+        sha.to_hex()
+    )
+}
+
 /// The marker that this repository missed `name`: it left the repository's
 /// archive-push queue unsent (see `repo::archive`, `spool::Queue`).
 pub fn wal_gap_key(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
@@ -161,6 +202,7 @@ pub enum ArchiveKey {
     Data { name: WalFileName, sha: Sha256Sum },
     Claim { name: WalFileName },
     Summary { name: WalFileName, sha: Sha256Sum },
+    BlockRefs { name: WalFileName, sha: Sha256Sum },
     Gap { name: WalFileName },
 }
 
@@ -178,16 +220,25 @@ pub fn parse_archive_key(key: &str) -> Option<ArchiveKey> {
             .ok()
             .map(|name| ArchiveKey::Gap { name });
     }
-    let (stem, summary) = match file.strip_suffix(SUMMARY_SUFFIX) {
-        Some(stem) => (stem, true),
-        None => (file.strip_suffix(WAL_SUFFIX)?, false),
+    #[derive(PartialEq)]
+    enum Side {
+        Data,
+        Summary,
+        BlockRefs,
+    }
+    let (stem, side) = if let Some(stem) = file.strip_suffix(SUMMARY_SUFFIX) {
+        (stem, Side::Summary)
+    } else if let Some(stem) = file.strip_suffix(BLOCKREFS_SUFFIX) {
+        (stem, Side::BlockRefs)
+    } else {
+        (file.strip_suffix(WAL_SUFFIX)?, Side::Data)
     };
     let (name, sha) = stem.rsplit_once('-')?;
     let (name, sha) = (WalFileName::parse(name).ok()?, Sha256Sum::from_hex(sha)?);
-    Some(if summary {
-        ArchiveKey::Summary { name, sha }
-    } else {
-        ArchiveKey::Data { name, sha }
+    Some(match side {
+        Side::Summary => ArchiveKey::Summary { name, sha },
+        Side::BlockRefs => ArchiveKey::BlockRefs { name, sha },
+        Side::Data => ArchiveKey::Data { name, sha },
     })
 }
 
@@ -227,7 +278,16 @@ mod tests {
         assert_eq!(r, k.replace(".zst", ".summary"));
         assert_eq!(
             parse_archive_key(&r),
-            Some(ArchiveKey::Summary { name, sha })
+            Some(ArchiveKey::Summary {
+                name: name.clone(),
+                sha
+            })
+        );
+        let b = wal_blockrefs_key("main", "15-1", &name, &sha);
+        assert_eq!(b, k.replace(".zst", ".blockrefs"));
+        assert_eq!(
+            parse_archive_key(&b),
+            Some(ArchiveKey::BlockRefs { name, sha })
         );
         let h = WalFileName::parse("00000002.history").unwrap();
         assert_eq!(
@@ -260,6 +320,15 @@ mod tests {
         );
         let d = backup_object_key("s", "L", &backup_object_name(3, 7));
         assert_eq!(parse_backup_key("s", &d), Some(("L", BackupObject::Data)));
+        assert_eq!(
+            parse_backup_object_name(&backup_object_name(3, 7)),
+            Some((3, 7))
+        );
+        assert_eq!(parse_backup_object_name("data/x-1.pgv"), None);
+        assert_eq!(
+            parse_backup_key("s", &backup_file_list_key("s", "L")),
+            Some(("L", BackupObject::FileList))
+        );
         assert_eq!(
             parse_backup_key("s", "s/backup/L/data/x/y.pgv"),
             Some(("L", BackupObject::Unknown))

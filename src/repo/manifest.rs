@@ -32,9 +32,21 @@ pub const MANIFEST_FORMAT: u32 = 1;
 pub struct BackupHeader {
     pub format: u32,
     pub label: String,
-    /// `full` (room for `incr`/`diff`).
+    /// `full`, `diff` or `incr`.
     #[serde(rename = "type")]
     pub backup_type: String,
+    /// The backup a `diff` or `incr` takes unchanged files and blocks from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Every backup whose objects this one's files point at, newest first
+    /// (the reference, its reference, … down to the full): what `expire`
+    /// must keep while this backup is kept, and `verify` checks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// How a `diff` or `incr` found its changed blocks, and what it fell
+    /// back on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangeReport>,
     pub start_lsn: Lsn,
     pub stop_lsn: Lsn,
     /// The server's clock at start and stop, UTC RFC 3339.
@@ -61,6 +73,32 @@ pub struct BackupHeader {
     /// has data checksums), and the pages that failed.
     #[serde(default)]
     pub page_checksums: Option<PageChecksums>,
+}
+
+/// How an incremental or differential backup found what changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChangeReport {
+    /// `wal` (block references of every segment in the range), or
+    /// `whole-files` (the WAL could not answer: every relation file copied).
+    pub method: String,
+    /// WAL segments whose block references were read.
+    pub segments: u64,
+    /// Relation files taken unchanged from the reference.
+    pub unchanged_files: u64,
+    /// Relation files stored as their changed blocks, and those blocks.
+    pub delta_files: u64,
+    pub changed_blocks: u64,
+    /// Files copied whole (not relation files, new, created, truncated to
+    /// nothing, free space maps, or a doubt).
+    pub whole_files: u64,
+    /// Files the WAL could not answer for, read and compared with the
+    /// reference's copy (those found the same count as unchanged).
+    #[serde(default)]
+    pub compared_files: u64,
+    /// Why files were copied whole where the WAL could not answer: one
+    /// line each (a missing segment, a doubt, a size not explained).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<String>,
 }
 
 /// A backup: its header and what it holds.
@@ -135,6 +173,16 @@ pub struct FileEntry {
     /// Where this file's encoded bytes sit in the object.
     pub offset: u64,
     pub length: u64,
+    /// The backup whose directory holds `object` (an incremental's file
+    /// unchanged since its reference); `None`: this backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// A relation file stored as blocks of several backups (its block
+    /// map), newest first; then `object` is empty and `sha256` that of the
+    /// newest part. Restore writes each block from the newest part that
+    /// holds it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<super::blockmap::Part>,
 }
 
 fn first_db_id() -> u32 {
@@ -405,6 +453,9 @@ pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &st
             format: MANIFEST_FORMAT,
             label: label.into(),
             backup_type: "full".into(),
+            reference: None,
+            depends_on: vec![],
+            changes: None,
             start_lsn: Lsn(stop_lsn.saturating_sub(0x100)),
             stop_lsn: Lsn(stop_lsn),
             start_time: stop_time.into(),

@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod azure;
 pub mod backend;
+pub mod blockmap;
 pub mod cloud;
 pub mod codec;
 #[doc(hidden)]

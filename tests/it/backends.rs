@@ -313,6 +313,8 @@ fn spawn_backup(env: &TestEnv, repo: &Repo, pg: &Cluster, extra: &[(String, Stri
     args.extend(
         [
             "backup",
+            "--type",
+            "full",
             "--pgdata",
             &pg.pgdata().display().to_string(),
             "--pg-host",

@@ -15,6 +15,7 @@ mod blockrefs;
 mod campaign;
 mod clouds;
 mod config;
+mod incr;
 mod lookahead;
 mod manyfiles;
 mod multirepo;

@@ -117,11 +117,18 @@ impl Two {
         ]
     }
 
-    /// `backup --start-fast`, with `extra` (`--repo N`), as the postgres user.
+    /// `backup --type full --start-fast`, with `extra` (`--repo N`), as the postgres user.
     fn backup(&self, extra: &[&str]) -> Run {
         let pgdata = self.pg.pgdata().display().to_string();
         let conn = self.conn();
-        let mut args = vec!["backup", "--pgdata", &pgdata, "--start-fast"];
+        let mut args = vec![
+            "backup",
+            "--type",
+            "full",
+            "--pgdata",
+            &pgdata,
+            "--start-fast",
+        ];
         args.extend(conn.iter().map(String::as_str));
         args.extend_from_slice(extra);
         self.pgv(As::PgUser, &args)

@@ -149,6 +149,8 @@ fn backup_args(p: &Primary, archive_timeout: u64) -> Vec<String> {
     v.extend(
         [
             "backup",
+            "--type",
+            "full",
             "--pgdata",
             &p.pgdata(),
             "--pg-host",

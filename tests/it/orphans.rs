@@ -69,6 +69,8 @@ impl Primary {
         v.extend(
             [
                 "backup",
+                "--type",
+                "full",
                 "--pgdata",
                 &self.pg.pgdata().display().to_string(),
                 "--pg-host",

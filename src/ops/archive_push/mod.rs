@@ -242,16 +242,22 @@ async fn push_one(
             None => copy_file(file, &mut enc, &path, write_err)?,
         }
         let (spool, digest) = enc.finish().map_err(write_err)?;
-        Ok((spool, digest, scanner.map(WalScanner::finish)))
+        Ok((spool, digest, scanner.map(WalScanner::finish_with_blocks)))
     })
     .await??;
+    let (summary, refs) = match summary {
+        Some((s, r)) => (Some(s), Some(r)),
+        None => (None, None),
+    };
     if let Some(summary) = &summary {
         walfacts::warn_about(&name, summary);
     }
 
-    // The summary goes beside the content at the same time; it is not
-    // needed to restore the segment (backfill rewrites a missing one), so
-    // failing to store it only costs a warning.
+    // The summary and the block references go beside the content at the
+    // same time; neither is needed to restore the segment (backfill
+    // rewrites a missing one, and an incremental backup without them
+    // compares blocks instead), so failing to store one only costs a
+    // warning.
     let store_data = archive.store_content(spool, &name, &digest);
     let store_summary = async {
         if let Some(summary) = &summary {
@@ -260,7 +266,16 @@ async fn push_one(
             }
         }
     };
-    let (stored, ()) = futures::join!(store_data, store_summary);
+    let store_refs = async {
+        if let Some(refs) = &refs {
+            if let Err(e) = archive.store_blockrefs(&name, &digest.sha256, refs).await {
+                log::warn!(
+                    "{name}: block references not stored ({e}); `pgvault backfill` writes them"
+                );
+            }
+        }
+    };
+    let (stored, (), ()) = futures::join!(store_data, store_summary, store_refs);
     stored?;
 
     let outcome = match archive.claim(&name, &digest).await? {

@@ -223,3 +223,51 @@ async fn a_segment_of_a_new_timeline_brings_its_history_file_first() {
     .await
     .unwrap();
 }
+
+/// A push keeps the segment's block references beside its summary, named
+/// by its content, and they decode to what a scan of the file gives;
+/// backfill writes them again for a segment archived without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_references_are_stored_beside_the_summary_and_backfilled() {
+    use crate::repo::archive::BlockRefsRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, repo) = stanza(dir.path()).await;
+    let name = WalFileName::parse("000000010000000000000014").unwrap();
+    let o = PushOptions {
+        path: pg.join("pg_wal").join(name.as_str()),
+        encode: EncodeOptions::default(),
+        ahead: 0,
+        process_max: 1,
+        spool: None,
+        superseded: OnSuperseded::Warn,
+    };
+    let pushed = archive_push(&repo, None, &o).await.unwrap();
+    let stanza = repo.require_stanza().await.unwrap();
+    let archive = repo.archive(stanza.current());
+    let sha = pushed.digest.sha256;
+    let read = archive.read_blockrefs(&name, &sha).await.unwrap();
+    let BlockRefsRead::Found(refs) = read else {
+        panic!("no block references stored: {read:?}");
+    };
+    let mut scanner = WalScanner::new(walfacts::scan_options(stanza.current(), &name).unwrap());
+    std::io::Write::write_all(&mut scanner, &testdata::wal("pg15", name.as_str())).unwrap();
+    let (_, expected) = scanner.finish_with_blocks();
+    assert_eq!(*refs, expected);
+    assert!(archive.list().await.unwrap().has_blockrefs(&name));
+
+    // Archived by an older pgvault: no block references. Backfill writes
+    // them and leaves the summary alone.
+    let key = archive.describe_blockrefs(&name, &sha);
+    let path = key.strip_prefix(&format!("{}/", repo.describe())).unwrap();
+    std::fs::remove_file(dir.path().join("repo").join(path)).unwrap();
+    assert!(matches!(
+        archive.read_blockrefs(&name, &sha).await.unwrap(),
+        BlockRefsRead::Missing
+    ));
+    let report = walfacts::backfill(&repo, None, 1).await.unwrap();
+    assert_eq!((report.summarized, report.blockrefs), (0, 1), "{report:?}");
+    assert!(matches!(
+        archive.read_blockrefs(&name, &sha).await.unwrap(),
+        BlockRefsRead::Found(_)
+    ));
+}

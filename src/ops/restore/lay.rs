@@ -14,6 +14,7 @@ use crate::ops::progress::Progress;
 use crate::ops::workers;
 use crate::pg::datadir::{self, EMPTY_DIRS};
 use crate::pg::recovery::{self, RecoverySettings};
+use crate::repo::blockmap::{self, Part, PartWriter, Ranges};
 use crate::repo::codec;
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
@@ -482,6 +483,33 @@ fn matches(dest: &Path, f: &FileEntry) -> bool {
     h.finish().1.sha256.to_hex() == f.sha256
 }
 
+/// What one stored object gives to the data directory.
+enum Piece {
+    /// A whole file.
+    Whole(FileEntry),
+    /// The blocks of a part that no newer part holds (`blockmap::owned`).
+    Blocks {
+        file: Arc<FileEntry>,
+        part: Part,
+        owned: Ranges,
+    },
+}
+
+impl Piece {
+    fn offset(&self) -> u64 {
+        match self {
+            Piece::Whole(f) => f.offset,
+            Piece::Blocks { part, .. } => part.offset,
+        }
+    }
+    fn length(&self) -> u64 {
+        match self {
+            Piece::Whole(f) => f.length,
+            Piece::Blocks { part, .. } => part.length,
+        }
+    }
+}
+
 async fn write_files(
     repo: &Repository,
     label: &str,
@@ -491,52 +519,156 @@ async fn write_files(
     process_max: usize,
     progress: Arc<dyn Progress>,
 ) -> Result<usize> {
-    // One work item per stored object; its files in stored order.
-    let mut by_object: BTreeMap<String, Vec<FileEntry>> = BTreeMap::new();
+    // One work item per stored object (of this backup or one it depends
+    // on); its pieces in stored order. A file stored as blocks of several
+    // backups is created at its size first; each part then writes the
+    // blocks it is the newest holder of: every block once, no chain replay.
+    let mut by_object: BTreeMap<(String, String), Vec<Piece>> = BTreeMap::new();
+    let mut mapped: Vec<Arc<FileEntry>> = Vec::new();
     for f in files {
-        by_object.entry(f.object.clone()).or_default().push(f);
+        if f.parts.is_empty() {
+            let backup = f.backup.clone().unwrap_or_else(|| label.to_string());
+            by_object
+                .entry((backup, f.object.clone()))
+                .or_default()
+                .push(Piece::Whole(f));
+            continue;
+        }
+        let f = Arc::new(f);
+        let owned = blockmap::owned(&f.parts, f.size);
+        for (part, owned) in f.parts.iter().zip(owned) {
+            if owned.is_empty() {
+                continue;
+            }
+            by_object
+                .entry((part.backup.clone(), part.object.clone()))
+                .or_default()
+                .push(Piece::Blocks {
+                    file: f.clone(),
+                    part: part.clone(),
+                    owned,
+                });
+        }
+        mapped.push(f);
     }
-    let mut items: Vec<(String, Vec<FileEntry>)> = by_object.into_iter().collect();
+    let mut items: Vec<((String, String), Vec<Piece>)> = by_object.into_iter().collect();
     for (_, v) in items.iter_mut() {
-        v.sort_by_key(|f| f.offset);
+        v.sort_by_key(Piece::offset);
     }
     // Largest objects first.
-    items.sort_by_key(|(_, v)| v.iter().map(|f| f.length).sum::<u64>());
+    items.sort_by_key(|(_, v)| v.iter().map(Piece::length).sum::<u64>());
+    let pgdata2 = pgdata.to_path_buf();
+    let mapped2 = mapped.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        for f in &mapped2 {
+            let dest = pgdata2.join(&f.path);
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode_0600()
+                .open(&dest)
+                .map_err(local_err("create", &dest))?;
+            file.set_len(f.size).map_err(local_err("extend", &dest))?;
+        }
+        Ok(())
+    })
+    .await??;
     let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let states = vec![(); process_max.max(1)];
     let backend: Arc<dyn Backend> = repo.backend().clone();
-    let (stanza, label, pgdata) = (
-        repo.stanza().to_string(),
-        label.to_string(),
-        pgdata.to_path_buf(),
-    );
+    let (stanza, pgdata) = (repo.stanza().to_string(), pgdata.to_path_buf());
     let handle = tokio::runtime::Handle::current();
     let skipped2 = skipped.clone();
-    let work = move |_: &mut (), (object, entries): (String, Vec<FileEntry>)| -> Result<()> {
-        let key = layout::backup_object_key(&stanza, &label, &object);
+    let pgdata2 = pgdata.clone();
+    let work = move |_: &mut (),
+                     ((backup, object), pieces): ((String, String), Vec<Piece>)|
+          -> Result<()> {
+        let key = layout::backup_object_key(&stanza, &backup, &object);
         let what = format!("{}/{key}", backend.describe());
-        if delta && entries.iter().all(|f| matches(&pgdata.join(&f.path), f)) {
-            skipped2.fetch_add(entries.len(), std::sync::atomic::Ordering::Relaxed);
-            entries.iter().for_each(|f| progress.file_done(f.size));
+        let whole = |p: &Piece| match p {
+            Piece::Whole(f) => matches(&pgdata2.join(&f.path), f),
+            Piece::Blocks { .. } => false,
+        };
+        if delta && pieces.iter().all(whole) {
+            skipped2.fetch_add(pieces.len(), std::sync::atomic::Ordering::Relaxed);
+            pieces.iter().for_each(|p| {
+                if let Piece::Whole(f) = p {
+                    progress.file_done(f.size)
+                }
+            });
             return Ok(());
         }
         let mut reader = handle
             .block_on(backend.get(&key))?
             .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
         let mut pos = 0u64;
-        for f in &entries {
-            discard(&mut reader, f.offset - pos, &what)?;
-            let dest = pgdata.join(&f.path);
-            let mut part = (&mut reader).take(f.length);
-            write_one(&mut part, &dest, f, &format!("{} (in {what})", f.path))?;
-            discard(&mut part, u64::MAX, &what)?;
-            pos = f.offset + f.length;
-            progress.file_done(f.size);
+        for p in &pieces {
+            discard(&mut reader, p.offset() - pos, &what)?;
+            let mut r = (&mut reader).take(p.length());
+            match p {
+                Piece::Whole(f) => {
+                    let dest = pgdata2.join(&f.path);
+                    write_one(&mut r, &dest, f, &format!("{} (in {what})", f.path))?;
+                    progress.file_done(f.size);
+                }
+                Piece::Blocks { file, part, owned } => {
+                    let dest = pgdata2.join(&file.path);
+                    write_blocks(&mut r, &dest, file, part, owned, &what)?;
+                    progress
+                        .file_done(blockmap::count(owned) * crate::pg::relfile::BLOCK_SIZE as u64);
+                }
+            }
+            discard(&mut r, u64::MAX, &what)?;
+            pos = p.offset() + p.length();
         }
         Ok(())
     };
     workers::run(items, states, work, |_| Ok(())).await?;
+    // Mode and time of the files written in parts, once all are there.
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        for f in &mapped {
+            let dest = pgdata.join(&f.path);
+            fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode & 0o750))
+                .map_err(local_err("set permissions of", &dest))?;
+            let mtime =
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+            if let Ok(file) = File::options().write(true).open(&dest) {
+                let _ = file.set_modified(mtime);
+            }
+        }
+        Ok(())
+    })
+    .await??;
     Ok(skipped.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Decodes one part into the blocks it owns of `dest`, checking the part's
+/// checksum.
+fn write_blocks<R: Read>(
+    r: &mut R,
+    dest: &Path,
+    f: &FileEntry,
+    part: &Part,
+    owned: &[(u32, u32)],
+    what: &str,
+) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(dest)
+        .map_err(local_err("open", dest))?;
+    let mut out = WriteWatch::new(PartWriter::new(&file, f.size, part, owned));
+    let digest = codec::decode_sized(r, &mut out, part.length).map_err(|e| match out.error() {
+        Some(w) => local_err("write", dest)(w),
+        None => Error::repository(format!("{} (a part in {what}): {e}", f.path)),
+    })?;
+    if digest.sha256.to_hex() != part.sha256 || digest.size != part.raw_size {
+        return Err(Error::repository(format!(
+            "{} (a part in {what}): its blocks do not match the manifest (checksum or size)",
+            f.path
+        )));
+    }
+    Ok(())
 }
 
 fn write_recovery_files(

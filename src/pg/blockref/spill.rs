@@ -285,4 +285,14 @@ impl UnionResult {
             UnionResult::Spilled(s) => &s.small,
         }
     }
+
+    /// Forgets the doubts at or after `lsn`: a backup starting there has
+    /// replay redo those records.
+    pub fn forget_doubts_from(&mut self, lsn: crate::pg::Lsn) {
+        let small = match self {
+            UnionResult::Memory(s) => s,
+            UnionResult::Spilled(s) => &mut s.small,
+        };
+        small.doubts.retain(|_, d| d.lsn < lsn);
+    }
 }

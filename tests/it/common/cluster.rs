@@ -414,7 +414,7 @@ pub fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
     .ok();
 }
 
-/// `pgvault backup --start-fast` of `pg` as the postgres user.
+/// `pgvault backup --type full --start-fast` of `pg` as the postgres user.
 pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
     let pgdata = pg.pgdata().display().to_string();
     let host = pg.sockdir().display().to_string();
@@ -424,6 +424,8 @@ pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
         As::PgUser,
         &[
             "backup",
+            "--type",
+            "full",
             "--pgdata",
             &pgdata,
             "--pg-host",

@@ -1,4 +1,5 @@
-//! `backup`: a full base backup of a running cluster.
+//! `backup`: a base backup of a running cluster, full, or differential or
+//! incremental (only what changed since a reference backup: `incr`).
 //!
 //! Order (each step only after the previous one succeeded):
 //! 0. choose the server to copy (`backup-standby`, see [`super::standby`]):
@@ -25,6 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod incr;
+
+pub use incr::BackupKind;
+
 use crate::error::{Error, Kind, Result};
 use crate::ops::check::{prove_archiving, wait_for_wal};
 use crate::ops::pg_error;
@@ -36,18 +41,22 @@ use crate::pg::conn::ConnParams;
 use crate::pg::datadir::{self, Entry};
 use crate::pg::page::PageVerifier;
 use crate::pg::recovery::parse_backup_label;
-use crate::pg::relfile::RelFile;
+use crate::pg::relfile::{RelFile, BLOCK_SIZE};
 use crate::pg::{Lsn, WalFileName};
+use crate::repo::blockmap::{self, Part, Ranges};
 use crate::repo::codec::{EncodeOptions, Encoder};
 use crate::repo::layout;
 use crate::repo::manifest::{
-    BackupHeader, BadPageEntry, DirEntry, FileEntry, Manifest, PageChecksums, Tablespace,
-    MANIFEST_FORMAT,
+    BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
+    Tablespace, MANIFEST_FORMAT,
 };
 use crate::repo::{Backend, PutMode, Repository, Spool};
+use incr::{BlockReader, Decision, Plan};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
+    /// `--type`: full, diff or incr.
+    pub kind: BackupKind,
     /// This node's server: its data directory and connection.
     pub pgdata: PathBuf,
     pub conn: ConnParams,
@@ -66,6 +75,9 @@ pub struct BackupOptions {
     pub encode: EncodeOptions,
     /// Bound on waiting for WAL to reach the repository.
     pub archive_timeout: Duration,
+    /// The local cache of backup headers, for choosing a reference without
+    /// reading every manifest.
+    pub catalog: Option<crate::catalog::Catalog>,
 }
 
 /// Files smaller than this go into bundles.
@@ -140,7 +152,28 @@ async fn backup_inner(
         .await?;
     }
 
-    let label = new_label(repo).await?;
+    // The reference of a diff or incr, chosen before the backup starts;
+    // none: a full backup.
+    let tli_now = session.current_timeline().await.map_err(pg_error)?;
+    let history = if opts.kind == BackupKind::Full {
+        None
+    } else {
+        incr::history_of(repo, &db, tli_now).await?
+    };
+    let reference = incr::choose_reference(
+        repo,
+        opts.catalog.as_ref(),
+        &db,
+        opts.kind,
+        history.as_ref(),
+        &*progress,
+    )
+    .await?;
+    let kind = match (&reference, &history) {
+        (Some(_), Some(_)) => opts.kind,
+        _ => BackupKind::Full,
+    };
+    let label = new_label(repo, kind.suffix()).await?;
     let from = match primary {
         Some(p) => format!(
             "from the standby at {} (primary {})",
@@ -149,8 +182,12 @@ async fn backup_inner(
         ),
         None => format!("from the primary at {}", source.params.describe()),
     };
+    let on = match &reference {
+        Some(r) => format!("{} backup on {}", kind.as_str(), r.label),
+        None => "full backup".to_string(),
+    };
     progress.message(&format!(
-        "backup {label}: starting {from}, files from {} ({}checkpoint)",
+        "backup {label}: {on}, starting {from}, files from {} ({}checkpoint)",
         pgdata.display(),
         if opts.start_fast { "fast " } else { "" }
     ));
@@ -174,14 +211,71 @@ async fn backup_inner(
     // With data checksums, every page is checked as it is read (pages
     // changed after the start are not: WAL replay rewrites them).
     let verify_pages = (cluster.control.data_checksum_version != 0).then_some(start_lsn);
-    let copied = copy_files(repo, &label, pgdata, opts, verify_pages, progress.clone()).await;
+    let plan = match (reference, &history) {
+        (Some(r), Some(h)) => {
+            // The segment holding the start must be archived to read its
+            // block references: switch to the next one.
+            let seg = db.wal_segment_size;
+            let started = async {
+                archiving_on.write_and_switch().await.map_err(pg_error)?;
+                let at = start_lsn.segno(seg);
+                wait_for_wal(
+                    repo,
+                    &db,
+                    h.timeline_at(start_lsn),
+                    at,
+                    at,
+                    opts.archive_timeout,
+                )
+                .await?;
+                incr::plan(repo, &db, h, r, start_lsn, &*progress).await
+            }
+            .await;
+            match started {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    let _ = session.backup_stop().await;
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
+    let copied = copy_files(
+        repo,
+        &label,
+        pgdata,
+        opts,
+        verify_pages,
+        plan.clone(),
+        progress.clone(),
+    )
+    .await;
     // Stop the backup whatever happened to the copy: leaving it running
     // would hold back WAL removal until the session ends.
     let stop = session.backup_stop().await.map_err(pg_error);
     if primary.is_some() {
         standby::still_standby(session).await?;
     }
-    let (files, dirs, page_checksums) = copied?;
+    let (files, dirs, page_checksums, counts) = copied?;
+    let (reference, depends_on, changes) = match &plan {
+        Some(p) => {
+            let mut r = p.report.clone();
+            r.unchanged_files = counts.unchanged_files;
+            r.delta_files = counts.delta_files;
+            r.changed_blocks = counts.changed_blocks;
+            r.whole_files = counts.whole_files;
+            r.compared_files = counts.compared_files;
+            for f in &counts.fallbacks {
+                progress.message(&format!("falling back to the whole file: {f}"));
+            }
+            r.fallbacks.extend(counts.fallbacks);
+            let mut chain = vec![p.reference.label.clone()];
+            chain.extend(p.reference.depends_on.iter().cloned());
+            (Some(p.reference.label.clone()), chain, Some(r))
+        }
+        None => (None, Vec::new(), None),
+    };
     if let Some(pc) = &page_checksums {
         for b in &pc.bad_pages {
             progress.message(&format!(
@@ -224,12 +318,15 @@ async fn backup_inner(
     wait_for_wal(repo, &db, tli, first, last, opts.archive_timeout).await?;
 
     let original_size = files.iter().map(|f| f.size).sum();
-    let stored_size = stored_size(&files);
+    let stored_size = stored_size(&files, &label);
     let manifest = Manifest {
         header: BackupHeader {
             format: MANIFEST_FORMAT,
             label: label.clone(),
-            backup_type: "full".into(),
+            backup_type: kind.as_str().into(),
+            reference,
+            depends_on,
+            changes,
             start_lsn,
             stop_lsn: stop.lsn,
             start_time,
@@ -261,20 +358,27 @@ async fn backup_inner(
     Ok(manifest)
 }
 
-fn stored_size(files: &[FileEntry]) -> u64 {
-    files.iter().map(|f| f.length).sum()
+/// Bytes this backup stored (not those its files take from others).
+fn stored_size(files: &[FileEntry], label: &str) -> u64 {
+    files
+        .iter()
+        .map(|f| match f.parts.first() {
+            Some(p) if p.backup == label => p.length,
+            Some(_) => 0,
+            None if f.backup.is_none() => f.length,
+            None => 0,
+        })
+        .sum()
 }
 
-/// Labels are UTC, sort by time and are unique: `20261126-031500F`.
-async fn new_label(repo: &Repository) -> Result<String> {
-    let existing = repo
-        .backend()
-        .list(&layout::backups_root(repo.stanza()))
-        .await?;
+/// Labels are UTC, sort by time and are unique: `20261126-031500F` (`D`
+/// a differential, `I` an incremental backup).
+async fn new_label(repo: &Repository, suffix: char) -> Result<String> {
+    let existing = repo.backup_dir_labels().await?;
     loop {
-        let label = chrono::Utc::now().format("%Y%m%d-%H%M%SF").to_string();
-        let prefix = format!("{}/", layout::backup_dir(repo.stanza(), &label));
-        if !existing.iter().any(|m| m.key.starts_with(&prefix)) {
+        let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+        let label = format!("{stamp}{suffix}");
+        if !existing.iter().any(|l| l.starts_with(&stamp)) {
             return Ok(label);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -398,6 +502,9 @@ struct Worker {
     /// are fewer bytes than it, so the other workers will run dry before
     /// it is done, and zstd's worker threads use their cores.
     tail: bool,
+    /// A diff or incr: what changed since its reference.
+    plan: Option<Arc<Plan>>,
+    counts: ChangeReport,
 }
 
 impl Worker {
@@ -407,6 +514,7 @@ impl Worker {
         label: &str,
         encode: EncodeOptions,
         verify_pages: Option<Lsn>,
+        plan: Option<Arc<Plan>>,
     ) -> Worker {
         Worker {
             id,
@@ -423,6 +531,8 @@ impl Worker {
             verify_pages,
             pages: PageChecksums::default(),
             tail: true,
+            plan,
+            counts: ChangeReport::default(),
         }
     }
 
@@ -440,13 +550,15 @@ impl Worker {
             .map(|_| ())
     }
 
-    /// Encodes one file into `out`; `None` if it vanished (a dropped
+    /// Encodes one file (or with `delta`, the given blocks of it, the rest
+    /// from older parts) into `out`; `None` if it vanished (a dropped
     /// relation: WAL replay removes it anyway).
     fn encode_into(
         &mut self,
         f: &ScanFile,
         out: &mut Counting<Spool>,
         object: &str,
+        delta: Option<&(Ranges, Vec<Part>)>,
     ) -> Result<Option<FileEntry>> {
         let file = match File::open(&f.abs) {
             Ok(file) => file,
@@ -470,11 +582,17 @@ impl Worker {
             }
         };
         let mut enc = Encoder::new(&mut *out, encode).map_err(|e| self.write_err(e))?;
-        let relfile = self.verify_pages.and(RelFile::parse(&f.rel));
+        let relfile = self
+            .verify_pages
+            .and(RelFile::parse(&f.rel))
+            .filter(|_| delta.is_none());
         let mut verifier = relfile
             .zip(self.verify_pages)
             .map(|(r, start)| PageVerifier::new(r, start));
-        let mut r = file;
+        let mut r: Box<dyn Read> = match delta {
+            Some((blocks, _)) => Box::new(BlockReader::new(file, blocks)),
+            None => Box::new(file),
+        };
         let mut buf = std::mem::take(&mut self.buf);
         let copied = loop {
             let n = match r.read(&mut buf) {
@@ -511,15 +629,41 @@ impl Worker {
                 }));
         }
         let (_, digest) = enc.finish().map_err(|e| self.write_err(e))?;
+        let (mtime, mode) = (meta.mtime(), meta.permissions().mode() & 0o7777);
+        if let Some((blocks, older)) = delta {
+            let part = Part {
+                backup: self.label.clone(),
+                object: object.to_string(),
+                offset,
+                length: out.n - offset,
+                sha256: digest.sha256.to_hex(),
+                raw_size: digest.size,
+                blocks: Some(blocks.clone()),
+            };
+            return Ok(Some(FileEntry {
+                path: f.rel.clone(),
+                size: f.size,
+                mtime,
+                mode,
+                sha256: String::new(),
+                object: String::new(),
+                offset: 0,
+                length: 0,
+                backup: None,
+                parts: blockmap::chain(part, older.clone(), f.size),
+            }));
+        }
         Ok(Some(FileEntry {
             path: f.rel.clone(),
             size: digest.size,
-            mtime: meta.mtime(),
-            mode: meta.permissions().mode() & 0o7777,
+            mtime,
+            mode,
             sha256: digest.sha256.to_hex(),
             object: object.to_string(),
             offset,
             length: out.n - offset,
+            backup: None,
+            parts: Vec::new(),
         }))
     }
 
@@ -528,10 +672,57 @@ impl Worker {
         Error::io(Kind::Repository, "write to", dir, &e)
     }
 
+    /// Whether `f` on disk is the reference's copy `old` (size and SHA-256;
+    /// a file that vanished is not).
+    fn same_as(&mut self, f: &ScanFile, old: &FileEntry) -> Result<bool> {
+        let mut file = match File::open(&f.abs) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(Kind::InvalidInput, "open", f.abs.display(), &e)),
+        };
+        let mut h = crate::repo::codec::HashingWriter::new(io::sink());
+        io::copy(&mut file, &mut h)
+            .map_err(|e| Error::io(Kind::InvalidInput, "read", f.abs.display(), &e))?;
+        let (_, d) = h.finish();
+        Ok(d.size == old.size && d.sha256.to_hex() == old.sha256)
+    }
+
     fn add(&mut self, f: &ScanFile) -> Result<u64> {
-        if f.size >= BUNDLE_FILE_MAX {
+        let decision = self.plan.as_ref().map(|p| p.decide(&f.rel, f.size));
+        let mut delta = None;
+        let mut stored = f.size;
+        if let Some((d, why)) = decision {
+            self.counts.fallbacks.extend(why);
+            match d {
+                Decision::Same(e) => {
+                    self.counts.unchanged_files += 1;
+                    let size = e.size;
+                    self.done.push(e);
+                    return Ok(size);
+                }
+                Decision::Blocks { blocks, older } => {
+                    self.counts.delta_files += 1;
+                    self.counts.changed_blocks += blockmap::count(&blocks);
+                    stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
+                    delta = Some((blocks, older));
+                }
+                Decision::Compare(old) => {
+                    self.counts.compared_files += 1;
+                    if self.same_as(f, &old)? {
+                        self.counts.unchanged_files += 1;
+                        let size = old.size;
+                        self.done.push(old);
+                        return Ok(size);
+                    }
+                    self.counts.whole_files += 1;
+                }
+                Decision::Whole => self.counts.whole_files += 1,
+            }
+        }
+        let delta = delta.as_ref();
+        if stored >= BUNDLE_FILE_MAX {
             let (mut out, object) = self.new_object().map_err(|e| self.write_err(e))?;
-            let entry = self.encode_into(f, &mut out, &object)?;
+            let entry = self.encode_into(f, &mut out, &object, delta)?;
             if let Some(e) = entry {
                 self.commit(out.inner, &object)?;
                 let size = e.size;
@@ -545,7 +736,7 @@ impl Worker {
             self.bundle = Some((out, object, Vec::new()));
         }
         let (mut out, object, mut entries) = self.bundle.take().expect("bundle was just ensured");
-        let entry = self.encode_into(f, &mut out, &object)?;
+        let entry = self.encode_into(f, &mut out, &object, delta)?;
         let size = entry.as_ref().map(|e| e.size).unwrap_or(0);
         entries.extend(entry);
         if out.n >= BUNDLE_TARGET {
@@ -578,8 +769,14 @@ async fn copy_files(
     pgdata: &Path,
     opts: &BackupOptions,
     verify_pages: Option<Lsn>,
+    plan: Option<Arc<Plan>>,
     progress: Arc<dyn Progress>,
-) -> Result<(Vec<FileEntry>, Vec<DirEntry>, Option<PageChecksums>)> {
+) -> Result<(
+    Vec<FileEntry>,
+    Vec<DirEntry>,
+    Option<PageChecksums>,
+    ChangeReport,
+)> {
     let dir = pgdata.to_path_buf();
     let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&dir))
         .await?
@@ -601,7 +798,7 @@ async fn copy_files(
     progress.set_total(files.len() as u64 + 1, total);
 
     let workers = opts.process_max.max(1);
-    let new_worker = |id| Worker::new(id, repo, label, opts.encode, verify_pages);
+    let new_worker = |id| Worker::new(id, repo, label, opts.encode, verify_pages, plan.clone());
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
     // Bytes no worker has taken yet.
@@ -617,13 +814,20 @@ async fn copy_files(
     };
     let done = workers::run(files, states, work, |mut w: Worker| {
         w.flush()?;
-        Ok((w.done, w.pages))
+        Ok((w.done, w.pages, w.counts))
     })
     .await?;
     let mut entries = Vec::new();
     let mut pages = PageChecksums::default();
-    for (done, p) in done {
+    let mut counts = ChangeReport::default();
+    for (done, p, c) in done {
         entries.extend(done);
+        counts.unchanged_files += c.unchanged_files;
+        counts.delta_files += c.delta_files;
+        counts.changed_blocks += c.changed_blocks;
+        counts.whole_files += c.whole_files;
+        counts.compared_files += c.compared_files;
+        counts.fallbacks.extend(c.fallbacks);
         pages.pages_checked += p.pages_checked;
         pages.bad_pages.extend(p.bad_pages);
     }
@@ -632,6 +836,8 @@ async fn copy_files(
         .sort_by(|a, b| (&a.path, a.block).cmp(&(&b.path, b.block)));
     // pg_control last, in an object of its own.
     let mut w = new_worker(workers);
+    // pg_control is not a relation file: always whole.
+    w.plan = None;
     let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
         w.add(&control)?;
         w.flush()?;
@@ -647,5 +853,6 @@ async fn copy_files(
     progress.file_done(control_entry[0].size);
     entries.extend(control_entry);
     entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((entries, dirs, verify_pages.map(|_| pages)))
+    counts.fallbacks.sort();
+    Ok((entries, dirs, verify_pages.map(|_| pages), counts))
 }

@@ -579,8 +579,9 @@ impl Archive {
 
     /// Every key `entry` of `name` has, in the order to delete them: the
     /// claim first (without it the name answers with its only content, the
-    /// same bytes), then summaries and block references, then contents — an interrupted delete
-    /// leaves what a re-run removes, never a claim without its content.
+    /// same bytes), then summaries and block references, then contents — an
+    /// interrupted delete leaves what a re-run removes, never a claim
+    /// without its content.
     pub fn keys_to_delete(&self, name: &WalFileName, entry: &NameEntry) -> Deletion {
         let claim = entry.claimed.then(|| self.claim_key(name));
         let summaries = entry

@@ -198,7 +198,7 @@ for name in $SETS; do
         tag="$pm/$round"
         pgv_log "$name, process-max $pm, round $round: backups"
         timed "pgvault-backup $name $tag" runuser -u "$U" -- "$PGV" --repo "$WORK/repo-pgv-$name" --stanza "$name" \
-            --catalog off --process-max "$pm" backup --pgdata "$data" --pg-host "$WORK/run" --pg-port "$port" --start-fast
+            --catalog off --process-max "$pm" backup --type full --pgdata "$data" --pg-host "$WORK/run" --pg-port "$port" --start-fast
         timed "pgbackrest-backup $name $tag" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
             --stanza="$name" --process-max="$pm" --type=full backup
         timed "floor-backup $name $tag" sh -c "tar cf - -C '$data' --exclude=./pg_wal . | zstd -3 -q -c > '$WORK/floor.tar.zst' && sync '$WORK/floor.tar.zst'"

@@ -100,7 +100,7 @@ SIZE_MB=$(($(du -sb --exclude=pg_wal "$D" | cut -f1) / 1048576))
 
 PGVB=("$PGV" --repo "$WORK/repo-pgv" --stanza bench --catalog off --process-max "$PM")
 PGBRB=(pgbackrest --config "$WORK/pgbr.conf" --stanza=bench --process-max="$PM")
-BACKUP_PGV=(runuser -u "$U" -- "${PGVB[@]}" backup --pgdata "$D" --pg-host "$WORK/run" --pg-port "$PORT" --start-fast)
+BACKUP_PGV=(runuser -u "$U" -- "${PGVB[@]}" backup --type full --pgdata "$D" --pg-host "$WORK/run" --pg-port "$PORT" --start-fast)
 BACKUP_PGBR=(runuser -u "$U" -- "${PGBRB[@]}" --type=full backup)
 RESTORE_PGV=(runuser -u "$U" -- "${PGVB[@]}" restore --pgdata "$WORK/restore" --archive-mode off)
 RESTORE_PGBR=(runuser -u "$U" -- "${PGBRB[@]}" --pg1-path="$WORK/restore" restore)

@@ -120,7 +120,7 @@ as_user "$BIN/pgbench" -h "$SOCK" -p "$PORT" -i -s "$SCALE" -q postgres >"$WORK/
 "${PSQL[@]}" -c "checkpoint" >/dev/null
 pgv_log "pgvault backup (the base backup of every replay)"
 as_user "$PGV" --repo "$WORK/repo-pgv" --stanza bench --catalog off --spool-path "$WORK/state/push-spool" \
-    backup --pgdata "$SRC" --pg-host "$SOCK" --pg-port "$PORT" --start-fast >"$WORK/backup.log" 2>&1 ||
+    backup --type full --pgdata "$SRC" --pg-host "$SOCK" --pg-port "$PORT" --start-fast >"$WORK/backup.log" 2>&1 ||
     { cat "$WORK/backup.log" >&2; pgv_die "pgvault backup failed"; }
 START_LSN="$("${PSQL[@]}" -c "select pg_current_wal_lsn()")"
 pgv_log "pgbench -c 4 -j 2 -T 5 (synchronous_commit off, CHECKPOINT before each run) until $WAL_MB MiB of WAL"

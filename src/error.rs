@@ -31,6 +31,12 @@ pub enum Kind {
     Locked,
     /// Anything else: a bug or an unexpected local failure.
     Internal,
+    /// A threshold or objective was missed: `check --max-backup-age`,
+    /// `drill --rto-objective`.
+    Threshold,
+    /// What was restored does not work: `drill`'s scratch cluster did not
+    /// recover, or failed one of its checks.
+    DrillFailed,
 }
 
 impl Kind {
@@ -46,6 +52,8 @@ impl Kind {
             Kind::Timeout => 8,
             Kind::Locked => 9,
             Kind::Internal => 10,
+            Kind::Threshold => 12,
+            Kind::DrillFailed => 13,
         }
     }
 }

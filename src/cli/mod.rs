@@ -17,7 +17,9 @@ use crate::config::{self, Global};
 use crate::error::{Error, Kind, Result};
 use crate::ops;
 use crate::repo::Repository;
-use args::{ArchiveModeArg, Cli, Command, RestoreArgs, TargetActionArg};
+use args::{
+    ArchiveModeArg, Cli, Command, DrillArgs, InfoOutput, RestoreArgs, TargetActionArg, TargetArgs,
+};
 
 /// Exit code of `archive-get` when the file is not in the archive.
 pub const EXIT_NOT_FOUND: i32 = 1;
@@ -28,6 +30,9 @@ pub const EXIT_NOT_FOUND: i32 = 1;
 pub const EXIT_GET_FATAL: i32 = 254;
 /// Exit code of `verify` when it found problems.
 pub const EXIT_VERIFY_PROBLEMS: i32 = 11;
+/// Exit codes after SIGINT and SIGTERM (128 + the signal), as shells use.
+const EXIT_SIGINT: i32 = 130;
+const EXIT_SIGTERM: i32 = 143;
 
 pub fn main() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -266,7 +271,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // (or process-max is 1), zstd's own workers compress while
                 // the worker reads and hashes.
                 encode: o.compression.encode(),
-                archive_timeout: o.connection.archive_timeout(),
+                archive_timeout: o.archive_timeout.duration(),
             };
             let repo = open_stanza(g).await?;
             let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
@@ -295,7 +300,9 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let repo = open_stanza(g).await?;
             let opts = ops::check::CheckOptions {
                 conn: o.connection.params(),
-                archive_timeout: o.connection.archive_timeout(),
+                archive_timeout: o.archive_timeout.duration(),
+                max_backup_age: o.max_backup_age,
+                max_archive_lag: o.max_archive_lag,
             };
             let progress = progress::for_stderr();
             let r = ops::check::check(&repo, &opts, &*progress).await?;
@@ -308,7 +315,15 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 repo.describe(),
                 repo.stanza()
             );
-            Ok(0)
+            if r.thresholds.is_empty() {
+                return Ok(0);
+            }
+            render::check_thresholds(&r)?;
+            Ok(if r.thresholds.iter().all(|t| t.met()) {
+                0
+            } else {
+                Kind::Threshold.exit_code()
+            })
         }
         Command::Expire {
             dry_run,
@@ -336,9 +351,38 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
         }
         Command::Info { output, options: o } => {
             let repo = g.open_repo()?;
-            let report = ops::info::info(&repo, g.catalog(&o.catalog).as_ref()).await?;
-            render::info(&report, *output)?;
+            let opts = ops::info::InfoOptions {
+                catalog: g.catalog(&o.catalog),
+                conn: o.status.connection.if_given(),
+                spool: g.spool(&o.status.spool),
+            };
+            let report = ops::info::info(&repo, &opts).await?;
+            match output {
+                InfoOutput::Text => render::info(&report, args::Output::Text)?,
+                InfoOutput::Json => render::info(&report, args::Output::Json)?,
+                InfoOutput::Openmetrics => render::metrics(&report)?,
+            }
             Ok(0)
+        }
+        Command::Drill(a) => drill(g, config_file, a).await,
+        Command::Exporter { options: o } => {
+            let repo = open_stanza(g).await?;
+            let opts = ops::exporter::ExporterOptions {
+                listen: o.listen,
+                refresh: o.exporter_refresh,
+                info: ops::info::InfoOptions {
+                    catalog: g.catalog(&o.catalog),
+                    conn: o.status.connection.if_given(),
+                    spool: g.spool(&o.status.spool),
+                },
+            };
+            tokio::select! {
+                r = ops::exporter::serve(&repo, &opts) => r.map(|_| 0),
+                sig = interrupted() => {
+                    log::info!("exporter: stopped by {}", sig.0);
+                    Ok(0)
+                }
+            }
         }
         Command::Backfill { output, options: o } => {
             let repo = open_stanza(g).await?;
@@ -354,6 +398,83 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
     }
 }
 
+/// Waits for SIGINT or SIGTERM; returns its name and the exit code.
+async fn interrupted() -> (&'static str, i32) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => ("SIGINT", EXIT_SIGINT),
+        _ = term.recv() => ("SIGTERM", EXIT_SIGTERM),
+    }
+}
+
+async fn drill(g: &Global, config_file: Option<&Path>, a: &DrillArgs) -> Result<i32> {
+    let o = &a.options;
+    let checks = match &o.drill_checks {
+        Some(f) => {
+            let text = tokio::fs::read_to_string(f)
+                .await
+                .map_err(|e| Error::usage(format!("drill-checks {}: {e}", f.display())))?;
+            let checks = crate::pg::integrity::parse_checks(&text);
+            if checks.is_empty() {
+                return Err(Error::usage(format!(
+                    "drill-checks {}: no query in it",
+                    f.display()
+                ))
+                .hint("write queries that return true, each ending with ';' (see docs/operations.md)"));
+            }
+            checks
+        }
+        None => Vec::new(),
+    };
+    let opts = ops::drill::DrillOptions {
+        set: a.targets.set.clone(),
+        target: recovery_target(&a.targets)?,
+        target_timeline: a.targets.target_timeline.clone(),
+        target_exclusive: a.targets.target_exclusive,
+        scratch_dir: o.scratch_dir.clone(),
+        keep: a.keep,
+        pg_bin: o.pg_bin.clone(),
+        pg_os_user: o.pg_os_user.clone(),
+        checks,
+        checks_file: o.drill_checks.clone(),
+        rto_objective: o.rto_objective,
+        rpo_objective: o.rpo_objective,
+        process_max: o.workers.process_max,
+        restore_command: restore_command(g, config_file)?,
+        catalog: g.catalog(&o.catalog),
+    };
+    let repo = open_stanza(g).await?;
+    let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+    // On a signal the drill is dropped: its server is stopped and its
+    // scratch directory removed on the way.
+    let report = tokio::select! {
+        r = ops::drill::drill(&repo, &opts, progress) => r?,
+        (sig, code) = interrupted() => {
+            eprintln!("error: drill interrupted by {sig}: the scratch server was stopped and its directory removed");
+            return Ok(code);
+        }
+    };
+    render::drill(&report, a.output)?;
+    for f in &report.failures {
+        eprintln!("error: drill failed at step {}: {}", f.step, f.message);
+        if let Some(h) = &f.hint {
+            eprintln!("hint: {h}");
+        }
+    }
+    if report.failures.is_empty() {
+        if let Some(missed) = report.objectives_text() {
+            eprintln!("error: drill missed its objectives: {missed}");
+        }
+    }
+    Ok(report.exit_code)
+}
+
 fn expire_options(r: &config::Retention, dry_run: bool) -> ops::expire::ExpireOptions {
     ops::expire::ExpireOptions {
         retention_full: r.retention_full,
@@ -362,13 +483,10 @@ fn expire_options(r: &config::Retention, dry_run: bool) -> ops::expire::ExpireOp
     }
 }
 
-fn restore_options(
-    g: &Global,
-    config_file: Option<&Path>,
-    a: &RestoreArgs,
-) -> Result<ops::restore::RestoreOptions> {
-    use crate::pg::recovery::{parse_target_time, RecoveryTarget, TargetAction};
-    let target = if let Some(t) = &a.target_time {
+/// The recovery target the flags name, if any.
+fn recovery_target(a: &TargetArgs) -> Result<Option<crate::pg::recovery::RecoveryTarget>> {
+    use crate::pg::recovery::{parse_target_time, RecoveryTarget};
+    Ok(if let Some(t) = &a.target_time {
         Some(RecoveryTarget::Time(
             parse_target_time(t).map_err(|e| Error::usage(format!("--target-time: {e}")))?,
         ))
@@ -388,7 +506,16 @@ fn restore_options(
         Some(RecoveryTarget::Name(n.clone()))
     } else {
         a.target.as_ref().map(|_| RecoveryTarget::Immediate)
-    };
+    })
+}
+
+fn restore_options(
+    g: &Global,
+    config_file: Option<&Path>,
+    a: &RestoreArgs,
+) -> Result<ops::restore::RestoreOptions> {
+    use crate::pg::recovery::TargetAction;
+    let target = recovery_target(&a.targets)?;
     let mut tablespace_map = Vec::new();
     for m in &a.tablespace_map {
         let (oid, dir) = m
@@ -412,15 +539,15 @@ fn restore_options(
     };
     Ok(ops::restore::RestoreOptions {
         pgdata: a.options.data.pgdata()?.to_path_buf(),
-        set: a.set.clone(),
+        set: a.targets.set.clone(),
         target,
         target_action: a.target_action.map(|t| match t {
             TargetActionArg::Pause => TargetAction::Pause,
             TargetActionArg::Promote => TargetAction::Promote,
             TargetActionArg::Shutdown => TargetAction::Shutdown,
         }),
-        target_timeline: a.target_timeline.clone(),
-        target_exclusive: a.target_exclusive,
+        target_timeline: a.targets.target_timeline.clone(),
+        target_exclusive: a.targets.target_exclusive,
         archive_mode_off: a.archive_mode == ArchiveModeArg::Off,
         tablespace_map,
         standby: a.standby,

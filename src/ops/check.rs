@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Kind, Result};
 use crate::ops::pg_error;
 use crate::ops::progress::Progress;
+use crate::pg::archiver::archiver_lag;
 use crate::pg::conn::{ArchiverStatus, ConnParams, Session};
 use crate::pg::{SegmentNo, TimelineId, WalFileName};
 use crate::repo::{DbInfo, Repository};
@@ -14,12 +15,36 @@ use crate::repo::{DbInfo, Repository};
 pub struct CheckOptions {
     pub conn: ConnParams,
     pub archive_timeout: Duration,
+    /// Thresholds for monitors: the newest backup's age, the archiver's
+    /// lag in bytes.
+    pub max_backup_age: Option<Duration>,
+    pub max_archive_lag: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct CheckReport {
     pub segment: String,
     pub warnings: Vec<String>,
+    /// One per threshold given, in the order of the options.
+    pub thresholds: Vec<Threshold>,
+}
+
+/// A threshold and what was measured against it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    /// `backup age`, `archive lag`.
+    pub name: &'static str,
+    /// What was measured (seconds or bytes); `None`: it could not be.
+    pub value: Option<f64>,
+    pub limit: f64,
+    /// Why it could not be measured.
+    pub note: Option<String>,
+}
+
+impl Threshold {
+    pub fn met(&self) -> bool {
+        self.value.is_some_and(|v| v <= self.limit)
+    }
 }
 
 pub async fn check(
@@ -61,8 +86,46 @@ pub async fn check(
             "set archive_command = 'pgvault --config <file> archive-push %p' and reload PostgreSQL",
         ));
     }
+    // Measured before the switch below, which would change the lag.
+    let mut thresholds = Vec::new();
+    if let Some(max) = opts.max_backup_age {
+        thresholds.push(backup_age(repo, max).await?);
+    }
+    if let Some(max) = opts.max_archive_lag {
+        let lag = archiver_lag(&session, db.wal_segment_size)
+            .await
+            .map_err(pg_error)?;
+        thresholds.push(Threshold {
+            name: "archive lag",
+            value: lag.lag_bytes.map(|b| b as f64),
+            limit: max as f64,
+            note: lag.lag_bytes.is_none().then(|| {
+                "unknown: the server is a standby or has archived no segment yet".to_string()
+            }),
+        });
+    }
     let segment = prove_archiving(repo, &db, &session, opts.archive_timeout, progress).await?;
-    Ok(CheckReport { segment, warnings })
+    Ok(CheckReport {
+        segment,
+        warnings,
+        thresholds,
+    })
+}
+
+/// How long ago the newest complete backup ended.
+async fn backup_age(repo: &Repository, max: Duration) -> Result<Threshold> {
+    let newest = repo
+        .manifests()
+        .await?
+        .iter()
+        .filter_map(|m| m.stop_time_utc())
+        .max();
+    Ok(Threshold {
+        name: "backup age",
+        value: newest.map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+        limit: max.as_secs_f64(),
+        note: newest.is_none().then(|| "no complete backup".to_string()),
+    })
 }
 
 /// Archiving must work: archive_mode on, and a WAL switch now reaches the

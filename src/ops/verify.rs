@@ -20,6 +20,7 @@ use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
+use crate::repo::results::{host_name, ResultKind, VerifyRecord, RESULT_FORMAT};
 use crate::repo::{Backend, Repository};
 
 #[derive(Debug, Clone)]
@@ -73,6 +74,7 @@ pub async fn verify(
     opts: &VerifyOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<VerifyReport> {
+    let started = chrono::Utc::now();
     let stanza = repo.require_stanza().await?;
     let mut problems = Vec::new();
     let mut jobs = Vec::new();
@@ -222,7 +224,7 @@ pub async fn verify(
     }
     problems.sort_by(|a, b| (&a.kind, &a.what).cmp(&(&b.kind, &b.what)));
     progress.finish();
-    Ok(VerifyReport {
+    let report = VerifyReport {
         schema_version: 1,
         stanza: repo.stanza().to_string(),
         wal_objects,
@@ -230,7 +232,33 @@ pub async fn verify(
         backup_objects,
         bytes_read,
         problems,
-    })
+    };
+    keep_result(repo, &report, &started).await;
+    Ok(report)
+}
+
+/// Keeps the result in the repository for `info` and the metrics ("last
+/// verify"); a failure to keep it is a warning, not a failed verify.
+async fn keep_result(repo: &Repository, r: &VerifyReport, started: &chrono::DateTime<chrono::Utc>) {
+    let finished = chrono::Utc::now();
+    let stamp =
+        |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let record = VerifyRecord {
+        format: RESULT_FORMAT,
+        started_at: stamp(started),
+        finished_at: stamp(&finished),
+        passed: r.problems.is_empty(),
+        problems: r.problems.len() as u64,
+        bytes_read: r.bytes_read,
+        objects: r.wal_objects + r.backup_objects,
+        host: host_name(),
+    };
+    if let Err(e) = repo
+        .record_result(ResultKind::Verify, &finished, &record)
+        .await
+    {
+        log::warn!("keep this verify's result in the repository: {e}");
+    }
 }
 
 /// The WAL a backup needs (its start to its stop) and the WAL after it on

@@ -8,6 +8,7 @@
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             backed-up files (one, or a bundle of small ones)
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
+//! <stanza>/results/<drill|verify>/<YYYYMMDDTHHMMSS.mmmZ>.pgv  one run's result (the newest few kept)
 //! ```
 //!
 //! `<db>` is `<major>-<id>` (e.g. `15-1`): a new id after `pg_upgrade` keeps
@@ -56,6 +57,17 @@ pub fn parse_manifest_key(key: &str) -> Option<&str> {
     let rest = key.strip_suffix("/manifest.pgv")?;
     let (_, label) = rest.rsplit_once('/')?;
     Some(label)
+}
+
+/// Where the results of `drill` or `verify` runs (`kind`) are kept.
+pub fn results_dir(stanza: &str, kind: &str) -> String {
+    format!("{stanza}/results/{kind}")
+}
+
+/// One run's result, named by when it finished (`20261126T031500.123Z`):
+/// names sort in time order.
+pub fn result_key(stanza: &str, kind: &str, stamp: &str) -> String {
+    format!("{}/{stamp}.pgv", results_dir(stanza, kind))
 }
 
 pub fn db_dir_name(major: u32, db_id: u32) -> String {

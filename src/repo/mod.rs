@@ -9,6 +9,7 @@ pub mod layout;
 pub mod local;
 pub mod lock;
 pub mod manifest;
+pub mod results;
 pub mod s3;
 pub mod stanza;
 

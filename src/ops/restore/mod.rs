@@ -20,9 +20,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::catalog::Catalog;
-use crate::error::{Error, Kind, Result};
+use crate::error::Result;
 use crate::ops::progress::Progress;
 use crate::pg::recovery::{RecoveryTarget, TargetAction};
+use crate::pg::Lsn;
+use crate::repo::manifest::Manifest;
 use crate::repo::Repository;
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -59,6 +61,30 @@ pub struct Restored {
     pub pg_version: u32,
 }
 
+/// Where recovery from one backup can reach (see [`reach`]).
+#[derive(Debug, Clone)]
+pub struct Reach {
+    pub backup: Manifest,
+    /// The PostgreSQL major that must start it.
+    pub pg_version: u32,
+    pub wal_segment_size: u32,
+    /// The newest record on the replay path that a time target can stop
+    /// at (a commit, an abort, a restore point): Unix µs and its LSN.
+    pub last_commit: Option<(i64, Lsn)>,
+    /// The end of the WAL the path holds, when known.
+    pub end_lsn: Option<Lsn>,
+    /// Archived WAL files on the path, from the backup's first segment on.
+    pub wal_files: u64,
+}
+
+/// The backup a restore with `opts` would choose, and how far the archived
+/// WAL after it reaches: planned exactly as [`restore`] plans, before
+/// anything is written (`drill` picks its target and sizes its scratch
+/// directory from it).
+pub async fn reach(repo: &Repository, opts: &RestoreOptions) -> Result<Reach> {
+    plan::reach(repo, opts).await
+}
+
 pub async fn restore(
     repo: &Repository,
     opts: &RestoreOptions,
@@ -74,15 +100,7 @@ async fn restore_inner(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Restored> {
-    let stanza = repo.require_stanza().await?;
-    let manifests = repo.manifests().await?;
-    if manifests.is_empty() {
-        return Err(Error::new(
-            Kind::Stanza,
-            format!("stanza {:?} has no complete backup", repo.stanza()),
-        )
-        .hint("take one with `pgvault backup`"));
-    }
+    let (stanza, manifests) = plan::backups(repo).await?;
     let plan = plan::choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
     if opts.target_check {
         plan::check_target_reachable(repo, opts, &plan).await?;

@@ -11,6 +11,7 @@ mod common;
 
 mod archive;
 mod config;
+mod drill;
 mod lookahead;
 mod operations;
 mod pages;

@@ -9,6 +9,7 @@
 #   PGV_TEST_USER    unprivileged OS user that runs postgres (PostgreSQL
 #                    refuses to run as root)
 #   PGV_MOTO_PY      a python3 that can import moto (and boto3)
+#   PGV_PROM_PY      a python3 that can import prometheus_client
 #   PGV_S3SFS_BIN    the s3s-fs binary
 #   PGV_MOTO_URL / PGV_S3SFS_URL   endpoints once started
 #   PGV_S3_ACCESS_KEY / PGV_S3_SECRET_KEY / PGV_S3_REGION / PGV_S3_BUCKET
@@ -26,6 +27,7 @@ PGV_S3_SECRET_KEY="pgvault-test-secret"
 PGV_S3_REGION="us-east-1"
 PGV_S3_BUCKET="pgvault-test"
 PGV_MOTO_PY="${PGV_MOTO_PY:-}"
+PGV_PROM_PY=""
 PGV_MOTO_URL=""
 PGV_S3SFS_URL=""
 # pids of what we started, stopped by pgv_stop_services
@@ -123,6 +125,29 @@ pgv_ensure_moto() {
     "$PGV_MOTO_PY" -c 'import moto.server, boto3' || pgv_die "moto is not importable after install"
 }
 
+# A python3 that has prometheus_client, whose parsers check pgvault's
+# OpenMetrics output (tests/it/metrics.rs): the machine's python3, or
+# moto's venv when pip may not touch the machine's (PEP 668).
+pgv_ensure_prometheus_client() {
+    local py
+    for py in python3 "$PGV_MOTO_PY"; do
+        [ -n "$py" ] || continue
+        if "$py" -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
+            PGV_PROM_PY="$(command -v "$py")"
+            return 0
+        fi
+    done
+    if pgv_externally_managed python3; then
+        py="$PGV_MOTO_PY"
+    else
+        py="$(command -v python3)"
+    fi
+    pgv_log "pip install prometheus_client into $py"
+    "$py" -m pip install --quiet --disable-pip-version-check prometheus_client
+    "$py" -c 'import prometheus_client.openmetrics.parser' || pgv_die "prometheus_client is not importable after install"
+    PGV_PROM_PY="$py"
+}
+
 # Build s3s-fs once and keep it in the cache (about 2 minutes on 2 cores).
 pgv_ensure_s3sfs() {
     if [ -x "$PGV_S3SFS_BIN" ]; then
@@ -141,6 +166,7 @@ pgv_install_all() {
     pgv_ensure_postgres
     pgv_ensure_user
     pgv_ensure_moto
+    pgv_ensure_prometheus_client
     pgv_ensure_s3sfs
 }
 

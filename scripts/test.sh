@@ -72,6 +72,7 @@ export PGVAULT_TEST_AWS_ACCESS_KEY_ID="$PGV_S3_ACCESS_KEY"
 export PGVAULT_TEST_AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY"
 export PGVAULT_TEST_AWS_REGION="$PGV_S3_REGION"
 export PGVAULT_TEST_BUCKET="$PGV_S3_BUCKET"
+export PGVAULT_TEST_PYTHON="$PGV_PROM_PY"
 
 # Other PostgreSQL majors for tests/it/pitr.rs (PITR by time on each), fetched
 # once and cached by scripts/fetch-pg.sh. A failed fetch leaves the variable

@@ -13,6 +13,7 @@ mod archive;
 mod config;
 mod drill;
 mod lookahead;
+mod metrics;
 mod operations;
 mod pages;
 mod pitr;

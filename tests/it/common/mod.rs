@@ -10,6 +10,8 @@
 //!   needs one whose variable is missing is skipped with a message
 //! - `PGVAULT_TEST_AWS_ACCESS_KEY_ID`, `PGVAULT_TEST_AWS_SECRET_ACCESS_KEY`,
 //!   `PGVAULT_TEST_AWS_REGION`, `PGVAULT_TEST_BUCKET`  credentials both servers accept
+//! - `PGVAULT_TEST_PYTHON` a python3 that can import `prometheus_client`
+//!   (default `python3`)
 //! - `PGVAULT_TEST_KEEP=1` keeps temporary directories for a post-mortem.
 //!
 //! PostgreSQL refuses to run as root, so the tests (run as root) start it

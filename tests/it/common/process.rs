@@ -92,6 +92,14 @@ pub struct Spawned {
     started: Instant,
 }
 
+impl Spawned {
+    /// The process id (of `runuser` for the postgres user: it forwards
+    /// SIGTERM to its child).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 /// Wait for a started process (killing it after `timeout`) and collect its
 /// output.
 pub fn finish(spawned: Spawned, timeout: Duration) -> Run {

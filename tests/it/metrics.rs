@@ -352,6 +352,24 @@ fn openmetrics_match_info_and_the_exporter_serves_them_from_a_cache() {
     let first = parse(&body);
     matches_info(&first, &j);
     assert_eq!(value(&first, "pgvault_exporter_refreshes_total", &[]), 1.0);
+    // The alert rules and the dashboard use only metrics that exist.
+    for file in [
+        "contrib/prometheus/pgvault-alerts.yml",
+        "contrib/grafana/pgvault-dashboard.json",
+    ] {
+        let text = fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file))
+            .unwrap();
+        for (i, _) in text.match_indices("pgvault_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                first.contains_key(&name),
+                "{file} uses {name}, which pgvault does not export"
+            );
+        }
+    }
     // With the repository gone, scrapes still answer from the one read.
     let dir = repo.local.clone().unwrap();
     let moved = dir.with_extension("moved");

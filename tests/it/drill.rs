@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Exit codes from docs/exit-codes.md.
+const EXIT_USAGE: i32 = 2;
 const EXIT_REPOSITORY: i32 = 5;
 const EXIT_THRESHOLD: i32 = 12;
 const EXIT_DRILL_FAILED: i32 = 13;
@@ -412,4 +413,75 @@ fn drill_fails_naming_a_relation_whose_page_was_bad_before_the_backup() {
     );
     assert!(run.stderr.contains("postgres.public.t"), "{}", run.stderr);
     assert_empty(&base);
+
+    // Stopped (SIGTERM) while PostgreSQL runs: the server is stopped and
+    // the scratch directory removed.
+    let b = base.display().to_string();
+    let mut args: Vec<String> = repo.args();
+    args.extend(["drill", "--scratch-dir", b.as_str()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = env.spawn_pgvault(As::PgUser, &args, &repo.env, env.dir());
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let pid = loop {
+        if let Some(pid) = postmaster_below(&base) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no postmaster appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.terminate();
+    let run = finish(child, PGVAULT_TIMEOUT);
+    run.expect_code(143);
+    assert!(
+        run.stderr.contains("interrupted by SIGTERM"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the scratch postmaster {pid} outlived the drill"
+    );
+    assert_empty(&base);
+
+    // A file system without room for the backup: refused before anything
+    // is written.
+    let small = Tmpfs::mount(&env, "small", "4m");
+    let run = drill(&env, &repo, As::PgUser, &small.0, &[]);
+    run.expect_code(EXIT_USAGE);
+    assert!(
+        run.stderr.contains("step space")
+            && run.stderr.contains("bytes free, the drill needs")
+            && run.stderr.contains("of backup"),
+        "{}",
+        run.stderr
+    );
+    assert_empty(&small.0);
+}
+
+/// A small tmpfs owned by the postgres user, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(env: &TestEnv, name: &str, size: &str) -> Tmpfs {
+        let dir = env.mkdir(name, As::PgUser);
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+            .arg("tmpfs")
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mount a tmpfs on {} (the tests run as root)",
+            dir.display()
+        );
+        chown(&dir, env.uid, env.gid);
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }

@@ -382,17 +382,7 @@ fn openmetrics_match_info_and_the_exporter_serves_them_from_a_cache() {
         assert_eq!(value(&s, "pgvault_exporter_refreshes_total", &[]), 1.0);
     }
     fs::rename(&moved, &dir).unwrap();
-    // SIGTERM to pgvault itself (runuser's child), which stops cleanly.
-    let pid = exporter.pid();
-    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-    let pgvault = children
-        .split_whitespace()
-        .next()
-        .expect("runuser runs pgvault");
-    std::process::Command::new("kill")
-        .arg(pgvault)
-        .status()
-        .unwrap();
+    exporter.terminate();
     let run = finish(exporter, Duration::from_secs(60));
     run.ok();
     assert_eq!(

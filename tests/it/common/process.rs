@@ -93,10 +93,17 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// The process id (of `runuser` for the postgres user: it forwards
-    /// SIGTERM to its child).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// SIGTERM to the program itself: for the postgres user, `runuser`'s
+    /// child (runuser would answer SIGTERM by killing it and dying of the
+    /// signal, hiding the program's own exit code).
+    pub fn terminate(&self) {
+        let pid = self.child.id();
+        let target = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().map(str::to_string))
+            .filter(|_| self.what.starts_with("(as postgres user)"))
+            .unwrap_or_else(|| pid.to_string());
+        let _ = Command::new("kill").arg(&target).status();
     }
 }
 

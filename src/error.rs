@@ -7,6 +7,7 @@
 //! optional `hint:` line (see docs/exit-codes.md).
 
 use std::fmt;
+use std::io::{self, Write};
 
 /// What went wrong, coarsely: this is what decides the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +116,23 @@ impl Error {
         self
     }
 
+    /// An I/O error on a local file or directory: `{what} {path}: {cause}`
+    /// ("write /var/lib/pgvault/…: No space left on device"), with a hint
+    /// when the cause is one the user can fix (see [`io_hint`]).
+    pub fn io(kind: Kind, what: &str, path: impl fmt::Display, e: &io::Error) -> Self {
+        Self::io_in(kind, format!("{what} {path}"), e)
+    }
+
+    /// [`Error::io`] for an error that names its path already (one made
+    /// where the path was known): `{doing}: {cause}`.
+    pub fn io_in(kind: Kind, doing: impl fmt::Display, e: &io::Error) -> Self {
+        let err = Self::new(kind, format!("{doing}: {e}"));
+        match io_hint(e) {
+            Some(h) => err.hint(h),
+            None => err,
+        }
+    }
+
     pub fn with_kind(mut self, kind: Kind) -> Self {
         self.kind = kind;
         self
@@ -154,6 +172,76 @@ impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
     }
 }
 
+/// What to do about an I/O error whose cause is outside pgvault. Matched by
+/// kind, which survives an `io::Error` rewrapped with a message.
+pub fn io_hint(e: &io::Error) -> Option<&'static str> {
+    Some(match e.kind() {
+        io::ErrorKind::StorageFull => {
+            "the file system is full: free space on it and run the command again \
+             (PostgreSQL retries archive-push by itself; `pgvault expire` removes \
+             temporary files that killed commands left behind)"
+        }
+        io::ErrorKind::QuotaExceeded => {
+            "the disk quota of the user running pgvault is used up: raise it or free space"
+        }
+        io::ErrorKind::ReadOnlyFilesystem => "the file system is mounted read-only",
+        io::ErrorKind::PermissionDenied => {
+            "the user running pgvault needs access to it (archive_command and \
+             restore_command run as the PostgreSQL server's user)"
+        }
+        _ => return None,
+    })
+}
+
+/// A writer that keeps the error its inner writer returned, so that a
+/// failure seen through a pipeline from a reader into it (an object decoded
+/// into a file) is reported as the write it was — "write <file>: No space
+/// left on device" — and not as damage to what was read.
+pub struct WriteWatch<W> {
+    inner: W,
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+impl<W: Write> WriteWatch<W> {
+    pub fn new(inner: W) -> Self {
+        WriteWatch {
+            inner,
+            failed: None,
+        }
+    }
+
+    /// The write error seen, if any (its kind kept for [`io_hint`]).
+    pub fn error(&self) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .map(|(kind, msg)| io::Error::new(*kind, msg.clone()))
+    }
+
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
+    fn watch<T>(&mut self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            if self.failed.is_none() && e.kind() != io::ErrorKind::Interrupted {
+                self.failed = Some((e.kind(), e.to_string()));
+            }
+        }
+        r
+    }
+}
+
+impl<W: Write> Write for WriteWatch<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.watch(r)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.inner.flush();
+        self.watch(r)
+    }
+}
+
 // No `From<io::Error>` and no `From<PgError>`: an I/O error must name its
 // path and what pgvault was doing, and whether bytes are bad input or a
 // damaged repository object depends on where they came from — so every
@@ -162,5 +250,40 @@ impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::internal(format!("worker task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk names the path, what was done, and says what to do; a
+    /// write error seen through a decoder is still the write's.
+    #[test]
+    fn io_errors_name_the_path_and_hint() {
+        let full = io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = Error::io(Kind::Repository, "write", "/repo/s/x", &full);
+        assert!(
+            e.to_string()
+                .starts_with("write /repo/s/x: No space left on device"),
+            "{e}"
+        );
+        assert!(e.hint_text().is_some_and(|h| h.contains("full")), "{e:?}");
+        let mut w = WriteWatch::new(Failing);
+        assert!(w.write_all(b"x").is_err());
+        let seen = w.error().expect("the write error is kept");
+        assert_eq!(seen.kind(), io::ErrorKind::StorageFull);
+        assert!(io_hint(&seen).is_some());
+        assert!(io_hint(&io::Error::other("x")).is_none());
+    }
+
+    struct Failing;
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 }

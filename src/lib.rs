@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod home;
 pub mod ops;
 pub mod pg;
 pub mod repo;

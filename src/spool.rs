@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::pg::{TimelineId, WalFileName};
+use crate::pg::{TimelineId, WalFileKind, WalFileName};
 use crate::repo::{Digest256, Sha256Sum};
 
 /// A look-ahead push record: the content pushed, and the file it was read
@@ -81,12 +81,8 @@ impl SpoolDir {
 
     /// `~/.local/state/pgvault/spool/<repo>-<stanza>` (or under `$XDG_STATE_HOME`).
     pub fn default_for(repo_identity: &str, stanza: &str) -> Option<Self> {
-        let base = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
         Some(Self::under(
-            &base.join("pgvault").join("spool"),
+            &crate::home::state_dir()?.join("spool"),
             repo_identity,
             stanza,
         ))
@@ -146,9 +142,13 @@ impl SpoolDir {
     }
 
     /// Drops push records of WAL files before `name`: PostgreSQL has asked
-    /// for them already.
+    /// for them already. Its archiver takes `.ready` files in name order,
+    /// but timeline history files first (`pgarch.c`,
+    /// `ready_file_comparator`): asking for one says nothing about the
+    /// segments, so nothing is dropped then.
     pub fn forget_pushed_before(&self, name: &WalFileName) {
-        sweep(&self.sub("pushed"), |f| f < name.as_str());
+        let history = name.kind() == WalFileKind::History;
+        sweep(&self.sub("pushed"), |f| !history && f < name.as_str());
     }
 
     /// Where a prefetched `name` is kept.
@@ -182,10 +182,28 @@ impl SpoolDir {
             .map(TimelineId)
     }
 
-    /// Drops prefetched files PostgreSQL will not ask for any more (before
-    /// `name` on its timeline, or of older timelines) and stale temporaries.
+    /// Drops prefetched files PostgreSQL will not ask for any more, and
+    /// stale temporaries. Recovery reads WAL in order: by segment, and in
+    /// one segment an older timeline before a newer one (it moves to a new
+    /// timeline at a switch point, never back: `xlogrecovery.c`). So once
+    /// it asks for segment S of timeline T, every file before (S, T) in that
+    /// order is done with — whatever the order of the names as text, in
+    /// which any file of timeline 2 sorts after every file of timeline 1.
+    /// A request for a history or backup history file says nothing about
+    /// where recovery is (it reads history files whenever it looks for a
+    /// newer timeline): nothing is dropped then.
     pub fn forget_prefetched_before(&self, name: &WalFileName) {
-        sweep(&self.sub("get"), |f| f < name.as_str());
+        let Some(asked) = recovery_position(name) else {
+            sweep(&self.sub("get"), |_| false);
+            return;
+        };
+        sweep(&self.sub("get"), |f| {
+            WalFileName::parse(f)
+                .ok()
+                .as_ref()
+                .and_then(recovery_position)
+                .is_some_and(|p| p < asked)
+        });
     }
 
     /// Names with a look-ahead push record (waiting for PostgreSQL's call),
@@ -224,8 +242,9 @@ impl SpoolDir {
     /// pushing the same file again.
     pub fn mark_pushing(&self, name: &WalFileName) -> io::Result<()> {
         let dir = self.sub("pushing");
-        fs::create_dir_all(&dir)?;
-        File::create(dir.join(name.as_str())).map(drop)
+        fs::create_dir_all(&dir).map_err(at("create", &dir))?;
+        let path = dir.join(name.as_str());
+        File::create(&path).map(drop).map_err(at("create", &path))
     }
 
     pub fn unmark_pushing(&self, name: &WalFileName) {
@@ -243,12 +262,25 @@ impl SpoolDir {
     }
 }
 
+/// Where a segment (or `.partial` file) lies in the order recovery reads
+/// WAL: its segment (the log and segment parts of the name, fixed-width
+/// upper-case hex, so they compare as text like the numbers they are), then
+/// its timeline. `None` for other files.
+fn recovery_position(name: &WalFileName) -> Option<(String, TimelineId)> {
+    if !name.is_wal_data() {
+        return None;
+    }
+    let segment = name.segment_name()?.get(8..)?.to_string();
+    Some((segment, name.timeline()))
+}
+
 /// `flock(LOCK_EX | LOCK_NB)` on `<dir>/.lock`: `Some(file)` holds the lock
 /// until the file is dropped (or the process dies); `None`: another process
 /// holds it.
 fn try_lock(dir: &Path) -> io::Result<Option<File>> {
-    fs::create_dir_all(dir)?;
-    let lock = File::create(dir.join(".lock"))?;
+    fs::create_dir_all(dir).map_err(at("create", dir))?;
+    let path = dir.join(".lock");
+    let lock = File::create(&path).map_err(at("create", &path))?;
     // SAFETY: flock on a file descriptor we own.
     let r = unsafe {
         libc::flock(
@@ -262,7 +294,7 @@ fn try_lock(dir: &Path) -> io::Result<Option<File>> {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EWOULDBLOCK) => Ok(None),
-            _ => Err(e),
+            _ => Err(at("lock", &path)(e)),
         }
     }
 }
@@ -289,14 +321,29 @@ fn sweep(dir: &Path, old: impl Fn(&str) -> bool) {
 
 /// tmp + fsync + rename + fsync(dir).
 pub fn write_durable(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
+    fs::create_dir_all(dir).map_err(at("create", dir))?;
     let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    let written = File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_all()
+        })
+        .map_err(at("write", &tmp));
+    if let Err(e) = written {
+        // Not left to the sweep: on a full disk every byte counts.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, dir.join(name)).map_err(at("rename into", &dir.join(name)))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(at("fsync", dir))
+}
+
+/// Puts what was done, and to which path, in an I/O error, keeping its kind
+/// (which `error::io_hint` reads).
+fn at<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |e| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -324,9 +371,70 @@ mod tests {
         s.forget_pushed_before(&b);
         assert_eq!(s.pushed(&a), None);
         assert_eq!(s.pushed(&b), rec(dg, None));
+        // The archiver takes history files before segments: asking for
+        // one drops no record of a segment it has not taken yet.
+        s.forget_pushed_before(&WalFileName::parse("00000002.history").unwrap());
+        assert_eq!(s.pushed(&b), rec(dg, None));
         // A write changes the identity, even with the same bytes.
         std::thread::sleep(std::time::Duration::from_millis(10));
         fs::write(&f, [0u8; 16]).unwrap();
         assert_ne!(FileIdentity::of(&f).unwrap(), id);
+    }
+
+    /// Recovery along timeline 2, which branched from timeline 1 in segment
+    /// 5: prefetched files before the asked-for segment go whatever their
+    /// timeline (as text, `00000003…` sorts after every `00000002…` name and
+    /// was never swept); the asked-for segment's newer timelines and later
+    /// segments stay; history files and asking for one change nothing.
+    #[test]
+    fn prefetch_sweep_follows_recovery_order_across_timelines() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SpoolDir::at(d.path().to_path_buf());
+        let files = [
+            "000000010000000000000003",
+            "000000010000000000000005",
+            "000000010000000000000007",
+            "000000020000000000000004",
+            "000000020000000000000005",
+            "000000020000000000000006",
+            "000000030000000000000004",
+            "000000030000000000000005",
+            "000000010000000100000001",
+            "00000003.history",
+        ];
+        fs::create_dir_all(s.get_dir()).unwrap();
+        for f in files {
+            fs::write(s.get_dir().join(f), b"x").unwrap();
+        }
+        let left = || -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(s.get_dir())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        s.forget_prefetched_before(&WalFileName::parse("00000003.history").unwrap());
+        assert_eq!(
+            left().len(),
+            files.len(),
+            "a history request sweeps nothing"
+        );
+
+        s.forget_prefetched_before(&WalFileName::parse("000000020000000000000005").unwrap());
+        assert_eq!(
+            left(),
+            [
+                "000000010000000000000007",
+                "000000010000000100000001",
+                "000000020000000000000005",
+                "000000020000000000000006",
+                "00000003.history",
+                "000000030000000000000005",
+            ]
+        );
+        // Segment 0x100000001 comes after 0x07 (log 1), on any timeline.
+        s.forget_prefetched_before(&WalFileName::parse("000000030000000100000000").unwrap());
+        assert_eq!(left(), ["000000010000000100000001", "00000003.history"]);
     }
 }

@@ -121,13 +121,9 @@ impl Catalog {
 
     /// One catalog file per repository, under the user's state directory.
     pub fn default_for(repo_identity: &str) -> Option<Self> {
-        let base = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
         let id = hex::encode(&Sha256::digest(repo_identity.as_bytes())[..8]);
         Some(Catalog::at(
-            base.join("pgvault").join(format!("catalog-{id}.db")),
+            crate::home::state_dir()?.join(format!("catalog-{id}.db")),
         ))
     }
 

@@ -255,8 +255,11 @@ pub fn verify(r: &VerifyReport, output: Output) -> Result<()> {
     for p in &r.problems {
         s += &format!("{}: {}: {}\n", p.kind, p.what, p.detail);
     }
+    for o in &r.orphans {
+        s += &format!("orphan {}: {}: {}\n", o.kind.as_str(), o.what, o.detail);
+    }
     s += &format!(
-        "verify {}: {} WAL objects, {} backups ({} objects), {} read: {}\n",
+        "verify {}: {} WAL objects, {} backups ({} objects), {} read: {}{}\n",
         r.stanza,
         r.wal_objects,
         r.backups,
@@ -266,6 +269,14 @@ pub fn verify(r: &VerifyReport, output: Output) -> Result<()> {
             "no problems".to_string()
         } else {
             format!("{} problem(s)", r.problems.len())
+        },
+        if r.orphans.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} orphan(s) left by killed or failed commands (`pgvault expire` removes them)",
+                r.orphans.len()
+            )
         }
     );
     out(&s)
@@ -328,6 +339,12 @@ fn info_text(r: &InfoReport) -> String {
 fn info_rpo(s: &mut String, r: &InfoReport) {
     if let (Some(t), Some(age)) = (&r.newest_commit_time, r.rpo_seconds) {
         *s += &format!("    newest archived commit: {t} ({age:.0} s ago)\n");
+    }
+    for u in &r.unreadable_backups {
+        *s += &format!(
+            "    backup {}: left out, its manifest cannot be read: {}\n",
+            u.label, u.error
+        );
     }
     let ago = |t: &str| {
         chrono::DateTime::parse_from_rfc3339(t)
@@ -581,6 +598,20 @@ pub fn expire(r: &ExpireReport) -> Result<()> {
             )
         }
         None => s += "no WAL expired\n",
+    }
+    for u in &r.unreadable {
+        s += &format!(
+            "kept backup {} (its manifest cannot be read: {})\n",
+            u.label, u.error
+        );
+    }
+    for o in &r.orphans {
+        let verb = match (o.removable, r.dry_run) {
+            (true, true) => "would remove",
+            (true, false) => "removed",
+            (false, _) => "left",
+        };
+        s += &format!("{verb} {}: {}: {}\n", o.kind.as_str(), o.what, o.detail);
     }
     out(&s)
 }

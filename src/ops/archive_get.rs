@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::pg::control::read_cluster_info;
 use crate::pg::history::TimelineHistory;
 use crate::pg::{WalFileKind, WalFileName};
@@ -144,10 +144,9 @@ pub async fn prefetch(
     if name.kind() != WalFileKind::Segment || ahead == 0 {
         return Ok(0);
     }
-    let dir = spool.get_dir();
     let Some(_lock) = spool
         .try_lock_prefetcher()
-        .map_err(|e| Error::internal(format!("lock {}: {e}", dir.display())))?
+        .map_err(|e| Error::io_in(Kind::Internal, "lock the prefetch spool", &e))?
     else {
         return Ok(0); // another prefetcher is at work
     };

@@ -254,7 +254,9 @@ fn scan(pgdata: &Path) -> io::Result<(Vec<ScanFile>, Vec<DirEntry>)> {
             }
         };
         for entry in rd {
-            let entry = entry?;
+            let entry = entry.map_err(|e| {
+                io::Error::new(e.kind(), format!("read {}: {e}", abs_dir.display()))
+            })?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else {
                 continue;
@@ -394,16 +396,11 @@ impl Worker {
         let file = match File::open(&f.abs) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(Error::new(
-                    Kind::InvalidInput,
-                    format!("open {}: {e}", f.abs.display()),
-                ))
-            }
+            Err(e) => return Err(Error::io(Kind::InvalidInput, "open", f.abs.display(), &e)),
         };
-        let meta = file.metadata().map_err(|e| {
-            Error::new(Kind::InvalidInput, format!("stat {}: {e}", f.abs.display()))
-        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(Kind::InvalidInput, "stat", f.abs.display(), &e))?;
         let offset = out.n;
         // zstd worker threads only pay off for large files (starting them
         // for each small file of a bundle would cost more than it saves),
@@ -429,12 +426,7 @@ impl Worker {
                 Ok(0) => break Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    break Err(Error::new(
-                        Kind::InvalidInput,
-                        format!("read {}: {e}", f.abs.display()),
-                    ))
-                }
+                Err(e) => break Err(Error::io(Kind::InvalidInput, "read", f.abs.display(), &e)),
             };
             if let Err(e) = enc.write_all(&buf[..n]) {
                 break Err(self.write_err(e));
@@ -477,11 +469,8 @@ impl Worker {
     }
 
     fn write_err(&self, e: io::Error) -> Error {
-        Error::repository(format!(
-            "write {}/{}: {e}",
-            self.backend.describe(),
-            self.dir
-        ))
+        let dir = format!("{}/{}", self.backend.describe(), self.dir);
+        Error::io(Kind::Repository, "write to", dir, &e)
     }
 
     fn add(&mut self, f: &ScanFile) -> Result<u64> {
@@ -538,7 +527,7 @@ async fn copy_files(
     let pgdata = opts.pgdata.clone();
     let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&pgdata))
         .await?
-        .map_err(|e| Error::new(Kind::InvalidInput, e.to_string()))?;
+        .map_err(|e| Error::io_in(Kind::InvalidInput, "read the data directory", &e))?;
     let control_pos = files
         .iter()
         .position(|f| f.rel == datadir::PG_CONTROL)

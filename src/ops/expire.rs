@@ -13,20 +13,28 @@
 //!   and every timeline history file — per cluster of the stanza: after a
 //!   `pg_upgrade`, the old cluster's WAL goes with its last backup.
 //!
-//! Deletion order keeps the repository valid if interrupted: a backup's
-//! manifest goes before its data (a backup is never half there), a WAL
-//! file's claim before its data (a push of it again would simply rewrite
+//! Deletion order keeps the repository valid if interrupted, and a re-run
+//! finishes: a backup is marked as being expired, then its manifest goes
+//! (it is no longer offered), then its data, the mark last; a WAL file's
+//! claim goes before its data (a push of it again would simply rewrite
 //! both).
+//!
+//! Expire also sweeps what killed or failed commands left behind, once it
+//! is old enough that nothing can still be writing it: backup directories
+//! without a manifest, temporary files, summaries without their content,
+//! and the rest of an interrupted expire (see `repo::orphans`). A backup
+//! whose manifest cannot be read is reported and kept: never deleted on a
+//! guess.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::pg::{SegmentNo, WalFileKind};
-use crate::repo::layout;
-use crate::repo::manifest::Manifest;
+use crate::repo::manifest::{Manifest, UnreadableManifest};
+use crate::repo::orphans::{self, Orphan};
 use crate::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -47,6 +55,12 @@ pub struct ExpireReport {
     pub wal_objects_removed: u64,
     /// WAL file names (segments, `.partial` and `.backup` files) removed.
     pub wal_files_removed: u64,
+    /// Backups whose manifest could not be read: kept, and left out of
+    /// every decision (`pgvault verify` says more).
+    pub unreadable: Vec<UnreadableManifest>,
+    /// What killed or failed commands left behind; those `removable` were
+    /// removed (with `--dry-run`: would be).
+    pub orphans: Vec<Orphan>,
 }
 
 /// Which backups stay, by the policies (indices into `all`, oldest first).
@@ -100,8 +114,18 @@ pub async fn expire(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireRep
 
 async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireReport> {
     let stanza = repo.require_stanza().await?;
-    let all = repo.manifests().await?;
-    let keep = keep_set(&all, opts);
+    let backups = repo.backups().await?;
+    if let Some(u) = backups.unreadable.iter().find(|u| !u.corrupt) {
+        // Its WAL needs are unknown to this version: deleting any could
+        // break a backup that a newer pgvault restores.
+        return Err(Error::repository(u.error.clone())
+            .hint("run expire with the pgvault version that wrote that backup"));
+    }
+    for u in &backups.unreadable {
+        log::warn!("backup {} kept: {}", u.label, u.error);
+    }
+    let all = &backups.manifests;
+    let keep = keep_set(all, opts);
     let kept: Vec<&Manifest> = keep.iter().map(|&i| &all[i]).collect();
     let expired: Vec<&Manifest> = (0..all.len())
         .filter(|i| !keep.contains(i))
@@ -116,15 +140,21 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
     let mut wal_keys = Vec::new();
     let mut wal_names = 0u64;
     let mut wal_kept_from = None;
+    let mut archives = Vec::new();
     for db in &stanza.dbs {
         let seg = db.wal_segment_size;
+        let archive = repo.archive(db);
+        let listing = archive.list().await?;
         let oldest = kept
             .iter()
             .filter(|m| m.db_id == db.id)
             .min_by_key(|m| m.start_lsn);
         let first: Option<SegmentNo> = match oldest {
             Some(m) => Some(m.start_lsn.segno(seg)),
-            None if db.id == current => continue,
+            None if db.id == current => {
+                archives.push((archive, listing));
+                continue;
+            }
             None => None, // everything before "no backup at all"
         };
         if db.id == current {
@@ -134,8 +164,6 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
                     .to_string()
             });
         }
-        let archive = repo.archive(db);
-        let listing = archive.list().await?;
         for (name, entry) in listing.entries() {
             // Timeline history files stay: they are tiny, and recovery to
             // any kept backup may need every one of them.
@@ -151,7 +179,13 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
                 wal_keys.extend(archive.keys_to_delete(name, entry));
             }
         }
+        archives.push((archive, listing));
     }
+    let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
+    let mut leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
+    // A summary in expired WAL goes with it, counted there.
+    let doomed: BTreeSet<&str> = wal_keys.iter().map(String::as_str).collect();
+    leftovers.retain(|o| !o.keys().iter().all(|k| doomed.contains(k.as_str())));
     let report = ExpireReport {
         dry_run: opts.dry_run,
         kept: kept.iter().map(|m| m.label.clone()).collect(),
@@ -159,20 +193,22 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
         wal_kept_from,
         wal_objects_removed: wal_keys.len() as u64,
         wal_files_removed: wal_names,
+        unreadable: backups.unreadable.clone(),
+        orphans: leftovers,
     };
     if opts.dry_run {
         return Ok(report);
     }
     for m in &expired {
-        let dir = layout::backup_dir(repo.stanza(), &m.label);
-        let manifest = layout::backup_manifest_key(repo.stanza(), &m.label);
-        repo.backend().delete(&manifest).await?;
-        for o in repo.backend().list(&dir).await? {
-            repo.backend().delete(&o.key).await?;
+        if let Some(dir) = backups.dirs.iter().find(|d| d.label == m.label) {
+            repo.delete_backup(dir).await?;
         }
     }
     for key in &wal_keys {
         repo.backend().delete(key).await?;
+    }
+    for o in report.orphans.iter().filter(|o| o.removable) {
+        orphans::remove(repo, o).await?;
     }
     Ok(report)
 }

@@ -14,7 +14,7 @@ use crate::pg::conn::{ConnParams, Session};
 use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::Listing;
-use crate::repo::manifest::{Manifest, PageChecksums};
+use crate::repo::manifest::{Manifest, PageChecksums, UnreadableManifest};
 use crate::repo::results::{DrillRecord, ResultKind, VerifyRecord};
 use crate::repo::{DbInfo, Repository};
 use crate::spool::SpoolDir;
@@ -40,6 +40,9 @@ pub struct InfoReport {
     /// now would lose at most, as far as the archive knows (the recovery
     /// point objective actually met).
     pub rpo_seconds: Option<f64>,
+    /// Backups whose manifest cannot be read: left out of everything above
+    /// (`pgvault verify` checks the rest of the repository).
+    pub unreadable_backups: Vec<UnreadableManifest>,
     /// The newest WAL segment archived for the current cluster, and when.
     pub newest_archived_wal: Option<NewestWal>,
     /// The newest `verify` and `drill` results kept in the repository.
@@ -198,7 +201,11 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
     let catalog = opts.catalog.as_ref();
     let generated_at = chrono::Utc::now();
     let stanza = repo.require_stanza().await?;
-    let manifests = repo.manifests().await?;
+    let backups = repo.backups().await?;
+    for u in &backups.unreadable {
+        log::warn!("backup {} left out: {}", u.label, u.error);
+    }
+    let manifests = backups.manifests;
     let mut dbs = Vec::new();
     let mut current_listing = Listing::default();
     let mut newest_commit = None;
@@ -275,6 +282,7 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
         dbs,
         newest_commit_time: newest_commit.map(walfacts::format_us),
         rpo_seconds: newest_commit.map(|us| (generated_at.timestamp_micros() - us) as f64 / 1e6),
+        unreadable_backups: backups.unreadable,
         newest_archived_wal,
         last_verify,
         last_drill,

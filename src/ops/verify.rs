@@ -1,5 +1,13 @@
 //! `verify`: read every object of a stanza and check it; check that every
-//! backup's files exist and that the WAL after each backup has no gap.
+//! backup's files exist and that the WAL after each backup has no gap; list
+//! what killed or failed commands left behind.
+//!
+//! Every damaged object is reported and verify goes on — a damaged claim,
+//! summary, manifest or even the stanza object hides nothing else — and the
+//! command exits non-zero (see `cli`) when there is any problem. Leftovers
+//! (`repo::orphans`: backup directories without a manifest, temporary
+//! files, summaries without their content, an interrupted expire) are
+//! listed apart: they are no damage, and `expire` removes them.
 //!
 //! Safe against a live repository: objects are immutable once written, so
 //! an object that appears while verify runs is simply not looked at, and a
@@ -9,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
@@ -19,9 +28,10 @@ use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout;
-use crate::repo::manifest::{FileEntry, Manifest};
+use crate::repo::manifest::{Backups, FileEntry, Manifest};
+use crate::repo::orphans::{self, Orphan};
 use crate::repo::results::{host_name, ResultKind, VerifyRecord, RESULT_FORMAT};
-use crate::repo::{Backend, Repository};
+use crate::repo::{Backend, DbInfo, Fetched, Repository};
 
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
@@ -37,11 +47,15 @@ pub struct VerifyReport {
     pub backup_objects: u64,
     pub bytes_read: u64,
     pub problems: Vec<Problem>,
+    /// What killed or failed commands left behind (not problems: `expire`
+    /// removes them).
+    pub orphans: Vec<Orphan>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
-    /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`.
+    /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`,
+    /// `damaged-record`, `unknown-object`.
     pub kind: String,
     /// The object, file or WAL range concerned.
     pub what: String,
@@ -75,13 +89,26 @@ pub async fn verify(
     progress: Arc<dyn Progress>,
 ) -> Result<VerifyReport> {
     let started = chrono::Utc::now();
-    let stanza = repo.require_stanza().await?;
     let mut problems = Vec::new();
+    let backups = repo.backups().await?;
+    let dbs = match repo.fetch_stanza().await? {
+        Fetched::Found(stanza) => stanza.dbs,
+        Fetched::Missing => repo.require_stanza().await?.dbs,
+        Fetched::Damaged(why) => {
+            problems.push(problem(
+                "corrupt",
+                format!("{}/{}", repo.describe(), layout::stanza_key(repo.stanza())),
+                why,
+            ));
+            dbs_without_stanza(repo, &backups).await?
+        }
+    };
     let mut jobs = Vec::new();
     let mut wal_objects = 0;
     let mut seg_sets: Vec<(u32, BTreeMap<TimelineId, BTreeSet<SegmentNo>>)> = Vec::new();
+    let mut archives = Vec::new();
 
-    for db in &stanza.dbs {
+    for db in &dbs {
         let archive = repo.archive(db);
         let listing = archive.list().await?;
         for (name, entry) in listing.entries() {
@@ -137,18 +164,22 @@ pub async fn verify(
             problems.push(problem(
                 "unknown-object",
                 format!("{}/{}", repo.describe(), m.key),
-                "not an object pgvault writes in the archive (a leftover temporary file?)",
+                "not an object pgvault writes in the archive",
             ));
         }
-        let mut segs: BTreeMap<TimelineId, BTreeSet<SegmentNo>> = BTreeMap::new();
-        for (name, _) in listing.archived() {
-            if name.kind() == WalFileKind::Segment {
-                if let Some(s) = name.segno(db.wal_segment_size) {
-                    segs.entry(name.timeline()).or_default().insert(s);
+        // Without the stanza object the segment size may be unknown: then
+        // there is no gap check.
+        if db.wal_segment_size > 0 {
+            let mut segs: BTreeMap<TimelineId, BTreeSet<SegmentNo>> = BTreeMap::new();
+            for (name, _) in listing.archived() {
+                if name.kind() == WalFileKind::Segment {
+                    if let Some(s) = name.segno(db.wal_segment_size) {
+                        segs.entry(name.timeline()).or_default().insert(s);
+                    }
                 }
             }
+            seg_sets.push((db.id, segs));
         }
-        seg_sets.push((db.id, segs));
 
         // Records that failed their CRC check when they were archived, and
         // summaries that cannot be read.
@@ -170,12 +201,31 @@ pub async fn verify(
                 why.clone(),
             ));
         }
+        archives.push((archive, listing));
     }
 
-    // Backups: complete ones (with a manifest) are checked file by file.
-    let manifests = repo.manifests().await?;
+    // Backups: complete ones (with a readable manifest) are checked file by
+    // file; a manifest that cannot be read is a problem of its own.
+    for u in &backups.unreadable {
+        let kind = if u.corrupt { "corrupt" } else { "unreadable" };
+        problems.push(problem(
+            kind,
+            u.object.clone(),
+            format!("backup {}: {}", u.label, u.error),
+        ));
+    }
+    for dir in &backups.dirs {
+        for o in dir.unknown_objects(repo.stanza()) {
+            problems.push(problem(
+                "unknown-object",
+                format!("{}/{}", repo.describe(), o.key),
+                format!("not an object pgvault writes in backup {}", dir.label),
+            ));
+        }
+    }
+    let manifests = &backups.manifests;
     let mut backup_objects = 0;
-    for m in &manifests {
+    for m in manifests {
         let mut by_object: BTreeMap<String, Vec<FileEntry>> = BTreeMap::new();
         for f in &m.files {
             by_object
@@ -192,15 +242,16 @@ pub async fn verify(
                 files,
             });
         }
-        let db = stanza
-            .dbs
-            .iter()
-            .find(|d| d.id == m.db_id)
-            .unwrap_or(stanza.current());
-        if let Some((_, segs)) = seg_sets.iter().find(|(id, _)| *id == db.id) {
-            problems.extend(wal_chain(m, db.wal_segment_size, segs));
+        let db = dbs.iter().find(|d| d.id == m.db_id).or(dbs.last());
+        if let Some(db) = db {
+            if let Some((_, segs)) = seg_sets.iter().find(|(id, _)| *id == db.id) {
+                problems.extend(wal_chain(m, db.wal_segment_size, segs));
+            }
         }
     }
+
+    let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
+    let leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
 
     progress.set_total(jobs.len() as u64, 0);
     let backend = repo.backend().clone();
@@ -232,6 +283,7 @@ pub async fn verify(
         backup_objects,
         bytes_read,
         problems,
+        orphans: leftovers,
     };
     keep_result(repo, &report, &started).await;
     Ok(report)
@@ -259,6 +311,38 @@ async fn keep_result(repo: &Repository, r: &VerifyReport, started: &chrono::Date
     {
         log::warn!("keep this verify's result in the repository: {e}");
     }
+}
+
+/// The clusters whose archives the repository holds, when the stanza object
+/// that records them cannot be read: from the archive's directories
+/// (`<major>-<id>`), with the WAL segment size a backup of each recorded
+/// (0, unknown, when none did).
+async fn dbs_without_stanza(repo: &Repository, backups: &Backups) -> Result<Vec<DbInfo>> {
+    let listed = repo
+        .backend()
+        .list(&layout::archives_root(repo.stanza()))
+        .await?;
+    let found: BTreeSet<(u32, u32)> = listed
+        .iter()
+        .filter_map(|m| layout::parse_db_dir(repo.stanza(), &m.key))
+        .collect();
+    let mut dbs: Vec<DbInfo> = found
+        .into_iter()
+        .map(|(major, id)| DbInfo {
+            id,
+            system_identifier: String::new(),
+            pg_version: major,
+            wal_segment_size: backups
+                .manifests
+                .iter()
+                .find(|m| m.db_id == id)
+                .map_or(0, |m| m.wal_segment_size),
+            pg_control_version: 0,
+            catalog_version: 0,
+        })
+        .collect();
+    dbs.sort_by_key(|d| d.id);
+    Ok(dbs)
 }
 
 /// The WAL a backup needs (its start to its stop) and the WAL after it on

@@ -32,7 +32,7 @@ use super::backend::{ObjectMeta, ObjectReader, Spool};
 use super::codec::{self, CodecError, Digest256, Sha256Sum};
 use super::layout::{self, ArchiveKey};
 use super::{DbInfo, PutMode, PutOutcome, Repository};
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
@@ -110,6 +110,13 @@ impl Archive {
     /// How `name`'s claim is named in messages.
     pub fn describe_claim(&self, name: &WalFileName) -> String {
         format!("{}/{}", self.repo.describe(), self.claim_key(name))
+    }
+
+    /// How the directory of `name`'s objects is named in messages: where a
+    /// new content is written before its checksum (so its key) is known.
+    pub fn describe_dir(&self, name: &WalFileName) -> String {
+        let dir = layout::wal_dir(self.repo.stanza(), &self.dir(), name);
+        format!("{}/{dir}", self.repo.describe())
     }
 
     /// How a content of `name` is named in messages.
@@ -258,6 +265,18 @@ impl Archive {
         sha: &Sha256Sum,
         sink: W,
     ) -> Result<W> {
+        self.read_content_into(name, sha, sink, None).await
+    }
+
+    /// [`Archive::read_content`] into a local file (`dest`), whose write
+    /// errors are named as such: a full disk is not a damaged object.
+    async fn read_content_into<W: Write + Send + 'static>(
+        &self,
+        name: &WalFileName,
+        sha: &Sha256Sum,
+        sink: W,
+        dest: Option<PathBuf>,
+    ) -> Result<W> {
         let key = self.data_key(name, sha);
         let what = format!("{}/{key}", self.repo.describe());
         let Some(reader) = self.repo.backend().get(&key).await? else {
@@ -266,7 +285,17 @@ impl Archive {
             return Err(Error::repository(format!("{what} is missing")));
         };
         let expected = *sha;
-        tokio::task::spawn_blocking(move || decode_checked(reader, sink, expected, &what)).await?
+        tokio::task::spawn_blocking(move || {
+            let mut watch = WriteWatch::new(sink);
+            decode_checked(reader, &mut watch, expected, &what).map_err(|e| {
+                match (watch.error(), &dest) {
+                    (Some(w), Some(dest)) => Error::io(Kind::Internal, "write", dest.display(), &w),
+                    _ => e,
+                }
+            })?;
+            Ok(watch.into_inner())
+        })
+        .await?
     }
 
     /// Fetches `name` into `dest`, verified: decoded beside `dest` and
@@ -280,7 +309,12 @@ impl Archive {
         let tmp = tmp_path(dest);
         let file = File::create(&tmp).map_err(|e| local_error("create", &tmp, e))?;
         let written = self
-            .read_content(name, &found.sha, BufWriter::with_capacity(1 << 20, file))
+            .read_content_into(
+                name,
+                &found.sha,
+                BufWriter::with_capacity(1 << 20, file),
+                Some(tmp.clone()),
+            )
             .await
             .and_then(|out| {
                 out.into_inner()
@@ -436,6 +470,17 @@ impl Archive {
         Ok(listing)
     }
 
+    /// Keys of the summaries `entry` of `name` has without their content:
+    /// a push stores the two side by side, so one killed in between can
+    /// leave a summary alone (`repo::orphans` sweeps it).
+    pub fn orphan_summary_keys(&self, name: &WalFileName, entry: &NameEntry) -> Vec<String> {
+        entry
+            .orphan_summaries
+            .iter()
+            .map(|sha| self.summary_key(name, sha))
+            .collect()
+    }
+
     /// Every key `entry` of `name` has, in the order to delete them: the
     /// claim first (without it the name answers with its only content, the
     /// same bytes), then summaries, then contents — an interrupted delete
@@ -450,12 +495,7 @@ impl Archive {
                 keys.push(self.summary_key(name, &c.sha));
             }
         }
-        keys.extend(
-            entry
-                .orphan_summaries
-                .iter()
-                .map(|sha| self.summary_key(name, sha)),
-        );
+        keys.extend(self.orphan_summary_keys(name, entry));
         for c in &entry.contents {
             keys.push(self.data_key(name, &c.sha));
         }
@@ -631,12 +671,11 @@ fn short(sha: &Sha256Sum) -> String {
 /// Decodes `reader` into `sink`, then checks the content against `expected`.
 fn decode_checked<W: Write>(
     reader: ObjectReader,
-    sink: W,
+    sink: &mut W,
     expected: Sha256Sum,
     what: &str,
-) -> Result<W> {
-    let mut sink = sink;
-    let digest = codec::decode(reader, &mut sink).map_err(|e| match e {
+) -> Result<()> {
+    let digest = codec::decode(reader, sink).map_err(|e| match e {
         CodecError::Io(io) => Error::repository(format!("read {what}: {io}")),
         other => Error::repository(format!("{what}: {other}")),
     })?;
@@ -646,7 +685,7 @@ fn decode_checked<W: Write>(
             digest.sha256
         )));
     }
-    Ok(sink)
+    Ok(())
 }
 
 /// Where a file is written before it is renamed to `dest`.
@@ -660,7 +699,7 @@ pub(crate) fn tmp_path(dest: &Path) -> PathBuf {
 }
 
 fn local_error(what: &str, path: &Path, e: io::Error) -> Error {
-    Error::new(Kind::Internal, format!("{what} {}: {e}", path.display()))
+    Error::io(Kind::Internal, what, path.display(), &e)
 }
 
 #[cfg(test)]
@@ -671,6 +710,7 @@ mod tests {
         ObjectMeta {
             key: key.into(),
             size,
+            modified: None,
         }
     }
 
@@ -708,17 +748,9 @@ mod tests {
         assert_eq!(held, [n1, n2]);
     }
 
-    /// Two different contents raced for one name and one of them won the
-    /// claim: every reader must take the name as archived, with the
-    /// claimed content (`info` and restore's target check used to drop the
-    /// name and cut the recoverable window short there).
-    #[tokio::test]
-    async fn a_raced_name_answers_with_its_claimed_content_everywhere() {
-        use crate::pg::history::TimelineHistory;
-        use crate::pg::TimelineId;
-        use crate::repo::DbInfo;
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::local_for_tests(dir.path(), "s");
+    /// The archive of cluster 1 (PostgreSQL 15, 1 MiB segments) of stanza
+    /// `s` in a local repository at `dir`.
+    fn test_archive(dir: &Path) -> Archive {
         let db = DbInfo {
             id: 1,
             system_identifier: "1".into(),
@@ -727,27 +759,39 @@ mod tests {
             pg_control_version: 1300,
             catalog_version: 0,
         };
-        let archive = repo.archive(&db);
+        Repository::local_for_tests(dir, "s").archive(&db)
+    }
+
+    /// Stores `bytes` as a content of `name` (unclaimed).
+    async fn store(archive: &Archive, name: WalFileName, bytes: Vec<u8>) -> Digest256 {
+        let (a2, n2) = (archive.clone(), name.clone());
+        let (spool, digest) = tokio::task::spawn_blocking(move || {
+            let spool = a2.spool(&n2).unwrap();
+            let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
+            enc.write_all(&bytes).unwrap();
+            enc.finish().unwrap()
+        })
+        .await
+        .unwrap();
+        archive.store_content(spool, &name, &digest).await.unwrap();
+        digest
+    }
+
+    /// Two different contents raced for one name and one of them won the
+    /// claim: every reader must take the name as archived, with the
+    /// claimed content (`info` and restore's target check used to drop the
+    /// name and cut the recoverable window short there).
+    #[tokio::test]
+    async fn a_raced_name_answers_with_its_claimed_content_everywhere() {
+        use crate::pg::history::TimelineHistory;
+        use crate::pg::TimelineId;
+        let dir = tempfile::tempdir().unwrap();
+        let archive = test_archive(dir.path());
         let seg = 1u32 << 20;
         let names: Vec<WalFileName> = (1..=3)
             .map(|n| WalFileName::for_segment(TimelineId(1), SegmentNo(n), seg))
             .collect();
-        let push = |name: WalFileName, bytes: Vec<u8>| {
-            let archive = archive.clone();
-            async move {
-                let (a2, n2) = (archive.clone(), name.clone());
-                let (spool, digest) = tokio::task::spawn_blocking(move || {
-                    let spool = a2.spool(&n2).unwrap();
-                    let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
-                    enc.write_all(&bytes).unwrap();
-                    enc.finish().unwrap()
-                })
-                .await
-                .unwrap();
-                archive.store_content(spool, &name, &digest).await.unwrap();
-                digest
-            }
-        };
+        let push = |name: WalFileName, bytes: Vec<u8>| store(&archive, name, bytes);
         for n in &names {
             let d = push(n.clone(), n.as_str().as_bytes().to_vec()).await;
             archive.claim(n, &d).await.unwrap();
@@ -766,6 +810,30 @@ mod tests {
         assert_eq!(path, names, "the raced name does not cut the replay path");
         let mut got = archive.fetch_small(&names[1]).await.unwrap().unwrap();
         assert_eq!(std::mem::take(&mut got), names[1].as_str().as_bytes());
+    }
+
+    /// A full disk where archive-get writes is named as such, with its
+    /// path and a hint — not as a damaged object in the repository.
+    #[tokio::test]
+    async fn a_full_destination_is_a_write_error_naming_it() {
+        use crate::pg::TimelineId;
+        let dir = tempfile::tempdir().unwrap();
+        let archive = test_archive(dir.path());
+        let name = WalFileName::for_segment(TimelineId(1), SegmentNo(1), 1 << 20);
+        let digest = store(&archive, name.clone(), vec![7u8; 1 << 20]).await;
+        archive.claim(&name, &digest).await.unwrap();
+
+        let dest = dir.path().join("RECOVERYXLOG");
+        std::os::unix::fs::symlink("/dev/full", tmp_path(&dest)).unwrap();
+        let e = archive.fetch_into(&name, &dest).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("write {}", tmp_path(&dest).display()))
+                && text.contains("No space left on device"),
+            "{text}"
+        );
+        assert_eq!(e.kind(), Kind::Internal, "{e:?}");
+        assert!(e.hint_text().is_some(), "{e:?}");
     }
 
     #[test]

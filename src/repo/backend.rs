@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was last written, where the store says (a local
+    /// file's mtime, an object's `Last-Modified`): how old a leftover is.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
         out.sort();
         out.dedup();
         Ok(out)
+    }
+
+    /// The temporary files of writers below `dir` (recursively), which
+    /// [`Backend::list`] hides: those of a writer killed before it committed
+    /// stay behind. Only a local directory has them (an object store never
+    /// shows an upload before it completes).
+    async fn list_leftovers(&self, _dir: &str) -> Result<Vec<ObjectMeta>> {
+        Ok(Vec::new())
     }
 
     async fn delete(&self, key: &str) -> Result<()>;

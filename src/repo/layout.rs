@@ -8,6 +8,7 @@
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             backed-up files (one, or a bundle of small ones)
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
+//! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
 //! <stanza>/results/<drill|verify>/<YYYYMMDDTHHMMSS.mmmZ>.pgv  one run's result (the newest few kept)
 //! ```
 //!
@@ -40,7 +41,43 @@ pub fn backup_dir(stanza: &str, label: &str) -> String {
 }
 
 pub fn backup_manifest_key(stanza: &str, label: &str) -> String {
-    format!("{}/manifest.pgv", backup_dir(stanza, label))
+    format!("{}/{MANIFEST_OBJECT}", backup_dir(stanza, label))
+}
+
+/// The mark `expire` writes before it deletes a backup's manifest and
+/// removes last: a backup directory holding it is being expired, and a
+/// re-run of an interrupted expire finishes the job (see `repo::orphans`).
+pub fn backup_expiring_key(stanza: &str, label: &str) -> String {
+    format!("{}/{EXPIRING_OBJECT}", backup_dir(stanza, label))
+}
+
+const MANIFEST_OBJECT: &str = "manifest.pgv";
+const EXPIRING_OBJECT: &str = "expiring.pgv";
+
+/// What an object of a backup directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupObject {
+    Manifest,
+    Expiring,
+    Data,
+    /// Not an object pgvault writes in a backup directory.
+    Unknown,
+}
+
+/// The label of the backup a key below `<stanza>/backup/` belongs to, and
+/// what the object is; `None` for a key not below a backup directory.
+pub fn parse_backup_key<'a>(stanza: &str, key: &'a str) -> Option<(&'a str, BackupObject)> {
+    let rest = key.strip_prefix(stanza)?.strip_prefix("/backup/")?;
+    let (label, object) = rest.split_once('/')?;
+    let kind = match object {
+        MANIFEST_OBJECT => BackupObject::Manifest,
+        EXPIRING_OBJECT => BackupObject::Expiring,
+        o if o.starts_with("data/") && o.ends_with(".pgv") && !o[5..].contains('/') => {
+            BackupObject::Data
+        }
+        _ => BackupObject::Unknown,
+    };
+    Some((label, kind))
 }
 
 /// A data object of a backup, relative to the backup's directory.
@@ -50,13 +87,6 @@ pub fn backup_object_name(worker: usize, n: u64) -> String {
 
 pub fn backup_object_key(stanza: &str, label: &str, object: &str) -> String {
     format!("{}/{object}", backup_dir(stanza, label))
-}
-
-/// The label of the backup a manifest key belongs to.
-pub fn parse_manifest_key(key: &str) -> Option<&str> {
-    let rest = key.strip_suffix("/manifest.pgv")?;
-    let (_, label) = rest.rsplit_once('/')?;
-    Some(label)
 }
 
 /// Where the results of `drill` or `verify` runs (`kind`) are kept.
@@ -76,6 +106,20 @@ pub fn db_dir_name(major: u32, db_id: u32) -> String {
 
 pub fn archive_root(stanza: &str, db_dir: &str) -> String {
     format!("{stanza}/archive/{db_dir}")
+}
+
+/// Where every cluster's archive of a stanza lies.
+pub fn archives_root(stanza: &str) -> String {
+    format!("{stanza}/archive")
+}
+
+/// The major and id of the cluster whose archive a key below
+/// [`archives_root`] belongs to (the `<major>-<id>` directory).
+pub fn parse_db_dir(stanza: &str, key: &str) -> Option<(u32, u32)> {
+    let rest = key.strip_prefix(stanza)?.strip_prefix("/archive/")?;
+    let (dir, _) = rest.split_once('/')?;
+    let (major, id) = dir.split_once('-')?;
+    Some((major.parse().ok()?, id.parse().ok()?))
 }
 
 pub fn wal_dir(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
@@ -189,5 +233,29 @@ mod tests {
             parse_archive_key("s/archive/15-1/x/00000001000000020000003A-zz.zst"),
             None
         );
+        assert_eq!(parse_db_dir("main", &c), Some((15, 1)));
+        assert_eq!(parse_db_dir("s", "s/archive/x/y"), None);
+    }
+
+    #[test]
+    fn backup_keys() {
+        let m = backup_manifest_key("s", "20260101-000000F");
+        assert_eq!(
+            parse_backup_key("s", &m),
+            Some(("20260101-000000F", BackupObject::Manifest))
+        );
+        let e = backup_expiring_key("s", "L");
+        assert_eq!(
+            parse_backup_key("s", &e),
+            Some(("L", BackupObject::Expiring))
+        );
+        let d = backup_object_key("s", "L", &backup_object_name(3, 7));
+        assert_eq!(parse_backup_key("s", &d), Some(("L", BackupObject::Data)));
+        assert_eq!(
+            parse_backup_key("s", "s/backup/L/data/x/y.pgv"),
+            Some(("L", BackupObject::Unknown))
+        );
+        assert_eq!(parse_backup_key("s", "s/backup/L"), None);
+        assert_eq!(parse_backup_key("s", "t/backup/L/manifest.pgv"), None);
     }
 }

@@ -31,6 +31,19 @@ impl LocalBackend {
         self.root.join(key)
     }
 
+    /// See [`list_blocking`].
+    async fn list_files(&self, dir: &str, leftovers: bool) -> Result<Vec<ObjectMeta>> {
+        let root = self.root.clone();
+        let start = self.path(dir);
+        let start2 = start.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            list_blocking(&root, &start2, leftovers, &mut out).map(|_| out)
+        })
+        .await?
+        .map_err(|e| self.err("list", &start, e))
+    }
+
     fn err(&self, what: &str, path: &Path, e: io::Error) -> Error {
         let mut err = Error::repository(format!("{what} {}: {e}", path.display()));
         if e.kind() == io::ErrorKind::PermissionDenied {
@@ -116,7 +129,14 @@ fn commit_blocking(
     Ok(outcome)
 }
 
-fn list_blocking(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
+/// Lists the files below `dir`: the objects, or (with `leftovers`) only the
+/// writers' temporary files.
+fn list_blocking(
+    root: &Path,
+    dir: &Path,
+    leftovers: bool,
+    out: &mut Vec<ObjectMeta>,
+) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -125,23 +145,29 @@ fn list_blocking(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> io::Resu
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
-        if name.to_string_lossy().starts_with(TMP_PREFIX) {
-            continue;
-        }
         let ft = entry.file_type()?;
         let path = entry.path();
-        if ft.is_dir() {
-            list_blocking(root, &path, out)?;
-        } else if ft.is_file() {
+        let tmp = name.to_string_lossy().starts_with(TMP_PREFIX);
+        if ft.is_dir() && !tmp {
+            list_blocking(root, &path, leftovers, out)?;
+        } else if ft.is_file() && tmp == leftovers {
             let rel = path.strip_prefix(root).expect("listed below the root");
             let key = rel
                 .components()
                 .map(|c| c.as_os_str().to_string_lossy())
                 .collect::<Vec<_>>()
                 .join("/");
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                // Renamed into place or removed since it was read from the
+                // directory: a writer or a deleter at work.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             out.push(ObjectMeta {
                 key,
-                size: entry.metadata()?.len(),
+                size: meta.len(),
+                modified: meta.modified().ok(),
             });
         }
     }
@@ -205,15 +231,11 @@ impl Backend for LocalBackend {
     }
 
     async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
-        let root = self.root.clone();
-        let start = self.path(dir);
-        let start2 = start.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            list_blocking(&root, &start2, &mut out).map(|_| out)
-        })
-        .await?
-        .map_err(|e| self.err("list", &start, e))
+        self.list_files(dir, false).await
+    }
+
+    async fn list_leftovers(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
+        self.list_files(dir, true).await
     }
 
     async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {

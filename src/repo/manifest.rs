@@ -3,13 +3,25 @@
 //! A manifest is written after every data object it points to and after the
 //! WAL from the backup's start to its stop is in the archive: its presence
 //! is what makes a backup complete. A backup directory without one is an
-//! interrupted backup, never offered for restore.
+//! interrupted backup, never offered for restore (`repo::orphans` decides
+//! when it goes); one holding `expire`'s mark is being expired, and counts
+//! as gone.
+//!
+//! Readers go through every manifest: one that cannot be read is reported
+//! and skipped ([`Backups::unreadable`]), never the end of the command.
 
+use std::time::SystemTime;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::{layout, PutMode, Repository};
-use crate::error::{Error, Result};
+use super::layout::{self, BackupObject};
+use super::{Fetched, ObjectMeta, PutMode, Repository};
+use crate::error::Result;
 use crate::pg::{Lsn, TimelineId};
+
+/// How many manifests are read at once.
+const READ_PARALLEL: usize = 8;
 
 pub const MANIFEST_FORMAT: u32 = 1;
 
@@ -115,6 +127,105 @@ impl Manifest {
     }
 }
 
+/// One backup directory, as one listing shows it.
+#[derive(Debug, Clone)]
+pub struct BackupDir {
+    pub label: String,
+    pub has_manifest: bool,
+    /// `expire` began removing it: its mark is there.
+    pub expiring: bool,
+    /// Every object in it, manifest and mark included.
+    pub objects: Vec<ObjectMeta>,
+}
+
+impl BackupDir {
+    /// When its newest object was written, where the store says.
+    pub fn last_written(&self) -> Option<SystemTime> {
+        self.objects.iter().filter_map(|o| o.modified).max()
+    }
+
+    /// Its keys in the order a backup is deleted: the manifest first (from
+    /// then on the backup is not offered), then the data, `expire`'s mark
+    /// last (until then a re-run knows to finish). Objects pgvault does not
+    /// write there stay, for `verify` to report.
+    pub fn deletion_order(&self, stanza: &str) -> Vec<String> {
+        let of = |want: BackupObject| {
+            self.objects
+                .iter()
+                .filter(move |o| {
+                    layout::parse_backup_key(stanza, &o.key).is_some_and(|(_, k)| k == want)
+                })
+                .map(|o| o.key.clone())
+        };
+        of(BackupObject::Manifest)
+            .chain(of(BackupObject::Data))
+            .chain(of(BackupObject::Expiring))
+            .collect()
+    }
+
+    /// Objects pgvault does not write in a backup directory.
+    pub fn unknown_objects<'a>(
+        &'a self,
+        stanza: &'a str,
+    ) -> impl Iterator<Item = &'a ObjectMeta> + 'a {
+        self.objects.iter().filter(move |o| {
+            layout::parse_backup_key(stanza, &o.key)
+                .is_none_or(|(_, kind)| kind == BackupObject::Unknown)
+        })
+    }
+}
+
+/// A backup whose manifest is there but cannot be used.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UnreadableManifest {
+    pub label: String,
+    /// The manifest object, as messages name it.
+    pub object: String,
+    pub error: String,
+    /// Damaged (rather than written by a newer pgvault).
+    pub corrupt: bool,
+}
+
+/// The backups of a stanza, from one listing.
+#[derive(Debug, Clone, Default)]
+pub struct Backups {
+    /// Every backup directory, by label.
+    pub dirs: Vec<BackupDir>,
+    /// The complete backups whose manifest was read, ordered by the stop
+    /// LSN the server reported.
+    pub manifests: Vec<Manifest>,
+    /// Backups with a manifest that could not be read, by label.
+    pub unreadable: Vec<UnreadableManifest>,
+}
+
+impl Backups {
+    /// The unreadable backup labelled `label`, if it is one.
+    pub fn unreadable(&self, label: &str) -> Option<&UnreadableManifest> {
+        self.unreadable.iter().find(|u| u.label == label)
+    }
+}
+
+/// When the backup labelled `label` started, read from the label
+/// (`20261126-031500F`, UTC: see `ops::backup`); `None` for any other form.
+pub fn label_time(label: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let stamp = label.get(..15)?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%d-%H%M%S")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+/// `expire`'s mark in a backup directory it is deleting.
+#[derive(Debug, Serialize)]
+struct ExpiringMark {
+    expire_started_at: String,
+}
+
+/// What reading one manifest found.
+enum Read {
+    Found(Box<Manifest>),
+    Unreadable(UnreadableManifest),
+}
+
 impl Repository {
     pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
         self.put_json(
@@ -126,45 +237,115 @@ impl Repository {
         Ok(())
     }
 
-    pub async fn read_manifest(&self, label: &str) -> Result<Option<Manifest>> {
-        let m: Option<Manifest> = self
-            .get_json(&layout::backup_manifest_key(self.stanza(), label))
-            .await?;
-        if let Some(m) = &m {
-            if m.format > MANIFEST_FORMAT {
-                return Err(Error::repository(format!(
-                    "backup {label} was written by a newer pgvault (manifest format {})",
-                    m.format
-                )));
-            }
+    /// Deletes backup `dir` so that an interruption at any point leaves
+    /// what a re-run finishes: `expire`'s mark first (a directory with it
+    /// counts as gone and is finished by the next expire, see
+    /// `repo::orphans`), then in [`BackupDir::deletion_order`].
+    pub async fn delete_backup(&self, dir: &BackupDir) -> Result<()> {
+        let mark = layout::backup_expiring_key(self.stanza(), &dir.label);
+        let since = ExpiringMark {
+            expire_started_at: chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        self.put_json(&mark, &since, PutMode::Overwrite).await?;
+        for key in dir.deletion_order(self.stanza()) {
+            self.backend().delete(&key).await?;
         }
-        Ok(m)
+        self.backend().delete(&mark).await
     }
 
-    /// Labels of complete backups (those with a manifest), oldest first.
-    pub async fn backup_labels(&self) -> Result<Vec<String>> {
+    /// The manifest of backup `label`. A store that cannot be read is an
+    /// error; a manifest that is damaged, written by a newer pgvault or not
+    /// this backup's is an outcome.
+    async fn read_manifest(&self, label: &str) -> Result<Option<Read>> {
+        let key = layout::backup_manifest_key(self.stanza(), label);
+        let object = format!("{}/{key}", self.describe());
+        let unreadable = |error: String, corrupt: bool| {
+            Some(Read::Unreadable(UnreadableManifest {
+                label: label.to_string(),
+                object: object.clone(),
+                error,
+                corrupt,
+            }))
+        };
+        Ok(match self.fetch_json::<Manifest>(&key).await? {
+            Fetched::Missing => None,
+            Fetched::Damaged(why) => unreadable(why, true),
+            Fetched::Found(m) if m.format > MANIFEST_FORMAT => unreadable(
+                format!(
+                    "{object}: written by a newer pgvault (manifest format {})",
+                    m.format
+                ),
+                false,
+            ),
+            Fetched::Found(m) if m.label != label => unreadable(
+                format!("{object}: the manifest is backup {:?}'s", m.label),
+                true,
+            ),
+            Fetched::Found(m) => Some(Read::Found(Box::new(m))),
+        })
+    }
+
+    /// Every backup directory, from one listing, by label.
+    pub async fn backup_dirs(&self) -> Result<Vec<BackupDir>> {
         let listing = self
             .backend()
             .list(&layout::backups_root(self.stanza()))
             .await?;
-        let mut labels: Vec<String> = listing
-            .iter()
-            .filter_map(|m| layout::parse_manifest_key(&m.key).map(str::to_string))
-            .collect();
-        labels.sort();
-        Ok(labels)
+        let mut dirs: std::collections::BTreeMap<String, BackupDir> = Default::default();
+        for o in listing {
+            let Some((label, kind)) = layout::parse_backup_key(self.stanza(), &o.key) else {
+                continue;
+            };
+            let dir = dirs.entry(label.to_string()).or_insert_with(|| BackupDir {
+                label: label.to_string(),
+                has_manifest: false,
+                expiring: false,
+                objects: Vec::new(),
+            });
+            dir.has_manifest |= kind == BackupObject::Manifest;
+            dir.expiring |= kind == BackupObject::Expiring;
+            dir.objects.push(o);
+        }
+        Ok(dirs.into_values().collect())
     }
 
-    /// Every complete backup, ordered by the stop LSN the server reported.
-    pub async fn manifests(&self) -> Result<Vec<Manifest>> {
-        let mut out = Vec::new();
-        for label in self.backup_labels().await? {
-            if let Some(m) = self.read_manifest(&label).await? {
-                out.push(m);
+    /// The backups: every directory, and the manifest of each complete one
+    /// that is not being expired.
+    pub async fn backups(&self) -> Result<Backups> {
+        let dirs = self.backup_dirs().await?;
+        let labels: Vec<&str> = dirs
+            .iter()
+            .filter(|d| d.has_manifest && !d.expiring)
+            .map(|d| d.label.as_str())
+            .collect();
+        let reads: Vec<Option<Read>> = stream::iter(labels)
+            .map(|label| self.read_manifest(label))
+            .buffered(READ_PARALLEL)
+            .try_collect()
+            .await?;
+        let mut out = Backups {
+            dirs,
+            ..Backups::default()
+        };
+        for read in reads.into_iter().flatten() {
+            match read {
+                Read::Found(m) => out.manifests.push(*m),
+                Read::Unreadable(u) => out.unreadable.push(u),
             }
         }
-        out.sort_by_key(|m| (m.stop_lsn, m.label.clone()));
+        out.manifests.sort_by_key(|m| (m.stop_lsn, m.label.clone()));
         Ok(out)
+    }
+
+    /// Every complete backup whose manifest can be read, ordered by the
+    /// stop LSN the server reported; one that cannot is logged and skipped.
+    pub async fn manifests(&self) -> Result<Vec<Manifest>> {
+        let backups = self.backups().await?;
+        for u in &backups.unreadable {
+            log::warn!("backup {} skipped: {}", u.label, u.error);
+        }
+        Ok(backups.manifests)
     }
 }
 
@@ -199,6 +380,13 @@ pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &st
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn label_times() {
+        let t = super::label_time("20261126-031500F").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-26T03:15:00+00:00");
+        assert_eq!(super::label_time("nonsense"), None);
+    }
+
     #[test]
     fn db_id_defaults_to_the_first_cluster() {
         let mut v =

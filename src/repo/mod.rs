@@ -9,6 +9,7 @@ pub mod layout;
 pub mod local;
 pub mod lock;
 pub mod manifest;
+pub mod orphans;
 pub mod results;
 pub mod s3;
 pub mod stanza;
@@ -23,6 +24,19 @@ pub use codec::{Digest256, EncodeOptions, Sha256Sum};
 pub use stanza::{DbInfo, StanzaInfo};
 
 use crate::error::{Error, Result};
+
+/// What reading one small object found. A damaged object is an outcome,
+/// not an error, for the readers that go through many objects (verify,
+/// info, expire, restore's choice of backup): they report it and go on, so
+/// that one flipped bit hides nothing else. A store that cannot be read
+/// stays an error.
+#[derive(Debug, Clone)]
+pub enum Fetched<T> {
+    Found(T),
+    Missing,
+    /// There, but not readable: the object and the cause.
+    Damaged(String),
+}
 
 /// Where the repository is, as given by `--repo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,16 +156,6 @@ impl Repository {
         self.backend.describe()
     }
 
-    /// Reads and decodes a small object; `None` if absent.
-    pub async fn get_decoded(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let Some(raw) = self.backend.get_bytes(key).await? else {
-            return Ok(None);
-        };
-        codec::decode_bytes(&raw)
-            .map(Some)
-            .map_err(|e| Error::repository(format!("{}/{key}: {e}", self.describe())))
-    }
-
     /// Encodes and writes a small object.
     pub async fn put_encoded(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
         let obj = codec::encode_bytes(data, EncodeOptions::default())
@@ -160,15 +164,28 @@ impl Repository {
     }
 
     pub async fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>> {
-        match self.get_decoded(key).await? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::repository(format!(
-                    "{}/{key}: unreadable metadata: {e}",
-                    self.describe()
-                ))
-            }),
+        match self.fetch_json(key).await? {
+            Fetched::Found(v) => Ok(Some(v)),
+            Fetched::Missing => Ok(None),
+            Fetched::Damaged(why) => Err(Error::repository(why)),
         }
+    }
+
+    /// Reads a small JSON object, telling a damaged object (an outcome:
+    /// see [`Fetched`]) from a store that cannot be read (an error).
+    pub async fn fetch_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Fetched<T>> {
+        let Some(raw) = self.backend.get_bytes(key).await? else {
+            return Ok(Fetched::Missing);
+        };
+        let what = format!("{}/{key}", self.describe());
+        let bytes = match codec::decode_bytes(&raw) {
+            Ok(b) => b,
+            Err(e) => return Ok(Fetched::Damaged(format!("{what}: {e}"))),
+        };
+        Ok(match serde_json::from_slice(&bytes) {
+            Ok(v) => Fetched::Found(v),
+            Err(e) => Fetched::Damaged(format!("{what}: unreadable metadata: {e}")),
+        })
     }
 
     pub async fn put_json<T: Serialize>(

@@ -291,6 +291,7 @@ impl Backend for S3Backend {
             out.push(ObjectMeta {
                 key: self.strip(&meta.location),
                 size: meta.size,
+                modified: Some(meta.last_modified.into()),
             });
         }
         Ok(out)

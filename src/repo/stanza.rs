@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::layout;
-use super::{PutMode, PutOutcome, Repository};
+use super::{Fetched, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result};
 
 pub const STANZA_FORMAT: u32 = 1;
@@ -119,23 +119,30 @@ pub enum CreateOutcome {
 
 impl Repository {
     pub async fn read_stanza(&self) -> Result<Option<StanzaInfo>> {
-        let info: Option<StanzaInfo> = self.get_json(&layout::stanza_key(self.stanza())).await?;
-        if let Some(i) = &info {
-            if i.format > STANZA_FORMAT {
-                return Err(Error::repository(format!(
-                    "stanza {} was written by a newer pgvault (format {})",
-                    self.stanza(),
-                    i.format
-                )));
-            }
-            if i.dbs.is_empty() {
-                return Err(Error::repository(format!(
-                    "stanza {} lists no cluster",
-                    self.stanza()
-                )));
-            }
+        match self.fetch_stanza().await? {
+            Fetched::Found(info) => Ok(Some(info)),
+            Fetched::Missing => Ok(None),
+            Fetched::Damaged(why) => Err(Error::repository(why)),
         }
-        Ok(info)
+    }
+
+    /// The stanza object, telling a damaged one (or one this pgvault cannot
+    /// read) from a store that cannot be read: `verify` reports the first
+    /// and goes on.
+    pub async fn fetch_stanza(&self) -> Result<Fetched<StanzaInfo>> {
+        let key = layout::stanza_key(self.stanza());
+        let what = || format!("{}/{key}", self.describe());
+        Ok(match self.fetch_json::<StanzaInfo>(&key).await? {
+            Fetched::Found(i) if i.format > STANZA_FORMAT => Fetched::Damaged(format!(
+                "{}: written by a newer pgvault (format {})",
+                what(),
+                i.format
+            )),
+            Fetched::Found(i) if i.dbs.is_empty() => {
+                Fetched::Damaged(format!("{}: lists no cluster", what()))
+            }
+            other => other,
+        })
     }
 
     /// The stanza, or an error: naming the stanzas the repository does hold

@@ -15,6 +15,7 @@ mod drill;
 mod lookahead;
 mod metrics;
 mod operations;
+mod orphans;
 mod pages;
 mod pitr;
 mod runbooks;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::{file_name_of, hash_file, push_one, PushOptions, PushOutcome, Pushed};
 use crate::catalog::Catalog;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::pg::WalFileName;
 use crate::repo::codec::EncodeOptions;
 use crate::repo::Repository;
@@ -85,7 +85,7 @@ pub async fn push_ahead(
     };
     let Some(_lock) = spool
         .try_lock_pusher()
-        .map_err(|e| Error::internal(format!("lock the look-ahead spool: {e}")))?
+        .map_err(|e| Error::io_in(Kind::Internal, "lock the look-ahead spool", &e))?
     else {
         return Ok(0); // one is at work already
     };

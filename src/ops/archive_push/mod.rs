@@ -23,7 +23,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::catalog::Catalog;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::ops::walfacts;
 use crate::pg::walscan::{WalScanner, WalSummary};
 use crate::pg::{self, WalFileKind, WalFileName};
@@ -147,18 +147,19 @@ async fn push_one(
         let file = File::open(&path).map_err(|e| input_error(&path, e))?;
         let size = file.metadata().map_err(|e| input_error(&path, e))?.len();
         let spool = archive2.spool(&name2)?;
-        let mut enc = Encoder::new(spool, encode)
-            .map_err(|e| Error::internal(format!("start compression: {e}")))?;
+        // Written to a temporary object in this directory, named once its
+        // checksum is known.
+        let place = archive2.describe_dir(&name2);
+        let write_err = |e: io::Error| Error::io(Kind::Repository, "write to", &place, &e);
+        let mut enc = Encoder::new(spool, encode).map_err(write_err)?;
         enc.set_pledged_size(size)
             .map_err(|e| Error::internal(format!("start compression: {e}")))?;
         let mut scanner = scan.map(WalScanner::new);
         match scanner.as_mut() {
-            Some(scanner) => copy_file(file, &mut Tee(&mut enc, scanner), &path)?,
-            None => copy_file(file, &mut enc, &path)?,
+            Some(scanner) => copy_file(file, &mut Tee(&mut enc, scanner), &path, write_err)?,
+            None => copy_file(file, &mut enc, &path, write_err)?,
         }
-        let (spool, digest) = enc
-            .finish()
-            .map_err(|e| Error::repository(format!("write {}: {e}", archive2.repo().describe())))?;
+        let (spool, digest) = enc.finish().map_err(write_err)?;
         Ok((spool, digest, scanner.map(WalScanner::finish)))
     })
     .await??;
@@ -270,7 +271,14 @@ fn read_small_text(file: &mut File, size: u64, path: &Path) -> Result<String> {
     Ok(text)
 }
 
-fn copy_file<W: io::Write>(mut file: File, out: &mut W, path: &Path) -> Result<()> {
+/// Copies `file` (the input at `path`) into `out`, whose errors
+/// `out_err` names.
+fn copy_file<W: io::Write>(
+    mut file: File,
+    out: &mut W,
+    path: &Path,
+    out_err: impl Fn(io::Error) -> Error,
+) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = match file.read(&mut buf) {
@@ -279,8 +287,7 @@ fn copy_file<W: io::Write>(mut file: File, out: &mut W, path: &Path) -> Result<(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(input_error(path, e)),
         };
-        out.write_all(&buf[..n])
-            .map_err(|e| Error::repository(format!("write: {e}")))?;
+        out.write_all(&buf[..n]).map_err(&out_err)?;
     }
 }
 
@@ -301,7 +308,9 @@ impl<A: io::Write, B: io::Write> io::Write for Tee<'_, A, B> {
 fn hash_file(path: &Path) -> Result<Digest256> {
     let file = File::open(path).map_err(|e| input_error(path, e))?;
     let mut h = codec::HashingWriter::new(io::sink());
-    copy_file(file, &mut h, path)?;
+    copy_file(file, &mut h, path, |e| {
+        Error::internal(format!("hash {}: {e}", path.display()))
+    })?;
     Ok(h.finish().1)
 }
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::ops::progress::Progress;
 use crate::ops::workers;
 use crate::pg::datadir::{self, EMPTY_DIRS};
@@ -110,31 +110,24 @@ pub(super) async fn lay_down(
 
     // Everything on disk first, then pg_control, then flush that.
     let pgdata = opts.pgdata.clone();
+    let key = layout::backup_object_key(repo.stanza(), &m.label, &control.object);
+    let object = format!("{}/{key}", repo.describe());
     let reader = repo
         .backend()
-        .get(&layout::backup_object_key(
-            repo.stanza(),
-            &m.label,
-            &control.object,
-        ))
+        .get(&key)
         .await?
-        .ok_or_else(|| {
-            Error::repository(format!(
-                "backup {}: object {} is missing",
-                m.label, control.object
-            ))
-        })?;
-    let what = format!("{} ({})", control.path, control.object);
+        .ok_or_else(|| Error::repository(format!("backup {}: {object} is missing", m.label)))?;
+    let what = format!("{} (in {object})", control.path);
     let control_size = control.size;
     tokio::task::spawn_blocking(move || -> Result<()> {
         sync_tree(&pgdata)?;
         let mut reader = reader;
-        discard(&mut reader, control.offset)?;
+        discard(&mut reader, control.offset, &what)?;
         let dest = pgdata.join(&control.path);
         write_one(&mut reader.take(control.length), &dest, &control, &what)?;
         File::open(&dest)
             .and_then(|f| f.sync_all())
-            .map_err(local_err(&dest))?;
+            .map_err(local_err("fsync", &dest))?;
         fsync_dir(dest.parent().expect("global/pg_control has a parent"))?;
         if let Some((uid, gid)) = owner {
             chown_tree(&pgdata, uid, gid)?;
@@ -198,14 +191,16 @@ fn check_target(pgdata: &Path, delta: bool) -> Result<()> {
     }
 }
 
-fn local_err(path: &Path) -> impl Fn(io::Error) -> Error + '_ {
-    move |e| Error::new(Kind::Internal, format!("{}: {e}", path.display()))
+/// An I/O error on the data directory being restored: what was done, to
+/// which path, and (for a full disk, permissions) a hint.
+fn local_err<'a>(what: &'a str, path: &'a Path) -> impl Fn(io::Error) -> Error + 'a {
+    move |e| Error::io(Kind::Internal, what, path.display(), &e)
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
-        .map_err(local_err(dir))
+        .map_err(local_err("fsync", dir))
 }
 
 /// Creates the directory tree and tablespace links. With `--delta`, first
@@ -216,14 +211,15 @@ fn prepare_dirs(
     ts_map: &BTreeMap<u32, PathBuf>,
     delta: bool,
 ) -> Result<()> {
-    fs::create_dir_all(pgdata).map_err(local_err(pgdata))?;
-    fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700)).map_err(local_err(pgdata))?;
+    fs::create_dir_all(pgdata).map_err(local_err("create", pgdata))?;
+    fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))
+        .map_err(local_err("set permissions of", pgdata))?;
     if delta {
         let control = pgdata.join(datadir::PG_CONTROL);
         match fs::remove_file(&control) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(local_err(&control)(e)),
+            Err(e) => return Err(local_err("remove", &control)(e)),
         }
         for f in [
             recovery::BACKUP_LABEL,
@@ -243,18 +239,19 @@ fn prepare_dirs(
         }
         remove_unlisted(pgdata, m)?;
     }
-    fs::create_dir_all(pgdata.join("pg_tblspc")).map_err(local_err(pgdata))?;
+    let tblspc = pgdata.join("pg_tblspc");
+    fs::create_dir_all(&tblspc).map_err(local_err("create", &tblspc))?;
     for ts in &m.tablespaces {
         let location = ts_map
             .get(&ts.oid)
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&ts.location));
-        fs::create_dir_all(&location).map_err(local_err(&location))?;
+        fs::create_dir_all(&location).map_err(local_err("create", &location))?;
         fs::set_permissions(&location, fs::Permissions::from_mode(0o700))
-            .map_err(local_err(&location))?;
+            .map_err(local_err("set permissions of", &location))?;
         let link = pgdata.join("pg_tblspc").join(ts.oid.to_string());
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&location, &link).map_err(local_err(&link))?;
+        std::os::unix::fs::symlink(&location, &link).map_err(local_err("link", &link))?;
     }
     for d in &m.dirs {
         if d.path.starts_with("pg_tblspc/") && !d.path["pg_tblspc/".len()..].contains('/') {
@@ -267,29 +264,30 @@ fn prepare_dirs(
         {
             continue;
         }
-        fs::create_dir_all(&p).map_err(local_err(&p))?;
+        fs::create_dir_all(&p).map_err(local_err("create", &p))?;
         // PostgreSQL accepts 0700 or 0750 data directories: keep what the
         // backup recorded, but never more than 0750.
         fs::set_permissions(&p, fs::Permissions::from_mode(d.mode & 0o750))
-            .map_err(local_err(&p))?;
+            .map_err(local_err("set permissions of", &p))?;
     }
     for d in EMPTY_DIRS {
         let p = pgdata.join(d);
-        fs::create_dir_all(&p).map_err(local_err(&p))?;
+        fs::create_dir_all(&p).map_err(local_err("create", &p))?;
     }
-    fs::create_dir_all(pgdata.join("pg_wal/archive_status")).map_err(local_err(pgdata))?;
+    let status = pgdata.join("pg_wal/archive_status");
+    fs::create_dir_all(&status).map_err(local_err("create", &status))?;
     Ok(())
 }
 
 /// Removes everything inside `dir` (following no links).
 fn clear_dir(dir: &Path) -> Result<()> {
-    for e in fs::read_dir(dir).map_err(local_err(dir))? {
-        let p = e.map_err(local_err(dir))?.path();
-        let meta = fs::symlink_metadata(&p).map_err(local_err(&p))?;
+    for e in fs::read_dir(dir).map_err(local_err("read directory", dir))? {
+        let p = e.map_err(local_err("read directory", dir))?.path();
+        let meta = fs::symlink_metadata(&p).map_err(local_err("stat", &p))?;
         if meta.is_dir() {
-            fs::remove_dir_all(&p).map_err(local_err(&p))?;
+            fs::remove_dir_all(&p).map_err(local_err("remove", &p))?;
         } else {
-            fs::remove_file(&p).map_err(local_err(&p))?;
+            fs::remove_file(&p).map_err(local_err("remove", &p))?;
         }
     }
     Ok(())
@@ -302,8 +300,8 @@ fn remove_unlisted(pgdata: &Path, m: &Manifest) -> Result<()> {
     let listed: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
     let mut stack = vec![(pgdata.to_path_buf(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
-        for e in fs::read_dir(&dir).map_err(local_err(&dir))? {
-            let e = e.map_err(local_err(&dir))?;
+        for e in fs::read_dir(&dir).map_err(local_err("read directory", &dir))? {
+            let e = e.map_err(local_err("read directory", &dir))?;
             let Some(name) = e.file_name().to_str().map(str::to_string) else {
                 continue;
             };
@@ -317,20 +315,20 @@ fn remove_unlisted(pgdata: &Path, m: &Manifest) -> Result<()> {
             }
             let p = e.path();
             // pg_tblspc/<oid> are links: walk through them into the tablespace.
-            let meta = fs::metadata(&p).map_err(local_err(&p))?;
+            let meta = fs::metadata(&p).map_err(local_err("stat", &p))?;
             if meta.is_dir() {
                 stack.push((p, r));
             } else if !listed.contains(r.as_str()) {
-                fs::remove_file(&p).map_err(local_err(&p))?;
+                fs::remove_file(&p).map_err(local_err("remove", &p))?;
             }
         }
     }
     Ok(())
 }
 
-fn discard<R: Read>(r: &mut R, n: u64) -> Result<()> {
+fn discard<R: Read>(r: &mut R, n: u64, what: &str) -> Result<()> {
     io::copy(&mut r.take(n), &mut io::sink())
-        .map_err(|e| Error::repository(format!("read: {e}")))?;
+        .map_err(|e| Error::repository(format!("read {what}: {e}")))?;
     Ok(())
 }
 
@@ -343,10 +341,14 @@ fn write_one<R: Read>(r: &mut R, dest: &Path, f: &FileEntry, what: &str) -> Resu
         .truncate(true)
         .mode_0600()
         .open(dest)
-        .map_err(local_err(dest))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let digest = codec::decode_sized(r, &mut out, f.length)
-        .map_err(|e| Error::repository(format!("{what}: {e}")))?;
+        .map_err(local_err("create", dest))?;
+    let mut out = WriteWatch::new(BufWriter::with_capacity(1 << 20, file));
+    // A failed write (a full disk) is the target's, not a damaged object.
+    let digest = codec::decode_sized(r, &mut out, f.length).map_err(|e| match out.error() {
+        Some(w) => local_err("write", dest)(w),
+        None => Error::repository(format!("{what}: {e}")),
+    })?;
+    let out = out.into_inner();
     if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
         return Err(Error::repository(format!(
             "{what}: restored {} does not match the manifest (checksum or size)",
@@ -355,9 +357,9 @@ fn write_one<R: Read>(r: &mut R, dest: &Path, f: &FileEntry, what: &str) -> Resu
     }
     let file = out
         .into_inner()
-        .map_err(|e| local_err(dest)(e.into_error()))?;
+        .map_err(|e| local_err("write", dest)(e.into_error()))?;
     file.set_permissions(fs::Permissions::from_mode(f.mode & 0o750))
-        .map_err(local_err(dest))?;
+        .map_err(local_err("set permissions of", dest))?;
     let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
     let _ = file.set_modified(mtime);
     Ok(())
@@ -434,11 +436,11 @@ async fn write_files(
             .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
         let mut pos = 0u64;
         for f in &entries {
-            discard(&mut reader, f.offset - pos)?;
+            discard(&mut reader, f.offset - pos, &what)?;
             let dest = pgdata.join(&f.path);
             let mut part = (&mut reader).take(f.length);
             write_one(&mut part, &dest, f, &format!("{} (in {what})", f.path))?;
-            discard(&mut part, u64::MAX)?;
+            discard(&mut part, u64::MAX, &what)?;
             pos = f.offset + f.length;
             progress.file_done(f.size);
         }
@@ -457,8 +459,9 @@ fn write_recovery_files(
 ) -> Result<()> {
     let write = |name: &str, text: &str| -> Result<()> {
         let p = pgdata.join(name);
-        fs::write(&p, text).map_err(local_err(&p))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(local_err(&p))
+        fs::write(&p, text).map_err(local_err("write", &p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+            .map_err(local_err("set permissions of", &p))
     };
     write(recovery::BACKUP_LABEL, &m.backup_label)?;
     if !m.tablespace_map.is_empty() {
@@ -496,13 +499,13 @@ fn sync_tree(pgdata: &Path) -> Result<()> {
         roots.extend(rd.flatten().map(|e| e.path()));
     }
     for r in roots {
-        let f = File::open(&r).map_err(local_err(&r))?;
-        let dev = f.metadata().map_err(local_err(&r))?.dev();
+        let f = File::open(&r).map_err(local_err("open", &r))?;
+        let dev = f.metadata().map_err(local_err("stat", &r))?.dev();
         if seen.insert(dev) {
             use std::os::fd::AsRawFd;
             // SAFETY: a valid open file descriptor.
             if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-                return Err(local_err(&r)(io::Error::last_os_error()));
+                return Err(local_err("syncfs", &r)(io::Error::last_os_error()));
             }
         }
     }
@@ -515,11 +518,11 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<()> {
         stack.extend(rd.flatten().filter_map(|e| fs::canonicalize(e.path()).ok()));
     }
     while let Some(p) = stack.pop() {
-        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(local_err(&p))?;
-        let meta = fs::symlink_metadata(&p).map_err(local_err(&p))?;
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(local_err("chown", &p))?;
+        let meta = fs::symlink_metadata(&p).map_err(local_err("stat", &p))?;
         if meta.is_dir() {
-            for e in fs::read_dir(&p).map_err(local_err(&p))? {
-                stack.push(e.map_err(local_err(&p))?.path());
+            for e in fs::read_dir(&p).map_err(local_err("read directory", &p))? {
+                stack.push(e.map_err(local_err("read directory", &p))?.path());
             }
         }
     }

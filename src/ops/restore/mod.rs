@@ -20,12 +20,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::catalog::Catalog;
-use crate::error::Result;
+use crate::error::{Error, Kind, Result};
 use crate::ops::progress::Progress;
 use crate::pg::recovery::{RecoveryTarget, TargetAction};
 use crate::pg::Lsn;
-use crate::repo::manifest::Manifest;
-use crate::repo::Repository;
+use crate::repo::manifest::{label_time, Backups, Manifest, UnreadableManifest};
+use crate::repo::{Repository, StanzaInfo};
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
@@ -49,6 +49,32 @@ pub struct RestoreOptions {
     /// turns it off).
     pub target_check: bool,
     pub catalog: Option<Catalog>,
+}
+
+/// Says so when a backup that restore had to skip, its manifest
+/// unreadable, may have been a better start than `chosen`: one that began
+/// after it (labels are start times) and, for a time target, before the
+/// target.
+fn warn_hidden_candidates(
+    unreadable: &[UnreadableManifest],
+    chosen: &Manifest,
+    target: Option<&RecoveryTarget>,
+) {
+    for u in unreadable.iter().filter(|u| u.label > chosen.label) {
+        let started = label_time(&u.label);
+        if let (Some(RecoveryTarget::Time(t)), Some(started)) = (target, started) {
+            if started >= *t {
+                continue;
+            }
+        }
+        log::warn!(
+            "backup {} is newer than backup {} and might have been a closer start, \
+             but it was skipped: {}",
+            u.label,
+            chosen.label,
+            u.error
+        );
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -82,7 +108,8 @@ pub struct Reach {
 /// anything is written (`drill` picks its target and sizes its scratch
 /// directory from it).
 pub async fn reach(repo: &Repository, opts: &RestoreOptions) -> Result<Reach> {
-    plan::reach(repo, opts).await
+    let (stanza, backups) = readable_backups(repo, opts).await?;
+    plan::reach(repo, &stanza, &backups.manifests, opts).await
 }
 
 pub async fn restore(
@@ -95,13 +122,57 @@ pub async fn restore(
         .map_err(|e| e.context(format!("restore into {}", opts.pgdata.display())))
 }
 
+/// The stanza and its backups, when one of them can be restored: refuses
+/// a `--set` whose manifest cannot be read, and a stanza without a
+/// readable complete backup.
+async fn readable_backups(
+    repo: &Repository,
+    opts: &RestoreOptions,
+) -> Result<(StanzaInfo, Backups)> {
+    let stanza = repo.require_stanza().await?;
+    let backups = repo.backups().await?;
+    if let Some(u) = opts.set.as_deref().and_then(|l| backups.unreadable(l)) {
+        return Err(Error::repository(format!(
+            "backup {} cannot be restored: {}",
+            u.label, u.error
+        ))
+        .hint("choose another backup with --set (`pgvault info` lists them)"));
+    }
+    let manifests = &backups.manifests;
+    if manifests.is_empty() {
+        let unreadable: Vec<&str> = backups
+            .unreadable
+            .iter()
+            .map(|u| u.label.as_str())
+            .collect();
+        if !unreadable.is_empty() {
+            return Err(Error::repository(format!(
+                "stanza {:?} has no backup that can be restored: the manifest of every \
+                 complete backup ({}) cannot be read",
+                repo.stanza(),
+                unreadable.join(", ")
+            ))
+            .hint("`pgvault verify` says what is damaged"));
+        }
+        return Err(Error::new(
+            Kind::Stanza,
+            format!("stanza {:?} has no complete backup", repo.stanza()),
+        )
+        .hint("take one with `pgvault backup`"));
+    }
+    Ok((stanza, backups))
+}
+
 async fn restore_inner(
     repo: &Repository,
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Restored> {
-    let (stanza, manifests) = plan::backups(repo).await?;
-    let plan = plan::choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
+    let (stanza, backups) = readable_backups(repo, opts).await?;
+    let plan = plan::choose_backup_and_db(repo, &stanza, &backups.manifests, opts).await?;
+    if opts.set.is_none() || opts.set.as_deref() == Some("latest") {
+        warn_hidden_candidates(&backups.unreadable, plan.backup, opts.target.as_ref());
+    }
     if opts.target_check {
         plan::check_target_reachable(repo, opts, &plan).await?;
     }

@@ -26,20 +26,6 @@ pub(super) struct Plan<'a> {
     wal: Option<ArchivedWal>,
 }
 
-/// The stanza and its complete backups; an error when it has none.
-pub(super) async fn backups(repo: &Repository) -> Result<(StanzaInfo, Vec<Manifest>)> {
-    let stanza = repo.require_stanza().await?;
-    let manifests = repo.manifests().await?;
-    if manifests.is_empty() {
-        return Err(Error::new(
-            Kind::Stanza,
-            format!("stanza {:?} has no complete backup", repo.stanza()),
-        )
-        .hint("take one with `pgvault backup`"));
-    }
-    Ok((stanza, manifests))
-}
-
 impl Plan<'_> {
     /// The archive of the chosen backup's cluster with the summaries of its
     /// replay path: as the choice read it, else read now.
@@ -238,9 +224,13 @@ pub(super) async fn check_target_reachable(
 
 /// What recovery from the backup a restore with `opts` chooses can reach,
 /// planned as that restore plans (nothing is written).
-pub(super) async fn reach(repo: &Repository, opts: &RestoreOptions) -> Result<super::Reach> {
-    let (stanza, manifests) = backups(repo).await?;
-    let plan = choose_backup_and_db(repo, &stanza, &manifests, opts).await?;
+pub(super) async fn reach(
+    repo: &Repository,
+    stanza: &StanzaInfo,
+    manifests: &[Manifest],
+    opts: &RestoreOptions,
+) -> Result<super::Reach> {
+    let plan = choose_backup_and_db(repo, stanza, manifests, opts).await?;
     let (m, db, history) = (plan.backup, plan.db, plan.history.as_ref());
     let seg = db.wal_segment_size;
     let wal = plan.archived_wal(repo, opts).await?;

@@ -447,6 +447,7 @@ async fn drill(g: &Global, config_file: Option<&Path>, a: &DrillArgs) -> Result<
         rpo_objective: o.rpo_objective,
         process_max: o.workers.process_max,
         restore_command: restore_command(g, config_file)?,
+        config_file: config_file.map(Path::to_path_buf),
         catalog: g.catalog(&o.catalog),
     };
     let repo = open_stanza(g).await?;

@@ -60,8 +60,10 @@ pub struct DrillOptions {
     pub rpo_objective: Option<Duration>,
     /// Restore workers, and `pg_amcheck`'s connections.
     pub process_max: usize,
-    /// The `restore_command` the scratch server runs.
+    /// The `restore_command` the scratch server runs, and the
+    /// configuration file it names (the server's user must read it).
     pub restore_command: String,
+    pub config_file: Option<PathBuf>,
     pub catalog: Option<Catalog>,
 }
 
@@ -286,6 +288,9 @@ async fn run(
         })?;
     let user = scratch::server_user(opts.pg_os_user.as_deref(), opts.scratch_dir.as_deref())
         .map_err(at("scratch"))?;
+    if let Some(u) = &user {
+        scratch::usable_by(u, opts.config_file.as_deref()).map_err(at("scratch"))?;
+    }
     let s = slot.insert(
         Scratch::create(opts.scratch_dir.as_deref(), user.as_ref(), opts.keep)
             .map_err(at("scratch"))?,

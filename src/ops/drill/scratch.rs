@@ -202,6 +202,20 @@ pub fn available(path: &Path) -> Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
+/// Whether `user` may do `bits` (`0o4` read, `0o1` execute or search) on
+/// `m`, by its owner, group or other bits.
+fn allowed(m: &fs::Metadata, user: &OsUser, bits: u32) -> bool {
+    let mode = m.permissions().mode();
+    let shift = if m.uid() == user.uid {
+        6
+    } else if m.gid() == user.gid {
+        3
+    } else {
+        0
+    };
+    (mode >> shift) & bits == bits
+}
+
 /// `user` must be able to reach into `dir`: every directory on the way
 /// searchable by it (PostgreSQL, run as that user, opens its data
 /// directory by this path).
@@ -210,23 +224,47 @@ fn traversable(dir: &Path, user: &OsUser) -> Result<()> {
         .map_err(|e| Error::usage(format!("scratch directory {}: {e}", dir.display())))?;
     for d in dir.ancestors() {
         let m = fs::metadata(d).map_err(local(d))?;
-        let mode = m.permissions().mode();
-        let ok = if m.uid() == user.uid {
-            mode & 0o100 != 0
-        } else if m.gid() == user.gid {
-            mode & 0o010 != 0
-        } else {
-            mode & 0o001 != 0
-        };
-        if !ok {
+        if !allowed(&m, user, 0o1) {
             return Err(Error::usage(format!(
                 "the scratch PostgreSQL runs as {}, who cannot enter {} (mode {:o})",
                 user.name,
                 d.display(),
-                mode & 0o7777
+                m.permissions().mode() & 0o7777
             ))
             .hint("pass a --scratch-dir that user can reach, e.g. one it owns"));
         }
+    }
+    Ok(())
+}
+
+/// The scratch server's `restore_command` runs this program (and reads
+/// the configuration file it was given) as `user`: refused up front when
+/// that user cannot, rather than as a FATAL in the server's log.
+pub fn usable_by(user: &OsUser, config_file: Option<&Path>) -> Result<()> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::internal(format!("find this program's path: {e}")))?;
+    let reach = |p: &Path, bits: u32, what: &str| -> Result<()> {
+        let deny = || {
+            Error::usage(format!(
+                "the scratch PostgreSQL runs as {}, whose restore_command cannot {what} {}",
+                user.name,
+                p.display()
+            ))
+            .hint("install pgvault and its configuration where that user can read them, or pass --pg-os-user")
+        };
+        if let Some(parent) = p.parent() {
+            traversable(parent, user).map_err(|_| deny())?;
+        }
+        let m = fs::metadata(p).map_err(local(p))?;
+        if allowed(&m, user, bits) {
+            Ok(())
+        } else {
+            Err(deny())
+        }
+    };
+    reach(&exe, 0o1, "run")?;
+    if let Some(c) = config_file {
+        reach(c, 0o4, "read")?;
     }
     Ok(())
 }
@@ -268,6 +306,39 @@ mod tests {
         let root = s.root.clone();
         drop(s);
         assert!(root.exists());
+    }
+
+    #[test]
+    fn permissions_by_owner_group_and_others() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        fs::write(&f, "").unwrap();
+        let m = |mode| {
+            fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+            fs::metadata(&f).unwrap()
+        };
+        let me = fs::metadata(&f).unwrap();
+        let owner = OsUser {
+            name: "o".into(),
+            uid: me.uid(),
+            gid: me.gid(),
+        };
+        let group = OsUser {
+            name: "g".into(),
+            uid: me.uid() + 1,
+            gid: me.gid(),
+        };
+        let other = OsUser {
+            name: "x".into(),
+            uid: me.uid() + 1,
+            gid: me.gid() + 1,
+        };
+        assert!(allowed(&m(0o600), &owner, 0o4));
+        assert!(!allowed(&m(0o600), &group, 0o4));
+        assert!(allowed(&m(0o640), &group, 0o4));
+        assert!(!allowed(&m(0o640), &other, 0o4));
+        assert!(allowed(&m(0o755), &other, 0o1));
+        assert!(!allowed(&m(0o750), &other, 0o1));
     }
 
     #[test]

@@ -5,10 +5,12 @@
 #   OUTPUT_DIR defaults to fixtures/. STORY is one of
 #     clusters  pg15/ pg15-16mib/ pg14/ pg16/ pg17/ pg18/
 #     records   pg15-records/ only (the WAL record scanner's story, below)
+#     blockrefs pg14-blockrefs/ to pg18-blockrefs/ (block references, below)
 #     pages     pg15-pages/ only (data pages with checksums, below)
 #     all       all of them (the default)
 #   A story replaces only its own directories, so `make-fixtures.sh records`
-#   leaves the others as they are.
+#   leaves the others as they are. PGVAULT_BLOCKREFS_MAJORS="17" makes the
+#   blockrefs story for some majors only.
 #
 # What it makes (see fixtures/README.md for the file list):
 #   pg15/        Debian's PostgreSQL 15 (/usr/lib/postgresql/15/bin, apt package
@@ -35,6 +37,21 @@
 #                XLOG_SWITCH, and an overwrite contrecord (a record cut short
 #                by a crash whose continuation segment was lost, as
 #                PostgreSQL's own test 026_overwrite_contrecord.pl makes one).
+#   pgNN-blockrefs/
+#                PostgreSQL 14 to 18 (15 from Debian, the others from
+#                scripts/fetch-pg.sh), 1 MiB segments, wal_compression varied
+#                by major: a workload touching relation files every way the
+#                block reference scan must see (inserts, updates, DELETE +
+#                VACUUM truncation, TRUNCATE, CREATE/DROP TABLE, CREATE
+#                DATABASE with both strategies (WAL_LOG on 17 only: a
+#                megabyte of images), DROP DATABASE, a tablespace
+#                created, used by ALTER TABLE ... SET TABLESPACE and dropped,
+#                VACUUM FULL, hash and GIN indexes, an unlogged table, aborted
+#                and prepared transactions that create tables).
+#                blockrefs.json.zst holds every block reference and storage
+#                event pg_waldump -b prints, by the segment each record starts
+#                in; on 17 and 18 (summarize_wal = on) summaries.csv.zst holds
+#                pg_wal_summary_contents() of the summaries inside the story.
 #   pg15-pages/  Debian's PostgreSQL 15 with data checksums: the first blocks of
 #                a table's main fork after a checkpoint and a clean stop, with
 #                each page's stored pd_checksum and pd_lsn read by Python.
@@ -65,7 +82,7 @@ out=$repo/fixtures
 stories=()
 for arg in "$@"; do
     case "$arg" in
-        all | clusters | records | pages) stories+=("$arg") ;;
+        all | clusters | records | blockrefs | pages) stories+=("$arg") ;;
         *) out=$arg ;;
     esac
 done
@@ -844,6 +861,256 @@ PY
 }
 
 ###############################################################################
+# PostgreSQL 14 to 18: block references and storage events (pgNN-blockrefs/)
+###############################################################################
+# The workload, as psql input, in database postgres; psql variables: TS (the
+# tablespace's directory) and fc_strategy ("strategy file_copy" on 15+).
+blockrefs_sql() {
+    cat <<'SQL'
+\set ON_ERROR_STOP 1
+checkpoint;
+create table t (id int primary key, v text);
+insert into t select g, 'v' || g from generate_series(1, 1500) g;
+update t set v = v || 'x' where id % 10 = 0;
+create sequence s;
+select nextval('s') from generate_series(1, 40) \g /dev/null
+-- DELETE + VACUUM: the table's empty tail is cut (XLOG_SMGR_TRUNCATE).
+insert into t select g, 'v' || g from generate_series(1501, 3000) g;
+delete from t where id > 1500;
+vacuum t;
+-- TRUNCATE: a new relation file, the old one dropped at commit.
+create table t2 as select g as id from generate_series(1, 1000) g;
+truncate t2;
+insert into t2 values (1), (2);
+-- Created and filled in one transaction, then dropped.
+create table t3 as select g as id, repeat('y', 100) as pad from generate_series(1, 1000) g;
+drop table t3;
+-- Created in an aborted transaction: dropped at abort.
+begin;
+create table t4 (id int);
+insert into t4 select generate_series(1, 500);
+rollback;
+-- Prepared transactions: one rolled back (its table dropped by ROLLBACK
+-- PREPARED), one committed that drops a table.
+begin;
+create table t5 (id int);
+insert into t5 values (1);
+prepare transaction 'p_create';
+rollback prepared 'p_create';
+create table t6 (id int);
+begin;
+drop table t6;
+prepare transaction 'p_drop';
+commit prepared 'p_drop';
+-- Indexes: hash (its bucket splits extend the file past blocks nothing
+-- writes yet) and GIN (a build, then the pending list).
+create index t_hash on t using hash (id);
+insert into t select g, 'v' || g from generate_series(1501, 4000) g;
+create table docs (id int, tags text[]);
+insert into docs select g, array['a' || (g % 17), 'b' || (g % 31)] from generate_series(1, 1000) g;
+create index docs_gin on docs using gin (tags);
+insert into docs select g, array['c' || (g % 7)] from generate_series(1001, 1300) g;
+-- An unlogged table: its init fork is WAL-logged, its main fork not.
+create unlogged table u (id int);
+insert into u select generate_series(1, 1000);
+-- A tablespace: created, a table moved there and back, dropped.
+create tablespace ts location :'TS';
+alter table t2 set tablespace ts;
+insert into t2 values (3);
+alter table t2 set tablespace pg_default;
+drop tablespace ts;
+-- VACUUM FULL: new relation files for t and its indexes.
+vacuum full t;
+-- A database copied whole (FILE_COPY, the only strategy before 15), dropped.
+create database db_fc template template0 :fc_strategy;
+drop database db_fc;
+SQL
+}
+
+# blockrefs_facts DIR — DIR/facts.json and DIR/blockrefs.json.zst from the
+# pg_waldump -b text and meta.json in DIR/.raw (never from pgvault's parser)
+blockrefs_facts() {
+    python3 - "$1" <<'PY'
+import json, os, re, sys
+d = sys.argv[1]
+raw = os.path.join(d, ".raw")
+facts = json.load(open(os.path.join(raw, "meta.json")))
+facts["generated_by"] = "scripts/make-fixtures.sh blockrefs"
+seg_size = facts["seg_size"]
+rec_re = re.compile(r"^rmgr: (\S+)\s+len \(rec/tot\):\s*(\d+)/\s*(\d+), tx:\s*(\d+), lsn: ([0-9A-F]+)/([0-9A-F]+), prev [0-9A-F/]+, desc: (.*)$")
+blk_re = re.compile(r"^\s+blkref #\d+: rel (\d+)/(\d+)/(\d+) fork (\w+) blk (\d+)")
+path_re = re.compile(r"^(?:base/(\d+)/(\d+)|global/(\d+)|pg_tblspc/(\d+)/[^/]+/(\d+)/(\d+))(?:_(fsm|vm|init))?$")
+def rel_of(path):
+    m = path_re.match(path)
+    if not m:
+        sys.exit("blockrefs_facts: cannot read relation path %r" % path)
+    g = m.groups()
+    if g[0]:
+        spc, db, rel = 1663, int(g[0]), int(g[1])
+    elif g[2]:
+        spc, db, rel = 1664, 0, int(g[2])
+    else:
+        spc, db, rel = int(g[3]), int(g[4]), int(g[5])
+    return "%d/%d/%d/%s" % (spc, db, rel, g[6] or "main")
+segs = {}
+cur = None
+records = 0
+for line in open(os.path.join(raw, "waldump.txt")):
+    line = line.rstrip("\n")
+    m = rec_re.match(line)
+    if m:
+        rmgr, _, tot, _, hi, lo, desc = m.groups()
+        lsn = (int(hi, 16) << 32) | int(lo, 16)
+        records += 1
+        cur = segs.setdefault(str(lsn // seg_size), {"blocks": {}, "events": [], "records": 0})
+        cur["records"] += 1
+        ev = None
+        if rmgr == "Storage" and desc.startswith("CREATE "):
+            ev = ["create", rel_of(desc.split()[1])]
+        elif rmgr == "Storage" and desc.startswith("TRUNCATE "):
+            mt = re.match(r"TRUNCATE (\S+) to (\d+) blocks flags (\d+)", desc)
+            ev = ["truncate", rel_of(mt.group(1)), int(mt.group(2)), int(mt.group(3))]
+        elif rmgr == "Transaction" and re.match(r"(COMMIT|ABORT)(_PREPARED)?\b", desc):
+            mr = re.search(r"; rels: ([^;]*)", desc)
+            if mr:
+                ev = ["drop", [rel_of(p) for p in mr.group(1).split()]]
+        elif rmgr == "Database":
+            mc = re.search(r"copy dir (\d+)/(\d+) to (\d+)/(\d+)", desc)
+            mw = re.search(r"create dir (\d+)/(\d+)", desc)
+            if mc:
+                ev = ["db_copy", int(mc.group(3)), int(mc.group(4))]
+            elif mw:
+                ev = ["db_create", int(mw.group(1)), int(mw.group(2))]
+            elif "DROP" in desc:
+                ev = ["db_drop", [[int(a), int(b)] for a, b in re.findall(r"(\d+)/(\d+)", desc)]]
+            else:
+                sys.exit("blockrefs_facts: unknown Database record %r" % desc)
+        elif rmgr == "Tablespace":
+            mt = re.match(r"(CREATE|DROP) (\d+)", desc)
+            ev = ["ts_" + mt.group(1).lower(), int(mt.group(2))]
+        if ev:
+            ev.insert(1, "%X/%X" % (lsn >> 32, lsn & 0xFFFFFFFF))
+            cur["events"].append(ev)
+        continue
+    m = blk_re.match(line)
+    if m and cur is not None:
+        key = "%s/%s/%s/%s" % m.groups()[:4]
+        cur["blocks"].setdefault(key, set()).add(int(m.group(5)))
+def ranges(blocks):
+    out, start, prev = [], None, None
+    for b in sorted(blocks):
+        if start is None:
+            start = prev = b
+        elif b == prev + 1:
+            prev = b
+        else:
+            out.append([start, prev])
+            start = prev = b
+    if start is not None:
+        out.append([start, prev])
+    return out
+for s in segs.values():
+    s["blocks"] = {k: ranges(v) for k, v in sorted(s["blocks"].items())}
+facts["waldump_records"] = records
+facts["events"] = sorted({e[0] for s in segs.values() for e in s["events"]})
+with open(os.path.join(raw, "blockrefs.json"), "w") as f:
+    json.dump({"by_segment": segs}, f, sort_keys=True)
+with open(os.path.join(d, "facts.json"), "w") as f:
+    json.dump(facts, f, indent=2, sort_keys=True)
+    f.write("\n")
+PY
+    zst "$1/.raw/blockrefs.json" "$1/blockrefs.json.zst"
+}
+
+# make_blockrefs MAJOR PORT — pgMAJOR-blockrefs/
+make_blockrefs() {
+    local major=$1 port=$2 bin dst=$out/pg$1-blockrefs c=$work/pg$1-blockrefs compression
+    if [ "$major" = 15 ]; then bin=$pg15_bin; else bin=$("$here/fetch-pg.sh" "$major"); fi
+    # Full-page images in every form their headers take: plain, and
+    # compressed with and without a hole (the flag bits differ in 14).
+    case $major in 14) compression=on ;; 15) compression=lz4 ;; 16) compression=off ;; 17) compression=zstd ;; *) compression=pglz ;; esac
+    log "PostgreSQL $major: block references story (pg$major-blockrefs, wal_compression=$compression)"
+    rm -rf "$dst" && mkdir -p "$dst/.raw"
+    local opts=(--wal-segsize=1)
+    [ "$major" -lt 18 ] && opts+=(--data-checksums)
+    new_cluster "$bin" "$c" "$port" "${opts[@]}"
+    printf '%s\n' "max_prepared_transactions = 4" "wal_compression = $compression" >>"$c/postgresql.conf"
+    [ "$major" -ge 17 ] && echo "summarize_wal = on" >>"$c/postgresql.conf"
+    start "$c"
+    local ts=$work/ts-$major
+    mkdir -p "$ts" && chown pgvtest: "$ts"
+    sql "$bin" "$port" "select pg_switch_wal()" >/dev/null
+    local story_start first_seg
+    story_start=$(sql "$bin" "$port" "select pg_current_wal_lsn()")
+    first_seg=$(seg_of "$story_start")
+    local fc=""
+    [ "$major" -ge 15 ] && fc="strategy file_copy"
+    blockrefs_sql | as_pg "$bin/psql" -X -q -p "$port" -v TS="$ts" -v fc_strategy="$fc" >/dev/null ||
+        die "the block references workload failed on PostgreSQL $major"
+    if [ "$major" = 17 ]; then
+        # A database created block by block, and written to: template0's
+        # pages as full-page images, a megabyte of fixture even compressed,
+        # so on the major of the WAL summaries' cross-check only (15 to 18
+        # share the record's layout).
+        sql "$bin" "$port" "create database db_wl template template0 strategy wal_log" >/dev/null
+        as_pg "$bin/psql" -X -q -v ON_ERROR_STOP=1 -p "$port" -d db_wl \
+            -c "create table w as select generate_series(1, 1000) as id" >/dev/null
+    fi
+    sql "$bin" "$port" "checkpoint" >/dev/null
+    local story_end last_seg
+    story_end=$(sql "$bin" "$port" "select pg_current_wal_lsn()")
+    last_seg=$(seg_of "$story_end")
+    sql "$bin" "$port" "select pg_switch_wal()" >/dev/null
+    wait_archived "$c.archive" "$(seg_name "$last_seg")"
+    local summaries=0 ranges=null
+    if [ "$major" -ge 17 ]; then
+        # pg_wal_summary_contents() of the summaries inside the story, once
+        # the summarizer has passed the last checkpoint's redo point.
+        local redo i
+        redo=$(sql "$bin" "$port" "select redo_lsn from pg_control_checkpoint()")
+        for i in $(seq 1 120); do
+            [ "$(sql "$bin" "$port" "select summarized_lsn >= '$redo'::pg_lsn from pg_get_wal_summarizer_state()")" = t ] && break
+            sleep 0.5
+        done
+        local inside="s.start_lsn >= '$story_start' and s.end_lsn <= '$story_end'"
+        sql "$bin" "$port" "copy (select s.start_lsn, s.end_lsn, c.reltablespace, c.reldatabase, c.relfilenode, c.relforknumber, c.relblocknumber, c.is_limit_block from pg_available_wal_summaries() s, pg_wal_summary_contents(s.tli, s.start_lsn, s.end_lsn) c where $inside order by 1, 3, 4, 5, 6, 7) to stdout with (format csv)" >"$dst/.raw/summaries.csv"
+        summaries=$(sql "$bin" "$port" "select count(*) from pg_available_wal_summaries() s where $inside")
+        [ "$summaries" -gt 0 ] || die "PostgreSQL $major wrote no WAL summary inside the story"
+        ranges=$(sql "$bin" "$port" "select json_agg(json_build_object('start', s.start_lsn::text, 'end', s.end_lsn::text) order by s.start_lsn) from pg_available_wal_summaries() s where $inside")
+        zst "$dst/.raw/summaries.csv" "$dst/summaries.csv.zst"
+    fi
+    stop "$c"
+    local segs=() s
+    rm -rf "$work/dump" && mkdir -p "$work/dump"
+    for s in $(seq "$first_seg" "$last_seg"); do
+        segs+=("$(seg_name "$s")")
+        cp "$c.archive/$(seg_name "$s")" "$work/dump/"
+    done
+    chown -R pgvtest: "$work/dump"
+    as_pg "$bin/pg_waldump" -b -p "$work/dump" "${segs[0]}" "${segs[-1]}" >"$dst/.raw/waldump.txt" 2>"$work/waldump.err" || true
+    mkdir -p "$dst/wal"
+    for s in "${segs[@]}"; do zst "$work/dump/$s" "$dst/wal/$s.zst"; done
+    local IFS=,
+    cat >"$dst/.raw/meta.json" <<EOF
+{
+  "major": $major,
+  "server_version": $(json_str "$(as_pg "$bin/postgres" --version)"),
+  "initdb_options": "${opts[*]}",
+  "wal_compression": "$compression",
+  "seg_size": 1048576,
+  "story_start": "$story_start",
+  "story_end": "$story_end",
+  "segments": [$(printf '"%s",' "${segs[@]}" | sed 's/,$//')],
+  "summaries": $summaries,
+  "summary_ranges": $ranges
+}
+EOF
+    unset IFS
+    blockrefs_facts "$dst"
+    rm -rf "$dst/.raw"
+}
+
+###############################################################################
 # PostgreSQL 15: data pages with checksums (pg15-pages/)
 ###############################################################################
 make_pg15_pages() {
@@ -887,5 +1154,9 @@ case " ${stories[*]} " in *" all "* | *" clusters "*)
 esac
 case " ${stories[*]} " in *" all "* | *" records "*) make_pg15_records ;; esac
 case " ${stories[*]} " in *" all "* | *" pages "*) make_pg15_pages ;; esac
+case " ${stories[*]} " in *" all "* | *" blockrefs "*)
+    for m in ${PGVAULT_BLOCKREFS_MAJORS:-14 15 16 17 18}; do make_blockrefs "$m" "$((54302 + 10 * (m - 10)))"; done
+    ;;
+esac
 chmod -R a+rX "$out"
 log "fixtures written to $out ($(du -sh "$out" | cut -f1))"

@@ -60,6 +60,7 @@ use clap::builder::RangedU64ValueParser;
 use clap::{ArgAction, Args};
 
 use crate::error::{Error, Result};
+use crate::ops::archive_push::OnSuperseded;
 use crate::pg::conn::ConnParams;
 use crate::repo::s3::S3Options;
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
@@ -316,6 +317,15 @@ pub struct ArchivePush {
         default_value_t = 8
     )]
     pub archive_push_ahead: usize,
+    /// WAL of a timeline past the point where an archived history file left it (a split brain, or the original of a PITR clone): warn archives it and logs a warning on every such push, fail refuses it (exit 12)
+    #[arg(
+        long,
+        env = "PGVAULT_ARCHIVE_PUSH_SUPERSEDED",
+        value_name = "warn|fail",
+        default_value = "warn",
+        value_parser = parse_on_superseded
+    )]
+    pub archive_push_superseded: OnSuperseded,
     #[command(flatten)]
     pub workers: Workers,
     #[command(flatten)]
@@ -412,7 +422,7 @@ pub struct Check {
     pub connection: Connection,
     #[command(flatten)]
     pub archive_timeout: ArchiveTimeout,
-    /// Fail (exit 12) when the newest complete backup ended longer ago than this (90m, 26h, 8d)
+    /// Fail (exit 13) when the newest complete backup ended longer ago than this (90m, 26h, 8d)
     #[arg(
         long,
         env = "PGVAULT_MAX_BACKUP_AGE",
@@ -420,7 +430,7 @@ pub struct Check {
         value_parser = parse_duration
     )]
     pub max_backup_age: Option<Duration>,
-    /// Fail (exit 12) when the server has written more WAL than this that is not archived yet (64MiB, 1GiB)
+    /// Fail (exit 13) when the server has written more WAL than this that is not archived yet (64MiB, 1GiB)
     #[arg(
         long,
         env = "PGVAULT_MAX_ARCHIVE_LAG",
@@ -513,7 +523,7 @@ pub struct Drill {
     /// SQL file of checks: each query must return true (see docs/operations.md)
     #[arg(long, env = "PGVAULT_DRILL_CHECKS", value_name = "FILE")]
     pub drill_checks: Option<PathBuf>,
-    /// Fail (exit 12) when the restore took longer than this to be consistent and promoted (90s, 30m, 2h)
+    /// Fail (exit 13) when the restore took longer than this to be consistent and promoted (90s, 30m, 2h)
     #[arg(
         long,
         env = "PGVAULT_RTO_OBJECTIVE",
@@ -521,7 +531,7 @@ pub struct Drill {
         value_parser = parse_duration
     )]
     pub rto_objective: Option<Duration>,
-    /// Fail (exit 12) when the recovered cluster's newest commit is older than the newest commit archived at the drill's start by more than this (30s, 5m)
+    /// Fail (exit 13) when the recovered cluster's newest commit is older than the newest commit archived at the drill's start by more than this (30s, 5m)
     #[arg(
         long,
         env = "PGVAULT_RPO_OBJECTIVE",
@@ -677,6 +687,10 @@ fn default_compress_threads() -> u32 {
         .map(|n| n.get() as u32)
         .unwrap_or(1)
         .min(8)
+}
+
+fn parse_on_superseded(s: &str) -> std::result::Result<OnSuperseded, String> {
+    s.parse()
 }
 
 pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {

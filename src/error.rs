@@ -30,6 +30,10 @@ pub enum Kind {
     Timeout,
     /// Another process holds the lock.
     Locked,
+    /// Timelines disagree: a history file that the archived WAL of its
+    /// timeline contradicts, or (with `archive-push-superseded = fail`) WAL
+    /// of a timeline that a later one branched off, past the branch point.
+    Timeline,
     /// Anything else: a bug or an unexpected local failure.
     Internal,
     /// A threshold or objective was missed: `check --max-backup-age`,
@@ -53,8 +57,9 @@ impl Kind {
             Kind::Timeout => 8,
             Kind::Locked => 9,
             Kind::Internal => 10,
-            Kind::Threshold => 12,
-            Kind::DrillFailed => 13,
+            Kind::Timeline => 12,
+            Kind::Threshold => 13,
+            Kind::DrillFailed => 14,
         }
     }
 }

@@ -198,6 +198,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 ahead: o.archive_push_ahead,
                 process_max: o.workers.process_max,
                 spool: g.spool(&o.spool),
+                superseded: o.archive_push_superseded,
             };
             if std::env::var_os(LOOKAHEAD_ENV).is_some() {
                 // The detached pusher started below: push ahead, quietly.

@@ -526,6 +526,16 @@ fn info_timelines(s: &mut String, timelines: &[TimelineReport], ind: &str) {
                 "{ind}    CONFLICT: {c} is stored with more than one content (run pgvault verify)\n"
             );
         }
+        if let Some(x) = &t.superseded {
+            *s += &format!(
+                "{ind}    SUPERSEDED: timeline {} continues past {}, where timeline {} branched off ({}): {} archived after that (a split brain, or the original of a PITR clone archiving here; see docs/disaster-recovery.md)\n",
+                t.timeline,
+                x.at_lsn,
+                x.by_timeline,
+                x.history_file,
+                x.files.join(", ")
+            );
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Kind, Result};
 use crate::ops::pg_error;
 use crate::ops::progress::Progress;
+use crate::ops::walfacts;
 use crate::pg::archiver::archiver_lag;
 use crate::pg::conn::{ArchiverStatus, ConnParams, Session};
 use crate::pg::{SegmentNo, TimelineId, WalFileName};
@@ -105,6 +106,22 @@ pub async fn check(
         });
     }
     let segment = prove_archiving(repo, &db, &session, opts.archive_timeout, progress).await?;
+    // Archiving works; the archive must also be one cluster history.
+    let archive = repo.archive(&db);
+    let listing = archive.list().await?;
+    let histories = archive.histories().await?;
+    let superseded = walfacts::superseded_wal(&archive, None, &listing, &histories).await?;
+    if let Some((fork, files)) = superseded.first() {
+        return Err(Error::new(
+            Kind::Timeline,
+            format!(
+                "{}: {} archived after that",
+                fork.describe(),
+                walfacts::names_list(files)
+            ),
+        )
+        .hint("a split brain (an old primary writing after a failover: stop it), or the original of a PITR clone archiving into this stanza (restore clones with --archive-mode off); see docs/disaster-recovery.md"));
+    }
     Ok(CheckReport {
         segment,
         warnings,

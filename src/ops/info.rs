@@ -13,6 +13,7 @@ use crate::pg::archiver::{archiver_lag, ArchiverLag};
 use crate::pg::conn::{ConnParams, Session};
 use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
+use crate::repo::archive::Histories;
 use crate::repo::archive::Listing;
 use crate::repo::manifest::{Manifest, PageChecksums, UnreadableManifest};
 use crate::repo::results::{DrillRecord, ResultKind, VerifyRecord};
@@ -34,7 +35,9 @@ pub struct InfoReport {
     /// Every cluster the stanza records, oldest first (one more per
     /// `pg_upgrade`); the last is the one archiving now.
     pub dbs: Vec<DbReport>,
-    /// The newest commit (or abort) in the current cluster's archived WAL.
+    /// The newest commit (or abort) recovery can reach: on the replay path
+    /// of a recoverable window of the current cluster (a commit only a
+    /// `.partial` file or a file past a gap holds is not recoverable).
     pub newest_commit_time: Option<String>,
     /// How old that commit is now, in seconds: the data a disaster right
     /// now would lose at most, as far as the archive knows (the recovery
@@ -161,6 +164,23 @@ pub struct TimelineReport {
     pub conflicts: Vec<String>,
     /// Records that failed their CRC-32C check when archived: "<file> at <LSN>".
     pub damaged_records: Vec<String>,
+    /// WAL of this timeline archived past the point where a later
+    /// timeline's history file left it, after that file was archived: a
+    /// split brain, or the original of a PITR clone archiving into this
+    /// stanza (see docs/disaster-recovery.md). Null when there is none.
+    pub superseded: Option<SupersededReport>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SupersededReport {
+    /// The timeline that branched off.
+    pub by_timeline: u32,
+    /// Where (the switch point of this timeline in that history).
+    pub at_lsn: Lsn,
+    /// The history file that says so.
+    pub history_file: String,
+    /// The segments holding this timeline's WAL past that point.
+    pub files: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -326,27 +346,36 @@ async fn newest_wal(repo: &Repository, db: &DbInfo, dbs: &[DbReport]) -> Option<
     })
 }
 
-/// The server's archiver; a server that cannot be reached is reported, not
-/// an error (`info` describes the repository first).
+/// The server's archiver; a server that cannot be reached is reported in
+/// the report, not an error nor a warning: `info` describes the repository
+/// first, and a configuration file shared with `backup` names a server
+/// that a host reading the repository may not reach.
 async fn archiver(conn: &ConnParams, db: &DbInfo) -> ArchiverReport {
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(5);
     let read = async {
         let session = Session::connect(conn).await?;
         archiver_lag(&session, db.wal_segment_size).await
     };
-    match read.await {
-        Ok(status) => ArchiverReport {
+    let failed = |error: String| {
+        log::info!("archiver: {error}");
+        ArchiverReport {
+            reachable: false,
+            error: Some(error),
+            status: None,
+        }
+    };
+    match tokio::time::timeout(BOUND, read).await {
+        Ok(Ok(status)) => ArchiverReport {
             reachable: true,
             error: None,
             status: Some(status),
         },
-        Err(e) => {
-            log::warn!("{e}");
-            ArchiverReport {
-                reachable: false,
-                error: Some(e.to_string()),
-                status: None,
-            }
-        }
+        Ok(Err(e)) => failed(e.to_string()),
+        Err(_) => failed(format!(
+            "no answer from PostgreSQL at {} within {}s",
+            conn.describe(),
+            BOUND.as_secs()
+        )),
     }
 }
 
@@ -362,24 +391,19 @@ async fn db_archive(
     let archive = repo.archive(db);
     let listing = archive.list().await?;
     let mut timelines = timelines(db, &listing);
+    let archived_histories = archive.histories().await?;
     let mut histories = BTreeMap::new();
     for t in timelines.iter_mut() {
         let tli = TimelineId(t.timeline);
-        histories.insert(tli, TimelineHistory::root(tli));
-        if !t.history_file {
-            continue;
+        let h = match archived_histories.get(tli) {
+            Some(a) => a.history.clone(),
+            None => TimelineHistory::root(tli),
+        };
+        if let Some(last) = h.entries.last() {
+            t.parent = Some(last.parent.0);
+            t.switch_lsn = Some(last.switch_point);
         }
-        match archive.history(tli).await {
-            Ok(Some(h)) => {
-                if let Some(last) = h.entries.last() {
-                    t.parent = Some(last.parent.0);
-                    t.switch_lsn = Some(last.switch_point);
-                }
-                histories.insert(tli, h);
-            }
-            Ok(None) => {}
-            Err(e) => log::warn!("timeline {tli}: {e}"),
-        }
+        histories.insert(tli, h);
     }
     let all: Vec<WalFileName> = listing.archived().map(|(n, _)| n.clone()).collect();
     let sums = walfacts::load(&archive, catalog, &listing, &all).await?;
@@ -391,13 +415,38 @@ async fn db_archive(
             .flat_map(|(n, s)| s.crc_failures.iter().map(move |l| format!("{n} at {l}")))
             .collect();
     }
-    recoverable(db, &listing, &sums, &histories, manifests, &mut timelines);
-    let newest = sums
-        .by_name
-        .values()
-        .filter_map(|s| s.last_xact.as_ref().map(|x| x.time_us))
-        .max();
+    flag_superseded(
+        &archive,
+        catalog,
+        &listing,
+        &archived_histories,
+        &mut timelines,
+    )
+    .await?;
+    let newest = recoverable(db, &listing, &sums, &histories, manifests, &mut timelines);
     Ok((listing, timelines, newest))
+}
+
+/// Fills `superseded` of the timelines a later history leaves and that
+/// went on past that point.
+async fn flag_superseded(
+    archive: &crate::repo::archive::Archive,
+    catalog: Option<&Catalog>,
+    listing: &Listing,
+    histories: &Histories,
+    timelines: &mut [TimelineReport],
+) -> Result<()> {
+    for (fork, files) in walfacts::superseded_wal(archive, catalog, listing, histories).await? {
+        if let Some(t) = timelines.iter_mut().find(|t| t.timeline == fork.timeline.0) {
+            t.superseded = Some(SupersededReport {
+                by_timeline: fork.to.0,
+                at_lsn: fork.at,
+                history_file: WalFileName::history(fork.file).as_str().to_string(),
+                files: files.iter().map(|f| f.as_str().to_string()).collect(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What the catalog caches of this read of the repository.
@@ -445,7 +494,8 @@ fn snapshot(listing: &Listing, report: &InfoReport) -> Snapshot {
 /// Per timeline: from the oldest backup recovery onto it can start from
 /// (one on it, or on an ancestor before the switch) to as far as the
 /// archived WAL on its way runs without a gap, with the commit times and
-/// restore points on that way.
+/// restore points on that way. Returns the newest commit (or abort) on
+/// any of those ways (Unix µs).
 fn recoverable(
     db: &DbInfo,
     listing: &Listing,
@@ -453,15 +503,18 @@ fn recoverable(
     histories: &BTreeMap<TimelineId, TimelineHistory>,
     manifests: &[Manifest],
     timelines: &mut [TimelineReport],
-) {
+) -> Option<i64> {
     let seg = db.wal_segment_size;
+    let mut newest = None;
     for t in timelines.iter_mut() {
         let Some(h) = histories.get(&TimelineId(t.timeline)) else {
             continue;
         };
-        let on_path = |m: &&Manifest| {
-            h.contains(m.timeline) && h.end_of(m.timeline).is_none_or(|end| m.stop_lsn <= end)
-        };
+        // Recovery along `h` replays the backup's WAL as its timeline's
+        // (PostgreSQL refuses a backup whose checkpoint is not, and one
+        // whose WAL leaves its timeline before its end never gets
+        // consistent).
+        let on_path = |m: &&Manifest| h.holds(m.timeline, m.start_lsn, m.stop_lsn);
         let Some(oldest) = manifests.iter().find(on_path) else {
             continue;
         };
@@ -478,6 +531,7 @@ fn recoverable(
             continue;
         }
         let f = walfacts::path_facts(&path, sums, seg);
+        newest = newest.max(f.last_xact);
         t.recoverable = Some(Recoverable {
             from_lsn: oldest.stop_lsn,
             from_time: oldest.stop_time.clone(),
@@ -499,6 +553,7 @@ fn recoverable(
             unsummarized_segments: f.unsummarized.len() as u64,
         });
     }
+    newest
 }
 
 fn timelines(db: &DbInfo, listing: &Listing) -> Vec<TimelineReport> {
@@ -520,6 +575,7 @@ fn timelines(db: &DbInfo, listing: &Listing) -> Vec<TimelineReport> {
             recoverable: None,
             conflicts: Vec::new(),
             damaged_records: Vec::new(),
+            superseded: None,
         });
         if entry.is_conflict() {
             rep.conflicts.push(name.as_str().to_string());

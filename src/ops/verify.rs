@@ -55,7 +55,7 @@ pub struct VerifyReport {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
     /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`,
-    /// `damaged-record`, `unknown-object`.
+    /// `damaged-record`, `unknown-object`, `superseded`.
     pub kind: String,
     /// The object, file or WAL range concerned.
     pub what: String,
@@ -199,6 +199,18 @@ pub async fn verify(
                 "corrupt",
                 format!("summary of {name}"),
                 why.clone(),
+            ));
+        }
+        let histories = archive.histories().await?;
+        for (fork, files) in walfacts::superseded_wal(&archive, None, &listing, &histories).await? {
+            problems.push(problem(
+                "superseded",
+                format!("timeline {}", fork.timeline),
+                format!(
+                    "continues {}: {} archived after that (a split brain, or the original of a PITR clone archiving into this stanza; see docs/disaster-recovery.md)",
+                    fork.past(),
+                    walfacts::names_list(&files)
+                ),
             ));
         }
         archives.push((archive, listing));

@@ -21,8 +21,8 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::pg::walscan::{RestorePoint, ScanOptions, WalScanner, WalSummary};
-use crate::pg::{Lsn, WalFileKind, WalFileName};
-use crate::repo::archive::{Archive, Listing, SummaryRead};
+use crate::pg::{Lsn, TimelineId, WalFileKind, WalFileName};
+use crate::repo::archive::{Archive, Fork, Histories, Listing, SummaryRead};
 use crate::repo::{DbInfo, Repository, Sha256Sum};
 
 /// Summaries read from the store at once.
@@ -144,6 +144,9 @@ pub struct PathFacts {
     /// The newest record with a timestamp recovery can stop at (a commit,
     /// an abort or a restore point): Unix µs and LSN.
     pub last_time: Option<(i64, Lsn)>,
+    /// The newest commit or abort (Unix µs): how old it is, is the data a
+    /// loss now would cost at most.
+    pub last_xact: Option<i64>,
     pub restore_points: Vec<RestorePoint>,
     /// End of the last record of the path's last file, when known; else
     /// the end of that file.
@@ -165,6 +168,7 @@ pub fn path_facts(path: &[WalFileName], sums: &Summaries, seg_size: u32) -> Path
             if f.last_time.is_none_or(|(t, _)| x.time_us >= t) {
                 f.last_time = Some((x.time_us, x.lsn));
             }
+            f.last_xact = f.last_xact.max(Some(x.time_us));
         }
         for rp in &s.restore_points {
             if f.last_time.is_none_or(|(t, _)| rp.time_us >= t) {
@@ -183,6 +187,88 @@ pub fn path_facts(path: &[WalFileName], sums: &Summaries, seg_size: u32) -> Path
             .or_else(|| last.segno(seg_size).map(|s| s.next().start_lsn(seg_size)));
     }
     f
+}
+
+/// Per timeline that an archived history leaves (see [`Fork`]): the full
+/// segments holding its WAL past that point and archived after that
+/// history file was — written after the fork was made known: an old
+/// primary going on after a failover (a split brain), or the original of a
+/// PITR clone archiving into the same stanza. Segments archived before the
+/// history file are its own past (what a point-in-time recovery left
+/// behind, or what a failover lost) and are not listed.
+pub async fn superseded_wal(
+    archive: &Archive,
+    catalog: Option<&Catalog>,
+    listing: &Listing,
+    histories: &Histories,
+) -> Result<Vec<(Fork, Vec<WalFileName>)>> {
+    let seg = archive.db().wal_segment_size;
+    let mut out = Vec::new();
+    let timelines: std::collections::BTreeSet<TimelineId> =
+        listing.archived().map(|(n, _)| n.timeline()).collect();
+    for tli in timelines {
+        let Some(fork) = histories.fork_of(tli) else {
+            continue;
+        };
+        // Only segments from the one holding the fork on can be past it;
+        // only that one needs its records read to tell.
+        let from = fork.at.segno(seg);
+        let mut candidates: Vec<WalFileName> = listing
+            .archived()
+            .map(|(n, _)| n.clone())
+            .filter(|n| {
+                n.timeline() == tli
+                    && n.kind() == WalFileKind::Segment
+                    && n.segno(seg).is_some_and(|s| s >= from)
+            })
+            .collect();
+        if candidates.is_empty() {
+            continue;
+        }
+        let holding: Vec<WalFileName> = candidates
+            .iter()
+            .filter(|n| n.segno(seg) == Some(from))
+            .cloned()
+            .collect();
+        let sums = load(archive, catalog, listing, &holding).await?;
+        // Newest first: a timeline's segments are archived in order, so
+        // those archived after the history file are the newest ones, and
+        // the first archived before it ends the search (after a PITR, the
+        // abandoned future of the old timeline can be long).
+        candidates.sort_by_key(|n| std::cmp::Reverse(n.segno(seg)));
+        let mut files = Vec::new();
+        for name in candidates {
+            if !fork.passed_by(&name, sums.by_name.get(&name), seg) {
+                continue;
+            }
+            let claimed_at = archive
+                .read_claim(&name)
+                .await?
+                .and_then(|c| chrono::DateTime::parse_from_rfc3339(&c.archived_at).ok());
+            match (fork.archived_at, claimed_at) {
+                (Some(history), Some(segment)) if segment < history => break,
+                _ => files.push(name),
+            }
+        }
+        files.reverse();
+        if !files.is_empty() {
+            out.push((fork, files));
+        }
+    }
+    Ok(out)
+}
+
+/// "a, b, c" (at most 5, then "… (N in all)").
+pub fn names_list(files: &[WalFileName]) -> String {
+    let mut s: Vec<&str> = files.iter().take(5).map(WalFileName::as_str).collect();
+    if files.len() > 5 {
+        s.push("…");
+    }
+    let mut out = s.join(", ");
+    if files.len() > 5 {
+        out += &format!(" ({} in all)", files.len());
+    }
+    out
 }
 
 /// A target recovery stops at on meeting one record (`recoveryStopsAfter`

@@ -1,20 +1,35 @@
-//! Timeline history files (`00000002.history`), as written by
-//! `writeTimeLineHistory` and read by `readTimeLineHistory` (timeline.c).
+//! Timeline history files (`00000002.history`): read as `readTimeLineHistory`
+//! reads them and looked up as PostgreSQL's recovery looks them up
+//! (`tliInHistory`, `tliOfPointInHistory`, `tliSwitchPoint` in timeline.c;
+//! `XLogFileReadAnyTLI` and `findNewestTimeLine` in xlogrecovery.c).
 //!
 //! A history file of timeline N lists every ancestor of N, oldest first, one
 //! per line: `parentTLI<TAB>switchpoint<TAB>reason`, where the switch point
 //! is the LSN at which the *next* timeline in the list (N itself, for the last
-//! line) branched off the parent. Blank lines and `#` comments are allowed.
+//! line) branched off. Blank lines and `#` comments are allowed.
+//!
+//! PostgreSQL requires only that the timeline IDs increase. Switch points
+//! need not: a point-in-time recovery along timeline 2 that stops before
+//! timeline 2's own switch point writes a history whose last switch point
+//! is before the one above it. PostgreSQL's recovery test
+//! 028_pitr_timelines.pl makes exactly that, `1 0/3018CE0` then
+//! `2 0/3018C78 at restore point "rp"` for timeline 3, and recovers along
+//! it. So every lookup below follows PostgreSQL's: it walks the timelines
+//! newest first, each with the `[begin, end)` that its own line and the line
+//! before give it, and assumes nothing about the order of switch points.
 
 use std::fmt::Write as _;
 
 use super::{Lsn, PgError, Result, SegmentNo, TimelineId};
+use crate::pg::wal::LONG_PAGE_HEADER_SIZE;
+use crate::pg::WAL_BLOCK_SIZE;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HistoryEntry {
     /// An ancestor timeline.
     pub parent: TimelineId,
-    /// Where the ancestor ends: the first LSN of the timeline after it.
+    /// Where the ancestor was left: the first LSN of the timeline after it
+    /// in this history.
     pub switch_point: Lsn,
     /// Why the timeline was switched ("no recovery target specified",
     /// "before 2024-01-01 ...", "at restore point ..."); free text.
@@ -25,14 +40,17 @@ pub struct HistoryEntry {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TimelineHistory {
     pub timeline: TimelineId,
-    /// Ancestors, oldest first; empty for a timeline with no history file
-    /// (timeline 1).
+    /// Ancestors, oldest first, as the file lists them; empty for a timeline
+    /// with no history file (timeline 1).
     pub entries: Vec<HistoryEntry>,
 }
 
-/// The range of WAL one timeline of a history covers
-/// (`TimeLineHistoryEntry`): `begin` inclusive ([`Lsn::INVALID`] for the
-/// oldest), `end` exclusive (`None` for the newest, still open).
+/// One element of the list `readTimeLineHistory` returns
+/// (`TimeLineHistoryEntry`): a timeline with the `begin` its parent's line
+/// gives it ([`Lsn::INVALID`] for the oldest) and the `end` its own line
+/// gives it (`None` for the history's own timeline). With switch points out
+/// of order, `begin` can be after `end`: no position is then that
+/// timeline's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimelineSpan {
     pub timeline: TimelineId,
@@ -40,10 +58,37 @@ pub struct TimelineSpan {
     pub end: Option<Lsn>,
 }
 
-/// Parses the history file of timeline `tli` like `readTimeLineHistory`:
-/// parents must increase strictly and stay below `tli`; fields may be
-/// separated by tabs or spaces; the reason is the rest of the line. Switch
-/// points must not decrease (a timeline cannot end before it begins).
+impl TimelineSpan {
+    /// The test `tliOfPointInHistory` applies to each entry.
+    fn holds(&self, lsn: Lsn) -> bool {
+        (!self.begin.is_valid() || self.begin <= lsn) && self.end.is_none_or(|end| lsn < end)
+    }
+}
+
+/// Where a history leaves one of its ancestors (`tliSwitchPoint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Departure {
+    /// The ancestor's switch point in this history.
+    pub at: Lsn,
+    /// The timeline listed after it (`*nextTLI`).
+    pub to: TimelineId,
+}
+
+/// `SizeOfXLogShortPHD`: MAXALIGN(sizeof(XLogPageHeaderData)), xlog_internal.h.
+const SHORT_PAGE_HEADER_SIZE: u64 = 24;
+
+/// Parses the history file of timeline `tli` as `readTimeLineHistory` does.
+///
+/// Each line that is not blank or a comment is read like its
+/// `sscanf(line, "%u\t%X/%X")`: a timeline ID, any run of white space (or
+/// none), the switch point's two hex halves around a `/` (white space is
+/// allowed before either half), and the rest of the line is the reason.
+/// Timeline IDs must increase strictly and stay below `tli`; switch points
+/// may come in any order (see the module comment).
+///
+/// Stricter than `sscanf` only where PostgreSQL never writes such a file and
+/// the C reader would take garbage: a sign or an overflowing number, and
+/// timeline 0, are refused.
 pub fn parse_history(tli: TimelineId, text: &str) -> Result<TimelineHistory> {
     let mut entries: Vec<HistoryEntry> = Vec::new();
     let mut last_line = 0;
@@ -53,35 +98,35 @@ pub fn parse_history(tli: TimelineId, text: &str) -> Result<TimelineHistory> {
             line: line_no,
             reason,
         };
-        let line = raw_line.trim_start();
+        let line = raw_line.trim_start_matches(is_c_space);
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (tli_text, rest) = split_field(line);
-        if tli_text.is_empty() || !tli_text.bytes().all(|b| b.is_ascii_digit()) {
+        let (digits, rest) = take_while(line, |c| c.is_ascii_digit());
+        if digits.is_empty() {
             return Err(err(format!(
                 "expected a numeric timeline ID, found {:?}",
-                shorten(tli_text)
+                shorten(first_field(line))
             )));
         }
-        let parent = match tli_text.parse::<u32>() {
+        let parent = match digits.parse::<u32>() {
             Ok(0) => return Err(err("timeline 0 does not exist".to_string())),
             Ok(v) => TimelineId(v),
-            Err(_) => return Err(err(format!("timeline ID {tli_text} is too large"))),
+            Err(_) => return Err(err(format!("timeline ID {digits} is too large"))),
         };
-        let (lsn_text, rest) = split_field(rest);
-        if lsn_text.is_empty() {
+        let rest = rest.trim_start_matches(is_c_space);
+        if rest.is_empty() {
             return Err(err(
                 "expected a write-ahead log switch point location after the timeline ID"
                     .to_string(),
             ));
         }
-        let switch_point: Lsn = lsn_text.parse().map_err(|_| {
-            err(format!(
+        let Some((switch_point, rest)) = scan_lsn(rest) else {
+            return Err(err(format!(
                 "switch point {:?} is not an LSN like 0/3000000",
-                shorten(lsn_text)
-            ))
-        })?;
+                shorten(first_field(rest))
+            )));
+        };
         if let Some(last) = entries.last() {
             if parent <= last.parent {
                 return Err(err(format!(
@@ -89,17 +134,11 @@ pub fn parse_history(tli: TimelineId, text: &str) -> Result<TimelineHistory> {
                     last.parent
                 )));
             }
-            if switch_point < last.switch_point {
-                return Err(err(format!(
-                    "switch point {switch_point} is before the previous one, {}",
-                    last.switch_point
-                )));
-            }
         }
         entries.push(HistoryEntry {
             parent,
             switch_point,
-            reason: rest.trim().to_string(),
+            reason: rest.trim_matches(is_c_space).to_string(),
         });
         last_line = line_no;
     }
@@ -120,16 +159,57 @@ pub fn parse_history(tli: TimelineId, text: &str) -> Result<TimelineHistory> {
     })
 }
 
-/// The first whitespace-separated field, and the rest after the whitespace.
-fn split_field(s: &str) -> (&str, &str) {
-    match s.find(|c: char| c.is_ascii_whitespace()) {
-        Some(i) => (&s[..i], s[i..].trim_start_matches([' ', '\t'])),
-        None => (s, ""),
-    }
+/// C's `isspace` in the C locale (Rust's whitespace tests differ: `\v`).
+fn is_c_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
+}
+
+fn take_while(s: &str, f: impl Fn(char) -> bool) -> (&str, &str) {
+    let end = s.find(|c: char| !f(c)).unwrap_or(s.len());
+    s.split_at(end)
+}
+
+/// `%X/%X` at the start of `s`, each half after optional white space, as
+/// `sscanf` reads it; the LSN and what follows it.
+fn scan_lsn(s: &str) -> Option<(Lsn, &str)> {
+    let (hi, rest) = scan_hex32(s)?;
+    let (lo, rest) = scan_hex32(rest.strip_prefix('/')?)?;
+    Some((Lsn((hi << 32) | lo), rest))
+}
+
+/// One `%X` into 32 bits: optional white space, then hex digits.
+fn scan_hex32(s: &str) -> Option<(u64, &str)> {
+    let (hex, rest) = take_while(s.trim_start_matches(is_c_space), |c| c.is_ascii_hexdigit());
+    let v = u32::from_str_radix(hex, 16).ok()?;
+    Some((u64::from(v), rest))
+}
+
+/// The first white-space-separated field of `s`, for error messages.
+fn first_field(s: &str) -> &str {
+    take_while(s, |c| !is_c_space(c)).0
 }
 
 fn shorten(s: &str) -> String {
     s.chars().take(40).collect()
+}
+
+/// The timeline PostgreSQL's recovery targets when asked for `latest`
+/// (`findNewestTimeLine`): from `start` (the timeline of pg_control), probe
+/// for the history file of each next timeline and stop at the first one
+/// missing. A gap ends the search: with 2 and 4 archived but not 3, the
+/// answer is 2. `exists` is asked about timelines above `start` only.
+pub fn newest_timeline(
+    start: TimelineId,
+    mut exists: impl FnMut(TimelineId) -> bool,
+) -> TimelineId {
+    let mut newest = start;
+    while let Some(probe) = newest.0.checked_add(1).map(TimelineId) {
+        if !exists(probe) {
+            break;
+        }
+        newest = probe;
+    }
+    newest
 }
 
 impl TimelineHistory {
@@ -142,12 +222,14 @@ impl TimelineHistory {
         }
     }
 
-    /// Is `tli` this timeline or one of its ancestors?
+    /// Is `tli` this timeline or one of its ancestors (`tliInHistory`)?
     pub fn contains(&self, tli: TimelineId) -> bool {
         tli == self.timeline || self.entries.iter().any(|e| e.parent == tli)
     }
 
-    /// Ancestors then this timeline, oldest first, with the WAL each covers.
+    /// The list `readTimeLineHistory` builds, newest first: this timeline,
+    /// beginning at the last switch point, then each ancestor with the
+    /// `[begin, end)` its lines give it.
     pub fn spans(&self) -> Vec<TimelineSpan> {
         let mut out = Vec::with_capacity(self.entries.len() + 1);
         let mut begin = Lsn::INVALID;
@@ -164,59 +246,145 @@ impl TimelineHistory {
             begin,
             end: None,
         });
+        out.reverse();
         out
     }
 
-    fn span_of(&self, tli: TimelineId) -> Option<(usize, TimelineSpan)> {
+    fn span_of(&self, tli: TimelineId) -> Option<TimelineSpan> {
+        self.spans().into_iter().find(|s| s.timeline == tli)
+    }
+
+    /// The timeline of this history that WAL position `lsn` belongs to
+    /// (`tliOfPointInHistory`): the newest timeline whose `[begin, end)`
+    /// holds it. A switch point belongs to the new timeline. Every position
+    /// finds one: the newest timeline holds everything from its begin on,
+    /// and below that some older line always reaches.
+    pub fn timeline_at(&self, lsn: Lsn) -> TimelineId {
         self.spans()
-            .into_iter()
-            .enumerate()
-            .find(|(_, s)| s.timeline == tli)
+            .iter()
+            .find(|s| s.holds(lsn))
+            .map(|s| s.timeline)
+            // Unreachable (see above); PostgreSQL raises "timeline history
+            // was not contiguous" here.
+            .unwrap_or(self.timeline)
+    }
+
+    /// Where this history leaves `tli`, and for which timeline
+    /// (`tliSwitchPoint`); `None` for this history's own timeline, which it
+    /// does not leave, and for timelines not in it.
+    pub fn departure(&self, tli: TimelineId) -> Option<Departure> {
+        let mut next = None;
+        for s in self.spans() {
+            if s.timeline == tli {
+                return Some(Departure {
+                    at: s.end?,
+                    to: next?,
+                });
+            }
+            next = Some(s.timeline);
+        }
+        None
+    }
+
+    /// The switch point of `tli` in this history: the LSN its line gives
+    /// ([`departure`](Self::departure)`.at`).
+    pub fn end_of(&self, tli: TimelineId) -> Option<Lsn> {
+        self.departure(tli).map(|d| d.at)
     }
 
     /// The timeline `tli` branched off, within this history; `None` for the
     /// oldest timeline and for timelines not in this history.
     pub fn parent_of(&self, tli: TimelineId) -> Option<TimelineId> {
-        let (i, _) = self.span_of(tli)?;
-        i.checked_sub(1).map(|p| self.entries[p].parent)
+        let spans = self.spans();
+        let i = spans.iter().position(|s| s.timeline == tli)?;
+        spans.get(i + 1).map(|s| s.timeline)
     }
 
-    /// The LSN where `tli` begins (the switch point into it); `None` for the
-    /// oldest timeline and for timelines not in this history.
+    /// The LSN where `tli` begins (the switch point of its parent's line);
+    /// `None` for the oldest timeline and for timelines not in this history.
     pub fn switch_point_into(&self, tli: TimelineId) -> Option<Lsn> {
-        let (i, span) = self.span_of(tli)?;
-        (i > 0).then_some(span.begin)
+        Some(self.span_of(tli)?.begin).filter(|b| b.is_valid())
     }
 
-    /// The LSN where `tli` was left for its child; `None` for this history's
-    /// own (newest) timeline and for timelines not in this history.
-    pub fn end_of(&self, tli: TimelineId) -> Option<Lsn> {
-        self.span_of(tli)?.1.end
+    /// The WAL that recovery along this history takes as `tli`'s: the
+    /// positions [`timeline_at`](Self::timeline_at) gives to `tli`, as
+    /// `[begin, end)` (`begin` [`Lsn::INVALID`] for "from the start", `end`
+    /// `None` for "no end"). It ends where any later timeline's range
+    /// begins, which is before `tli`'s own switch point when a later line's
+    /// switch point is lower. `None` when no position is `tli`'s (its
+    /// begin is not before that end) or `tli` is not in this history.
+    pub fn range_of(&self, tli: TimelineId) -> Option<(Lsn, Option<Lsn>)> {
+        let span = self.span_of(tli)?;
+        // Later timelines together hold everything from the lowest switch
+        // point from `tli`'s own on: each begins where the one before it
+        // ends, and the newest has no end.
+        let i = self.entries.iter().position(|e| e.parent == tli);
+        let end = i.and_then(|i| self.entries[i..].iter().map(|e| e.switch_point).min());
+        match end {
+            Some(end) if span.begin.is_valid() && span.begin >= end => None,
+            _ => Some((span.begin, end)),
+        }
     }
 
-    /// The timeline of this history holding WAL position `lsn`
-    /// (`tliOfPointInHistory`): a switch point belongs to the new timeline.
-    pub fn timeline_at(&self, lsn: Lsn) -> TimelineId {
-        self.entries
-            .iter()
-            .find(|e| lsn < e.switch_point)
-            .map(|e| e.parent)
-            .unwrap_or(self.timeline)
+    /// Does recovery along this history replay all of `[from, to)` as
+    /// `tli`'s WAL? PostgreSQL refuses to start when a backup's checkpoint
+    /// is not on its own timeline in the requested timeline's history
+    /// ("requested timeline N is not a child of this server's history",
+    /// `InitWalRecovery`), and a backup whose WAL up to its end leaves that
+    /// timeline never becomes consistent: the end-of-backup record is not on
+    /// the path. An empty range asks about `from` alone.
+    pub fn holds(&self, tli: TimelineId, from: Lsn, to: Lsn) -> bool {
+        // The positions of one timeline are one run (see range_of), so its
+        // two ends decide.
+        self.timeline_at(from) == tli && (to <= from || self.timeline_at(Lsn(to.0 - 1)) == tli)
     }
 
     /// The timelines whose file for segment `segno` recovery along this
     /// history asks for, in the order PostgreSQL tries them
-    /// (`XLogFileReadAnyTLI`): newest first, skipping timelines that begin
-    /// after the segment. The first is the one that normally exists: the
-    /// segment holding a switch point is read from the new timeline, whose
-    /// copy starts with the old timeline's pages.
+    /// (`XLogFileReadAnyTLI`): newest first, skipping each timeline whose
+    /// begin lies in a later segment. The caller stops at a timeline older
+    /// than the one of the last file read (`curFileTLI`): recovery never goes
+    /// back to an older timeline's files. The first is the one that normally
+    /// exists: the segment holding a switch point is read from the new
+    /// timeline, whose copy starts with the old timeline's pages.
     pub fn timelines_for_segment(&self, segno: SegmentNo, seg_size: u32) -> Vec<TimelineId> {
         self.spans()
             .iter()
-            .rev()
             .filter(|s| !s.begin.is_valid() || s.begin.segno(seg_size) <= segno)
             .map(|s| s.timeline)
             .collect()
+    }
+
+    /// Is a record that switches from timeline `from` to `to` at `lsn` (an
+    /// end-of-recovery record or shutdown checkpoint) the one that began
+    /// this history's own timeline? The server that wrote the history file
+    /// wrote that record first on the new timeline, at the switch point (the
+    /// end of the last record replayed; past the page header when that is
+    /// on a page boundary), naming as previous timeline the one replay was
+    /// on there (`PrevTimeLineID`, the last record's timeline, which need
+    /// not be the parent the file lists). A timeline-N segment whose switch
+    /// record disagrees belongs to another history of timeline N.
+    pub fn begins_with_switch(
+        &self,
+        lsn: Lsn,
+        from: TimelineId,
+        to: TimelineId,
+        seg_size: u32,
+    ) -> bool {
+        let Some(start) = self.entries.last().map(|e| e.switch_point) else {
+            return false;
+        };
+        let header = if start.0 % u64::from(WAL_BLOCK_SIZE) != 0 {
+            0
+        } else if start.segment_offset(seg_size) == 0 {
+            LONG_PAGE_HEADER_SIZE as u64
+        } else {
+            SHORT_PAGE_HEADER_SIZE
+        };
+        to == self.timeline
+            && start.is_valid()
+            && from == self.timeline_at(Lsn(start.0 - 1))
+            && start.checked_add(header) == Some(lsn)
     }
 
     /// The file text PostgreSQL would write for this history
@@ -232,175 +400,4 @@ impl TimelineHistory {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pg::testdata;
-
-    const MIB: u32 = 1 << 20;
-
-    fn lsn(s: &str) -> Lsn {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn parses_the_fixture_written_at_promotion() {
-        let facts = testdata::facts("pg15");
-        let text = testdata::read_text("pg15/wal/00000002.history");
-        let h = parse_history(TimelineId(2), &text).unwrap();
-        let switch = lsn(facts["promotion"]["switch_point"].as_str().unwrap());
-        assert_eq!(
-            h.entries,
-            [HistoryEntry {
-                parent: TimelineId(1),
-                switch_point: switch,
-                reason: "no recovery target specified".to_string(),
-            }]
-        );
-        assert_eq!(h.to_text(), text);
-        assert_eq!(h.parent_of(TimelineId(2)), Some(TimelineId(1)));
-        assert_eq!(h.parent_of(TimelineId(1)), None);
-        assert_eq!(h.switch_point_into(TimelineId(2)), Some(switch));
-        assert_eq!(h.end_of(TimelineId(1)), Some(switch));
-        assert_eq!(h.end_of(TimelineId(2)), None);
-        // The segment holding the switch point is read from timeline 2 (the
-        // fixture's 00000002 file of that segment), then from timeline 1.
-        let segno = switch.segno(MIB);
-        assert_eq!(
-            h.timelines_for_segment(segno, MIB),
-            [TimelineId(2), TimelineId(1)]
-        );
-        assert_eq!(
-            facts["promotion"]["first_new_timeline_segment"],
-            crate::pg::WalFileName::for_segment(TimelineId(2), segno, MIB).as_str()
-        );
-        assert_eq!(
-            h.timelines_for_segment(segno.prev().unwrap(), MIB),
-            [TimelineId(1)]
-        );
-        assert_eq!(h.timeline_at(switch), TimelineId(2));
-        assert_eq!(h.timeline_at(Lsn(switch.0 - 1)), TimelineId(1));
-    }
-
-    const THREE: &str = "# written by hand\n\
-                         1\t0/3000000\tno recovery target specified\n\
-                         \n\
-                         \x20 2\t0/5000060\tbefore 2024-01-01 00:00:00+00\n";
-
-    #[test]
-    fn follows_a_longer_history() {
-        let h = parse_history(TimelineId(4), THREE).unwrap();
-        assert_eq!(h.entries.len(), 2);
-        assert_eq!(h.entries[1].reason, "before 2024-01-01 00:00:00+00");
-        assert_eq!(
-            h.spans(),
-            [
-                TimelineSpan {
-                    timeline: TimelineId(1),
-                    begin: Lsn::INVALID,
-                    end: Some(lsn("0/3000000"))
-                },
-                TimelineSpan {
-                    timeline: TimelineId(2),
-                    begin: lsn("0/3000000"),
-                    end: Some(lsn("0/5000060"))
-                },
-                TimelineSpan {
-                    timeline: TimelineId(4),
-                    begin: lsn("0/5000060"),
-                    end: None
-                },
-            ]
-        );
-        assert_eq!(h.parent_of(TimelineId(4)), Some(TimelineId(2)));
-        assert_eq!(h.parent_of(TimelineId(2)), Some(TimelineId(1)));
-        assert_eq!(
-            h.parent_of(TimelineId(3)),
-            None,
-            "3 is not an ancestor of 4"
-        );
-        assert!(!h.contains(TimelineId(3)));
-        assert!(h.contains(TimelineId(4)) && h.contains(TimelineId(1)));
-        assert_eq!(h.switch_point_into(TimelineId(4)), Some(lsn("0/5000060")));
-        assert_eq!(h.switch_point_into(TimelineId(2)), Some(lsn("0/3000000")));
-        assert_eq!(h.switch_point_into(TimelineId(1)), None);
-        assert_eq!(h.end_of(TimelineId(2)), Some(lsn("0/5000060")));
-        assert_eq!(h.timeline_at(lsn("0/2FFFFFF")), TimelineId(1));
-        assert_eq!(h.timeline_at(lsn("0/3000000")), TimelineId(2));
-        assert_eq!(h.timeline_at(lsn("0/5000060")), TimelineId(4));
-        let seg16 = 16 << 20;
-        assert_eq!(
-            h.timelines_for_segment(SegmentNo(2), seg16),
-            [TimelineId(1)]
-        );
-        assert_eq!(
-            h.timelines_for_segment(SegmentNo(3), seg16),
-            [TimelineId(2), TimelineId(1)]
-        );
-        assert_eq!(
-            h.timelines_for_segment(SegmentNo(5), seg16),
-            [TimelineId(4), TimelineId(2), TimelineId(1)]
-        );
-        let root = TimelineHistory::root(TimelineId(1));
-        assert_eq!(root.timeline_at(lsn("5/0")), TimelineId(1));
-        assert_eq!(
-            root.timelines_for_segment(SegmentNo(9), seg16),
-            [TimelineId(1)]
-        );
-        assert_eq!(root.parent_of(TimelineId(1)), None);
-        assert_eq!(root.to_text(), "");
-    }
-
-    #[test]
-    fn accepts_what_readtimelinehistory_accepts() {
-        let h = parse_history(TimelineId(2), "1 0/3000000\n").unwrap();
-        assert_eq!(h.entries[0].reason, "");
-        let h = parse_history(TimelineId(2), "1\t0/3000000\tr\r\n").unwrap();
-        assert_eq!(h.entries[0].reason, "r");
-        let h = parse_history(TimelineId(2), "").unwrap();
-        assert!(h.entries.is_empty());
-        // upper or lower case hex, as sscanf("%X") reads either
-        let h = parse_history(TimelineId(2), "1\t0/3a00000\tx\n").unwrap();
-        assert_eq!(h.entries[0].switch_point, lsn("0/3A00000"));
-    }
-
-    fn history_err(tli: u32, text: &str) -> String {
-        parse_history(TimelineId(tli), text)
-            .unwrap_err()
-            .to_string()
-    }
-
-    #[test]
-    fn rejects_malformed_files() {
-        assert_eq!(
-            history_err(2, "one\t0/3000000\tx\n"),
-            "timeline history line 1: expected a numeric timeline ID, found \"one\""
-        );
-        assert_eq!(
-            history_err(2, "\n1\n"),
-            "timeline history line 2: expected a write-ahead log switch point location after the timeline ID"
-        );
-        assert_eq!(
-            history_err(2, "1\t3000000\tx\n"),
-            "timeline history line 1: switch point \"3000000\" is not an LSN like 0/3000000"
-        );
-        assert_eq!(
-            history_err(3, "2\t0/3000000\tx\n1\t0/4000000\tx\n"),
-            "timeline history line 2: timeline IDs must be in increasing sequence (1 follows 2)"
-        );
-        assert_eq!(
-            history_err(3, "1\t0/3000000\tx\n1\t0/4000000\tx\n"),
-            "timeline history line 2: timeline IDs must be in increasing sequence (1 follows 1)"
-        );
-        assert_eq!(
-            history_err(3, "1\t0/5000000\tx\n2\t0/4000000\tx\n"),
-            "timeline history line 2: switch point 0/4000000 is before the previous one, 0/5000000"
-        );
-        assert_eq!(
-            history_err(2, "1\t0/3000000\tx\n2\t0/4000000\tx\n"),
-            "timeline history line 2: timeline IDs must be less than the history's own timeline: 2 is not below 2"
-        );
-        assert!(history_err(2, "0\t0/3000000\tx\n").contains("timeline 0 does not exist"));
-        assert!(history_err(2, "99999999999\t0/3000000\tx\n").contains("too large"));
-        assert!(history_err(2, "-1\t0/3000000\tx\n").contains("numeric timeline ID"));
-    }
-}
+mod tests;

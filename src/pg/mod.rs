@@ -16,6 +16,7 @@
 
 pub mod archiver;
 pub mod binaries;
+pub mod blockref;
 pub mod conn;
 pub mod control;
 pub mod datadir;

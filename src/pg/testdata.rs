@@ -41,3 +41,24 @@ pub fn facts(dir: &str) -> serde_json::Value {
 pub fn wal(dir: &str, name: &str) -> Vec<u8> {
     read_zst(&format!("{dir}/wal/{name}.zst"))
 }
+
+/// xorshift64*: reproducible noise for tests, without a dependency.
+pub struct Noise(pub u64);
+
+impl Noise {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    pub fn below_u64(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -4,10 +4,18 @@
 //! [`WalScanner`] in the same pass as hashing and compression, so the scanner
 //! takes arbitrary chunks and gives the same [`WalSummary`] for any chunking.
 //! It never holds a whole record: the body of each record is CRC-checked as
-//! it passes, and only records pgvault decodes (commits, aborts, restore
-//! points, timeline switches) keep their first [`KEEP_HEAD`] bytes (the block
-//! headers, which say where the main data is) and the first [`KEEP_MAIN`]
-//! bytes of their main data.
+//! it passes, every record keeps its first [`KEEP_HEAD`] bytes (its block
+//! headers: the blocks it touches, and where its main data is), and only
+//! records pgvault decodes (commits, aborts, restore points, timeline
+//! switches, storage events) keep the first bytes of their main data.
+//!
+//! Besides the [`WalSummary`], the scan gives the segment's
+//! [`SegmentRefs`](crate::pg::blockref::SegmentRefs): which relation blocks
+//! its records touched, the storage events that change relation files
+//! without a block reference, and doubts (`storage`). A record cut by a
+//! segment boundary cannot be checked or decoded by either segment alone:
+//! each keeps its piece, and the union of consecutive segments puts it
+//! together (`span`).
 //!
 //! ```ignore
 //! let mut scanner = WalScanner::new(ScanOptions { major, seg_size, segment_start, partial });
@@ -17,6 +25,7 @@
 //!     scanner.feed(chunk); // or io::Write, as one of several sinks
 //! }
 //! let summary = scanner.finish(); // `problems` and `crc_failures` to report
+//! // or: let (summary, refs) = scanner.finish_with_blocks();
 //! ```
 //!
 //! Format facts come from PostgreSQL's `xlog_internal.h` (page headers),
@@ -25,12 +34,17 @@
 //! records) and `pg_control.h` (XLOG records), REL_14 to REL_18. The tests
 //! check them against WAL written by real servers (`fixtures/`).
 
+use super::blockref::{DoubtScope, Piece, SegmentRefs};
 use super::wal::{parse_long_page_header, LONG_PAGE_HEADER_SIZE, XLP_FIRST_IS_CONTRECORD};
 use super::{wal_magic_for_major, Lsn, WAL_BLOCK_SIZE};
 
 mod decode;
+mod span;
+mod storage;
 mod summary;
 mod xacts;
+
+pub use span::{RangeUnion, SpanError};
 
 pub use summary::{RestorePoint, TimelineSwitch, WalSummary, XactMark, SUMMARY_FORMAT};
 pub use xacts::{XactEnd, XactEnds};
@@ -61,11 +75,18 @@ const XLP_ALL_FLAGS: u16 = 0x000F;
 /// Largest xl_tot_len taken as a record: `XLogRecordMaxSize` is 1020 MB in
 /// PostgreSQL 16+, and older releases stay below MaxAllocSize (1 GB).
 const MAX_RECORD_SIZE: u32 = 1024 * 1024 * 1024;
-/// Bytes kept from the start of a record we decode: enough for every block
-/// header (at most 33 of ~27 bytes each) and the main data header.
-pub const KEEP_HEAD: usize = 4096;
+/// Body bytes kept from the start of every record: enough for every block
+/// header (at most 33, `XLR_MAX_BLOCK_ID` + 1, of at most 27 bytes,
+/// `MaxSizeOfXLogRecordBlockHeader`), the origin and top-level xid headers
+/// and the main data header: 904 bytes.
+pub const KEEP_HEAD: usize = 1024;
 /// Bytes kept from the start of a decoded record's main data.
 pub const KEEP_MAIN: usize = 4096;
+/// Bytes kept from the end of a record cut by the segment's end, or of the
+/// continuation at its start: the main data of a storage event.
+pub const KEEP_TAIL: usize = 4096;
+/// Record bytes a piece keeps raw: the header and [`KEEP_HEAD`].
+const PIECE_RAW: usize = RECORD_HEADER_SIZE + KEEP_HEAD;
 
 /// MAXALIGN (8 bytes on every platform pgvault reads WAL of).
 const fn maxalign(v: u64) -> u64 {
@@ -108,9 +129,33 @@ struct Body {
     /// Body bytes still to come.
     remaining: u64,
     crc: u32,
-    /// A record we decode: `capture` keeps its bytes.
-    decoding: bool,
     capture: decode::Capture,
+}
+
+/// The continuation at the segment's start: a [`Piece`] being filled.
+#[derive(Debug, Default)]
+struct Continued {
+    piece: Piece,
+}
+
+impl Continued {
+    fn take(&mut self, bytes: &[u8]) {
+        let p = &mut self.piece;
+        let mut rest = bytes;
+        if p.raw.len() < PIECE_RAW && p.len == p.raw.len() as u64 {
+            let n = (PIECE_RAW - p.raw.len()).min(rest.len());
+            p.raw.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+        p.len += bytes.len() as u64;
+        if !rest.is_empty() {
+            p.rest_crc = crc32c::crc32c_append(p.rest_crc, rest);
+            p.tail.extend_from_slice(rest);
+            if p.tail.len() > 2 * KEEP_TAIL {
+                p.tail.drain(..p.tail.len() - KEEP_TAIL);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -146,6 +191,10 @@ pub struct WalScanner {
     /// record of the file, the first after an overwritten contrecord).
     expect_prev: Option<Lsn>,
     summary: WalSummary,
+    /// What the records do to relation files.
+    blocks: storage::Collector,
+    /// The record continued from the previous segment, if any.
+    continued: Option<Continued>,
 }
 
 impl WalScanner {
@@ -162,7 +211,6 @@ impl WalScanner {
                 header: RecordHeader::parse(&[0; RECORD_HEADER_SIZE]),
                 remaining: 0,
                 crc: 0,
-                decoding: false,
                 capture: decode::Capture::default(),
             },
             expect_prev: None,
@@ -171,6 +219,8 @@ impl WalScanner {
                 xact_ends: Some(XactEnds::new()),
                 ..WalSummary::default()
             },
+            blocks: storage::Collector::default(),
+            continued: None,
         };
         if s.magic.is_none() {
             s.fatal(format!(
@@ -221,16 +271,45 @@ impl WalScanner {
 
     /// Ends the scan: a record still open at the segment's end goes on in the
     /// next segment; input shorter than a segment is a problem.
-    pub fn finish(mut self) -> WalSummary {
+    pub fn finish(self) -> WalSummary {
+        self.finish_with_blocks().0
+    }
+
+    /// Ends the scan, with what the records did to relation files. A
+    /// problem or a failed CRC in the segment is a doubt over every file.
+    pub fn finish_with_blocks(mut self) -> (WalSummary, SegmentRefs) {
         let seg_size = u64::from(self.opts.seg_size);
+        let mut tail = None;
         if self.pos == seg_size {
             match std::mem::replace(&mut self.state, State::Done) {
-                State::Header { start, .. } => {
+                State::Header { start, buf, have } => {
                     // Only here when xl_tot_len (on the first page) was plausible.
                     self.count_record(start);
                     self.summary.spanning += 1;
+                    tail = Some(Piece {
+                        start,
+                        len: have as u64,
+                        raw: buf[..have].to_vec(),
+                        ..Piece::default()
+                    });
                 }
-                State::Body => self.summary.spanning += 1,
+                State::Body => {
+                    self.summary.spanning += 1;
+                    let b = &mut self.body;
+                    b.capture.trim_tail();
+                    let body_seen =
+                        u64::from(b.header.tot_len) - RECORD_HEADER_SIZE as u64 - b.remaining;
+                    let mut raw = b.header_bytes.to_vec();
+                    raw.extend_from_slice(&b.capture.head);
+                    tail = Some(Piece {
+                        start: b.start,
+                        rem_len: 0,
+                        len: RECORD_HEADER_SIZE as u64 + body_seen,
+                        raw,
+                        rest_crc: b.capture.rest_crc,
+                        tail: std::mem::take(&mut b.capture.tail),
+                    });
+                }
                 // Counted when it began.
                 State::Continuation { .. } => {}
                 State::Start | State::Done => {}
@@ -247,7 +326,36 @@ impl WalScanner {
                 self.pos
             ));
         }
-        self.summary
+        let start = self.opts.segment_start;
+        for &at in &self.summary.crc_failures {
+            self.blocks.set.add_doubt(
+                at,
+                DoubtScope::All,
+                format!("the record at {at} fails its CRC check: its block references are unknown"),
+            );
+        }
+        if let Some(p) = self.summary.problems.first() {
+            self.blocks.set.add_doubt(
+                start,
+                DoubtScope::All,
+                format!("the WAL segment at {start} was not read to its end: {p}"),
+            );
+        }
+        let head = self.continued.take().map(|mut c| {
+            if c.piece.tail.len() > KEEP_TAIL {
+                c.piece.tail.drain(..c.piece.tail.len() - KEEP_TAIL);
+            }
+            c.piece
+        });
+        let refs = SegmentRefs {
+            segment_start: start,
+            seg_size: self.opts.seg_size,
+            major: self.opts.major,
+            changes: self.blocks.finish(),
+            head,
+            tail,
+        };
+        (self.summary, refs)
     }
 
     fn lsn(&self, offset: u64) -> Lsn {
@@ -354,6 +462,13 @@ impl WalScanner {
                 self.state = State::Continuation {
                     remaining: u64::from(rem_len),
                 };
+                self.continued = Some(Continued {
+                    piece: Piece {
+                        start: self.opts.segment_start,
+                        rem_len,
+                        ..Piece::default()
+                    },
+                });
                 self.expect_prev = None;
             }
             None if contrecord => {
@@ -380,6 +495,17 @@ impl WalScanner {
             _ => page_lsn,
         };
         self.end_of_wal(at, why);
+    }
+
+    /// Record bytes between the scan's position (inside a page's payload)
+    /// and the segment's end: the bytes less the short page headers of the
+    /// pages still to start.
+    fn payload_left(&self) -> u64 {
+        let seg_size = u64::from(self.opts.seg_size);
+        let page = u64::from(WAL_BLOCK_SIZE);
+        let pages_to_start = (seg_size / page).saturating_sub(self.pos.div_ceil(page));
+        (seg_size.saturating_sub(self.pos))
+            .saturating_sub(pages_to_start * SHORT_PAGE_HEADER_SIZE as u64)
     }
 
     fn count_record(&mut self, start: Lsn) {
@@ -414,6 +540,9 @@ impl WalScanner {
                 State::Continuation { remaining } => {
                     let n = (*remaining).min(bytes.len() as u64);
                     *remaining -= n;
+                    if let Some(c) = self.continued.as_mut() {
+                        c.take(&bytes[..n as usize]);
+                    }
                     bytes = &bytes[n as usize..];
                     self.pos += n;
                     if *remaining == 0 {
@@ -448,11 +577,9 @@ impl WalScanner {
                     let n = b.remaining.min(bytes.len() as u64) as usize;
                     let (now, rest) = bytes.split_at(n);
                     b.crc = crc32c::crc32c_append(b.crc, now);
-                    if b.decoding {
-                        let offset =
-                            u64::from(b.header.tot_len) - RECORD_HEADER_SIZE as u64 - b.remaining;
-                        b.capture.take(major, offset, now);
-                    }
+                    let offset =
+                        u64::from(b.header.tot_len) - RECORD_HEADER_SIZE as u64 - b.remaining;
+                    b.capture.take(major, offset, now);
                     b.remaining -= n as u64;
                     bytes = rest;
                     self.pos += n as u64;
@@ -478,13 +605,14 @@ impl WalScanner {
             }
         }
         self.count_record(start);
+        let spans = u64::from(header.tot_len) - RECORD_HEADER_SIZE as u64 > self.payload_left();
         let b = &mut self.body;
         b.start = start;
         b.header_bytes = buf;
         b.header = header;
         b.remaining = u64::from(header.tot_len) - RECORD_HEADER_SIZE as u64;
         b.crc = 0;
-        b.decoding = b.capture.reset(&header);
+        b.capture.reset(&header, spans);
         self.state = State::Body;
         if header.tot_len as usize == RECORD_HEADER_SIZE {
             self.record_done();
@@ -510,16 +638,21 @@ impl WalScanner {
         // between them count in LSNs.
         let end = Lsn(maxalign(self.lsn(self.pos).0));
         self.summary.end_of_wal = Some(end);
-        if b.decoding {
-            decode::apply(
-                &mut self.summary,
-                self.opts.major,
-                b.start,
-                end,
-                &b.header,
-                &b.capture,
-            );
-        }
+        decode::apply(
+            &mut self.summary,
+            self.opts.major,
+            b.start,
+            end,
+            &b.header,
+            &b.capture,
+        );
+        storage::apply(
+            &mut self.blocks,
+            self.opts.major,
+            b.start,
+            &b.header,
+            &b.capture,
+        );
         if b.header.rmid == decode::RM_XLOG_ID && b.header.info & 0xF0 == decode::XLOG_SWITCH {
             // The rest of the segment is zeros (xlog.c, XLogInsertRecord).
             self.summary.xlog_switch = Some(b.start);
@@ -546,5 +679,7 @@ pub fn scan_segment(bytes: &[u8], opts: ScanOptions) -> WalSummary {
     s.finish()
 }
 
+#[cfg(test)]
+mod blocktests;
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,10 @@
 //! target check and `verify` all read the archive through here, so they
 //! cannot disagree.
 
+mod timelines;
+
+pub use timelines::{ArchivedHistory, Fork, Histories};
+
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};

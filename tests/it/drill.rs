@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 /// Exit codes from docs/exit-codes.md.
 const EXIT_USAGE: i32 = 2;
 const EXIT_REPOSITORY: i32 = 5;
-const EXIT_THRESHOLD: i32 = 12;
-const EXIT_DRILL_FAILED: i32 = 13;
+const EXIT_THRESHOLD: i32 = 13;
+const EXIT_DRILL_FAILED: i32 = 14;
 
 /// `pgvault drill ARGS` as `who`, restoring below `base`.
 fn drill(env: &TestEnv, repo: &Repo, who: As, base: &Path, args: &[&str]) -> Run {

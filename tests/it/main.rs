@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod blockrefs;
 mod config;
 mod drill;
 mod lookahead;
@@ -20,4 +21,5 @@ mod pages;
 mod pitr;
 mod runbooks;
 mod targets;
+mod timelines;
 mod upgrade;

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-const EXIT_THRESHOLD: i32 = 12;
+const EXIT_THRESHOLD: i32 = 13;
 
 /// name → [(labels, value)]
 type Samples = BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>;

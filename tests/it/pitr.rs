@@ -47,7 +47,7 @@ fn initopts() -> InitOpts {
 // Helpers: LSNs, pgvault invocations.
 
 /// `X/X` to a number.
-fn lsn(s: &str) -> u64 {
+pub(crate) fn lsn(s: &str) -> u64 {
     let (hi, lo) = s
         .trim()
         .split_once('/')
@@ -58,7 +58,7 @@ fn lsn(s: &str) -> u64 {
 }
 
 /// `pgvault restore --pgdata DIR ARGS...` as `who`.
-fn restore(env: &TestEnv, repo: &Repo, who: As, pgdata: &Path, args: &[&str]) -> Run {
+pub(crate) fn restore(env: &TestEnv, repo: &Repo, who: As, pgdata: &Path, args: &[&str]) -> Run {
     let pgdata = pgdata.display().to_string();
     let mut all = vec!["restore", "--pgdata", pgdata.as_str()];
     all.extend_from_slice(args);
@@ -95,7 +95,7 @@ fn expect_error_line(run: &Run, needle: &str) {
 
 /// `pgvault info --output json`.
 #[track_caller]
-fn info(env: &TestEnv, repo: &Repo) -> Value {
+pub(crate) fn info(env: &TestEnv, repo: &Repo) -> Value {
     let run = repo.run(env, As::PgUser, &["info", "--output", "json"], env.dir());
     run.ok();
     serde_json::from_str(&run.stdout)
@@ -115,7 +115,7 @@ fn backup_info(info: &Value, label: &str) -> Value {
 }
 
 /// The `timelines[]` entry of timeline `tl`, if any.
-fn timeline_info(info: &Value, tl: u64) -> Option<Value> {
+pub(crate) fn timeline_info(info: &Value, tl: u64) -> Option<Value> {
     info["timelines"]
         .as_array()?
         .iter()
@@ -169,7 +169,7 @@ fn restore_promoted(
 
 /// A 1 MiB-segment cluster with data checksums, registered in `repo` and
 /// archiving into it, with the table `t(id, tag)` the cases count rows of.
-fn primary(env: &TestEnv, repo: &Repo) -> Cluster {
+pub(crate) fn primary(env: &TestEnv, repo: &Repo) -> Cluster {
     let mut pg = Cluster::init(env, initopts());
     repo.stanza_create(env, pg.pgdata());
     pg.start_archiving(env, repo);
@@ -380,7 +380,7 @@ fn commit_lsns(env: &TestEnv, pg: &Cluster, from: &str, to: &str) -> HashMap<u64
 // The cases, in order.
 
 /// Restore args for a clone promoted at `target` (not archiving).
-fn clone_args<'a>(target: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn clone_args<'a>(target: &[&'a str]) -> Vec<&'a str> {
     let mut v = target.to_vec();
     v.extend_from_slice(&["--target-action", "promote", "--archive-mode", "off"]);
     v

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{file_name_of, hash_file, push_one, PushOptions, PushOutcome, Pushed};
+use super::{file_name_of, hash_file, push_one, Caller, PushOptions, PushOutcome, Pushed};
 use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::pg::WalFileName;
@@ -135,7 +135,7 @@ pub async fn push_ahead(
             waiting_since = None;
             let path = wal_dir.join(next.as_str());
             let before = FileIdentity::of(&path).ok();
-            let r = push_one(repo, &db, &path, encode).await;
+            let r = push_one(repo, &db, &path, encode, Caller::LookAhead).await;
             // Which file was read, if it did not change meanwhile.
             let identity = before.filter(|b| FileIdentity::of(&path).is_ok_and(|a| a == *b));
             match r {

@@ -15,6 +15,13 @@
 //! With look-ahead ([`lookahead`]), a detached pusher pushes the files
 //! PostgreSQL has marked `.ready` meanwhile, so that its next calls return
 //! at once.
+//!
+//! Timelines ([`timeline_rules`]): a file of timeline N > 1 goes to the
+//! archive only after `0000000N.history`, as PostgreSQL's archiver orders
+//! them; a history file only when the WAL of its timeline already archived
+//! agrees with it; and a segment holding WAL of a timeline past the point
+//! where an archived history left it is archived with a warning, or refused
+//! (`archive-push-superseded`).
 
 mod lookahead;
 
@@ -26,8 +33,8 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
 use crate::ops::walfacts;
 use crate::pg::walscan::{WalScanner, WalSummary};
-use crate::pg::{self, WalFileKind, WalFileName};
-use crate::repo::archive::ClaimOutcome;
+use crate::pg::{self, TimelineId, WalFileKind, WalFileName};
+use crate::repo::archive::{ClaimOutcome, Fork};
 use crate::repo::codec::{self, EncodeOptions, Encoder};
 use crate::repo::{DbInfo, Digest256, Repository};
 use crate::spool::SpoolDir;
@@ -44,6 +51,47 @@ pub struct PushOptions {
     /// Parallel pushes within one call.
     pub process_max: usize,
     pub spool: Option<SpoolDir>,
+    /// What to do with WAL of a timeline past the point where an archived
+    /// history left it.
+    pub superseded: OnSuperseded,
+}
+
+/// `archive-push-superseded`: what `archive-push` does with a segment
+/// holding WAL of timeline N past the point where an archived history file
+/// left N for another timeline. That is an old primary writing after a
+/// failover (a split brain) — or the original primary going on while a PITR
+/// clone restored into the same stanza with `--archive-mode preserve` was
+/// promoted, which looks the same in the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnSuperseded {
+    /// Archive it, and log a warning naming the timeline and the LSN on
+    /// every such push. The default: failing the pushes of a primary that
+    /// rightly goes on (the clone case) fills its `pg_wal` and stops it.
+    #[default]
+    Warn,
+    /// Refuse it (exit 12), for clusters where a superseded timeline must
+    /// never continue.
+    Fail,
+}
+
+impl std::str::FromStr for OnSuperseded {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "warn" => Ok(OnSuperseded::Warn),
+            "fail" => Ok(OnSuperseded::Fail),
+            _ => Err(format!("{s:?} is not warn or fail")),
+        }
+    }
+}
+
+/// Who pushes: PostgreSQL's own call, or the look-ahead pusher. What must
+/// reach PostgreSQL's log (a warning, a refusal) the pusher leaves to
+/// PostgreSQL's call for that file: its output goes nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Postgres(OnSuperseded),
+    LookAhead,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,9 +149,15 @@ pub async fn archive_push(
 
     let stanza = repo.require_stanza().await.map_err(context)?;
     let db = stanza.current().clone();
-    let pushed = push_one(repo, &db, &opts.path, opts.encode)
-        .await
-        .map_err(context)?;
+    let pushed = push_one(
+        repo,
+        &db,
+        &opts.path,
+        opts.encode,
+        Caller::Postgres(opts.superseded),
+    )
+    .await
+    .map_err(context)?;
     if let Some(spool) = &opts.spool {
         spool.forget_pushed_before(&name);
     }
@@ -116,6 +170,7 @@ async fn push_one(
     db: &DbInfo,
     path: &Path,
     encode: EncodeOptions,
+    caller: Caller,
 ) -> Result<Pushed> {
     let name = file_name_of(path)?;
     let archive = repo.archive(db);
@@ -123,7 +178,8 @@ async fn push_one(
     // Validate before anything touches the repository.
     let path2 = path.to_path_buf();
     let (name2, db2) = (name.clone(), db.clone());
-    tokio::task::spawn_blocking(move || validate_file(&path2, &name2, &db2)).await??;
+    let history =
+        tokio::task::spawn_blocking(move || validate_file(&path2, &name2, &db2)).await??;
 
     if let Some(claim) = archive.read_claim(&name).await? {
         let path = path.to_path_buf();
@@ -135,6 +191,23 @@ async fn push_one(
             outcome: PushOutcome::AlreadyArchived,
             summary: None,
         });
+    }
+
+    let rules = timeline_rules(repo, db, path, &name, history.as_ref(), encode, caller);
+    if let Some(fork) = rules.await? {
+        // Decided before anything is stored: a refused push leaves nothing.
+        let seg = db.wal_segment_size;
+        let summary = if name.segno(seg) == Some(fork.at.segno(seg)) {
+            // The segment holding the fork: its records tell (read once
+            // more, only here).
+            let (p, scan) = (path.to_path_buf(), walfacts::scan_options(db, &name));
+            tokio::task::spawn_blocking(move || scan_only(&p, scan)).await??
+        } else {
+            None
+        };
+        if fork.passed_by(&name, summary.as_ref(), seg) {
+            superseded(&name, &fork, caller)?;
+        }
     }
 
     // Hash + compress + walk the records in one pass into a spool (zstd's
@@ -193,6 +266,84 @@ async fn push_one(
     })
 }
 
+/// The timeline rules, before a file is stored (see the module doc). For a
+/// history file: the archived WAL of its timeline must agree with it. For
+/// any other file of timeline N > 1: `0000000N.history` is archived first —
+/// from beside the file when the archive lacks it (PostgreSQL's archiver
+/// archives history files first, pgarch.c; a restore that finds no
+/// `0000000N.history` takes N to be free and reuses it). Returns where an
+/// archived history leaves the timeline of a segment, for the check of its
+/// records.
+async fn timeline_rules(
+    repo: &Repository,
+    db: &DbInfo,
+    path: &Path,
+    name: &WalFileName,
+    history: Option<&pg::history::TimelineHistory>,
+    encode: EncodeOptions,
+    caller: Caller,
+) -> Result<Option<Fork>> {
+    let tli = name.timeline();
+    let archive = repo.archive(db);
+    if let Some(history) = history {
+        archive.check_history_agrees(history).await?;
+        return Ok(None);
+    }
+    let archived = archive.history_timelines().await?;
+    if tli != TimelineId::FIRST && !archived.contains(&tli) {
+        let history = WalFileName::history(tli);
+        let beside = path.with_file_name(history.as_str());
+        if beside.is_file() {
+            Box::pin(push_one(repo, db, &beside, encode, caller))
+                .await
+                .map_err(|e| e.context(format!("archive {history} before {name}")))?;
+        } else if caller == Caller::LookAhead {
+            return Err(Error::new(
+                Kind::Timeline,
+                format!(
+                    "{history} is neither archived nor beside {name}: left to PostgreSQL's call"
+                ),
+            ));
+        } else {
+            // PostgreSQL keeps every history file in pg_wal; none there
+            // means the cluster has none: pg_upgrade (through pg_resetwal)
+            // keeps the timeline number but not its history.
+            log::warn!(
+                "{name}: timeline {tli} has no history file, neither in the archive nor beside it; archived without one (recovery takes timeline {tli} to have no ancestors)"
+            );
+        }
+    }
+    if name.kind() != WalFileKind::Segment {
+        return Ok(None);
+    }
+    let later: Vec<TimelineId> = archived.into_iter().filter(|&m| m > tli).collect();
+    if later.is_empty() {
+        return Ok(None);
+    }
+    Ok(archive.histories_of(later).await?.fork_of(tli))
+}
+
+/// A segment holds WAL past the point where an archived history left its
+/// timeline: warn, refuse, or (look-ahead) leave it to PostgreSQL's call.
+fn superseded(name: &WalFileName, fork: &Fork, caller: Caller) -> Result<()> {
+    let what = format!("{name}: {}", fork.describe());
+    match caller {
+        Caller::Postgres(OnSuperseded::Warn) => {
+            log::warn!(
+                "{what}: an old primary writing after a failover (split brain), or the original of a PITR clone archiving into this stanza; archived (archive-push-superseded = warn)"
+            );
+            Ok(())
+        }
+        Caller::Postgres(OnSuperseded::Fail) => Err(Error::new(Kind::Timeline, what).hint(
+            "a superseded timeline may not continue here (archive-push-superseded = fail): stop this server, or give it a stanza of its own; see docs/disaster-recovery.md",
+        )),
+        Caller::LookAhead => Err(Error::new(
+            Kind::Timeline,
+            format!("{what}: left to PostgreSQL's call, which logs it"),
+        )),
+    }
+}
+
 fn file_name_of(path: &Path) -> Result<WalFileName> {
     let base = path
         .file_name()
@@ -216,8 +367,13 @@ fn input_error(path: &Path, e: io::Error) -> Error {
     }
 }
 
-/// Checks that the file is what its name says and belongs to this stanza.
-fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
+/// Checks that the file is what its name says and belongs to this stanza;
+/// a history file is returned read as PostgreSQL reads it.
+fn validate_file(
+    path: &Path,
+    name: &WalFileName,
+    db: &DbInfo,
+) -> Result<Option<pg::history::TimelineHistory>> {
     let mut file = File::open(path).map_err(|e| input_error(path, e))?;
     let size = file.metadata().map_err(|e| input_error(path, e))?.len();
     match name.kind() {
@@ -246,8 +402,9 @@ fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
         }
         WalFileKind::History => {
             let text = read_small_text(&mut file, size, path)?;
-            pg::history::parse_history(name.timeline(), &text)
+            let history = pg::history::parse_history(name.timeline(), &text)
                 .map_err(|e| Error::invalid_input(format!("not a timeline history file: {e}")))?;
+            return Ok(Some(history));
         }
         WalFileKind::BackupLabel => {
             let text = read_small_text(&mut file, size, path)?;
@@ -255,7 +412,7 @@ fn validate_file(path: &Path, name: &WalFileName, db: &DbInfo) -> Result<()> {
                 .map_err(|e| Error::invalid_input(e.to_string()))?;
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn read_small_text(file: &mut File, size: u64, path: &Path) -> Result<String> {
@@ -305,6 +462,19 @@ impl<A: io::Write, B: io::Write> io::Write for Tee<'_, A, B> {
     }
 }
 
+/// The records of a file, without storing it.
+fn scan_only(path: &Path, scan: Option<pg::walscan::ScanOptions>) -> Result<Option<WalSummary>> {
+    let Some(scan) = scan else {
+        return Ok(None);
+    };
+    let file = File::open(path).map_err(|e| input_error(path, e))?;
+    let mut scanner = WalScanner::new(scan);
+    copy_file(file, &mut scanner, path, |e| {
+        Error::internal(format!("read the records of {}: {e}", path.display()))
+    })?;
+    Ok(Some(scanner.finish()))
+}
+
 fn hash_file(path: &Path) -> Result<Digest256> {
     let file = File::open(path).map_err(|e| input_error(path, e))?;
     let mut h = codec::HashingWriter::new(io::sink());
@@ -315,127 +485,4 @@ fn hash_file(path: &Path) -> Result<Digest256> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::error::Kind;
-    use crate::ops::stanza_create::{stanza_create, StanzaCreateOptions};
-    use crate::pg::testdata;
-    use crate::repo::s3::S3Options;
-    use crate::repo::RepoLocation;
-
-    /// A data directory with two real, consecutive segments marked ready.
-    fn pgdata(dir: &Path) -> PathBuf {
-        let pg = dir.join("pg");
-        std::fs::create_dir_all(pg.join("global")).unwrap();
-        std::fs::create_dir_all(pg.join("pg_wal/archive_status")).unwrap();
-        std::fs::write(
-            pg.join("global/pg_control"),
-            testdata::read("pg15/pg_control"),
-        )
-        .unwrap();
-        std::fs::write(pg.join("PG_VERSION"), testdata::read("pg15/PG_VERSION")).unwrap();
-        for n in ["000000010000000000000014", "000000010000000000000015"] {
-            std::fs::write(pg.join("pg_wal").join(n), testdata::wal("pg15", n)).unwrap();
-            std::fs::write(pg.join(format!("pg_wal/archive_status/{n}.ready")), b"").unwrap();
-        }
-        pg
-    }
-
-    /// That data directory, and a local repository with its stanza.
-    async fn stanza(dir: &Path) -> (PathBuf, Repository) {
-        let pg = pgdata(dir);
-        let repo = Repository::open(
-            RepoLocation::Local(dir.join("repo")),
-            "s",
-            &S3Options::default(),
-        )
-        .unwrap();
-        stanza_create(&repo, &StanzaCreateOptions { pgdata: pg.clone() })
-            .await
-            .unwrap();
-        (pg, repo)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn look_ahead_pushes_ready_files_and_later_calls_check_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (pg, repo) = stanza(dir.path()).await;
-        let spool = SpoolDir::at(dir.path().join("spool"));
-        let opts = |seg: &str| PushOptions {
-            path: pg.join("pg_wal").join(seg),
-            encode: EncodeOptions::default(),
-            ahead: 8,
-            process_max: 2,
-            spool: Some(spool.clone()),
-        };
-        let o = opts("000000010000000000000014");
-        assert!(lookahead_wanted(&o), "15 is ready too");
-        // The detached pusher, run here in the test's process.
-        assert_eq!(push_ahead(&repo, None, &o).await.unwrap(), 1);
-        let first = archive_push(&repo, None, &o).await.unwrap();
-        assert_eq!(first.outcome, PushOutcome::Archived);
-        let next = WalFileName::parse("000000010000000000000015").unwrap();
-        let record = spool
-            .pushed(&next)
-            .expect("15 was pushed ahead and recorded");
-
-        // PostgreSQL's call for 15: answered from the record, after hashing.
-        let second = archive_push(&repo, None, &opts("000000010000000000000015"))
-            .await
-            .unwrap();
-        assert_eq!(second.outcome, PushOutcome::AlreadyArchived);
-        assert_eq!(second.digest, record.digest);
-
-        // Different bytes under that name: the record does not vouch for
-        // them, and the archive refuses them.
-        let p15 = pg.join("pg_wal/000000010000000000000015");
-        let mut bytes = std::fs::read(&p15).unwrap();
-        bytes[100_000] ^= 0xff;
-        std::fs::write(&p15, &bytes).unwrap();
-        let e = archive_push(&repo, None, &opts("000000010000000000000015"))
-            .await
-            .unwrap_err();
-        assert_eq!(e.kind(), Kind::Conflict, "{e}");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn prefetch_fetches_following_segments_verified_and_stops_at_the_end() {
-        use crate::ops::archive_get::{archive_get, prefetch, GetOptions, GetOutcome};
-        let dir = tempfile::tempdir().unwrap();
-        let (pg, repo) = stanza(dir.path()).await;
-        for seg in ["000000010000000000000014", "000000010000000000000015"] {
-            let opts = PushOptions {
-                path: pg.join("pg_wal").join(seg),
-                encode: EncodeOptions::default(),
-                ahead: 0,
-                process_max: 1,
-                spool: None,
-            };
-            archive_push(&repo, None, &opts).await.unwrap();
-        }
-        let spool = SpoolDir::at(dir.path().join("spool"));
-        let n = prefetch(&repo, "000000010000000000000014", 8, &spool)
-            .await
-            .unwrap();
-        assert_eq!(n, 1, "only 15 follows 14 in the archive");
-        let p15 = WalFileName::parse("000000010000000000000015").unwrap();
-        assert!(spool.prefetched(&p15).exists());
-        let dest = dir.path().join("RECOVERYXLOG");
-        let got = archive_get(
-            &repo,
-            &GetOptions {
-                name: "000000010000000000000015".into(),
-                dest: dest.clone(),
-                spool: Some(spool.clone()),
-            },
-        )
-        .await
-        .unwrap();
-        assert_eq!(got, GetOutcome::Restored);
-        assert_eq!(
-            std::fs::read(&dest).unwrap(),
-            std::fs::read(pg.join("pg_wal/000000010000000000000015")).unwrap()
-        );
-        assert!(!spool.prefetched(&p15).exists(), "moved, not copied");
-    }
-}
+mod tests;

@@ -21,7 +21,7 @@ pub struct DrillReport {
     /// Every step worked, every check passed, every objective was met.
     pub passed: bool,
     /// What the command exits with (docs/exit-codes.md): 0, the failed
-    /// step's code, 13 for a failed check, 12 for a missed objective.
+    /// step's code, 14 for a failed check, 13 for a missed objective.
     pub exit_code: i32,
     pub backup: Option<BackupFacts>,
     /// The recovery target PostgreSQL was given.
@@ -135,7 +135,7 @@ pub struct Failure {
 }
 
 impl DrillReport {
-    /// The exit code: the first failed step's, else 12 for a missed
+    /// The exit code: the first failed step's, else 13 for a missed
     /// objective, else 0.
     pub fn decide(&mut self) {
         self.objectives_met = met(self.rto_seconds, self.rto_objective_seconds)
@@ -273,7 +273,7 @@ mod tests {
         assert_eq!((r.exit_code, r.passed), (0, true));
         r.rto_objective_seconds = Some(1.0);
         r.decide();
-        assert_eq!((r.exit_code, r.passed), (12, false));
+        assert_eq!((r.exit_code, r.passed), (13, false));
         assert_eq!(
             r.objectives_text().unwrap(),
             "RTO 5.0s is over its objective 1.0s"
@@ -286,7 +286,7 @@ mod tests {
             kind: Kind::DrillFailed,
         });
         r.decide();
-        assert_eq!(r.exit_code, 13);
+        assert_eq!(r.exit_code, 14);
         assert_eq!(r.record().failed_step.as_deref(), Some("amcheck"));
     }
 }

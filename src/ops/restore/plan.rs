@@ -9,7 +9,7 @@ use crate::ops::walfacts::{self, RecordTarget, Stop, StopRecords, Summaries};
 use crate::pg::history::TimelineHistory;
 use crate::pg::recovery::{self, RecoveryTarget};
 use crate::pg::{TimelineId, WalFileName};
-use crate::repo::archive::{Archive, Listing};
+use crate::repo::archive::{Archive, Histories, Listing};
 use crate::repo::manifest::Manifest;
 use crate::repo::{DbInfo, Repository, StanzaInfo};
 
@@ -34,13 +34,14 @@ impl Plan<'_> {
         repo: &Repository,
         opts: &RestoreOptions,
     ) -> Result<std::borrow::Cow<'_, ArchivedWal>> {
+        let history = self.history.as_ref();
         Ok(match &self.wal {
             Some(wal) => std::borrow::Cow::Borrowed(wal),
             None => std::borrow::Cow::Owned(
                 ArchivedWal::read(
                     &repo.archive(self.db),
                     opts,
-                    self.history.as_ref(),
+                    &|_| history.cloned(),
                     &[self.backup],
                 )
                 .await?,
@@ -61,14 +62,14 @@ impl ArchivedWal {
     async fn read(
         archive: &Archive,
         opts: &RestoreOptions,
-        history: Option<&TimelineHistory>,
+        history_of: &dyn Fn(&Manifest) -> Option<TimelineHistory>,
         backups: &[&Manifest],
     ) -> Result<ArchivedWal> {
         let listing = archive.list().await?;
         let seg = archive.db().wal_segment_size;
         let files: BTreeSet<WalFileName> = backups
             .iter()
-            .flat_map(|m| replay_path(&listing, history, m, seg))
+            .flat_map(|m| replay_path(&listing, history_of(m).as_ref(), m, seg))
             .collect();
         let files: Vec<WalFileName> = files.into_iter().collect();
         let sums = walfacts::load(archive, opts.catalog.as_ref(), &listing, &files).await?;
@@ -246,28 +247,61 @@ pub(super) async fn reach(
     })
 }
 
-/// The history of the target timeline, when one is named (or `latest`).
-async fn target_history(
-    archive: &Archive,
-    target: Option<&str>,
-) -> Result<Option<TimelineHistory>> {
-    let tli = match target {
-        // The newest timeline with a history file in the archive.
-        None | Some("latest") => archive.history_timelines().await?.last().copied(),
-        Some("current") => None,
-        Some(n) => Some(
-            n.parse::<TimelineId>()
-                .map_err(|e| Error::usage(format!("--target-timeline: {e}")))?,
-        ),
-    };
-    let Some(tli) = tli else {
-        return Ok(None);
-    };
-    match archive.history(tli).await? {
-        Some(h) => Ok(Some(h)),
-        None => Err(Error::usage(format!(
-            "timeline {tli} has no history file in the archive"
-        ))),
+/// What `--target-timeline` asks for (`recovery_target_timeline`).
+enum TimelineGoal {
+    Latest,
+    Current,
+    Numeric(TimelineId),
+}
+
+/// The target timeline as PostgreSQL's recovery resolves it, from the
+/// histories archived for one cluster.
+struct TargetTimeline {
+    goal: TimelineGoal,
+    histories: Histories,
+}
+
+impl TargetTimeline {
+    /// Reads the archive's history files; a timeline named that has none
+    /// is refused, as PostgreSQL refuses it ("recovery target timeline N
+    /// does not exist").
+    async fn read(archive: &Archive, target: Option<&str>) -> Result<TargetTimeline> {
+        let goal = match target {
+            None | Some("latest") => TimelineGoal::Latest,
+            Some("current") => TimelineGoal::Current,
+            Some(n) => TimelineGoal::Numeric(
+                n.parse::<TimelineId>()
+                    .map_err(|e| Error::usage(format!("--target-timeline: {e}")))?,
+            ),
+        };
+        let histories = archive.histories().await?;
+        if let TimelineGoal::Numeric(t) = goal {
+            if t != TimelineId::FIRST && histories.get(t).is_none() {
+                return Err(Error::usage(format!(
+                    "timeline {t} has no history file in the archive"
+                )));
+            }
+        }
+        Ok(TargetTimeline { goal, histories })
+    }
+
+    /// The history recovery from backup `m` follows; `None`: `m`'s own
+    /// timeline (`current`). For `latest`, PostgreSQL probes the archive
+    /// for the history files of the timelines after the backup's, one by
+    /// one, and takes the last before the first missing one
+    /// (`findNewestTimeLine`): so does this.
+    fn for_backup(&self, m: &Manifest) -> Option<TimelineHistory> {
+        let tli = match self.goal {
+            TimelineGoal::Current => return None,
+            TimelineGoal::Numeric(t) => t,
+            TimelineGoal::Latest => self.histories.newest_from(m.timeline),
+        };
+        Some(match self.histories.get(tli) {
+            Some(a) => a.history.clone(),
+            // Timeline 1, or a backup's timeline without a history file
+            // (after pg_upgrade): no ancestors, as PostgreSQL takes it.
+            None => TimelineHistory::root(tli),
+        })
     }
 }
 
@@ -288,7 +322,7 @@ pub(super) async fn choose_backup_and_db<'a>(
     let tli = opts.target_timeline.as_deref();
     let record = record_target(opts.target.as_ref())?;
     if opts.set.as_deref().is_some_and(|l| l != "latest") {
-        let m = choose_backup(all, opts, None, &HashMap::new())?;
+        let m = choose_backup(all, opts, &|_| None, &HashMap::new())?;
         let db = stanza.db(m.db_id).ok_or_else(|| {
             Error::new(
                 Kind::Stanza,
@@ -302,11 +336,11 @@ pub(super) async fn choose_backup_and_db<'a>(
             )
         })?;
         // A timeline named that its archive does not know is refused here.
-        let history = target_history(&repo.archive(db), tli).await?;
+        let target = TargetTimeline::read(&repo.archive(db), tli).await?;
         return Ok(Plan {
             backup: m,
             db,
-            history,
+            history: target.for_backup(m),
             wal: None,
         });
     }
@@ -319,19 +353,19 @@ pub(super) async fn choose_backup_and_db<'a>(
         if own.is_empty() {
             continue;
         }
-        let chosen = match target_history(&repo.archive(db), tli).await {
-            Ok(history) => {
+        let chosen = match TargetTimeline::read(&repo.archive(db), tli).await {
+            Ok(target) => {
+                let history_of = |m: &Manifest| target.for_backup(m);
                 let (stops, wal) = match &record {
                     Some(t) => {
-                        let (stops, wal) =
-                            locate(repo, db, opts, t, &own, history.as_ref()).await?;
+                        let (stops, wal) = locate(repo, db, opts, t, &own, &history_of).await?;
                         (stops, Some(wal))
                     }
                     None => (HashMap::new(), None),
                 };
-                choose_backup(&own, opts, history.as_ref(), &stops)
-                    .map(|m| m.label.clone())
-                    .map(|label| (label, history, stops, wal))
+                choose_backup(&own, opts, &history_of, &stops)
+                    .map(|m| (m.label.clone(), history_of(m)))
+                    .map(|(label, history)| (label, history, stops, wal))
             }
             Err(e) => Err(e),
         };
@@ -386,14 +420,17 @@ async fn locate(
     opts: &RestoreOptions,
     target: &RecordTarget,
     backups: &[Manifest],
-    history: Option<&TimelineHistory>,
+    history_of: &dyn Fn(&Manifest) -> Option<TimelineHistory>,
 ) -> Result<(HashMap<String, Stop>, ArchivedWal)> {
     let seg = db.wal_segment_size;
-    let candidates: Vec<&Manifest> = backups.iter().filter(|m| on_path(m, history)).collect();
-    let wal = ArchivedWal::read(&repo.archive(db), opts, history, &candidates).await?;
+    let candidates: Vec<&Manifest> = backups
+        .iter()
+        .filter(|m| on_path(m, history_of(m).as_ref()))
+        .collect();
+    let wal = ArchivedWal::read(&repo.archive(db), opts, history_of, &candidates).await?;
     let paths: Vec<(&Manifest, Vec<WalFileName>)> = candidates
         .iter()
-        .map(|m| (*m, wal.path(history, m, seg)))
+        .map(|m| (*m, wal.path(history_of(m).as_ref(), m, seg)))
         .collect();
     let records = StopRecords::find(target, paths.iter().flat_map(|(_, p)| p), &wal.sums);
     let stops = paths
@@ -403,15 +440,13 @@ async fn locate(
     Ok((stops, wal))
 }
 
-/// Whether recovery along `history` can start from `m`: its timeline is on
-/// the history's path and it ended before that timeline was left.
+/// Whether recovery along `history` can start from `m`: it replays the
+/// backup's WAL as the backup's own timeline's. PostgreSQL refuses a backup
+/// whose checkpoint is not on the history's path ("requested timeline N is
+/// not a child of this server's history"), and one whose WAL leaves its
+/// timeline before the backup's end never becomes consistent.
 fn on_path(m: &Manifest, history: Option<&TimelineHistory>) -> bool {
-    match history {
-        None => true,
-        Some(h) => {
-            h.contains(m.timeline) && h.end_of(m.timeline).is_none_or(|end| m.stop_lsn <= end)
-        }
-    }
+    history.is_none_or(|h| h.holds(m.timeline, m.start_lsn, m.stop_lsn))
 }
 
 /// Picks the backup: the named one, or the newest on the target timeline's
@@ -425,7 +460,7 @@ fn on_path(m: &Manifest, history: Option<&TimelineHistory>) -> bool {
 fn choose_backup<'a>(
     all: &'a [Manifest],
     opts: &RestoreOptions,
-    history: Option<&TimelineHistory>,
+    history_of: &dyn Fn(&Manifest) -> Option<TimelineHistory>,
     stops: &HashMap<String, Stop>,
 ) -> Result<&'a Manifest> {
     if let Some(label) = opts.set.as_deref().filter(|l| *l != "latest") {
@@ -439,7 +474,10 @@ fn choose_backup<'a>(
             ))
         });
     }
-    let candidates: Vec<&Manifest> = all.iter().filter(|m| on_path(m, history)).collect();
+    let candidates: Vec<&Manifest> = all
+        .iter()
+        .filter(|m| on_path(m, history_of(m).as_ref()))
+        .collect();
     let record = record_target(opts.target.as_ref())?;
     let stop = |m: &Manifest| stops.get(&m.label).copied().unwrap_or(Stop::Unknown);
     let fits = |m: &Manifest| match &opts.target {
@@ -540,7 +578,7 @@ mod tests {
             manifest("20261126-070000F", 1, 0x3000000, "2026-11-26T12:00:00Z"),
         ];
         let pick = |t| {
-            choose_backup(&all, &opts(Some(time(t))), None, &HashMap::new())
+            choose_backup(&all, &opts(Some(time(t))), &|_| None, &HashMap::new())
                 .map(|m| m.label.clone())
         };
         assert_eq!(pick("2026-11-26T11:30:00Z").unwrap(), "20261126-080000F");
@@ -555,13 +593,13 @@ mod tests {
         let lsn = choose_backup(
             &all,
             &opts(Some(RecoveryTarget::Lsn(Lsn(0x2500000)))),
-            None,
+            &|_| None,
             &HashMap::new(),
         )
         .unwrap();
         assert_eq!(lsn.label, "20261126-080000F");
         assert_eq!(
-            choose_backup(&all, &opts(None), None, &HashMap::new())
+            choose_backup(&all, &opts(None), &|_| None, &HashMap::new())
                 .unwrap()
                 .label,
             "20261126-070000F"
@@ -569,13 +607,13 @@ mod tests {
         let mut named = opts(None);
         named.set = Some("20261126-080000F".into());
         assert_eq!(
-            choose_backup(&all, &named, None, &HashMap::new())
+            choose_backup(&all, &named, &|_| None, &HashMap::new())
                 .unwrap()
                 .label,
             "20261126-080000F"
         );
         named.set = Some("nope".into());
-        assert!(choose_backup(&all, &named, None, &HashMap::new()).is_err());
+        assert!(choose_backup(&all, &named, &|_| None, &HashMap::new()).is_err());
     }
 
     #[test]
@@ -594,7 +632,7 @@ mod tests {
                 .map(|l| l.to_string())
                 .zip(stops)
                 .collect();
-            choose_backup(&all, &opts(Some(target)), None, &stops).map(|m| m.label.clone())
+            choose_backup(&all, &opts(Some(target)), &|_| None, &stops).map(|m| m.label.clone())
         };
         let name = || RecoveryTarget::Name("rp".into());
         let xid = || RecoveryTarget::Xid("745".into());
@@ -669,8 +707,13 @@ mod tests {
         )
         .unwrap();
         let pick = |t| {
-            choose_backup(&all, &opts(Some(time(t))), Some(&h), &HashMap::new())
-                .map(|m| m.label.clone())
+            choose_backup(
+                &all,
+                &opts(Some(time(t))),
+                &|_| Some(h.clone()),
+                &HashMap::new(),
+            )
+            .map(|m| m.label.clone())
         };
         assert_eq!(pick("2026-11-26T12:30:00Z").unwrap(), "a");
         assert_eq!(pick("2026-11-26T14:00:00Z").unwrap(), "c");
@@ -678,10 +721,29 @@ mod tests {
         let on1 = choose_backup(
             &all,
             &opts(Some(time("2026-11-26T14:00:00Z"))),
-            Some(&root),
+            &|_| Some(root.clone()),
             &HashMap::new(),
         )
         .unwrap();
         assert_eq!(on1.label, "b");
+    }
+
+    #[test]
+    fn a_backup_whose_wal_leaves_its_timeline_is_not_on_the_path() {
+        // 028_pitr_timelines.pl's timeline 3: PostgreSQL reads timeline 3's
+        // WAL from 0/3018C78 on, before timeline 1's own line (0/3018CE0)
+        // ends it. A timeline-1 backup ending at 0/3018CA0 never becomes
+        // consistent along it.
+        let h = parse_history(
+            TimelineId(3),
+            "1\t0/3018CE0\tno recovery target specified\n\n2\t0/3018C78\tat restore point \"rp\"\n",
+        )
+        .unwrap();
+        let all = vec![
+            manifest("early", 1, 0x3018C00, "2026-11-26T10:00:00Z"),
+            manifest("late", 1, 0x3018CA0, "2026-11-26T11:00:00Z"),
+        ];
+        let m = choose_backup(&all, &opts(None), &|_| Some(h.clone()), &HashMap::new()).unwrap();
+        assert_eq!(m.label, "early");
     }
 }

@@ -1,18 +1,23 @@
 //! The records [`super::WalScanner`] decodes, and how: which bytes of a
-//! streaming record to keep, where its main data is (block headers,
-//! xlogrecord.h), and what the main data says (xact.h, pg_control.h).
+//! streaming record to keep, where its block references and main data are
+//! (block headers, xlogrecord.h; DecodeXLogRecord in xlogreader.c), and what
+//! the main data of commits, restore points and timeline switches says
+//! (xact.h, pg_control.h). What records do to relation files is in
+//! `storage`.
 
 use super::{
     RecordHeader, RestorePoint, TimelineSwitch, WalSummary, XactEnd, XactMark, KEEP_HEAD,
-    KEEP_MAIN, RECORD_HEADER_SIZE,
+    KEEP_MAIN, KEEP_TAIL, RECORD_HEADER_SIZE,
 };
+use crate::pg::blockref::{Fork, RelFileLocator, RelFork};
 use crate::pg::Lsn;
 
 /// Resource manager IDs (rmgrlist.h).
 pub(super) const RM_XLOG_ID: u8 = 0;
-const RM_XACT_ID: u8 = 1;
+pub(super) const RM_XACT_ID: u8 = 1;
 
 /// XLOG record types (pg_control.h), in `xl_info & 0xF0`.
+pub(super) const XLOG_PARAMETER_CHANGE: u8 = 0x60;
 const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
 const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
 pub(super) const XLOG_SWITCH: u8 = 0x40;
@@ -21,11 +26,11 @@ const XLOG_END_OF_RECOVERY: u8 = 0x90;
 const XLOG_OVERWRITE_CONTRECORD: u8 = 0xD0;
 
 /// Transaction record types (xact.h), in `xl_info & XLOG_XACT_OPMASK`.
-const XLOG_XACT_OPMASK: u8 = 0x70;
-const XLOG_XACT_COMMIT: u8 = 0x00;
-const XLOG_XACT_ABORT: u8 = 0x20;
-const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
-const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
+pub(super) const XLOG_XACT_OPMASK: u8 = 0x70;
+pub(super) const XLOG_XACT_COMMIT: u8 = 0x00;
+pub(super) const XLOG_XACT_ABORT: u8 = 0x20;
+pub(super) const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
+pub(super) const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
 /// `XLOG_XACT_HAS_INFO`: an `xl_xact_xinfo` follows `xact_time`.
 const XLOG_XACT_HAS_INFO: u8 = 0x80;
 
@@ -44,6 +49,7 @@ const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
 const XLR_BLOCK_ID_DATA_LONG: u8 = 254;
 const XLR_BLOCK_ID_ORIGIN: u8 = 253;
 const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
+const BKPBLOCK_FORK_MASK: u8 = 0x0F;
 const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
 const BKPBLOCK_SAME_REL: u8 = 0x80;
 const BKPIMAGE_HAS_HOLE: u8 = 0x01;
@@ -52,7 +58,7 @@ const BKPIMAGE_IS_COMPRESSED_14: u8 = 0x02;
 /// PostgreSQL 15+: `BKPIMAGE_COMPRESS_PGLZ | _LZ4 | _ZSTD`.
 const BKPIMAGE_COMPRESSED_15: u8 = 0x04 | 0x08 | 0x10;
 /// `sizeof(RelFileLocator)` (RelFileNode before 16): three Oids.
-const REL_FILE_LOCATOR_SIZE: usize = 12;
+pub(super) const REL_FILE_LOCATOR_SIZE: usize = 12;
 
 /// `TimestampTz` counts microseconds from 2000-01-01 00:00 UTC.
 const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
@@ -71,26 +77,57 @@ enum Kind {
     OverwriteContrecord,
 }
 
-/// The kept bytes of a record being decoded.
+/// One block reference of a record: the fork (a number, as read: it may
+/// not be one PostgreSQL defines) and the block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BlockRef {
+    pub loc: RelFileLocator,
+    pub fork: u8,
+    pub block: u32,
+}
+
+impl BlockRef {
+    pub(super) fn key(&self) -> Option<RelFork> {
+        Some(RelFork {
+            loc: self.loc,
+            fork: Fork::from_number(self.fork)?,
+        })
+    }
+}
+
+/// The kept bytes of the record streaming by. Every record keeps its
+/// first [`KEEP_HEAD`] body bytes (its block headers); those whose main data
+/// pgvault reads keep that too, up to a bound per kind; a record that goes on
+/// into the next segment keeps its last [`KEEP_TAIL`] bytes as well.
 #[derive(Debug, Default)]
 pub(super) struct Capture {
     kind: Kind,
+    /// Main data bytes to keep (0: none).
+    keep_main: usize,
     /// tot_len minus the record header.
     body_len: u64,
     /// The first min(body_len, KEEP_HEAD) body bytes.
-    head: Vec<u8>,
+    pub(super) head: Vec<u8>,
     /// Main data (offset in the body, length) once the block headers are read.
     main: Option<(u64, u64)>,
-    /// The block headers could not be read: nothing to decode.
-    unreadable: bool,
-    /// The first min(main length, KEEP_MAIN) bytes of the main data.
+    /// The block headers could not be read.
+    pub(super) unreadable: bool,
+    /// The first min(main length, keep_main) bytes of the main data.
     main_buf: Vec<u8>,
+    /// The block references, once the block headers are read.
+    pub(super) refs: Vec<BlockRef>,
+    /// Keep the last bytes: the record goes on into the next segment.
+    spans: bool,
+    /// The last body bytes after `head` (at most KEEP_TAIL), when `spans`.
+    pub(super) tail: Vec<u8>,
+    /// CRC-32C of the body bytes after `head`, when `spans`.
+    pub(super) rest_crc: u32,
 }
 
 impl Capture {
-    /// Sets up for the record `h` heads, keeping the buffers' memory; false
-    /// if it is not one we decode.
-    pub(super) fn reset(&mut self, h: &RecordHeader) -> bool {
+    /// Sets up for the record `h` heads, keeping the buffers' memory.
+    /// `spans`: the record goes on beyond this segment.
+    pub(super) fn reset(&mut self, h: &RecordHeader, spans: bool) {
         let kind = match h.rmid {
             RM_XACT_ID => match h.info & XLOG_XACT_OPMASK {
                 XLOG_XACT_COMMIT => Kind::Xact {
@@ -121,28 +158,45 @@ impl Capture {
             _ => Kind::None,
         };
         self.kind = kind;
+        self.keep_main =
+            super::storage::main_to_keep(h).max(if kind == Kind::None { 0 } else { KEEP_MAIN });
         self.body_len = u64::from(h.tot_len).saturating_sub(RECORD_HEADER_SIZE as u64);
         self.head.clear();
         self.main = None;
         self.unreadable = false;
         self.main_buf.clear();
-        kind != Kind::None
+        self.refs.clear();
+        self.spans = spans;
+        self.tail.clear();
+        self.rest_crc = 0;
     }
 
-    /// Body bytes `bytes`, the first at body offset `offset` (in order).
+    /// Body bytes `bytes`, the first at body offset `offset` (in order;
+    /// a gap leaves the main data short).
     pub(super) fn take(&mut self, major: u32, offset: u64, bytes: &[u8]) {
         let head_len = self.body_len.min(KEEP_HEAD as u64);
-        if offset < head_len {
+        let mut rest = bytes;
+        let mut rest_off = offset;
+        if offset < head_len && offset == self.head.len() as u64 {
             let n = ((head_len - offset) as usize).min(bytes.len());
             self.head.extend_from_slice(&bytes[..n]);
+            rest = &bytes[n..];
+            rest_off += n as u64;
             if self.head.len() as u64 == head_len {
                 self.locate_main(major);
+            }
+        }
+        if self.spans && !rest.is_empty() && rest_off >= head_len {
+            self.rest_crc = crc32c::crc32c_append(self.rest_crc, rest);
+            self.tail.extend_from_slice(rest);
+            if self.tail.len() > 2 * KEEP_TAIL {
+                self.tail.drain(..self.tail.len() - KEEP_TAIL);
             }
         }
         let Some((main_off, main_len)) = self.main else {
             return;
         };
-        let want_end = main_off + main_len.min(KEEP_MAIN as u64);
+        let want_end = main_off + main_len.min(self.keep_main as u64);
         let next = main_off + self.main_buf.len() as u64;
         let end = offset + bytes.len() as u64;
         if next >= offset && next < end && next < want_end {
@@ -152,20 +206,30 @@ impl Capture {
         }
     }
 
+    /// The kept tail, at most KEEP_TAIL bytes.
+    pub(super) fn trim_tail(&mut self) {
+        if self.tail.len() > KEEP_TAIL {
+            self.tail.drain(..self.tail.len() - KEEP_TAIL);
+        }
+    }
+
     /// Reads the block headers (xlogrecord.h; DecodeXLogRecord in
-    /// xlogreader.c) to find the main data, the last bytes of the record.
+    /// xlogreader.c): the block references, and where the main data is.
     fn locate_main(&mut self, major: u32) {
-        match main_data(major, &self.head, self.body_len) {
+        match parse_headers(major, &self.head, self.body_len, &mut self.refs) {
             Some((off, len)) => {
                 self.main = Some((off, len));
                 // What of the main data is already in `head`.
-                let want_end = (off + len.min(KEEP_MAIN as u64)).min(self.head.len() as u64);
+                let want_end = (off + len.min(self.keep_main as u64)).min(self.head.len() as u64);
                 if off < want_end {
                     self.main_buf
                         .extend_from_slice(&self.head[off as usize..want_end as usize]);
                 }
             }
-            None => self.unreadable = true,
+            None => {
+                self.refs.clear();
+                self.unreadable = true;
+            }
         }
     }
 
@@ -175,23 +239,38 @@ impl Capture {
         }
         Some(&self.main_buf)
     }
+
+    /// The main data as kept, and whether that is all of it.
+    pub(super) fn main_kept(&self) -> Option<(&[u8], bool)> {
+        let (_, len) = self.main?;
+        if self.unreadable {
+            return None;
+        }
+        Some((&self.main_buf, self.main_buf.len() as u64 == len))
+    }
 }
 
-/// (offset in the body, length) of the main data; None if the block headers
-/// do not make sense or lie beyond the kept head.
-fn main_data(major: u32, head: &[u8], body_len: u64) -> Option<(u64, u64)> {
+/// Reads the block headers at the start of a record's body: the block
+/// references go to `refs`; returns the main data's (offset in the body,
+/// length), or None if the headers do not make sense or lie beyond `head`.
+fn parse_headers(
+    major: u32,
+    head: &[u8],
+    body_len: u64,
+    refs: &mut Vec<BlockRef>,
+) -> Option<(u64, u64)> {
     let u16_at = |p: usize| -> Option<u64> {
         Some(u64::from(u16::from_le_bytes(
             head.get(p..p + 2)?.try_into().ok()?,
         )))
     };
-    let u32_at = |p: usize| -> Option<u64> {
-        Some(u64::from(u32::from_le_bytes(
-            head.get(p..p + 4)?.try_into().ok()?,
-        )))
+    let u32_at = |p: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(head.get(p..p + 4)?.try_into().ok()?))
     };
     let mut p = 0usize;
     let mut datatotal = 0u64;
+    let mut last_id: Option<u8> = None;
+    let mut prev_loc: Option<RelFileLocator> = None;
     while body_len.checked_sub(p as u64)? > datatotal {
         let id = *head.get(p)?;
         p += 1;
@@ -202,7 +281,7 @@ fn main_data(major: u32, head: &[u8], body_len: u64) -> Option<(u64, u64)> {
                 len
             }
             XLR_BLOCK_ID_DATA_LONG => {
-                let len = u32_at(p)?;
+                let len = u64::from(u32_at(p)?);
                 p += 4;
                 len
             }
@@ -215,6 +294,11 @@ fn main_data(major: u32, head: &[u8], body_len: u64) -> Option<(u64, u64)> {
                 continue;
             }
             0..=XLR_MAX_BLOCK_ID => {
+                // DecodeXLogRecord: block IDs only go up.
+                if last_id.is_some_and(|l| id <= l) {
+                    return None;
+                }
+                last_id = Some(id);
                 let fork_flags = *head.get(p)?;
                 datatotal += u16_at(p + 1)?;
                 p += 3;
@@ -232,9 +316,25 @@ fn main_data(major: u32, head: &[u8], body_len: u64) -> Option<(u64, u64)> {
                     }
                     datatotal += bimg_len;
                 }
-                if fork_flags & BKPBLOCK_SAME_REL == 0 {
+                let loc = if fork_flags & BKPBLOCK_SAME_REL == 0 {
+                    let loc = RelFileLocator {
+                        spc: u32_at(p)?,
+                        db: u32_at(p + 4)?,
+                        rel: u32_at(p + 8)?,
+                    };
                     p += REL_FILE_LOCATOR_SIZE;
-                }
+                    loc
+                } else {
+                    // "BKPBLOCK_SAME_REL set but no previous rel" is an error
+                    // in DecodeXLogRecord.
+                    prev_loc?
+                };
+                prev_loc = Some(loc);
+                refs.push(BlockRef {
+                    loc,
+                    fork: fork_flags & BKPBLOCK_FORK_MASK,
+                    block: u32_at(p)?,
+                });
                 p += 4;
                 continue;
             }
@@ -248,6 +348,9 @@ fn main_data(major: u32, head: &[u8], body_len: u64) -> Option<(u64, u64)> {
         }
         return Some((body_len - main_len, main_len));
     }
+    if p as u64 + datatotal != body_len {
+        return None;
+    }
     // No main data.
     Some((body_len, 0))
 }
@@ -256,7 +359,7 @@ fn i64_at(b: &[u8], off: usize) -> Option<i64> {
     Some(i64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
 }
 
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+pub(super) fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
 }
 
@@ -421,6 +524,31 @@ fn twophase_xid(major: u32, info: u8, main: &[u8], commit: bool) -> Option<u32> 
     u32_at(main, off)
 }
 
+/// Where a commit or abort record's dropped relations are in its main data
+/// (`xl_xact_relfilelocators`, after the optional dbinfo and subxacts; see
+/// ParseCommitRecord / ParseAbortRecord in xactdesc.c): (offset of the
+/// first `RelFileLocator`, count), `(0, 0)` when there are none; None if the
+/// kept bytes end before the count.
+pub(super) fn xact_dropped_rels(info: u8, main: &[u8]) -> Option<(usize, usize)> {
+    if info & XLOG_XACT_HAS_INFO == 0 {
+        return Some((0, 0));
+    }
+    let xinfo = u32_at(main, 8)?;
+    let mut off = 12usize;
+    if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
+        off += 8;
+    }
+    if xinfo & XACT_XINFO_HAS_SUBXACTS != 0 {
+        let n = usize::try_from(u32_at(main, off)?).ok()?;
+        off = off.checked_add(4)?.checked_add(n.checked_mul(4)?)?;
+    }
+    if xinfo & XACT_XINFO_HAS_RELFILELOCATORS == 0 {
+        return Some((0, 0));
+    }
+    let n = usize::try_from(u32_at(main, off)?).ok()?;
+    Some((off + 4, n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,7 +575,7 @@ mod tests {
             crc: 0,
         };
         let mut c = Capture::default();
-        assert!(c.reset(&h));
+        c.reset(&h, false);
         c.take(15, 0, &body);
         let mut s = WalSummary {
             xact_ends: Some(XactEnds::new()),
@@ -469,9 +597,10 @@ mod tests {
                 commit: true
             }]
         );
-        // 300 messages: the xid is past KEEP_MAIN. Recording the record's
-        // own xid (0) instead would make an archived target look absent.
-        let s = commit_prepared(300);
+        // So many messages that the xid is past what is kept of a commit
+        // record's main data. Recording the record's own xid (0) instead
+        // would make an archived target look absent.
+        let s = commit_prepared((super::super::storage::KEEP_XACT_MAIN / 16 + 10) as u32);
         assert_eq!(s.commits, 1);
         assert!(s.xact_ends.is_none(), "{s:?}");
     }

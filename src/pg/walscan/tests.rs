@@ -2,7 +2,7 @@
 //! pg_waldump and SQL in `facts.json`), and against damaged copies of it.
 
 use super::*;
-use crate::pg::testdata;
+use crate::pg::testdata::{self, Noise};
 use crate::pg::{WalFileKind, WalFileName};
 
 /// The records story (scripts/make-fixtures.sh records).
@@ -501,22 +501,6 @@ fn results_do_not_depend_on_chunking() {
         let mut s = WalScanner::new(o);
         std::io::copy(&mut &bytes[..], &mut s).unwrap();
         assert_eq!(s.finish(), whole, "{dir}/{name} through io::copy");
-    }
-}
-
-/// xorshift64*: reproducible noise without a dependency.
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 

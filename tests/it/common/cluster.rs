@@ -193,6 +193,16 @@ impl Cluster {
 
     /// `pg_ctl -m fast stop` (a clean shutdown).
     pub fn stop(&mut self) {
+        self.stop_mode("fast");
+    }
+
+    /// `pg_ctl -m immediate stop`: the server dies as in a crash (or a
+    /// failover that cuts it off); a later start runs crash recovery.
+    pub fn stop_immediate(&mut self) {
+        self.stop_mode("immediate");
+    }
+
+    fn stop_mode(&mut self, mode: &str) {
         if !self.running {
             return;
         }
@@ -204,7 +214,7 @@ impl Cluster {
             "-t".into(),
             "120".into(),
             "-m".into(),
-            "fast".into(),
+            mode.into(),
             "stop".into(),
         ]
         .iter()

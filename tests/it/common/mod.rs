@@ -322,6 +322,15 @@ impl Repo {
         env.pgvault(who, &all, &self.env, cwd)
     }
 
+    /// `<repo>/<stanza>/archive` of a local repository.
+    pub fn local_archive(&self) -> PathBuf {
+        self.local
+            .as_ref()
+            .expect("a local repository")
+            .join(&self.stanza)
+            .join("archive")
+    }
+
     /// `stanza-create` for `pgdata`, as the postgres user; must succeed.
     #[track_caller]
     pub fn stanza_create(&self, env: &TestEnv, pgdata: &Path) {
@@ -338,14 +347,8 @@ impl Repo {
     /// The stored object for WAL file `name` in a local repository:
     /// `<repo>/<stanza>/archive/**/<name>-<sha256>.zst`.
     pub fn local_wal_objects(&self, name: &str) -> Vec<PathBuf> {
-        let root = self
-            .local
-            .as_ref()
-            .expect("local_wal_objects needs a local repo")
-            .join(&self.stanza)
-            .join("archive");
         let mut found = Vec::new();
-        walk(&root, &mut |p| {
+        walk(&self.local_archive(), &mut |p| {
             let fname = p.file_name().unwrap_or_default().to_string_lossy();
             if fname.starts_with(&format!("{name}-")) && fname.ends_with(".zst") {
                 found.push(p.to_path_buf());
@@ -355,7 +358,8 @@ impl Repo {
     }
 }
 
-fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
+/// Calls `f` with every file below `dir` (none when it cannot be read).
+pub fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let p = e.path();

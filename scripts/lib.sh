@@ -11,7 +11,10 @@
 #   PGV_MOTO_PY      a python3 that can import moto (and boto3)
 #   PGV_PROM_PY      a python3 that can import prometheus_client
 #   PGV_S3SFS_BIN    the s3s-fs binary
+#   PGV_PATRONI_BIN  the directory holding patroni and patronictl (a venv)
+#   PGV_ETCD_BIN     etcd (Debian's etcd-server)
 #   PGV_MOTO_URL / PGV_S3SFS_URL   endpoints once started
+#   PGV_ETCD_HOSTS   host:port of the etcd started on loopback
 #   PGV_S3_ACCESS_KEY / PGV_S3_SECRET_KEY / PGV_S3_REGION / PGV_S3_BUCKET
 
 PGV_CACHE="${PGVAULT_CACHE:-/var/cache/pgvault}"
@@ -30,6 +33,9 @@ PGV_MOTO_PY="${PGV_MOTO_PY:-}"
 PGV_PROM_PY=""
 PGV_MOTO_URL=""
 PGV_S3SFS_URL=""
+PGV_PATRONI_BIN="$PGV_CACHE/patroni-venv/bin"
+PGV_ETCD_BIN="/usr/bin/etcd"
+PGV_ETCD_HOSTS=""
 # pids of what we started, stopped by pgv_stop_services
 PGV_PIDS=()
 PGV_APT_UPDATED=0
@@ -161,6 +167,27 @@ pgv_ensure_s3sfs() {
     [ -x "$PGV_S3SFS_BIN" ] || pgv_die "s3s-fs did not build"
 }
 
+# Patroni (PyPI patroni[etcd] with psycopg 3) in a venv of its own under the
+# cache, and Debian's etcd for its DCS (tests/it/patroni.rs; Patroni speaks
+# etcd's v3 API, its etcd3 section). Patroni runs as the test user, so the
+# venv is built on Debian's /usr/bin/python3: an interpreter under root's
+# home (pyenv) is out of that user's reach.
+pgv_ensure_patroni() {
+    local venv="$PGV_CACHE/patroni-venv" py=/usr/bin/python3
+    [ -x "$PGV_ETCD_BIN" ] || pgv_apt_install etcd-server
+    if ! runuser -u "$PGV_TEST_USER" -- "$PGV_PATRONI_BIN/python3" -c 'import patroni, psycopg, etcd' >/dev/null 2>&1; then
+        pgv_log "pip install 'patroni[etcd,psycopg3]' into $venv"
+        [ -x "$py" ] || pgv_apt_install python3
+        "$py" -m venv --help >/dev/null 2>&1 || pgv_apt_install python3-venv python3-pip
+        rm -rf "$venv"
+        "$py" -m venv "$venv" || { pgv_apt_install python3-venv python3-pip && "$py" -m venv "$venv"; }
+        "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check 'patroni[etcd,psycopg3]'
+        chmod -R a+rX "$venv"
+    fi
+    runuser -u "$PGV_TEST_USER" -- "$PGV_PATRONI_BIN/patroni" --version >/dev/null ||
+        pgv_die "patroni does not run as $PGV_TEST_USER after install"
+}
+
 pgv_install_all() {
     pgv_ensure_tools
     pgv_ensure_postgres
@@ -168,6 +195,7 @@ pgv_install_all() {
     pgv_ensure_moto
     pgv_ensure_prometheus_client
     pgv_ensure_s3sfs
+    pgv_ensure_patroni
 }
 
 # A free TCP port on 127.0.0.1 (the kernel picks; a tiny race with other
@@ -244,6 +272,25 @@ pgv_start_s3sfs() {
     pgv_wait_port "$port" "$pid" "$logdir/s3s-fs.log"
     PGV_S3SFS_URL="http://127.0.0.1:$port"
     pgv_create_bucket "$PGV_S3SFS_URL"
+}
+
+# pgv_start_etcd LOGDIR: a one-member etcd on free loopback ports, its data
+# in LOGDIR/etcd-data (fresh each run).
+pgv_start_etcd() {
+    local logdir="$1" port peer pid data="$1/etcd-data"
+    mkdir -p "$logdir"
+    rm -rf "$data"
+    port="$(pgv_free_port)"
+    peer="$(pgv_free_port)"
+    pgv_log "starting etcd on 127.0.0.1:$port (log: $logdir/etcd.log)"
+    "$PGV_ETCD_BIN" --name pgvault-test --data-dir "$data" \
+        --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+        --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+        --initial-cluster "pgvault-test=http://127.0.0.1:$peer" >"$logdir/etcd.log" 2>&1 &
+    pid=$!
+    PGV_PIDS+=("$pid")
+    pgv_wait_port "$port" "$pid" "$logdir/etcd.log"
+    PGV_ETCD_HOSTS="127.0.0.1:$port"
 }
 
 # Stop what pgv_start_* started (for `trap pgv_stop_services EXIT`).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what the tests need, run every check, stop what it
 # started. Works on a fresh Debian 12 machine as root (it installs
-# PostgreSQL 15, moto and s3s-fs on first use; s3s-fs's build is cached in
+# PostgreSQL 15, moto, s3s-fs, etcd and Patroni on first use; s3s-fs's build is cached in
 # ${PGVAULT_CACHE:-/var/cache/pgvault}).
 #
 #   scripts/test.sh                    # everything, as CI runs it
@@ -26,7 +26,7 @@ on_exit() {
     local rc=$?
     if [ "$rc" -ne 0 ]; then
         local f
-        for f in "$LOGDIR"/moto.log "$LOGDIR"/s3s-fs.log; do
+        for f in "$LOGDIR"/moto.log "$LOGDIR"/s3s-fs.log "$LOGDIR"/etcd.log; do
             if [ -s "$f" ]; then
                 printf '\n--- last lines of %s\n' "$f" >&2
                 tail -n 40 "$f" >&2 || true
@@ -63,6 +63,7 @@ cargo build --all-targets --quiet
 
 pgv_start_moto "$LOGDIR"
 pgv_start_s3sfs "$LOGDIR"
+pgv_start_etcd "$LOGDIR"
 
 export PGVAULT_TEST_PGBIN="$PGV_PGBIN"
 export PGVAULT_TEST_USER="$PGV_TEST_USER"
@@ -73,6 +74,8 @@ export PGVAULT_TEST_AWS_SECRET_ACCESS_KEY="$PGV_S3_SECRET_KEY"
 export PGVAULT_TEST_AWS_REGION="$PGV_S3_REGION"
 export PGVAULT_TEST_BUCKET="$PGV_S3_BUCKET"
 export PGVAULT_TEST_PYTHON="$PGV_PROM_PY"
+export PGVAULT_TEST_ETCD="$PGV_ETCD_HOSTS"
+export PGVAULT_TEST_PATRONI="$PGV_PATRONI_BIN"
 
 # Other PostgreSQL majors for tests/it/pitr.rs (PITR by time on each), fetched
 # once and cached by scripts/fetch-pg.sh. A failed fetch leaves the variable

@@ -61,6 +61,7 @@ use clap::{ArgAction, Args};
 
 use crate::error::{Error, Result};
 use crate::ops::archive_push::OnSuperseded;
+use crate::ops::standby::{PrimaryOverride, StandbyMode};
 use crate::pg::conn::ConnParams;
 use crate::repo::s3::S3Options;
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
@@ -175,7 +176,8 @@ pub struct Global {
     pub log_level: log::LevelFilter,
 }
 
-/// The local catalog: `archive-push`, `restore`, `info`, `backfill`.
+/// The local catalog: `archive-push`, `backup`, `restore`, `info`, `expire`,
+/// `backfill`.
 #[derive(Debug, Clone, Args)]
 #[group(skip)]
 pub struct CatalogFile {
@@ -229,6 +231,31 @@ pub struct ArchiveTimeout {
         default_value_t = 120
     )]
     pub archive_timeout: u64,
+}
+
+/// The primary behind a standby: `backup`, `check`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Primary {
+    /// The primary's host or socket directory, when this node is a standby [default: where the standby streams from]
+    #[arg(long, env = "PGVAULT_PRIMARY_HOST", value_name = "HOST", help_heading = POSTGRES)]
+    pub primary_host: Option<String>,
+    /// The primary's port [default: where the standby streams from, else 5432]
+    #[arg(long, env = "PGVAULT_PRIMARY_PORT", value_name = "PORT", help_heading = POSTGRES)]
+    pub primary_port: Option<u16>,
+    /// The user pgvault connects to the primary as [default: pg-user]
+    #[arg(long, env = "PGVAULT_PRIMARY_USER", value_name = "USER", help_heading = POSTGRES)]
+    pub primary_user: Option<String>,
+}
+
+impl Primary {
+    pub fn over(&self) -> PrimaryOverride {
+        PrimaryOverride {
+            host: self.primary_host.clone(),
+            port: self.primary_port,
+            user: self.primary_user.clone(),
+        }
+    }
 }
 
 /// zstd settings for what is stored: `archive-push`, `backup`.
@@ -371,12 +398,26 @@ pub struct Backup {
     pub expire_auto: bool,
     #[command(flatten)]
     pub retention: Retention,
+    /// Back up this node when it is a standby: n (never: it must be the primary), prefer (a healthy standby, else the primary), y (only a healthy standby)
+    #[arg(
+        long,
+        env = "PGVAULT_BACKUP_STANDBY",
+        value_name = "n|prefer|y",
+        default_value = "n",
+        value_parser = StandbyMode::parse,
+        help_heading = POSTGRES
+    )]
+    pub backup_standby: StandbyMode,
     #[command(flatten)]
     pub data: DataDir,
     #[command(flatten)]
     pub connection: Connection,
     #[command(flatten)]
     pub archive_timeout: ArchiveTimeout,
+    #[command(flatten)]
+    pub primary: Primary,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
 }
 
 impl Backup {
@@ -438,6 +479,8 @@ pub struct Check {
         value_parser = parse_size
     )]
     pub max_archive_lag: Option<u64>,
+    #[command(flatten)]
+    pub primary: Primary,
 }
 
 /// `expire`.
@@ -446,6 +489,8 @@ pub struct Check {
 pub struct Expire {
     #[command(flatten)]
     pub retention: Retention,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
 }
 
 /// `verify`.

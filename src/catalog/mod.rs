@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::pg::walscan::WalSummary;
 use crate::pg::WalFileName;
+use crate::repo::manifest::BackupHeader;
 use crate::repo::{Digest256, Sha256Sum};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
@@ -64,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
         summary       TEXT NOT NULL,
         PRIMARY KEY (stanza, name, sha256)
     ) WITHOUT ROWID;",
+    // 4: the whole header of each backup's manifest, so that info, restore's
+    // choice and expire read a manifest only for a backup they have not seen
+    "ALTER TABLE backup ADD COLUMN header TEXT;",
 ];
 
 /// How long a best-effort writer waits for a lock held by another process.
@@ -72,19 +76,6 @@ const BEST_EFFORT_BUSY: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct Catalog {
     path: PathBuf,
-}
-
-#[derive(Debug, Clone)]
-pub struct BackupRow {
-    pub label: String,
-    pub backup_type: String,
-    pub timeline: u32,
-    pub start_lsn: String,
-    pub stop_lsn: String,
-    pub start_time: String,
-    pub stop_time: String,
-    pub original_size: u64,
-    pub stored_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +89,6 @@ pub struct TimelineRow {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub wal: Vec<WalRow>,
-    pub backups: Vec<BackupRow>,
     pub timelines: Vec<TimelineRow>,
 }
 
@@ -189,7 +179,7 @@ impl Catalog {
         let r = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
             let mut conn = cat.connect(Duration::from_secs(2))?;
             let tx = conn.transaction()?;
-            for table in ["wal", "backup", "timeline"] {
+            for table in ["wal", "timeline"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE stanza = ?1"), params![stanza])?;
             }
             {
@@ -198,25 +188,6 @@ impl Catalog {
                 )?;
                 for r in &snap.wal {
                     ins.execute(params![stanza, r.name, r.timeline, r.sha256, r.stored_size as i64])?;
-                }
-                let mut ins = tx.prepare(
-                    "INSERT INTO backup (stanza, label, type, timeline, start_lsn, stop_lsn, start_time,
-                                         stop_time, original_size, stored_size)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )?;
-                for b in &snap.backups {
-                    ins.execute(params![
-                        stanza,
-                        b.label,
-                        b.backup_type,
-                        b.timeline,
-                        b.start_lsn,
-                        b.stop_lsn,
-                        b.start_time,
-                        b.stop_time,
-                        b.original_size as i64,
-                        b.stored_size as i64
-                    ])?;
                 }
                 let mut ins = tx.prepare(
                     "INSERT INTO timeline (stanza, timeline, parent, switch_lsn) VALUES (?1, ?2, ?3, ?4)",
@@ -263,39 +234,106 @@ impl Catalog {
         self.log_failure(r);
     }
 
-    /// The cached record summaries of a stanza: (name, sha256) -> summary.
+    /// The cached record summaries of the contents `wanted` (name, sha256)
+    /// of a stanza: only those, so memory follows what a command reads,
+    /// not the size of the archive.
     pub fn summaries(
         &self,
         stanza: &str,
+        wanted: &[(String, String)],
     ) -> rusqlite::Result<std::collections::HashMap<(String, String), WalSummary>> {
         let conn = self.connect(Duration::from_secs(2))?;
-        let mut st =
-            conn.prepare("SELECT name, sha256, summary FROM wal_summary WHERE stanza = ?1")?;
-        let rows = st.query_map(params![stanza], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
+        let mut st = conn.prepare(
+            "SELECT summary FROM wal_summary WHERE stanza = ?1 AND name = ?2 AND sha256 = ?3",
+        )?;
         let mut out = std::collections::HashMap::new();
-        for row in rows {
-            let (name, sha, json) = row?;
+        for (name, sha) in wanted {
+            let json: Option<String> = st
+                .query_row(params![stanza, name, sha], |r| r.get(0))
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
             // A row this version cannot read is as good as absent.
-            if let Ok(sum) = serde_json::from_str(&json) {
-                out.insert((name, sha), sum);
+            if let Some(sum) = json.and_then(|j| serde_json::from_str(&j).ok()) {
+                out.insert((name.clone(), sha.clone()), sum);
             }
         }
         Ok(out)
     }
 
-    /// Labels of the backups of a stanza known to this catalog, oldest first.
-    pub fn backup_labels(&self, stanza: &str) -> rusqlite::Result<Vec<String>> {
+    /// The backup headers of a stanza this catalog holds, by label. A row
+    /// this version cannot read is left out (and read again from the
+    /// repository).
+    pub fn backup_headers(
+        &self,
+        stanza: &str,
+    ) -> rusqlite::Result<std::collections::HashMap<String, BackupHeader>> {
         let conn = self.connect(Duration::from_secs(2))?;
-        let mut st =
-            conn.prepare("SELECT label FROM backup WHERE stanza = ?1 ORDER BY stop_time, label")?;
-        let rows = st.query_map(params![stanza], |r| r.get(0))?;
-        rows.collect()
+        let mut st = conn
+            .prepare("SELECT label, header FROM backup WHERE stanza = ?1 AND header IS NOT NULL")?;
+        let rows = st.query_map(params![stanza], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (label, json) = row?;
+            if let Ok(h) = serde_json::from_str::<BackupHeader>(&json) {
+                if h.label == label {
+                    out.insert(label, h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Caches the headers of backups just read from the repository, and
+    /// forgets the backups `gone` (no longer in it).
+    pub async fn update_backups_best_effort(
+        &self,
+        stanza: &str,
+        read: Vec<BackupHeader>,
+        gone: Vec<String>,
+    ) {
+        if read.is_empty() && gone.is_empty() {
+            return;
+        }
+        let (cat, stanza) = (self.clone(), stanza.to_string());
+        let r = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
+            let mut conn = cat.connect(Duration::from_secs(2))?;
+            let tx = conn.transaction()?;
+            for label in &gone {
+                tx.execute(
+                    "DELETE FROM backup WHERE stanza = ?1 AND label = ?2",
+                    params![stanza, label],
+                )?;
+            }
+            for h in &read {
+                let json = serde_json::to_string(h).unwrap_or_default();
+                tx.execute(
+                    "INSERT OR REPLACE INTO backup (stanza, label, type, timeline, start_lsn,
+                         stop_lsn, start_time, stop_time, original_size, stored_size, header)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    params![
+                        stanza,
+                        h.label,
+                        h.backup_type,
+                        h.timeline.0,
+                        h.start_lsn.to_string(),
+                        h.stop_lsn.to_string(),
+                        h.start_time,
+                        h.stop_time,
+                        h.original_size as i64,
+                        h.stored_size as i64,
+                        json
+                    ],
+                )?;
+            }
+            tx.commit()
+        })
+        .await;
+        self.log_failure(r);
     }
 
     /// Archived WAL names of a stanza known to this catalog.
@@ -304,6 +342,32 @@ impl Catalog {
         let mut st = conn.prepare("SELECT name FROM wal WHERE stanza = ?1 ORDER BY name")?;
         let rows = st.query_map(params![stanza], |r| r.get(0))?;
         rows.collect()
+    }
+
+    /// Runs a read of the cache on a blocking thread; a catalog that cannot
+    /// be read answers "nothing cached" (the caller reads the repository).
+    pub async fn read_best_effort<T, F>(catalog: Option<&Catalog>, read: F) -> T
+    where
+        T: Default + Send + 'static,
+        F: FnOnce(&Catalog) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let Some(cat) = catalog.cloned() else {
+            return T::default();
+        };
+        match tokio::task::spawn_blocking(move || read(&cat).map_err(|e| (cat.path, e))).await {
+            Ok(Ok(v)) => v,
+            Ok(Err((path, e))) => {
+                log::debug!(
+                    "catalog {}: {e} (reading the repository instead)",
+                    path.display()
+                );
+                T::default()
+            }
+            Err(e) => {
+                log::debug!("catalog: {e}");
+                T::default()
+            }
+        }
     }
 
     fn log_failure(&self, r: std::result::Result<rusqlite::Result<()>, tokio::task::JoinError>) {
@@ -398,34 +462,26 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_replaces_what_was_cached() {
+    fn backup_headers_are_cached_and_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::at(dir.path().join("c.db"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let backup = |label: &str, stop: &str| BackupRow {
-            label: label.into(),
-            backup_type: "full".into(),
-            timeline: 1,
-            start_lsn: "0/1".into(),
-            stop_lsn: "0/2".into(),
-            start_time: stop.into(),
-            stop_time: stop.into(),
-            original_size: 1,
-            stored_size: 1,
+        let header = |label: &str| {
+            crate::repo::manifest::test_manifest(label, 1, 0x100, "2026-11-26T02:00:00Z").header
         };
-        let snap = Snapshot {
-            backups: vec![
-                backup("b", "2026-11-26T02:00:00Z"),
-                backup("a", "2026-11-26T03:00:00Z"),
-            ],
-            ..Default::default()
-        };
-        rt.block_on(cat.replace_best_effort("main", snap));
-        assert_eq!(cat.backup_labels("main").unwrap(), vec!["b", "a"]);
+        rt.block_on(cat.update_backups_best_effort("main", vec![header("a"), header("b")], vec![]));
+        let got = cat.backup_headers("main").unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got["a"].stop_lsn, header("a").stop_lsn);
+        // An info snapshot leaves the backups alone.
         rt.block_on(cat.replace_best_effort("main", Snapshot::default()));
-        assert!(cat.backup_labels("main").unwrap().is_empty());
+        assert_eq!(cat.backup_headers("main").unwrap().len(), 2);
+        rt.block_on(cat.update_backups_best_effort("main", vec![], vec!["a".into()]));
+        let got = cat.backup_headers("main").unwrap();
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["b"]);
+        assert!(cat.backup_headers("other").unwrap().is_empty());
     }
 
     #[test]

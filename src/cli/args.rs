@@ -77,7 +77,7 @@ pub enum Command {
         options: config::Backup,
     },
     /// Restore a backup into --pgdata and write the recovery settings
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Prove that archiving into the repository works right now
     Check {
         #[command(flatten)]
@@ -197,9 +197,31 @@ pub struct RestoreArgs {
     /// Try the target even if the archive does not reach it (a time after the last archived commit, an unknown restore point)
     #[arg(long)]
     pub no_target_check: bool,
+    /// Patroni: the data directory (as --pgdata, which it overrides)
+    #[arg(long, value_name = "DIR", help_heading = PATRONI)]
+    pub datadir: Option<PathBuf>,
+    /// Patroni: "replica" restores as a standby (as --standby)
+    #[arg(long, value_name = "ROLE", value_parser = ["replica", "primary", "master"], help_heading = PATRONI)]
+    pub role: Option<String>,
+    /// Patroni: the cluster's scope (accepted; the stanza comes from --stanza)
+    #[arg(long, value_name = "NAME", help_heading = PATRONI)]
+    pub scope: Option<String>,
+    /// Patroni: the leader's connection (accepted; Patroni writes primary_conninfo itself)
+    #[arg(long, value_name = "CONNINFO", help_heading = PATRONI)]
+    pub connstring: Option<String>,
+    /// Patroni: a method's keep_data, passed along (accepted)
+    #[arg(long = "keep_data", value_name = "BOOL", hide = true)]
+    pub keep_data: Option<String>,
+    /// Patroni: a method's no_leader, passed along (accepted)
+    #[arg(long = "no_leader", value_name = "BOOL", hide = true)]
+    pub no_leader: Option<String>,
     #[command(flatten)]
     pub options: config::Restore,
 }
+
+/// The arguments Patroni passes to a `create_replica_methods` entry or a
+/// custom `bootstrap` method (docs/patroni.md).
+const PATRONI: &str = "Patroni (create_replica_methods, bootstrap)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TargetActionArg {
@@ -499,6 +521,37 @@ mod tests {
                 assert!(doc.contains(&row), "docs/configuration.md has no row {row}");
             }
         }
+    }
+
+    #[test]
+    fn restore_takes_what_patroni_passes() {
+        // create_replica_methods: the command, then these four.
+        let p = ok(
+            &[
+                "restore",
+                "--scope=pgv",
+                "--role=replica",
+                "--datadir=/var/lib/pg/data",
+                "--connstring=dbname=postgres user=replicator host=10.0.0.1 port=5432",
+                // A method's own keys, which Patroni passes along too.
+                "--keep_data=True",
+                "--no_leader=True",
+            ],
+            &[],
+            "pgdata = \"/elsewhere\"\n",
+        );
+        let Command::Restore(a) = p.cli.command else {
+            panic!("not restore: {:?}", p.cli.command)
+        };
+        assert_eq!(
+            a.datadir.as_deref(),
+            Some(std::path::Path::new("/var/lib/pg/data"))
+        );
+        assert_eq!(a.role.as_deref(), Some("replica"));
+        assert_eq!(a.scope.as_deref(), Some("pgv"));
+        // A bootstrap method: --scope and --datadir only.
+        ok(&["restore", "--scope=pgv", "--datadir=/d"], &[], "");
+        assert!(err(&["restore", "--role=witness"], &[], "").contains("witness"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use clap::FromArgMatches;
 use crate::config::{self, Global};
 use crate::error::{Error, Kind, Result};
 use crate::ops;
-use crate::repo::Repository;
+use crate::repo::{Fetched, Repository};
 use args::{
     ArchiveModeArg, Cli, Command, DrillArgs, InfoOutput, RestoreArgs, TargetActionArg, TargetArgs,
 };
@@ -163,9 +163,13 @@ fn spawn_detached(role: &str) {
 /// before they read the stanza, so that a misspelled `--stanza` leaves
 /// nothing behind. `archive-push` and `archive-get` read it first anyway
 /// and are spared the extra read.
+/// A stanza object that is there but damaged counts as there: the command
+/// says so itself (`verify` reports it and goes on).
 async fn open_stanza(g: &Global) -> Result<Repository> {
     let repo = g.open_repo()?;
-    repo.require_stanza().await?;
+    if let Fetched::Missing = repo.fetch_stanza().await? {
+        repo.require_stanza().await?;
+    }
     Ok(repo)
 }
 
@@ -266,6 +270,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let opts = ops::backup::BackupOptions {
                 pgdata: o.data.pgdata()?.to_path_buf(),
                 conn: o.connection.params(),
+                standby: o.backup_standby,
+                primary: o.primary.over(),
                 start_fast: *start_fast,
                 process_max: o.workers.process_max,
                 // Parallel across files; where one file is all that is left
@@ -280,7 +286,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             render::backup_done(&m)?;
             if let Some(retention) = expire_after {
                 let opts = expire_options(retention, false);
-                let r = ops::expire::expire(&repo, &opts)
+                let catalog = g.catalog(&o.catalog);
+                let r = ops::expire::expire(&repo, catalog.as_ref(), &opts)
                     .await
                     .map_err(|e| e.context("expire after the backup (expire-auto)"))?;
                 for l in &r.expired {
@@ -301,6 +308,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let repo = open_stanza(g).await?;
             let opts = ops::check::CheckOptions {
                 conn: o.connection.params(),
+                primary: o.primary.over(),
                 archive_timeout: o.archive_timeout.duration(),
                 max_backup_age: o.max_backup_age,
                 max_archive_lag: o.max_archive_lag,
@@ -310,8 +318,13 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             for w in &r.warnings {
                 log::warn!("{w}");
             }
+            let through = r
+                .primary
+                .as_ref()
+                .map(|p| format!(", switched on the primary at {p}"))
+                .unwrap_or_default();
             eprintln!(
-                "pgvault: check ok: {} reached {} (stanza {})",
+                "pgvault: check ok: {} reached {} (stanza {}{through})",
                 r.segment,
                 repo.describe(),
                 repo.stanza()
@@ -332,7 +345,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
         } => {
             let opts = expire_options(&o.retention, *dry_run);
             let repo = open_stanza(g).await?;
-            let r = ops::expire::expire(&repo, &opts).await?;
+            let catalog = g.catalog(&o.catalog);
+            let r = ops::expire::expire(&repo, catalog.as_ref(), &opts).await?;
             render::expire(&r)?;
             Ok(0)
         }
@@ -539,8 +553,14 @@ fn restore_options(
             .as_ref()
             .map(|c| c.expose().to_string()),
     };
+    // Patroni's create_replica_methods pass --role=replica.
+    let standby = a.standby || a.role.as_deref() == Some("replica");
+    let pgdata = match &a.datadir {
+        Some(d) => d.clone(),
+        None => a.options.data.pgdata()?.to_path_buf(),
+    };
     Ok(ops::restore::RestoreOptions {
-        pgdata: a.options.data.pgdata()?.to_path_buf(),
+        pgdata,
         set: a.targets.set.clone(),
         target,
         target_action: a.target_action.map(|t| match t {
@@ -552,8 +572,8 @@ fn restore_options(
         target_exclusive: a.targets.target_exclusive,
         archive_mode_off: a.archive_mode == ArchiveModeArg::Off,
         tablespace_map,
-        standby: a.standby,
-        primary_conninfo: if a.standby { primary_conninfo } else { None },
+        standby,
+        primary_conninfo: if standby { primary_conninfo } else { None },
         delta: a.delta,
         process_max: a.options.workers.process_max,
         restore_command: restore_command(g, config_file)?,

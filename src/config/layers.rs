@@ -54,8 +54,13 @@ impl From<Error> for ParseError {
 
 const ENV_PREFIX: &str = "PGVAULT_";
 /// Variables that are not options: pgvault's own, for the helpers it
-/// starts, and the test harness's.
-const NOT_OPTIONS: &[&str] = &["PGVAULT_INTERNAL_", "PGVAULT_TEST_"];
+/// starts, and the test harness's (the fault injector's among them, see
+/// `repo/fault.rs`).
+const NOT_OPTIONS: &[&str] = &[
+    "PGVAULT_INTERNAL_",
+    "PGVAULT_TEST_",
+    crate::repo::fault::VARIABLE,
+];
 
 /// An option: an argument with an environment variable, by long name.
 struct Opt {

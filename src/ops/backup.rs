@@ -1,13 +1,19 @@
 //! `backup`: a full base backup of a running cluster.
 //!
 //! Order (each step only after the previous one succeeded):
-//! 1. prove archiving works: a failing archiver would make the backup
-//!    useless (its WAL would never arrive);
+//! 0. choose the server to copy (`backup-standby`, see [`super::standby`]):
+//!    this node's, a primary or a standby, and check that `--pgdata` is
+//!    that server's data directory;
+//! 1. prove archiving works (on the primary): a failing archiver would
+//!    make the backup useless (its WAL would never arrive); from a
+//!    standby, wait until it has replayed past the primary's checkpoint;
 //! 2. `pg_backup_start` in one session;
 //! 3. copy the data directory from local disk — several files at once, each
 //!    streamed through SHA-256 and zstd into the repository, small files
 //!    bundled — and `global/pg_control` last;
-//! 4. `pg_backup_stop`, which returns `backup_label` and `tablespace_map`;
+//! 4. `pg_backup_stop`, which returns `backup_label` and `tablespace_map`
+//!    (from a standby: still a standby on the same timeline, and the
+//!    primary switches WAL so that the stop segment is archived);
 //! 5. wait, with a bound, until the WAL from start to stop is archived;
 //! 6. write the manifest. Only now is the backup complete: an interrupted
 //!    backup has no manifest and is never offered for restore.
@@ -23,9 +29,10 @@ use crate::error::{Error, Kind, Result};
 use crate::ops::check::{prove_archiving, wait_for_wal};
 use crate::ops::pg_error;
 use crate::ops::progress::Progress;
+use crate::ops::standby::{self, PrimaryOverride, StandbyMode};
 use crate::ops::stanza_create::read_cluster;
 use crate::ops::workers;
-use crate::pg::conn::{ConnParams, Session};
+use crate::pg::conn::ConnParams;
 use crate::pg::datadir::{self, Entry};
 use crate::pg::page::PageVerifier;
 use crate::pg::recovery::parse_backup_label;
@@ -34,14 +41,22 @@ use crate::pg::{Lsn, WalFileName};
 use crate::repo::codec::{EncodeOptions, Encoder};
 use crate::repo::layout;
 use crate::repo::manifest::{
-    BadPageEntry, DirEntry, FileEntry, Manifest, PageChecksums, Tablespace, MANIFEST_FORMAT,
+    BackupHeader, BadPageEntry, DirEntry, FileEntry, Manifest, PageChecksums, Tablespace,
+    MANIFEST_FORMAT,
 };
 use crate::repo::{Backend, PutMode, Repository, Spool};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
+    /// This node's server: its data directory and connection.
     pub pgdata: PathBuf,
     pub conn: ConnParams,
+    /// `backup-standby`: whether this node must, may or must not be a
+    /// standby.
+    pub standby: StandbyMode,
+    /// How to reach the primary from a standby, where its own connection
+    /// to it is not the way.
+    pub primary: PrimaryOverride,
     pub start_fast: bool,
     pub process_max: usize,
     /// `threads`: zstd worker threads for a large file while the other
@@ -82,11 +97,20 @@ async fn backup_inner(
 ) -> Result<Manifest> {
     let stanza = repo.require_stanza().await?;
     let db = stanza.current().clone();
-    let cluster = read_cluster(opts.pgdata.clone()).await?;
+    let source = standby::choose(
+        opts.standby,
+        &opts.conn,
+        &opts.pgdata,
+        &opts.primary,
+        &*progress,
+    )
+    .await?;
+    let pgdata = source.pgdata.as_path();
+    let cluster = read_cluster(pgdata.to_path_buf()).await?;
     if cluster.control.system_identifier != db.system_id() {
         return Err(Error::stanza(format!(
             "{} is cluster {}, but stanza {:?} archives cluster {}",
-            opts.pgdata.display(),
+            pgdata.display(),
             cluster.control.system_identifier,
             repo.stanza(),
             db.system_identifier
@@ -94,19 +118,41 @@ async fn backup_inner(
         .hint("after pg_upgrade run `pgvault stanza-upgrade --pgdata <new PGDATA>` first"));
     }
 
-    let session = Session::connect(&opts.conn).await.map_err(pg_error)?;
+    let session = &source.session;
     if session.major != db.pg_version {
         return Err(Error::stanza(format!(
             "the server runs PostgreSQL {}, the stanza records {}",
             session.major, db.pg_version
         )));
     }
-    prove_archiving(repo, &db, &session, opts.archive_timeout, &*progress).await?;
+    standby::check_datadir(session, &source.params, pgdata).await?;
+    let primary = source.primary.as_ref();
+    let archiving_on = primary.map(|p| &p.session).unwrap_or(session);
+    prove_archiving(repo, &db, archiving_on, opts.archive_timeout, &*progress).await?;
+    if let Some(p) = primary {
+        standby::wait_replayed(
+            session,
+            p,
+            opts.start_fast,
+            opts.archive_timeout,
+            &*progress,
+        )
+        .await?;
+    }
 
     let label = new_label(repo).await?;
+    let from = match primary {
+        Some(p) => format!(
+            "from the standby at {} (primary {})",
+            source.params.describe(),
+            p.params.describe()
+        ),
+        None => format!("from the primary at {}", source.params.describe()),
+    };
     progress.message(&format!(
-        "backup {label}: starting (checkpoint{})",
-        if opts.start_fast { ", fast" } else { "" }
+        "backup {label}: starting {from}, files from {} ({}checkpoint)",
+        pgdata.display(),
+        if opts.start_fast { "fast " } else { "" }
     ));
     let start_lsn = session
         .backup_start(&format!("pgvault {label}"), opts.start_fast)
@@ -128,10 +174,13 @@ async fn backup_inner(
     // With data checksums, every page is checked as it is read (pages
     // changed after the start are not: WAL replay rewrites them).
     let verify_pages = (cluster.control.data_checksum_version != 0).then_some(start_lsn);
-    let copied = copy_files(repo, &label, opts, verify_pages, progress.clone()).await;
+    let copied = copy_files(repo, &label, pgdata, opts, verify_pages, progress.clone()).await;
     // Stop the backup whatever happened to the copy: leaving it running
     // would hold back WAL removal until the session ends.
     let stop = session.backup_stop().await.map_err(pg_error);
+    if primary.is_some() {
+        standby::still_standby(session).await?;
+    }
     let (files, dirs, page_checksums) = copied?;
     if let Some(pc) = &page_checksums {
         for b in &pc.bad_pages {
@@ -163,6 +212,9 @@ async fn backup_inner(
     let seg = db.wal_segment_size;
     let first = start_lsn.segno(seg);
     let last = stop.lsn.prev_segno(seg).max(first);
+    if let Some(p) = primary {
+        standby::finish_on_primary(session, p, tli, stop.lsn, seg).await?;
+    }
 
     progress.message(&format!(
         "backup {label}: waiting for WAL {} … {} to be archived",
@@ -174,32 +226,35 @@ async fn backup_inner(
     let original_size = files.iter().map(|f| f.size).sum();
     let stored_size = stored_size(&files);
     let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        label: label.clone(),
-        backup_type: "full".into(),
-        start_lsn,
-        stop_lsn: stop.lsn,
-        start_time,
-        stop_time,
-        timeline: tli,
-        pg_version: db.pg_version,
-        system_identifier: db.system_identifier.clone(),
-        db_id: db.id,
-        wal_segment_size: seg,
-        wal_start: WalFileName::for_segment(tli, first, seg)
-            .as_str()
-            .to_string(),
-        wal_stop: WalFileName::for_segment(tli, last, seg)
-            .as_str()
-            .to_string(),
+        header: BackupHeader {
+            format: MANIFEST_FORMAT,
+            label: label.clone(),
+            backup_type: "full".into(),
+            start_lsn,
+            stop_lsn: stop.lsn,
+            start_time,
+            stop_time,
+            timeline: tli,
+            pg_version: db.pg_version,
+            system_identifier: db.system_identifier.clone(),
+            db_id: db.id,
+            wal_segment_size: seg,
+            wal_start: WalFileName::for_segment(tli, first, seg)
+                .as_str()
+                .to_string(),
+            wal_stop: WalFileName::for_segment(tli, last, seg)
+                .as_str()
+                .to_string(),
+            original_size,
+            stored_size,
+            file_count: files.len() as u64,
+            page_checksums,
+        },
         backup_label: stop.backup_label,
         tablespace_map: stop.tablespace_map,
         tablespaces,
         dirs,
         files,
-        original_size,
-        stored_size,
-        page_checksums,
     };
     repo.write_manifest(&manifest).await?;
     progress.finish();
@@ -520,12 +575,13 @@ impl Worker {
 async fn copy_files(
     repo: &Repository,
     label: &str,
+    pgdata: &Path,
     opts: &BackupOptions,
     verify_pages: Option<Lsn>,
     progress: Arc<dyn Progress>,
 ) -> Result<(Vec<FileEntry>, Vec<DirEntry>, Option<PageChecksums>)> {
-    let pgdata = opts.pgdata.clone();
-    let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&pgdata))
+    let dir = pgdata.to_path_buf();
+    let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&dir))
         .await?
         .map_err(|e| Error::io_in(Kind::InvalidInput, "read the data directory", &e))?;
     let control_pos = files
@@ -534,7 +590,7 @@ async fn copy_files(
         .ok_or_else(|| {
             Error::new(
                 Kind::InvalidInput,
-                format!("{} has no {}", opts.pgdata.display(), datadir::PG_CONTROL),
+                format!("{} has no {}", pgdata.display(), datadir::PG_CONTROL),
             )
         })?;
     let control = files.swap_remove(control_pos);

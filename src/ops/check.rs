@@ -1,11 +1,17 @@
 //! `check`: prove that the set-up works now, end to end. `backup` runs the
 //! same proof before it copies anything.
+//!
+//! Archiving is proven on the primary: it switches WAL and the segment must
+//! reach the repository. Run against a standby, `check` finds its primary
+//! (as a backup from the standby does), checks that the standby streams
+//! from it on the same timeline, and proves archiving there.
 
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::pg_error;
 use crate::ops::progress::Progress;
+use crate::ops::standby::{self, PrimaryOverride};
 use crate::ops::walfacts;
 use crate::pg::archiver::archiver_lag;
 use crate::pg::conn::{ArchiverStatus, ConnParams, Session};
@@ -15,6 +21,9 @@ use crate::repo::{DbInfo, Repository};
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
     pub conn: ConnParams,
+    /// The primary, when `conn` is a standby whose own connection to it is
+    /// not the way.
+    pub primary: PrimaryOverride,
     pub archive_timeout: Duration,
     /// Thresholds for monitors: the newest backup's age, the archiver's
     /// lag in bytes.
@@ -25,6 +34,8 @@ pub struct CheckOptions {
 #[derive(Debug, Clone)]
 pub struct CheckReport {
     pub segment: String,
+    /// The primary archiving was proven on, when `conn` is a standby.
+    pub primary: Option<String>,
     pub warnings: Vec<String>,
     /// One per threshold given, in the order of the options.
     pub thresholds: Vec<Threshold>,
@@ -65,7 +76,20 @@ pub async fn check(
         ))
         .hint("after pg_upgrade run `pgvault stanza-upgrade --pgdata <new PGDATA>`"));
     }
-    let status = session.archiver_status().await.map_err(pg_error)?;
+    let primary = if session.in_recovery().await.map_err(pg_error)? {
+        let p = standby::primary_of(&session, &opts.conn, &opts.primary).await?;
+        standby::check_pair(&session, &p).await?;
+        progress.message(&format!(
+            "{} is a standby streaming from the primary at {}: proving archiving there",
+            opts.conn.describe(),
+            p.params.describe()
+        ));
+        Some(p)
+    } else {
+        None
+    };
+    let on = primary.as_ref().map(|p| &p.session).unwrap_or(&session);
+    let status = on.archiver_status().await.map_err(pg_error)?;
     let mut warnings = Vec::new();
     if status.archive_mode == "always" {
         warnings.push(
@@ -87,13 +111,14 @@ pub async fn check(
             "set archive_command = 'pgvault --config <file> archive-push %p' and reload PostgreSQL",
         ));
     }
-    // Measured before the switch below, which would change the lag.
+    // Measured before the switch below, which would change the lag; on the
+    // primary when this is a standby (its archiver is the one that lags).
     let mut thresholds = Vec::new();
     if let Some(max) = opts.max_backup_age {
         thresholds.push(backup_age(repo, max).await?);
     }
     if let Some(max) = opts.max_archive_lag {
-        let lag = archiver_lag(&session, db.wal_segment_size)
+        let lag = archiver_lag(on, db.wal_segment_size)
             .await
             .map_err(pg_error)?;
         thresholds.push(Threshold {
@@ -105,7 +130,7 @@ pub async fn check(
             }),
         });
     }
-    let segment = prove_archiving(repo, &db, &session, opts.archive_timeout, progress).await?;
+    let segment = prove_archiving(repo, &db, on, opts.archive_timeout, progress).await?;
     // Archiving works; the archive must also be one cluster history.
     let archive = repo.archive(&db);
     let listing = archive.list().await?;
@@ -124,6 +149,7 @@ pub async fn check(
     }
     Ok(CheckReport {
         segment,
+        primary: primary.map(|p| p.params.describe()),
         warnings,
         thresholds,
     })
@@ -159,12 +185,12 @@ pub(crate) async fn prove_archiving(
         return Err(Error::new(Kind::Postgres, "archive_mode is off: WAL is not archived")
             .hint("set archive_mode = on and archive_command = 'pgvault archive-push %p', then restart PostgreSQL"));
     }
+    // Callers hand the primary; a standby cannot switch WAL.
     if session.in_recovery().await.map_err(pg_error)? {
         return Err(Error::new(
             Kind::Postgres,
-            "the server is in recovery; run this against the primary",
-        )
-        .hint("backups and checks from a standby are not supported yet"));
+            "the server is in recovery: only the primary can switch WAL to prove archiving",
+        ));
     }
     // pg_switch_wal() does nothing on an idle cluster: write a little WAL first.
     let segment = session.write_and_switch().await.map_err(pg_error)?;

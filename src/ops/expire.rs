@@ -31,9 +31,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::pg::{SegmentNo, WalFileKind};
-use crate::repo::manifest::{Manifest, UnreadableManifest};
+use crate::repo::manifest::{BackupHeader, Backups, UnreadableManifest};
 use crate::repo::orphans::{self, Orphan};
 use crate::repo::Repository;
 
@@ -64,7 +65,7 @@ pub struct ExpireReport {
 }
 
 /// Which backups stay, by the policies (indices into `all`, oldest first).
-pub fn keep_set(all: &[Manifest], opts: &ExpireOptions) -> BTreeSet<usize> {
+pub fn keep_set(all: &[BackupHeader], opts: &ExpireOptions) -> BTreeSet<usize> {
     let mut keep = BTreeSet::new();
     if all.is_empty() {
         return keep;
@@ -76,7 +77,7 @@ pub fn keep_set(all: &[Manifest], opts: &ExpireOptions) -> BTreeSet<usize> {
         keep.extend(fulls.iter().rev().take(n.max(1)));
     }
     if let Some(window) = opts.retention_window {
-        let newest = all.iter().filter_map(Manifest::stop_time_utc).max();
+        let newest = all.iter().filter_map(BackupHeader::stop_time_utc).max();
         if let Some(newest) = newest {
             let edge = newest - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
             let mut before_edge = None;
@@ -96,38 +97,52 @@ pub fn keep_set(all: &[Manifest], opts: &ExpireOptions) -> BTreeSet<usize> {
     keep
 }
 
-pub async fn expire(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireReport> {
+pub async fn expire(
+    repo: &Repository,
+    catalog: Option<&Catalog>,
+    opts: &ExpireOptions,
+) -> Result<ExpireReport> {
     if opts.retention_full.is_none() && opts.retention_window.is_none() {
         return Err(Error::usage("no retention policy set").hint(
             "set retention-full (a count of full backups) and/or retention-window (e.g. 14d)",
         ));
     }
     if opts.dry_run {
-        return expire_locked(repo, opts).await;
+        return expire_locked(repo, catalog, opts).await;
     }
     // Not while a backup runs: it may be between its data and its manifest.
     let lock = repo.lock("expire").await?;
-    let result = expire_locked(repo, opts).await;
+    let result = expire_locked(repo, catalog, opts).await;
     lock.release().await?;
     result
 }
 
-async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireReport> {
+async fn expire_locked(
+    repo: &Repository,
+    catalog: Option<&Catalog>,
+    opts: &ExpireOptions,
+) -> Result<ExpireReport> {
     let stanza = repo.require_stanza().await?;
-    let backups = repo.backups().await?;
-    if let Some(u) = backups.unreadable.iter().find(|u| !u.corrupt) {
+    // The headers decide (from the catalog where it knows them); the full
+    // listing says what to delete and what was left behind.
+    let index = crate::ops::backups::index(repo, catalog).await?;
+    let backups = Backups {
+        dirs: repo.backup_dirs().await?,
+        ..Backups::default()
+    };
+    if let Some(u) = index.unreadable.iter().find(|u| !u.corrupt) {
         // Its WAL needs are unknown to this version: deleting any could
         // break a backup that a newer pgvault restores.
         return Err(Error::repository(u.error.clone())
             .hint("run expire with the pgvault version that wrote that backup"));
     }
-    for u in &backups.unreadable {
+    for u in &index.unreadable {
         log::warn!("backup {} kept: {}", u.label, u.error);
     }
-    let all = &backups.manifests;
+    let all = &index.headers;
     let keep = keep_set(all, opts);
-    let kept: Vec<&Manifest> = keep.iter().map(|&i| &all[i]).collect();
-    let expired: Vec<&Manifest> = (0..all.len())
+    let kept: Vec<&BackupHeader> = keep.iter().map(|&i| &all[i]).collect();
+    let expired: Vec<&BackupHeader> = (0..all.len())
         .filter(|i| !keep.contains(i))
         .map(|i| &all[i])
         .collect();
@@ -193,7 +208,7 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
         wal_kept_from,
         wal_objects_removed: wal_keys.len() as u64,
         wal_files_removed: wal_names,
-        unreadable: backups.unreadable.clone(),
+        unreadable: index.unreadable.clone(),
         orphans: leftovers,
     };
     if opts.dry_run {
@@ -203,6 +218,11 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
         if let Some(dir) = backups.dirs.iter().find(|d| d.label == m.label) {
             repo.delete_backup(dir).await?;
         }
+    }
+    if let Some(cat) = catalog {
+        let gone = expired.iter().map(|m| m.label.clone()).collect();
+        cat.update_backups_best_effort(repo.stanza(), Vec::new(), gone)
+            .await;
     }
     for key in &wal_keys {
         repo.backend().delete(key).await?;
@@ -217,8 +237,8 @@ async fn expire_locked(repo: &Repository, opts: &ExpireOptions) -> Result<Expire
 mod tests {
     use super::*;
 
-    fn m(label: &str, stop: &str) -> Manifest {
-        crate::repo::manifest::test_manifest(label, 1, 0x100, stop)
+    fn m(label: &str, stop: &str) -> BackupHeader {
+        crate::repo::manifest::test_manifest(label, 1, 0x100, stop).header
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::catalog::{BackupRow, Catalog, Snapshot, TimelineRow, WalRow};
+use crate::catalog::{Catalog, Snapshot, TimelineRow, WalRow};
 use crate::error::Result;
 use crate::ops::walfacts;
 use crate::pg::archiver::{archiver_lag, ArchiverLag};
@@ -15,7 +15,7 @@ use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::Histories;
 use crate::repo::archive::Listing;
-use crate::repo::manifest::{Manifest, PageChecksums, UnreadableManifest};
+use crate::repo::manifest::{BackupHeader, PageChecksums, UnreadableManifest};
 use crate::repo::results::{DrillRecord, ResultKind, VerifyRecord};
 use crate::repo::{DbInfo, Repository};
 use crate::spool::SpoolDir;
@@ -221,16 +221,16 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
     let catalog = opts.catalog.as_ref();
     let generated_at = chrono::Utc::now();
     let stanza = repo.require_stanza().await?;
-    let backups = repo.backups().await?;
+    let backups = crate::ops::backups::index(repo, catalog).await?;
     for u in &backups.unreadable {
         log::warn!("backup {} left out: {}", u.label, u.error);
     }
-    let manifests = backups.manifests;
+    let manifests = backups.headers;
     let mut dbs = Vec::new();
     let mut current_listing = Listing::default();
     let mut newest_commit = None;
     for db in &stanza.dbs {
-        let own: Vec<Manifest> = manifests
+        let own: Vec<BackupHeader> = manifests
             .iter()
             .filter(|m| m.db_id == db.id)
             .cloned()
@@ -290,7 +290,7 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
                 stop_time: m.stop_time.clone(),
                 original_size: m.original_size,
                 stored_size: m.stored_size,
-                files: m.files.len() as u64,
+                files: m.file_count,
                 wal_start: m.wal_start.clone(),
                 wal_stop: m.wal_stop.clone(),
                 db_id: m.db_id,
@@ -386,7 +386,7 @@ async fn db_archive(
     repo: &Repository,
     catalog: Option<&Catalog>,
     db: &DbInfo,
-    manifests: &[Manifest],
+    manifests: &[BackupHeader],
 ) -> Result<(Listing, Vec<TimelineReport>, Option<i64>)> {
     let archive = repo.archive(db);
     let listing = archive.list().await?;
@@ -464,21 +464,6 @@ fn snapshot(listing: &Listing, report: &InfoReport) -> Snapshot {
                     .map_or(0, |c| c.stored_size),
             })
             .collect(),
-        backups: report
-            .backups
-            .iter()
-            .map(|b| BackupRow {
-                label: b.label.clone(),
-                backup_type: b.backup_type.clone(),
-                timeline: b.timeline,
-                start_lsn: b.start_lsn.to_string(),
-                stop_lsn: b.stop_lsn.to_string(),
-                start_time: b.start_time.clone(),
-                stop_time: b.stop_time.clone(),
-                original_size: b.original_size,
-                stored_size: b.stored_size,
-            })
-            .collect(),
         timelines: report
             .timelines
             .iter()
@@ -501,7 +486,7 @@ fn recoverable(
     listing: &Listing,
     sums: &walfacts::Summaries,
     histories: &BTreeMap<TimelineId, TimelineHistory>,
-    manifests: &[Manifest],
+    manifests: &[BackupHeader],
     timelines: &mut [TimelineReport],
 ) -> Option<i64> {
     let seg = db.wal_segment_size;
@@ -514,7 +499,7 @@ fn recoverable(
         // (PostgreSQL refuses a backup whose checkpoint is not, and one
         // whose WAL leaves its timeline before its end never gets
         // consistent).
-        let on_path = |m: &&Manifest| h.holds(m.timeline, m.start_lsn, m.stop_lsn);
+        let on_path = |m: &&BackupHeader| h.holds(m.timeline, m.start_lsn, m.stop_lsn);
         let Some(oldest) = manifests.iter().find(on_path) else {
             continue;
         };

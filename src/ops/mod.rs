@@ -4,6 +4,7 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
+pub mod backups;
 pub mod check;
 pub mod drill;
 pub mod expire;
@@ -12,6 +13,7 @@ pub mod info;
 pub mod metrics;
 pub mod progress;
 pub mod restore;
+pub mod standby;
 pub mod stanza_create;
 pub mod stanza_upgrade;
 pub mod verify;

@@ -1,11 +1,13 @@
 //! `stanza-create`: record the cluster in `--pgdata` in the repository.
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Kind, Result};
 use crate::pg::control::{read_cluster_info, ClusterInfo};
+use crate::repo::local::user_name;
 use crate::repo::stanza::CreateOutcome;
-use crate::repo::{DbInfo, PutMode, PutOutcome, Repository};
+use crate::repo::{DbInfo, PutMode, PutOutcome, RepoLocation, Repository};
 
 #[derive(Debug, Clone)]
 pub struct StanzaCreateOptions {
@@ -69,7 +71,52 @@ async fn probe_create_if_absent(repo: &Repository) -> Result<()> {
     }
 }
 
+/// A local repository must belong to the user who owns the data directory:
+/// that is the PostgreSQL server's user, whose archive_command writes every
+/// WAL file into it. A repository that root (or anyone else) owns would let
+/// stanza-create succeed and every archive-push after it fail.
+async fn check_owner(repo: &Repository, pgdata: &Path) -> Result<()> {
+    let RepoLocation::Local(root) = repo.location() else {
+        return Ok(());
+    };
+    let (root, pgdata) = (root.clone(), pgdata.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        // A data directory that cannot be read is reported by read_cluster.
+        let Ok(data) = std::fs::metadata(&pgdata) else {
+            return Ok(());
+        };
+        let (repo_uid, how) = match std::fs::metadata(&root) {
+            Ok(m) => (m.uid(), "belongs to"),
+            // It would be created by this process, for its user.
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            Err(_) => (unsafe { libc::geteuid() }, "would be created for"),
+        };
+        if repo_uid == data.uid() {
+            return Ok(());
+        }
+        let pg_user = user_name(data.uid());
+        let login = pg_user.split(' ').next().unwrap_or(&pg_user).to_string();
+        Err(Error::usage(format!(
+            "the repository {} {how} {}, but the data directory {} belongs to {pg_user}: \
+             the PostgreSQL server's archive_command, which runs as {pg_user}, could not write to it",
+            root.display(),
+            user_name(repo_uid),
+            pgdata.display()
+        ))
+        .hint(format!(
+            "create the repository as the PostgreSQL server's user, owner-only: \
+             `install -d -o {login} -m 700 {}` (or chown an existing one to {login}), \
+             and run pgvault as {login}",
+            root.display()
+        )))
+    })
+    .await?
+}
+
 pub async fn stanza_create(repo: &Repository, opts: &StanzaCreateOptions) -> Result<StanzaCreated> {
+    check_owner(repo, &opts.pgdata)
+        .await
+        .map_err(|e| e.context(format!("stanza-create {}", repo.stanza())))?;
     probe_create_if_absent(repo)
         .await
         .map_err(|e| e.context(format!("stanza-create {}", repo.stanza())))?;

@@ -78,18 +78,13 @@ pub async fn load(
     names: &[WalFileName],
 ) -> Result<Summaries> {
     let stanza = archive.repo().stanza().to_string();
-    let cached: HashMap<(String, String), WalSummary> = match catalog {
-        Some(cat) => {
-            let (cat, stanza) = (cat.clone(), stanza.clone());
-            tokio::task::spawn_blocking(move || cat.summaries(&stanza))
-                .await?
-                .unwrap_or_else(|e| {
-                    log::debug!("catalog: {e} (reading summaries from the repository)");
-                    HashMap::new()
-                })
-        }
-        None => HashMap::new(),
-    };
+    let wanted: Vec<(String, String)> = names
+        .iter()
+        .filter_map(|n| Some((n.as_str().to_string(), listing.answer(n)?.to_hex())))
+        .collect();
+    let s2 = stanza.clone();
+    let cached: HashMap<(String, String), WalSummary> =
+        Catalog::read_best_effort(catalog, move |c| c.summaries(&s2, &wanted)).await;
     let mut out = Summaries::default();
     let mut fetch = Vec::new();
     for name in names {

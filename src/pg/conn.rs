@@ -10,7 +10,7 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use super::Lsn;
+use super::{Lsn, TimelineId};
 
 #[derive(Debug, Clone, Default)]
 pub struct ConnParams {
@@ -73,6 +73,17 @@ pub struct ArchiverStatus {
     pub failing: bool,
 }
 
+/// A standby's WAL receiver (`pg_stat_wal_receiver`).
+#[derive(Debug, Clone)]
+pub struct WalReceiver {
+    /// `streaming`, `starting`, `waiting`, …; `None` when not visible.
+    pub status: Option<String>,
+    pub received_tli: Option<TimelineId>,
+    /// The server it streams from: host name, address or socket directory.
+    pub sender_host: Option<String>,
+    pub sender_port: Option<u16>,
+}
+
 /// The result of the backup stop call.
 #[derive(Debug, Clone)]
 pub struct BackupStop {
@@ -127,6 +138,57 @@ impl ConnParams {
             r.dbname.unwrap_or_default()
         )
     }
+}
+
+/// The keywords of a libpq connection string in its `key=value` form
+/// (libpq's `conninfo_parse`: values may be single-quoted, with `\\` and
+/// `\'` escapes). A URI (`postgresql://…`) is not parsed: `Err`.
+pub fn parse_conninfo(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    if s.trim_start().starts_with("postgres") && s.contains("://") {
+        return Err("a connection URI, not key=value pairs".into());
+    }
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(out);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(format!("missing \"=\" after {key:?}"));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => value.extend(chars.next()),
+                    Some(c) => value.push(c),
+                    None => return Err(format!("unterminated quoted value of {key:?}")),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        out.push((key, value));
+    }
+}
+
+fn lsn(s: &str, what: &str) -> Result<Lsn> {
+    s.parse()
+        .map_err(|_| ConnError::Unexpected(format!("{what} returned {s:?}")))
 }
 
 fn q(what: &str) -> impl FnOnce(tokio_postgres::Error) -> ConnError + '_ {
@@ -300,6 +362,147 @@ impl Session {
         })
     }
 
+    /// `pg_current_wal_lsn()`: where a primary writes now.
+    pub async fn current_lsn(&self) -> Result<Lsn> {
+        let s = self
+            .text("SELECT pg_current_wal_lsn()::text", "pg_current_wal_lsn()")
+            .await?;
+        lsn(&s, "pg_current_wal_lsn()")
+    }
+
+    /// The timeline a primary writes, from the name of its current WAL
+    /// file (`pg_control_checkpoint()` shows the last checkpoint's, which
+    /// lags behind a promotion until the next checkpoint).
+    pub async fn current_timeline(&self) -> Result<TimelineId> {
+        let name = self
+            .text(
+                "SELECT pg_walfile_name(pg_current_wal_lsn())",
+                "pg_walfile_name(pg_current_wal_lsn())",
+            )
+            .await?;
+        name.get(..8)
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .map(TimelineId)
+            .ok_or_else(|| ConnError::Unexpected(format!("pg_walfile_name returned {name:?}")))
+    }
+
+    /// `pg_last_wal_replay_lsn()`: how far a standby has replayed (`None`
+    /// before it replayed anything).
+    pub async fn replay_lsn(&self) -> Result<Option<Lsn>> {
+        let row = self
+            .client
+            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+            .await
+            .map_err(q("pg_last_wal_replay_lsn()"))?;
+        row.get::<_, Option<String>>(0)
+            .map(|s| lsn(&s, "pg_last_wal_replay_lsn()"))
+            .transpose()
+    }
+
+    /// The cluster's system identifier, as PostgreSQL prints it (decimal).
+    pub async fn system_identifier(&self) -> Result<String> {
+        self.text(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            "read the system identifier (pg_control_system())",
+        )
+        .await
+    }
+
+    /// `CHECKPOINT` (superuser, or `pg_checkpoint` from PostgreSQL 15).
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(q("CHECKPOINT"))
+    }
+
+    /// The location of the last checkpoint record in `pg_control` (on a
+    /// standby: its last restartpoint).
+    pub async fn last_checkpoint(&self) -> Result<Lsn> {
+        let s = self
+            .text(
+                "SELECT checkpoint_lsn::text FROM pg_control_checkpoint()",
+                "pg_control_checkpoint()",
+            )
+            .await?;
+        lsn(&s, "pg_control_checkpoint()")
+    }
+
+    /// On a standby: the timeline of its minimum recovery point, which a
+    /// backup from it ends on (`pg_backup_stop` returns that point).
+    pub async fn min_recovery_timeline(&self) -> Result<TimelineId> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT min_recovery_end_timeline::int8 FROM pg_control_recovery()",
+                &[],
+            )
+            .await
+            .map_err(q("pg_control_recovery()"))?;
+        let t: i64 = row.get(0);
+        u32::try_from(t).map(TimelineId).map_err(|_| {
+            ConnError::Unexpected(format!("pg_control_recovery() returned timeline {t}"))
+        })
+    }
+
+    /// `recovery_min_apply_delay`, in milliseconds.
+    pub async fn apply_delay_ms(&self) -> Result<i64> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT setting::int8 FROM pg_settings WHERE name = 'recovery_min_apply_delay'",
+                &[],
+            )
+            .await
+            .map_err(q("read setting recovery_min_apply_delay"))?;
+        Ok(row.get(0))
+    }
+
+    /// What a standby's WAL receiver shows; `None` when it does not run.
+    /// Without `pg_read_all_stats` the row's columns read as NULL.
+    pub async fn wal_receiver(&self) -> Result<Option<WalReceiver>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT status, received_tli::int8, sender_host, sender_port::int8
+                   FROM pg_stat_wal_receiver",
+                &[],
+            )
+            .await
+            .map_err(q("read pg_stat_wal_receiver"))?;
+        Ok(rows.first().map(|r| WalReceiver {
+            status: r.get(0),
+            received_tli: r
+                .get::<_, Option<i64>>(1)
+                .and_then(|t| u32::try_from(t).ok())
+                .map(TimelineId),
+            sender_host: r.get(2),
+            sender_port: r
+                .get::<_, Option<i64>>(3)
+                .and_then(|p| u16::try_from(p).ok()),
+        }))
+    }
+
+    /// The postmaster as it describes itself: its port and start time
+    /// (seconds since the epoch), to be matched with `postmaster.pid`.
+    pub async fn postmaster(&self) -> Result<(u16, i64)> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting('port')::int8,
+                        extract(epoch FROM pg_postmaster_start_time())::int8",
+                &[],
+            )
+            .await
+            .map_err(q("read the port and pg_postmaster_start_time()"))?;
+        let port: i64 = row.get(0);
+        Ok((
+            u16::try_from(port)
+                .map_err(|_| ConnError::Unexpected(format!("port {port} out of range")))?,
+            row.get(1),
+        ))
+    }
+
     /// Tablespaces: (oid, name, location).
     pub async fn tablespaces(&self) -> Result<Vec<(u32, String, String)>> {
         let rows = self
@@ -315,5 +518,36 @@ impl Session {
             .iter()
             .map(|r| (r.get::<_, i64>(0) as u32, r.get(1), r.get(2)))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get<'a>(kv: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn conninfo_as_patroni_and_pg_basebackup_write_it() {
+        // pg_basebackup -R quotes every value; Patroni writes plain ones.
+        let kv = parse_conninfo(
+            "user=replicator passfile='/var/lib/postgresql/.pgpass' channel_binding=prefer \
+             host='10.0.0.1' port=5432 sslmode=prefer application_name='node 2'",
+        )
+        .unwrap();
+        assert_eq!(get(&kv, "host"), Some("10.0.0.1"));
+        assert_eq!(get(&kv, "port"), Some("5432"));
+        assert_eq!(get(&kv, "user"), Some("replicator"));
+        assert_eq!(get(&kv, "application_name"), Some("node 2"));
+        let kv = parse_conninfo(r"host = /tmp password='it\'s' x=a\ b").unwrap();
+        assert_eq!(get(&kv, "host"), Some("/tmp"));
+        assert_eq!(get(&kv, "password"), Some("it's"));
+        assert_eq!(get(&kv, "x"), Some("a b"));
+        assert_eq!(parse_conninfo("").unwrap(), vec![]);
+        assert!(parse_conninfo("host").is_err());
+        assert!(parse_conninfo("host='x").is_err());
+        assert!(parse_conninfo("postgresql://u@h:5432/db").is_err());
     }
 }

@@ -31,7 +31,7 @@ pub const EMPTY_DIRS: &[&str] = &[
 
 /// Files left out at the top level of the data directory.
 const SKIP_TOP_FILES: &[&str] = &[
-    "postmaster.pid",
+    POSTMASTER_PID,
     "postmaster.opts",
     "backup_label",
     "backup_label.old",
@@ -75,9 +75,55 @@ pub fn classify(rel: &str, is_dir: bool) -> Entry {
     Entry::Copy
 }
 
+/// The lock file of a running server.
+pub const POSTMASTER_PID: &str = "postmaster.pid";
+
+/// What `postmaster.pid` says about the server that runs on a data
+/// directory (`src/include/utils/pidfile.h`: line 1 the PID, 2 the data
+/// directory, 3 the start time in seconds since the epoch, 4 the port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostmasterPid {
+    pub pid: i64,
+    pub start_time: i64,
+    pub port: u16,
+}
+
+impl PostmasterPid {
+    /// `None` when the file is not a complete lock file (a server still
+    /// starting writes the port a moment after the first lines).
+    pub fn parse(text: &str) -> Option<PostmasterPid> {
+        let mut lines = text.lines();
+        let pid = lines.next()?.trim().parse().ok()?;
+        let _datadir = lines.next()?;
+        let start_time = lines.next()?.trim().parse().ok()?;
+        let port = lines.next()?.trim().parse().ok()?;
+        Some(PostmasterPid {
+            pid,
+            start_time,
+            port,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_postmaster_pid() {
+        // As PostgreSQL 15 writes it.
+        let text = "4242\n/var/lib/postgresql/15/main\n1764152100\n5432\n/var/run/postgresql\n*\n  5432001    196608\nready   \n";
+        assert_eq!(
+            PostmasterPid::parse(text),
+            Some(PostmasterPid {
+                pid: 4242,
+                start_time: 1764152100,
+                port: 5432
+            })
+        );
+        assert_eq!(PostmasterPid::parse("4242\n/data\n1764152100\n"), None);
+        assert_eq!(PostmasterPid::parse(""), None);
+    }
 
     #[test]
     fn follows_basebackup_rules() {

@@ -28,7 +28,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,11 +39,6 @@ use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::pg::history::{parse_history, TimelineHistory};
 use crate::pg::walscan::WalSummary;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
-
-/// How long a pusher waits before reading back a claim on a store whose
-/// create-if-absent is not atomic: longer than any racing writer's
-/// check-then-write takes.
-const CLAIM_SETTLE: Duration = Duration::from_millis(300);
 
 /// The claim object: which content owns a WAL file name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,7 +178,7 @@ impl Archive {
             return Ok(ClaimOutcome::Claimed);
         }
         if created == PutOutcome::Created {
-            tokio::time::sleep(CLAIM_SETTLE).await;
+            tokio::time::sleep(crate::repo::backend::SETTLE).await;
         }
         let owner = self.read_claim(name).await?.ok_or_else(|| {
             Error::repository(format!(

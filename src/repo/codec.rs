@@ -22,6 +22,8 @@ use std::io::{self, BufRead, Read, Write};
 
 use sha2::{Digest, Sha256};
 
+use super::backend::TransferError;
+
 pub const MAGIC: &[u8; 8] = b"PGVAULT\0";
 pub const TRAILER_MAGIC: &[u8; 8] = b"PGVEND\0\0";
 pub const FORMAT_VERSION: u16 = 1;
@@ -142,8 +144,30 @@ pub enum CodecError {
     SizeMismatch { expected: u64, actual: u64 },
     #[error("corrupt object: {0}")]
     Decompress(io::Error),
+    /// The object's bytes did not arrive (a transfer that failed for good
+    /// after its retries): nothing is known about the object itself.
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Transfer(io::Error),
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for CodecError {
+    fn from(e: io::Error) -> Self {
+        if TransferError::is(&e) {
+            CodecError::Transfer(e)
+        } else {
+            CodecError::Io(e)
+        }
+    }
+}
+
+impl CodecError {
+    /// Whether the object itself is damaged (as opposed to unreadable right
+    /// now, or not written to its destination).
+    pub fn is_corruption(&self) -> bool {
+        !matches!(self, CodecError::Transfer(_) | CodecError::Io(_))
+    }
 }
 
 /// A `Write` that hashes and counts what passes through it.
@@ -337,7 +361,11 @@ impl<R: Read> HoldBack<R> {
                 self.end -= self.start;
                 self.start = 0;
             }
-            let n = self.inner.read(&mut self.buf[self.end..])?;
+            let n = match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(as_transfer(e)),
+            };
             if n == 0 {
                 self.eof = true;
             }
@@ -356,7 +384,7 @@ impl<R: Read> HoldBack<R> {
         // must be followed by exactly the trailer.
         self.fill()?;
         let mut rest = self.buf[self.start..self.end].to_vec();
-        self.inner.read_to_end(&mut rest)?;
+        self.inner.read_to_end(&mut rest).map_err(as_transfer)?;
         if rest.len() < TRAILER_LEN {
             return Err(CodecError::Truncated);
         }
@@ -387,12 +415,22 @@ impl<R: Read> BufRead for HoldBack<R> {
     }
 }
 
+/// An error reading the object's bytes is a failed transfer, whatever the
+/// reader said: a decoder that sees it must not call the object corrupt.
+fn as_transfer(e: io::Error) -> io::Error {
+    if TransferError::is(&e) {
+        e
+    } else {
+        io::Error::new(e.kind(), TransferError(e.to_string()))
+    }
+}
+
 /// Reads and checks the header; returns the compression.
 fn read_header<R: Read>(input: &mut R) -> Result<Compression, CodecError> {
     let mut header = [0u8; HEADER_LEN];
     input.read_exact(&mut header).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => CodecError::Truncated,
-        _ => CodecError::Io(e),
+        _ => CodecError::Transfer(as_transfer(e)),
     })?;
     if &header[..8] != MAGIC {
         return Err(CodecError::BadMagic);
@@ -473,6 +511,8 @@ fn copy_decoded<R: Read, W: Write>(dec: &mut R, out: &mut W) -> Result<(), Codec
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // zstd hands on its source's errors as they are.
+                Err(e) if TransferError::is(&e) => return Err(CodecError::Transfer(e)),
                 Err(e) => return Err(CodecError::Decompress(e)),
             };
             out.write_all(&buf[..n])?;
@@ -560,6 +600,51 @@ mod tests {
             decode_bytes(b"hello world, this is not an object at all......................"),
             Err(CodecError::BadMagic)
         ));
+    }
+
+    /// A reader whose bytes stop coming (a connection cut for good) is a
+    /// failed transfer, not a corrupt object (issue 9, defect 6: it was
+    /// reported as "corrupt object: … request or response body error").
+    #[test]
+    fn a_failed_transfer_is_not_corruption() {
+        struct CutOff {
+            data: std::io::Cursor<Vec<u8>>,
+            at: u64,
+        }
+        impl Read for CutOff {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                if self.data.position() >= self.at {
+                    return Err(io::Error::other("request or response body error"));
+                }
+                let n = out.len().min(100);
+                self.data.read(&mut out[..n])
+            }
+        }
+        let original: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes())
+            .collect();
+        for compression in [Compression::Zstd, Compression::None] {
+            let opts = EncodeOptions {
+                compression,
+                ..EncodeOptions::default()
+            };
+            let obj = encode_bytes(&original, opts).unwrap();
+            for at in [0, 10, obj.len() as u64 / 2, obj.len() as u64 - 10] {
+                let src = CutOff {
+                    data: std::io::Cursor::new(obj.clone()),
+                    at,
+                };
+                let e = decode(src, io::sink()).unwrap_err();
+                assert!(matches!(e, CodecError::Transfer(_)), "cut at {at}: {e:?}");
+                assert!(!e.is_corruption());
+                assert!(!e.to_string().contains("corrupt"), "{e}");
+                assert!(e.to_string().contains("body error"), "{e}");
+            }
+        }
+        // Damage is still damage.
+        let mut bad = encode_bytes(&sample(10_000), EncodeOptions::default()).unwrap();
+        bad[40] ^= 0xff;
+        assert!(decode_bytes(&bad).unwrap_err().is_corruption());
     }
 
     #[test]

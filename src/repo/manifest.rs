@@ -25,8 +25,11 @@ const READ_PARALLEL: usize = 8;
 
 pub const MANIFEST_FORMAT: u32 = 1;
 
+/// What a backup is, without what it holds: what choosing a backup,
+/// retention and `info` look at. The catalog caches it, so those commands
+/// read a manifest only for a backup they have not seen before.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct BackupHeader {
     pub format: u32,
     pub label: String,
     /// `full` (room for `incr`/`diff`).
@@ -48,17 +51,36 @@ pub struct Manifest {
     /// First and last WAL segment needed to make the backup consistent.
     pub wal_start: String,
     pub wal_stop: String,
+    pub original_size: u64,
+    pub stored_size: u64,
+    /// How many files the backup holds (0 in manifests written before it
+    /// was recorded: [`Manifest`] then counts them when read).
+    #[serde(default)]
+    pub file_count: u64,
+    /// Data page checksums verified as the files were read (the cluster
+    /// has data checksums), and the pages that failed.
+    #[serde(default)]
+    pub page_checksums: Option<PageChecksums>,
+}
+
+/// A backup: its header and what it holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(flatten)]
+    pub header: BackupHeader,
     pub backup_label: String,
     pub tablespace_map: String,
     pub tablespaces: Vec<Tablespace>,
     pub dirs: Vec<DirEntry>,
     pub files: Vec<FileEntry>,
-    pub original_size: u64,
-    pub stored_size: u64,
-    /// Data page checksums verified as the files were read (the cluster
-    /// has data checksums), and the pages that failed.
-    #[serde(default)]
-    pub page_checksums: Option<PageChecksums>,
+}
+
+/// A manifest reads as its header: `m.label`, `m.stop_lsn`.
+impl std::ops::Deref for Manifest {
+    type Target = BackupHeader;
+    fn deref(&self) -> &BackupHeader {
+        &self.header
+    }
 }
 
 /// What the page checksum check of a backup found.
@@ -119,7 +141,7 @@ fn first_db_id() -> u32 {
     1
 }
 
-impl Manifest {
+impl BackupHeader {
     pub fn stop_time_utc(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         chrono::DateTime::parse_from_rfc3339(&self.stop_time)
             .ok()
@@ -221,7 +243,7 @@ struct ExpiringMark {
 }
 
 /// What reading one manifest found.
-enum Read {
+pub enum ManifestRead {
     Found(Box<Manifest>),
     Unreadable(UnreadableManifest),
 }
@@ -254,14 +276,14 @@ impl Repository {
         self.backend().delete(&mark).await
     }
 
-    /// The manifest of backup `label`. A store that cannot be read is an
-    /// error; a manifest that is damaged, written by a newer pgvault or not
-    /// this backup's is an outcome.
-    async fn read_manifest(&self, label: &str) -> Result<Option<Read>> {
+    /// The manifest of backup `label` (`None`: it has none). A store that
+    /// cannot be read is an error; a manifest that is damaged, written by a
+    /// newer pgvault or not this backup's is an outcome.
+    pub async fn read_manifest(&self, label: &str) -> Result<Option<ManifestRead>> {
         let key = layout::backup_manifest_key(self.stanza(), label);
         let object = format!("{}/{key}", self.describe());
         let unreadable = |error: String, corrupt: bool| {
-            Some(Read::Unreadable(UnreadableManifest {
+            Some(ManifestRead::Unreadable(UnreadableManifest {
                 label: label.to_string(),
                 object: object.clone(),
                 error,
@@ -282,8 +304,22 @@ impl Repository {
                 format!("{object}: the manifest is backup {:?}'s", m.label),
                 true,
             ),
-            Fetched::Found(m) => Some(Read::Found(Box::new(m))),
+            Fetched::Found(mut m) => {
+                // Written before the header counted its files.
+                if m.header.file_count == 0 {
+                    m.header.file_count = m.files.len() as u64;
+                }
+                Some(ManifestRead::Found(Box::new(m)))
+            }
         })
+    }
+
+    /// The labels of the backup directories, from a listing of one level
+    /// (not of every object the backups hold).
+    pub async fn backup_dir_labels(&self) -> Result<Vec<String>> {
+        self.backend()
+            .list_dirs(&layout::backups_root(self.stanza()))
+            .await
     }
 
     /// Every backup directory, from one listing, by label.
@@ -319,7 +355,7 @@ impl Repository {
             .filter(|d| d.has_manifest && !d.expiring)
             .map(|d| d.label.as_str())
             .collect();
-        let reads: Vec<Option<Read>> = stream::iter(labels)
+        let reads: Vec<Option<ManifestRead>> = stream::iter(labels)
             .map(|label| self.read_manifest(label))
             .buffered(READ_PARALLEL)
             .try_collect()
@@ -330,8 +366,8 @@ impl Repository {
         };
         for read in reads.into_iter().flatten() {
             match read {
-                Read::Found(m) => out.manifests.push(*m),
-                Read::Unreadable(u) => out.unreadable.push(u),
+                ManifestRead::Found(m) => out.manifests.push(*m),
+                ManifestRead::Unreadable(u) => out.unreadable.push(u),
             }
         }
         out.manifests.sort_by_key(|m| (m.stop_lsn, m.label.clone()));
@@ -353,28 +389,31 @@ impl Repository {
 #[cfg(test)]
 pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &str) -> Manifest {
     Manifest {
-        format: MANIFEST_FORMAT,
-        label: label.into(),
-        backup_type: "full".into(),
-        start_lsn: Lsn(stop_lsn.saturating_sub(0x100)),
-        stop_lsn: Lsn(stop_lsn),
-        start_time: stop_time.into(),
-        stop_time: stop_time.into(),
-        timeline: TimelineId(tli),
-        pg_version: 15,
-        system_identifier: "1".into(),
-        db_id: 1,
-        wal_segment_size: 1 << 20,
-        wal_start: String::new(),
-        wal_stop: String::new(),
+        header: BackupHeader {
+            format: MANIFEST_FORMAT,
+            label: label.into(),
+            backup_type: "full".into(),
+            start_lsn: Lsn(stop_lsn.saturating_sub(0x100)),
+            stop_lsn: Lsn(stop_lsn),
+            start_time: stop_time.into(),
+            stop_time: stop_time.into(),
+            timeline: TimelineId(tli),
+            pg_version: 15,
+            system_identifier: "1".into(),
+            db_id: 1,
+            wal_segment_size: 1 << 20,
+            wal_start: String::new(),
+            wal_stop: String::new(),
+            original_size: 0,
+            stored_size: 0,
+            file_count: 0,
+            page_checksums: None,
+        },
         backup_label: String::new(),
         tablespace_map: String::new(),
         tablespaces: vec![],
         dirs: vec![],
         files: vec![],
-        original_size: 0,
-        stored_size: 0,
-        page_checksums: None,
     }
 }
 

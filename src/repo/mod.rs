@@ -5,6 +5,10 @@
 pub mod archive;
 pub mod backend;
 pub mod codec;
+#[doc(hidden)]
+pub mod conformance;
+pub mod fault;
+pub mod fence;
 pub mod layout;
 pub mod local;
 pub mod lock;
@@ -19,7 +23,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use backend::{Backend, ObjectMeta, PutMode, PutOutcome, Spool};
+pub use backend::{Backend, ObjectMeta, ObjectVersion, PutMode, PutOutcome, PutResult, Spool};
 pub use codec::{Digest256, EncodeOptions, Sha256Sum};
 pub use stanza::{DbInfo, StanzaInfo};
 
@@ -102,12 +106,18 @@ impl RepoLocation {
 /// An open repository for one stanza.
 #[derive(Debug, Clone)]
 pub struct Repository {
+    /// Every write through it passes the gate (see `fence.rs`).
     backend: Arc<dyn Backend>,
+    /// The same backend unfenced: the lock's own reads and writes.
+    raw: Arc<dyn Backend>,
+    gate: Arc<fence::Gate>,
     location: RepoLocation,
     stanza: String,
 }
 
 impl Repository {
+    /// Opens the repository; under `PGVAULT_FAULTS` (tests only) its
+    /// backend injects faults (see `fault.rs`).
     pub fn open(location: RepoLocation, stanza: &str, s3: &s3::S3Options) -> Result<Self> {
         validate_stanza_name(stanza)?;
         let backend: Arc<dyn Backend> = match &location {
@@ -116,17 +126,17 @@ impl Repository {
                 Arc::new(s3::S3Backend::new(bucket, prefix, s3)?)
             }
         };
-        Ok(Repository {
-            backend,
-            location,
-            stanza: stanza.to_string(),
-        })
+        let backend = fault::from_env(backend)?;
+        Ok(Self::with_backend(backend, location, stanza))
     }
 
     /// Wraps an existing backend (tests use fault-injecting ones).
     pub fn with_backend(backend: Arc<dyn Backend>, location: RepoLocation, stanza: &str) -> Self {
+        let gate = Arc::new(fence::Gate::default());
         Repository {
-            backend,
+            backend: Arc::new(fence::Fenced::new(backend.clone(), gate.clone())),
+            raw: backend,
+            gate,
             location,
             stanza: stanza.to_string(),
         }

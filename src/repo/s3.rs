@@ -10,6 +10,8 @@
 //! the callers add their own conflict detection (see `repo::archive`).
 
 use std::io::{self, Read};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,16 +21,20 @@ use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as OsPath;
 use object_store::{
-    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode as OsPutMode, PutOptions,
-    PutPayload, RetryConfig, WriteMultipart,
+    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
+    PutMode as OsPutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion, WriteMultipart,
 };
 use tokio::sync::mpsc;
 
-use super::backend::{Backend, ObjectMeta, ObjectReader, PutMode, PutOutcome, Spool};
+use super::backend::{
+    check_range, first_of_failures, Backend, ObjectMeta, ObjectReader, ObjectVersion, PutMode,
+    PutOutcome, PutResult, RawRead, Spool,
+};
 use crate::error::{Error, Result};
 
 /// What pgvault's own options say about the store (each overrides `AWS_*`).
-#[derive(Debug, Clone, Default)]
+/// Its `Debug` never shows the secret key.
+#[derive(Clone, Default)]
 pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
@@ -41,14 +47,31 @@ pub struct S3Options {
     pub retry_timeout: Duration,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("allow_http", &self.allow_http)
+            .field("atomic_create", &self.atomic_create)
+            .field("retry_timeout", &self.retry_timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct S3Backend {
     store: Arc<AmazonS3>,
     bucket: String,
     prefix: String,
     atomic_create: bool,
     /// Conditional puts rejected as not implemented (`AWS_CONDITIONAL_PUT=disabled`).
-    conditional_disabled: std::sync::atomic::AtomicBool,
+    conditional_disabled: Arc<AtomicBool>,
 }
 
 const PART_SIZE: usize = 8 << 20;
@@ -100,7 +123,7 @@ impl S3Backend {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             atomic_create: opts.atomic_create,
-            conditional_disabled: Default::default(),
+            conditional_disabled: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -145,38 +168,96 @@ impl S3Backend {
         key: &str,
         payload: PutPayload,
         mode: PutMode,
-    ) -> Result<PutOutcome> {
+    ) -> Result<PutResult> {
         let path = self.path(key);
-        let use_conditional = mode == PutMode::CreateNew
-            && !self
-                .conditional_disabled
-                .load(std::sync::atomic::Ordering::Relaxed);
+        let conditional = mode != PutMode::Overwrite;
+        if conditional && self.conditional_disabled.load(Ordering::Relaxed) {
+            return self.put_unconditionally(key, payload, mode).await;
+        }
+        let os_mode = match &mode {
+            PutMode::Overwrite => OsPutMode::Overwrite,
+            PutMode::CreateNew => OsPutMode::Create,
+            PutMode::Update(v) => OsPutMode::Update(UpdateVersion {
+                e_tag: v.e_tag.clone(),
+                version: v.version.clone(),
+            }),
+        };
         let opts = PutOptions {
-            mode: if use_conditional {
-                OsPutMode::Create
-            } else {
-                OsPutMode::Overwrite
-            },
+            mode: os_mode,
             ..Default::default()
         };
         match self.store.put_opts(&path, payload.clone(), opts).await {
-            Ok(_) => Ok(PutOutcome::Created),
+            Ok(r) => Ok(PutResult::Written(version(r.e_tag, r.version))),
             Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
-            Err(object_store::Error::NotImplemented { .. }) if use_conditional => {
+            | Err(object_store::Error::Precondition { .. }) => Ok(PutResult::Refused),
+            Err(object_store::Error::NotImplemented { .. }) if conditional => {
                 // The store was configured without conditional puts: fall
                 // back to a plain PUT; callers detect conflicts themselves.
-                self.conditional_disabled
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                self.store
-                    .put(&path, payload)
-                    .await
-                    .map(|_| PutOutcome::Created)
-                    .map_err(|e| self.err("write", key, e))
+                self.conditional_disabled.store(true, Ordering::Relaxed);
+                self.put_unconditionally(key, payload, mode).await
             }
             Err(e) => Err(self.err("write", key, e)),
         }
     }
+
+    /// A conditional put on a store without conditional puts: check, then
+    /// write. Not atomic ([`Backend::atomic_create`] says so, and
+    /// [`Backend::put_versioned`] reads back), but it never replaces an
+    /// object that was already there when the check ran.
+    async fn put_unconditionally(
+        &self,
+        key: &str,
+        payload: PutPayload,
+        mode: PutMode,
+    ) -> Result<PutResult> {
+        let path = self.path(key);
+        let current = match self.store.head(&path).await {
+            Ok(meta) => Some(version(meta.e_tag, meta.version)),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(self.err("check", key, e)),
+        };
+        let allowed = match &mode {
+            PutMode::Overwrite => true,
+            PutMode::CreateNew => current.is_none(),
+            PutMode::Update(v) => current.as_ref().is_some_and(|c| c.e_tag == v.e_tag),
+        };
+        if !allowed {
+            return Ok(PutResult::Refused);
+        }
+        self.store
+            .put(&path, payload)
+            .await
+            .map(|r| PutResult::Written(version(r.e_tag, r.version)))
+            .map_err(|e| self.err("write", key, e))
+    }
+
+    /// Streams a GET's body into a channel that a blocking reader drains.
+    fn stream(&self, key: &str, res: object_store::GetResult) -> ObjectReader {
+        let mut stream = res.into_stream();
+        // A small bounded channel: memory stays at a few chunks whatever the
+        // object size, and the blocking consumer applies back-pressure.
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+        let what = format!("{}/{key}", self.describe());
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let item =
+                    item.map_err(|e| io::Error::other(format!("read {what}: {}", clean(&e))));
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Box::new(ChannelReader {
+            rx,
+            current: Bytes::new(),
+        })
+    }
+}
+
+/// An object's version as the store reports it (e-tag, version id).
+fn version(e_tag: Option<String>, version: Option<String>) -> ObjectVersion {
+    ObjectVersion { e_tag, version }
 }
 
 /// object_store's messages can be long and nested; keep them to one line.
@@ -192,10 +273,15 @@ impl Backend for S3Backend {
 
     async fn commit(&self, spool: Spool, key: &str, mode: PutMode) -> Result<PutOutcome> {
         match spool {
-            Spool::Memory(v) => {
-                self.put_payload(key, PutPayload::from(Bytes::from(v)), mode)
-                    .await
-            }
+            Spool::Memory(v) => Ok(
+                match self
+                    .put_payload(key, PutPayload::from(Bytes::from(v)), mode)
+                    .await?
+                {
+                    PutResult::Written(_) => PutOutcome::Created,
+                    PutResult::Refused => PutOutcome::AlreadyExists,
+                },
+            ),
             Spool::Spilled(f) => {
                 let file = f
                     .into_inner()
@@ -248,38 +334,100 @@ impl Backend for S3Backend {
         }
     }
 
-    fn atomic_create(&self) -> bool {
-        self.atomic_create
-            && !self
-                .conditional_disabled
-                .load(std::sync::atomic::Ordering::Relaxed)
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<PutResult> {
+        self.put_payload(key, PutPayload::from(data), mode).await
     }
 
-    async fn get(&self, key: &str) -> Result<Option<ObjectReader>> {
+    fn atomic_create(&self) -> bool {
+        self.atomic_create && !self.conditional_disabled.load(Ordering::Relaxed)
+    }
+
+    async fn open(
+        &self,
+        key: &str,
+        from: u64,
+        pin: Option<&ObjectVersion>,
+    ) -> Result<Option<RawRead>> {
+        let opts = GetOptions {
+            range: (from > 0).then_some(GetRange::Offset(from)),
+            if_match: pin.and_then(|p| p.e_tag.clone()),
+            ..Default::default()
+        };
+        let res = match self.store.get_opts(&self.path(key), opts).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            // Replaced since the pinned read began.
+            Err(object_store::Error::Precondition { .. }) if pin.is_some() => return Ok(None),
+            Err(e) => {
+                // A read from past the end is refused by the store; say so
+                // in the words of the other backends.
+                if from > 0 {
+                    if let Ok(meta) = self.store.head(&self.path(key)).await {
+                        let what = format!("{}/{key}", self.describe());
+                        check_range(&what, &(from..from), meta.size)?;
+                    }
+                }
+                return Err(self.err("read", key, e));
+            }
+        };
+        let size = res.meta.size;
+        let pin = version(res.meta.e_tag.clone(), res.meta.version.clone());
+        Ok(Some(RawRead {
+            reader: self.stream(key, res),
+            size,
+            pin: Some(pin),
+        }))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+        let what = format!("{}/{key}", self.describe());
+        let path = self.path(key);
+        if range.is_empty() {
+            // S3 cannot express an empty range: only check the object.
+            return match self.store.head(&path).await {
+                Ok(meta) => check_range(&what, &range, meta.size).map(|_| Some(Bytes::new())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("check", key, e)),
+            };
+        }
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        let res = match self.store.get_opts(&path, opts).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => {
+                // A range past the end is refused by the store; say so in
+                // the words of the other backends.
+                if let Ok(meta) = self.store.head(&path).await {
+                    check_range(&what, &range, meta.size)?;
+                }
+                return Err(self.err("read", key, e));
+            }
+        };
+        check_range(&what, &range, res.meta.size)?;
+        // object_store resumes a body that breaks off (ranged, pinned to the
+        // e-tag), within its retry budget.
+        let bytes = res.bytes().await.map_err(|e| self.err("read", key, e))?;
+        if bytes.len() as u64 != range.end - range.start {
+            return Err(Error::repository(format!(
+                "read {what} bytes {range:?}: got {} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(Some(bytes))
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, ObjectVersion)>> {
         let res = match self.store.get(&self.path(key)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("read", key, e)),
         };
-        let mut stream = res.into_stream();
-        // A small bounded channel: memory stays at a few chunks whatever the
-        // object size, and the blocking consumer applies back-pressure.
-        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-        let what = format!("{}/{key}", self.describe());
-        tokio::spawn(async move {
-            while let Some(item) = stream.next().await {
-                let item =
-                    item.map_err(|e| io::Error::other(format!("read {what}: {}", clean(&e))));
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        Ok(Some(Box::new(ChannelReader {
-            rx,
-            current: Bytes::new(),
-        })))
+        let v = version(res.meta.e_tag.clone(), res.meta.version.clone());
+        let bytes = res.bytes().await.map_err(|e| self.err("read", key, e))?;
+        Ok(Some((bytes.to_vec(), v)))
     }
 
     async fn list(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
@@ -319,6 +467,23 @@ impl Backend for S3Backend {
         }
     }
 
+    async fn delete_many(&self, keys: &[String]) -> Result<()> {
+        // DeleteObjects takes 1,000 keys per request; object_store sends up
+        // to 20 such requests at once, which bounds the parallelism.
+        let paths: Vec<object_store::Result<OsPath>> =
+            keys.iter().map(|k| Ok(self.path(k))).collect();
+        let results: Vec<object_store::Result<OsPath>> = self
+            .store
+            .delete_stream(futures::stream::iter(paths).boxed())
+            .collect()
+            .await;
+        let errors = results.into_iter().filter_map(|r| match r {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => Some(self.err("delete", "", e)),
+        });
+        first_of_failures(errors, keys.len())
+    }
+
     async fn ensure_durable(&self, keys: &[String]) -> Result<()> {
         // A completed PUT is durable on an object store; what is left to
         // check is that the objects are there.
@@ -344,6 +509,10 @@ impl Backend for S3Backend {
             format!("s3://{}/{}", self.bucket, self.prefix)
         }
     }
+
+    fn clone_arc(&self) -> Arc<dyn Backend> {
+        Arc::new(self.clone())
+    }
 }
 
 /// Adapts the async chunk stream to a blocking `Read`.
@@ -365,5 +534,23 @@ impl Read for ChannelReader {
         out[..n].copy_from_slice(&self.current[..n]);
         self.current = self.current.slice(n..);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_secret_key() {
+        let opts = S3Options {
+            access_key_id: Some("AKIAEXAMPLE".into()),
+            secret_access_key: Some("wJalrXUtnFEMI-very-secret".into()),
+            ..Default::default()
+        };
+        let shown = format!("{opts:?}");
+        assert!(shown.contains("AKIAEXAMPLE"), "{shown}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }

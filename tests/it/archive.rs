@@ -576,7 +576,7 @@ fn config_precedence_flag_env_file() {
     let env = TestEnv::new();
     let a = Cluster::init(&env, one_mib());
     let pgdata = a.pgdata().display().to_string();
-    let dir = |n: &str| env.mkdir(n, As::Root).display().to_string();
+    let dir = |n: &str| env.mkdir(n, As::PgUser).display().to_string();
     let (file_repo, env_repo, flag_repo, cfgenv_repo, after_repo) = (
         dir("repo-file"),
         dir("repo-env"),

@@ -10,6 +10,7 @@
 mod common;
 
 mod archive;
+mod backends;
 mod blockrefs;
 mod config;
 mod drill;
@@ -18,8 +19,10 @@ mod metrics;
 mod operations;
 mod orphans;
 mod pages;
+mod patroni;
 mod pitr;
 mod runbooks;
+mod standby;
 mod targets;
 mod timelines;
 mod upgrade;

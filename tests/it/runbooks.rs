@@ -20,7 +20,7 @@
 //! backup holds no `postgresql.conf`, as on a real Debian host. The
 //! self-contained layout uses the harness's `initdb` cluster as primary.
 
-mod book;
+pub(crate) mod book;
 
 use crate::common::*;
 use book::{Book, Layout, Shell};
@@ -187,6 +187,10 @@ impl<'a> World<'a> {
         sh.set("PITR_LOG", self.logdir.join("none.log").display());
         sh.set("TARGET_TIME", "none");
         sh.set("PRIMARY_CONNINFO", "none");
+        // Runbook 6 (Patroni) runs in tests/it/patroni.rs.
+        sh.set("PATRONI_CONFIG", "none");
+        sh.set("PATRONI_SCOPE", "none");
+        sh.set("MEMBER", "none");
         sh
     }
 

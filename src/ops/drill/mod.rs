@@ -33,6 +33,7 @@ use crate::pg::binaries::{OsUser, PgBinaries};
 use crate::pg::integrity::{self, RelationMap, UserCheck};
 use crate::pg::recovery::{self, RecoveryTarget, TargetAction};
 use crate::pg::scratch::{ScratchServer, ServerError, ServerSpec};
+use crate::repo::manifest::{BackupHeader, ManifestRead};
 use crate::repo::results::{host_name, ResultKind};
 use crate::repo::Repository;
 use scratch::Scratch;
@@ -333,16 +334,21 @@ async fn run(
         });
     }
 
-    // Restore, with the real restore.
+    // Restore, with the real restore. The header the choice read has no
+    // tablespaces, the full manifest has: a manifest that cannot be read
+    // here is left to restore, which reads it again and names the failure.
+    let tablespaces: Vec<u32> = match repo.read_manifest(&m.label).await {
+        Ok(Some(ManifestRead::Found(full))) => full.tablespaces.iter().map(|t| t.oid).collect(),
+        _ => Vec::new(),
+    };
     let ropts = RestoreOptions {
         pgdata: s.pgdata.clone(),
         set: Some(m.label.clone()),
         target: Some(target),
         target_exclusive: opts.target_exclusive,
-        tablespace_map: m
-            .tablespaces
+        tablespace_map: tablespaces
             .iter()
-            .map(|t| (t.oid, s.tablespace(t.oid)))
+            .map(|&oid| (oid, s.tablespace(oid)))
             .collect(),
         ..restore_options(opts)
     };
@@ -472,7 +478,7 @@ fn recovery_phases(
     server: &ScratchServer,
     spawned_at: chrono::DateTime<chrono::Utc>,
     recovery_secs: f64,
-    m: &crate::repo::manifest::Manifest,
+    m: &BackupHeader,
     state: &integrity::ServerState,
 ) {
     let log = server.recovery_log(spawned_at);

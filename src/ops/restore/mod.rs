@@ -21,10 +21,11 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
+use crate::ops::backups::BackupIndex;
 use crate::ops::progress::Progress;
 use crate::pg::recovery::{RecoveryTarget, TargetAction};
 use crate::pg::Lsn;
-use crate::repo::manifest::{label_time, Backups, Manifest, UnreadableManifest};
+use crate::repo::manifest::{label_time, BackupHeader, ManifestRead, UnreadableManifest};
 use crate::repo::{Repository, StanzaInfo};
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -57,7 +58,7 @@ pub struct RestoreOptions {
 /// target.
 fn warn_hidden_candidates(
     unreadable: &[UnreadableManifest],
-    chosen: &Manifest,
+    chosen: &BackupHeader,
     target: Option<&RecoveryTarget>,
 ) {
     for u in unreadable.iter().filter(|u| u.label > chosen.label) {
@@ -90,7 +91,7 @@ pub struct Restored {
 /// Where recovery from one backup can reach (see [`reach`]).
 #[derive(Debug, Clone)]
 pub struct Reach {
-    pub backup: Manifest,
+    pub backup: BackupHeader,
     /// The PostgreSQL major that must start it.
     pub pg_version: u32,
     pub wal_segment_size: u32,
@@ -109,7 +110,7 @@ pub struct Reach {
 /// directory from it).
 pub async fn reach(repo: &Repository, opts: &RestoreOptions) -> Result<Reach> {
     let (stanza, backups) = readable_backups(repo, opts).await?;
-    plan::reach(repo, &stanza, &backups.manifests, opts).await
+    plan::reach(repo, &stanza, &backups.headers, opts).await
 }
 
 pub async fn restore(
@@ -128,9 +129,9 @@ pub async fn restore(
 async fn readable_backups(
     repo: &Repository,
     opts: &RestoreOptions,
-) -> Result<(StanzaInfo, Backups)> {
+) -> Result<(StanzaInfo, BackupIndex)> {
     let stanza = repo.require_stanza().await?;
-    let backups = repo.backups().await?;
+    let backups = crate::ops::backups::index(repo, opts.catalog.as_ref()).await?;
     if let Some(u) = opts.set.as_deref().and_then(|l| backups.unreadable(l)) {
         return Err(Error::repository(format!(
             "backup {} cannot be restored: {}",
@@ -138,8 +139,7 @@ async fn readable_backups(
         ))
         .hint("choose another backup with --set (`pgvault info` lists them)"));
     }
-    let manifests = &backups.manifests;
-    if manifests.is_empty() {
+    if backups.headers.is_empty() {
         let unreadable: Vec<&str> = backups
             .unreadable
             .iter()
@@ -169,7 +169,7 @@ async fn restore_inner(
     progress: Arc<dyn Progress>,
 ) -> Result<Restored> {
     let (stanza, backups) = readable_backups(repo, opts).await?;
-    let plan = plan::choose_backup_and_db(repo, &stanza, &backups.manifests, opts).await?;
+    let plan = plan::choose_backup_and_db(repo, &stanza, &backups.headers, opts).await?;
     if opts.set.is_none() || opts.set.as_deref() == Some("latest") {
         warn_hidden_candidates(&backups.unreadable, plan.backup, opts.target.as_ref());
     }
@@ -192,7 +192,35 @@ async fn restore_inner(
         ));
     }
 
-    let skipped = lay::lay_down(repo, m, opts, progress.clone()).await?;
+    // The choice read headers (from the catalog where it could); laying
+    // the backup down needs all of its manifest.
+    let read = repo.read_manifest(&m.label).await?;
+    if !matches!(read, Some(ManifestRead::Found(_))) {
+        // The catalog's copy of its header is stale: forget it.
+        if let Some(cat) = &opts.catalog {
+            cat.update_backups_best_effort(repo.stanza(), Vec::new(), vec![m.label.clone()])
+                .await;
+        }
+    }
+    let m = match read {
+        Some(ManifestRead::Found(full)) => full,
+        Some(ManifestRead::Unreadable(u)) => {
+            return Err(Error::repository(format!(
+                "backup {} cannot be restored: {}",
+                u.label, u.error
+            ))
+            .hint("choose another backup with --set (`pgvault info` lists them)"))
+        }
+        None => {
+            return Err(Error::repository(format!(
+                "backup {} is gone from {} (expired while this restore started?)",
+                m.label,
+                repo.describe()
+            ))
+            .hint("run the restore again: it chooses among the backups there now"))
+        }
+    };
+    let skipped = lay::lay_down(repo, &m, opts, progress.clone()).await?;
     progress.finish();
     Ok(Restored {
         label: m.label.clone(),

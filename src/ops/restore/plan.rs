@@ -10,14 +10,14 @@ use crate::pg::history::TimelineHistory;
 use crate::pg::recovery::{self, RecoveryTarget};
 use crate::pg::{TimelineId, WalFileName};
 use crate::repo::archive::{Archive, Histories, Listing};
-use crate::repo::manifest::Manifest;
+use crate::repo::manifest::BackupHeader;
 use crate::repo::{DbInfo, Repository, StanzaInfo};
 
 use super::RestoreOptions;
 
 /// What planning decided.
 pub(super) struct Plan<'a> {
-    pub backup: &'a Manifest,
+    pub backup: &'a BackupHeader,
     pub db: &'a DbInfo,
     /// The target timeline's history; `None`: the backup's own timeline.
     pub history: Option<TimelineHistory>,
@@ -62,8 +62,8 @@ impl ArchivedWal {
     async fn read(
         archive: &Archive,
         opts: &RestoreOptions,
-        history_of: &dyn Fn(&Manifest) -> Option<TimelineHistory>,
-        backups: &[&Manifest],
+        history_of: &dyn Fn(&BackupHeader) -> Option<TimelineHistory>,
+        backups: &[&BackupHeader],
     ) -> Result<ArchivedWal> {
         let listing = archive.list().await?;
         let seg = archive.db().wal_segment_size;
@@ -76,7 +76,12 @@ impl ArchivedWal {
         Ok(ArchivedWal { listing, sums })
     }
 
-    fn path(&self, history: Option<&TimelineHistory>, m: &Manifest, seg: u32) -> Vec<WalFileName> {
+    fn path(
+        &self,
+        history: Option<&TimelineHistory>,
+        m: &BackupHeader,
+        seg: u32,
+    ) -> Vec<WalFileName> {
         replay_path(&self.listing, history, m, seg)
     }
 }
@@ -86,7 +91,7 @@ impl ArchivedWal {
 fn replay_path(
     listing: &Listing,
     history: Option<&TimelineHistory>,
-    m: &Manifest,
+    m: &BackupHeader,
     seg: u32,
 ) -> Vec<WalFileName> {
     let root = TimelineHistory::root(m.timeline);
@@ -228,7 +233,7 @@ pub(super) async fn check_target_reachable(
 pub(super) async fn reach(
     repo: &Repository,
     stanza: &StanzaInfo,
-    manifests: &[Manifest],
+    manifests: &[BackupHeader],
     opts: &RestoreOptions,
 ) -> Result<super::Reach> {
     let plan = choose_backup_and_db(repo, stanza, manifests, opts).await?;
@@ -290,7 +295,7 @@ impl TargetTimeline {
     /// for the history files of the timelines after the backup's, one by
     /// one, and takes the last before the first missing one
     /// (`findNewestTimeLine`): so does this.
-    fn for_backup(&self, m: &Manifest) -> Option<TimelineHistory> {
+    fn for_backup(&self, m: &BackupHeader) -> Option<TimelineHistory> {
         let tli = match self.goal {
             TimelineGoal::Current => return None,
             TimelineGoal::Numeric(t) => t,
@@ -316,7 +321,7 @@ impl TargetTimeline {
 pub(super) async fn choose_backup_and_db<'a>(
     repo: &Repository,
     stanza: &'a StanzaInfo,
-    all: &'a [Manifest],
+    all: &'a [BackupHeader],
     opts: &RestoreOptions,
 ) -> Result<Plan<'a>> {
     let tli = opts.target_timeline.as_deref();
@@ -349,13 +354,13 @@ pub(super) async fn choose_backup_and_db<'a>(
     // restore point or transaction.
     let mut absent: Option<Plan<'a>> = None;
     for db in stanza.dbs.iter().rev() {
-        let own: Vec<Manifest> = all.iter().filter(|m| m.db_id == db.id).cloned().collect();
+        let own: Vec<BackupHeader> = all.iter().filter(|m| m.db_id == db.id).cloned().collect();
         if own.is_empty() {
             continue;
         }
         let chosen = match TargetTimeline::read(&repo.archive(db), tli).await {
             Ok(target) => {
-                let history_of = |m: &Manifest| target.for_backup(m);
+                let history_of = |m: &BackupHeader| target.for_backup(m);
                 let (stops, wal) = match &record {
                     Some(t) => {
                         let (stops, wal) = locate(repo, db, opts, t, &own, &history_of).await?;
@@ -419,16 +424,16 @@ async fn locate(
     db: &DbInfo,
     opts: &RestoreOptions,
     target: &RecordTarget,
-    backups: &[Manifest],
-    history_of: &dyn Fn(&Manifest) -> Option<TimelineHistory>,
+    backups: &[BackupHeader],
+    history_of: &dyn Fn(&BackupHeader) -> Option<TimelineHistory>,
 ) -> Result<(HashMap<String, Stop>, ArchivedWal)> {
     let seg = db.wal_segment_size;
-    let candidates: Vec<&Manifest> = backups
+    let candidates: Vec<&BackupHeader> = backups
         .iter()
         .filter(|m| on_path(m, history_of(m).as_ref()))
         .collect();
     let wal = ArchivedWal::read(&repo.archive(db), opts, history_of, &candidates).await?;
-    let paths: Vec<(&Manifest, Vec<WalFileName>)> = candidates
+    let paths: Vec<(&BackupHeader, Vec<WalFileName>)> = candidates
         .iter()
         .map(|m| (*m, wal.path(history_of(m).as_ref(), m, seg)))
         .collect();
@@ -445,7 +450,7 @@ async fn locate(
 /// whose checkpoint is not on the history's path ("requested timeline N is
 /// not a child of this server's history"), and one whose WAL leaves its
 /// timeline before the backup's end never becomes consistent.
-fn on_path(m: &Manifest, history: Option<&TimelineHistory>) -> bool {
+fn on_path(m: &BackupHeader, history: Option<&TimelineHistory>) -> bool {
     history.is_none_or(|h| h.holds(m.timeline, m.start_lsn, m.stop_lsn))
 }
 
@@ -458,11 +463,11 @@ fn on_path(m: &Manifest, history: Option<&TimelineHistory>) -> bool {
 /// the oldest — its replay reads the most WAL, and the check then refuses
 /// it with the whole window.
 fn choose_backup<'a>(
-    all: &'a [Manifest],
+    all: &'a [BackupHeader],
     opts: &RestoreOptions,
-    history_of: &dyn Fn(&Manifest) -> Option<TimelineHistory>,
+    history_of: &dyn Fn(&BackupHeader) -> Option<TimelineHistory>,
     stops: &HashMap<String, Stop>,
-) -> Result<&'a Manifest> {
+) -> Result<&'a BackupHeader> {
     if let Some(label) = opts.set.as_deref().filter(|l| *l != "latest") {
         return all.iter().find(|m| m.label == label).ok_or_else(|| {
             Error::usage(format!("no complete backup labelled {label}")).hint(format!(
@@ -474,13 +479,13 @@ fn choose_backup<'a>(
             ))
         });
     }
-    let candidates: Vec<&Manifest> = all
+    let candidates: Vec<&BackupHeader> = all
         .iter()
         .filter(|m| on_path(m, history_of(m).as_ref()))
         .collect();
     let record = record_target(opts.target.as_ref())?;
-    let stop = |m: &Manifest| stops.get(&m.label).copied().unwrap_or(Stop::Unknown);
-    let fits = |m: &Manifest| match &opts.target {
+    let stop = |m: &BackupHeader| stops.get(&m.label).copied().unwrap_or(Stop::Unknown);
+    let fits = |m: &BackupHeader| match &opts.target {
         Some(RecoveryTarget::Time(t)) => m.stop_time_utc().is_some_and(|s| s < *t),
         Some(RecoveryTarget::Lsn(l)) => m.stop_lsn <= *l,
         // Recovery stops at the record, after (or, exclusive, before)
@@ -542,7 +547,11 @@ mod tests {
     use crate::pg::recovery::{self, RecoveryTarget};
     use crate::pg::Lsn;
 
-    use crate::repo::manifest::test_manifest as manifest;
+    use crate::repo::manifest::test_manifest;
+
+    fn manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &str) -> BackupHeader {
+        test_manifest(label, tli, stop_lsn, stop_time).header
+    }
 
     fn opts(target: Option<RecoveryTarget>) -> RestoreOptions {
         RestoreOptions {

@@ -98,13 +98,38 @@ impl Spawned {
     /// signal, hiding the program's own exit code).
     pub fn terminate(&self) {
         let pid = self.child.id();
-        let target = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .ok()
-            .and_then(|c| c.split_whitespace().next().map(str::to_string))
+        let target = children_of(pid)
+            .first()
+            .copied()
             .filter(|_| self.what.starts_with("(as postgres user)"))
-            .unwrap_or_else(|| pid.to_string());
-        let _ = Command::new("kill").arg(&target).status();
+            .unwrap_or(pid);
+        let _ = Command::new("kill").arg(target.to_string()).status();
     }
+
+    /// The started process's id (with `As::PgUser`, that of `runuser`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Ids of the children of process `pid` (from `/proc/*/stat`).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // "pid (comm) state ppid …"; comm may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// Wait for a started process (killing it after `timeout`) and collect its

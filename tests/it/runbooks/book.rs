@@ -12,30 +12,30 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub(super) const DOC: &str = "docs/disaster-recovery.md";
+pub(crate) const DOC: &str = "docs/disaster-recovery.md";
 /// How long one block of a runbook may run (it may wait for recovery).
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One marked block of commands.
 #[derive(Debug, Clone)]
-pub(super) struct Block {
-    pub(super) runbook: String,
-    pub(super) step: String,
+pub(crate) struct Block {
+    pub(crate) runbook: String,
+    pub(crate) step: String,
     /// `None`: for both layouts.
-    pub(super) layout: Option<String>,
-    pub(super) user: As,
-    pub(super) code: String,
-    pub(super) line: usize,
+    pub(crate) layout: Option<String>,
+    pub(crate) user: As,
+    pub(crate) code: String,
+    pub(crate) line: usize,
 }
 
 /// The marked blocks of the runbook document and its settings block.
-pub(super) struct Book {
-    pub(super) settings: String,
-    pub(super) blocks: Vec<Block>,
+pub(crate) struct Book {
+    pub(crate) settings: String,
+    pub(crate) blocks: Vec<Block>,
 }
 
 impl Book {
-    pub(super) fn load() -> Book {
+    pub(crate) fn load() -> Book {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DOC);
         let text =
             fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
@@ -106,7 +106,7 @@ impl Book {
 
     /// The variables the settings block takes from the environment
     /// (`NAME=${NAME:-default}`).
-    pub(super) fn settings_vars(&self) -> Vec<String> {
+    pub(crate) fn settings_vars(&self) -> Vec<String> {
         let mut names = Vec::new();
         for line in self.settings.lines() {
             let line = line.trim_start().trim_start_matches("export ");
@@ -121,13 +121,13 @@ impl Book {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Layout {
+pub(crate) enum Layout {
     Debian,
     SelfContained,
 }
 
 impl Layout {
-    pub(super) fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Layout::Debian => "debian",
             Layout::SelfContained => "self-contained",
@@ -136,15 +136,15 @@ impl Layout {
 }
 
 /// Runs the document's blocks for one layout with this test's values.
-pub(super) struct Shell<'a> {
-    pub(super) env: &'a TestEnv,
-    pub(super) book: &'a Book,
-    pub(super) layout: Layout,
+pub(crate) struct Shell<'a> {
+    pub(crate) env: &'a TestEnv,
+    pub(crate) book: &'a Book,
+    pub(crate) layout: Layout,
     /// The settings block's variables, set before it runs.
-    pub(super) vars: BTreeMap<String, String>,
+    pub(crate) vars: BTreeMap<String, String>,
     /// Environment of every block: PATH with pgvault on it,
     /// postgresql-common's configuration root, the database psql uses.
-    pub(super) environ: Vec<(String, String)>,
+    pub(crate) environ: Vec<(String, String)>,
 }
 
 fn shell_quote(s: &str) -> String {
@@ -152,14 +152,14 @@ fn shell_quote(s: &str) -> String {
 }
 
 impl Shell<'_> {
-    pub(super) fn set(&mut self, name: &str, value: impl ToString) {
+    pub(crate) fn set(&mut self, name: &str, value: impl ToString) {
         self.vars.insert(name.into(), value.to_string());
     }
 
     /// Runs every block of `runbook`'s `step` for this layout, in document
     /// order; returns their standard output.
     #[track_caller]
-    pub(super) fn run(&self, runbook: &str, step: &str) -> String {
+    pub(crate) fn run(&self, runbook: &str, step: &str) -> String {
         // Every variable the settings block reads is this test's own:
         // none may fall back to a real path such as /var/lib/postgresql.
         for name in self.book.settings_vars() {

@@ -122,6 +122,18 @@ pub enum Command {
         #[command(flatten)]
         options: config::Backfill,
     },
+    /// Print the completion script for SHELL on stdout (packaging: generated from these definitions)
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, pgvault.1 and pgvault-COMMAND.1, into DIR (packaging)
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

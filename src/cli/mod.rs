@@ -2,6 +2,7 @@
 //! module that knows clap, indicatif or stdout.
 
 mod args;
+mod docs;
 mod logger;
 mod progress;
 mod render;
@@ -408,6 +409,17 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             )
             .await?;
             render::backfill(&r, *output)?;
+            Ok(0)
+        }
+        Command::Completions { shell } => docs::completions(*shell),
+        Command::Man { dir } => {
+            let dir = dir.clone();
+            let written = tokio::task::spawn_blocking(move || docs::man_pages(&dir))
+                .await
+                .map_err(|e| Error::internal(format!("write the man pages: {e}")))??;
+            for w in written {
+                println!("{w}");
+            }
             Ok(0)
         }
     }

@@ -282,7 +282,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 archive_timeout: o.archive_timeout.duration(),
             };
             let repo = open_stanza(g).await?;
-            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr(false));
             let m = ops::backup::backup(&repo, &opts, progress).await?;
             render::backup_done(&m)?;
             if let Some(retention) = expire_after {
@@ -300,7 +300,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
         Command::Restore(args) => {
             let opts = restore_options(g, config_file, args)?;
             let repo = open_stanza(g).await?;
-            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr(false));
             let r = ops::restore::restore(&repo, &opts, progress).await?;
             render::restore_done(&r, &opts);
             Ok(0)
@@ -314,7 +314,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 max_backup_age: o.max_backup_age,
                 max_archive_lag: o.max_archive_lag,
             };
-            let progress = progress::for_stderr();
+            let progress = progress::for_stderr(false);
             let r = ops::check::check(&repo, &opts, &*progress).await?;
             for w in &r.warnings {
                 log::warn!("{w}");
@@ -356,7 +356,8 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let opts = ops::verify::VerifyOptions {
                 process_max: o.workers.process_max,
             };
-            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+            let progress: Arc<dyn ops::progress::Progress> =
+                Arc::from(progress::for_stderr(*output == args::Output::Json));
             let r = ops::verify::verify(&repo, &opts, progress).await?;
             render::verify(&r, *output)?;
             Ok(if r.problems.is_empty() {
@@ -478,7 +479,8 @@ async fn drill(g: &Global, config_file: Option<&Path>, a: &DrillArgs) -> Result<
         catalog: g.catalog(&o.catalog),
     };
     let repo = open_stanza(g).await?;
-    let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+    let progress: Arc<dyn ops::progress::Progress> =
+        Arc::from(progress::for_stderr(a.output == args::Output::Json));
     // On a signal the drill is dropped: its server is stopped and its
     // scratch directory removed on the way.
     let report = tokio::select! {

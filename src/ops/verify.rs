@@ -265,6 +265,7 @@ pub async fn verify(
     let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
     let leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
 
+    progress.phase("read objects");
     progress.set_total(jobs.len() as u64, 0);
     let backend = repo.backend().clone();
     let results: Vec<(Vec<Problem>, u64)> = stream::iter(jobs)

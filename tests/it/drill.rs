@@ -36,6 +36,18 @@ fn json(run: &Run) -> Value {
     })
 }
 
+/// The progress lines of a run's stderr: one per phase as it ends,
+/// "pgvault: PHASE: … in 1.2s …".
+fn progress_lines(stderr: &str) -> impl Iterator<Item = &str> {
+    stderr.lines().filter(|l| {
+        l.starts_with("pgvault: ")
+            && l.split(" in ").skip(1).any(|t| {
+                let secs = t.split(['s', ' ']).next().unwrap_or("");
+                secs.contains('.') && secs.parse::<f64>().is_ok()
+            })
+    })
+}
+
 /// Nothing is left in the drill's scratch base: the drill's directory went.
 #[track_caller]
 fn assert_empty(base: &Path) {
@@ -180,6 +192,12 @@ fn drill_passes_on_a_healthy_repository_and_fails_naming_what_failed() {
     );
     let r = json(&run);
     assert_eq!(r["passed"], true, "{r:#}");
+    // --output json: no progress on stderr either (issue 13).
+    assert!(
+        !progress_lines(&run.stderr).any(|_| true),
+        "progress with --output json:\n{}",
+        run.stderr
+    );
     assert_eq!(r["exit_code"], 0);
     assert_eq!(r["backup"]["label"], label.as_str());
     assert!(
@@ -277,6 +295,24 @@ fn drill_passes_on_a_healthy_repository_and_fails_naming_what_failed() {
     // 3. An RTO objective of one second is missed.
     let run = drill(&env, &repo, As::Root, &base, &["--rto-objective", "1s"]);
     run.expect_code(EXIT_THRESHOLD);
+    // Not a terminal: one line per phase as it ends, the restore's with
+    // its bytes, files and rate.
+    let phases: Vec<&str> = progress_lines(&run.stderr).collect();
+    let named = |p: &str| phases.iter().filter(|l| l.starts_with(p)).count();
+    assert_eq!(named("pgvault: write files: "), 1, "{}", run.stderr);
+    assert_eq!(
+        named("pgvault: recovery (start, replay WAL, promote): "),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(named("pgvault: checks: "), 1, "{}", run.stderr);
+    assert_eq!(phases.len(), 3, "{}", run.stderr);
+    let write = phases[0];
+    assert!(
+        write.contains(" of ") && write.contains(" files in ") && write.ends_with("/s)"),
+        "{write}"
+    );
     assert!(
         run.stderr.contains("RTO") && run.stderr.contains("over its objective 1.0s"),
         "{}",

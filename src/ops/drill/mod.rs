@@ -152,6 +152,7 @@ pub async fn drill(
     {
         report.failures.insert(0, f);
     }
+    progress.finish();
     if let Some(mut s) = slot.take() {
         report.scratch_dir = Some(s.root.display().to_string());
         let removed = tokio::task::spawn_blocking(move || {
@@ -382,6 +383,7 @@ async fn run(
         roles.push("postgres".into());
     }
     progress.message("drill: starting PostgreSQL on the restored copy and waiting for recovery");
+    progress.phase("recovery (start, replay WAL, promote)");
     let spawned_at = chrono::Utc::now();
     let mut server = ScratchServer::start(spec.clone())
         .await
@@ -431,6 +433,7 @@ async fn run(
     });
     drop(session);
 
+    progress.phase("checks");
     checks_online(opts, progress, &spec, &role, &databases, &state, report).await;
     // pg_checksums names files: the relations they hold are read while
     // the server still runs.

@@ -81,9 +81,25 @@ pgv_ensure_tools() {
     command -v zstd >/dev/null || need+=(zstd)
     command -v runuser >/dev/null || need+=(util-linux)
     command -v python3 >/dev/null || need+=(python3)
+    # The package test (tests/it/package.rs): systemd-analyze verify, which
+    # runs man for each unit's Documentation=man:…; cargo deb's $auto
+    # dependencies come from dpkg-shlibdeps.
+    command -v systemd-analyze >/dev/null || need+=(systemd)
+    command -v man >/dev/null || need+=(man-db)
+    command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
     if [ "${#need[@]}" -gt 0 ]; then
         pgv_apt_install "${need[@]}"
     fi
+}
+
+# cargo-deb from crates.io, once (scripts/package.sh builds the .deb with
+# it; a few minutes of compiling the first time).
+pgv_ensure_cargo_deb() {
+    if ! cargo deb --version >/dev/null 2>&1; then
+        pgv_log "cargo install cargo-deb (once)"
+        env -u CARGO_TARGET_DIR cargo install cargo-deb --locked --quiet
+    fi
+    cargo deb --version >/dev/null 2>&1 || pgv_die "cargo deb does not run after install"
 }
 
 pgv_ensure_user() {
@@ -196,6 +212,7 @@ pgv_install_all() {
     pgv_ensure_prometheus_client
     pgv_ensure_s3sfs
     pgv_ensure_patroni
+    pgv_ensure_cargo_deb
 }
 
 # A free TCP port on 127.0.0.1 (the kernel picks; a tiny race with other

@@ -18,6 +18,7 @@ mod lookahead;
 mod metrics;
 mod operations;
 mod orphans;
+mod package;
 mod pages;
 mod patroni;
 mod pitr;

@@ -45,7 +45,7 @@ fn sh(argv: &[&str], env: &[(&str, &str)]) -> Run {
 #[track_caller]
 fn require(tool: &str) {
     let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
+        .args(["-c", &format!("command -v {tool} >/dev/null")])
         .status()
         .is_ok_and(|s| s.success());
     assert!(

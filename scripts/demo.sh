@@ -6,7 +6,8 @@
 # archive-get and compared byte for byte; then the disaster-recovery loop:
 # a base backup, rows written before and after a noted time, a restore to
 # exactly that time into a new directory, started, showing that exactly the
-# earlier rows are there.
+# earlier rows are there; and last a restore drill, which does the same on
+# its own, checks what came back and reports the RTO and RPO it achieved.
 #
 #   scripts/demo.sh            (as root: installs what is missing)
 #   KEEP=1 scripts/demo.sh     keeps the temporary directory
@@ -124,3 +125,10 @@ printf '%s\n' "$rows" | sed 's/^/    /' >&2
 [ "$rows" = "$(printf '1|A: before T\n2|A: before T\n3|A: before T')" ] ||
     pgv_die "the restored cluster does not hold exactly the rows committed before T"
 pgv_log "point-in-time recovery to $T: exactly the rows committed before T are there"
+
+pgv_log "restore drill (pgvault drill): the newest backup to the newest archived commit, started, checked"
+mkdir -p "$WORK/drill"
+chown "$U" "$WORK/drill"
+"${PGV[@]}" drill --scratch-dir "$WORK/drill"
+pgv_log "and info remembers it"
+"${PGV[@]}" info | grep -E 'last (drill|verify)' >&2

@@ -9,6 +9,7 @@
 #   PGV_TEST_USER    unprivileged OS user that runs postgres (PostgreSQL
 #                    refuses to run as root)
 #   PGV_MOTO_PY      a python3 that can import moto (and boto3)
+#   PGV_PROM_PY      a python3 that can import prometheus_client
 #   PGV_S3SFS_BIN    the s3s-fs binary
 #   PGV_PATRONI_BIN  the directory holding patroni and patronictl (a venv)
 #   PGV_ETCD_BIN     etcd (Debian's etcd-server)
@@ -31,6 +32,7 @@ PGV_S3_SECRET_KEY="pgvault-test-secret"
 PGV_S3_REGION="us-east-1"
 PGV_S3_BUCKET="pgvault-test"
 PGV_MOTO_PY="${PGV_MOTO_PY:-}"
+PGV_PROM_PY=""
 PGV_MOTO_URL=""
 PGV_S3SFS_URL=""
 PGV_PATRONI_BIN="$PGV_CACHE/patroni-venv/bin"
@@ -87,9 +89,25 @@ pgv_ensure_tools() {
     command -v zstd >/dev/null || need+=(zstd)
     command -v runuser >/dev/null || need+=(util-linux)
     command -v python3 >/dev/null || need+=(python3)
+    # The package test (tests/it/package.rs): systemd-analyze verify, which
+    # runs man for each unit's Documentation=man:…; cargo deb's $auto
+    # dependencies come from dpkg-shlibdeps.
+    command -v systemd-analyze >/dev/null || need+=(systemd)
+    command -v man >/dev/null || need+=(man-db)
+    command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
     if [ "${#need[@]}" -gt 0 ]; then
         pgv_apt_install "${need[@]}"
     fi
+}
+
+# cargo-deb from crates.io, once (scripts/package.sh builds the .deb with
+# it; a few minutes of compiling the first time).
+pgv_ensure_cargo_deb() {
+    if ! cargo deb --version >/dev/null 2>&1; then
+        pgv_log "cargo install cargo-deb (once)"
+        env -u CARGO_TARGET_DIR cargo install cargo-deb --locked --quiet
+    fi
+    cargo deb --version >/dev/null 2>&1 || pgv_die "cargo deb does not run after install"
 }
 
 pgv_ensure_user() {
@@ -135,6 +153,29 @@ pgv_ensure_moto() {
     "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check 'moto[server]'
     PGV_MOTO_PY="$venv/bin/python3"
     "$PGV_MOTO_PY" -c 'import moto.server, boto3' || pgv_die "moto is not importable after install"
+}
+
+# A python3 that has prometheus_client, whose parsers check pgvault's
+# OpenMetrics output (tests/it/metrics.rs): the machine's python3, or
+# moto's venv when pip may not touch the machine's (PEP 668).
+pgv_ensure_prometheus_client() {
+    local py
+    for py in python3 "$PGV_MOTO_PY"; do
+        [ -n "$py" ] || continue
+        if "$py" -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
+            PGV_PROM_PY="$(command -v "$py")"
+            return 0
+        fi
+    done
+    if pgv_externally_managed python3; then
+        py="$PGV_MOTO_PY"
+    else
+        py="$(command -v python3)"
+    fi
+    pgv_log "pip install prometheus_client into $py"
+    "$py" -m pip install --quiet --disable-pip-version-check prometheus_client
+    "$py" -c 'import prometheus_client.openmetrics.parser' || pgv_die "prometheus_client is not importable after install"
+    PGV_PROM_PY="$py"
 }
 
 # Build s3s-fs once and keep it in the cache (about 2 minutes on 2 cores).
@@ -188,9 +229,11 @@ pgv_install_all() {
     pgv_ensure_postgres
     pgv_ensure_user
     pgv_ensure_moto
+    pgv_ensure_prometheus_client
     pgv_ensure_s3sfs
     pgv_ensure_patroni
     pgv_ensure_azurite
+    pgv_ensure_cargo_deb
 }
 
 # A free TCP port on 127.0.0.1 (the kernel picks; a tiny race with other

@@ -332,6 +332,12 @@ pub struct Connection {
     /// PostgreSQL database [default: PGDATABASE, else postgres]
     #[arg(long, env = "PGVAULT_PG_DATABASE", value_name = "DB", help_heading = POSTGRES)]
     pub pg_database: Option<String>,
+}
+
+/// The bound on waiting for archived WAL: `backup`, `check`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct ArchiveTimeout {
     /// Seconds to wait for the cluster's WAL to reach the repository
     #[arg(
         long,
@@ -579,6 +585,8 @@ pub struct Backup {
     #[command(flatten)]
     pub connection: Connection,
     #[command(flatten)]
+    pub archive_timeout: ArchiveTimeout,
+    #[command(flatten)]
     pub primary: Primary,
     #[command(flatten)]
     pub catalog: CatalogFile,
@@ -637,6 +645,24 @@ pub struct Check {
     #[command(flatten)]
     pub connection: Connection,
     #[command(flatten)]
+    pub archive_timeout: ArchiveTimeout,
+    /// Fail (exit 13) when the newest complete backup ended longer ago than this (90m, 26h, 8d)
+    #[arg(
+        long,
+        env = "PGVAULT_MAX_BACKUP_AGE",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub max_backup_age: Option<Duration>,
+    /// Fail (exit 13) when the server has written more WAL than this that is not archived yet (64MiB, 1GiB)
+    #[arg(
+        long,
+        env = "PGVAULT_MAX_ARCHIVE_LAG",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
+    pub max_archive_lag: Option<u64>,
+    #[command(flatten)]
     pub primary: Primary,
     #[command(flatten)]
     pub spool: Spool,
@@ -667,7 +693,84 @@ pub struct Info {
     #[command(flatten)]
     pub catalog: CatalogFile,
     #[command(flatten)]
+    pub status: LiveStatus,
+}
+
+/// Where `info` and `exporter` look for the live state around the
+/// repository: the server's archiver (only when a host or port is given)
+/// and the local spool.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct LiveStatus {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(flatten)]
     pub spool: Spool,
+}
+
+/// `exporter`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Exporter {
+    /// Address to serve /metrics on (HOST:PORT)
+    #[arg(
+        long,
+        env = "PGVAULT_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9876"
+    )]
+    pub listen: std::net::SocketAddr,
+    /// How often the metrics are read from the repository again, 10s at least (scrapes are served from the last read)
+    #[arg(
+        long,
+        env = "PGVAULT_EXPORTER_REFRESH",
+        value_name = "DURATION",
+        default_value = "5m",
+        value_parser = parse_refresh
+    )]
+    pub exporter_refresh: Duration,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
+    #[command(flatten)]
+    pub status: LiveStatus,
+}
+
+/// `drill`.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct Drill {
+    #[command(flatten)]
+    pub workers: Workers,
+    /// Directory to restore into: a new directory is made inside it and removed afterwards [default: the system's temporary directory]
+    #[arg(long, env = "PGVAULT_SCRATCH_DIR", value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
+    /// Directory of the PostgreSQL binaries of the backup's major [default: found through pg_config, /usr/lib/postgresql/N/bin, /usr/pgsql-N/bin]
+    #[arg(long, env = "PGVAULT_PG_BIN", value_name = "DIR", help_heading = POSTGRES)]
+    pub pg_bin: Option<PathBuf>,
+    /// OS user that runs the scratch PostgreSQL when pgvault runs as root [default: the owner of --scratch-dir, else postgres]
+    #[arg(long, env = "PGVAULT_PG_OS_USER", value_name = "USER", help_heading = POSTGRES)]
+    pub pg_os_user: Option<String>,
+    /// SQL file of checks: each query must return true (see docs/operations.md)
+    #[arg(long, env = "PGVAULT_DRILL_CHECKS", value_name = "FILE")]
+    pub drill_checks: Option<PathBuf>,
+    /// Fail (exit 13) when the restore took longer than this to be consistent and promoted (90s, 30m, 2h)
+    #[arg(
+        long,
+        env = "PGVAULT_RTO_OBJECTIVE",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub rto_objective: Option<Duration>,
+    /// Fail (exit 13) when the recovered cluster's newest commit is older than the newest commit archived at the drill's start by more than this (30s, 5m)
+    #[arg(
+        long,
+        env = "PGVAULT_RPO_OBJECTIVE",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub rpo_objective: Option<Duration>,
+    #[command(flatten)]
+    pub catalog: CatalogFile,
 }
 
 /// `backfill`.
@@ -928,7 +1031,18 @@ impl Connection {
         }
     }
 
-    pub fn archive_timeout(&self) -> Duration {
+    /// The connection `info` and `exporter` try: only when a host or port
+    /// is given (an option, or `PGHOST`/`PGPORT`), so that on a host
+    /// without the server they do not wait for one.
+    pub fn if_given(&self) -> Option<ConnParams> {
+        let env = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+        (self.pg_host.is_some() || self.pg_port.is_some() || env("PGHOST") || env("PGPORT"))
+            .then(|| self.params())
+    }
+}
+
+impl ArchiveTimeout {
+    pub fn duration(&self) -> Duration {
         Duration::from_secs(self.archive_timeout)
     }
 }
@@ -991,34 +1105,8 @@ pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {
     }
 }
 
-/// A size in bytes: a number with an optional unit, binary (`KiB`, `MiB`,
-/// `GiB`, `TiB`) or decimal (`kB`, `MB`, `GB`, `TB`).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| Error::usage("expected a number of bytes, e.g. 4GiB or 512MiB"))?;
-    let mul: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "TiB" | "T" => 1 << 40,
-        "kB" | "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        _ => {
-            return Err(Error::usage(
-                "the unit must be KiB, MiB, GiB, TiB, kB, MB, GB or TB",
-            ))
-        }
-    };
-    n.checked_mul(mul).ok_or_else(|| Error::usage("too large"))
-}
-
-/// A duration with a unit: `90m`, `36h`, `14d`, `2w` (a bare number is days).
+/// A duration with a unit: `30s`, `90m`, `36h`, `14d`, `2w` (a bare
+/// number is days).
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -1026,15 +1114,45 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         .parse()
         .map_err(|_| Error::usage("expected a number and a unit, e.g. 14d"))?;
     let secs = match unit {
+        "s" => 1,
         "m" | "min" => 60,
         "h" => 3600,
         "d" | "" => 86400,
         "w" => 7 * 86400,
-        _ => return Err(Error::usage("the unit must be m, h, d or w")),
+        _ => return Err(Error::usage("the unit must be s, m, h, d or w")),
     };
     n.checked_mul(secs)
         .map(Duration::from_secs)
         .ok_or_else(|| Error::usage("too long"))
+}
+
+/// The exporter's refresh interval: a duration, 10 s at least (each
+/// refresh lists the archive).
+fn parse_refresh(s: &str) -> Result<Duration> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(10) {
+        return Err(Error::usage("at least 10s: each refresh lists the archive"));
+    }
+    Ok(d)
+}
+
+/// A size in bytes: `1048576`, `64MiB`, `16MB`, `1GiB`, `512kB` (units
+/// of 1024, as PostgreSQL's own sizes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::usage("expected a number of bytes, e.g. 64MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(Error::usage("the unit must be B, kB, MB, GB or TB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| Error::usage("too large"))
 }
 
 #[cfg(test)]
@@ -1056,6 +1174,9 @@ mod tests {
             Duration::from_secs(14 * 86400)
         );
         assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert!(parse_refresh("5s").is_err());
+        assert_eq!(parse_refresh("10s").unwrap(), Duration::from_secs(10));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("3y").is_err());
         assert!(parse_duration("99999999999999999w").is_err());
@@ -1063,13 +1184,15 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("3MB").unwrap(), 3_000_000);
-        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("16MB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1 GiB").unwrap(), 1 << 30);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").is_err());
-        assert!(parse_size("99999999999TiB").is_err());
+        assert!(parse_size("99999999999TB").is_err());
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub enum Kind {
     Timeline,
     /// Anything else: a bug or an unexpected local failure.
     Internal,
+    /// A threshold or objective was missed: `check --max-backup-age`,
+    /// `drill --rto-objective`.
+    Threshold,
+    /// What was restored does not work: `drill`'s scratch cluster did not
+    /// recover, or failed one of its checks.
+    DrillFailed,
 }
 
 impl Kind {
@@ -52,6 +58,8 @@ impl Kind {
             Kind::Locked => 9,
             Kind::Internal => 10,
             Kind::Timeline => 12,
+            Kind::Threshold => 13,
+            Kind::DrillFailed => 14,
         }
     }
 }

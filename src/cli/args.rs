@@ -103,11 +103,18 @@ pub enum Command {
     },
     /// Show what the repository holds for the stanza
     Info {
-        /// Output format: text for people, json for scripts
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        /// Output format: text for people, json for scripts, openmetrics for Prometheus (node_exporter's textfile collector)
+        #[arg(long, value_enum, default_value_t = InfoOutput::Text)]
+        output: InfoOutput,
         #[command(flatten)]
         options: config::Info,
+    },
+    /// Restore a backup into a scratch directory, start it, check it, and report the RTO and RPO achieved
+    Drill(DrillArgs),
+    /// Serve the metrics of `info --output openmetrics` over HTTP (/metrics), read again on an interval
+    Exporter {
+        #[command(flatten)]
+        options: config::Exporter,
     },
     /// Summarize the records of archived WAL that has no summary yet (archived by an older pgvault)
     Backfill {
@@ -116,6 +123,18 @@ pub enum Command {
         output: Output,
         #[command(flatten)]
         options: config::Backfill,
+    },
+    /// Print the completion script for SHELL on stdout (packaging: generated from these definitions)
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, pgvault.1 and pgvault-COMMAND.1, into DIR (packaging)
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -126,8 +145,9 @@ pub enum BackupType {
     Incr,
 }
 
+/// Which backup, and the recovery target: `restore` and `drill`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct RestoreArgs {
+pub struct TargetArgs {
     /// Backup label, or "latest" (with a time or LSN target: the newest that ends before it)
     #[arg(long, value_name = "LABEL")]
     pub set: Option<String>,
@@ -146,15 +166,35 @@ pub struct RestoreArgs {
     /// "immediate": stop as soon as the backup is consistent
     #[arg(long, group = "target_kind", value_parser = ["immediate"])]
     pub target: Option<String>,
-    /// What to do at the target [PostgreSQL's default: pause]
-    #[arg(long, value_enum)]
-    pub target_action: Option<TargetActionArg>,
     /// latest, current, or a timeline number [PostgreSQL's default: latest]
     #[arg(long)]
     pub target_timeline: Option<String>,
     /// Stop just before the target instead of just after it
     #[arg(long)]
     pub target_exclusive: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrillArgs {
+    /// Keep the scratch directory (PostgreSQL stopped) to look at afterwards
+    #[arg(long)]
+    pub keep: bool,
+    /// Output format of the report: text for people, json for scripts
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    #[command(flatten)]
+    pub options: config::Drill,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// What to do at the target [PostgreSQL's default: pause]
+    #[arg(long, value_enum)]
+    pub target_action: Option<TargetActionArg>,
     /// preserve: the restored cluster archives (a restored primary must); off: clones and drills
     #[arg(long, value_enum, default_value_t = ArchiveModeArg::Preserve)]
     pub archive_mode: ArchiveModeArg,
@@ -216,6 +256,13 @@ pub enum ArchiveModeArg {
 pub enum Output {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InfoOutput {
+    Text,
+    Json,
+    Openmetrics,
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! module that knows clap, indicatif or stdout.
 
 mod args;
+mod docs;
 mod logger;
 mod progress;
 mod render;
@@ -17,7 +18,9 @@ use crate::config::{self, Global, RepoConfig};
 use crate::error::{Error, Kind, Result};
 use crate::ops;
 use crate::repo::{Fetched, Repository};
-use args::{ArchiveModeArg, Cli, Command, RestoreArgs, TargetActionArg};
+use args::{
+    ArchiveModeArg, Cli, Command, DrillArgs, InfoOutput, RestoreArgs, TargetActionArg, TargetArgs,
+};
 
 /// Exit code of `archive-get` when the file is not in the archive.
 pub const EXIT_NOT_FOUND: i32 = 1;
@@ -28,6 +31,9 @@ pub const EXIT_NOT_FOUND: i32 = 1;
 pub const EXIT_GET_FATAL: i32 = 254;
 /// Exit code of `verify` when it found problems.
 pub const EXIT_VERIFY_PROBLEMS: i32 = 11;
+/// Exit codes after SIGINT and SIGTERM (128 + the signal), as shells use.
+const EXIT_SIGINT: i32 = 130;
+const EXIT_SIGTERM: i32 = 143;
 
 pub fn main() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -317,7 +323,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // (or process-max is 1), zstd's own workers compress while
                 // the worker reads and hashes.
                 encode: o.compression.encode_backup(),
-                archive_timeout: o.connection.archive_timeout(),
+                archive_timeout: o.archive_timeout.duration(),
                 // Set per repository below.
                 catalog: None,
             };
@@ -327,7 +333,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     let repo = open_stanza(g, r).await?;
                     each.announce(r, &repo, "backup into");
                     let progress: Arc<dyn ops::progress::Progress> =
-                        Arc::from(progress::for_stderr());
+                        Arc::from(progress::for_stderr(false));
                     let opts = ops::backup::BackupOptions {
                         catalog: g.catalog(r, &o.catalog),
                         ..opts.clone()
@@ -354,7 +360,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
         Command::Restore(args) => {
             let repos = g.repos()?;
             let opts = restore_options(g, config_file, args, &repos)?;
-            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr());
+            let progress: Arc<dyn ops::progress::Progress> = Arc::from(progress::for_stderr(false));
             let r = if repos.len() == 1 {
                 let repo = open_stanza(g, &repos[0]).await?;
                 ops::restore::restore(&repo, &opts, progress).await?
@@ -378,23 +384,27 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let opts = ops::check::CheckOptions {
                 conn: o.connection.params(),
                 primary: o.primary.over(),
-                archive_timeout: o.connection.archive_timeout(),
+                archive_timeout: o.archive_timeout.duration(),
+                max_backup_age: o.max_backup_age,
+                max_archive_lag: o.max_archive_lag,
             };
             let repos = g.repos()?;
             let mut each = Each::new(&repos);
+            let mut missed = false;
             for r in &repos {
                 // Before the repository is asked: one that does not answer
                 // still has its queue shown.
                 warn_behind(g, r, &o.spool);
                 let done = async {
                     let repo = open_stanza(g, r).await?;
-                    let progress = progress::for_stderr();
+                    let progress = progress::for_stderr(false);
                     let c = ops::check::check(&repo, &opts, &*progress).await?;
                     for w in &c.warnings {
                         log::warn!("{w}");
                     }
                     let through = c
                         .primary
+                        .as_ref()
                         .map(|p| format!(", switched on the primary at {p}"))
                         .unwrap_or_default();
                     eprintln!(
@@ -403,12 +413,21 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                         repo.describe(),
                         repo.stanza()
                     );
-                    Ok(())
+                    if !c.thresholds.is_empty() {
+                        render::check_thresholds(&c)?;
+                    }
+                    Ok(c.thresholds.iter().all(|t| t.met()))
                 };
                 let done = done.await;
-                each.note(r, done)?;
+                if let Some(met) = each.note(r, done)? {
+                    missed |= !met;
+                }
             }
-            Ok(each.code(0))
+            Ok(each.code(if missed {
+                Kind::Threshold.exit_code()
+            } else {
+                0
+            }))
         }
         Command::Expire {
             dry_run,
@@ -461,7 +480,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 let done = async {
                     let repo = open_stanza(g, r).await?;
                     let progress: Arc<dyn ops::progress::Progress> =
-                        Arc::from(progress::for_stderr());
+                        Arc::from(progress::for_stderr(*output == args::Output::Json));
                     ops::verify::verify(&repo, &opts, progress)
                         .await
                         .map(|v| (r.number, repo.describe(), v))
@@ -481,14 +500,18 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let mut reports = Vec::new();
             for r in &repos {
                 let queue = if repos.len() > 1 || g.selected().is_some() {
-                    g.spool(r, &o.spool).map(|s| s.queue().state())
+                    g.spool(r, &o.status.spool).map(|s| s.queue().state())
                 } else {
                     None
                 };
                 let done = async {
                     let repo = g.open(r)?;
-                    let mut report =
-                        ops::info::info(&repo, g.catalog(r, &o.catalog).as_ref()).await?;
+                    let opts = ops::info::InfoOptions {
+                        catalog: g.catalog(r, &o.catalog),
+                        conn: o.status.connection.if_given(),
+                        spool: g.spool(r, &o.status.spool),
+                    };
+                    let mut report = ops::info::info(&repo, &opts).await?;
                     report.repository_number = r.number;
                     report.archive_push_queue = queue.clone();
                     Ok(report)
@@ -509,8 +532,38 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     reports.push(report);
                 }
             }
-            render::info_all(&reports, repos.len() > 1, *output)?;
+            match output {
+                InfoOutput::Text => {
+                    render::info_all(&reports, repos.len() > 1, args::Output::Text)?
+                }
+                InfoOutput::Json => {
+                    render::info_all(&reports, repos.len() > 1, args::Output::Json)?
+                }
+                InfoOutput::Openmetrics => render::metrics(&reports)?,
+            }
             Ok(each.code(0))
+        }
+        Command::Drill(a) => drill(g, config_file, a).await,
+        Command::Exporter { options: o } => {
+            // One repository per exporter (the first, or --repo N).
+            let r = g.repo_config()?;
+            let repo = open_stanza(g, &r).await?;
+            let opts = ops::exporter::ExporterOptions {
+                listen: o.listen,
+                refresh: o.exporter_refresh,
+                info: ops::info::InfoOptions {
+                    catalog: g.catalog(&r, &o.catalog),
+                    conn: o.status.connection.if_given(),
+                    spool: g.spool(&r, &o.status.spool),
+                },
+            };
+            tokio::select! {
+                r = ops::exporter::serve(&repo, &opts) => r.map(|_| 0),
+                sig = interrupted() => {
+                    log::info!("exporter: stopped by {}", sig.0);
+                    Ok(0)
+                }
+            }
         }
         Command::Backfill { output, options: o } => {
             let repos = g.repos()?;
@@ -531,6 +584,17 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 each.note(r, done)?;
             }
             Ok(each.code(0))
+        }
+        Command::Completions { shell } => docs::completions(*shell),
+        Command::Man { dir } => {
+            let dir = dir.clone();
+            let written = tokio::task::spawn_blocking(move || docs::man_pages(&dir))
+                .await
+                .map_err(|e| Error::internal(format!("write the man pages: {e}")))??;
+            for w in written {
+                println!("{w}");
+            }
+            Ok(0)
         }
     }
 }
@@ -666,6 +730,87 @@ impl Each {
     }
 }
 
+/// Waits for SIGINT or SIGTERM; returns its name and the exit code.
+async fn interrupted() -> (&'static str, i32) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => ("SIGINT", EXIT_SIGINT),
+        _ = term.recv() => ("SIGTERM", EXIT_SIGTERM),
+    }
+}
+
+/// `drill`: of one repository, the first or the one `--repo N` selects.
+async fn drill(g: &Global, config_file: Option<&Path>, a: &DrillArgs) -> Result<i32> {
+    let o = &a.options;
+    let r = g.repo_config()?;
+    let checks = match &o.drill_checks {
+        Some(f) => {
+            let text = tokio::fs::read_to_string(f)
+                .await
+                .map_err(|e| Error::usage(format!("drill-checks {}: {e}", f.display())))?;
+            let checks = crate::pg::integrity::parse_checks(&text);
+            if checks.is_empty() {
+                return Err(Error::usage(format!(
+                    "drill-checks {}: no query in it",
+                    f.display()
+                ))
+                .hint("write queries that return true, each ending with ';' (see docs/operations.md)"));
+            }
+            checks
+        }
+        None => Vec::new(),
+    };
+    let opts = ops::drill::DrillOptions {
+        set: a.targets.set.clone(),
+        target: recovery_target(&a.targets)?,
+        target_timeline: a.targets.target_timeline.clone(),
+        target_exclusive: a.targets.target_exclusive,
+        scratch_dir: o.scratch_dir.clone(),
+        keep: a.keep,
+        pg_bin: o.pg_bin.clone(),
+        pg_os_user: o.pg_os_user.clone(),
+        checks,
+        checks_file: o.drill_checks.clone(),
+        rto_objective: o.rto_objective,
+        rpo_objective: o.rpo_objective,
+        process_max: o.workers.process_max,
+        restore_command: restore_command(g, config_file, std::slice::from_ref(&r))?,
+        config_file: config_file.map(Path::to_path_buf),
+        catalog: g.catalog(&r, &o.catalog),
+    };
+    let repo = open_stanza(g, &r).await?;
+    let progress: Arc<dyn ops::progress::Progress> =
+        Arc::from(progress::for_stderr(a.output == args::Output::Json));
+    // On a signal the drill is dropped: its server is stopped and its
+    // scratch directory removed on the way.
+    let report = tokio::select! {
+        r = ops::drill::drill(&repo, &opts, progress) => r?,
+        (sig, code) = interrupted() => {
+            eprintln!("error: drill interrupted by {sig}: the scratch server was stopped and its directory removed");
+            return Ok(code);
+        }
+    };
+    render::drill(&report, a.output)?;
+    for f in &report.failures {
+        eprintln!("error: drill failed at step {}: {}", f.step, f.message);
+        if let Some(h) = &f.hint {
+            eprintln!("hint: {h}");
+        }
+    }
+    if report.failures.is_empty() {
+        if let Some(missed) = report.objectives_text() {
+            eprintln!("error: drill missed its objectives: {missed}");
+        }
+    }
+    Ok(report.exit_code)
+}
+
 fn expire_options(r: &config::RetentionSettings, dry_run: bool) -> ops::expire::ExpireOptions {
     ops::expire::ExpireOptions {
         retention_full: r.retention_full,
@@ -674,14 +819,10 @@ fn expire_options(r: &config::RetentionSettings, dry_run: bool) -> ops::expire::
     }
 }
 
-fn restore_options(
-    g: &Global,
-    config_file: Option<&Path>,
-    a: &RestoreArgs,
-    repos: &[RepoConfig],
-) -> Result<ops::restore::RestoreOptions> {
-    use crate::pg::recovery::{parse_target_time, RecoveryTarget, TargetAction};
-    let target = if let Some(t) = &a.target_time {
+/// The recovery target the flags name, if any.
+fn recovery_target(a: &TargetArgs) -> Result<Option<crate::pg::recovery::RecoveryTarget>> {
+    use crate::pg::recovery::{parse_target_time, RecoveryTarget};
+    Ok(if let Some(t) = &a.target_time {
         Some(RecoveryTarget::Time(
             parse_target_time(t).map_err(|e| Error::usage(format!("--target-time: {e}")))?,
         ))
@@ -701,7 +842,17 @@ fn restore_options(
         Some(RecoveryTarget::Name(n.clone()))
     } else {
         a.target.as_ref().map(|_| RecoveryTarget::Immediate)
-    };
+    })
+}
+
+fn restore_options(
+    g: &Global,
+    config_file: Option<&Path>,
+    a: &RestoreArgs,
+    repos: &[RepoConfig],
+) -> Result<ops::restore::RestoreOptions> {
+    use crate::pg::recovery::TargetAction;
+    let target = recovery_target(&a.targets)?;
     let mut tablespace_map = Vec::new();
     for m in &a.tablespace_map {
         let (oid, dir) = m
@@ -731,15 +882,15 @@ fn restore_options(
     };
     Ok(ops::restore::RestoreOptions {
         pgdata,
-        set: a.set.clone(),
+        set: a.targets.set.clone(),
         target,
         target_action: a.target_action.map(|t| match t {
             TargetActionArg::Pause => TargetAction::Pause,
             TargetActionArg::Promote => TargetAction::Promote,
             TargetActionArg::Shutdown => TargetAction::Shutdown,
         }),
-        target_timeline: a.target_timeline.clone(),
-        target_exclusive: a.target_exclusive,
+        target_timeline: a.targets.target_timeline.clone(),
+        target_exclusive: a.targets.target_exclusive,
         archive_mode_off: a.archive_mode == ArchiveModeArg::Off,
         tablespace_map,
         standby,
@@ -799,6 +950,26 @@ fn restore_command(g: &Global, config_file: Option<&Path>, repos: &[RepoConfig])
         }
         if !s3.s3_atomic_create {
             parts.push(format!("{}=false", name("s3-atomic-create")));
+        }
+        // The other stores' settings that are not secrets (keys come from
+        // the configuration file or the server's environment).
+        for (long, v) in [
+            ("gcs-endpoint", &s3.gcs_endpoint),
+            ("gcs-key-file", &s3.gcs_key_file),
+            ("azure-account", &s3.azure_account),
+            ("azure-endpoint", &s3.azure_endpoint),
+            ("s3-sse-kms-key-id", &s3.s3_sse_kms_key_id),
+        ] {
+            if let Some(v) = v {
+                parts.push(name(long));
+                parts.push(shell_quote(v));
+            }
+        }
+        if s3.s3_sse != "none" {
+            parts.push(format!("{}={}", name("s3-sse"), s3.s3_sse));
+        }
+        if !s3.azure_bulk_delete {
+            parts.push(format!("{}=false", name("azure-bulk-delete")));
         }
     }
     if let Some(n) = selected {

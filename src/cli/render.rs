@@ -4,6 +4,8 @@ use std::io::Write;
 
 use super::args::Output;
 use crate::error::{Error, Result};
+use crate::ops::check::CheckReport;
+use crate::ops::drill::{duration_text, DrillReport};
 use crate::ops::expire::ExpireReport;
 use crate::ops::info::{BackupReport, InfoReport, TimelineReport};
 use crate::ops::restore::{RestoreOptions, Restored};
@@ -154,6 +156,168 @@ pub fn verify_all(reports: &[(u8, String, VerifyReport)], output: Output) -> Res
     Ok(())
 }
 
+/// `info --output openmetrics`: ages as of each report; several
+/// repositories' samples under one family each (labelled `repo`).
+pub fn metrics(reports: &[InfoReport]) -> Result<()> {
+    let mut all: Option<crate::ops::metrics::Families> = None;
+    for report in reports {
+        let now = chrono::DateTime::parse_from_rfc3339(&report.generated_at)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or_else(|_| chrono::Utc::now());
+        let f = crate::ops::metrics::families(report, &now);
+        match &mut all {
+            Some(a) => a.merge(f),
+            None => all = Some(f),
+        }
+    }
+    match all {
+        Some(a) => out(&a.encode()),
+        None => Ok(()),
+    }
+}
+
+pub fn drill(r: &DrillReport, output: Output) -> Result<()> {
+    if output == Output::Json {
+        return json(r);
+    }
+    let mut s = format!(
+        "drill of stanza {} ({}): {}\n",
+        r.stanza,
+        r.repository,
+        if r.passed { "PASSED" } else { "FAILED" }
+    );
+    if let Some(b) = &r.backup {
+        s += &format!(
+            "  backup {}: ended {} at {}, {}\n",
+            b.label,
+            b.stop_time,
+            b.stop_lsn,
+            bytes(b.original_size)
+        );
+        for p in &b.bad_pages_at_backup {
+            s += &format!("  the backup itself found a page failing its checksum: {p}\n");
+        }
+    }
+    if let Some(t) = &r.target {
+        s += &format!("  target: {t}\n");
+    }
+    if let Some(sv) = &r.server {
+        s += &format!(
+            "  server: PostgreSQL {} ({}) as {} (role {}), socket {} only (listen_addresses '{}'), archive_mode {}, data checksums {}\n",
+            sv.version,
+            sv.bin_dir,
+            sv.os_user,
+            sv.role,
+            sv.socket_dir,
+            sv.listen_addresses,
+            sv.archive_mode,
+            if sv.data_checksums { "on" } else { "off" }
+        );
+    }
+    if let Some(sp) = &r.space {
+        s += &format!(
+            "  space: needed {} ({} backup, {} WAL), {} free\n",
+            bytes(sp.needed_bytes),
+            bytes(sp.backup_bytes),
+            bytes(sp.wal_bytes),
+            bytes(sp.available_bytes)
+        );
+    }
+    s += "  phases:\n";
+    for p in &r.phases {
+        let moved = match (p.bytes, p.bytes_per_second) {
+            (Some(b), Some(rate)) => format!("  {} at {}/s", bytes(b), bytes(rate as u64)),
+            (Some(b), None) => format!("  {}", bytes(b)),
+            _ => String::new(),
+        };
+        s += &format!(
+            "    {:<15} {:>9}{moved}\n",
+            p.name,
+            duration_text(p.seconds)
+        );
+    }
+    s += "  checks:\n";
+    for c in &r.checks {
+        s += &format!(
+            "    {}: {} ({})\n",
+            c.name,
+            if c.passed { "passed" } else { "FAILED" },
+            duration_text(c.seconds)
+        );
+        for d in &c.detail {
+            s += &format!("      {d}\n");
+        }
+    }
+    let objective = |got: Option<f64>, want: Option<f64>| match (got, want) {
+        (Some(g), Some(w)) => format!(
+            " (objective {}: {})",
+            duration_text(w),
+            if g <= w { "met" } else { "MISSED" }
+        ),
+        _ => String::new(),
+    };
+    if let Some(rto) = r.rto_seconds {
+        s += &format!(
+            "  RTO {}{}: restore start to consistent and promoted\n",
+            duration_text(rto),
+            objective(r.rto_seconds, r.rto_objective_seconds)
+        );
+    }
+    if let Some(rpo) = r.rpo_seconds {
+        s += &format!(
+            "  RPO {}{}: newest archived commit {}, recovered to {}\n",
+            duration_text(rpo),
+            objective(r.rpo_seconds, r.rpo_objective_seconds),
+            r.newest_archived_commit.as_deref().unwrap_or("none"),
+            r.recovered_to.as_deref().unwrap_or("the backup's end")
+        );
+    }
+    if let Some(d) = &r.scratch_dir {
+        s += &format!(
+            "  scratch directory {}: {}\n",
+            d,
+            if r.kept { "kept" } else { "removed" }
+        );
+    }
+    for f in &r.failures {
+        s += &format!("  FAILED at {}: {}\n", f.step, f.message);
+    }
+    out(&s)
+}
+
+/// One status line on stdout, for cron mail and Nagios-style monitors:
+/// `PGVAULT CHECK OK: …` or `PGVAULT CHECK CRITICAL: …`, every threshold
+/// with its value and limit.
+pub fn check_thresholds(r: &CheckReport) -> Result<()> {
+    let ok = r.thresholds.iter().all(|t| t.met());
+    let mut parts = vec![format!(
+        "archiving works ({} reached the repository)",
+        r.segment
+    )];
+    for t in &r.thresholds {
+        let show = |v: f64| match t.name {
+            "archive lag" => bytes(v as u64),
+            _ => duration_text(v),
+        };
+        let value = match (t.value, &t.note) {
+            (Some(v), _) => show(v),
+            (None, Some(n)) => n.clone(),
+            (None, None) => "unknown".into(),
+        };
+        parts.push(format!(
+            "{} {value} ({}max {})",
+            t.name,
+            if t.met() { "" } else { "over the " },
+            show(t.limit)
+        ));
+    }
+    out(&format!(
+        "PGVAULT CHECK {}: {}\n",
+        if ok { "OK" } else { "CRITICAL" },
+        parts.join("; ")
+    ))
+}
+
 fn verify(r: &VerifyReport, output: Output) -> Result<()> {
     if output == Output::Json {
         return json(r);
@@ -264,6 +428,84 @@ fn info_rpo(s: &mut String, r: &InfoReport) {
         *s += &format!(
             "    backup {}: left out, its manifest cannot be read: {}\n",
             u.label, u.error
+        );
+    }
+    let ago = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .ok()
+            .zip(chrono::DateTime::parse_from_rfc3339(&r.generated_at).ok())
+            .map(|(t, now)| {
+                let secs = (now - t).num_milliseconds() as f64 / 1000.0;
+                format!("{} ago", duration_text(secs.max(0.0)))
+            })
+            .unwrap_or_else(|| t.to_string())
+    };
+    if let Some(w) = &r.newest_archived_wal {
+        *s += &format!(
+            "    newest archived WAL: {}{}\n",
+            w.name,
+            w.archived_at
+                .as_deref()
+                .map(|t| format!(" (archived {})", ago(t)))
+                .unwrap_or_default()
+        );
+    }
+    match &r.last_verify {
+        Some(v) => {
+            *s += &format!(
+                "    last verify: {}, {}\n",
+                ago(&v.finished_at),
+                if v.passed {
+                    "no problems".to_string()
+                } else {
+                    format!("{} PROBLEM(S)", v.problems)
+                }
+            )
+        }
+        None => *s += "    last verify: never\n",
+    }
+    match &r.last_drill {
+        Some(d) => {
+            let mut line = format!(
+                "    last drill: {}, {}",
+                ago(&d.finished_at),
+                if d.passed { "passed" } else { "FAILED" }
+            );
+            if let Some(rto) = d.rto_seconds {
+                line += &format!(", RTO {}", duration_text(rto));
+            }
+            if let Some(rpo) = d.rpo_seconds {
+                line += &format!(", RPO {}", duration_text(rpo));
+            }
+            if let (Some(step), Some(why)) = (&d.failed_step, &d.failure) {
+                line += &format!(" (at {step}: {why})");
+            }
+            *s += &line;
+            s.push('\n');
+        }
+        None => *s += "    last drill: never\n",
+    }
+    if let Some(a) = &r.archiver {
+        match (&a.status, &a.error) {
+            (Some(st), _) => {
+                *s += &format!(
+                    "    archiver: last archived {}, lag {} ({} segment(s)), {} archived, {} failed{}\n",
+                    st.last_archived_wal.as_deref().unwrap_or("none"),
+                    st.lag_bytes.map(bytes).unwrap_or_else(|| "unknown".into()),
+                    st.lag_segments.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                    st.archived_count,
+                    st.failed_count,
+                    if st.failing { ", FAILING now" } else { "" }
+                )
+            }
+            (None, Some(e)) => *s += &format!("    archiver: unknown ({e})\n"),
+            (None, None) => {}
+        }
+    }
+    if let Some(sp) = &r.spool {
+        *s += &format!(
+            "    spool: {} file(s) pushed ahead ({})\n",
+            sp.pushed_ahead, sp.path
         );
     }
 }

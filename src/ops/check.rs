@@ -14,6 +14,7 @@ use crate::ops::pg_error;
 use crate::ops::progress::Progress;
 use crate::ops::standby::{self, PrimaryOverride};
 use crate::ops::walfacts;
+use crate::pg::archiver::archiver_lag;
 use crate::pg::conn::{ArchiverStatus, ConnParams, Session};
 use crate::pg::{SegmentNo, TimelineId, WalFileName};
 use crate::repo::{DbInfo, Repository};
@@ -25,6 +26,10 @@ pub struct CheckOptions {
     /// not the way.
     pub primary: PrimaryOverride,
     pub archive_timeout: Duration,
+    /// Thresholds for monitors: the newest backup's age, the archiver's
+    /// lag in bytes.
+    pub max_backup_age: Option<Duration>,
+    pub max_archive_lag: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +38,26 @@ pub struct CheckReport {
     /// The primary archiving was proven on, when `conn` is a standby.
     pub primary: Option<String>,
     pub warnings: Vec<String>,
+    /// One per threshold given, in the order of the options.
+    pub thresholds: Vec<Threshold>,
+}
+
+/// A threshold and what was measured against it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    /// `backup age`, `archive lag`.
+    pub name: &'static str,
+    /// What was measured (seconds or bytes); `None`: it could not be.
+    pub value: Option<f64>,
+    pub limit: f64,
+    /// Why it could not be measured.
+    pub note: Option<String>,
+}
+
+impl Threshold {
+    pub fn met(&self) -> bool {
+        self.value.is_some_and(|v| v <= self.limit)
+    }
 }
 
 pub async fn check(
@@ -87,6 +112,25 @@ pub async fn check(
             "set archive_command = 'pgvault --config <file> archive-push %p' and reload PostgreSQL",
         ));
     }
+    // Measured before the switch below, which would change the lag; on the
+    // primary when this is a standby (its archiver is the one that lags).
+    let mut thresholds = Vec::new();
+    if let Some(max) = opts.max_backup_age {
+        thresholds.push(backup_age(repo, max).await?);
+    }
+    if let Some(max) = opts.max_archive_lag {
+        let lag = archiver_lag(on, db.wal_segment_size)
+            .await
+            .map_err(pg_error)?;
+        thresholds.push(Threshold {
+            name: "archive lag",
+            value: lag.lag_bytes.map(|b| b as f64),
+            limit: max as f64,
+            note: lag.lag_bytes.is_none().then(|| {
+                "unknown: the server is a standby or has archived no segment yet".to_string()
+            }),
+        });
+    }
     let segment = prove_archiving(repo, &db, on, opts.archive_timeout, progress).await?;
     // Archiving works; the archive must also be one cluster history.
     let archive = repo.archive(&db);
@@ -109,6 +153,23 @@ pub async fn check(
         segment,
         primary: primary.map(|p| p.params.describe()),
         warnings,
+        thresholds,
+    })
+}
+
+/// How long ago the newest complete backup ended.
+async fn backup_age(repo: &Repository, max: Duration) -> Result<Threshold> {
+    let newest = repo
+        .manifests()
+        .await?
+        .iter()
+        .filter_map(|m| m.stop_time_utc())
+        .max();
+    Ok(Threshold {
+        name: "backup age",
+        value: newest.map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+        limit: max.as_secs_f64(),
+        note: newest.is_none().then(|| "no complete backup".to_string()),
     })
 }
 

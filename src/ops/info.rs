@@ -10,13 +10,16 @@ use crate::catalog::{Catalog, Snapshot, TimelineRow, WalRow};
 use crate::error::Result;
 use crate::ops::gaps::{self, DroppedRun};
 use crate::ops::walfacts;
+use crate::pg::archiver::{archiver_lag, ArchiverLag};
+use crate::pg::conn::{ConnParams, Session};
 use crate::pg::history::TimelineHistory;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::Histories;
 use crate::repo::archive::Listing;
 use crate::repo::manifest::{BackupHeader, ChangeReport, PageChecksums, UnreadableManifest};
+use crate::repo::results::{DrillRecord, ResultKind, VerifyRecord};
 use crate::repo::{DbInfo, Repository};
-use crate::spool::QueueState;
+use crate::spool::{QueueState, SpoolDir};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not).
 pub const INFO_SCHEMA_VERSION: u32 = 1;
@@ -51,6 +54,51 @@ pub struct InfoReport {
     /// repository (files PostgreSQL was told are archived that it does not
     /// hold yet, and what was dropped from it), when this host has one.
     pub archive_push_queue: Option<QueueState>,
+    /// The newest WAL segment archived for the current cluster, and when.
+    pub newest_archived_wal: Option<NewestWal>,
+    /// The newest `verify` and `drill` results kept in the repository.
+    pub last_verify: Option<VerifyRecord>,
+    pub last_drill: Option<DrillRecord>,
+    /// The server's archiver, when `info` was given a connection to it.
+    pub archiver: Option<ArchiverReport>,
+    /// This host's spool for the repository and stanza, when it has one.
+    pub spool: Option<SpoolReport>,
+    /// When this report was made (UTC, RFC 3339): ages above are as of then.
+    pub generated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NewestWal {
+    pub name: String,
+    pub timeline: u32,
+    /// When its claim was written (UTC, RFC 3339).
+    pub archived_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiverReport {
+    /// Whether the server answered; `error` says why not.
+    pub reachable: bool,
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub status: Option<ArchiverLag>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SpoolReport {
+    pub path: String,
+    /// Files the look-ahead pusher stored ahead of PostgreSQL's calls for
+    /// them: the spool's queue.
+    pub pushed_ahead: u64,
+}
+
+/// What `info` reads besides the repository.
+#[derive(Debug, Clone, Default)]
+pub struct InfoOptions {
+    pub catalog: Option<Catalog>,
+    /// The server, for its archiver's state (`None`: not asked).
+    pub conn: Option<ConnParams>,
+    pub spool: Option<SpoolDir>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,7 +238,9 @@ pub struct Gap {
     pub to: String,
 }
 
-pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoReport> {
+pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
+    let catalog = opts.catalog.as_ref();
+    let generated_at = chrono::Utc::now();
     let stanza = repo.require_stanza().await?;
     let backups = crate::ops::backups::index(repo, catalog).await?;
     for u in &backups.unreadable {
@@ -224,6 +274,21 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         });
     }
     let db = stanza.current().clone();
+    let newest_archived_wal = newest_wal(repo, &db, &dbs).await;
+    let last_verify = repo.latest_result(ResultKind::Verify).await?;
+    let last_drill = repo.latest_result(ResultKind::Drill).await?;
+    let archiver = match &opts.conn {
+        Some(c) => Some(archiver(c, &db).await),
+        None => None,
+    };
+    let spool = opts
+        .spool
+        .as_ref()
+        .filter(|s| s.path().is_dir())
+        .map(|s| SpoolReport {
+            path: s.path().display().to_string(),
+            pushed_ahead: s.pushed_names().len() as u64,
+        });
     let report = InfoReport {
         schema_version: INFO_SCHEMA_VERSION,
         repository: repo.describe(),
@@ -260,11 +325,16 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
         timelines: dbs.last().map(|d| d.timelines.clone()).unwrap_or_default(),
         dbs,
         newest_commit_time: newest_commit.map(walfacts::format_us),
-        rpo_seconds: newest_commit
-            .map(|us| (chrono::Utc::now().timestamp_micros() - us) as f64 / 1e6),
+        rpo_seconds: newest_commit.map(|us| (generated_at.timestamp_micros() - us) as f64 / 1e6),
         unreadable_backups: backups.unreadable,
         repository_number: 1,
         archive_push_queue: None,
+        newest_archived_wal,
+        last_verify,
+        last_drill,
+        archiver,
+        spool,
+        generated_at: generated_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
     if let Some(cat) = catalog {
         // The catalog caches the current cluster's archive.
@@ -279,6 +349,67 @@ pub async fn info(repo: &Repository, catalog: Option<&Catalog>) -> Result<InfoRe
             .await;
     }
     Ok(report)
+}
+
+/// The newest segment of the current cluster's newest timeline, with the
+/// time its claim records (one read).
+async fn newest_wal(repo: &Repository, db: &DbInfo, dbs: &[DbReport]) -> Option<NewestWal> {
+    let t = dbs
+        .iter()
+        .find(|d| d.db_id == db.id)?
+        .timelines
+        .iter()
+        .rev()
+        .find(|t| t.last_segment.is_some())?;
+    let name = t.last_segment.clone()?;
+    let archived_at = match WalFileName::parse(&name) {
+        Ok(n) => match repo.archive(db).read_claim(&n).await {
+            Ok(c) => c.map(|c| c.archived_at),
+            Err(e) => {
+                log::warn!("read the claim of {name}: {e}");
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    Some(NewestWal {
+        name,
+        timeline: t.timeline,
+        archived_at,
+    })
+}
+
+/// The server's archiver; a server that cannot be reached is reported in
+/// the report, not an error nor a warning: `info` describes the repository
+/// first, and a configuration file shared with `backup` names a server
+/// that a host reading the repository may not reach.
+async fn archiver(conn: &ConnParams, db: &DbInfo) -> ArchiverReport {
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+    let read = async {
+        let session = Session::connect(conn).await?;
+        archiver_lag(&session, db.wal_segment_size).await
+    };
+    let failed = |error: String| {
+        log::info!("archiver: {error}");
+        ArchiverReport {
+            reachable: false,
+            error: Some(error),
+            status: None,
+        }
+    };
+    match tokio::time::timeout(BOUND, read).await {
+        Ok(Ok(status)) => ArchiverReport {
+            reachable: true,
+            error: None,
+            status: Some(status),
+        },
+        Ok(Err(e)) => failed(e.to_string()),
+        Err(_) => failed(format!(
+            "no answer from PostgreSQL at {} within {}s",
+            conn.describe(),
+            BOUND.as_secs()
+        )),
+    }
 }
 
 /// One cluster's archived WAL (`archive/<major>-<id>/`) and its timelines,

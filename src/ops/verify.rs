@@ -31,6 +31,7 @@ use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
 use crate::repo::orphans::{self, Orphan};
+use crate::repo::results::{host_name, ResultKind, VerifyRecord, RESULT_FORMAT};
 use crate::repo::{Backend, DbInfo, Fetched, Repository};
 
 #[derive(Debug, Clone)]
@@ -89,6 +90,7 @@ pub async fn verify(
     opts: &VerifyOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<VerifyReport> {
+    let started = chrono::Utc::now();
     let mut problems = Vec::new();
     let backups = repo.backups().await?;
     let dbs = match repo.fetch_stanza().await? {
@@ -320,6 +322,7 @@ pub async fn verify(
     let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
     let leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
 
+    progress.phase("read objects");
     progress.set_total(jobs.len() as u64, 0);
     let backend = repo.backend().clone();
     let results: Vec<(Vec<Problem>, u64)> = stream::iter(jobs)
@@ -342,7 +345,7 @@ pub async fn verify(
     }
     problems.sort_by(|a, b| (&a.kind, &a.what).cmp(&(&b.kind, &b.what)));
     progress.finish();
-    Ok(VerifyReport {
+    let report = VerifyReport {
         schema_version: 1,
         stanza: repo.stanza().to_string(),
         wal_objects,
@@ -351,7 +354,33 @@ pub async fn verify(
         bytes_read,
         problems,
         orphans: leftovers,
-    })
+    };
+    keep_result(repo, &report, &started).await;
+    Ok(report)
+}
+
+/// Keeps the result in the repository for `info` and the metrics ("last
+/// verify"); a failure to keep it is a warning, not a failed verify.
+async fn keep_result(repo: &Repository, r: &VerifyReport, started: &chrono::DateTime<chrono::Utc>) {
+    let finished = chrono::Utc::now();
+    let stamp =
+        |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let record = VerifyRecord {
+        format: RESULT_FORMAT,
+        started_at: stamp(started),
+        finished_at: stamp(&finished),
+        passed: r.problems.is_empty(),
+        problems: r.problems.len() as u64,
+        bytes_read: r.bytes_read,
+        objects: r.wal_objects + r.backup_objects,
+        host: host_name(),
+    };
+    if let Err(e) = repo
+        .record_result(ResultKind::Verify, &finished, &record)
+        .await
+    {
+        log::warn!("keep this verify's result in the repository: {e}");
+    }
 }
 
 /// The clusters whose archives the repository holds, when the stanza object

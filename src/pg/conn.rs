@@ -245,6 +245,12 @@ impl Session {
         })
     }
 
+    /// The client, for the SQL `pg::integrity` runs against a scratch
+    /// server.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     async fn text(&self, sql: &str, what: &str) -> Result<String> {
         let row = self.client.query_one(sql, &[]).await.map_err(q(what))?;
         Ok(row.get::<_, Option<String>>(0).unwrap_or_default())

@@ -14,15 +14,19 @@
 //!
 //! Supported majors: 14 to 18.
 
+pub mod archiver;
+pub mod binaries;
 pub mod blockref;
 pub mod conn;
 pub mod control;
 pub mod datadir;
 pub mod history;
+pub mod integrity;
 pub mod lsn;
 pub mod page;
 pub mod recovery;
 pub mod relfile;
+pub mod scratch;
 pub mod wal;
 pub mod walscan;
 

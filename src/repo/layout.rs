@@ -12,6 +12,7 @@
 //! <stanza>/backup/<label>/files.pgv                         reserved: format 2's streamed file list (not written yet)
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
+//! <stanza>/results/<drill|verify>/<YYYYMMDDTHHMMSS.mmmZ>.pgv  one run's result (the newest few kept)
 //! ```
 //!
 //! `<db>` is `<major>-<id>` (e.g. `15-1`): a new id after `pg_upgrade` keeps
@@ -112,6 +113,17 @@ pub fn parse_backup_object_name(name: &str) -> Option<(usize, u64)> {
 
 pub fn backup_object_key(stanza: &str, label: &str, object: &str) -> String {
     format!("{}/{object}", backup_dir(stanza, label))
+}
+
+/// Where the results of `drill` or `verify` runs (`kind`) are kept.
+pub fn results_dir(stanza: &str, kind: &str) -> String {
+    format!("{stanza}/results/{kind}")
+}
+
+/// One run's result, named by when it finished (`20261126T031500.123Z`):
+/// names sort in time order.
+pub fn result_key(stanza: &str, kind: &str, stamp: &str) -> String {
+    format!("{}/{stamp}.pgv", results_dir(stanza, kind))
 }
 
 pub fn db_dir_name(major: u32, db_id: u32) -> String {

@@ -19,6 +19,7 @@ pub mod local;
 pub mod lock;
 pub mod manifest;
 pub mod orphans;
+pub mod results;
 pub mod s3;
 pub mod stanza;
 

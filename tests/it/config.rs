@@ -136,7 +136,8 @@ const HELP_CASES: &[HelpCase] = &[
     HelpCase {
         command: "info",
         own: &["--output"],
-        postgres: &[],
+        // For the archiver's lag, when given (issue 13).
+        postgres: &["--pg-host", "--pg-port"],
         absent: &["--process-max", "--retention-full", "--pgdata"],
     },
     HelpCase {

@@ -795,6 +795,7 @@ async fn copy_files(
     // early and the small ones fill in.
     files.sort_by_key(|f| f.size);
     let total: u64 = files.iter().map(|f| f.size).sum::<u64>() + control.size;
+    progress.phase("copy files");
     progress.set_total(files.len() as u64 + 1, total);
 
     let workers = opts.process_max.max(1);

@@ -86,6 +86,7 @@ pub(super) async fn lay_down(
         .filter(|f| f.path != datadir::PG_CONTROL)
         .cloned()
         .collect();
+    progress.phase("write files");
     progress.set_total(m.files.len() as u64, m.original_size);
     let skipped = write_files(repo, &m.label, &opts.pgdata, files, opts.delta, opts.process_max, progress.clone())
         .await

@@ -21,10 +21,12 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Kind, Result};
+use crate::ops::backups::BackupIndex;
 use crate::ops::progress::Progress;
 use crate::pg::recovery::{RecoveryTarget, TargetAction};
+use crate::pg::Lsn;
 use crate::repo::manifest::{label_time, BackupHeader, ManifestRead, UnreadableManifest};
-use crate::repo::Repository;
+use crate::repo::{Repository, StanzaInfo};
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
@@ -86,6 +88,31 @@ pub struct Restored {
     pub pg_version: u32,
 }
 
+/// Where recovery from one backup can reach (see [`reach`]).
+#[derive(Debug, Clone)]
+pub struct Reach {
+    pub backup: BackupHeader,
+    /// The PostgreSQL major that must start it.
+    pub pg_version: u32,
+    pub wal_segment_size: u32,
+    /// The newest record on the replay path that a time target can stop
+    /// at (a commit, an abort, a restore point): Unix µs and its LSN.
+    pub last_commit: Option<(i64, Lsn)>,
+    /// The end of the WAL the path holds, when known.
+    pub end_lsn: Option<Lsn>,
+    /// Archived WAL files on the path, from the backup's first segment on.
+    pub wal_files: u64,
+}
+
+/// The backup a restore with `opts` would choose, and how far the archived
+/// WAL after it reaches: planned exactly as [`restore`] plans, before
+/// anything is written (`drill` picks its target and sizes its scratch
+/// directory from it).
+pub async fn reach(repo: &Repository, opts: &RestoreOptions) -> Result<Reach> {
+    let (stanza, backups) = readable_backups(repo, opts).await?;
+    plan::reach(repo, &stanza, &backups.headers, opts).await
+}
+
 pub async fn restore(
     repo: &Repository,
     opts: &RestoreOptions,
@@ -132,13 +159,13 @@ pub async fn restore_first(
         .map(|r| (repos.len() - 1, r))
 }
 
-/// Plans the restore and, with `progress`, lays it down; without, stops
-/// after the plan (nothing written) and returns `None`.
-async fn restore_inner(
+/// The stanza and its backups, when one of them can be restored: refuses
+/// a `--set` whose manifest cannot be read, and a stanza without a
+/// readable complete backup.
+async fn readable_backups(
     repo: &Repository,
     opts: &RestoreOptions,
-    progress: Option<Arc<dyn Progress>>,
-) -> Result<Option<Restored>> {
+) -> Result<(StanzaInfo, BackupIndex)> {
     let stanza = repo.require_stanza().await?;
     let backups = crate::ops::backups::index(repo, opts.catalog.as_ref()).await?;
     if let Some(u) = opts.set.as_deref().and_then(|l| backups.unreadable(l)) {
@@ -148,8 +175,7 @@ async fn restore_inner(
         ))
         .hint("choose another backup with --set (`pgvault info` lists them)"));
     }
-    let manifests = &backups.headers;
-    if manifests.is_empty() {
+    if backups.headers.is_empty() {
         let unreadable: Vec<&str> = backups
             .unreadable
             .iter()
@@ -170,7 +196,18 @@ async fn restore_inner(
         )
         .hint("take one with `pgvault backup`"));
     }
-    let plan = plan::choose_backup_and_db(repo, &stanza, manifests, opts).await?;
+    Ok((stanza, backups))
+}
+
+/// Plans the restore and, with `progress`, lays it down; without, stops
+/// after the plan (nothing written) and returns `None`.
+async fn restore_inner(
+    repo: &Repository,
+    opts: &RestoreOptions,
+    progress: Option<Arc<dyn Progress>>,
+) -> Result<Option<Restored>> {
+    let (stanza, backups) = readable_backups(repo, opts).await?;
+    let plan = plan::choose_backup_and_db(repo, &stanza, &backups.headers, opts).await?;
     if opts.set.is_none() || opts.set.as_deref() == Some("latest") {
         warn_hidden_candidates(&backups.unreadable, plan.backup, opts.target.as_ref());
     }

@@ -26,8 +26,33 @@ pub(super) struct Plan<'a> {
     wal: Option<ArchivedWal>,
 }
 
+impl Plan<'_> {
+    /// The archive of the chosen backup's cluster with the summaries of its
+    /// replay path: as the choice read it, else read now.
+    async fn archived_wal(
+        &self,
+        repo: &Repository,
+        opts: &RestoreOptions,
+    ) -> Result<std::borrow::Cow<'_, ArchivedWal>> {
+        let history = self.history.as_ref();
+        Ok(match &self.wal {
+            Some(wal) => std::borrow::Cow::Borrowed(wal),
+            None => std::borrow::Cow::Owned(
+                ArchivedWal::read(
+                    &repo.archive(self.db),
+                    opts,
+                    &|_| history.cloned(),
+                    &[self.backup],
+                )
+                .await?,
+            ),
+        })
+    }
+}
+
 /// One cluster's archive, listed, with the summaries of every file on the
 /// replay paths of some backups.
+#[derive(Clone)]
 struct ArchivedWal {
     listing: Listing,
     sums: Summaries,
@@ -110,14 +135,7 @@ pub(super) async fn check_target_reachable(
     };
     let (m, db, history) = (plan.backup, plan.db, plan.history.as_ref());
     let seg = db.wal_segment_size;
-    let read;
-    let wal = match &plan.wal {
-        Some(wal) => wal,
-        None => {
-            read = ArchivedWal::read(&repo.archive(db), opts, &|_| history.cloned(), &[m]).await?;
-            &read
-        }
-    };
+    let wal = plan.archived_wal(repo, opts).await?;
     let path = wal.path(history, m, seg);
     let facts = walfacts::path_facts(&path, &wal.sums, seg);
     let timeline = history.map_or(m.timeline, |h| h.timeline);
@@ -208,6 +226,30 @@ pub(super) async fn check_target_reachable(
             }
         }
     }
+}
+
+/// What recovery from the backup a restore with `opts` chooses can reach,
+/// planned as that restore plans (nothing is written).
+pub(super) async fn reach(
+    repo: &Repository,
+    stanza: &StanzaInfo,
+    manifests: &[BackupHeader],
+    opts: &RestoreOptions,
+) -> Result<super::Reach> {
+    let plan = choose_backup_and_db(repo, stanza, manifests, opts).await?;
+    let (m, db, history) = (plan.backup, plan.db, plan.history.as_ref());
+    let seg = db.wal_segment_size;
+    let wal = plan.archived_wal(repo, opts).await?;
+    let path = wal.path(history, m, seg);
+    let facts = walfacts::path_facts(&path, &wal.sums, seg);
+    Ok(super::Reach {
+        backup: m.clone(),
+        pg_version: db.pg_version,
+        wal_segment_size: seg,
+        last_commit: facts.last_time,
+        end_lsn: facts.end_lsn,
+        wal_files: path.len() as u64,
+    })
 }
 
 /// What `--target-timeline` asks for (`recovery_target_timeline`).

@@ -14,6 +14,8 @@
 //!   `PGVAULT_TEST_AWS_REGION`, `PGVAULT_TEST_BUCKET`  credentials both servers accept
 //! - `PGVAULT_TEST_MOTO_PY`  the Python that runs moto, for tests that start
 //!   (and kill) a moto of their own ([`OwnMoto`])
+//! - `PGVAULT_TEST_PYTHON` a python3 that can import `prometheus_client`
+//!   (default `python3`)
 //! - `PGVAULT_TEST_KEEP=1` keeps temporary directories for a post-mortem.
 //!
 //! PostgreSQL refuses to run as root, so the tests (run as root) start it

@@ -94,6 +94,19 @@ pub struct Spawned {
 }
 
 impl Spawned {
+    /// SIGTERM to the program itself: for the postgres user, `runuser`'s
+    /// child (runuser would answer SIGTERM by killing it and dying of the
+    /// signal, hiding the program's own exit code).
+    pub fn terminate(&self) {
+        let pid = self.child.id();
+        let target = children_of(pid)
+            .first()
+            .copied()
+            .filter(|_| self.what.starts_with("(as postgres user)"))
+            .unwrap_or(pid);
+        let _ = Command::new("kill").arg(target.to_string()).status();
+    }
+
     /// The started process's id (with `As::PgUser`, that of `runuser`).
     pub fn pid(&self) -> u32 {
         self.child.id()

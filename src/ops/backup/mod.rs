@@ -153,8 +153,10 @@ async fn backup_inner(
     }
 
     // The reference of a diff or incr, chosen before the backup starts;
-    // none: a full backup.
-    let tli_now = session.current_timeline().await.map_err(pg_error)?;
+    // none: a full backup. The timeline is the one the primary writes (a
+    // standby cannot name its current WAL file; it replays the primary's
+    // timeline, which `standby` checked).
+    let tli_now = archiving_on.current_timeline().await.map_err(pg_error)?;
     let history = if opts.kind == BackupKind::Full {
         None
     } else {

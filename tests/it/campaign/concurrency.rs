@@ -51,7 +51,7 @@ fn concurrency_on(c: &mut Campaign, env: &TestEnv, repo: Repo) {
     stanza_create(env, &repo, pg.pgdata());
     pg.start_archiving(env, &repo);
     pg.psql("create table t as select g from generate_series(1, 10000) g");
-    let backup = with_cluster(&pg, &["backup", "--start-fast"]);
+    let backup = with_cluster(&pg, &["backup", "--type", "full", "--start-fast"]);
     let expire = args(&["expire", "--retention-full", "1"]);
     let mut problems = Vec::new();
 

@@ -170,7 +170,7 @@ fn full_disks() {
     // A backup into a repository with room for WAL but not for it.
     let ctx = format!("seed {} backup into a full repository", c.seed);
     let filler = fill(&mnt, 1 << 20);
-    let args = with_cluster(&pg, &["backup", "--start-fast"]);
+    let args = with_cluster(&pg, &["backup", "--type", "full", "--start-fast"]);
     let failed = exec(&env, &repo, As::PgUser, &args, &[]);
     if failed.code == Some(0) {
         c.problem(&ctx, "succeeded in 1 MiB");

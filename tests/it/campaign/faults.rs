@@ -232,7 +232,7 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
         wait_archived(&pg, archived.last().expect("segments"));
 
         // backup: exit 0 means restorable (checked below).
-        let args = with_cluster(&pg, &["backup", "--start-fast"]);
+        let args = with_cluster(&pg, &["backup", "--type", "full", "--start-fast"]);
         if let Some(run) = b.until_ok("backup", As::PgUser, &args, env.dir(), 8) {
             backups.push(run.stdout.trim().to_string());
         }
@@ -357,7 +357,7 @@ fn every_command_under_faults(c: &mut Campaign, env: &TestEnv, repo: Repo, base_
     // of the newest under faults, and PostgreSQL recovering through
     // archive-get under faults to the end of the archive.
     if backups.len() < 2 {
-        let args = with_cluster(&pg, &["backup", "--start-fast"]);
+        let args = with_cluster(&pg, &["backup", "--type", "full", "--start-fast"]);
         if let Some(run) = b.until_ok("backup", As::PgUser, &args, env.dir(), 8) {
             backups.push(run.stdout.trim().to_string());
         }

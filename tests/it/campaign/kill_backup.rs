@@ -60,7 +60,14 @@ impl World {
     fn backup_args(&self) -> Vec<String> {
         with_cluster(
             &self.pg,
-            &["--log-level", "debug", "backup", "--start-fast"],
+            &[
+                "--log-level",
+                "debug",
+                "backup",
+                "--type",
+                "full",
+                "--start-fast",
+            ],
         )
     }
 

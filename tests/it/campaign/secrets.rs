@@ -141,7 +141,7 @@ fn secrets_never_show() {
         }
         let (host, port) = (pg.sockdir().display().to_string(), pg.port().to_string());
         let conn = ["--pgdata", &pgdata, "--pg-host", &host, "--pg-port", &port];
-        let mut backup = vec!["backup", "--start-fast"];
+        let mut backup = vec!["backup", "--type", "full", "--start-fast"];
         backup.extend(conn);
         let b = pgv(As::PgUser, &cfg(&backup), &[]);
         b.ok();

@@ -169,7 +169,11 @@ pub fn inventory(root: &Path, stanza: &str) -> Inventory {
             ["archive", _db, _dir, _] => {
                 if let Some(key) = split_content(&file, ".zst") {
                     inv.contents.insert(key, f.clone());
-                } else if let Some(key) = split_content(&file, ".summary") {
+                } else if let Some(key) =
+                    split_content(&file, ".summary").or_else(|| split_content(&file, ".blockrefs"))
+                {
+                    // A summary, or its sibling the block references
+                    // (incremental backups read them).
                     summaries.push((key, r));
                 } else {
                     inv.orphans.push(format!("{r}: not a pgvault object"));
@@ -202,8 +206,9 @@ pub fn inventory(root: &Path, stanza: &str) -> Inventory {
     }
     for (key, r) in summaries {
         if !inv.contents.contains_key(&key) {
-            inv.orphans
-                .push(format!("{r}: summary of content that is not stored"));
+            inv.orphans.push(format!(
+                "{r}: summary or block references of content that is not stored"
+            ));
         }
     }
     inv

@@ -239,6 +239,20 @@ fn wal(m: &mut Families, r: &InfoReport, now: &DateTime<Utc>) {
             &tl,
             Some(t.segments as f64),
         );
+        // A split brain (issue 9, defect 10): alert on > 0.
+        m.gauge(
+            "pgvault_wal_superseded_segments",
+            "Segments of this timeline archived past the point where a later timeline's history left it (a split brain, or a PITR clone archiving here)",
+            &tl,
+            Some(t.superseded.as_ref().map_or(0, |s| s.files.len()) as f64),
+        );
+        // Several repositories: what this one missed (archive-push-queue-max).
+        m.gauge(
+            "pgvault_wal_dropped_segments",
+            "Segments of this timeline dropped from this repository's archive-push queue, as its gap markers record",
+            &tl,
+            Some(t.dropped.iter().map(|d| d.files).sum::<u64>() as f64),
+        );
     }
     let missing: u64 = r
         .timelines
@@ -503,6 +517,21 @@ mod tests {
              # HELP pgvault_archive_push_failures Failures\n\
              pgvault_archive_push_failures_total{stanza=\"main\",repo=\"/r\\\"x\"} 3\n\
              # EOF\n"
+        );
+    }
+
+    #[test]
+    fn several_repositories_share_each_family() {
+        let mut a = Families::new("main", "/one");
+        a.gauge("pgvault_up", "up", &[], Some(1.0));
+        let mut b = Families::new("main", "s3://two");
+        b.gauge("pgvault_up", "up", &[], Some(1.0));
+        a.merge(b);
+        let text = a.encode();
+        assert_eq!(text.matches("# TYPE pgvault_up gauge").count(), 1, "{text}");
+        assert!(
+            text.contains("repo=\"/one\"} 1") && text.contains("repo=\"s3://two\"} 1"),
+            "{text}"
         );
     }
 }

@@ -155,6 +155,15 @@ fn matches_info(s: &Samples, j: &Value) {
             value(s, "pgvault_wal_archived_segments", &[("timeline", &tl)]),
             t["segments"].as_f64().unwrap()
         );
+        let superseded = t["superseded"]["files"].as_array().map_or(0, Vec::len);
+        assert_eq!(
+            value(s, "pgvault_wal_superseded_segments", &[("timeline", &tl)]),
+            superseded as f64
+        );
+        assert_eq!(
+            value(s, "pgvault_wal_dropped_segments", &[("timeline", &tl)]),
+            0.0
+        );
     }
     let gaps: usize = j["timelines"]
         .as_array()

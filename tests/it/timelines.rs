@@ -20,7 +20,8 @@
 //!   only the old timeline's `.partial` holds is not counted); then the old
 //!   primary comes back and archives timeline-1 WAL past the switch point:
 //!   `archive-push` warns on every such push, `info`, `check` and `verify`
-//!   flag it, and `archive-push-superseded = fail` refuses such pushes.
+//!   flag it, so do the metrics, and `archive-push-superseded = fail`
+//!   refuses such pushes.
 //!
 //! Before issue 9's fixes every case failed: the history file was refused
 //! (exit 3) while the look-ahead pusher archived timeline 3's segment
@@ -632,6 +633,32 @@ fn failover_rpo_and_split_brain() {
         for p in &pushed {
             assert!(files.contains(&p.as_str()), "{p} not flagged: {t1:#}");
         }
+    });
+    cases.run("the metrics flag it (alert on > 0)", || {
+        let run = repo.run(
+            &env,
+            As::PgUser,
+            &["info", "--output", "openmetrics"],
+            env.dir(),
+        );
+        run.ok();
+        let line = run
+            .stdout
+            .lines()
+            .find(|l| {
+                l.starts_with("pgvault_wal_superseded_segments{") && l.contains("timeline=\"1\"")
+            })
+            .unwrap_or_else(|| panic!("no superseded gauge for timeline 1:\n{}", run.stdout));
+        let v: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no value in {line}"));
+        assert!(
+            v >= pushed.len() as f64,
+            "{line}: want at least {}",
+            pushed.len()
+        );
     });
     cases.run(
         "check fails on both servers, naming timeline 1 and the LSN",

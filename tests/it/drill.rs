@@ -135,15 +135,7 @@ fn drill_watching_sockets(
 fn drill_passes_on_a_healthy_repository_and_fails_naming_what_failed() {
     let env = TestEnv::new();
     let repo = env.local_repo("main");
-    let mut pg = Cluster::init(
-        &env,
-        InitOpts {
-            wal_segsize_mb: Some(1),
-            data_checksums: false,
-        },
-    );
-    pg.start_archiving(&env, &repo);
-    repo.stanza_create(&env, pg.pgdata());
+    let pg = Cluster::archiving(&env, &repo, false);
     pg.psql("create table t (id int primary key, v text)");
     pg.psql("insert into t select g, md5(g::text) from generate_series(1, 5000) g");
     let label = backup(&env, &repo, &pg);
@@ -379,15 +371,7 @@ fn drill_passes_on_a_healthy_repository_and_fails_naming_what_failed() {
 fn drill_fails_naming_a_relation_whose_page_was_bad_before_the_backup() {
     let env = TestEnv::new();
     let repo = env.local_repo("main");
-    let mut pg = Cluster::init(
-        &env,
-        InitOpts {
-            wal_segsize_mb: Some(1),
-            data_checksums: true,
-        },
-    );
-    pg.start_archiving(&env, &repo);
-    repo.stanza_create(&env, pg.pgdata());
+    let mut pg = Cluster::archiving(&env, &repo, true);
     pg.psql("create table t as select g as id, md5(g::text) as v from generate_series(1, 2000) g");
     let rel = pg.psql("select pg_relation_filepath('t')");
     pg.psql("checkpoint");

@@ -290,15 +290,7 @@ fn scrape(port: u16) -> (String, String, String) {
 fn openmetrics_match_info_and_the_exporter_serves_them_from_a_cache() {
     let env = TestEnv::new();
     let repo = env.local_repo("main");
-    let mut pg = Cluster::init(
-        &env,
-        InitOpts {
-            wal_segsize_mb: Some(1),
-            data_checksums: true,
-        },
-    );
-    pg.start_archiving(&env, &repo);
-    repo.stanza_create(&env, pg.pgdata());
+    let pg = Cluster::archiving(&env, &repo, true);
     pg.psql("create table t as select g as id, md5(g::text) as v from generate_series(1, 3000) g");
     backup(&env, &repo, &pg);
     pg.psql("insert into t select g, 'after' from generate_series(3001, 3100) g");

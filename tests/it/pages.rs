@@ -12,15 +12,7 @@ use std::os::unix::fs::FileExt;
 fn backup_flags_a_page_whose_checksum_fails() {
     let env = TestEnv::new();
     let repo = env.local_repo("main");
-    let mut pg = Cluster::init(
-        &env,
-        InitOpts {
-            wal_segsize_mb: Some(1),
-            data_checksums: true,
-        },
-    );
-    pg.start_archiving(&env, &repo);
-    repo.stanza_create(&env, pg.pgdata());
+    let mut pg = Cluster::archiving(&env, &repo, true);
     pg.psql("create table t as select g as id, md5(g::text) as v from generate_series(1, 2000) g");
     let rel = pg.psql("select pg_relation_filepath('t')");
     pg.psql("checkpoint");

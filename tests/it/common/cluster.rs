@@ -128,6 +128,21 @@ impl Cluster {
         ));
     }
 
+    /// A cluster of 1 MiB segments archiving into `repo`, its stanza
+    /// created: what most single-cluster tests start from.
+    pub fn archiving(env: &TestEnv, repo: &Repo, data_checksums: bool) -> Cluster {
+        let mut pg = Cluster::init(
+            env,
+            InitOpts {
+                wal_segsize_mb: Some(1),
+                data_checksums,
+            },
+        );
+        pg.start_archiving(env, repo);
+        repo.stanza_create(env, pg.pgdata());
+        pg
+    }
+
     /// Start with archiving to `repo` through the real binary: the
     /// postmaster gets the postgres user's test home and the repo's AWS_*
     /// variables, which archive_command inherits.

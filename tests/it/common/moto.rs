@@ -122,6 +122,7 @@ impl OwnMoto {
     /// Starts it again on the same port and replays what it held.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "moto is running");
+        self.drop_torn_recording();
         self.spawn();
         self.python(&format!(
             "import urllib.request\n\
@@ -129,6 +130,23 @@ impl OwnMoto {
              urllib.request.urlopen(r, timeout=600).read()\n",
             self.server.endpoint
         ));
+    }
+
+    /// A SIGKILL can land while moto appends a request to its recording:
+    /// the torn last line (a request it never answered) makes its replay
+    /// fail with 500 (`json.loads` of every line). Keeps the whole lines.
+    fn drop_torn_recording(&self) {
+        let Ok(text) = fs::read_to_string(&self.recording) else {
+            return;
+        };
+        let whole: Vec<&str> = text
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+            .collect();
+        if whole.len() != text.lines().count() {
+            let kept: String = whole.iter().map(|l| format!("{l}\n")).collect();
+            fs::write(&self.recording, kept).expect("rewrite moto's recording");
+        }
     }
 
     /// Starts it again on the same port, empty but for the bucket: the

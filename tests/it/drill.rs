@@ -377,15 +377,7 @@ fn drill_fails_naming_a_relation_whose_page_was_bad_before_the_backup() {
     pg.psql("checkpoint");
     // Damage block 2 while the server is down (tests/it/pages.rs).
     pg.stop();
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(pg.pgdata().join(&rel))
-        .unwrap();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, 2 * 8192 + 4000).unwrap();
-    f.write_all_at(&[byte[0] ^ 0x40], 2 * 8192 + 4000).unwrap();
-    drop(f);
+    damage_page(&pg.pgdata().join(&rel), 2);
     pg.start_archiving(&env, &repo);
     let run = backup_run(&env, &repo, &pg);
     run.ok();

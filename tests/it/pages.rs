@@ -5,8 +5,6 @@
 
 use crate::common::*;
 use serde_json::Value;
-use std::fs;
-use std::os::unix::fs::FileExt;
 
 #[test]
 fn backup_flags_a_page_whose_checksum_fails() {
@@ -18,16 +16,7 @@ fn backup_flags_a_page_whose_checksum_fails() {
     pg.psql("checkpoint");
     // Damage block 2 while the server is down, so nothing rewrites it.
     pg.stop();
-    let file = pg.pgdata().join(&rel);
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .read(true)
-        .open(&file)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, 2 * 8192 + 4000).unwrap();
-    f.write_all_at(&[byte[0] ^ 0x40], 2 * 8192 + 4000).unwrap();
-    drop(f);
+    damage_page(&pg.pgdata().join(&rel), 2);
     pg.start_archiving(&env, &repo);
 
     let run = backup_run(&env, &repo, &pg);

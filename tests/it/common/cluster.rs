@@ -474,3 +474,21 @@ pub fn backup(env: &TestEnv, repo: &Repo, pg: &Cluster) -> String {
     );
     label
 }
+
+/// Flips one bit inside block `block` of a relation file of a stopped
+/// cluster, in place: the page's checksum then fails (and nothing rewrites
+/// it before the backup reads it).
+pub fn damage_page(path: &Path, block: u64) {
+    use std::os::unix::fs::FileExt;
+    let at = block * 8192 + 4000;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, at)
+        .unwrap_or_else(|e| panic!("read {} at {at}: {e}", path.display()));
+    f.write_all_at(&[byte[0] ^ 0x40], at)
+        .unwrap_or_else(|e| panic!("write {} at {at}: {e}", path.display()));
+}

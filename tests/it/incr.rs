@@ -189,7 +189,7 @@ fn incremental_chain_restores_every_backup() {
 fn cycle_on(major: u32) {
     let var = format!("PGVAULT_TEST_PGBIN_{major}");
     let Some(bin) = std::env::var(&var).ok().filter(|v| !v.is_empty()) else {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        let ci = crate::common::ci();
         assert!(
             !ci,
             "{var} is not set: scripts/test.sh sets it from `scripts/fetch-pg.sh {major}`"

@@ -22,6 +22,8 @@ pub mod orphans;
 pub mod results;
 pub mod s3;
 pub mod stanza;
+pub mod storeopts;
+pub mod throttle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -186,7 +188,10 @@ impl Repository {
     pub fn open(location: RepoLocation, stanza: &str, s3: &s3::S3Options) -> Result<Self> {
         validate_stanza_name(stanza)?;
         let backend: Arc<dyn Backend> = match &location {
-            RepoLocation::Local(p) => Arc::new(local::LocalBackend::new(p.clone())),
+            RepoLocation::Local(p) => {
+                refuse_store_options(p, s3)?;
+                Arc::new(local::LocalBackend::new(p.clone()))
+            }
             RepoLocation::S3 { bucket, prefix } => {
                 Arc::new(cloud::CloudBackend::new(bucket, prefix, s3)?)
             }
@@ -286,6 +291,23 @@ impl Repository {
             .map_err(|e| Error::internal(format!("serialize {key}: {e}")))?;
         self.put_encoded(key, &bytes, mode).await
     }
+}
+
+/// The options that only mean something to an object store, set for a
+/// local repository: refused rather than silently ignored.
+fn refuse_store_options(path: &std::path::Path, s3: &s3::S3Options) -> Result<()> {
+    let set = if s3.storage_class.is_set() {
+        "storage-class"
+    } else if s3.bandwidth_limit.is_some() {
+        "storage-bandwidth-limit"
+    } else {
+        return Ok(());
+    };
+    Err(Error::usage(format!(
+        "{set} applies to object-store repositories, and {} is a directory",
+        path.display()
+    ))
+    .hint(format!("remove {set} from this repository's settings")))
 }
 
 fn validate_stanza_name(s: &str) -> Result<()> {

@@ -88,6 +88,8 @@ pub struct CloudBackend {
 
 const PART_SIZE: usize = 8 << 20;
 
+const TIMEOUT_HINT: &str = "the store did not answer in time: check that it is reachable (and the proxy, storage-proxy), or raise storage-timeout";
+
 impl CloudBackend {
     /// A backend over a store built by `s3.rs`, `gcs.rs` or `azure.rs`;
     /// `bucket` is the bucket or container, for messages.
@@ -156,9 +158,11 @@ impl CloudBackend {
     }
 
     fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
-        let mut err = Error::repository(format!("{what} {}/{key}: {}", self.describe(), clean(&e)));
-        let text = e.to_string();
-        if text.contains("401")
+        let text = clean(&e);
+        let mut err = Error::repository(format!("{what} {}/{key}: {text}", self.describe()));
+        if text.contains("operation timed out") {
+            err = err.hint(TIMEOUT_HINT);
+        } else if text.contains("401")
             || text.contains("403")
             || text.contains("InvalidAccessKeyId")
             || text.contains("SignatureDoesNotMatch")
@@ -278,9 +282,21 @@ fn version(e_tag: Option<String>, version: Option<String>) -> ObjectVersion {
     ObjectVersion { e_tag, version }
 }
 
-/// object_store's messages can be long and nested; keep them to one line.
-pub(crate) fn clean(e: &dyn std::fmt::Display) -> String {
-    e.to_string().replace('\n', " ")
+/// object_store's messages can be long and nested; keep them to one line,
+/// with the causes it does not show itself ("error sending request" says
+/// nothing; "operation timed out" or "connection refused" below it does).
+pub(crate) fn clean(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text.replace('\n', " ")
 }
 
 #[async_trait]

@@ -14,7 +14,7 @@ use pgvault::repo::s3::{S3Backend, S3Options};
 use pgvault::repo::PutMode;
 
 use crate::backends::{moto_head, require, runtime, server_options};
-use crate::common::{backup, As, Cluster, Repo, S3Server, TestEnv};
+use crate::common::{backup_run, As, Cluster, Repo, S3Server, TestEnv};
 
 /// The prefix of an `s3://bucket/prefix` repository URL.
 fn prefix_of(repo: &Repo) -> String {
@@ -44,7 +44,7 @@ fn recorded_class(server: &S3Server, prefix: &str, key: &str) -> String {
 }
 
 #[test]
-fn storage_class_of_each_kind_of_object_is_sent() {
+fn a_real_backup_sends_each_kind_its_class_under_the_bandwidth_limit() {
     let env = TestEnv::new();
     let Some(server) = require(env.moto.clone(), "PGVAULT_TEST_MOTO") else {
         return;
@@ -55,6 +55,7 @@ fn storage_class_of_each_kind_of_object_is_sent() {
             ("PGVAULT_STORAGE_CLASS", "STANDARD_IA"),
             ("PGVAULT_STORAGE_CLASS_WAL", "ONEZONE_IA"),
             ("PGVAULT_STORAGE_CLASS_BACKUP", "GLACIER_IR"),
+            ("PGVAULT_STORAGE_BANDWIDTH_LIMIT", "8M"),
         ],
     );
     // archive_command inherits the variables: WAL goes through the same
@@ -66,7 +67,8 @@ fn storage_class_of_each_kind_of_object_is_sent() {
         "create table noise as select md5(random()::text) || md5(random()::text) || \
          md5(random()::text) as t from generate_series(1, 300000)",
     );
-    backup(&env, &repo, &pg);
+    let run = backup_run(&env, &repo, &pg);
+    run.ok();
 
     let prefix = prefix_of(&repo);
     let b = S3Backend::new(&server.bucket, &prefix, &server_options(&server)).expect("a backend");
@@ -90,6 +92,21 @@ fn storage_class_of_each_kind_of_object_is_sent() {
     }
     assert!(wal > 0 && backups > 0 && meta > 0, "{objects:?}");
     assert!(large > 0, "no object went up by multipart: {objects:?}");
+
+    // The backup uploaded at least its own objects through the limit (and
+    // its first second's worth at once): a lower bound on its time.
+    let uploaded: u64 = objects
+        .iter()
+        .filter(|o| o.key.starts_with("main/backup/"))
+        .map(|o| o.size)
+        .sum();
+    let rate = 8u64 << 20;
+    let bound = Duration::from_secs_f64(uploaded.saturating_sub(rate) as f64 / rate as f64);
+    eprintln!(
+        "backup of {uploaded} bytes under 8 MiB/s took {:?} (at least {bound:?})",
+        run.elapsed
+    );
+    assert!(run.elapsed >= bound, "{:?} < {bound:?}", run.elapsed);
 }
 
 #[test]

@@ -439,3 +439,122 @@ fn the_bandwidth_limit_bounds_writes_and_reads_of_all_workers_together() {
         "3 MiB read in {read:?} under a 512 KiB/s limit"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Azure access tiers, as Azurite recorded them.
+
+/// HMAC-SHA256 (RFC 2104) over sha2, which pgvault already depends on.
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .to_vec()
+}
+
+/// `x-ms-access-tier` of blob `container/name` as Azurite answers a Get
+/// Blob Properties signed with the account key (Shared Key, as
+/// object_store signs for the emulator's path-style URLs).
+fn azurite_tier(server: &S3Server, name: &str) -> String {
+    use crate::common::{AZURITE_ACCOUNT, AZURITE_KEY};
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let url = server.endpoint.trim_end_matches('/');
+    let hostport = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let path = format!("/{AZURITE_ACCOUNT}/{}/{name}", server.bucket);
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let version = "2021-08-06";
+    let to_sign = format!(
+        "HEAD\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{path}"
+    );
+    let key = b64
+        .decode(AZURITE_KEY)
+        .expect("the published key is base64");
+    let sig = b64.encode(hmac_sha256(&key, to_sign.as_bytes()));
+    let mut conn = TcpStream::connect(hostport).expect("connect to Azurite");
+    write!(
+        conn,
+        "HEAD {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\
+         x-ms-date: {date}\r\nx-ms-version: {version}\r\n\
+         Authorization: SharedKey {AZURITE_ACCOUNT}:{sig}\r\n\r\n"
+    )
+    .expect("send a HEAD to Azurite");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)
+        .expect("read Azurite's answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{name}: {answer}");
+    answer
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-ms-access-tier")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("{name}: no x-ms-access-tier in {answer}"))
+}
+
+#[test]
+fn azure_access_tier_of_each_kind_of_object_is_sent() {
+    let env = TestEnv::new();
+    let Some(server) = require(env.azurite.clone(), "PGVAULT_TEST_AZURITE") else {
+        return;
+    };
+    let prefix = format!("tier-{}-{}", std::process::id(), crate::common::unique());
+    let opts = S3Options {
+        storage_class: pgvault::repo::storeopts::StorageClasses {
+            default: Some("Cool".into()),
+            wal: Some("Hot".into()),
+            backup: Some("Cold".into()),
+        },
+        ..server_options(&server)
+    };
+    let b = S3Backend::azure(None, &server.bucket, &prefix, &opts).expect("an Azure backend");
+    let wal = "main/archive/15-1/0000000100000000/000000010000000000000001-ab.zst";
+    let small = "main/backup/20260101-000000F/data/0-1.pgv";
+    let large = "main/backup/20260101-000000F/data/0-2.pgv";
+    runtime().block_on(async {
+        for key in [wal, small, "main/stanza.pgv"] {
+            b.put_bytes(key, b"bytes".to_vec(), PutMode::Overwrite)
+                .await
+                .expect("put");
+        }
+        // Past the spool's memory limit: a block-list upload.
+        let mut spool = b.spool("main/backup").expect("a spool");
+        let data = crate::common::pseudo_random_bytes(17 * MIB, 3);
+        let mut spool = tokio::task::spawn_blocking(move || {
+            spool.write_all(&data).expect("spool");
+            spool
+        })
+        .await
+        .expect("the spooling thread");
+        spool.flush().expect("flush the spool");
+        b.commit(spool, large, PutMode::Overwrite)
+            .await
+            .expect("commit");
+    });
+    assert_eq!(azurite_tier(&server, &format!("{prefix}/{wal}")), "Hot");
+    assert_eq!(azurite_tier(&server, &format!("{prefix}/{small}")), "Cold");
+    assert_eq!(azurite_tier(&server, &format!("{prefix}/{large}")), "Cold");
+    assert_eq!(
+        azurite_tier(&server, &format!("{prefix}/main/stanza.pgv")),
+        "Cool"
+    );
+}

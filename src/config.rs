@@ -305,13 +305,13 @@ pub struct S3Settings {
         help_heading = REPOSITORY
     )]
     pub storage_class_backup: Option<String>,
-    /// How long a request to the object store may go without progress before it is retried (30s, 2m)
+    /// How long a request to the object store may wait for its answer (an upload included), and then for each further part of it, before it is retried (30s, 5m)
     #[arg(
         long,
         global = true,
         env = "PGVAULT_STORAGE_TIMEOUT",
         value_name = "DURATION",
-        default_value = "60s",
+        default_value = "120s",
         value_parser = parse_duration,
         help_heading = REPOSITORY
     )]

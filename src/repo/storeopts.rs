@@ -15,8 +15,10 @@ use crate::error::{Error, Result};
 /// `storage-retries`, `storage-proxy`, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
-    /// How long a request may go without progress (no byte of the answer,
-    /// no further chunk of its body): pgBackRest's `io-timeout`.
+    /// How long a request may wait for its answer's head — the time to
+    /// send it, an upload's body included — and then for each further
+    /// chunk of the answer's body (reqwest's read timeout). pgBackRest's
+    /// `io-timeout` is the same idea.
     pub timeout: Duration,
     /// How long opening a connection may take.
     pub connect_timeout: Duration,
@@ -41,7 +43,9 @@ const REQUEST_BACKSTOP: Duration = Duration::from_secs(3600);
 impl Default for ClientSettings {
     fn default() -> Self {
         ClientSettings {
-            timeout: Duration::from_secs(60),
+            // As long as the whole-request timeout pgvault had before this
+            // option: an 8 MiB part must still go up over a slow link.
+            timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
             retries: 10,
             proxy: None,

@@ -378,6 +378,33 @@ mod tests {
     }
 
     #[test]
+    fn object_store_options_are_refused_on_a_directory() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let loc = RepoLocation::Local(dir.path().to_path_buf());
+        let classed = s3::S3Options {
+            storage_class: storeopts::StorageClasses {
+                wal: Some("STANDARD_IA".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e =
+            Repository::open(loc.clone(), "main", &classed).expect_err("a class on a directory");
+        assert!(format!("{e:#}").contains("storage-class"), "{e:#}");
+        let limited = s3::S3Options {
+            bandwidth_limit: Some(1 << 20),
+            ..Default::default()
+        };
+        let e =
+            Repository::open(loc.clone(), "main", &limited).expect_err("a limit on a directory");
+        assert!(
+            format!("{e:#}").contains("storage-bandwidth-limit"),
+            "{e:#}"
+        );
+        assert!(Repository::open(loc, "main", &s3::S3Options::default()).is_ok());
+    }
+
+    #[test]
     fn stanza_names() {
         assert!(validate_stanza_name("main").is_ok());
         assert!(validate_stanza_name("db-01_a.b").is_ok());

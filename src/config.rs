@@ -1250,24 +1250,25 @@ pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {
     }
 }
 
-/// A duration with a unit: `30s`, `90m`, `36h`, `14d`, `2w` (a bare
-/// number is days).
+/// A duration with a unit: `500ms`, `30s`, `90m`, `36h`, `14d`, `2w` (a
+/// bare number is days).
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
         .parse()
         .map_err(|_| Error::usage("expected a number and a unit, e.g. 14d"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" | "" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(Error::usage("the unit must be s, m, h, d or w")),
+    let millis: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" | "" => 86_400_000,
+        "w" => 7 * 86_400_000,
+        _ => return Err(Error::usage("the unit must be ms, s, m, h, d or w")),
     };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
+    n.checked_mul(millis)
+        .map(Duration::from_millis)
         .ok_or_else(|| Error::usage("too long"))
 }
 
@@ -1351,6 +1352,7 @@ mod tests {
         );
         assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_refresh("5s").is_err());
         assert_eq!(parse_refresh("10s").unwrap(), Duration::from_secs(10));
         assert!(parse_duration("soon").is_err());

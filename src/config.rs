@@ -349,16 +349,15 @@ pub struct S3Settings {
         help_heading = REPOSITORY
     )]
     pub storage_retry_timeout: Duration,
-    /// HTTP(S) proxy for every request to the object store (http://host:3128) [default: HTTPS_PROXY, HTTP_PROXY]
+    /// HTTP(S) proxy for every request to the object store, http://[user:password@]host:3128 (the file or the environment only: it may carry credentials) [default: HTTPS_PROXY, HTTP_PROXY]
     #[arg(
         long,
         global = true,
+        hide = true,
         env = "PGVAULT_STORAGE_PROXY",
-        value_name = "URL",
-        value_parser = parse_proxy,
-        help_heading = REPOSITORY
+        value_parser = Secret::parse
     )]
-    pub storage_proxy: Option<String>,
+    pub storage_proxy: Option<Secret>,
     /// Hosts reached without the proxy: comma-separated names, .domains, addresses or CIDR ranges
     #[arg(
         long,
@@ -1086,7 +1085,11 @@ impl S3Settings {
                 timeout: self.storage_timeout,
                 connect_timeout: self.storage_connect_timeout,
                 retries: self.storage_retries,
-                proxy: self.storage_proxy.clone(),
+                proxy: self
+                    .storage_proxy
+                    .as_ref()
+                    .map(|p| check_proxy(p.expose()))
+                    .transpose()?,
                 proxy_excludes: self.storage_proxy_excludes.clone(),
                 proxy_ca_file: self.storage_proxy_ca_file.clone(),
             },
@@ -1295,22 +1298,19 @@ fn parse_rate(s: &str) -> Result<u64> {
     }
 }
 
-/// A proxy URL: http:// or https://, host and port. Credentials in it
-/// would show in `ps` as a flag and are refused; the proxy's own
-/// variables (`HTTPS_PROXY`) are not read.
-fn parse_proxy(s: &str) -> Result<String> {
+/// A proxy URL: http:// or https://, then a host. It may carry
+/// credentials, so a bad one is refused without being shown.
+fn check_proxy(s: &str) -> Result<String> {
     let rest = s
         .strip_prefix("http://")
-        .or_else(|| s.strip_prefix("https://"))
-        .ok_or_else(|| Error::usage("a proxy URL starts with http:// or https://"))?;
-    let host = rest.split('/').next().unwrap_or_default();
+        .or_else(|| s.strip_prefix("https://"));
+    let host = rest.and_then(|r| r.split('/').next()).unwrap_or_default();
+    let host = host.rsplit('@').next().unwrap_or_default();
     if host.is_empty() {
-        return Err(Error::usage("no proxy host"));
-    }
-    if host.contains('@') {
         return Err(Error::usage(
-            "credentials in a proxy URL are not supported: they would show in ps and in logs",
-        ));
+            "storage-proxy: not a proxy URL (the value is not shown: it may hold a password)",
+        )
+        .hint("write http://host:port or http://user:password@host:port"));
     }
     Ok(s.to_string())
 }

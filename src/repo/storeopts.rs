@@ -12,8 +12,9 @@ use super::layout::{kind_of, StoredKind};
 use crate::error::{Error, Result};
 
 /// The HTTP client's settings (`storage-timeout`, `storage-connect-timeout`,
-/// `storage-retries`, `storage-proxy`, …).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `storage-retries`, `storage-proxy`, …). Its `Debug` never shows the
+/// proxy's credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientSettings {
     /// How long a request may wait for its answer's head — the time to
     /// send it, an upload's body included — and then for each further
@@ -24,7 +25,8 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// How many times one failed request is sent again.
     pub retries: usize,
-    /// Every request goes through this HTTP(S) proxy.
+    /// Every request goes through this HTTP(S) proxy; its URL may carry a
+    /// user and password (sent as basic authentication to the proxy).
     pub proxy: Option<String>,
     /// Hosts reached without the proxy (comma-separated names, domains
     /// `.example.com`, addresses, CIDR ranges).
@@ -39,6 +41,31 @@ pub struct ClientSettings {
 /// arrive under a bandwidth limit, and a body cut by it is resumed
 /// (`repo/backend.rs`).
 const REQUEST_BACKSTOP: Duration = Duration::from_secs(3600);
+
+impl std::fmt::Debug for ClientSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSettings")
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("retries", &self.retries)
+            .field("proxy", &self.proxy.as_deref().map(without_credentials))
+            .field("proxy_excludes", &self.proxy_excludes)
+            .field("proxy_ca_file", &self.proxy_ca_file)
+            .finish()
+    }
+}
+
+/// `http://user:password@host:3128` as `http://<redacted>@host:3128`.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://<redacted>@{host}/{path}")
+            .trim_end_matches('/')
+            .to_string(),
+        None => url.to_string(),
+    }
+}
 
 impl Default for ClientSettings {
     fn default() -> Self {
@@ -263,6 +290,15 @@ mod tests {
             "169.254.169.254,.internal".into()
         )));
         assert_eq!(s.retry(Duration::from_secs(60)).max_retries, 10);
+        let with_password = ClientSettings {
+            proxy: Some("http://u:hunter2@proxy:3128".into()),
+            ..Default::default()
+        };
+        let shown = format!("{with_password:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("proxy:3128"),
+            "{shown}"
+        );
         let missing = ClientSettings {
             proxy_ca_file: Some("/nonexistent/ca.pem".into()),
             ..Default::default()

@@ -200,8 +200,9 @@ fn a_request_without_an_answer_fails_within_the_timeout_naming_the_object() {
 // ---------------------------------------------------------------------------
 // The proxy: every request goes through it, but for excluded hosts.
 
-/// A forward HTTP proxy that records the request line of every request
-/// and relays it to the host it names (moto takes the absolute form).
+/// A forward HTTP proxy that records the request line (and the
+/// `Proxy-Authorization` header) of every request and relays it to the
+/// host it names (moto takes the absolute form).
 struct CountingProxy {
     url: String,
     seen: Arc<Mutex<Vec<String>>>,
@@ -236,24 +237,33 @@ fn relay(client: TcpStream, log: Arc<Mutex<Vec<String>>>) {
         let mut head = Vec::new();
         let mut line = String::new();
         let mut length = 0usize;
+        let mut auth = String::new();
         loop {
             line.clear();
             match reader.read_line(&mut line) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            if head.is_empty() {
-                if let Ok(mut l) = log.lock() {
-                    l.push(line.trim_end().to_string());
-                }
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
                 length = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("proxy-authorization:") {
+                auth = line.trim_end().to_string();
             }
             head.extend_from_slice(line.as_bytes());
             if line == "\r\n" {
                 break;
             }
+        }
+        // "<request line> | <Proxy-Authorization header, if any>"
+        let first = String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if let Ok(mut l) = log.lock() {
+            l.push(format!("{first} | {auth}"));
         }
         if upstream.is_none() {
             // "PUT http://127.0.0.1:1234/bucket/key HTTP/1.1": the host.
@@ -296,12 +306,11 @@ fn requests_go_through_the_proxy_but_for_excluded_hosts() {
     let repo = env.s3_repo(&server, "main");
     let direct = repo.run(&env, As::Root, &["info", "--output", "json"], env.dir());
 
-    let proxied = repo.run(
-        &env,
-        As::Root,
-        &["info", "--output", "json", "--storage-proxy", &proxy.url],
-        env.dir(),
-    );
+    // The file or the environment only: a proxy URL may hold a password,
+    // which goes to the proxy as basic authentication.
+    let with_login = proxy.url.replace("http://", "http://pgv:pw@");
+    let repo = with_env(&repo, &[("PGVAULT_STORAGE_PROXY", &with_login)]);
+    let proxied = repo.run(&env, As::Root, &["info", "--output", "json"], env.dir());
     assert_eq!(proxied.code, direct.code, "{}", proxied.stderr);
     let seen = proxy.requests();
     let moto = server.endpoint.trim_end_matches('/');
@@ -312,6 +321,8 @@ fn requests_go_through_the_proxy_but_for_excluded_hosts() {
             l.contains(&format!(" {moto}/{}", server.bucket)),
             "{l} (moto at {moto})"
         );
+        // base64 of "pgv:pw".
+        assert!(l.ends_with("Basic cGd2OnB3"), "{l}: no proxy login");
     }
 
     let before = seen.len();
@@ -320,15 +331,7 @@ fn requests_go_through_the_proxy_but_for_excluded_hosts() {
     let excluded = repo.run(
         &env,
         As::Root,
-        &[
-            "info",
-            "--output",
-            "json",
-            "--storage-proxy",
-            &proxy.url,
-            "--storage-proxy-excludes",
-            host,
-        ],
+        &["info", "--output", "json", "--storage-proxy-excludes", host],
         env.dir(),
     );
     assert_eq!(excluded.code, direct.code, "{}", excluded.stderr);

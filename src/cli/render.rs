@@ -657,7 +657,7 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
     }
     if let (Some(r), Some(c)) = (&m.reference, &m.changes) {
         eprintln!(
-            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged ({} compared with the reference), {} copied whole{}",
+            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged ({} compared with the reference, {} blocks by their sums), {} copied whole{}",
             m.backup_type,
             r,
             c.method,
@@ -666,6 +666,7 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
             c.delta_files,
             c.unchanged_files,
             c.compared_files,
+            c.compared_blocks,
             c.whole_files,
             if c.fallbacks.is_empty() {
                 String::new()

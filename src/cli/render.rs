@@ -694,6 +694,15 @@ pub fn restore_done(r: &Restored, opts: &RestoreOptions) {
     } else {
         String::new()
     };
+    if let Some(d) = &r.delta_blocks {
+        eprintln!(
+            "pgvault: --delta: {} of {} blocks in {} relation files differed from the backup's block sums and were written; {} fetched from the repository",
+            d.blocks_written,
+            d.blocks,
+            d.files,
+            bytes(d.bytes_fetched)
+        );
+    }
     eprintln!(
         "pgvault: restored backup {} into {}: {} files, {}{delta}",
         r.label,

@@ -142,6 +142,11 @@ fn union(a: &[(u32, u32)], b: &[(u32, u32)]) -> Ranges {
     out
 }
 
+/// The blocks in both `a` and `b`.
+pub fn intersect(a: &[(u32, u32)], b: &[(u32, u32)]) -> Ranges {
+    subtract(a, &subtract(a, b))
+}
+
 fn subtract(a: &[(u32, u32)], b: &[(u32, u32)]) -> Ranges {
     let mut out = Vec::new();
     for &(s, e) in a {
@@ -307,6 +312,10 @@ mod tests {
         );
         assert_eq!(union(&[(0, 1)], &[(2, 4), (8, 9)]), vec![(0, 4), (8, 9)]);
         assert_eq!(count(&[(0, 1), (5, 5)]), 3);
+        assert_eq!(
+            intersect(&[(0, 10), (20, 30)], &[(5, 22), (29, 40)]),
+            vec![(5, 10), (20, 22), (29, 30)]
+        );
     }
 
     #[test]

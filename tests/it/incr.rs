@@ -594,5 +594,59 @@ fn block_fallback_stores_only_changed_blocks() {
     restore_and_compare(env, &repo, &incr, &["--target", "immediate"], &want);
     let v = repo.run(env, As::PgUser, &["verify", "--output", "json"], env.dir());
     v.ok();
+
+    // restore --delta onto a restore of it with three blocks of the table
+    // damaged: only those three blocks are written, and the cluster is the
+    // backup again.
+    let rel = pg.psql("select pg_relation_filepath('big')");
     pg.stop();
+    let mut node = Node::new(env, &repo, "incr-delta");
+    let pgdata = node.pgdata.display().to_string();
+    let mut args = vec![
+        "restore",
+        "--pgdata",
+        pgdata.as_str(),
+        "--set",
+        incr.as_str(),
+    ];
+    args.extend(crate::campaign::TO_BACKUP_END);
+    repo.run(env, As::PgUser, &args, env.dir()).ok();
+    let file = node.pgdata.join(&rel);
+    for b in [3, 700, 1500] {
+        damage_page(&file, b);
+    }
+    args.push("--delta");
+    let run = repo.run(env, As::PgUser, &args, env.dir());
+    run.ok();
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("--delta:"))
+        .unwrap_or_else(|| panic!("restore --delta should report its blocks:\n{}", run.stderr));
+    let num = |after: &str| -> u64 {
+        line.split(after)
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {after:?} in {line:?}"))
+    };
+    assert_eq!(
+        num("--delta:"),
+        3,
+        "only the damaged blocks should be written: {line}"
+    );
+    assert!(
+        num(" of ") > 2000,
+        "every relation file's blocks compared: {line}"
+    );
+    node.start();
+    node.wait_promoted();
+    assert_eq!(
+        content(env, &node.base, node.port),
+        want,
+        "restore --delta of {incr}"
+    );
+    node.amcheck();
+    node.stop();
+    node.checksums();
 }

@@ -29,6 +29,7 @@ use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::blockmap::{self, Ranges};
 use crate::repo::blocksums::{BlockSums, Summer};
+use crate::repo::chunked;
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
@@ -322,6 +323,7 @@ pub async fn verify(
                     length: p.length,
                     backup: None,
                     parts: Vec::new(),
+                    chunk_blocks: p.chunk_blocks,
                     ..f.clone()
                 };
                 by_object
@@ -646,7 +648,13 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                 }
                 let mut part = (&mut r).take(f.length);
                 let mut summer = Summer::new();
-                match codec::decode_sized(&mut part, &mut summer, f.length) {
+                match chunked::decode_piece(
+                    &mut part,
+                    &mut summer,
+                    f.length,
+                    f.size,
+                    f.chunk_blocks,
+                ) {
                     Ok(d) if d.sha256.to_hex() == f.sha256 && d.size == f.size => {
                         if let (Some(c), Some(s)) = (check, &sums) {
                             problems.extend(check_sums(s, c, summer, &label, what));

@@ -188,6 +188,10 @@ pub struct FileEntry {
     /// holds it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<super::blockmap::Part>,
+    /// Stored in chunks of this many blocks (`repo::chunked`); `None`:
+    /// one envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_blocks: Option<u32>,
 }
 
 fn first_db_id() -> u32 {

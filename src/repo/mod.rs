@@ -7,6 +7,7 @@ pub mod azure;
 pub mod backend;
 pub mod blockmap;
 pub mod blocksums;
+pub mod chunked;
 pub mod cloud;
 pub mod codec;
 #[doc(hidden)]

@@ -630,6 +630,7 @@ fn block_fallback_stores_only_changed_blocks() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no number after {after:?} in {line:?}"))
     };
+    eprintln!("{line}");
     assert_eq!(
         num("--delta:"),
         3,
@@ -638,6 +639,23 @@ fn block_fallback_stores_only_changed_blocks() {
     assert!(
         num(" of ") > 2000,
         "every relation file's blocks compared: {line}"
+    );
+    // Only the chunks holding them are fetched (ranged reads), not the
+    // table's whole stored copy.
+    let fetched = {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "fetched").expect("fetched");
+        let v: f64 = words[at - 2].parse().expect("a size");
+        let unit = ["B", "KiB", "MiB", "GiB"]
+            .iter()
+            .position(|u| *u == words[at - 1])
+            .expect("a unit");
+        (v * 1024f64.powi(unit as i32)) as u64
+    };
+    assert!(
+        fetched * 4 < stored(&full),
+        "restore --delta fetched {fetched} bytes for three blocks; the full stored {}",
+        stored(&full)
     );
     node.start();
     node.wait_promoted();

@@ -45,7 +45,8 @@ use crate::pg::relfile::{RelFile, BLOCK_SIZE};
 use crate::pg::{Lsn, WalFileName};
 use crate::repo::blockmap::{self, Part, Ranges};
 use crate::repo::blocksums::{self, BlockSum, Summer, SumsSink};
-use crate::repo::codec::{EncodeOptions, Encoder};
+use crate::repo::chunked::{PieceEncoder, CHUNK_BLOCKS};
+use crate::repo::codec::EncodeOptions;
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
@@ -587,12 +588,16 @@ impl Worker {
     /// from older parts) into `out`; `None` if it vanished (a dropped
     /// relation: WAL replay removes it anyway). With the entry, the sums of
     /// the blocks stored, in order, for a relation file.
+    /// A relation file or part stored alone (a megabyte or more) is
+    /// stored in chunks (`repo::chunked`), for `restore --delta` to fetch
+    /// alone.
     fn encode_into(
         &mut self,
         f: &ScanFile,
         out: &mut Counting<Spool>,
         object: &str,
         delta: Option<&(Ranges, Vec<Part>)>,
+        alone: bool,
     ) -> Result<Option<(FileEntry, Option<Vec<BlockSum>>)>> {
         let file = match File::open(&f.abs) {
             Ok(file) => file,
@@ -615,7 +620,9 @@ impl Worker {
                 ..self.encode
             }
         };
-        let mut enc = Encoder::new(&mut *out, encode).map_err(|e| self.write_err(e))?;
+        let chunk_blocks = (alone && RelFile::parse(&f.rel).is_some()).then_some(CHUNK_BLOCKS);
+        let mut enc = PieceEncoder::new(&mut *out, encode, chunk_blocks.is_some())
+            .map_err(|e| self.write_err(e))?;
         let relfile = self
             .verify_pages
             .and(RelFile::parse(&f.rel))
@@ -678,6 +685,7 @@ impl Worker {
                 sha256: digest.sha256.to_hex(),
                 raw_size: digest.size,
                 blocks: Some(blocks.clone()),
+                chunk_blocks,
             };
             let entry = FileEntry {
                 path: f.rel.clone(),
@@ -690,6 +698,7 @@ impl Worker {
                 length: 0,
                 backup: None,
                 parts: blockmap::chain(part, older.clone(), f.size),
+                chunk_blocks: None,
             };
             return Ok(Some((entry, sums)));
         }
@@ -704,6 +713,7 @@ impl Worker {
             length: out.n - offset,
             backup: None,
             parts: Vec::new(),
+            chunk_blocks,
         };
         Ok(Some((entry, sums)))
     }
@@ -787,7 +797,7 @@ impl Worker {
         let delta = delta.as_ref();
         let entry = if stored >= BUNDLE_FILE_MAX {
             let (mut out, object) = self.new_object().map_err(|e| self.write_err(e))?;
-            let entry = self.encode_into(f, &mut out, &object, delta)?;
+            let entry = self.encode_into(f, &mut out, &object, delta, true)?;
             if let Some((e, _)) = &entry {
                 self.commit(out.inner, &object)?;
                 self.done.push(e.clone());
@@ -800,7 +810,7 @@ impl Worker {
             }
             let (mut out, object, mut entries) =
                 self.bundle.take().expect("bundle was just ensured");
-            let entry = self.encode_into(f, &mut out, &object, delta)?;
+            let entry = self.encode_into(f, &mut out, &object, delta, false)?;
             entries.extend(entry.as_ref().map(|(e, _)| e.clone()));
             if out.n >= BUNDLE_TARGET {
                 self.commit(out.inner, &object)?;

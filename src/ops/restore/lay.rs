@@ -16,6 +16,7 @@ use crate::pg::datadir::{self, EMPTY_DIRS};
 use crate::pg::recovery::{self, RecoverySettings};
 use crate::repo::blockmap::{self, Part, PartWriter, Ranges};
 use crate::repo::blocksums::{self, BlockSums};
+use crate::repo::chunked;
 use crate::repo::codec;
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
@@ -397,10 +398,12 @@ fn write_one<R: Read>(r: &mut R, dest: &Path, f: &FileEntry, what: &str) -> Resu
     let cap = usize::try_from(f.size.clamp(8 << 10, 1 << 20)).unwrap_or(1 << 20);
     let mut out = WriteWatch::new(BufWriter::with_capacity(cap, StartWriteback::new(file)));
     // A failed write (a full disk) is the target's, not a damaged object.
-    let digest = codec::decode_sized(r, &mut out, f.length).map_err(|e| match out.error() {
-        Some(w) => local_err("write", dest)(w),
-        None => Error::repository(format!("{what}: {e}")),
-    })?;
+    let digest = chunked::decode_piece(r, &mut out, f.length, f.size, f.chunk_blocks).map_err(
+        |e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => Error::repository(format!("{what}: {e}")),
+        },
+    )?;
     let out = out.into_inner();
     if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
         return Err(Error::repository(format!(
@@ -700,6 +703,23 @@ async fn write_files(
             });
             return Ok(());
         }
+        // --delta, blocks of chunked parts: only the chunks holding them.
+        let chunks_only = |p: &Piece| match p {
+            Piece::Blocks { part, .. } => part.chunk_blocks.is_some(),
+            Piece::Whole(_) => false,
+        };
+        if delta && pieces.iter().all(chunks_only) {
+            for p in &pieces {
+                if let Piece::Blocks { file, part, owned } = p {
+                    let dest = pgdata2.join(&file.path);
+                    let read = write_chunks(&*backend, &handle, &key, &dest, file, part, owned)?;
+                    fetched2.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+                    progress
+                        .file_done(blockmap::count(owned) * crate::pg::relfile::BLOCK_SIZE as u64);
+                }
+            }
+            return Ok(());
+        }
         let mut reader = handle
             .block_on(backend.get(&key))?
             .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
@@ -753,6 +773,57 @@ async fn write_files(
     })
 }
 
+/// Writes the blocks `owned` of a chunked part into `dest`, fetching only
+/// the chunks that hold them (ranged reads), each checked against its own
+/// SHA-256; returns the bytes fetched.
+fn write_chunks(
+    backend: &dyn Backend,
+    handle: &tokio::runtime::Handle,
+    key: &str,
+    dest: &Path,
+    f: &FileEntry,
+    part: &Part,
+    owned: &[(u32, u32)],
+) -> Result<u64> {
+    let what = format!("{}/{key}", backend.describe());
+    let cb = u64::from(part.chunk_blocks.unwrap_or(chunked::CHUNK_BLOCKS).max(1));
+    let (ranges, mut fetched) = handle.block_on(chunked::chunk_ranges(
+        backend,
+        key,
+        part.offset,
+        part.length,
+    ))?;
+    let needed: std::collections::BTreeSet<u64> = owned
+        .iter()
+        .flat_map(|&(a, b)| a..=b)
+        .filter_map(|b| blockmap::raw_index(part, b))
+        .map(|r| r / cb)
+        .collect();
+    let file = OpenOptions::new()
+        .write(true)
+        .open(dest)
+        .map_err(local_err("open", dest))?;
+    for c in needed {
+        let range = ranges.get(c as usize).cloned().ok_or_else(|| {
+            Error::repository(format!(
+                "{} (a part in {what}): its chunk index has no chunk {c}",
+                f.path
+            ))
+        })?;
+        let len = range.end - range.start;
+        let bytes = handle
+            .block_on(backend.get_range(key, range))?
+            .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
+        fetched += len;
+        let mut out = WriteWatch::new(PartWriter::starting_at(&file, f.size, part, owned, c * cb));
+        codec::decode_sized(&bytes[..], &mut out, len).map_err(|e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => Error::repository(format!("{} (chunk {c} of a part in {what}): {e}", f.path)),
+        })?;
+    }
+    Ok(fetched)
+}
+
 /// Decodes one part into the blocks it owns of `dest`, checking the part's
 /// checksum.
 fn write_blocks<R: Read>(
@@ -768,10 +839,11 @@ fn write_blocks<R: Read>(
         .open(dest)
         .map_err(local_err("open", dest))?;
     let mut out = WriteWatch::new(PartWriter::new(&file, f.size, part, owned));
-    let digest = codec::decode_sized(r, &mut out, part.length).map_err(|e| match out.error() {
-        Some(w) => local_err("write", dest)(w),
-        None => Error::repository(format!("{} (a part in {what}): {e}", f.path)),
-    })?;
+    let digest = chunked::decode_piece(r, &mut out, part.length, part.raw_size, part.chunk_blocks)
+        .map_err(|e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => Error::repository(format!("{} (a part in {what}): {e}", f.path)),
+        })?;
     if digest.sha256.to_hex() != part.sha256 || digest.size != part.raw_size {
         return Err(Error::repository(format!(
             "{} (a part in {what}): its blocks do not match the manifest (checksum or size)",

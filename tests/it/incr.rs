@@ -667,4 +667,24 @@ fn block_fallback_stores_only_changed_blocks() {
     node.amcheck();
     node.stop();
     node.checksums();
+
+    // Damaged block sums: verify names the object.
+    let sums = repo
+        .local
+        .as_ref()
+        .expect("local repo")
+        .join("incrblk/backup")
+        .join(&incr)
+        .join("blocksums.pgv");
+    let mut bytes = std::fs::read(&sums).expect("read the block sums");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&sums, &bytes).expect("damage the block sums");
+    let v = repo.run(env, As::PgUser, &["verify", "--output", "json"], env.dir());
+    assert!(
+        v.stdout.contains("corrupt") && v.stdout.contains(&format!("{incr}/blocksums.pgv")),
+        "verify should report the damaged block sums of {incr}:\n{}\n{}",
+        v.stdout,
+        v.stderr
+    );
 }

@@ -549,24 +549,29 @@ impl Piece {
 
 /// `--delta`: the blocks of each relation file on disk whose sums differ
 /// from the backup's (or that it lacks), for the files the backup has sums
-/// for; one that is the backup's already has none.
-fn differing_blocks(
+/// for; one that is the backup's already has none. Files are read
+/// `process_max` at a time.
+async fn differing_blocks(
     pgdata: &Path,
     files: &[FileEntry],
-    sums: &BlockSums,
-    delta: &mut DeltaBlocks,
-) -> Result<HashMap<String, Ranges>> {
-    let mut out = HashMap::new();
-    for f in files {
-        let n = blockmap::block_count(f.size);
+    sums: BlockSums,
+    process_max: usize,
+) -> Result<(HashMap<String, Ranges>, DeltaBlocks)> {
+    let sums = Arc::new(sums);
+    let items: Vec<(String, u64)> = files.iter().map(|f| (f.path.clone(), f.size)).collect();
+    let states = vec![(Vec::new(), DeltaBlocks::default()); process_max.max(1)];
+    let pgdata = pgdata.to_path_buf();
+    type State = (Vec<(String, Ranges)>, DeltaBlocks);
+    let work = move |(out, d): &mut State, (path, size): (String, u64)| -> Result<()> {
+        let n = blockmap::block_count(size);
         let Some(want) = sums
-            .get(&f.path)
+            .get(&path)
             .map_err(|e| Error::io_in(Kind::Internal, "read the backup's block sums", &e))?
             .filter(|w| w.len() == n as usize)
         else {
-            continue;
+            return Ok(());
         };
-        let dest = pgdata.join(&f.path);
+        let dest = pgdata.join(&path);
         // Not there, or not a file: every block.
         let disk = match fs::symlink_metadata(&dest) {
             Ok(meta) if meta.is_file() => {
@@ -575,12 +580,21 @@ fn differing_blocks(
             _ => None,
         }
         .unwrap_or_default();
-        delta.files += 1;
-        delta.blocks += u64::from(n);
+        d.files += 1;
+        d.blocks += u64::from(n);
         let differ = (0..n).filter(|&b| disk.get(b as usize) != want.get(b as usize));
-        out.insert(f.path.clone(), blockmap::ranges_of(differ));
+        out.push((path, blockmap::ranges_of(differ)));
+        Ok(())
+    };
+    let done = workers::run(items, states, work, |s: State| Ok(s)).await?;
+    let mut all = DeltaBlocks::default();
+    let mut out = HashMap::new();
+    for (found, d) in done {
+        all.files += d.files;
+        all.blocks += d.blocks;
+        out.extend(found);
     }
-    Ok(out)
+    Ok((out, all))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -594,16 +608,11 @@ async fn write_files(
     process_max: usize,
     progress: Arc<dyn Progress>,
 ) -> Result<Laid> {
-    let (files, diffs, mut delta_blocks) = match sums {
-        None => (files, HashMap::new(), None),
+    let (diffs, mut delta_blocks) = match sums {
+        None => (HashMap::new(), None),
         Some(sums) => {
-            let pgdata = pgdata.to_path_buf();
-            tokio::task::spawn_blocking(move || -> Result<_> {
-                let mut d = DeltaBlocks::default();
-                let diffs = differing_blocks(&pgdata, &files, &sums, &mut d)?;
-                Ok((files, diffs, Some(d)))
-            })
-            .await??
+            let (diffs, d) = differing_blocks(pgdata, &files, sums, process_max).await?;
+            (diffs, Some(d))
         }
     };
     // One work item per stored object (of this backup or one it depends

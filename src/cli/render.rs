@@ -657,7 +657,7 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
     }
     if let (Some(r), Some(c)) = (&m.reference, &m.changes) {
         eprintln!(
-            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged ({} compared with the reference), {} copied whole{}",
+            "pgvault: {} backup on {}: changes found by {} ({} WAL segments): {} changed blocks in {} files, {} files unchanged ({} compared with the reference, {} blocks by their sums), {} copied whole{}",
             m.backup_type,
             r,
             c.method,
@@ -666,6 +666,7 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
             c.delta_files,
             c.unchanged_files,
             c.compared_files,
+            c.compared_blocks,
             c.whole_files,
             if c.fallbacks.is_empty() {
                 String::new()
@@ -693,6 +694,15 @@ pub fn restore_done(r: &Restored, opts: &RestoreOptions) {
     } else {
         String::new()
     };
+    if let Some(d) = &r.delta_blocks {
+        eprintln!(
+            "pgvault: --delta: {} of {} blocks in {} relation files differed from the backup's block sums and were written; {} fetched from the repository",
+            d.blocks_written,
+            d.blocks,
+            d.files,
+            bytes(d.bytes_fetched)
+        );
+    }
     eprintln!(
         "pgvault: restored backup {} into {}: {} files, {}{delta}",
         r.label,

@@ -27,6 +27,9 @@ use crate::ops::gaps;
 use crate::ops::progress::Progress;
 use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
+use crate::repo::blockmap::{self, Ranges};
+use crate::repo::blocksums::{BlockSums, Summer};
+use crate::repo::chunked;
 use crate::repo::codec::{self, Sha256Sum};
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
@@ -81,8 +84,18 @@ enum Job {
     Backup {
         key: String,
         label: String,
-        files: Vec<FileEntry>,
+        files: Vec<(FileEntry, Option<SumsCheck>)>,
+        /// The backup's block sums (`None`: it has none).
+        sums: Option<Arc<BlockSums>>,
     },
+}
+
+/// Which block sums a stored file or part must match: those of relation
+/// file `rel`, at `blocks` (a part's) or all of them (a whole file).
+#[derive(Clone)]
+struct SumsCheck {
+    rel: String,
+    blocks: Option<Ranges>,
 }
 
 pub async fn verify(
@@ -266,29 +279,57 @@ pub async fn verify(
         // What this backup stored: whole files and its own parts of block
         // maps (the objects of the backups it depends on are checked with
         // those, which must be there).
-        let mut by_object: BTreeMap<String, Vec<FileEntry>> = BTreeMap::new();
+        let sums = match repo.read_block_sums(&m.label).await? {
+            Fetched::Found(s) => Some(Arc::new(s)),
+            Fetched::Missing => None,
+            Fetched::Damaged(why) => {
+                problems.push(problem(
+                    "corrupt",
+                    format!(
+                        "{}/{}",
+                        repo.describe(),
+                        layout::backup_block_sums_key(repo.stanza(), &m.label)
+                    ),
+                    format!("backup {}: its block sums: {why}", m.label),
+                ));
+                None
+            }
+        };
+        if let Some(s) = &sums {
+            problems.extend(block_counts(m, s));
+        }
+        let check = |rel: &str, blocks: Option<Ranges>| {
+            sums.as_ref()?;
+            Some(SumsCheck {
+                rel: rel.to_string(),
+                blocks,
+            })
+        };
+        let mut by_object: BTreeMap<String, Vec<(FileEntry, Option<SumsCheck>)>> = BTreeMap::new();
         for f in &m.files {
             if f.parts.is_empty() && f.backup.is_none() {
                 by_object
                     .entry(f.object.clone())
                     .or_default()
-                    .push(f.clone());
+                    .push((f.clone(), check(&f.path, None)));
             }
             for p in f.parts.iter().filter(|p| p.backup == m.label) {
+                let entry = FileEntry {
+                    path: format!("{} (its changed blocks)", f.path),
+                    size: p.raw_size,
+                    sha256: p.sha256.clone(),
+                    object: p.object.clone(),
+                    offset: p.offset,
+                    length: p.length,
+                    backup: None,
+                    parts: Vec::new(),
+                    chunk_blocks: p.chunk_blocks,
+                    ..f.clone()
+                };
                 by_object
                     .entry(p.object.clone())
                     .or_default()
-                    .push(FileEntry {
-                        path: format!("{} (its changed blocks)", f.path),
-                        size: p.raw_size,
-                        sha256: p.sha256.clone(),
-                        object: p.object.clone(),
-                        offset: p.offset,
-                        length: p.length,
-                        backup: None,
-                        parts: Vec::new(),
-                        ..f.clone()
-                    });
+                    .push((entry, check(&f.path, p.blocks.clone())));
             }
         }
         for dep in &m.depends_on {
@@ -303,12 +344,13 @@ pub async fn verify(
             }
         }
         for (object, mut files) in by_object {
-            files.sort_by_key(|f| f.offset);
+            files.sort_by_key(|(f, _)| f.offset);
             backup_objects += 1;
             jobs.push(Job::Backup {
                 key: layout::backup_object_key(repo.stanza(), &m.label, &object),
                 label: m.label.clone(),
                 files,
+                sums: sums.clone(),
             });
         }
         let db = dbs.iter().find(|d| d.id == m.db_id).or(dbs.last());
@@ -457,6 +499,74 @@ fn wal_chain(
     out
 }
 
+/// Each relation file of `m` with block sums has one per block.
+fn block_counts(m: &Manifest, sums: &BlockSums) -> Vec<Problem> {
+    let sizes: BTreeMap<&str, u64> = m.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
+    let mut out = Vec::new();
+    for (rel, n) in sums.files() {
+        let want = sizes.get(rel).map(|&s| blockmap::block_count(s));
+        if want != Some(n) {
+            out.push(problem(
+                "corrupt",
+                rel.to_string(),
+                format!(
+                    "backup {}: its block sums list {n} blocks, the manifest {}",
+                    m.label,
+                    want.map_or("no such file".to_string(), |w| format!("{w} blocks"))
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// The stored blocks just decoded (summed by `got`) against the backup's
+/// block sums.
+fn check_sums(
+    sums: &BlockSums,
+    c: &SumsCheck,
+    got: Summer,
+    label: &str,
+    what: &str,
+) -> Vec<Problem> {
+    let got = got.finish();
+    let want = match sums.get(&c.rel) {
+        Ok(Some(w)) => w,
+        // Files stored as blocks on a reference without sums have none.
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            return vec![problem(
+                "unreadable",
+                c.rel.clone(),
+                format!("backup {label}: read its block sums: {e}"),
+            )]
+        }
+    };
+    let at: Vec<u32> = match &c.blocks {
+        None => (0..want.len() as u32).collect(),
+        Some(r) => r.iter().flat_map(|&(a, b)| a..=b).collect(),
+    };
+    let bad: Vec<u32> = at
+        .iter()
+        .zip(&got)
+        .filter(|(&b, s)| want.get(b as usize) != Some(s))
+        .map(|(&b, _)| b)
+        .collect();
+    if bad.is_empty() && at.len() == got.len() {
+        return Vec::new();
+    }
+    vec![problem(
+        "corrupt",
+        c.rel.clone(),
+        format!(
+            "backup {label}: {} of {} stored blocks do not match its block sums (first: block {}) ({what})",
+            bad.len().max(1),
+            got.len(),
+            bad.first().map_or("count".to_string(), |b| b.to_string())
+        ),
+    )]
+}
+
 /// Reads one object; returns its problems and the bytes read.
 async fn check_job(backend: Arc<dyn Backend>, job: Job) -> (Vec<Problem>, u64) {
     let key = match &job {
@@ -473,7 +583,7 @@ async fn check_job(backend: Arc<dyn Backend>, job: Job) -> (Vec<Problem>, u64) {
                     format!(
                         "backup {label}: object holding {} file(s) (first: {}) is missing",
                         files.len(),
-                        files[0].path
+                        files[0].0.path
                     ),
                 ),
                 // Listed a moment ago: deleted by expire while we ran.
@@ -522,9 +632,11 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
             )),
             Err(e) => problems.push(problem("corrupt", what, e.to_string())),
         },
-        Job::Backup { label, files, .. } => {
+        Job::Backup {
+            label, files, sums, ..
+        } => {
             let mut pos = 0u64;
-            for f in &files {
+            for (f, check) in &files {
                 let skip = f.offset.saturating_sub(pos);
                 if io::copy(&mut (&mut r).take(skip), &mut io::sink()).is_err() {
                     problems.push(problem(
@@ -535,8 +647,19 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                     break;
                 }
                 let mut part = (&mut r).take(f.length);
-                match codec::decode_sized(&mut part, io::sink(), f.length) {
-                    Ok(d) if d.sha256.to_hex() == f.sha256 && d.size == f.size => {}
+                let mut summer = Summer::new();
+                match chunked::decode_piece(
+                    &mut part,
+                    &mut summer,
+                    f.length,
+                    f.size,
+                    f.chunk_blocks,
+                ) {
+                    Ok(d) if d.sha256.to_hex() == f.sha256 && d.size == f.size => {
+                        if let (Some(c), Some(s)) = (check, &sums) {
+                            problems.extend(check_sums(s, c, summer, &label, what));
+                        }
+                    }
                     Ok(_) => problems.push(problem(
                         "corrupt",
                         f.path.clone(),

@@ -40,6 +40,9 @@ pub struct Part {
     /// The file's blocks it holds, in order; `None`: the whole file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<Ranges>,
+    /// Stored in chunks of this many blocks (`repo::chunked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_blocks: Option<u32>,
 }
 
 /// The parts of a file as backup `label` lists it (a whole-file entry is
@@ -56,6 +59,7 @@ pub fn parts_of(f: &FileEntry, label: &str) -> Vec<Part> {
         sha256: f.sha256.clone(),
         raw_size: f.size,
         blocks: None,
+        chunk_blocks: f.chunk_blocks,
     }]
 }
 
@@ -107,6 +111,22 @@ fn held_within(p: &Part, n: u32) -> Ranges {
     }
 }
 
+/// Where file block `block` is among the raw blocks of `part` (`None`:
+/// the part does not hold it).
+pub fn raw_index(part: &Part, block: u32) -> Option<u64> {
+    let Some(held) = &part.blocks else {
+        return Some(u64::from(block));
+    };
+    let mut before = 0u64;
+    for &(a, b) in held {
+        if (a..=b).contains(&block) {
+            return Some(before + u64::from(block - a));
+        }
+        before += u64::from(b - a) + 1;
+    }
+    None
+}
+
 /// Ranges from sorted block numbers.
 pub fn ranges_of(blocks: impl IntoIterator<Item = u32>) -> Ranges {
     let mut out: Ranges = Vec::new();
@@ -140,6 +160,11 @@ fn union(a: &[(u32, u32)], b: &[(u32, u32)]) -> Ranges {
         }
     }
     out
+}
+
+/// The blocks in both `a` and `b`.
+pub fn intersect(a: &[(u32, u32)], b: &[(u32, u32)]) -> Ranges {
+    subtract(a, &subtract(a, b))
 }
 
 fn subtract(a: &[(u32, u32)], b: &[(u32, u32)]) -> Ranges {
@@ -193,6 +218,32 @@ impl<'a> PartWriter<'a> {
             range: 0,
             into_range: 0,
         }
+    }
+
+    /// A writer for the part's raw bytes from raw block `first` on (a
+    /// chunk fetched alone).
+    pub fn starting_at(
+        file: &'a File,
+        size: u64,
+        part: &'a Part,
+        owned: &'a [(u32, u32)],
+        first: u64,
+    ) -> Self {
+        let mut w = PartWriter::new(file, size, part, owned);
+        w.pos = first * BLOCK_SIZE as u64;
+        if let Some(held) = w.held {
+            let mut left = first;
+            while let Some(&(a, b)) = held.get(w.range) {
+                let n = u64::from(b - a) + 1;
+                if left < n {
+                    w.into_range = left as u32;
+                    break;
+                }
+                left -= n;
+                w.range += 1;
+            }
+        }
+        w
     }
 
     /// The file block of the raw block being received, advancing the
@@ -271,6 +322,7 @@ mod tests {
             sha256: String::new(),
             raw_size: 0,
             blocks,
+            chunk_blocks: None,
         }
     }
 
@@ -307,10 +359,14 @@ mod tests {
         );
         assert_eq!(union(&[(0, 1)], &[(2, 4), (8, 9)]), vec![(0, 4), (8, 9)]);
         assert_eq!(count(&[(0, 1), (5, 5)]), 3);
+        assert_eq!(
+            intersect(&[(0, 10), (20, 30)], &[(5, 22), (29, 40)]),
+            vec![(5, 10), (20, 22), (29, 30)]
+        );
     }
 
-    #[test]
-    fn a_part_writes_only_the_blocks_it_owns() {
+    /// A file of `blocks` zero blocks in a temporary directory.
+    fn blank_file(blocks: u64) -> (tempfile::TempDir, std::path::PathBuf, File) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let file = File::options()
@@ -320,7 +376,28 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        file.set_len(4 * 8192).unwrap();
+        file.set_len(blocks * 8192).unwrap();
+        (dir, path, file)
+    }
+
+    #[test]
+    fn a_part_written_from_a_later_block() {
+        let (_dir, path, file) = blank_file(10);
+        // Raw blocks 0..5 are file blocks 1, 2, 6, 7, 8; from raw block 3 on.
+        let p = part("i", Some(vec![(1, 2), (6, 8)]));
+        let owned = vec![(0, 9)];
+        let mut w = PartWriter::starting_at(&file, 10 * 8192, &p, &owned, 3);
+        w.write_all(&[7u8; 8192]).unwrap();
+        w.write_all(&[8u8; 8192]).unwrap();
+        let got = std::fs::read(&path).unwrap();
+        assert!(got[7 * 8192..8 * 8192].iter().all(|&b| b == 7));
+        assert!(got[8 * 8192..9 * 8192].iter().all(|&b| b == 8));
+        assert!(got[..7 * 8192].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_part_writes_only_the_blocks_it_owns() {
+        let (_dir, path, file) = blank_file(4);
         let p = part("i", Some(vec![(1, 1), (3, 3)]));
         let owned = vec![(3, 3)];
         let mut w = PartWriter::new(&file, 4 * 8192, &p, &owned);

@@ -9,6 +9,7 @@
 //! <stanza>/archive/<db>/<tli+log>/<wal>.gap            this repository missed <wal> (dropped from its archive-push queue)
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             whole files and parts (changed blocks), small ones bundled
+//! <stanza>/backup/<label>/blocksums.pgv                     a checksum of every block of its relation files (`repo::blocksums`)
 //! <stanza>/backup/<label>/files.pgv                         reserved: format 2's streamed file list (not written yet)
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
@@ -61,7 +62,13 @@ pub fn backup_file_list_key(stanza: &str, label: &str) -> String {
     format!("{}/{FILE_LIST_OBJECT}", backup_dir(stanza, label))
 }
 
+/// The block sums of a backup (`repo::blocksums`).
+pub fn backup_block_sums_key(stanza: &str, label: &str) -> String {
+    format!("{}/{BLOCK_SUMS_OBJECT}", backup_dir(stanza, label))
+}
+
 const MANIFEST_OBJECT: &str = "manifest.pgv";
+const BLOCK_SUMS_OBJECT: &str = "blocksums.pgv";
 const FILE_LIST_OBJECT: &str = "files.pgv";
 const EXPIRING_OBJECT: &str = "expiring.pgv";
 
@@ -73,6 +80,8 @@ pub enum BackupObject {
     /// The file list (format 2): written just before the manifest.
     FileList,
     Data,
+    /// The block sums: written with the data, before the manifest.
+    BlockSums,
     /// Not an object pgvault writes in a backup directory.
     Unknown,
 }
@@ -86,6 +95,7 @@ pub fn parse_backup_key<'a>(stanza: &str, key: &'a str) -> Option<(&'a str, Back
         MANIFEST_OBJECT => BackupObject::Manifest,
         EXPIRING_OBJECT => BackupObject::Expiring,
         FILE_LIST_OBJECT => BackupObject::FileList,
+        BLOCK_SUMS_OBJECT => BackupObject::BlockSums,
         o if o.starts_with("data/") && o.ends_with(".pgv") && !o[5..].contains('/') => {
             BackupObject::Data
         }

@@ -92,9 +92,14 @@ pub struct ChangeReport {
     /// nothing, free space maps, or a doubt).
     pub whole_files: u64,
     /// Files the WAL could not answer for, read and compared with the
-    /// reference's copy (those found the same count as unchanged).
+    /// reference's copy (those found the same count as unchanged): block
+    /// by block against its block sums (those with changed blocks count
+    /// as delta files), or whole where it has none.
     #[serde(default)]
     pub compared_files: u64,
+    /// The blocks of those files compared with the reference's block sums.
+    #[serde(default)]
+    pub compared_blocks: u64,
     /// Why files were copied whole where the WAL could not answer: one
     /// line each (a missing segment, a doubt, a size not explained).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -183,6 +188,10 @@ pub struct FileEntry {
     /// holds it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<super::blockmap::Part>,
+    /// Stored in chunks of this many blocks (`repo::chunked`); `None`:
+    /// one envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_blocks: Option<u32>,
 }
 
 fn first_db_id() -> u32 {
@@ -229,7 +238,9 @@ impl BackupDir {
         };
         Deletion::phased([
             of(BackupObject::Manifest).collect::<Vec<_>>(),
-            of(BackupObject::Data).collect(),
+            of(BackupObject::Data)
+                .chain(of(BackupObject::BlockSums))
+                .collect(),
             of(BackupObject::Expiring).collect(),
         ])
     }

@@ -6,6 +6,8 @@ pub mod archive;
 pub mod azure;
 pub mod backend;
 pub mod blockmap;
+pub mod blocksums;
+pub mod chunked;
 pub mod cloud;
 pub mod codec;
 #[doc(hidden)]

@@ -36,8 +36,9 @@ use crate::pg::walscan::RangeUnion;
 use crate::pg::{Lsn, TimelineId, WalFileName};
 use crate::repo::archive::BlockRefsRead;
 use crate::repo::blockmap::{self, Part, Ranges};
+use crate::repo::blocksums::{BlockSum, BlockSums};
 use crate::repo::manifest::{ChangeReport, FileEntry, Manifest, ManifestRead};
-use crate::repo::{DbInfo, Repository};
+use crate::repo::{DbInfo, Fetched, Repository};
 
 /// Memory for the union of block references before it spills to disk.
 const UNION_BUDGET: usize = 32 << 20;
@@ -147,6 +148,9 @@ pub(super) struct Plan {
     /// `None`: the WAL cannot answer (see `report.fallbacks`), every
     /// relation file is copied whole.
     changes: Option<UnionResult>,
+    /// The reference's block sums; `None` for a reference written before
+    /// pgvault kept them (or whose sums are damaged: said in the report).
+    sums: Option<BlockSums>,
     pub report: ChangeReport,
 }
 
@@ -180,6 +184,23 @@ pub(super) async fn plan(
             ));
         }
     }
+    let sums = match repo.read_block_sums(&reference.label).await? {
+        Fetched::Found(s) => Some(s),
+        Fetched::Missing => {
+            report.fallbacks.push(format!(
+                "the reference backup {} has no block sums (written by an older pgvault): files the WAL cannot answer for are compared whole, and files stored as changed blocks get no sums in this backup",
+                reference.label
+            ));
+            None
+        }
+        Fetched::Damaged(why) => {
+            report.fallbacks.push(format!(
+                "the block sums of the reference backup {} cannot be read ({why}): files the WAL cannot answer for are compared whole",
+                reference.label
+            ));
+            None
+        }
+    };
     for f in &report.fallbacks {
         progress.message(&format!("falling back to whole files: {f}"));
     }
@@ -192,6 +213,7 @@ pub(super) async fn plan(
         reference,
         by_path,
         changes,
+        sums,
         report,
     })
 }
@@ -271,10 +293,20 @@ pub(super) enum Decision {
     Same(FileEntry),
     /// These blocks of it, the rest from the reference's parts.
     Blocks { blocks: Ranges, older: Vec<Part> },
-    /// The WAL cannot answer for it: read it and compare it with the
-    /// reference's copy (same size, whole-file checksum); the same, it is
-    /// taken from the reference, else copied whole.
+    /// The WAL cannot answer for it and the reference has no block sums:
+    /// read it and compare it with the reference's copy (same size,
+    /// whole-file checksum); the same, it is taken from the reference,
+    /// else copied whole.
     Compare(FileEntry),
+    /// The WAL cannot answer for it: read it, sum each block and compare
+    /// with the reference's block sums `sums`; store the blocks that
+    /// differ (the rest from `older`, the reference's parts), or take the
+    /// reference's entry `old` when none does.
+    CompareBlocks {
+        old: FileEntry,
+        older: Vec<Part>,
+        sums: Vec<BlockSum>,
+    },
 }
 
 impl Plan {
@@ -288,11 +320,23 @@ impl Plan {
         let Some(old) = self.by_path.get(rel) else {
             return whole;
         };
-        // Where the WAL cannot answer, a file the reference holds whole at
-        // the same size is compared rather than copied.
-        let compare = || match old.parts.is_empty() && old.size == size {
-            true => (Decision::Compare(self.same(old)), None),
-            false => (Decision::Whole, None),
+        let bs = BLOCK_SIZE as u64;
+        // Where the WAL cannot answer, the file is compared block by block
+        // with the reference's sums; without them, a file the reference
+        // holds whole at the same size is compared whole.
+        let compare = || match self.reference_sums(old) {
+            Some(sums) if size % bs == 0 => (
+                Decision::CompareBlocks {
+                    old: self.same(old),
+                    older: blockmap::parts_of(old, &self.reference.label),
+                    sums,
+                },
+                None,
+            ),
+            _ if old.parts.is_empty() && old.size == size => {
+                (Decision::Compare(self.same(old)), None)
+            }
+            _ => (Decision::Whole, None),
         };
         let Some(changes) = &self.changes else {
             return compare();
@@ -308,7 +352,6 @@ impl Plan {
             },
             fork,
         };
-        let bs = BLOCK_SIZE as u64;
         if size % bs != 0 || old.size % bs != 0 {
             return (
                 Decision::Whole,
@@ -370,6 +413,24 @@ impl Plan {
             return (Decision::Same(self.same(old)), None);
         }
         (Decision::Blocks { blocks, older }, None)
+    }
+
+    /// The reference's block sums of `rel` (`None`: it has none).
+    pub(super) fn sums_of(&self, rel: &str) -> Option<Vec<BlockSum>> {
+        let sums = self.sums.as_ref()?;
+        match sums.get(rel) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("read the reference's block sums of {rel}: {e}");
+                None
+            }
+        }
+    }
+
+    /// The reference's block sums of `old`, if they cover its blocks.
+    fn reference_sums(&self, old: &FileEntry) -> Option<Vec<BlockSum>> {
+        self.sums_of(&old.path)
+            .filter(|s| s.len() == blockmap::block_count(old.size) as usize)
     }
 
     /// The reference's entry as this backup lists it: pointing at the

@@ -44,7 +44,9 @@ use crate::pg::recovery::parse_backup_label;
 use crate::pg::relfile::{RelFile, BLOCK_SIZE};
 use crate::pg::{Lsn, WalFileName};
 use crate::repo::blockmap::{self, Part, Ranges};
-use crate::repo::codec::{EncodeOptions, Encoder};
+use crate::repo::blocksums::{self, BlockSum, Summer, SumsSink};
+use crate::repo::chunked::{PieceEncoder, CHUNK_BLOCKS};
+use crate::repo::codec::EncodeOptions;
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
@@ -259,7 +261,13 @@ async fn backup_inner(
     if primary.is_some() {
         standby::still_standby(session).await?;
     }
-    let (files, dirs, page_checksums, counts) = copied?;
+    let Copied {
+        files,
+        dirs,
+        page_checksums,
+        counts,
+        sums,
+    } = copied?;
     let (reference, depends_on, changes) = match &plan {
         Some(p) => {
             let mut r = p.report.clone();
@@ -268,6 +276,7 @@ async fn backup_inner(
             r.changed_blocks = counts.changed_blocks;
             r.whole_files = counts.whole_files;
             r.compared_files = counts.compared_files;
+            r.compared_blocks = counts.compared_blocks;
             for f in &counts.fallbacks {
                 progress.message(&format!("falling back to the whole file: {f}"));
             }
@@ -319,6 +328,15 @@ async fn backup_inner(
     ));
     wait_for_wal(repo, &db, tli, first, last, opts.archive_timeout).await?;
 
+    repo.write_block_sums(
+        &label,
+        sums,
+        EncodeOptions {
+            threads: 0,
+            ..opts.encode
+        },
+    )
+    .await?;
     let original_size = files.iter().map(|f| f.size).sum();
     let stored_size = stored_size(&files, &label);
     let manifest = Manifest {
@@ -507,6 +525,8 @@ struct Worker {
     /// A diff or incr: what changed since its reference.
     plan: Option<Arc<Plan>>,
     counts: ChangeReport,
+    /// The block sums of the relation files it stored or took.
+    sums: Option<SumsSink>,
 }
 
 impl Worker {
@@ -535,7 +555,19 @@ impl Worker {
             tail: true,
             plan,
             counts: ChangeReport::default(),
+            sums: None,
         }
+    }
+
+    /// Records the block sums of relation file `rel`.
+    fn record_sums(&mut self, rel: &str, sums: &[BlockSum]) -> Result<()> {
+        let err =
+            |e: io::Error| Error::io_in(Kind::Internal, "keep block sums in a temporary file", &e);
+        if self.sums.is_none() {
+            self.sums = Some(SumsSink::new().map_err(err)?);
+        }
+        let sink = self.sums.as_mut().expect("sink was just ensured");
+        sink.add(rel, sums).map_err(err)
     }
 
     fn new_object(&mut self) -> io::Result<(Counting<Spool>, String)> {
@@ -554,14 +586,19 @@ impl Worker {
 
     /// Encodes one file (or with `delta`, the given blocks of it, the rest
     /// from older parts) into `out`; `None` if it vanished (a dropped
-    /// relation: WAL replay removes it anyway).
+    /// relation: WAL replay removes it anyway). With the entry, the sums of
+    /// the blocks stored, in order, for a relation file.
+    /// A relation file or part stored alone (a megabyte or more) is
+    /// stored in chunks (`repo::chunked`), for `restore --delta` to fetch
+    /// alone.
     fn encode_into(
         &mut self,
         f: &ScanFile,
         out: &mut Counting<Spool>,
         object: &str,
         delta: Option<&(Ranges, Vec<Part>)>,
-    ) -> Result<Option<FileEntry>> {
+        alone: bool,
+    ) -> Result<Option<(FileEntry, Option<Vec<BlockSum>>)>> {
         let file = match File::open(&f.abs) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -583,7 +620,9 @@ impl Worker {
                 ..self.encode
             }
         };
-        let mut enc = Encoder::new(&mut *out, encode).map_err(|e| self.write_err(e))?;
+        let chunk_blocks = (alone && RelFile::parse(&f.rel).is_some()).then_some(CHUNK_BLOCKS);
+        let mut enc = PieceEncoder::new(&mut *out, encode, chunk_blocks.is_some())
+            .map_err(|e| self.write_err(e))?;
         let relfile = self
             .verify_pages
             .and(RelFile::parse(&f.rel))
@@ -591,6 +630,7 @@ impl Worker {
         let mut verifier = relfile
             .zip(self.verify_pages)
             .map(|(r, start)| PageVerifier::new(r, start));
+        let mut summer = RelFile::parse(&f.rel).map(|_| Summer::new());
         let mut r: Box<dyn Read> = match delta {
             Some((blocks, _)) => Box::new(BlockReader::new(file, blocks)),
             None => Box::new(file),
@@ -608,6 +648,9 @@ impl Worker {
             }
             if let Some(v) = verifier.as_mut() {
                 let _ = v.write_all(&buf[..n]); // never fails
+            }
+            if let Some(s) = summer.as_mut() {
+                let _ = s.write_all(&buf[..n]); // never fails
             }
         };
         self.buf = buf;
@@ -632,6 +675,7 @@ impl Worker {
         }
         let (_, digest) = enc.finish().map_err(|e| self.write_err(e))?;
         let (mtime, mode) = (meta.mtime(), meta.permissions().mode() & 0o7777);
+        let sums = summer.map(Summer::finish);
         if let Some((blocks, older)) = delta {
             let part = Part {
                 backup: self.label.clone(),
@@ -641,8 +685,9 @@ impl Worker {
                 sha256: digest.sha256.to_hex(),
                 raw_size: digest.size,
                 blocks: Some(blocks.clone()),
+                chunk_blocks,
             };
-            return Ok(Some(FileEntry {
+            let entry = FileEntry {
                 path: f.rel.clone(),
                 size: f.size,
                 mtime,
@@ -653,9 +698,11 @@ impl Worker {
                 length: 0,
                 backup: None,
                 parts: blockmap::chain(part, older.clone(), f.size),
-            }));
+                chunk_blocks: None,
+            };
+            return Ok(Some((entry, sums)));
         }
-        Ok(Some(FileEntry {
+        let entry = FileEntry {
             path: f.rel.clone(),
             size: digest.size,
             mtime,
@@ -666,7 +713,9 @@ impl Worker {
             length: out.n - offset,
             backup: None,
             parts: Vec::new(),
-        }))
+            chunk_blocks,
+        };
+        Ok(Some((entry, sums)))
     }
 
     fn write_err(&self, e: io::Error) -> Error {
@@ -693,11 +742,16 @@ impl Worker {
         let decision = self.plan.as_ref().map(|p| p.decide(&f.rel, f.size));
         let mut delta = None;
         let mut stored = f.size;
+        // The reference's sums of the blocks not stored again.
+        let mut base_sums = None;
         if let Some((d, why)) = decision {
             self.counts.fallbacks.extend(why);
             match d {
                 Decision::Same(e) => {
                     self.counts.unchanged_files += 1;
+                    if let Some(s) = self.plan.as_ref().and_then(|p| p.sums_of(&e.path)) {
+                        self.record_sums(&e.path, &s)?;
+                    }
                     let size = e.size;
                     self.done.push(e);
                     return Ok(size);
@@ -706,6 +760,25 @@ impl Worker {
                     self.counts.delta_files += 1;
                     self.counts.changed_blocks += blockmap::count(&blocks);
                     stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
+                    base_sums = self.plan.as_ref().and_then(|p| p.sums_of(&f.rel));
+                    delta = Some((blocks, older));
+                }
+                Decision::CompareBlocks { old, older, sums } => {
+                    self.counts.compared_files += 1;
+                    let Some(blocks) = self.changed_blocks(f, &sums)? else {
+                        return Ok(0); // vanished
+                    };
+                    if blocks.is_empty() && f.size == old.size {
+                        self.counts.unchanged_files += 1;
+                        self.record_sums(&old.path, &sums)?;
+                        let size = old.size;
+                        self.done.push(old);
+                        return Ok(size);
+                    }
+                    self.counts.delta_files += 1;
+                    self.counts.changed_blocks += blockmap::count(&blocks);
+                    stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
+                    base_sums = Some(sums);
                     delta = Some((blocks, older));
                 }
                 Decision::Compare(old) => {
@@ -722,32 +795,73 @@ impl Worker {
             }
         }
         let delta = delta.as_ref();
-        if stored >= BUNDLE_FILE_MAX {
+        let entry = if stored >= BUNDLE_FILE_MAX {
             let (mut out, object) = self.new_object().map_err(|e| self.write_err(e))?;
-            let entry = self.encode_into(f, &mut out, &object, delta)?;
-            if let Some(e) = entry {
+            let entry = self.encode_into(f, &mut out, &object, delta, true)?;
+            if let Some((e, _)) = &entry {
                 self.commit(out.inner, &object)?;
-                let size = e.size;
-                self.done.push(e);
-                return Ok(size);
+                self.done.push(e.clone());
             }
-            return Ok(0);
-        }
-        if self.bundle.is_none() {
-            let (out, object) = self.new_object().map_err(|e| self.write_err(e))?;
-            self.bundle = Some((out, object, Vec::new()));
-        }
-        let (mut out, object, mut entries) = self.bundle.take().expect("bundle was just ensured");
-        let entry = self.encode_into(f, &mut out, &object, delta)?;
-        let size = entry.as_ref().map(|e| e.size).unwrap_or(0);
-        entries.extend(entry);
-        if out.n >= BUNDLE_TARGET {
-            self.commit(out.inner, &object)?;
-            self.done.extend(entries);
+            entry
         } else {
-            self.bundle = Some((out, object, entries));
+            if self.bundle.is_none() {
+                let (out, object) = self.new_object().map_err(|e| self.write_err(e))?;
+                self.bundle = Some((out, object, Vec::new()));
+            }
+            let (mut out, object, mut entries) =
+                self.bundle.take().expect("bundle was just ensured");
+            let entry = self.encode_into(f, &mut out, &object, delta, false)?;
+            entries.extend(entry.as_ref().map(|(e, _)| e.clone()));
+            if out.n >= BUNDLE_TARGET {
+                self.commit(out.inner, &object)?;
+                self.done.extend(entries);
+            } else {
+                self.bundle = Some((out, object, entries));
+            }
+            entry
+        };
+        let Some((entry, sums)) = entry else {
+            return Ok(0);
+        };
+        // The file's sums at this backup: those of the blocks read, the
+        // reference's for the others (none without the reference's).
+        let sums = match (sums, delta) {
+            (Some(read), Some((blocks, _))) => base_sums.map(|mut all| {
+                all.resize(
+                    blockmap::block_count(f.size) as usize,
+                    [0; blocksums::SUM_LEN],
+                );
+                let at = blocks.iter().flat_map(|&(a, b)| a..=b);
+                for (b, s) in at.zip(read) {
+                    if let Some(slot) = all.get_mut(b as usize) {
+                        *slot = s;
+                    }
+                }
+                all
+            }),
+            (read, _) => read,
+        };
+        if let Some(s) = sums {
+            self.record_sums(&f.rel, &s)?;
         }
-        Ok(size)
+        Ok(entry.size)
+    }
+
+    /// The blocks of `f` whose sums differ from the reference's `sums`
+    /// (or that the reference does not have); `None` if it vanished.
+    fn changed_blocks(&mut self, f: &ScanFile, sums: &[BlockSum]) -> Result<Option<Ranges>> {
+        let read = blocksums::sums_of_file(&f.abs)
+            .map_err(|e| Error::io(Kind::InvalidInput, "read", f.abs.display(), &e))?;
+        let Some(disk) = read else {
+            return Ok(None);
+        };
+        let n = blockmap::block_count(f.size);
+        self.counts.compared_blocks += u64::from(n);
+        let changed = (0..n).filter(|&b| {
+            let i = b as usize;
+            disk.get(i).is_none() || sums.get(i) != disk.get(i)
+        });
+        Ok(Some(blockmap::ranges_of(changed)))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -765,6 +879,16 @@ impl Worker {
     }
 }
 
+/// What copying the files gave.
+struct Copied {
+    files: Vec<FileEntry>,
+    dirs: Vec<DirEntry>,
+    page_checksums: Option<PageChecksums>,
+    counts: ChangeReport,
+    /// The workers' block sums, for the backup's block sums object.
+    sums: Vec<SumsSink>,
+}
+
 async fn copy_files(
     repo: &Repository,
     label: &str,
@@ -773,12 +897,7 @@ async fn copy_files(
     verify_pages: Option<Lsn>,
     plan: Option<Arc<Plan>>,
     progress: Arc<dyn Progress>,
-) -> Result<(
-    Vec<FileEntry>,
-    Vec<DirEntry>,
-    Option<PageChecksums>,
-    ChangeReport,
-)> {
+) -> Result<Copied> {
     let dir = pgdata.to_path_buf();
     let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&dir))
         .await?
@@ -817,19 +936,22 @@ async fn copy_files(
     };
     let done = workers::run(files, states, work, |mut w: Worker| {
         w.flush()?;
-        Ok((w.done, w.pages, w.counts))
+        Ok((w.done, w.pages, w.counts, w.sums))
     })
     .await?;
     let mut entries = Vec::new();
     let mut pages = PageChecksums::default();
     let mut counts = ChangeReport::default();
-    for (done, p, c) in done {
+    let mut sums = Vec::new();
+    for (done, p, c, s) in done {
+        sums.extend(s);
         entries.extend(done);
         counts.unchanged_files += c.unchanged_files;
         counts.delta_files += c.delta_files;
         counts.changed_blocks += c.changed_blocks;
         counts.whole_files += c.whole_files;
         counts.compared_files += c.compared_files;
+        counts.compared_blocks += c.compared_blocks;
         counts.fallbacks.extend(c.fallbacks);
         pages.pages_checked += p.pages_checked;
         pages.bad_pages.extend(p.bad_pages);
@@ -857,5 +979,11 @@ async fn copy_files(
     entries.extend(control_entry);
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     counts.fallbacks.sort();
-    Ok((entries, dirs, verify_pages.map(|_| pages), counts))
+    Ok(Copied {
+        files: entries,
+        dirs,
+        page_checksums: verify_pages.map(|_| pages),
+        counts,
+        sums,
+    })
 }

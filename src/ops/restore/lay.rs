@@ -2,7 +2,7 @@
 //! links, every file checked against its SHA-256 as it is written, the
 //! recovery files, a flush of everything, and `global/pg_control` last.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -15,21 +15,42 @@ use crate::ops::workers;
 use crate::pg::datadir::{self, EMPTY_DIRS};
 use crate::pg::recovery::{self, RecoverySettings};
 use crate::repo::blockmap::{self, Part, PartWriter, Ranges};
+use crate::repo::blocksums::{self, BlockSums};
+use crate::repo::chunked;
 use crate::repo::codec;
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
-use crate::repo::{Backend, Repository};
+use crate::repo::{Backend, Fetched, Repository};
 
 use super::RestoreOptions;
 
-/// Lays backup `m` down in `opts.pgdata`; returns how many files `--delta`
-/// found in place already.
+/// What laying a backup down did.
+pub(super) struct Laid {
+    /// Files `--delta` found in place already.
+    pub skipped: usize,
+    pub delta_blocks: Option<DeltaBlocks>,
+}
+
+/// `--delta` with the backup's block sums: the relation files on disk
+/// compared block by block, and only the blocks that differ written.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct DeltaBlocks {
+    /// Relation files compared, and their blocks.
+    pub files: u64,
+    pub blocks: u64,
+    /// Blocks that differed (or were missing) and were written.
+    pub blocks_written: u64,
+    /// Bytes read from the repository for them and the other files.
+    pub bytes_fetched: u64,
+}
+
+/// Lays backup `m` down in `opts.pgdata`.
 pub(super) async fn lay_down(
     repo: &Repository,
     m: &Manifest,
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
-) -> Result<usize> {
+) -> Result<Laid> {
     let owner = target_owner(&opts.pgdata)?;
     check_target(&opts.pgdata, opts.delta)?;
     let ts_map: BTreeMap<u32, PathBuf> = opts.tablespace_map.iter().cloned().collect();
@@ -88,7 +109,20 @@ pub(super) async fn lay_down(
         .collect();
     progress.phase("write files");
     progress.set_total(m.files.len() as u64, m.original_size);
-    let skipped = write_files(repo, &m.label, &opts.pgdata, files, opts.delta, opts.process_max, progress.clone())
+    // With --delta, the backup's block sums say which blocks of the
+    // relation files on disk differ (a backup without them: whole files).
+    let sums = match opts.delta {
+        false => None,
+        true => match repo.read_block_sums(&m.label).await? {
+            Fetched::Found(s) => Some(s),
+            Fetched::Missing => None,
+            Fetched::Damaged(why) => {
+                log::warn!("--delta compares whole files: {why}");
+                None
+            }
+        },
+    };
+    let laid = write_files(repo, &m.label, &opts.pgdata, files, opts.delta, sums, opts.process_max, progress.clone())
         .await
         .map_err(|e| e.hint("the data directory is incomplete and cannot be started; rerun the restore (--delta reuses what was written)"))?;
 
@@ -153,7 +187,7 @@ pub(super) async fn lay_down(
     })
     .await??;
     progress.file_done(control_size);
-    Ok(skipped)
+    Ok(laid)
 }
 
 /// Run as root, the restored files must belong to the data directory's
@@ -364,10 +398,12 @@ fn write_one<R: Read>(r: &mut R, dest: &Path, f: &FileEntry, what: &str) -> Resu
     let cap = usize::try_from(f.size.clamp(8 << 10, 1 << 20)).unwrap_or(1 << 20);
     let mut out = WriteWatch::new(BufWriter::with_capacity(cap, StartWriteback::new(file)));
     // A failed write (a full disk) is the target's, not a damaged object.
-    let digest = codec::decode_sized(r, &mut out, f.length).map_err(|e| match out.error() {
-        Some(w) => local_err("write", dest)(w),
-        None => Error::repository(format!("{what}: {e}")),
-    })?;
+    let digest = chunked::decode_piece(r, &mut out, f.length, f.size, f.chunk_blocks).map_err(
+        |e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => Error::repository(format!("{what}: {e}")),
+        },
+    )?;
     let out = out.into_inner();
     if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
         return Err(Error::repository(format!(
@@ -511,23 +547,86 @@ impl Piece {
     }
 }
 
+/// `--delta`: the blocks of each relation file on disk whose sums differ
+/// from the backup's (or that it lacks), for the files the backup has sums
+/// for; one that is the backup's already has none. Files are read
+/// `process_max` at a time.
+async fn differing_blocks(
+    pgdata: &Path,
+    files: &[FileEntry],
+    sums: BlockSums,
+    process_max: usize,
+) -> Result<(HashMap<String, Ranges>, DeltaBlocks)> {
+    let sums = Arc::new(sums);
+    let items: Vec<(String, u64)> = files.iter().map(|f| (f.path.clone(), f.size)).collect();
+    let states = vec![(Vec::new(), DeltaBlocks::default()); process_max.max(1)];
+    let pgdata = pgdata.to_path_buf();
+    type State = (Vec<(String, Ranges)>, DeltaBlocks);
+    let work = move |(out, d): &mut State, (path, size): (String, u64)| -> Result<()> {
+        let n = blockmap::block_count(size);
+        let Some(want) = sums
+            .get(&path)
+            .map_err(|e| Error::io_in(Kind::Internal, "read the backup's block sums", &e))?
+            .filter(|w| w.len() == n as usize)
+        else {
+            return Ok(());
+        };
+        let dest = pgdata.join(&path);
+        // Not there, or not a file: every block.
+        let disk = match fs::symlink_metadata(&dest) {
+            Ok(meta) if meta.is_file() => {
+                blocksums::sums_of_file(&dest).map_err(local_err("read", &dest))?
+            }
+            _ => None,
+        }
+        .unwrap_or_default();
+        d.files += 1;
+        d.blocks += u64::from(n);
+        let differ = (0..n).filter(|&b| disk.get(b as usize) != want.get(b as usize));
+        out.push((path, blockmap::ranges_of(differ)));
+        Ok(())
+    };
+    let done = workers::run(items, states, work, |s: State| Ok(s)).await?;
+    let mut all = DeltaBlocks::default();
+    let mut out = HashMap::new();
+    for (found, d) in done {
+        all.files += d.files;
+        all.blocks += d.blocks;
+        out.extend(found);
+    }
+    Ok((out, all))
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn write_files(
     repo: &Repository,
     label: &str,
     pgdata: &Path,
     files: Vec<FileEntry>,
     delta: bool,
+    sums: Option<BlockSums>,
     process_max: usize,
     progress: Arc<dyn Progress>,
-) -> Result<usize> {
+) -> Result<Laid> {
+    let (diffs, mut delta_blocks) = match sums {
+        None => (HashMap::new(), None),
+        Some(sums) => {
+            let (diffs, d) = differing_blocks(pgdata, &files, sums, process_max).await?;
+            (diffs, Some(d))
+        }
+    };
     // One work item per stored object (of this backup or one it depends
     // on); its pieces in stored order. A file stored as blocks of several
     // backups is created at its size first; each part then writes the
     // blocks it is the newest holder of: every block once, no chain replay.
+    // With --delta and block sums, a relation file (whole or in parts) is
+    // kept at its place and only its differing blocks are written.
     let mut by_object: BTreeMap<(String, String), Vec<Piece>> = BTreeMap::new();
-    let mut mapped: Vec<Arc<FileEntry>> = Vec::new();
+    let mut mapped: Vec<(Arc<FileEntry>, bool)> = Vec::new();
+    let mut kept = 0usize;
     for f in files {
-        if f.parts.is_empty() {
+        let differ = diffs.get(&f.path);
+        if f.parts.is_empty() && differ.is_none() {
             let backup = f.backup.clone().unwrap_or_else(|| label.to_string());
             by_object
                 .entry((backup, f.object.clone()))
@@ -535,9 +634,20 @@ async fn write_files(
                 .push(Piece::Whole(f));
             continue;
         }
+        if differ.is_some_and(|d| d.is_empty()) {
+            kept += 1;
+            progress.file_done(f.size);
+            mapped.push((Arc::new(f), true));
+            continue;
+        }
         let f = Arc::new(f);
-        let owned = blockmap::owned(&f.parts, f.size);
-        for (part, owned) in f.parts.iter().zip(owned) {
+        let parts = blockmap::parts_of(&f, label);
+        let owned = blockmap::owned(&parts, f.size);
+        for (part, owned) in parts.into_iter().zip(owned) {
+            let owned = match differ {
+                Some(d) => blockmap::intersect(&owned, d),
+                None => owned,
+            };
             if owned.is_empty() {
                 continue;
             }
@@ -546,11 +656,11 @@ async fn write_files(
                 .or_default()
                 .push(Piece::Blocks {
                     file: f.clone(),
-                    part: part.clone(),
+                    part,
                     owned,
                 });
         }
-        mapped.push(f);
+        mapped.push((f, differ.is_some()));
     }
     let mut items: Vec<((String, String), Vec<Piece>)> = by_object.into_iter().collect();
     for (_, v) in items.iter_mut() {
@@ -561,12 +671,13 @@ async fn write_files(
     let pgdata2 = pgdata.to_path_buf();
     let mapped2 = mapped.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for f in &mapped2 {
+        for (f, in_place) in &mapped2 {
             let dest = pgdata2.join(&f.path);
+            // In place (--delta): the blocks that match stay.
             let file = OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(!in_place)
                 .mode_0600()
                 .open(&dest)
                 .map_err(local_err("create", &dest))?;
@@ -575,12 +686,13 @@ async fn write_files(
         Ok(())
     })
     .await??;
-    let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(kept));
+    let fetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let states = vec![(); process_max.max(1)];
     let backend: Arc<dyn Backend> = repo.backend().clone();
     let (stanza, pgdata) = (repo.stanza().to_string(), pgdata.to_path_buf());
     let handle = tokio::runtime::Handle::current();
-    let skipped2 = skipped.clone();
+    let (skipped2, fetched2) = (skipped.clone(), fetched.clone());
     let pgdata2 = pgdata.clone();
     let work = move |_: &mut (),
                      ((backup, object), pieces): ((String, String), Vec<Piece>)|
@@ -598,6 +710,23 @@ async fn write_files(
                     progress.file_done(f.size)
                 }
             });
+            return Ok(());
+        }
+        // --delta, blocks of chunked parts: only the chunks holding them.
+        let chunks_only = |p: &Piece| match p {
+            Piece::Blocks { part, .. } => part.chunk_blocks.is_some(),
+            Piece::Whole(_) => false,
+        };
+        if delta && pieces.iter().all(chunks_only) {
+            for p in &pieces {
+                if let Piece::Blocks { file, part, owned } = p {
+                    let dest = pgdata2.join(&file.path);
+                    let read = write_chunks(&*backend, &handle, &key, &dest, file, part, owned)?;
+                    fetched2.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+                    progress
+                        .file_done(blockmap::count(owned) * crate::pg::relfile::BLOCK_SIZE as u64);
+                }
+            }
             return Ok(());
         }
         let mut reader = handle
@@ -623,12 +752,14 @@ async fn write_files(
             discard(&mut r, u64::MAX, &what)?;
             pos = p.offset() + p.length();
         }
+        // Read from the object's start (one request), up to its last piece.
+        fetched2.fetch_add(pos, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     };
     workers::run(items, states, work, |_| Ok(())).await?;
     // Mode and time of the files written in parts, once all are there.
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for f in &mapped {
+        for (f, _) in &mapped {
             let dest = pgdata.join(&f.path);
             fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode & 0o750))
                 .map_err(local_err("set permissions of", &dest))?;
@@ -641,7 +772,65 @@ async fn write_files(
         Ok(())
     })
     .await??;
-    Ok(skipped.load(std::sync::atomic::Ordering::Relaxed))
+    if let Some(d) = delta_blocks.as_mut() {
+        d.blocks_written = diffs.values().map(|r| blockmap::count(r)).sum();
+        d.bytes_fetched = fetched.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(Laid {
+        skipped: skipped.load(std::sync::atomic::Ordering::Relaxed),
+        delta_blocks,
+    })
+}
+
+/// Writes the blocks `owned` of a chunked part into `dest`, fetching only
+/// the chunks that hold them (ranged reads), each checked against its own
+/// SHA-256; returns the bytes fetched.
+fn write_chunks(
+    backend: &dyn Backend,
+    handle: &tokio::runtime::Handle,
+    key: &str,
+    dest: &Path,
+    f: &FileEntry,
+    part: &Part,
+    owned: &[(u32, u32)],
+) -> Result<u64> {
+    let what = format!("{}/{key}", backend.describe());
+    let cb = u64::from(part.chunk_blocks.unwrap_or(chunked::CHUNK_BLOCKS).max(1));
+    let (ranges, mut fetched) = handle.block_on(chunked::chunk_ranges(
+        backend,
+        key,
+        part.offset,
+        part.length,
+    ))?;
+    let needed: std::collections::BTreeSet<u64> = owned
+        .iter()
+        .flat_map(|&(a, b)| a..=b)
+        .filter_map(|b| blockmap::raw_index(part, b))
+        .map(|r| r / cb)
+        .collect();
+    let file = OpenOptions::new()
+        .write(true)
+        .open(dest)
+        .map_err(local_err("open", dest))?;
+    for c in needed {
+        let range = ranges.get(c as usize).cloned().ok_or_else(|| {
+            Error::repository(format!(
+                "{} (a part in {what}): its chunk index has no chunk {c}",
+                f.path
+            ))
+        })?;
+        let len = range.end - range.start;
+        let bytes = handle
+            .block_on(backend.get_range(key, range))?
+            .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
+        fetched += len;
+        let mut out = WriteWatch::new(PartWriter::starting_at(&file, f.size, part, owned, c * cb));
+        codec::decode_sized(&bytes[..], &mut out, len).map_err(|e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => Error::repository(format!("{} (chunk {c} of a part in {what}): {e}", f.path)),
+        })?;
+    }
+    Ok(fetched)
 }
 
 /// Decodes one part into the blocks it owns of `dest`, checking the part's
@@ -659,10 +848,11 @@ fn write_blocks<R: Read>(
         .open(dest)
         .map_err(local_err("open", dest))?;
     let mut out = WriteWatch::new(PartWriter::new(&file, f.size, part, owned));
-    let digest = codec::decode_sized(r, &mut out, part.length).map_err(|e| match out.error() {
-        Some(w) => local_err("write", dest)(w),
-        None => Error::repository(format!("{} (a part in {what}): {e}", f.path)),
-    })?;
+    let digest = chunked::decode_piece(r, &mut out, part.length, part.raw_size, part.chunk_blocks)
+        .map_err(|e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => Error::repository(format!("{} (a part in {what}): {e}", f.path)),
+        })?;
     if digest.sha256.to_hex() != part.sha256 || digest.size != part.raw_size {
         return Err(Error::repository(format!(
             "{} (a part in {what}): its blocks do not match the manifest (checksum or size)",

@@ -13,7 +13,7 @@
 //!   start the directory, so a restore that fails half-way can never be
 //!   started as if it were complete.
 
-mod lay;
+pub mod lay;
 mod plan;
 
 use std::path::PathBuf;
@@ -84,6 +84,9 @@ pub struct Restored {
     pub files: usize,
     pub bytes: u64,
     pub skipped_by_delta: usize,
+    /// `--delta` on a backup with block sums: what comparing the relation
+    /// files on disk block by block found and cost.
+    pub delta_blocks: Option<lay::DeltaBlocks>,
     /// The PostgreSQL major that must start it (the backup's cluster's).
     pub pg_version: u32,
 }
@@ -261,13 +264,14 @@ async fn restore_inner(
             .hint("run the restore again: it chooses among the backups there now"))
         }
     };
-    let skipped = lay::lay_down(repo, &m, opts, progress.clone()).await?;
+    let laid = lay::lay_down(repo, &m, opts, progress.clone()).await?;
     progress.finish();
     Ok(Some(Restored {
         label: m.label.clone(),
         files: m.files.len(),
         bytes: m.original_size,
-        skipped_by_delta: skipped,
+        skipped_by_delta: laid.skipped,
+        delta_blocks: laid.delta_blocks,
         pg_version: db.pg_version,
     }))
 }

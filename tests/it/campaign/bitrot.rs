@@ -30,15 +30,19 @@ enum Kind {
     Claim,
     Summary,
     BackupData,
+    /// A backup's block sums: verify names them; restore does not read
+    /// them (only `--delta` and incrementals do), so it still succeeds.
+    BlockSums,
     Manifest,
     Stanza,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::Wal,
     Kind::Claim,
     Kind::Summary,
     Kind::BackupData,
+    Kind::BlockSums,
     Kind::Manifest,
     Kind::Stanza,
 ];
@@ -59,6 +63,8 @@ impl Kind {
         } else if rel.contains("/backup/") {
             if file == "manifest.pgv" {
                 Some(Kind::Manifest)
+            } else if file == "blocksums.pgv" {
+                Some(Kind::BlockSums)
             } else {
                 Some(Kind::BackupData)
             }
@@ -75,6 +81,7 @@ impl Kind {
             Kind::Claim => "claim",
             Kind::Summary => "summary",
             Kind::BackupData => "backup data",
+            Kind::BlockSums => "block sums",
             Kind::Manifest => "manifest",
             Kind::Stanza => "stanza file",
         }
@@ -314,7 +321,8 @@ fn check_damage(g: &Golden, repo: &Repo, kind: Kind, file: &str) -> Vec<String> 
         text.contains(file)
             || (matches!(kind, Kind::Wal | Kind::Claim | Kind::Summary)
                 && text.contains(&wal_name_of(file)))
-            || (matches!(kind, Kind::BackupData | Kind::Manifest) && text.contains(&g.label))
+            || (matches!(kind, Kind::BackupData | Kind::BlockSums | Kind::Manifest)
+                && text.contains(&g.label))
     };
     match code {
         Some(11) if found.iter().any(|p| named(p)) => {}

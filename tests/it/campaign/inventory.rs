@@ -98,7 +98,7 @@ pub fn inventory(root: &Path, stanza: &str) -> Inventory {
         if parts.len() == 2 && parts[1] == "manifest.pgv" {
             match json_of(f) {
                 Ok(m) => {
-                    let objects = m["files"]
+                    let mut objects: std::collections::BTreeSet<String> = m["files"]
                         .as_array()
                         .map(|a| {
                             a.iter()
@@ -106,6 +106,8 @@ pub fn inventory(root: &Path, stanza: &str) -> Inventory {
                                 .collect()
                         })
                         .unwrap_or_default();
+                    // Written with the data, before the manifest.
+                    objects.insert("blocksums.pgv".into());
                     inv.backups.insert(parts[0].to_string(), objects);
                 }
                 Err(e) => inv

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-fn initopts() -> InitOpts {
+pub(crate) fn initopts() -> InitOpts {
     InitOpts {
         wal_segsize_mb: Some(1),
         data_checksums: true,
@@ -33,7 +33,7 @@ fn initopts() -> InitOpts {
 
 /// psql on database `db` of the server listening in `sockdir` on `port`.
 #[track_caller]
-fn psql_db(env: &TestEnv, sockdir: &Path, port: u16, db: &str, sql: &str) -> String {
+pub(crate) fn psql_db(env: &TestEnv, sockdir: &Path, port: u16, db: &str, sql: &str) -> String {
     let psql = env.pg("psql");
     let host = sockdir.display().to_string();
     let port = port.to_string();
@@ -57,7 +57,7 @@ fn psql_db(env: &TestEnv, sockdir: &Path, port: u16, db: &str, sql: &str) -> Str
 }
 
 /// Every table of every database: `db.table` → rows and an MD5 of them.
-fn content(env: &TestEnv, sockdir: &Path, port: u16) -> BTreeMap<String, String> {
+pub(crate) fn content(env: &TestEnv, sockdir: &Path, port: u16) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let dbs = psql_db(
         env,
@@ -94,29 +94,14 @@ fn content(env: &TestEnv, sockdir: &Path, port: u16) -> BTreeMap<String, String>
 /// `pgvault backup --type ty --start-fast` of the server at `pgdata`
 /// listening in `sockdir` on `port`; returns its label and stderr.
 #[track_caller]
-fn backup_at(
+pub(crate) fn backup_at(
     env: &TestEnv,
     repo: &Repo,
     (pgdata, sockdir, port): (&Path, &Path, u16),
     ty: &str,
 ) -> (String, String) {
-    let (pgdata, host, port) = (
-        pgdata.display().to_string(),
-        sockdir.display().to_string(),
-        port.to_string(),
-    );
-    let args = [
-        "backup",
-        "--type",
-        ty,
-        "--pgdata",
-        &pgdata,
-        "--pg-host",
-        &host,
-        "--pg-port",
-        &port,
-        "--start-fast",
-    ];
+    let args = backup_args(pgdata, sockdir, port, ty);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = repo.run(env, As::PgUser, &args, env.dir());
     run.ok();
     for l in run
@@ -131,19 +116,19 @@ fn backup_at(
 
 /// Runs `backup --type ty` of `pg`; returns its label and stderr.
 #[track_caller]
-fn backup_of(env: &TestEnv, repo: &Repo, pg: &Cluster, ty: &str) -> (String, String) {
+pub(crate) fn backup_of(env: &TestEnv, repo: &Repo, pg: &Cluster, ty: &str) -> (String, String) {
     backup_at(env, repo, (pg.pgdata(), pg.sockdir(), pg.port()), ty)
 }
 
 #[track_caller]
-fn info(env: &TestEnv, repo: &Repo) -> Value {
+pub(crate) fn info(env: &TestEnv, repo: &Repo) -> Value {
     let run = repo.run(env, As::PgUser, &["info", "--output", "json"], env.dir());
     run.ok();
     serde_json::from_str(&run.stdout).expect("info --output json")
 }
 
 #[track_caller]
-fn backup_info(info: &Value, label: &str) -> Value {
+pub(crate) fn backup_info(info: &Value, label: &str) -> Value {
     info["backups"]
         .as_array()
         .and_then(|a| a.iter().find(|b| b["label"] == label))
@@ -154,7 +139,7 @@ fn backup_info(info: &Value, label: &str) -> Value {
 /// Restores `label` to its consistency point, starts it, and checks that
 /// every table holds what `want` recorded; amcheck and pg_checksums clean.
 #[track_caller]
-fn restore_and_compare(
+pub(crate) fn restore_and_compare(
     env: &TestEnv,
     repo: &Repo,
     label: &str,

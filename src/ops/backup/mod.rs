@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod incr;
+mod resume;
 
 pub use incr::BackupKind;
 
@@ -48,10 +49,11 @@ use crate::repo::codec::{EncodeOptions, Encoder};
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
-    Tablespace, MANIFEST_FORMAT,
+    ResumeReport, Tablespace, MANIFEST_FORMAT,
 };
 use crate::repo::{Backend, PutMode, Repository, Spool};
 use incr::{BlockReader, Decision, Plan};
+use resume::{Journal, JournalHeader, Journaled, Resumable, Want};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -175,7 +177,30 @@ async fn backup_inner(
         (Some(_), Some(_)) => opts.kind,
         _ => BackupKind::Full,
     };
-    let label = new_label(repo, kind.suffix()).await?;
+    // An interrupted backup of the same kind on the same reference is
+    // continued in its directory (see `resume`).
+    let mut journal_header = JournalHeader {
+        format: resume::JOURNAL_FORMAT,
+        label: String::new(),
+        backup_type: kind.as_str().into(),
+        reference: reference.as_ref().map(|r| r.label.clone()),
+        system_identifier: db.system_identifier.clone(),
+        db_id: db.id,
+        pg_version: db.pg_version,
+    };
+    let resumed = resume::find(repo, &journal_header, &*progress)
+        .await?
+        .map(Arc::new);
+    let label = match &resumed {
+        Some(r) => r.label.clone(),
+        None => new_label(repo, kind.suffix()).await?,
+    };
+    journal_header.label = label.clone();
+    let journal = Journal::new(
+        repo,
+        journal_header,
+        resumed.as_ref().map_or(0, |r| r.next_chunk),
+    );
     let from = match primary {
         Some(p) => format!(
             "from the standby at {} (primary {})",
@@ -188,6 +213,14 @@ async fn backup_inner(
         Some(r) => format!("{} backup on {}", kind.as_str(), r.label),
         None => "full backup".to_string(),
     };
+    if let Some(r) = &resumed {
+        let (files, bytes) = r.candidates();
+        progress.message(&format!(
+            "backup {label}: resuming the interrupted {on}: {files} files ({:.1} MiB) it stored \
+             are reused where unchanged since",
+            bytes as f64 / (1 << 20) as f64
+        ));
+    }
     progress.message(&format!(
         "backup {label}: {on}, starting {from}, files from {} ({}checkpoint)",
         pgdata.display(),
@@ -248,8 +281,8 @@ async fn backup_inner(
         &label,
         pgdata,
         opts,
-        verify_pages,
-        plan.clone(),
+        (verify_pages, plan.clone()),
+        (resumed.clone(), journal),
         progress.clone(),
     )
     .await;
@@ -259,7 +292,7 @@ async fn backup_inner(
     if primary.is_some() {
         standby::still_standby(session).await?;
     }
-    let (files, dirs, page_checksums, counts) = copied?;
+    let (files, dirs, page_checksums, counts, reused) = copied?;
     let (reference, depends_on, changes) = match &plan {
         Some(p) => {
             let mut r = p.report.clone();
@@ -319,6 +352,18 @@ async fn backup_inner(
     ));
     wait_for_wal(repo, &db, tli, first, last, opts.archive_timeout).await?;
 
+    // Objects of the interrupted runs this backup does not list go first:
+    // a complete backup holds only what its manifest names.
+    let resumed = match &resumed {
+        Some(r) => {
+            r.delete_unused(repo, &files).await?;
+            Some(ResumeReport {
+                interrupted_runs: r.runs,
+                ..reused
+            })
+        }
+        None => None,
+    };
     let original_size = files.iter().map(|f| f.size).sum();
     let stored_size = stored_size(&files, &label);
     let manifest = Manifest {
@@ -348,6 +393,7 @@ async fn backup_inner(
             stored_size,
             file_count: files.len() as u64,
             page_checksums,
+            resumed,
         },
         backup_label: stop.backup_label,
         tablespace_map: stop.tablespace_map,
@@ -356,6 +402,13 @@ async fn backup_inner(
         files,
     };
     repo.write_manifest(&manifest).await?;
+    // The manifest says it all now; a journal left behind (this failing) is
+    // deleted with the backup.
+    if let Err(e) = resume::delete_journal(repo, &label).await {
+        progress.message(&format!(
+            "warning: backup {label} is complete, but its journal was not deleted: {e}"
+        ));
+    }
     progress.finish();
     Ok(manifest)
 }
@@ -484,6 +537,9 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
+/// An open bundle: its object, the entries in it and their journal records.
+type Bundle = (Counting<Spool>, String, Vec<FileEntry>, Vec<Journaled>);
+
 struct Worker {
     id: usize,
     backend: Arc<dyn Backend>,
@@ -493,7 +549,8 @@ struct Worker {
     encode: EncodeOptions,
     handle: tokio::runtime::Handle,
     next_object: u64,
-    bundle: Option<(Counting<Spool>, String, Vec<FileEntry>)>,
+    /// The open bundle: its object, entries and their journal records.
+    bundle: Option<Bundle>,
     done: Vec<FileEntry>,
     /// Read buffer, reused for every file.
     buf: Vec<u8>,
@@ -507,6 +564,13 @@ struct Worker {
     /// A diff or incr: what changed since its reference.
     plan: Option<Arc<Plan>>,
     counts: ChangeReport,
+    /// What the interrupted runs of a resumed backup stored.
+    resume: Option<Arc<Resumable>>,
+    reused: ResumeReport,
+    /// Where committed objects are recorded (`None`: pg_control's worker).
+    journal: Option<Arc<Journal>>,
+    /// The file last encoded when it was opened: inode, mtime (ns), when.
+    last_read: (u64, i64, i64),
 }
 
 impl Worker {
@@ -517,6 +581,7 @@ impl Worker {
         encode: EncodeOptions,
         verify_pages: Option<Lsn>,
         plan: Option<Arc<Plan>>,
+        (resume, journal): (Option<Arc<Resumable>>, Option<Arc<Journal>>),
     ) -> Worker {
         Worker {
             id,
@@ -526,7 +591,7 @@ impl Worker {
             label: label.to_string(),
             encode,
             handle: tokio::runtime::Handle::current(),
-            next_object: 0,
+            next_object: resume.as_ref().map_or(0, |r| r.next_object),
             bundle: None,
             done: Vec::new(),
             buf: vec![0u8; 1 << 20],
@@ -535,6 +600,10 @@ impl Worker {
             tail: true,
             plan,
             counts: ChangeReport::default(),
+            resume,
+            reused: ResumeReport::default(),
+            journal,
+            last_read: (0, 0, 0),
         }
     }
 
@@ -567,9 +636,11 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(Kind::InvalidInput, "open", f.abs.display(), &e)),
         };
+        let opened = resume::nanos(std::time::SystemTime::now());
         let meta = file
             .metadata()
             .map_err(|e| Error::io(Kind::InvalidInput, "stat", f.abs.display(), &e))?;
+        self.last_read = (meta.ino(), resume::mtime_ns(&meta), opened);
         let offset = out.n;
         // zstd worker threads only pay off for large files (starting them
         // for each small file of a bundle would cost more than it saves),
@@ -689,44 +760,90 @@ impl Worker {
         Ok(d.size == old.size && d.sha256.to_hex() == old.sha256)
     }
 
+    /// The interrupted run's copy of `f`, when it may be reused as `want`
+    /// says: listed as done, and its size returned.
+    fn reuse(&mut self, f: &ScanFile, want: Want<'_>) -> Option<u64> {
+        let r = self.resume.clone()?;
+        match r.reusable(&f.rel, &f.abs, f.size, want) {
+            Ok(Some(j)) => {
+                self.reused.files += 1;
+                self.reused.bytes += j.entry.size;
+                self.reused.stored_bytes += j.own_object(&self.label).map_or(0, |(_, _, l)| l);
+                self.pages.pages_checked += j.pages_checked;
+                self.pages.bad_pages.extend(j.bad_pages.iter().cloned());
+                self.done.push(j.entry.clone());
+                Some(j.entry.size)
+            }
+            Ok(None) => None,
+            Err(()) => {
+                self.reused.recopied_files += 1;
+                None
+            }
+        }
+    }
+
     fn add(&mut self, f: &ScanFile) -> Result<u64> {
         let decision = self.plan.as_ref().map(|p| p.decide(&f.rel, f.size));
         let mut delta = None;
         let mut stored = f.size;
-        if let Some((d, why)) = decision {
-            self.counts.fallbacks.extend(why);
-            match d {
-                Decision::Same(e) => {
-                    self.counts.unchanged_files += 1;
-                    let size = e.size;
-                    self.done.push(e);
-                    return Ok(size);
-                }
-                Decision::Blocks { blocks, older } => {
-                    self.counts.delta_files += 1;
-                    self.counts.changed_blocks += blockmap::count(&blocks);
-                    stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
-                    delta = Some((blocks, older));
-                }
-                Decision::Compare(old) => {
-                    self.counts.compared_files += 1;
-                    if self.same_as(f, &old)? {
+        match decision {
+            Some((d, why)) => {
+                self.counts.fallbacks.extend(why);
+                match d {
+                    Decision::Same(e) => {
                         self.counts.unchanged_files += 1;
-                        let size = old.size;
-                        self.done.push(old);
+                        let size = e.size;
+                        self.done.push(e);
                         return Ok(size);
                     }
-                    self.counts.whole_files += 1;
+                    Decision::Blocks { blocks, older } => {
+                        self.counts.delta_files += 1;
+                        self.counts.changed_blocks += blockmap::count(&blocks);
+                        if let Some(size) = self.reuse(f, Want::Blocks(&blocks, &older)) {
+                            return Ok(size);
+                        }
+                        stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
+                        delta = Some((blocks, older));
+                    }
+                    Decision::Compare(old) => {
+                        // Stored by the interrupted run: it differed from
+                        // the reference, and has not changed since.
+                        if let Some(size) = self.reuse(f, Want::Whole) {
+                            self.counts.whole_files += 1;
+                            return Ok(size);
+                        }
+                        self.counts.compared_files += 1;
+                        if self.same_as(f, &old)? {
+                            self.counts.unchanged_files += 1;
+                            let size = old.size;
+                            self.done.push(old);
+                            return Ok(size);
+                        }
+                        self.counts.whole_files += 1;
+                    }
+                    Decision::Whole => {
+                        self.counts.whole_files += 1;
+                        if let Some(size) = self.reuse(f, Want::Whole) {
+                            return Ok(size);
+                        }
+                    }
                 }
-                Decision::Whole => self.counts.whole_files += 1,
+            }
+            None => {
+                if let Some(size) = self.reuse(f, Want::Whole) {
+                    return Ok(size);
+                }
             }
         }
         let delta = delta.as_ref();
+        let pages_before = (self.pages.pages_checked, self.pages.bad_pages.len());
         if stored >= BUNDLE_FILE_MAX {
             let (mut out, object) = self.new_object().map_err(|e| self.write_err(e))?;
             let entry = self.encode_into(f, &mut out, &object, delta)?;
             if let Some(e) = entry {
+                let (n, journaled) = (out.n, self.journaled(&e, pages_before));
                 self.commit(out.inner, &object)?;
+                self.record(&object, n, vec![journaled])?;
                 let size = e.size;
                 self.done.push(e);
                 return Ok(size);
@@ -735,30 +852,60 @@ impl Worker {
         }
         if self.bundle.is_none() {
             let (out, object) = self.new_object().map_err(|e| self.write_err(e))?;
-            self.bundle = Some((out, object, Vec::new()));
+            self.bundle = Some((out, object, Vec::new(), Vec::new()));
         }
-        let (mut out, object, mut entries) = self.bundle.take().expect("bundle was just ensured");
+        let (mut out, object, mut entries, mut journaled) =
+            self.bundle.take().expect("bundle was just ensured");
         let entry = self.encode_into(f, &mut out, &object, delta)?;
         let size = entry.as_ref().map(|e| e.size).unwrap_or(0);
+        if let Some(e) = &entry {
+            journaled.push(self.journaled(e, pages_before));
+        }
         entries.extend(entry);
         if out.n >= BUNDLE_TARGET {
+            let n = out.n;
             self.commit(out.inner, &object)?;
+            self.record(&object, n, journaled)?;
             self.done.extend(entries);
         } else {
-            self.bundle = Some((out, object, entries));
+            self.bundle = Some((out, object, entries, journaled));
         }
         Ok(size)
     }
 
+    /// The journal's record of `e`, just encoded (`pages_before`: the page
+    /// counts before it was).
+    fn journaled(&self, e: &FileEntry, pages_before: (u64, usize)) -> Journaled {
+        let (ino, mtime_ns, opened_ns) = self.last_read;
+        Journaled {
+            entry: e.clone(),
+            ino,
+            mtime_ns,
+            opened_ns,
+            pages_checked: self.pages.pages_checked - pages_before.0,
+            bad_pages: self.pages.bad_pages[pages_before.1..].to_vec(),
+        }
+    }
+
+    /// `object`, of `n` bytes, is committed holding `files`.
+    fn record(&self, object: &str, n: u64, files: Vec<Journaled>) -> Result<()> {
+        match &self.journal {
+            Some(j) => j.committed(object, n, files),
+            None => Ok(()),
+        }
+    }
+
     fn flush(&mut self) -> Result<()> {
-        if let Some((out, object, entries)) = self.bundle.take() {
+        if let Some((out, object, entries, journaled)) = self.bundle.take() {
             if entries.is_empty() {
                 if let Spool::LocalFile { tmp, .. } = &out.inner {
                     let _ = fs::remove_file(tmp);
                 }
                 return Ok(());
             }
+            let n = out.n;
             self.commit(out.inner, &object)?;
+            self.record(&object, n, journaled)?;
             self.done.extend(entries);
         }
         Ok(())
@@ -770,14 +917,15 @@ async fn copy_files(
     label: &str,
     pgdata: &Path,
     opts: &BackupOptions,
-    verify_pages: Option<Lsn>,
-    plan: Option<Arc<Plan>>,
+    (verify_pages, plan): (Option<Lsn>, Option<Arc<Plan>>),
+    (resume, journal): (Option<Arc<Resumable>>, Arc<Journal>),
     progress: Arc<dyn Progress>,
 ) -> Result<(
     Vec<FileEntry>,
     Vec<DirEntry>,
     Option<PageChecksums>,
     ChangeReport,
+    ResumeReport,
 )> {
     let dir = pgdata.to_path_buf();
     let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&dir))
@@ -801,7 +949,18 @@ async fn copy_files(
     progress.set_total(files.len() as u64 + 1, total);
 
     let workers = opts.process_max.max(1);
-    let new_worker = |id| Worker::new(id, repo, label, opts.encode, verify_pages, plan.clone());
+    let new_worker = |id| {
+        let resume = (resume.clone(), Some(journal.clone()));
+        Worker::new(
+            id,
+            repo,
+            label,
+            opts.encode,
+            verify_pages,
+            plan.clone(),
+            resume,
+        )
+    };
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
     // Bytes no worker has taken yet.
@@ -817,13 +976,20 @@ async fn copy_files(
     };
     let done = workers::run(files, states, work, |mut w: Worker| {
         w.flush()?;
-        Ok((w.done, w.pages, w.counts))
+        // What is stored is in the journal before the backup waits for its
+        // WAL (which can take long).
+        if let Some(j) = &w.journal {
+            j.flush()?;
+        }
+        Ok((w.done, w.pages, w.counts, w.reused))
     })
     .await?;
     let mut entries = Vec::new();
     let mut pages = PageChecksums::default();
     let mut counts = ChangeReport::default();
-    for (done, p, c) in done {
+    let mut reused = ResumeReport::default();
+    for (done, p, c, r) in done {
+        resume::add_to(&mut reused, &r);
         entries.extend(done);
         counts.unchanged_files += c.unchanged_files;
         counts.delta_files += c.delta_files;
@@ -839,8 +1005,11 @@ async fn copy_files(
         .sort_by(|a, b| (&a.path, a.block).cmp(&(&b.path, b.block)));
     // pg_control last, in an object of its own.
     let mut w = new_worker(workers);
-    // pg_control is not a relation file: always whole.
+    // pg_control is not a relation file: always whole; and always read by
+    // this run, never reused.
     w.plan = None;
+    w.resume = None;
+    w.journal = None;
     let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
         w.add(&control)?;
         w.flush()?;
@@ -857,5 +1026,5 @@ async fn copy_files(
     entries.extend(control_entry);
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     counts.fallbacks.sort();
-    Ok((entries, dirs, verify_pages.map(|_| pages), counts))
+    Ok((entries, dirs, verify_pages.map(|_| pages), counts, reused))
 }

@@ -435,11 +435,16 @@ pub struct RetentionSettings {
         value_parser = parse_duration
     )]
     pub retention_window: Option<Duration>,
+    /// Expire: keep this many differential backups (full ones count as differential); an older one goes with the incrementals on it
+    #[arg(long, env = "PGVAULT_RETENTION_DIFF", value_name = "N")]
+    pub retention_diff: Option<usize>,
 }
 
 impl RetentionSettings {
     pub fn is_set(&self) -> bool {
-        self.retention_full.is_some() || self.retention_window.is_some()
+        self.retention_full.is_some()
+            || self.retention_window.is_some()
+            || self.retention_diff.is_some()
     }
 }
 
@@ -464,6 +469,11 @@ impl Retention {
                     r.value.retention_window
                 } else {
                     base.retention_window
+                },
+                retention_diff: if r.is_set("retention_diff") {
+                    r.value.retention_diff
+                } else {
+                    base.retention_diff
                 },
             },
         }

@@ -815,6 +815,7 @@ fn expire_options(r: &config::RetentionSettings, dry_run: bool) -> ops::expire::
     ops::expire::ExpireOptions {
         retention_full: r.retention_full,
         retention_window: r.retention_window,
+        retention_diff: r.retention_diff,
         dry_run,
     }
 }

@@ -275,6 +275,7 @@ pub(super) async fn find(
         .await?;
     let mut chunks = Vec::new();
     let mut objects: HashMap<String, u64> = HashMap::new();
+    let (mut complete, mut expiring) = (false, false);
     let inside = format!("{}/", layout::backup_dir(stanza, &label));
     for o in &listing {
         let Some((_, kind)) = layout::parse_backup_key(stanza, &o.key) else {
@@ -282,14 +283,26 @@ pub(super) async fn find(
         };
         let name = o.key.strip_prefix(&inside).unwrap_or(&o.key);
         match kind {
-            // Complete, or being removed: nothing to resume.
-            BackupObject::Manifest | BackupObject::Expiring => return Ok(None),
+            BackupObject::Manifest => complete = true,
+            BackupObject::Expiring => expiring = true,
             BackupObject::Journal => chunks.extend(layout::parse_journal_name(name)),
             BackupObject::Data => {
                 objects.insert(name.to_string(), o.size);
             }
             _ => {}
         }
+    }
+    // Being removed: nothing to resume.
+    if expiring {
+        return Ok(None);
+    }
+    // Complete: nothing to resume; a journal left by a run that ended
+    // between its manifest and the journal's deletion goes now.
+    if complete {
+        if !chunks.is_empty() {
+            delete_journal(repo, &label).await?;
+        }
+        return Ok(None);
     }
     chunks.sort_unstable();
     let max_object = objects

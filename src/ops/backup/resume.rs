@@ -521,6 +521,100 @@ mod tests {
         }
     }
 
+    /// A stored file is reused only when unchanged (size, inode, mtime),
+    /// read at least a second after its last write, and stored as the new
+    /// plan wants it.
+    #[test]
+    fn reuse_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("16384");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let label = "20260101-000000F";
+        let mut j = journaled("base/1/16384", "data/00-000000.pgv", 8192);
+        j.ino = meta.ino();
+        j.mtime_ns = mtime_ns(&meta);
+        j.opened_ns = nanos(SystemTime::now());
+        let with = |j: Journaled| Resumable {
+            label: label.into(),
+            runs: 1,
+            by_path: HashMap::from([(j.entry.path.clone(), j)]),
+            next_object: RUN_OBJECTS,
+            next_chunk: 1,
+            earlier_objects: vec![],
+        };
+        let rel = "base/1/16384";
+        let r = with(j.clone());
+        assert!(matches!(
+            r.reusable(rel, &path, 8192, Want::Whole),
+            Ok(Some(_))
+        ));
+        assert!(matches!(
+            r.reusable("base/1/99", &path, 8192, Want::Whole),
+            Ok(None)
+        ));
+        // Another size now, or another mtime, or another inode.
+        assert!(r.reusable(rel, &path, 16384, Want::Whole).is_err());
+        let mut moved = j.clone();
+        moved.mtime_ns += 1;
+        assert!(with(moved).reusable(rel, &path, 8192, Want::Whole).is_err());
+        let mut other = j.clone();
+        other.ino += 1;
+        assert!(with(other).reusable(rel, &path, 8192, Want::Whole).is_err());
+        // Written less than a second before it was opened: a later write
+        // might not show in a coarse mtime.
+        let mut fresh = j.clone();
+        fresh.opened_ns = fresh.mtime_ns + 500_000_000;
+        assert!(with(fresh).reusable(rel, &path, 8192, Want::Whole).is_err());
+        // Stored whole, but now changed blocks are wanted, and the reverse;
+        // the same blocks on the same older parts are reused.
+        let blocks: Ranges = vec![(0, 0)];
+        let older = vec![Part {
+            backup: "20251231-000000F".into(),
+            object: "data/00-000000.pgv".into(),
+            offset: 0,
+            length: 10,
+            sha256: String::new(),
+            raw_size: 8192,
+            blocks: None,
+        }];
+        assert!(r
+            .reusable(rel, &path, 8192, Want::Blocks(&blocks, &older))
+            .is_err());
+        let mut delta = j.clone();
+        delta.entry.object = String::new();
+        delta.entry.parts = blockmap::chain(
+            Part {
+                backup: label.into(),
+                object: "data/00-000000.pgv".into(),
+                offset: 0,
+                length: 10,
+                sha256: String::new(),
+                raw_size: 8192,
+                blocks: Some(blocks.clone()),
+            },
+            older.clone(),
+            8192,
+        );
+        let d = with(delta);
+        assert!(d.reusable(rel, &path, 8192, Want::Whole).is_err());
+        assert!(matches!(
+            d.reusable(rel, &path, 8192, Want::Blocks(&blocks, &older)),
+            Ok(Some(_))
+        ));
+        let more: Ranges = vec![(0, 1)];
+        assert!(d
+            .reusable(rel, &path, 8192, Want::Blocks(&more, &older))
+            .is_err());
+    }
+
     fn header(label: &str) -> JournalHeader {
         JournalHeader {
             format: JOURNAL_FORMAT,

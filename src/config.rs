@@ -578,6 +578,15 @@ pub struct Backup {
         default_value_t = false
     )]
     pub expire_auto: bool,
+    /// Resume an interrupted backup of the same type and reference (its unchanged files are not read again)
+    #[arg(
+        long,
+        env = "PGVAULT_RESUME",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = true
+    )]
+    pub resume: bool,
     #[command(flatten)]
     pub retention: Retention,
     /// Back up this node when it is a standby: n (never: it must be the primary), prefer (a healthy standby, else the primary), y (only a healthy standby)

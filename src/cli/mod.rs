@@ -324,6 +324,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // the worker reads and hashes.
                 encode: o.compression.encode_backup(),
                 archive_timeout: o.archive_timeout.duration(),
+                resume: o.resume,
                 // Set per repository below.
                 catalog: None,
             };

@@ -77,6 +77,8 @@ pub struct BackupOptions {
     pub encode: EncodeOptions,
     /// Bound on waiting for WAL to reach the repository.
     pub archive_timeout: Duration,
+    /// `resume`: continue an interrupted backup that fits (see `resume`).
+    pub resume: bool,
     /// The local cache of backup headers, for choosing a reference without
     /// reading every manifest.
     pub catalog: Option<crate::catalog::Catalog>,
@@ -188,9 +190,12 @@ async fn backup_inner(
         db_id: db.id,
         pg_version: db.pg_version,
     };
-    let resumed = resume::find(repo, &journal_header, &*progress)
-        .await?
-        .map(Arc::new);
+    let resumed = match opts.resume {
+        true => resume::find(repo, &journal_header, &*progress)
+            .await?
+            .map(Arc::new),
+        false => None,
+    };
     let label = match &resumed {
         Some(r) => r.label.clone(),
         None => new_label(repo, kind.suffix()).await?,

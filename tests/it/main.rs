@@ -31,6 +31,7 @@ mod prefetch;
 mod resume;
 mod runbooks;
 mod standby;
+mod storageopts;
 mod targets;
 mod timelines;
 mod upgrade;

@@ -4,10 +4,13 @@
 # unprivileged user, archiving every WAL file through pgvault into a
 # local-directory repository; every archived segment fetched back with
 # archive-get and compared byte for byte; then the disaster-recovery loop:
-# a base backup, rows written before and after a noted time, a restore to
-# exactly that time into a new directory, started, showing that exactly the
-# earlier rows are there; and last a restore drill, which does the same on
-# its own, checks what came back and reports the RTO and RPO it achieved.
+# a full backup, about 1 % of pgbench_accounts updated, an incremental
+# backup (only the changed blocks, found from the block references
+# archive-push kept of the WAL), rows written before and after a noted time,
+# a restore to exactly that time from the incremental into a new directory,
+# started, showing that exactly the earlier rows are there; and last a
+# restore drill, which does the same on its own, checks what came back and
+# reports the RTO and RPO it achieved.
 #
 #   scripts/demo.sh            (as root: installs what is missing)
 #   KEEP=1 scripts/demo.sh     keeps the temporary directory
@@ -92,8 +95,15 @@ for f in "$PGDATA"/pg_wal/0000000100000000000000??; do
 done
 pgv_log "all $n segments came back byte-identical"
 
-pgv_log "base backup (pgvault backup)"
-"${PGV[@]}" backup --pgdata "$PGDATA" --pg-host "$WORK/run" --pg-port "$PORT" --start-fast
+BACKUP=(backup --pgdata "$PGDATA" --pg-host "$WORK/run" --pg-port "$PORT" --start-fast)
+pgv_log "full backup (pgvault backup --type full)"
+FULL="$("${PGV[@]}" "${BACKUP[@]}" --type full)"
+
+pgv_log "update about 1 % of pgbench_accounts"
+"${PSQL[@]}" -c "update pgbench_accounts set abalance = abalance + 1 where aid % 100 = 0"
+
+pgv_log "incremental backup on $FULL (pgvault backup --type incr): the blocks the WAL says changed"
+INCR="$("${PGV[@]}" "${BACKUP[@]}" --type incr)"
 
 pgv_log "rows A, then a noted time T, then rows B"
 "${PSQL[@]}" -c "create table demo(id int, note text)"
@@ -110,8 +120,11 @@ sleep 2
 pgv_log "pgvault info"
 "${PGV[@]}" info
 
-pgv_log "restore to T into $WORK/restored (pgvault restore --target-time)"
-"${PGV[@]}" restore --pgdata "$WORK/restored" --target-time "$T" --target-action promote --archive-mode off
+pgv_log "restore to T into $WORK/restored (pgvault restore --target-time): from the incremental $INCR, the newest backup before T"
+out="$("${PGV[@]}" restore --pgdata "$WORK/restored" --target-time "$T" --target-action promote --archive-mode off 2>&1)" ||
+    { printf '%s\n' "$out" >&2; pgv_die "restore failed"; }
+printf '%s\n' "$out" >&2
+grep -q "restored backup $INCR " <<<"$out" || pgv_die "the restore did not start from the incremental backup $INCR"
 PORT2="$(pgv_free_port)"
 sed -i "s/^port = .*/port = $PORT2/" "$WORK/restored/postgresql.conf"
 as_user "$BIN/pg_ctl" -D "$WORK/restored" -l "$WORK/run/restored.log" -w start >/dev/null
@@ -124,7 +137,7 @@ rows="$(as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT2" -d postgres -c "sel
 printf '%s\n' "$rows" | sed 's/^/    /' >&2
 [ "$rows" = "$(printf '1|A: before T\n2|A: before T\n3|A: before T')" ] ||
     pgv_die "the restored cluster does not hold exactly the rows committed before T"
-pgv_log "point-in-time recovery to $T: exactly the rows committed before T are there"
+pgv_log "point-in-time recovery from the incremental $INCR to $T: exactly the rows committed before T are there"
 
 pgv_log "restore drill (pgvault drill): the newest backup to the newest archived commit, started, checked"
 mkdir -p "$WORK/drill"

@@ -544,11 +544,16 @@ pub struct RetentionSettings {
         value_parser = parse_duration
     )]
     pub retention_window: Option<Duration>,
+    /// Expire: keep this many differential backups (full ones count as differential); an older one goes with the incrementals on it
+    #[arg(long, env = "PGVAULT_RETENTION_DIFF", value_name = "N")]
+    pub retention_diff: Option<usize>,
 }
 
 impl RetentionSettings {
     pub fn is_set(&self) -> bool {
-        self.retention_full.is_some() || self.retention_window.is_some()
+        self.retention_full.is_some()
+            || self.retention_window.is_some()
+            || self.retention_diff.is_some()
     }
 }
 
@@ -573,6 +578,11 @@ impl Retention {
                     r.value.retention_window
                 } else {
                     base.retention_window
+                },
+                retention_diff: if r.is_set("retention_diff") {
+                    r.value.retention_diff
+                } else {
+                    base.retention_diff
                 },
             },
         }
@@ -677,6 +687,15 @@ pub struct Backup {
         default_value_t = false
     )]
     pub expire_auto: bool,
+    /// Resume an interrupted backup of the same type and reference (its unchanged files are not read again)
+    #[arg(
+        long,
+        env = "PGVAULT_RESUME",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        default_value_t = true
+    )]
+    pub resume: bool,
     #[command(flatten)]
     pub retention: Retention,
     /// Back up this node when it is a standby: n (never: it must be the primary), prefer (a healthy standby, else the primary), y (only a healthy standby)

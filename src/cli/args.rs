@@ -920,5 +920,9 @@ mod tests {
         );
         assert_eq!(r2.retention_full, None);
         assert!(o.expire_after(1).is_err(), "repository 1's is its own");
+        // retention-diff is a retention too, per repository.
+        let o = backup("expire-auto = true\nrepo2-retention-diff = 3\nretention-diff = 1\n");
+        assert_eq!(o.expire_after(2).unwrap().unwrap().retention_diff, Some(3));
+        assert_eq!(o.expire_after(1).unwrap().unwrap().retention_diff, Some(1));
     }
 }

@@ -324,6 +324,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 // the worker reads and hashes.
                 encode: o.compression.encode_backup(),
                 archive_timeout: o.archive_timeout.duration(),
+                resume: o.resume,
                 // Set per repository below.
                 catalog: None,
             };
@@ -815,6 +816,7 @@ fn expire_options(r: &config::RetentionSettings, dry_run: bool) -> ops::expire::
     ops::expire::ExpireOptions {
         retention_full: r.retention_full,
         retention_window: r.retention_window,
+        retention_diff: r.retention_diff,
         dry_run,
     }
 }

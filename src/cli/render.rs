@@ -543,6 +543,16 @@ fn info_backups<'a>(s: &mut String, backups: impl Iterator<Item = &'a BackupRepo
                 *s += &format!("{ind}  fell back: {f}\n");
             }
         }
+        if let Some(r) = &b.resumed {
+            *s += &format!(
+                "{ind}  resumed after {} interrupted run(s): {} files reused ({}, {} stored), {} read again\n",
+                r.interrupted_runs,
+                r.files,
+                bytes(r.bytes),
+                bytes(r.stored_bytes),
+                r.recopied_files
+            );
+        }
         if let Some(pc) = &b.page_checksums {
             if !pc.bad_pages.is_empty() {
                 *s += &format!(
@@ -673,6 +683,16 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
             } else {
                 format!(", {} fallback(s)", c.fallbacks.len())
             }
+        );
+    }
+    if let Some(r) = &m.resumed {
+        eprintln!(
+            "pgvault: backup {} resumed: {} files reused ({}, {} stored by the interrupted run), {} read again",
+            m.label,
+            r.files,
+            bytes(r.bytes),
+            bytes(r.stored_bytes),
+            r.recopied_files
         );
     }
     eprintln!(

@@ -9,6 +9,12 @@
 //!   the newest backup's stop time as the server reported it, never from
 //!   the local clock; that keeps at least what the window needs.
 //!   With both set, whatever either policy keeps stays.
+//! * `retention-diff = N` (pgBackRest's word and rule): the newest N
+//!   differential backups, full ones counted as differential; an older
+//!   differential goes, with the incrementals built on it, even while its
+//!   full stays — unless the window keeps it or a kept backup depends on
+//!   it. Alone (no `retention-full`, no window) it keeps every full.
+//!   Unset, a differential stays as long as its full.
 //! * all WAL from the oldest kept backup's start on, on every timeline,
 //!   and every timeline history file — per cluster of the stanza: after a
 //!   `pg_upgrade`, the old cluster's WAL goes with its last backup.
@@ -42,6 +48,7 @@ use crate::repo::{Deletion, Repository};
 pub struct ExpireOptions {
     pub retention_full: Option<usize>,
     pub retention_window: Option<Duration>,
+    pub retention_diff: Option<usize>,
     pub dry_run: bool,
 }
 
@@ -75,7 +82,27 @@ pub fn keep_set(all: &[BackupHeader], opts: &ExpireOptions) -> BTreeSet<usize> {
             .filter(|&i| all[i].backup_type == "full")
             .collect();
         keep.extend(fulls.iter().rev().take(n.max(1)));
+    } else if opts.retention_window.is_none() {
+        // retention-diff alone: fulls are not its business.
+        keep.extend((0..all.len()).filter(|&i| all[i].backup_type == "full"));
     }
+    // Differentials past the newest N (fulls counted, as pgBackRest
+    // counts them): they no longer stay with their full.
+    let old_diffs: BTreeSet<&str> = match opts.retention_diff {
+        Some(n) => {
+            let counted: Vec<usize> = (0..all.len())
+                .filter(|&i| matches!(all[i].backup_type.as_str(), "full" | "diff"))
+                .collect();
+            counted
+                .iter()
+                .rev()
+                .skip(n.max(1))
+                .filter(|&&i| all[i].backup_type == "diff")
+                .map(|&i| all[i].label.as_str())
+                .collect()
+        }
+        None => BTreeSet::new(),
+    };
     if let Some(window) = opts.retention_window {
         let newest = all.iter().filter_map(BackupHeader::stop_time_utc).max();
         if let Some(newest) = newest {
@@ -95,11 +122,15 @@ pub fn keep_set(all: &[BackupHeader], opts: &ExpireOptions) -> BTreeSet<usize> {
     // Never expire everything.
     keep.insert(all.len() - 1);
     // A differential or incremental backup goes with its full backup (as
-    // pgBackRest's retention-full does); a kept one keeps every backup it
-    // takes files or blocks from.
+    // pgBackRest's retention-full does), and with its differential past
+    // retention-diff; a kept one keeps every backup it takes files or
+    // blocks from.
     for (i, h) in all.iter().enumerate() {
         let full = h.depends_on.last();
-        if full.is_some_and(|f| keep.iter().any(|&k| &all[k].label == f)) {
+        let old_diff = std::iter::once(&h.label)
+            .chain(&h.depends_on)
+            .any(|l| old_diffs.contains(l.as_str()));
+        if !old_diff && full.is_some_and(|f| keep.iter().any(|&k| &all[k].label == f)) {
             keep.insert(i);
         }
     }
@@ -117,9 +148,12 @@ pub async fn expire(
     catalog: Option<&Catalog>,
     opts: &ExpireOptions,
 ) -> Result<ExpireReport> {
-    if opts.retention_full.is_none() && opts.retention_window.is_none() {
+    if opts.retention_full.is_none()
+        && opts.retention_window.is_none()
+        && opts.retention_diff.is_none()
+    {
         return Err(Error::usage("no retention policy set").hint(
-            "set retention-full (a count of full backups) and/or retention-window (e.g. 14d)",
+            "set retention-full (a count of full backups), retention-diff (of differential ones) and/or retention-window (e.g. 14d)",
         ));
     }
     if opts.dry_run {
@@ -326,5 +360,54 @@ mod tests {
         let mut only_i2 = all[..4].to_vec();
         only_i2[3].stop_time = "2026-11-30T00:00:00Z".into();
         assert_eq!(keep_set(&only_i2, &win), BTreeSet::from([0, 2, 3]));
+    }
+
+    /// retention-diff: older differentials go with their incrementals while
+    /// their full stays; alone it keeps every full.
+    #[test]
+    fn differentials() {
+        let on = |label: &str, day: u32, kind: &str, deps: &[&str]| {
+            let mut h = m(label, &format!("2026-11-{day:02}T00:00:00Z"));
+            h.backup_type = kind.into();
+            h.reference = deps.first().map(|d| d.to_string());
+            h.depends_on = deps.iter().map(|d| d.to_string()).collect();
+            h
+        };
+        let all = vec![
+            on("f1", 1, "full", &[]),
+            on("d1", 2, "diff", &["f1"]),
+            on("i1", 3, "incr", &["d1", "f1"]),
+            on("d2", 4, "diff", &["f1"]),
+            on("i2", 5, "incr", &["d2", "f1"]),
+            on("d3", 6, "diff", &["f1"]),
+            on("i3", 7, "incr", &["d3", "f1"]),
+        ];
+        let opts = |full: Option<usize>, diff: usize| ExpireOptions {
+            retention_full: full,
+            retention_diff: Some(diff),
+            ..Default::default()
+        };
+        assert_eq!(
+            keep_set(&all, &opts(Some(1), 2)),
+            BTreeSet::from([0, 3, 4, 5, 6])
+        );
+        assert_eq!(keep_set(&all, &opts(Some(1), 1)), BTreeSet::from([0, 5, 6]));
+        assert_eq!(
+            keep_set(&all, &opts(None, 2)),
+            BTreeSet::from([0, 3, 4, 5, 6])
+        );
+        // The full counts: with a newer full, one diff is one too many.
+        let mut two = all.clone();
+        two.push(on("f2", 8, "full", &[]));
+        assert_eq!(
+            keep_set(&two, &opts(Some(2), 2)),
+            BTreeSet::from([0, 5, 6, 7])
+        );
+        // Unset, every diff stays with its full.
+        let full1 = ExpireOptions {
+            retention_full: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(keep_set(&all, &full1).len(), all.len());
     }
 }

@@ -149,6 +149,9 @@ pub struct BackupReport {
     /// How it found what changed: method, counts, fallbacks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub changes: Option<ChangeReport>,
+    /// Resumed after an interruption: what it reused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<crate::repo::manifest::ResumeReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -320,6 +323,7 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
                 reference: m.reference.clone(),
                 depends_on: m.depends_on.clone(),
                 changes: m.changes.clone(),
+                resumed: m.resumed.clone(),
             })
             .collect(),
         timelines: dbs.last().map(|d| d.timelines.clone()).unwrap_or_default(),

@@ -16,7 +16,14 @@
 //! - `truncate`: a body breaks off part-way (an error, or a silent early
 //!   end);
 //! - `hide`: a write is acknowledged but missing from listings for
-//!   `hide_ms`, as on stores whose listings lag.
+//!   `hide_ms`, as on stores whose listings lag;
+//!
+//! and, to cut a command off at a chosen point (what `kill -9` or a host
+//! losing power does, but deterministic):
+//!
+//! - `kill_after=N` (with `kill_on=TEXT`, default `/data/`): the process
+//!   SIGKILLs itself right after the N-th write whose key contains TEXT
+//!   was stored.
 //!
 //! Failed attempts are retried, as a store client retries them (object_store
 //! does for S3): up to `attempts` in all, with backoff; a write applied
@@ -63,6 +70,10 @@ pub struct FaultConfig {
     pub hide_ms: u64,
     /// Attempts per request, the first included.
     pub attempts: u32,
+    /// SIGKILL this process after this many stored writes whose key
+    /// contains `kill_on` (0: never).
+    pub kill_after: u64,
+    pub kill_on: String,
 }
 
 impl Default for FaultConfig {
@@ -79,6 +90,8 @@ impl Default for FaultConfig {
             hide: 0.0,
             hide_ms: 2000,
             attempts: 5,
+            kill_after: 0,
+            kill_on: "/data/".into(),
         }
     }
 }
@@ -107,6 +120,8 @@ impl FaultConfig {
                 "truncate" => c.truncate = prob()?,
                 "hide" => c.hide = prob()?,
                 "hide_ms" => c.hide_ms = int()?,
+                "kill_after" => c.kill_after = int()?,
+                "kill_on" => c.kill_on = v.to_string(),
                 "attempts" => {
                     c.attempts = u32::try_from(int()?)
                         .ok()
@@ -166,6 +181,8 @@ struct State {
     calls: Mutex<HashMap<(&'static str, String), u64>>,
     hidden: Mutex<HashMap<String, Instant>>,
     counts: Counters,
+    /// Stored writes that `kill_on` matched.
+    kill_count: AtomicU64,
 }
 
 /// See the module documentation.
@@ -228,6 +245,7 @@ impl FaultBackend {
                 calls: Mutex::new(HashMap::new()),
                 hidden: Mutex::new(HashMap::new()),
                 counts: Counters::default(),
+                kill_count: AtomicU64::new(0),
             }),
         }
     }
@@ -247,6 +265,24 @@ impl FaultBackend {
 
     fn config(&self) -> &FaultConfig {
         &self.state.config
+    }
+
+    /// `kill_after`: a write of `key` was stored; the N-th such write
+    /// ends the process as `kill -9` would (nothing flushed, no cleanup).
+    fn stored(&self, key: &str) {
+        let c = self.config();
+        if c.kill_after == 0 || !key.contains(&c.kill_on) {
+            return;
+        }
+        let n = self.state.kill_count.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == c.kill_after {
+            log::warn!(
+                "{VARIABLE}: killing this process after storing {key} (write {n} on {:?})",
+                c.kill_on
+            );
+            // SAFETY: sends SIGKILL to this very process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
     }
 
     /// The dice for this call of `op` on `key`.
@@ -410,6 +446,7 @@ impl Backend for FaultBackend {
             let Some(fault) = fault.filter(|f| !f.applied()) else {
                 let s = spool.take().expect("the spool is sent once");
                 let outcome = self.inner.commit(s, key, mode.clone()).await?;
+                self.stored(key);
                 self.maybe_hide(key);
                 return Ok(if fault.is_some() && mode != PutMode::Overwrite {
                     PutOutcome::AlreadyExists
@@ -432,6 +469,7 @@ impl Backend for FaultBackend {
             })
             .await?;
         if matches!(r, PutResult::Written(_)) {
+            self.stored(key);
             self.maybe_hide(key);
         }
         Ok(r)

@@ -10,6 +10,7 @@
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             whole files and parts (changed blocks), small ones bundled
 //! <stanza>/backup/<label>/blocksums.pgv                     a checksum of every block of its relation files (`repo::blocksums`)
+//! <stanza>/backup/<label>/journal/<n>.pgv                  what an unfinished backup stored so far (for resume)
 //! <stanza>/backup/<label>/files.pgv                         reserved: format 2's streamed file list (not written yet)
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
@@ -67,6 +68,23 @@ pub fn backup_block_sums_key(stanza: &str, label: &str) -> String {
     format!("{}/{BLOCK_SUMS_OBJECT}", backup_dir(stanza, label))
 }
 
+/// Chunk `n` of an unfinished backup's journal (`ops::backup::resume`):
+/// the files it stored in data objects already committed.
+pub fn backup_journal_key(stanza: &str, label: &str, n: u64) -> String {
+    format!("{}/{JOURNAL_DIR}/{n:06}.pgv", backup_dir(stanza, label))
+}
+
+/// The sequence number of a journal chunk's name below its backup
+/// directory (`journal/000003.pgv`); `None` for any other name.
+pub fn parse_journal_name(name: &str) -> Option<u64> {
+    let n = name.strip_prefix(JOURNAL_DIR)?.strip_prefix('/')?;
+    let n = n.strip_suffix(".pgv")?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
+const JOURNAL_DIR: &str = "journal";
 const MANIFEST_OBJECT: &str = "manifest.pgv";
 const BLOCK_SUMS_OBJECT: &str = "blocksums.pgv";
 const FILE_LIST_OBJECT: &str = "files.pgv";
@@ -79,6 +97,8 @@ pub enum BackupObject {
     Expiring,
     /// The file list (format 2): written just before the manifest.
     FileList,
+    /// A chunk of an unfinished backup's journal.
+    Journal,
     Data,
     /// The block sums: written with the data, before the manifest.
     BlockSums,
@@ -96,6 +116,7 @@ pub fn parse_backup_key<'a>(stanza: &str, key: &'a str) -> Option<(&'a str, Back
         EXPIRING_OBJECT => BackupObject::Expiring,
         FILE_LIST_OBJECT => BackupObject::FileList,
         BLOCK_SUMS_OBJECT => BackupObject::BlockSums,
+        o if parse_journal_name(o).is_some() => BackupObject::Journal,
         o if o.starts_with("data/") && o.ends_with(".pgv") && !o[5..].contains('/') => {
             BackupObject::Data
         }

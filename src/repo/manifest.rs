@@ -73,6 +73,26 @@ pub struct BackupHeader {
     /// has data checksums), and the pages that failed.
     #[serde(default)]
     pub page_checksums: Option<PageChecksums>,
+    /// A backup resumed after an interruption: what it took from what the
+    /// interrupted run had stored (`ops::backup::resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<ResumeReport>,
+}
+
+/// What a resumed backup reused of its interrupted runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResumeReport {
+    /// Runs before this one that stored objects in its directory.
+    pub interrupted_runs: u64,
+    /// Files taken as the interrupted run stored them (not read again),
+    /// their size, and the bytes of the repository they take.
+    pub files: u64,
+    pub bytes: u64,
+    pub stored_bytes: u64,
+    /// Files the interrupted run had stored that were read again (changed
+    /// since, modified too close to when they were read, or their object
+    /// missing).
+    pub recopied_files: u64,
 }
 
 /// How an incremental or differential backup found what changed.
@@ -224,7 +244,8 @@ impl BackupDir {
     }
 
     /// Its keys in the order a backup is deleted: the manifest first (from
-    /// then on the backup is not offered), then the data, `expire`'s mark
+    /// then on the backup is not offered) with the journal of an unfinished
+    /// one (from then on a backup does not resume it), then the data, `expire`'s mark
     /// last (until then a re-run knows to finish). Objects pgvault does not
     /// write there stay, for `verify` to report.
     pub fn deletion_order(&self, stanza: &str) -> Deletion {
@@ -237,7 +258,9 @@ impl BackupDir {
                 .map(|o| o.key.clone())
         };
         Deletion::phased([
-            of(BackupObject::Manifest).collect::<Vec<_>>(),
+            of(BackupObject::Manifest)
+                .chain(of(BackupObject::Journal))
+                .collect::<Vec<_>>(),
             of(BackupObject::Data)
                 .chain(of(BackupObject::BlockSums))
                 .collect(),
@@ -482,6 +505,7 @@ pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &st
             stored_size: 0,
             file_count: 0,
             page_checksums: None,
+            resumed: None,
         },
         backup_label: String::new(),
         tablespace_map: String::new(),

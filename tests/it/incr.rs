@@ -4,16 +4,19 @@
 //! One primary goes through: a full backup; writes of every kind that
 //! changes relation files (updates, inserts, TRUNCATE, DROP TABLE, DELETE +
 //! VACUUM truncating a table, CREATE DATABASE with WAL_LOG and FILE_COPY, a
-//! table created and filled, VACUUM FULL, hash and GIN indexes); then incr,
-//! diff and incr backups. After each backup the content of every table of
+//! table created and filled, VACUUM FULL, CLUSTER, ALTER TABLE … SET
+//! TABLESPACE, hash and GIN indexes, pgbench transactions before the incr
+//! and the diff); then incr, diff and incr backups. After each backup the content of every table of
 //! every database is recorded (unlogged tables restore empty, as PostgreSQL
 //! resets them); each backup is restored (`--target
 //! immediate`), started and compared table by table, with `pg_amcheck` and
 //! `pg_checksums --check` clean. Then PITR from the newest incremental to
 //! the end of the archive (rows written after it are there); a backup whose
 //! range lacks block references falls back to whole files and says so; a
-//! new full with an incr on it, `expire --retention-full 1` removing the
-//! old chain and keeping the new one; `verify` naming a missing reference.
+//! new full with an incr on it, `expire --retention-diff 1` removing the
+//! differential with what is built on it and keeping the full's incr,
+//! `expire --retention-full 1` removing the old chain and keeping the new
+//! one; `verify` naming a missing reference.
 //!
 //! Before this feature `backup --type incr` did not exist (clap refused
 //! it): every case here failed.
@@ -24,7 +27,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-fn initopts() -> InitOpts {
+pub(crate) fn initopts() -> InitOpts {
     InitOpts {
         wal_segsize_mb: Some(1),
         data_checksums: true,
@@ -33,7 +36,7 @@ fn initopts() -> InitOpts {
 
 /// psql on database `db` of the server listening in `sockdir` on `port`.
 #[track_caller]
-fn psql_db(env: &TestEnv, sockdir: &Path, port: u16, db: &str, sql: &str) -> String {
+pub(crate) fn psql_db(env: &TestEnv, sockdir: &Path, port: u16, db: &str, sql: &str) -> String {
     let psql = env.pg("psql");
     let host = sockdir.display().to_string();
     let port = port.to_string();
@@ -57,7 +60,7 @@ fn psql_db(env: &TestEnv, sockdir: &Path, port: u16, db: &str, sql: &str) -> Str
 }
 
 /// Every table of every database: `db.table` → rows and an MD5 of them.
-fn content(env: &TestEnv, sockdir: &Path, port: u16) -> BTreeMap<String, String> {
+pub(crate) fn content(env: &TestEnv, sockdir: &Path, port: u16) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let dbs = psql_db(
         env,
@@ -94,29 +97,14 @@ fn content(env: &TestEnv, sockdir: &Path, port: u16) -> BTreeMap<String, String>
 /// `pgvault backup --type ty --start-fast` of the server at `pgdata`
 /// listening in `sockdir` on `port`; returns its label and stderr.
 #[track_caller]
-fn backup_at(
+pub(crate) fn backup_at(
     env: &TestEnv,
     repo: &Repo,
     (pgdata, sockdir, port): (&Path, &Path, u16),
     ty: &str,
 ) -> (String, String) {
-    let (pgdata, host, port) = (
-        pgdata.display().to_string(),
-        sockdir.display().to_string(),
-        port.to_string(),
-    );
-    let args = [
-        "backup",
-        "--type",
-        ty,
-        "--pgdata",
-        &pgdata,
-        "--pg-host",
-        &host,
-        "--pg-port",
-        &port,
-        "--start-fast",
-    ];
+    let args = backup_args(pgdata, sockdir, port, ty);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = repo.run(env, As::PgUser, &args, env.dir());
     run.ok();
     for l in run
@@ -131,19 +119,19 @@ fn backup_at(
 
 /// Runs `backup --type ty` of `pg`; returns its label and stderr.
 #[track_caller]
-fn backup_of(env: &TestEnv, repo: &Repo, pg: &Cluster, ty: &str) -> (String, String) {
+pub(crate) fn backup_of(env: &TestEnv, repo: &Repo, pg: &Cluster, ty: &str) -> (String, String) {
     backup_at(env, repo, (pg.pgdata(), pg.sockdir(), pg.port()), ty)
 }
 
 #[track_caller]
-fn info(env: &TestEnv, repo: &Repo) -> Value {
+pub(crate) fn info(env: &TestEnv, repo: &Repo) -> Value {
     let run = repo.run(env, As::PgUser, &["info", "--output", "json"], env.dir());
     run.ok();
     serde_json::from_str(&run.stdout).expect("info --output json")
 }
 
 #[track_caller]
-fn backup_info(info: &Value, label: &str) -> Value {
+pub(crate) fn backup_info(info: &Value, label: &str) -> Value {
     info["backups"]
         .as_array()
         .and_then(|a| a.iter().find(|b| b["label"] == label))
@@ -154,7 +142,7 @@ fn backup_info(info: &Value, label: &str) -> Value {
 /// Restores `label` to its consistency point, starts it, and checks that
 /// every table holds what `want` recorded; amcheck and pg_checksums clean.
 #[track_caller]
-fn restore_and_compare(
+pub(crate) fn restore_and_compare(
     env: &TestEnv,
     repo: &Repo,
     label: &str,
@@ -241,8 +229,29 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
         "create database db3"
     };
     pg.psql("create table if not exists pgvault_it_switch(x int)");
+    // A tablespace (restores map it to a new directory each) and pgbench's
+    // tables, which its transactions update and insert into between
+    // backups.
+    let ts_dir = env.mkdir("incr-ts", As::PgUser);
+    pg.psql(&format!(
+        "create tablespace ts1 location '{}'",
+        ts_dir.display()
+    ));
+    let ts_oid = pg.psql("select oid from pg_tablespace where spcname = 'ts1'");
+    let restores = std::cell::Cell::new(0);
+    let restore_and_compare = |env: &TestEnv, repo: &Repo, label: &str, target: &[&str], want| {
+        restores.set(restores.get() + 1);
+        let dir = env.mkdir(&format!("incr-ts-{}", restores.get()), As::PgUser);
+        let map = format!("{ts_oid}={}", dir.display());
+        let mut args = target.to_vec();
+        args.extend(["--tablespace-map", map.as_str()]);
+        restore_and_compare(env, repo, label, &args, want)
+    };
+    let pgbench = || pg.pgbench(&["-n", "-c", "2", "-t", "150"]);
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
     pg.psql(
         "create table accounts(id int primary key, bal int, tags int[], pad text);
+         create table moving(id int, pad text); insert into moving select g, repeat('m', 50) from generate_series(1, 3000) g;
          insert into accounts select g, g % 1000, array[g % 7, g % 11], repeat('x', 80)
            from generate_series(1, 20000) g;
          create index accounts_bal_hash on accounts using hash (bal);
@@ -264,7 +273,9 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
     let full_content = content(env, &sock, port);
 
     // Round 1.
+    pgbench();
     for sql in [
+        "alter table moving set tablespace ts1",
         "update accounts set bal = bal + 1, tags = tags || 99 where id % 50 = 0",
         "insert into accounts select g, g % 1000, array[g % 5], repeat('y', 80)
            from generate_series(20001, 21000) g",
@@ -301,8 +312,14 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
     let incr1_content = content(env, &sock, port);
 
     // Round 2.
+    pgbench();
     for sql in [
         "update accounts set bal = bal - 1 where id % 70 = 0",
+        "update moving set pad = 'moved' where id % 10 = 0",
+        "alter table accounts set tablespace ts1",
+        "create index tr_id on tr(id)",
+        "cluster tr using tr_id",
+        "cluster pgbench_accounts using pgbench_accounts_pkey",
         "vacuum full vac",
         "insert into tr select generate_series(1, 500)",
         "drop database db2",
@@ -322,6 +339,7 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
     let diff_content = content(env, &sock, port);
 
     pg.psql("update accounts set pad = 'z' where id between 100 and 300; insert into newt values (0, 'zero');");
+    pg.psql("alter table moving set tablespace pg_default");
     let (incr2, err) = backup_of(env, &repo, &pg, "incr");
     assert!(err.contains(&format!("incr backup on {diff}")), "{err}");
     let incr2_content = content(env, &sock, port);
@@ -409,21 +427,37 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
     let (incr3, err) = backup_of(env, &repo, &pg, "incr");
     assert!(err.contains(&format!("incr backup on {full2}")), "{err}");
     let incr3_content = content(env, &sock, port);
-    repo.run(
-        env,
-        As::PgUser,
-        &["expire", "--retention-full", "1"],
-        env.dir(),
-    )
-    .ok();
-    let i = info(env, &repo);
-    let labels: Vec<&str> = i["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .filter_map(|b| b["label"].as_str())
-        .collect();
-    assert_eq!(labels, [full2.as_str(), incr3.as_str()], "after expire");
+    let expire = |args: &[&str]| {
+        let mut all = vec!["expire"];
+        all.extend_from_slice(args);
+        repo.run(env, As::PgUser, &all, env.dir()).ok();
+        let i = info(env, &repo);
+        let labels: Vec<String> = i["backups"]
+            .as_array()
+            .expect("backups")
+            .iter()
+            .filter_map(|b| b["label"].as_str().map(String::from))
+            .collect();
+        labels
+    };
+    // One differential (fulls counted): the diff goes, with the incrs built
+    // on it (incr2, and the fallback on incr2); the incr on the old full
+    // stays with it.
+    assert_eq!(
+        expire(&["--retention-full", "2", "--retention-diff", "1"]),
+        [
+            full.as_str(),
+            incr1.as_str(),
+            full2.as_str(),
+            incr3.as_str()
+        ],
+        "after expire --retention-diff 1"
+    );
+    assert_eq!(
+        expire(&["--retention-full", "1"]),
+        [full2.as_str(), incr3.as_str()],
+        "after expire --retention-full 1"
+    );
     restore_and_compare(env, &repo, &incr3, immediate, &incr3_content);
 
     // A damaged object of the incr (its changed blocks or a whole file):

@@ -28,6 +28,7 @@ mod pages;
 mod patroni;
 mod pitr;
 mod prefetch;
+mod resume;
 mod runbooks;
 mod standby;
 mod storageopts;

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod incr;
+mod resume;
 
 pub use incr::BackupKind;
 
@@ -50,10 +51,11 @@ use crate::repo::codec::EncodeOptions;
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
-    Tablespace, MANIFEST_FORMAT,
+    ResumeReport, Tablespace, MANIFEST_FORMAT,
 };
 use crate::repo::{Backend, PutMode, Repository, Spool};
 use incr::{BlockReader, Decision, Plan};
+use resume::{Journal, JournalHeader, Journaled, Resumable, Want};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -77,6 +79,8 @@ pub struct BackupOptions {
     pub encode: EncodeOptions,
     /// Bound on waiting for WAL to reach the repository.
     pub archive_timeout: Duration,
+    /// `resume`: continue an interrupted backup that fits (see `resume`).
+    pub resume: bool,
     /// The local cache of backup headers, for choosing a reference without
     /// reading every manifest.
     pub catalog: Option<crate::catalog::Catalog>,
@@ -177,7 +181,33 @@ async fn backup_inner(
         (Some(_), Some(_)) => opts.kind,
         _ => BackupKind::Full,
     };
-    let label = new_label(repo, kind.suffix()).await?;
+    // An interrupted backup of the same kind on the same reference is
+    // continued in its directory (see `resume`).
+    let mut journal_header = JournalHeader {
+        format: resume::JOURNAL_FORMAT,
+        label: String::new(),
+        backup_type: kind.as_str().into(),
+        reference: reference.as_ref().map(|r| r.label.clone()),
+        system_identifier: db.system_identifier.clone(),
+        db_id: db.id,
+        pg_version: db.pg_version,
+    };
+    let resumed = match opts.resume {
+        true => resume::find(repo, &journal_header, &*progress)
+            .await?
+            .map(Arc::new),
+        false => None,
+    };
+    let label = match &resumed {
+        Some(r) => r.label.clone(),
+        None => new_label(repo, kind.suffix()).await?,
+    };
+    journal_header.label = label.clone();
+    let journal = Journal::new(
+        repo,
+        journal_header,
+        resumed.as_ref().map_or(0, |r| r.next_chunk),
+    );
     let from = match primary {
         Some(p) => format!(
             "from the standby at {} (primary {})",
@@ -190,6 +220,14 @@ async fn backup_inner(
         Some(r) => format!("{} backup on {}", kind.as_str(), r.label),
         None => "full backup".to_string(),
     };
+    if let Some(r) = &resumed {
+        let (files, bytes) = r.candidates();
+        progress.message(&format!(
+            "backup {label}: resuming the interrupted {on}: {files} files ({:.1} MiB) it stored \
+             are reused where unchanged since",
+            bytes as f64 / (1 << 20) as f64
+        ));
+    }
     progress.message(&format!(
         "backup {label}: {on}, starting {from}, files from {} ({}checkpoint)",
         pgdata.display(),
@@ -250,8 +288,8 @@ async fn backup_inner(
         &label,
         pgdata,
         opts,
-        verify_pages,
-        plan.clone(),
+        (verify_pages, plan.clone()),
+        (resumed.clone(), journal),
         progress.clone(),
     )
     .await;
@@ -267,6 +305,7 @@ async fn backup_inner(
         page_checksums,
         counts,
         sums,
+        reused,
     } = copied?;
     let (reference, depends_on, changes) = match &plan {
         Some(p) => {
@@ -328,6 +367,13 @@ async fn backup_inner(
     ));
     wait_for_wal(repo, &db, tli, first, last, opts.archive_timeout).await?;
 
+    if resumed.is_some() {
+        // An interrupted run may have written its block sums just before
+        // it stopped: this run's replace them.
+        let key = layout::backup_block_sums_key(repo.stanza(), &label);
+        repo.delete_all(&crate::repo::Deletion::phased([vec![key]]))
+            .await?;
+    }
     repo.write_block_sums(
         &label,
         sums,
@@ -337,6 +383,18 @@ async fn backup_inner(
         },
     )
     .await?;
+    // Objects of the interrupted runs this backup does not list go first:
+    // a complete backup holds only what its manifest names.
+    let resumed = match &resumed {
+        Some(r) => {
+            r.delete_unused(repo, &files).await?;
+            Some(ResumeReport {
+                interrupted_runs: r.runs,
+                ..reused
+            })
+        }
+        None => None,
+    };
     let original_size = files.iter().map(|f| f.size).sum();
     let stored_size = stored_size(&files, &label);
     let manifest = Manifest {
@@ -366,6 +424,7 @@ async fn backup_inner(
             stored_size,
             file_count: files.len() as u64,
             page_checksums,
+            resumed,
         },
         backup_label: stop.backup_label,
         tablespace_map: stop.tablespace_map,
@@ -374,6 +433,13 @@ async fn backup_inner(
         files,
     };
     repo.write_manifest(&manifest).await?;
+    // The manifest says it all now; a journal left behind (this failing) is
+    // deleted with the backup.
+    if let Err(e) = resume::delete_journal(repo, &label).await {
+        progress.message(&format!(
+            "warning: backup {label} is complete, but its journal was not deleted: {e}"
+        ));
+    }
     progress.finish();
     Ok(manifest)
 }
@@ -502,6 +568,9 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
+/// An open bundle: its object, the entries in it and their journal records.
+type Bundle = (Counting<Spool>, String, Vec<FileEntry>, Vec<Journaled>);
+
 struct Worker {
     id: usize,
     backend: Arc<dyn Backend>,
@@ -511,7 +580,8 @@ struct Worker {
     encode: EncodeOptions,
     handle: tokio::runtime::Handle,
     next_object: u64,
-    bundle: Option<(Counting<Spool>, String, Vec<FileEntry>)>,
+    /// The open bundle: its object, entries and their journal records.
+    bundle: Option<Bundle>,
     done: Vec<FileEntry>,
     /// Read buffer, reused for every file.
     buf: Vec<u8>,
@@ -527,6 +597,13 @@ struct Worker {
     counts: ChangeReport,
     /// The block sums of the relation files it stored or took.
     sums: Option<SumsSink>,
+    /// What the interrupted runs of a resumed backup stored.
+    resume: Option<Arc<Resumable>>,
+    reused: ResumeReport,
+    /// Where committed objects are recorded (`None`: pg_control's worker).
+    journal: Option<Arc<Journal>>,
+    /// The file last encoded when it was opened: inode, mtime (ns), when.
+    last_read: (u64, i64, i64),
 }
 
 impl Worker {
@@ -537,6 +614,7 @@ impl Worker {
         encode: EncodeOptions,
         verify_pages: Option<Lsn>,
         plan: Option<Arc<Plan>>,
+        (resume, journal): (Option<Arc<Resumable>>, Option<Arc<Journal>>),
     ) -> Worker {
         Worker {
             id,
@@ -546,7 +624,7 @@ impl Worker {
             label: label.to_string(),
             encode,
             handle: tokio::runtime::Handle::current(),
-            next_object: 0,
+            next_object: resume.as_ref().map_or(0, |r| r.next_object),
             bundle: None,
             done: Vec::new(),
             buf: vec![0u8; 1 << 20],
@@ -556,6 +634,10 @@ impl Worker {
             plan,
             counts: ChangeReport::default(),
             sums: None,
+            resume,
+            reused: ResumeReport::default(),
+            journal,
+            last_read: (0, 0, 0),
         }
     }
 
@@ -604,9 +686,11 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(Kind::InvalidInput, "open", f.abs.display(), &e)),
         };
+        let opened = resume::nanos(std::time::SystemTime::now());
         let meta = file
             .metadata()
             .map_err(|e| Error::io(Kind::InvalidInput, "stat", f.abs.display(), &e))?;
+        self.last_read = (meta.ino(), resume::mtime_ns(&meta), opened);
         let offset = out.n;
         // zstd worker threads only pay off for large files (starting them
         // for each small file of a bundle would cost more than it saves),
@@ -738,85 +822,146 @@ impl Worker {
         Ok(d.size == old.size && d.sha256.to_hex() == old.sha256)
     }
 
+    /// The interrupted run's copy of `f`, when it may be reused as `want`
+    /// says: listed as done, and its size returned.
+    fn reuse(&mut self, f: &ScanFile, want: Want<'_>) -> Option<u64> {
+        let r = self.resume.clone()?;
+        match r.reusable(&f.rel, &f.abs, f.size, want) {
+            Ok(Some(j)) => {
+                self.reused.files += 1;
+                self.reused.bytes += j.entry.size;
+                self.reused.stored_bytes += j.own_object(&self.label).map_or(0, |(_, _, l)| l);
+                self.pages.pages_checked += j.pages_checked;
+                self.pages.bad_pages.extend(j.bad_pages.iter().cloned());
+                self.done.push(j.entry.clone());
+                Some(j.entry.size)
+            }
+            Ok(None) => None,
+            Err(()) => {
+                self.reused.recopied_files += 1;
+                None
+            }
+        }
+    }
+
     fn add(&mut self, f: &ScanFile) -> Result<u64> {
         let decision = self.plan.as_ref().map(|p| p.decide(&f.rel, f.size));
         let mut delta = None;
         let mut stored = f.size;
         // The reference's sums of the blocks not stored again.
         let mut base_sums = None;
-        if let Some((d, why)) = decision {
-            self.counts.fallbacks.extend(why);
-            match d {
-                Decision::Same(e) => {
-                    self.counts.unchanged_files += 1;
-                    if let Some(s) = self.plan.as_ref().and_then(|p| p.sums_of(&e.path)) {
-                        self.record_sums(&e.path, &s)?;
+        match decision {
+            Some((d, why)) => {
+                self.counts.fallbacks.extend(why);
+                match d {
+                    Decision::Same(e) => {
+                        self.counts.unchanged_files += 1;
+                        if let Some(s) = self.plan.as_ref().and_then(|p| p.sums_of(&e.path)) {
+                            self.record_sums(&e.path, &s)?;
+                        }
+                        let size = e.size;
+                        self.done.push(e);
+                        return Ok(size);
                     }
-                    let size = e.size;
-                    self.done.push(e);
+                    Decision::Blocks { blocks, older } => {
+                        self.counts.delta_files += 1;
+                        self.counts.changed_blocks += blockmap::count(&blocks);
+                        base_sums = self.plan.as_ref().and_then(|p| p.sums_of(&f.rel));
+                        if let Some(size) = self.reuse(f, Want::Blocks(&blocks, &older)) {
+                            self.record_reused_sums(f, base_sums, Some(&blocks))?;
+                            return Ok(size);
+                        }
+                        stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
+                        delta = Some((blocks, older));
+                    }
+                    Decision::CompareBlocks { old, older, sums } => {
+                        self.counts.compared_files += 1;
+                        let Some(blocks) = self.changed_blocks(f, &sums)? else {
+                            return Ok(0); // vanished
+                        };
+                        if blocks.is_empty() && f.size == old.size {
+                            self.counts.unchanged_files += 1;
+                            self.record_sums(&old.path, &sums)?;
+                            let size = old.size;
+                            self.done.push(old);
+                            return Ok(size);
+                        }
+                        self.counts.delta_files += 1;
+                        self.counts.changed_blocks += blockmap::count(&blocks);
+                        // Stored by the interrupted run with the same
+                        // changed blocks, and not changed since.
+                        if let Some(size) = self.reuse(f, Want::Blocks(&blocks, &older)) {
+                            self.record_reused_sums(f, Some(sums), Some(&blocks))?;
+                            return Ok(size);
+                        }
+                        stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
+                        base_sums = Some(sums);
+                        delta = Some((blocks, older));
+                    }
+                    Decision::Compare(old) => {
+                        // Stored by the interrupted run: it differed from
+                        // the reference, and has not changed since.
+                        if let Some(size) = self.reuse(f, Want::Whole) {
+                            self.counts.whole_files += 1;
+                            self.record_reused_sums(f, None, None)?;
+                            return Ok(size);
+                        }
+                        self.counts.compared_files += 1;
+                        if self.same_as(f, &old)? {
+                            self.counts.unchanged_files += 1;
+                            let size = old.size;
+                            self.done.push(old);
+                            return Ok(size);
+                        }
+                        self.counts.whole_files += 1;
+                    }
+                    Decision::Whole => {
+                        self.counts.whole_files += 1;
+                        if let Some(size) = self.reuse(f, Want::Whole) {
+                            self.record_reused_sums(f, None, None)?;
+                            return Ok(size);
+                        }
+                    }
+                }
+            }
+            None => {
+                if let Some(size) = self.reuse(f, Want::Whole) {
+                    self.record_reused_sums(f, None, None)?;
                     return Ok(size);
                 }
-                Decision::Blocks { blocks, older } => {
-                    self.counts.delta_files += 1;
-                    self.counts.changed_blocks += blockmap::count(&blocks);
-                    stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
-                    base_sums = self.plan.as_ref().and_then(|p| p.sums_of(&f.rel));
-                    delta = Some((blocks, older));
-                }
-                Decision::CompareBlocks { old, older, sums } => {
-                    self.counts.compared_files += 1;
-                    let Some(blocks) = self.changed_blocks(f, &sums)? else {
-                        return Ok(0); // vanished
-                    };
-                    if blocks.is_empty() && f.size == old.size {
-                        self.counts.unchanged_files += 1;
-                        self.record_sums(&old.path, &sums)?;
-                        let size = old.size;
-                        self.done.push(old);
-                        return Ok(size);
-                    }
-                    self.counts.delta_files += 1;
-                    self.counts.changed_blocks += blockmap::count(&blocks);
-                    stored = blockmap::count(&blocks) * BLOCK_SIZE as u64;
-                    base_sums = Some(sums);
-                    delta = Some((blocks, older));
-                }
-                Decision::Compare(old) => {
-                    self.counts.compared_files += 1;
-                    if self.same_as(f, &old)? {
-                        self.counts.unchanged_files += 1;
-                        let size = old.size;
-                        self.done.push(old);
-                        return Ok(size);
-                    }
-                    self.counts.whole_files += 1;
-                }
-                Decision::Whole => self.counts.whole_files += 1,
             }
         }
         let delta = delta.as_ref();
+        let pages_before = (self.pages.pages_checked, self.pages.bad_pages.len());
         let entry = if stored >= BUNDLE_FILE_MAX {
             let (mut out, object) = self.new_object().map_err(|e| self.write_err(e))?;
             let entry = self.encode_into(f, &mut out, &object, delta, true)?;
             if let Some((e, _)) = &entry {
+                let (n, journaled) = (out.n, self.journaled(e, pages_before));
                 self.commit(out.inner, &object)?;
+                self.record(&object, n, vec![journaled])?;
                 self.done.push(e.clone());
             }
             entry
         } else {
             if self.bundle.is_none() {
                 let (out, object) = self.new_object().map_err(|e| self.write_err(e))?;
-                self.bundle = Some((out, object, Vec::new()));
+                self.bundle = Some((out, object, Vec::new(), Vec::new()));
             }
-            let (mut out, object, mut entries) =
+            let (mut out, object, mut entries, mut journaled) =
                 self.bundle.take().expect("bundle was just ensured");
             let entry = self.encode_into(f, &mut out, &object, delta, false)?;
-            entries.extend(entry.as_ref().map(|(e, _)| e.clone()));
+            if let Some((e, _)) = &entry {
+                journaled.push(self.journaled(e, pages_before));
+                entries.push(e.clone());
+            }
             if out.n >= BUNDLE_TARGET {
+                let n = out.n;
                 self.commit(out.inner, &object)?;
+                self.record(&object, n, journaled)?;
                 self.done.extend(entries);
             } else {
-                self.bundle = Some((out, object, entries));
+                self.bundle = Some((out, object, entries, journaled));
             }
             entry
         };
@@ -826,25 +971,50 @@ impl Worker {
         // The file's sums at this backup: those of the blocks read, the
         // reference's for the others (none without the reference's).
         let sums = match (sums, delta) {
-            (Some(read), Some((blocks, _))) => base_sums.map(|mut all| {
-                all.resize(
-                    blockmap::block_count(f.size) as usize,
-                    [0; blocksums::SUM_LEN],
-                );
-                let at = blocks.iter().flat_map(|&(a, b)| a..=b);
-                for (b, s) in at.zip(read) {
-                    if let Some(slot) = all.get_mut(b as usize) {
-                        *slot = s;
-                    }
-                }
-                all
-            }),
+            (Some(read), Some((blocks, _))) => {
+                base_sums.map(|all| merge_sums(all, f.size, blocks, read))
+            }
             (read, _) => read,
         };
         if let Some(s) = sums {
             self.record_sums(&f.rel, &s)?;
         }
         Ok(entry.size)
+    }
+
+    /// Records the block sums of relation file `f`, reused from an
+    /// interrupted run: unchanged since that run read it, so its blocks on
+    /// disk are those stored — all of them, or only `blocks` over the
+    /// reference's sums `base` (none without the reference's).
+    fn record_reused_sums(
+        &mut self,
+        f: &ScanFile,
+        base: Option<Vec<BlockSum>>,
+        blocks: Option<&Ranges>,
+    ) -> Result<()> {
+        if RelFile::parse(&f.rel).is_none() {
+            return Ok(());
+        }
+        let Some(disk) = blocksums::sums_of_file(&f.abs)
+            .map_err(|e| Error::io(Kind::InvalidInput, "read", f.abs.display(), &e))?
+        else {
+            return Ok(()); // vanished: replay recreates or drops it
+        };
+        let sums = match blocks {
+            None => Some(disk),
+            Some(blocks) => base.map(|all| {
+                let read = blocks.iter().flat_map(|&(a, b)| a..=b).map(|b| {
+                    disk.get(b as usize)
+                        .copied()
+                        .unwrap_or([0; blocksums::SUM_LEN])
+                });
+                merge_sums(all, f.size, blocks, read)
+            }),
+        };
+        match sums {
+            Some(s) => self.record_sums(&f.rel, &s),
+            None => Ok(()),
+        }
     }
 
     /// The blocks of `f` whose sums differ from the reference's `sums`
@@ -864,19 +1034,64 @@ impl Worker {
         Ok(Some(blockmap::ranges_of(changed)))
     }
 
+    /// The journal's record of `e`, just encoded (`pages_before`: the page
+    /// counts before it was).
+    fn journaled(&self, e: &FileEntry, pages_before: (u64, usize)) -> Journaled {
+        let (ino, mtime_ns, opened_ns) = self.last_read;
+        Journaled {
+            entry: e.clone(),
+            ino,
+            mtime_ns,
+            opened_ns,
+            pages_checked: self.pages.pages_checked - pages_before.0,
+            bad_pages: self.pages.bad_pages[pages_before.1..].to_vec(),
+        }
+    }
+
+    /// `object`, of `n` bytes, is committed holding `files`.
+    fn record(&self, object: &str, n: u64, files: Vec<Journaled>) -> Result<()> {
+        match &self.journal {
+            Some(j) => j.committed(object, n, files),
+            None => Ok(()),
+        }
+    }
+
     fn flush(&mut self) -> Result<()> {
-        if let Some((out, object, entries)) = self.bundle.take() {
+        if let Some((out, object, entries, journaled)) = self.bundle.take() {
             if entries.is_empty() {
                 if let Spool::LocalFile { tmp, .. } = &out.inner {
                     let _ = fs::remove_file(tmp);
                 }
                 return Ok(());
             }
+            let n = out.n;
             self.commit(out.inner, &object)?;
+            self.record(&object, n, journaled)?;
             self.done.extend(entries);
         }
         Ok(())
     }
+}
+
+/// A file's block sums at this backup: `all` (the reference's) with the
+/// sums `read` of the changed `blocks` put in their places, sized to `size`.
+fn merge_sums(
+    mut all: Vec<BlockSum>,
+    size: u64,
+    blocks: &Ranges,
+    read: impl IntoIterator<Item = BlockSum>,
+) -> Vec<BlockSum> {
+    all.resize(
+        blockmap::block_count(size) as usize,
+        [0; blocksums::SUM_LEN],
+    );
+    let at = blocks.iter().flat_map(|&(a, b)| a..=b);
+    for (b, s) in at.zip(read) {
+        if let Some(slot) = all.get_mut(b as usize) {
+            *slot = s;
+        }
+    }
+    all
 }
 
 /// What copying the files gave.
@@ -887,6 +1102,8 @@ struct Copied {
     counts: ChangeReport,
     /// The workers' block sums, for the backup's block sums object.
     sums: Vec<SumsSink>,
+    /// What a resumed backup took from its interrupted runs.
+    reused: ResumeReport,
 }
 
 async fn copy_files(
@@ -894,8 +1111,8 @@ async fn copy_files(
     label: &str,
     pgdata: &Path,
     opts: &BackupOptions,
-    verify_pages: Option<Lsn>,
-    plan: Option<Arc<Plan>>,
+    (verify_pages, plan): (Option<Lsn>, Option<Arc<Plan>>),
+    (resume, journal): (Option<Arc<Resumable>>, Arc<Journal>),
     progress: Arc<dyn Progress>,
 ) -> Result<Copied> {
     let dir = pgdata.to_path_buf();
@@ -920,7 +1137,18 @@ async fn copy_files(
     progress.set_total(files.len() as u64 + 1, total);
 
     let workers = opts.process_max.max(1);
-    let new_worker = |id| Worker::new(id, repo, label, opts.encode, verify_pages, plan.clone());
+    let new_worker = |id| {
+        let resume = (resume.clone(), Some(journal.clone()));
+        Worker::new(
+            id,
+            repo,
+            label,
+            opts.encode,
+            verify_pages,
+            plan.clone(),
+            resume,
+        )
+    };
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
     // Bytes no worker has taken yet.
@@ -936,15 +1164,22 @@ async fn copy_files(
     };
     let done = workers::run(files, states, work, |mut w: Worker| {
         w.flush()?;
-        Ok((w.done, w.pages, w.counts, w.sums))
+        // What is stored is in the journal before the backup waits for its
+        // WAL (which can take long).
+        if let Some(j) = &w.journal {
+            j.flush()?;
+        }
+        Ok((w.done, w.pages, w.counts, w.sums, w.reused))
     })
     .await?;
     let mut entries = Vec::new();
     let mut pages = PageChecksums::default();
     let mut counts = ChangeReport::default();
     let mut sums = Vec::new();
-    for (done, p, c, s) in done {
+    let mut reused = ResumeReport::default();
+    for (done, p, c, s, r) in done {
         sums.extend(s);
+        resume::add_to(&mut reused, &r);
         entries.extend(done);
         counts.unchanged_files += c.unchanged_files;
         counts.delta_files += c.delta_files;
@@ -961,8 +1196,11 @@ async fn copy_files(
         .sort_by(|a, b| (&a.path, a.block).cmp(&(&b.path, b.block)));
     // pg_control last, in an object of its own.
     let mut w = new_worker(workers);
-    // pg_control is not a relation file: always whole.
+    // pg_control is not a relation file: always whole; and always read by
+    // this run, never reused.
     w.plan = None;
+    w.resume = None;
+    w.journal = None;
     let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
         w.add(&control)?;
         w.flush()?;
@@ -985,5 +1223,6 @@ async fn copy_files(
         page_checksums: verify_pages.map(|_| pages),
         counts,
         sums,
+        reused,
     })
 }

@@ -429,28 +429,30 @@ pub fn stanza_create(env: &TestEnv, repo: &Repo, pgdata: &Path) {
     .ok();
 }
 
+/// `backup --type ty --start-fast` of the server with data directory
+/// `pgdata` listening in `sockdir` on `port`.
+pub fn backup_args(pgdata: &Path, sockdir: &Path, port: u16, ty: &str) -> Vec<String> {
+    [
+        "backup",
+        "--type",
+        ty,
+        "--pgdata",
+        &pgdata.display().to_string(),
+        "--pg-host",
+        &sockdir.display().to_string(),
+        "--pg-port",
+        &port.to_string(),
+        "--start-fast",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// `pgvault backup --type full --start-fast` of `pg` as the postgres user.
 pub fn backup_run(env: &TestEnv, repo: &Repo, pg: &Cluster) -> Run {
-    let pgdata = pg.pgdata().display().to_string();
-    let host = pg.sockdir().display().to_string();
-    let port = pg.port().to_string();
-    repo.run(
-        env,
-        As::PgUser,
-        &[
-            "backup",
-            "--type",
-            "full",
-            "--pgdata",
-            &pgdata,
-            "--pg-host",
-            &host,
-            "--pg-port",
-            &port,
-            "--start-fast",
-        ],
-        env.dir(),
-    )
+    let args = backup_args(pg.pgdata(), pg.sockdir(), pg.port(), "full");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    repo.run(env, As::PgUser, &args, env.dir())
 }
 
 /// `pgvault backup --start-fast` of `pg` as the postgres user; returns the

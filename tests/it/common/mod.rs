@@ -35,7 +35,7 @@ mod spool;
 mod wal;
 
 pub use cases::{panic_message, Cases};
-pub use cluster::{backup, backup_run, damage_page, stanza_create, Cluster, InitOpts};
+pub use cluster::{backup, backup_args, backup_run, damage_page, stanza_create, Cluster, InitOpts};
 pub use crash::*;
 pub use moto::OwnMoto;
 pub use node::{Node, RECOVERY_TIMEOUT};

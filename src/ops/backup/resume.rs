@@ -512,6 +512,7 @@ mod tests {
                 length: 10,
                 backup: None,
                 parts: vec![],
+                chunk_blocks: None,
             },
             ino: 1,
             mtime_ns: 0,
@@ -584,6 +585,7 @@ mod tests {
             sha256: String::new(),
             raw_size: 8192,
             blocks: None,
+            chunk_blocks: None,
         }];
         assert!(r
             .reusable(rel, &path, 8192, Want::Blocks(&blocks, &older))
@@ -599,6 +601,7 @@ mod tests {
                 sha256: String::new(),
                 raw_size: 8192,
                 blocks: Some(blocks.clone()),
+                chunk_blocks: None,
             },
             older.clone(),
             8192,

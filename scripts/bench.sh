@@ -10,6 +10,8 @@
 #   BENCH_PART=recovery               replay speed with each restore_command (scripts/bench/recovery.sh)
 #   BENCH_PART=incr                   incremental backups: pgvault, pgBackRest block incr,
 #                                     pg_basebackup --incremental (scripts/bench/incr.sh)
+#   BENCH_PART=s3expire               expire, info, verify of 10 backups of 20,000 tables on moto
+#                                     (scripts/bench/s3-expire.sh)
 #
 # Options (environment):
 #   BENCH_ROUNDS=3        rounds; every round pushes into fresh repositories
@@ -36,7 +38,8 @@ case "$PART" in
     drain) exec scripts/bench/drain.sh ;;
     recovery) exec scripts/bench/recovery.sh ;;
     incr) exec scripts/bench/incr.sh ;;
-    *) echo "BENCH_PART must be archive, backup, drain, recovery, incr or all" >&2; exit 2 ;;
+    s3expire) exec scripts/bench/s3-expire.sh ;;
+    *) echo "BENCH_PART must be archive, backup, drain, recovery, incr, s3expire or all" >&2; exit 2 ;;
 esac
 if [ "$PART" = all ]; then
     # The archive part first, in a subshell of its own, then backup/restore.

@@ -14,6 +14,7 @@
 #
 # Options: BENCH_TABLES=20000 BENCH_BACKUPS=10 BENCH_PROCESS_MAX=2
 # BENCH_NICE=-10 BENCH_DIR=/var/tmp BENCH_OUT=FILE KEEP=1
+# BENCH_MOTO_LOG=FILE (keep moto's request log there)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # shellcheck source=scripts/lib.sh
@@ -47,6 +48,9 @@ cleanup() {
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
+    # moto's request log (one line per request, with its time): where a
+    # command's time went
+    [ -z "${BENCH_MOTO_LOG:-}" ] || cp "$WORK/moto/moto.log" "$BENCH_MOTO_LOG" 2>/dev/null || true
     if [ "${KEEP:-0}" = 1 ]; then pgv_log "kept $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
 }
@@ -117,7 +121,7 @@ timed() {
     "${PRIO[@]}" /usr/bin/time -o "$WORK/t.out" -f "%e %M" "$@" >"$WORK/cmd.log" 2>&1 ||
         { tail -20 "$WORK/cmd.log" >&2; pgv_die "$label failed"; }
     echo "$label|$(cat "$WORK/t.out")|$load" >>"$WORK/times"
-    pgv_log "  $label: $(cat "$WORK/t.out") (s, KiB; load $load)"
+    pgv_log "  $label: $(cat "$WORK/t.out") (s, KiB; load $load; ended $(date -u +%T))"
 }
 for i in $(seq 1 "$BACKUPS"); do
     timed "backup $i" runuser -u "$U" -- "$WORK/pgv" --process-max "$PM" backup --type full \

@@ -23,7 +23,8 @@ for line in open(path):
     elif p[0] == "added":
         added[(p[1], p[2], p[3])] = int(p[4])
     else:
-        timed[(p[0], p[1], p[2])] = (float(p[3]), int(p[4]), int(p[5]), float(p[6]), p[7])
+        # a restore is timed once per round: every sample kept
+        timed.setdefault((p[0], p[1], p[2]), []).append((float(p[3]), int(p[4]), int(p[5]), float(p[6]), p[7]))
 
 TOOLS = ["pgvault", "pgbackrest", "pg_basebackup"]
 NAMES = {"pgvault": "pgvault", "pgbackrest": "pgBackRest block incr", "pg_basebackup": "pg_basebackup 17"}
@@ -37,7 +38,7 @@ print("|---|---|---:|---:|---:|---:|---:|---:|")
 steps = [("full", "0")] + [("incr", str(i)) for i in range(1, incrs + 1)] + [("full", str(incrs + 1))]
 for kind, n in steps:
     for t in TOOLS:
-        secs, rss, rb, cpu, load = timed[(t, kind, n)]
+        secs, rss, rb, cpu, load = timed[(t, kind, n)][0]
         rss_s = f"{rss / 1024:.0f}"
         if t == "pg_basebackup":
             wrb, wrss = walsender.get((kind, n), (0, 0))
@@ -50,7 +51,7 @@ print()
 def incr_values(t, idx):
     out = []
     for i in range(1, incrs + 1):
-        v = timed[(t, "incr", str(i))]
+        v = timed[(t, "incr", str(i))][0]
         if idx == "added":
             out.append(added[(t, "incr", str(i))])
         elif idx == "read":
@@ -77,16 +78,26 @@ print(f"pgvault / pgBackRest, incremental: time {med['pgvault'][0] / med['pgback
       f"{med['pgvault']['added'] / med['pgbackrest']['added']:.2f}× (per backup {min(r_bytes):.2f}–{max(r_bytes):.2f}×); "
       f"pgvault / pg_basebackup time {med['pgvault'][0] / med['pg_basebackup'][0]:.3f}×.")
 print()
-print("Restores (s; peak RSS MiB):")
+rounds = len(timed[("pgvault", "restore", "full")])
+print(f"Restores (s, the median of {rounds} round(s); peak RSS MiB, the largest):")
 print()
 full, one, last, same = "full", "full+1", f"full+{incrs}", "full-same-data"
 print(f"| tool | {full} | {one} | {last} | full of the same data as {last} | {one} / {full} | {last} / full (same data) |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 rtools = {"pgvault": "pgvault", "pgbackrest": "pgbackrest", "pg_combinebackup": "pg_combinebackup"}
 for t in rtools:
-    v = {w: timed[(t, "restore", w)] for w in (full, one, last, same)}
+    v = {w: (statistics.median(x[0] for x in timed[(t, "restore", w)]), max(x[1] for x in timed[(t, "restore", w)]))
+         for w in (full, one, last, same)}
     cells = " | ".join(f"{v[w][0]:.2f} ({v[w][1] / 1024:.0f})" for w in (full, one, last, same))
     print(f"| {t} | {cells} | {v[one][0] / v[full][0]:.2f}× | {v[last][0] / v[same][0]:.2f}× |")
 print()
-peak = max(v[1] for k, v in timed.items() if k[0] == "pgvault")
+if rounds > 1:
+    print()
+    print("Every restore (s), round by round:")
+    print()
+    for t in rtools:
+        print(f"- {t}: " + "; ".join(f"{w} " + ", ".join(f"{x[0]:.2f}" for x in timed[(t, "restore", w)])
+                                    for w in (full, one, last, same)))
+print()
+peak = max(x[1] for k, v in timed.items() if k[0] == "pgvault" for x in v)
 print(f"pgvault's peak RSS over every backup and restore above: {peak / 1024:.1f} MiB.")

@@ -10,6 +10,8 @@
 #   BENCH_SCALE=200        pgbench scale of both clusters
 #   BENCH_INCRS=7          incremental backups in the chain
 #   BENCH_PROCESS_MAX=2    pgvault's and pgBackRest's process-max
+#   BENCH_RESTORE_ROUNDS=1 rounds of the restores (the order of the four
+#                          restores reversed every other round); medians
 #   BENCH_NICE=-10         nice of the timed commands (with ionice -c2 -n0); 0 = none
 #   BENCH_DIR=/var/tmp     where everything lives (one disk)
 #   BENCH_OUT=FILE         also append the result tables (markdown) to FILE
@@ -49,9 +51,10 @@ source "$ROOT/scripts/lib.sh"
 SCALE="${BENCH_SCALE:-200}"
 INCRS="${BENCH_INCRS:-7}"
 PM="${BENCH_PROCESS_MAX:-2}"
+RROUNDS="${BENCH_RESTORE_ROUNDS:-1}"
 NICE="${BENCH_NICE:--10}"
 BASE="${BENCH_DIR:-/var/tmp}"
-case "$SCALE$INCRS$PM" in *[!0-9]*) pgv_die "BENCH_SCALE, BENCH_INCRS and BENCH_PROCESS_MAX must be numbers" ;; esac
+case "$SCALE$INCRS$PM$RROUNDS" in *[!0-9]*) pgv_die "BENCH_SCALE, BENCH_INCRS and BENCH_PROCESS_MAX must be numbers" ;; esac
 [ "$INCRS" -ge 1 ] || pgv_die "BENCH_INCRS must be at least 1"
 [ "$(id -u)" = 0 ] || pgv_die "run as root"
 
@@ -279,13 +282,22 @@ restores() {
     timed "pg_combinebackup restore $what" runuser -u "$U" -- "$BIN17/pg_combinebackup" -o "$WORK/restore-pgbb/data" "${chain[@]}"
     rm -rf "$WORK/restore-pgbb"
 }
-restores full 0
-restores full+1 1
-restores "full+$INCRS" "$INCRS"
-restores full-same-data $((INCRS + 1))
+for r in $(seq 1 "$RROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then
+        restores full 0
+        restores full+1 1
+        restores "full+$INCRS" "$INCRS"
+        restores full-same-data $((INCRS + 1))
+    else
+        restores full-same-data $((INCRS + 1))
+        restores "full+$INCRS" "$INCRS"
+        restores full+1 1
+        restores full 0
+    fi
+done
 
 {
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); BENCH_SCALE=$SCALE BENCH_INCRS=$INCRS BENCH_PROCESS_MAX=$PM BENCH_NICE=$NICE"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); BENCH_SCALE=$SCALE BENCH_INCRS=$INCRS BENCH_PROCESS_MAX=$PM BENCH_RESTORE_ROUNDS=$RROUNDS BENCH_NICE=$NICE"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
     echo "versions: $("$PGV" --version) (git $(git -C "$ROOT" rev-parse --short HEAD)), $(pgbackrest version), $("$BIN/postgres" --version), $("$BIN17/postgres" --version)"
     echo

@@ -8,6 +8,10 @@
 #   BENCH_PART=archive|backup|all     which part [default: all]
 #   BENCH_PART=drain                  archiver drain of a .ready backlog (scripts/bench/drain.sh)
 #   BENCH_PART=recovery               replay speed with each restore_command (scripts/bench/recovery.sh)
+#   BENCH_PART=incr                   incremental backups: pgvault, pgBackRest block incr,
+#                                     pg_basebackup --incremental (scripts/bench/incr.sh)
+#   BENCH_PART=s3expire               expire, info, verify of 10 backups of 20,000 tables on moto
+#                                     (scripts/bench/s3-expire.sh)
 #
 # Options (environment):
 #   BENCH_ROUNDS=3        rounds; every round pushes into fresh repositories
@@ -33,7 +37,9 @@ case "$PART" in
     backup) exec scripts/bench/backup-restore.sh ;;
     drain) exec scripts/bench/drain.sh ;;
     recovery) exec scripts/bench/recovery.sh ;;
-    *) echo "BENCH_PART must be archive, backup, drain, recovery or all" >&2; exit 2 ;;
+    incr) exec scripts/bench/incr.sh ;;
+    s3expire) exec scripts/bench/s3-expire.sh ;;
+    *) echo "BENCH_PART must be archive, backup, drain, recovery, incr, s3expire or all" >&2; exit 2 ;;
 esac
 if [ "$PART" = all ]; then
     # The archive part first, in a subshell of its own, then backup/restore.

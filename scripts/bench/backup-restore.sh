@@ -23,6 +23,16 @@
 # and peak RSS against the file count. Keep BENCH_TABLES modest on a shared
 # machine (creating 20,000 tables takes a minute or more).
 #
+# pgBackRest is measured twice (BENCH_PGBR_BUNDLE=1, the default): its repository
+# 1 as it comes and its repository 2 with repo-bundle=y (small files packed
+# into bundles, what pgBackRest advises for many small files); archive-push
+# writes every segment to both. BENCH_PGBR_BUNDLE=0: repository 1 only.
+#
+# Restores also get the write floor issue 14 names: `cp -a` of a warm copy
+# of the same data directory (pg_wal's contents left out, as restore leaves
+# them out) + `sync -f` of the target; the copy is read once into the page
+# cache right before (caches are not dropped for this one).
+#
 # BENCH_RANDOM_KIND=bytes (default): rows of gen_random_bytes(1000) (pgcrypto),
 # stored uncompressed: zstd cannot shrink them at all. md5: rows of
 # md5(random()) text (hex, no extension needed), stored uncompressed: zstd
@@ -40,6 +50,9 @@ SETS="${BENCH_SETS:-pgbench random}"
 ROUNDS="${BENCH_ROUNDS:-1}"
 RANDOM_KIND="${BENCH_RANDOM_KIND:-bytes}"
 TABLES="${BENCH_TABLES:-20000}"
+BUNDLE="${BENCH_PGBR_BUNDLE:-1}"
+NICE="${BENCH_NICE:--10}"
+case "$BUNDLE" in 0 | 1) ;; *) pgv_die "BENCH_PGBR_BUNDLE must be 0 or 1" ;; esac
 case "$TABLES" in '' | *[!0-9]*) pgv_die "BENCH_TABLES must be a number" ;; esac
 case "$RANDOM_KIND" in bytes | md5) ;; *) pgv_die "BENCH_RANDOM_KIND must be bytes or md5" ;; esac
 BASE="${BENCH_DIR:-/var/tmp}"
@@ -73,14 +86,17 @@ cleanup() {
 trap cleanup EXIT
 
 
+PRIO=()
+[ "$NICE" = 0 ] || PRIO=(nice -n "$NICE" ionice -c 2 -n 0)
 # timed LABEL CMD... -> appends "LABEL seconds maxrss_kb" to $WORK/times
+# (TIMED_WARM=1: without dropping the page cache first)
 timed() {
     local label="$1"
     shift
-    pgv_drop_caches
+    [ "${TIMED_WARM:-0}" = 1 ] || pgv_drop_caches
     local load
     load="$(cut -d' ' -f1 /proc/loadavg)"
-    /usr/bin/time -o "$WORK/t.out" -f "%e %M %U %S" "$@" >"$WORK/cmd.log" 2>&1 ||
+    "${PRIO[@]}" /usr/bin/time -o "$WORK/t.out" -f "%e %M %U %S" "$@" >"$WORK/cmd.log" 2>&1 ||
         { cat "$WORK/cmd.log" >&2; pgv_die "$label failed"; }
     echo "$label $(cat "$WORK/t.out") $load" >>"$WORK/times"
     pgv_log "  $label: $(cat "$WORK/t.out") (s, KiB, user s, sys s; load $load)"
@@ -89,14 +105,15 @@ timed() {
 # make_cluster NAME PORT: initdb + start, archiving to both tools' repositories.
 make_cluster() {
     local name="$1" port="$2" d="$WORK/$1"
-    mkdir -p "$d" "$WORK/repo-pgv-$name" "$WORK/repo-pgbr-$name"
-    chown "$U" "$d" "$WORK/repo-pgv-$name" "$WORK/repo-pgbr-$name"
+    mkdir -p "$d" "$WORK/repo-pgv-$name" "$WORK/repo-pgbr-$name" "$WORK/repo-pgbrb-$name"
+    chown "$U" "$d" "$WORK/repo-pgv-$name" "$WORK/repo-pgbr-$name" "$WORK/repo-pgbrb-$name"
     chmod 700 "$d"
     as_user "$BIN/initdb" -D "$d/data" -A trust >/dev/null
     cat >"$WORK/pgbackrest-$name.conf" <<CONF
 [global]
 repo1-path=$WORK/repo-pgbr-$name
 repo1-retention-full=99
+$([ "$BUNDLE" = 1 ] && printf 'repo2-path=%s\nrepo2-retention-full=99\nrepo2-bundle=y\n' "$WORK/repo-pgbrb-$name")
 compress-type=zst
 compress-level=3
 start-fast=y
@@ -201,10 +218,14 @@ for name in $SETS; do
             --catalog off --process-max "$pm" backup --type full --pgdata "$data" --pg-host "$WORK/run" --pg-port "$port" --start-fast
         timed "pgbackrest-backup $name $tag" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
             --stanza="$name" --process-max="$pm" --type=full backup
+        if [ "$BUNDLE" = 1 ]; then
+            timed "pgbackrestbundle-backup $name $tag" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
+                --stanza="$name" --repo=2 --process-max="$pm" --type=full backup
+        fi
         timed "floor-backup $name $tag" sh -c "tar cf - -C '$data' --exclude=./pg_wal . | zstd -3 -q -c > '$WORK/floor.tar.zst' && sync '$WORK/floor.tar.zst'"
 
         pgv_log "$name, process-max $pm, round $round: restores"
-        for t in pgvault pgbackrest floor; do
+        for t in pgvault pgbackrest pgbackrestbundle floor floorcp; do
             rm -rf "$WORK/restore-$t"
             mkdir -p "$WORK/restore-$t"
             chown "$U" "$WORK/restore-$t"
@@ -214,14 +235,27 @@ for name in $SETS; do
             --catalog off --process-max "$pm" restore --pgdata "$WORK/restore-pgvault" --archive-mode off
         timed "pgbackrest-restore $name $tag" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
             --stanza="$name" --process-max="$pm" --pg1-path="$WORK/restore-pgbackrest" restore
+        if [ "$BUNDLE" = 1 ]; then
+            timed "pgbackrestbundle-restore $name $tag" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest-$name.conf" \
+                --stanza="$name" --repo=2 --process-max="$pm" --pg1-path="$WORK/restore-pgbackrestbundle" restore
+        fi
         timed "floor-restore $name $tag" sh -c "zstd -d -q -c '$WORK/floor.tar.zst' | tar xf - -C '$WORK/restore-floor' && sync -f '$WORK/restore-floor'"
-        rm -rf "$WORK/restore-pgvault" "$WORK/restore-pgbackrest" "$WORK/restore-floor" "$WORK/floor.tar.zst"
+        # the write floor: a warm copy of the data directory copied + synced
+        rm -rf "$WORK/warm"
+        mkdir -p "$WORK/warm"
+        tar cf - -C "$data" --exclude=./pg_wal . | tar xf - -C "$WORK/warm"
+        sync
+        tar cf - -C "$WORK/warm" . >/dev/null
+        rmdir "$WORK/restore-floorcp"
+        TIMED_WARM=1 timed "floorcp-restore $name $tag" sh -c "cp -a '$WORK/warm' '$WORK/restore-floorcp' && sync -f '$WORK/restore-floorcp'"
+        rm -rf "$WORK/restore-pgvault" "$WORK/restore-pgbackrest" "$WORK/restore-pgbackrestbundle" "$WORK/restore-floor" \
+            "$WORK/restore-floorcp" "$WORK/warm" "$WORK/floor.tar.zst"
     done
     done
 done
 
 {
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); settings: BENCH_SETS='$SETS' BENCH_SCALE=$SCALE BENCH_RANDOM_MB=$RANDOM_MB BENCH_RANDOM_KIND=$RANDOM_KIND BENCH_PROCESS_MAX='$PMS' BENCH_ROUNDS=$ROUNDS"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); settings: BENCH_SETS='$SETS' BENCH_TABLES=$TABLES BENCH_PGBR_BUNDLE=$BUNDLE BENCH_NICE=$NICE BENCH_SCALE=$SCALE BENCH_RANDOM_MB=$RANDOM_MB BENCH_RANDOM_KIND=$RANDOM_KIND BENCH_PROCESS_MAX='$PMS' BENCH_ROUNDS=$ROUNDS"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
     echo "versions: $("$PGV" --version) (git $(git -C "$ROOT" rev-parse --short HEAD)), $(pgbackrest version), $(zstd -V | sed 's/^\*\*\* //; s/ \*\*\*$//'), $("$BIN/postgres" --version)"
     echo
@@ -253,14 +287,20 @@ for op, name, pm, rnd, tool, secs, rss, cpu, load in sorted(every, key=lambda e:
 print()
 print("Medians over the rounds (peak RSS: the largest):")
 print()
-print("| operation | data | process-max | pgvault MiB/s (peak RSS) | pgBackRest MiB/s (peak RSS) | floor MiB/s | pgvault / pgBackRest | pgvault / floor |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| operation | data | process-max | pgvault s, MiB/s (peak RSS) | pgBackRest s, MiB/s (peak RSS) | pgBackRest repo-bundle=y s, MiB/s (peak RSS) | floor s, MiB/s | cp -a + sync s | pgvault / pgBackRest (speed) | pgvault / floor (speed) | pgvault time / cp -a + sync time |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (op, name, pm), t in sorted(rows.items()):
     mib = size[name] / 1048576
-    rate = {k: mib / statistics.median(s for s, _ in v) for k, v in t.items()}
+    secs = {k: statistics.median(s for s, _ in v) for k, v in t.items()}
+    rate = {k: mib / v for k, v in secs.items()}
     rss = {k: max(r for _, r in v) // 1024 for k, v in t.items()}
-    print(f"| {op} | {name} ({mib:.0f} MiB, {files.get(name, 0)} files) | {pm} | {rate['pgvault']:.0f} ({rss['pgvault']} MiB) | "
-          f"{rate['pgbackrest']:.0f} ({rss['pgbackrest']} MiB) | {rate['floor']:.0f} | "
-          f"{rate['pgvault'] / rate['pgbackrest']:.2f}× | {rate['pgvault'] / rate['floor']:.2f}× |")
+    def cell(k):
+        return f"{secs[k]:.2f}, {rate[k]:.0f} ({rss[k]} MiB)" if k in secs else "–"
+    bundle = f" ({rate['pgvault'] / rate['pgbackrestbundle']:.2f}× bundle)" if "pgbackrestbundle" in rate else ""
+    floorcp = f"{secs['floorcp']:.2f}" if "floorcp" in secs else "–"
+    cp = f"{secs['pgvault'] / secs['floorcp']:.2f}×" if "floorcp" in secs else "–"
+    print(f"| {op} | {name} ({mib:.0f} MiB, {files.get(name, 0)} files) | {pm} | {cell('pgvault')} | {cell('pgbackrest')} | "
+          f"{cell('pgbackrestbundle')} | {secs['floor']:.2f}, {rate['floor']:.0f} | {floorcp} | "
+          f"{rate['pgvault'] / rate['pgbackrest']:.2f}×{bundle} | {rate['pgvault'] / rate['floor']:.2f}× | {cp} |")
 PY
 } | tee -a "${BENCH_OUT:-/dev/null}"

@@ -16,6 +16,8 @@
 #   BENCH_SCALE=20      pgbench scale
 #   BENCH_DIR=/var/tmp  where everything lives (one disk)
 #   BENCH_OUT=FILE      also append the result tables (markdown) to FILE
+#   BENCH_NICE=0        nice of the replaying server (and its restore_command,
+#                       prefetcher, async process), with ionice -c2 -n0; 0 = none
 #   BENCH_EXTRA=ahead0  what-if: also replay with pgvault's prefetch off
 #                       (--archive-get-ahead 0), interleaved, not the record
 #   BENCH_PROFILE=1     then one more pgvault replay with every restore_command
@@ -46,6 +48,9 @@ WAL_MB="${BENCH_WAL_MB:-1200}"
 ROUNDS="${BENCH_ROUNDS:-2}"
 SCALE="${BENCH_SCALE:-20}"
 BASE="${BENCH_DIR:-/var/tmp}"
+NICE="${BENCH_NICE:-0}"
+PRIO=()
+[ "$NICE" = 0 ] || PRIO=(nice -n "$NICE" ionice -c 2 -n 0)
 [ "$(id -u)" = 0 ] || pgv_die "run as root"
 
 pgv_bench_setup bench-recovery
@@ -207,7 +212,7 @@ replay() {
     CUR="$RUN"
     t0="$(date +%s.%N)"
     # pgvault's local state (catalog, prefetch spool) goes to $d/state, not to ~pgvtest
-    as_user env XDG_STATE_HOME="$d/state" "$BIN/pg_ctl" -D "$RUN" -l "$log" start >/dev/null
+    "${PRIO[@]}" runuser -u "$U" -- env XDG_STATE_HOME="$d/state" "$BIN/pg_ctl" -D "$RUN" -l "$log" start >/dev/null
     for _ in $(seq 1 12000); do
         grep -q 'database system is ready to accept connections$' "$log" 2>/dev/null && break
         if grep -q 'FATAL\|PANIC' "$log" 2>/dev/null; then tail -n 30 "$log" >&2; pgv_die "$v: recovery failed"; fi

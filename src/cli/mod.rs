@@ -585,6 +585,37 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             }
             Ok(each.code(0))
         }
+        Command::Key { action } => {
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                let done = async {
+                    let repo = g.open(r)?;
+                    match action {
+                        args::KeyAction::Add { options } => {
+                            let source = options.source()?;
+                            let a = ops::key::add(&repo, source.as_ref()).await?;
+                            render::key_added(&repo, &a);
+                        }
+                        args::KeyAction::List { output } => {
+                            let keys = ops::key::list(&repo).await?;
+                            render::key_list(&keys, *output)?;
+                        }
+                        args::KeyAction::Retire { id } => {
+                            ops::key::retire(&repo, id).await?;
+                            eprintln!(
+                                "pgvault: key {id} retired: it no longer opens stanza {}",
+                                repo.stanza()
+                            );
+                        }
+                    }
+                    Ok(())
+                };
+                let done = done.await;
+                each.note(r, done)?;
+            }
+            Ok(each.code(0))
+        }
         Command::Completions { shell } => docs::completions(*shell),
         Command::Man { dir } => {
             let dir = dir.clone();
@@ -970,6 +1001,22 @@ fn restore_command(g: &Global, config_file: Option<&Path>, repos: &[RepoConfig])
         }
         if !s3.azure_bulk_delete {
             parts.push(format!("{}=false", name("azure-bulk-delete")));
+        }
+    }
+    // The key's place, never the key: a key file, or the command that
+    // prints it (PostgreSQL's environment lacks PGVAULT_REPO_CIPHER_KEY
+    // unless its service sets it, or the configuration file holds it).
+    let c = &g.cipher;
+    if c.repo_cipher_type != "none" {
+        parts.push(format!("--repo-cipher-type={}", c.repo_cipher_type));
+        if let Some(f) = &c.repo_cipher_key_file {
+            let f = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+            parts.push("--repo-cipher-key-file".into());
+            parts.push(shell_quote(&f.display().to_string()));
+        }
+        if let Some(cmd) = &c.repo_cipher_key_command {
+            parts.push("--repo-cipher-key-command".into());
+            parts.push(shell_quote(cmd));
         }
     }
     if let Some(n) = selected {

@@ -368,6 +368,40 @@ pub fn backfill(r: &BackfillReport, output: Output) -> Result<()> {
     out(&s)
 }
 
+pub fn key_added(repo: &Repository, a: &crate::ops::key::KeyAdded) {
+    if let Some(id) = &a.initialized {
+        eprintln!(
+            "pgvault: stanza {} is encrypted from now on, with key {id}",
+            repo.stanza()
+        );
+    }
+    if let Some((id, already)) = &a.added {
+        if *already {
+            eprintln!("pgvault: key {id} opens stanza {} already", repo.stanza());
+        } else {
+            eprintln!(
+                "pgvault: key {id} added: it opens stanza {} too",
+                repo.stanza()
+            );
+        }
+    }
+}
+
+pub fn key_list(keys: &[crate::repo::keys::KeyListing], output: Output) -> Result<()> {
+    if output == Output::Json {
+        return json(&keys);
+    }
+    let mut s = String::new();
+    for k in keys {
+        let mark = if k.configured { "  (configured)" } else { "" };
+        s += &format!("{}  created {}{mark}\n", k.id, k.created_at);
+    }
+    if keys.is_empty() {
+        s += "no keys: the stanza is not encrypted\n";
+    }
+    out(&s)
+}
+
 fn info_text(r: &InfoReport, several: bool) -> String {
     let mut s = String::new();
     let st = &r.stanza;

@@ -27,7 +27,7 @@ use crate::ops::gaps;
 use crate::ops::progress::Progress;
 use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
-use crate::repo::codec::{self, Sha256Sum};
+use crate::repo::codec::{self, Binding, Keys, Sha256Sum};
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
 use crate::repo::orphans::{self, Orphan};
@@ -325,12 +325,14 @@ pub async fn verify(
     progress.phase("read objects");
     progress.set_total(jobs.len() as u64, 0);
     let backend = repo.backend().clone();
+    let keys = repo.keys().await?;
     let results: Vec<(Vec<Problem>, u64)> = stream::iter(jobs)
         .map(|job| {
             let backend = backend.clone();
             let progress = progress.clone();
+            let keys = keys.clone();
             async move {
-                let r = check_job(backend, job).await;
+                let r = check_job(backend, job, keys).await;
                 progress.file_done(r.1);
                 r
             }
@@ -458,7 +460,7 @@ fn wal_chain(
 }
 
 /// Reads one object; returns its problems and the bytes read.
-async fn check_job(backend: Arc<dyn Backend>, job: Job) -> (Vec<Problem>, u64) {
+async fn check_job(backend: Arc<dyn Backend>, job: Job, keys: Keys) -> (Vec<Problem>, u64) {
     let key = match &job {
         Job::Wal { key, .. } | Job::Backup { key, .. } => key.clone(),
     };
@@ -483,7 +485,7 @@ async fn check_job(backend: Arc<dyn Backend>, job: Job) -> (Vec<Problem>, u64) {
         }
         Err(e) => return (vec![problem("unreadable", what, e.to_string())], 0),
     };
-    let r = tokio::task::spawn_blocking(move || check_blocking(reader, job, &what)).await;
+    let r = tokio::task::spawn_blocking(move || check_blocking(reader, job, &what, &keys)).await;
     match r {
         Ok(r) => r,
         Err(e) => (vec![problem("unreadable", key, e.to_string())], 0),
@@ -503,14 +505,34 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Problem>, u64) {
+/// How a problem decoding an object is filed: a key that does not open it
+/// is not damage.
+fn decode_kind(e: &codec::CodecError) -> &'static str {
+    if e.key_problem().is_some() {
+        "key"
+    } else {
+        "corrupt"
+    }
+}
+
+fn check_blocking(
+    reader: Box<dyn Read + Send>,
+    job: Job,
+    what: &str,
+    keys: &Keys,
+) -> (Vec<Problem>, u64) {
     let mut r = Counted {
         inner: reader,
         n: 0,
     };
     let mut problems = Vec::new();
     match job {
-        Job::Wal { sha, .. } => match codec::decode(&mut r, io::sink()) {
+        Job::Wal { sha, ref key } => match codec::decode(
+            &mut r,
+            io::sink(),
+            keys,
+            Binding::object(layout::binding_name(key)),
+        ) {
             Ok(d) if d.sha256 == sha => {}
             Ok(d) => problems.push(problem(
                 "corrupt",
@@ -520,9 +542,9 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                     d.sha256, sha
                 ),
             )),
-            Err(e) => problems.push(problem("corrupt", what, e.to_string())),
+            Err(e) => problems.push(problem(decode_kind(&e), what, e.to_string())),
         },
-        Job::Backup { label, files, .. } => {
+        Job::Backup { label, files, key } => {
             let mut pos = 0u64;
             for f in &files {
                 let skip = f.offset.saturating_sub(pos);
@@ -535,7 +557,8 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                     break;
                 }
                 let mut part = (&mut r).take(f.length);
-                match codec::decode_sized(&mut part, io::sink(), f.length) {
+                let bind = Binding::at(&key, f.offset);
+                match codec::decode_sized(&mut part, io::sink(), f.length, keys, bind) {
                     Ok(d) if d.sha256.to_hex() == f.sha256 && d.size == f.size => {}
                     Ok(_) => problems.push(problem(
                         "corrupt",
@@ -543,7 +566,7 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                         format!("backup {label}: content does not match the manifest ({what})"),
                     )),
                     Err(e) => problems.push(problem(
-                        "corrupt",
+                        decode_kind(&e),
                         f.path.clone(),
                         format!("backup {label}: {e} ({what})"),
                     )),

@@ -44,7 +44,7 @@ use crate::pg::recovery::parse_backup_label;
 use crate::pg::relfile::{RelFile, BLOCK_SIZE};
 use crate::pg::{Lsn, WalFileName};
 use crate::repo::blockmap::{self, Part, Ranges};
-use crate::repo::codec::{EncodeOptions, Encoder};
+use crate::repo::codec::{Binding, EncodeOptions, Encoder, Keys};
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
@@ -491,6 +491,8 @@ struct Worker {
     stanza: String,
     label: String,
     encode: EncodeOptions,
+    /// What the objects are sealed with (none: plaintext).
+    keys: Keys,
     handle: tokio::runtime::Handle,
     next_object: u64,
     bundle: Option<(Counting<Spool>, String, Vec<FileEntry>)>,
@@ -525,6 +527,7 @@ impl Worker {
             stanza: repo.stanza().to_string(),
             label: label.to_string(),
             encode,
+            keys: Keys::none(),
             handle: tokio::runtime::Handle::current(),
             next_object: 0,
             bundle: None,
@@ -583,7 +586,11 @@ impl Worker {
                 ..self.encode
             }
         };
-        let mut enc = Encoder::new(&mut *out, encode).map_err(|e| self.write_err(e))?;
+        // Bound to the object and the offset in it: a file moved inside a
+        // bundle, or to another bundle, does not open.
+        let key = layout::backup_object_key(&self.stanza, &self.label, object);
+        let mut enc = Encoder::new(&mut *out, encode, &self.keys, Binding::at(&key, offset))
+            .map_err(|e| self.write_err(e))?;
         let relfile = self
             .verify_pages
             .and(RelFile::parse(&f.rel))
@@ -801,7 +808,12 @@ async fn copy_files(
     progress.set_total(files.len() as u64 + 1, total);
 
     let workers = opts.process_max.max(1);
-    let new_worker = |id| Worker::new(id, repo, label, opts.encode, verify_pages, plan.clone());
+    let keys = repo.keys().await?;
+    let new_worker = |id| {
+        let mut w = Worker::new(id, repo, label, opts.encode, verify_pages, plan.clone());
+        w.keys = keys.clone();
+        w
+    };
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
     // Bytes no worker has taken yet.

@@ -98,6 +98,9 @@ pub enum Command {
         /// Output format: text for people, json for scripts
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// First seal the plaintext objects of a stanza encrypted after it was created (backup data objects excepted: see docs/encryption.md)
+        #[arg(long)]
+        reencrypt: bool,
         #[command(flatten)]
         options: config::Verify,
     },

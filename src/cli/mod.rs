@@ -469,9 +469,14 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             }
             Ok(each.code(0))
         }
-        Command::Verify { output, options: o } => {
+        Command::Verify {
+            output,
+            reencrypt,
+            options: o,
+        } => {
             let opts = ops::verify::VerifyOptions {
                 process_max: o.workers.process_max,
+                reencrypt: *reencrypt,
             };
             let repos = g.repos()?;
             let mut each = Each::new(&repos);

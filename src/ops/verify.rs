@@ -37,6 +37,9 @@ use crate::repo::{Backend, DbInfo, Fetched, Repository};
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
     pub process_max: usize,
+    /// Seal the plaintext objects of an encrypted stanza first
+    /// (`--reencrypt`, `repo::sealing`).
+    pub reencrypt: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +54,12 @@ pub struct VerifyReport {
     /// What killed or failed commands left behind (not problems: `expire`
     /// removes them).
     pub orphans: Vec<Orphan>,
+    /// With `--reencrypt`: how many plaintext objects were sealed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<u64>,
+    /// With encryption configured: how much is still plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::repo::sealing::SealingReport>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -92,6 +101,14 @@ pub async fn verify(
 ) -> Result<VerifyReport> {
     let started = chrono::Utc::now();
     let mut problems = Vec::new();
+    let sealed = if opts.reencrypt {
+        let lock = repo.lock("verify --reencrypt").await?;
+        let n = repo.reencrypt().await;
+        lock.release().await?;
+        Some(n?)
+    } else {
+        None
+    };
     let backups = repo.backups().await?;
     let dbs = match repo.fetch_stanza().await? {
         Fetched::Found(stanza) => stanza.dbs,
@@ -356,6 +373,11 @@ pub async fn verify(
         bytes_read,
         problems,
         orphans: leftovers,
+        sealed,
+        encryption: match repo.encryption_configured() {
+            true => Some(repo.sealing().await?),
+            false => None,
+        },
     };
     keep_result(repo, &report, &started).await;
     Ok(report)

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod orphans;
 pub mod results;
 pub mod s3;
+pub mod sealing;
 pub mod stanza;
 
 use std::path::PathBuf;

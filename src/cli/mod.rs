@@ -402,6 +402,12 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     for w in &c.warnings {
                         log::warn!("{w}");
                     }
+                    if let Some(id) = &c.key {
+                        eprintln!(
+                            "pgvault: key {id} opens stanza {} and seals its objects",
+                            repo.stanza()
+                        );
+                    }
                     let through = c
                         .primary
                         .as_ref()

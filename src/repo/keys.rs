@@ -158,6 +158,32 @@ impl Repository {
             .cloned()
     }
 
+    /// With encryption configured: that the configured key unwraps the
+    /// stanza's data keys, and that an object sealed with them opens again
+    /// (`check`). Returns the key's id.
+    pub async fn prove_key(&self) -> Result<Option<String>> {
+        if !self.encryption_configured() {
+            return Ok(None);
+        }
+        let keys = self.keys().await?;
+        let ring = keys
+            .keyring()
+            .ok_or_else(|| Error::internal("encryption configured and no keyring loaded"))?;
+        let probe = b"pgvault check: the key seals and opens";
+        let bind = Binding::object("check");
+        let sealed = codec::encode_bytes(probe, EncodeOptions::default(), &keys, bind)
+            .map_err(|e| Error::internal(format!("seal a probe: {e}")))?;
+        match codec::decode_bytes(&sealed, &keys, bind) {
+            Ok(back) if back == probe => Ok(Some(ring.master().to_hex())),
+            Ok(_) => Err(Error::key(
+                "a probe sealed with the stanza's key opened to other bytes",
+            )),
+            Err(e) => Err(Error::key(format!(
+                "a probe sealed with the stanza's key: {e}"
+            ))),
+        }
+    }
+
     /// Whether `repo-cipher-type` asks for encryption.
     pub fn encryption_configured(&self) -> bool {
         matches!(self.cipher.setting, CipherSetting::Sealed(_))

@@ -134,11 +134,15 @@ fn unsealed(objects: &BTreeMap<PathBuf, Vec<u8>>) -> Vec<String> {
         .collect()
 }
 
-/// `archive-get NAME DEST` as the postgres user into a fresh directory.
+/// `archive-get NAME DEST` as the postgres user into a fresh directory,
+/// without prefetch.
 fn archive_get(env: &TestEnv, repo: &Repo, name: &str) -> (Run, PathBuf) {
     let dir = env.mkdir(&format!("get-{}", unique()), As::PgUser);
     let dest = dir.join(name);
     let d = dest.display().to_string();
+    // From the repository each time: a prefetched copy (restore's
+    // recovery fills the spool) would hide what the object holds now.
+    let repo = plus(repo, "PGVAULT_ARCHIVE_GET_AHEAD", "0");
     let run = repo.run(env, As::PgUser, &["archive-get", name, &d], env.dir());
     (run, dest)
 }
@@ -276,12 +280,7 @@ fn key_never_shown(env: &TestEnv, repo: &Repo, key: &Key, mut runs: Vec<Run>) {
         "PGVAULT_REPO_CIPHER_KEY_COMMAND",
         &cmd,
     );
-    runs.push(by_command.run(
-        env,
-        As::Root,
-        &["--log-level", "debug", "verify"],
-        env.dir(),
-    ));
+    runs.push(by_command.run(env, As::Root, &["--log-level", "debug", "info"], env.dir()));
     runs.last().unwrap().ok();
     let snapshot = fs::read_to_string(&ps).expect("the key command ran");
     assert!(
@@ -498,5 +497,130 @@ fn encrypted_s3_moto() {
         .run(&env, As::Root, &["info"], env.dir())
         .expect_code(EXIT_KEY)
         .expect_one_error_line("stanza.pgv");
+    pg.stop();
+}
+
+/// The `encryption` part of `info --output json`.
+fn info_encryption(env: &TestEnv, repo: &Repo) -> Value {
+    let run = repo.run(env, As::Root, &["info", "--output", "json"], env.dir());
+    run.ok();
+    let v: Value = serde_json::from_str(&run.stdout).expect("info JSON");
+    v["encryption"].clone()
+}
+
+#[test]
+fn encryption_switched_on_for_an_existing_stanza() {
+    let env = TestEnv::new();
+    let plain = env.local_repo("late");
+    let mut pg = primary(&env, &plain);
+    pg.psql(&format!(
+        "create table secret(s text); \
+         insert into secret select '{ROW_MARK}' || g from generate_series(1, 500) g"
+    ));
+    pg.psql("insert into t select g, 'P' from generate_series(1001, 1005) g");
+    let old = backup(&env, &plain, &pg);
+    // The scan finds each known plaintext in a plaintext repository: its
+    // silence about an encrypted one means something.
+    let found = plaintext_found(&stored(&plain), &needles(&pg));
+    for (what, _) in needles(&pg) {
+        assert!(
+            found.iter().any(|f| f.starts_with(what)),
+            "{what} not found in a plaintext repository: {found:#?}"
+        );
+    }
+
+    let k = key_file(&env, "late");
+    let enc = with_key(&plain, &k);
+    enc.run(&env, As::PgUser, &["key", "add"], env.dir()).ok();
+    pg.stop();
+    pg.start_archiving(&env, &enc);
+    let marks = write_a_then_b(&pg);
+    let new = backup(&env, &enc, &pg);
+    let e = info_encryption(&env, &enc);
+    assert!(e["plaintext_objects"].as_u64().unwrap() > 0, "{e}");
+    assert!(
+        e["objects"].as_u64() > e["plaintext_objects"].as_u64(),
+        "{e}"
+    );
+    let text = enc.run(&env, As::Root, &["info"], env.dir());
+    assert!(
+        text.ok().stdout.contains("still plaintext"),
+        "{}",
+        text.stdout
+    );
+
+    // The backup from before (plaintext, and WAL from both sides) and the
+    // one from after.
+    let mut n = restore_promoted(
+        &env,
+        &enc,
+        As::PgUser,
+        "late-old",
+        &[
+            "--set",
+            &old,
+            "--target-time",
+            &marks.time_a,
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+        ],
+        "A|10\nP|5",
+    );
+    n.stop();
+    let mut n = restore_promoted(
+        &env,
+        &enc,
+        As::PgUser,
+        "late-new",
+        &[
+            "--set",
+            &new,
+            "--target",
+            "immediate",
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+        ],
+        "A|10\nB|10\nP|5",
+    );
+    n.stop();
+
+    let run = enc.run(&env, As::PgUser, &["verify", "--reencrypt"], env.dir());
+    assert!(run.ok().stdout.contains("sealed "), "{}", run.stdout);
+    // What is left in plaintext is the old backup's data objects alone.
+    let objects = stored(&plain);
+    let old_data = format!("/backup/{old}/data/");
+    let open = unsealed(&objects);
+    assert!(!open.is_empty());
+    for p in &open {
+        assert!(p.contains(&old_data), "{p} is still plaintext");
+    }
+    let found = plaintext_found(&objects, &needles(&pg));
+    for f in &found {
+        assert!(f.contains(&old_data), "after --reencrypt: {f}");
+    }
+    let e = info_encryption(&env, &enc);
+    assert_eq!(e["plaintext_objects"], e["plaintext_backup_objects"], "{e}");
+    let mut n = restore_promoted(
+        &env,
+        &enc,
+        As::PgUser,
+        "late-sealed",
+        &[
+            "--set",
+            &old,
+            "--target",
+            "immediate",
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+        ],
+        "P|5",
+    );
+    n.stop();
     pg.stop();
 }

@@ -521,6 +521,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                         catalog: g.catalog(r, &o.catalog),
                         conn: o.status.connection.if_given(),
                         spool: g.spool(r, &o.status.spool),
+                        sealing: true,
                     };
                     let mut report = ops::info::info(&repo, &opts).await?;
                     report.repository_number = r.number;
@@ -566,6 +567,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     catalog: g.catalog(&r, &o.catalog),
                     conn: o.status.connection.if_given(),
                     spool: g.spool(&r, &o.status.spool),
+                    sealing: false,
                 },
             };
             tokio::select! {

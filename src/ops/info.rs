@@ -103,6 +103,9 @@ pub struct InfoOptions {
     /// The server, for its archiver's state (`None`: not asked).
     pub conn: Option<ConnParams>,
     pub spool: Option<SpoolDir>,
+    /// With encryption configured: read each object's header to say how
+    /// much is still plaintext (`info`; not the exporter, every refresh).
+    pub sealing: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -293,7 +296,7 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
             path: s.path().display().to_string(),
             pushed_ahead: s.pushed_names().len() as u64,
         });
-    let encryption = match repo.encryption_configured() {
+    let encryption = match opts.sealing && repo.encryption_configured() {
         true => Some(repo.sealing().await?),
         false => None,
     };

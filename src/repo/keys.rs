@@ -403,3 +403,74 @@ impl Repository {
         self.backend().delete(&key).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Kind;
+
+    fn sealed(dir: &std::path::Path, key: &str) -> Repository {
+        let source = KeySource::Value(Zeroizing::new(key.as_bytes().to_vec()));
+        Repository::local_for_tests(dir, "s").with_cipher(CipherSetting::Sealed(source))
+    }
+
+    const K1: &str = "the first key, long enough for pgvault";
+    const K2: &str = "the second key, long enough for pgvault";
+
+    #[tokio::test]
+    async fn keys_are_added_listed_and_retired_without_touching_data() {
+        let d = tempfile::tempdir().unwrap();
+        let r1 = sealed(d.path(), K1);
+        let e = r1.keys().await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Key);
+        assert!(e.to_string().contains("no encryption key yet"), "{e}");
+
+        let r1 = sealed(d.path(), K1);
+        assert!(r1.init_keys().await.unwrap());
+        assert!(!r1.init_keys().await.unwrap());
+        r1.put_json("s/x.json", &"secret value", PutMode::CreateNew)
+            .await
+            .unwrap();
+        let raw = std::fs::read(d.path().join("s/x.json")).unwrap();
+        assert_eq!(codec::is_sealed(&raw), Some(true));
+        assert!(!raw.windows(12).any(|w| w == b"secret value"));
+
+        // Another key does not open the stanza until it is added.
+        let r2 = sealed(d.path(), K2);
+        let e = r2.get_json::<String>("s/x.json").await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Key);
+        assert!(e.to_string().contains("is not a key of stanza"), "{e}");
+        let new = KeySource::Value(Zeroizing::new(K2.as_bytes().to_vec()))
+            .load()
+            .await
+            .unwrap();
+        assert_eq!(r1.add_master_key(&new).await.unwrap(), PutOutcome::Created);
+        let r2 = sealed(d.path(), K2);
+        assert_eq!(
+            r2.get_json::<String>("s/x.json").await.unwrap().as_deref(),
+            Some("secret value")
+        );
+        let list = r2.list_master_keys().await.unwrap();
+        assert_eq!(list.len(), 2);
+        let old = list.iter().find(|k| !k.configured).unwrap().id.clone();
+        let mine = list.iter().find(|k| k.configured).unwrap().id.clone();
+        assert_eq!(
+            r2.retire_master_key(&mine).await.unwrap_err().kind(),
+            Kind::Usage
+        );
+        r2.retire_master_key(&old).await.unwrap();
+        assert_eq!(std::fs::read(d.path().join("s/x.json")).unwrap(), raw);
+        let e = sealed(d.path(), K1).keys().await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Key);
+        // The last key stays.
+        assert!(r2.retire_master_key(&mine).await.is_err());
+
+        // No key at all: one line naming the object, and a hint.
+        let plain = Repository::local_for_tests(d.path(), "s");
+        let e = plain.get_json::<String>("s/x.json").await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Key);
+        assert!(e.to_string().contains("s/x.json"), "{e}");
+        assert!(e.hint_text().is_some());
+        assert!(!format!("{e:?} {:?}", r2).contains("long enough"));
+    }
+}

@@ -66,7 +66,8 @@ pub struct VerifyReport {
 pub struct Problem {
     /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`,
     /// `damaged-record`, `unknown-object`, `superseded`, `dropped` (WAL
-    /// this repository missed: its gap markers).
+    /// this repository missed: its gap markers), `key` (an encrypted object
+    /// the configured key does not open).
     pub kind: String,
     /// The object, file or WAL range concerned.
     pub what: String,

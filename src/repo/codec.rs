@@ -544,6 +544,7 @@ fn open_source<R: Read>(
     mut input: R,
     keys: &Keys,
     bind: Binding<'_>,
+    size_hint: usize,
 ) -> Result<(Compression, Source<R>), CodecError> {
     let mut header = [0u8; HEADER_LEN];
     read_exact_or(&mut input, &mut header)?;
@@ -553,7 +554,8 @@ fn open_source<R: Read>(
         crypt::XCHACHA20POLY1305_STREAM => {
             let mut seal = [0u8; SEAL_HEADER_LEN];
             read_exact_or(&mut input, &mut seal)?;
-            let r = crypt::open(keys, &header, &seal, bind, input).map_err(CodecError::Open)?;
+            let r = crypt::open(keys, &header, &seal, bind, input, size_hint)
+                .map_err(CodecError::Open)?;
             Ok((compression, Source::Sealed(r)))
         }
         other => Err(CodecError::UnknownEncryption(other)),
@@ -599,8 +601,9 @@ pub fn decode_sized<R: Read, W: Write>(
     keys: &Keys,
     bind: Binding<'_>,
 ) -> Result<Digest256, CodecError> {
-    let (compression, input) = open_source(input, keys, bind)?;
-    let mut held = HoldBack::new(input, usize::try_from(size).unwrap_or(IO_BUF));
+    let hint = usize::try_from(size).unwrap_or(IO_BUF);
+    let (compression, input) = open_source(input, keys, bind, hint)?;
+    let mut held = HoldBack::new(input, hint);
     let mut sink = HashingWriter::new(out);
     match compression {
         Compression::None => {

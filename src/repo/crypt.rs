@@ -39,6 +39,9 @@ pub const CIPHER_NAME: &str = "xchacha20-poly1305";
 /// Plaintext bytes per STREAM segment.
 pub const SEGMENT: usize = 64 * 1024;
 const TAG: usize = 16;
+/// One sealed segment and one byte more: what tells a middle segment from
+/// the last.
+const READ_AHEAD: usize = SEGMENT + TAG + 1;
 /// Data key id (8) and salt (24), after the codec's 16-byte header.
 pub const SEAL_HEADER_LEN: usize = 8 + SALT_LEN;
 const SALT_LEN: usize = 24;
@@ -364,13 +367,16 @@ pub fn seal<W: Write>(
     (seal, writer)
 }
 
-/// Starts opening an object whose header is `header` followed by `seal`.
+/// Starts opening an object whose header is `header` followed by `seal`;
+/// `size_hint` (the object's size, when known) keeps the buffer of a small
+/// one small: restoring many small files must not allocate a segment each.
 pub fn open<R: Read>(
     keys: &Keys,
     header: &[u8],
     seal: &[u8; SEAL_HEADER_LEN],
     bind: Binding<'_>,
     input: R,
+    size_hint: usize,
 ) -> Result<OpenReader<R>, OpenError> {
     let ring = keys.keyring().ok_or(OpenError::NoKey)?;
     let id = KeyId(seal[..8].try_into().expect("8 bytes"));
@@ -380,7 +386,7 @@ pub fn open<R: Read>(
         inner: input,
         stream: Some(DecryptorBE32::from_aead(cipher, (&prefix).into())),
         aad: associated_data(header, seal, bind),
-        ct: vec![0u8; SEGMENT + TAG + 1],
+        ct: vec![0u8; size_hint.saturating_add(1).min(READ_AHEAD)],
         have: 0,
         pt: Vec::new(),
         pos: 0,
@@ -460,7 +466,11 @@ impl<R: Read> OpenReader<R> {
         let Some(stream) = self.stream.as_mut() else {
             return Ok(false);
         };
-        while self.have < self.ct.len() {
+        while self.have < READ_AHEAD {
+            if self.have == self.ct.len() {
+                // Larger than the hint said.
+                self.ct.resize(READ_AHEAD, 0);
+            }
             match self.inner.read(&mut self.ct[self.have..]) {
                 Ok(0) => break,
                 Ok(n) => self.have += n,
@@ -470,7 +480,7 @@ impl<R: Read> OpenReader<R> {
         }
         self.pt.clear();
         self.pos = 0;
-        if self.have == self.ct.len() {
+        if self.have == READ_AHEAD {
             let seg = SEGMENT + TAG;
             self.pt.extend_from_slice(&self.ct[..seg]);
             stream
@@ -530,7 +540,8 @@ pub(crate) mod tests {
         ct: &[u8],
         bind: Binding<'_>,
     ) -> io::Result<Vec<u8>> {
-        let mut r = open(keys, b"H", hdr, bind, ct).map_err(open_error)?;
+        // A small hint: the buffer grows as the object turns out larger.
+        let mut r = open(keys, b"H", hdr, bind, ct, 10).map_err(open_error)?;
         let mut out = Vec::new();
         r.read_to_end(&mut out)?;
         Ok(out)
@@ -581,10 +592,10 @@ pub(crate) mod tests {
         flipped[SEGMENT + 100] ^= 1;
         fails(&flipped, Binding::at("k", 5));
         // Another keyring does not hold the data key.
-        let e = open(&test_keys(), b"H", &hdr, Binding::at("k", 5), &ct[..]).err();
+        let e = open(&test_keys(), b"H", &hdr, Binding::at("k", 5), &ct[..], 0).err();
         assert!(matches!(e, Some(OpenError::UnknownDataKey(_))));
         assert!(matches!(
-            open(&Keys::none(), b"H", &hdr, Binding::at("k", 5), &ct[..]).err(),
+            open(&Keys::none(), b"H", &hdr, Binding::at("k", 5), &ct[..], 0).err(),
             Some(OpenError::NoKey)
         ));
     }

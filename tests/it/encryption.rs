@@ -486,6 +486,24 @@ fn encrypted_local_repository() {
     // verify opens every object.
     let verify = repo.run(&env, As::PgUser, &["verify"], env.dir());
     verify.ok();
+    // check proves the key before it proves archiving, and a wrong key
+    // fails there, before PostgreSQL is asked anything.
+    let check = |r: &Repo| {
+        let (host, port) = (pg.sockdir().display().to_string(), pg.port().to_string());
+        let args = ["check", "--pg-host", &host, "--pg-port", &port];
+        r.run(&env, As::PgUser, &args, env.dir())
+    };
+    let run = check(&repo);
+    assert!(
+        run.ok()
+            .stderr
+            .contains("opens stanza enc and seals its objects"),
+        "{}",
+        run.stderr
+    );
+    check(&with_key(&repo, &key_file(&env, "other")))
+        .expect_code(EXIT_KEY)
+        .expect_one_error_line("is not a key of stanza");
 
     // Claims enough that two have one size (their compressed JSON varies
     // by a few bytes): the swap below needs a pair.

@@ -35,6 +35,7 @@ pub async fn add(repo: &Repository, new: Option<&KeySource>) -> Result<KeyAdded>
     };
     if repo.init_keys().await? {
         done.initialized = Some(repo.master_key().await?.id().to_hex());
+        repo.seal_stanza_object().await?;
     }
     match new {
         Some(source) => {

@@ -122,7 +122,13 @@ pub async fn stanza_create(repo: &Repository, opts: &StanzaCreateOptions) -> Res
     // and the stanza object too). On an existing stanza this turns
     // encryption on; its older objects stay readable.
     if repo.encryption_configured() {
-        repo.init_keys()
+        let sealed = async {
+            if repo.init_keys().await? {
+                repo.seal_stanza_object().await?;
+            }
+            Ok::<_, Error>(())
+        };
+        sealed
             .await
             .map_err(|e| e.context(format!("stanza-create {}", repo.stanza())))?;
     }

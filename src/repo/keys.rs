@@ -346,6 +346,23 @@ impl Repository {
         Ok(true)
     }
 
+    /// Rewrites the stanza object sealed, when the stanza exists (after
+    /// encryption was turned on for it): every process must read it first,
+    /// so one left without the key fails at once instead of writing
+    /// plaintext into an encrypted stanza.
+    pub async fn seal_stanza_object(&self) -> Result<()> {
+        let lock = self.lock("key add").await?;
+        let done = async {
+            if let Some(info) = self.read_stanza().await? {
+                self.replace_stanza(&info).await?;
+            }
+            Ok(())
+        }
+        .await;
+        lock.release().await?;
+        done
+    }
+
     /// Wraps the stanza's data keys with `new` too (`key add`): only a new
     /// small key object is written.
     pub async fn add_master_key(&self, new: &MasterKey) -> Result<PutOutcome> {

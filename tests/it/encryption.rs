@@ -594,6 +594,12 @@ fn encryption_switched_on_for_an_existing_stanza() {
     let k = key_file(&env, "late");
     let enc = with_key(&plain, &k);
     enc.run(&env, As::PgUser, &["key", "add"], env.dir()).ok();
+    // The stanza object is sealed at once: a host left without the key
+    // fails instead of writing plaintext into the encrypted stanza.
+    plain
+        .run(&env, As::Root, &["info"], env.dir())
+        .expect_code(EXIT_KEY)
+        .expect_one_error_line("stanza.pgv");
     pg.stop();
     pg.start_archiving(&env, &enc);
     let marks = write_a_then_b(&pg);

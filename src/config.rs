@@ -69,6 +69,7 @@ use crate::repo::azure::AzureOptions;
 use crate::repo::gcs::GcsOptions;
 use crate::repo::keys::{CipherSetting, KeySource};
 use crate::repo::s3::{S3Options, Sse};
+use crate::repo::storeopts::{ClientSettings, StorageClasses};
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
 use crate::spool::SpoolDir;
 use repos::PerRepo;
@@ -357,6 +358,114 @@ pub struct S3Settings {
         help_heading = REPOSITORY
     )]
     pub azure_bulk_delete: bool,
+    /// Storage class of every object written to an object store: S3's (STANDARD_IA, GLACIER_IR, …), GCS's (NEARLINE, …) or an Azure access tier (Cool, …) [default: the bucket's]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_CLASS",
+        value_name = "CLASS",
+        help_heading = REPOSITORY
+    )]
+    pub storage_class: Option<String>,
+    /// Storage class of archived WAL [default: storage-class]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_CLASS_WAL",
+        value_name = "CLASS",
+        help_heading = REPOSITORY
+    )]
+    pub storage_class_wal: Option<String>,
+    /// Storage class of backups [default: storage-class]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_CLASS_BACKUP",
+        value_name = "CLASS",
+        help_heading = REPOSITORY
+    )]
+    pub storage_class_backup: Option<String>,
+    /// How long a request to the object store may wait for its answer (an upload included), and then for each further part of it, before it is retried (30s, 5m)
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "120s",
+        value_parser = parse_duration,
+        help_heading = REPOSITORY
+    )]
+    pub storage_timeout: Duration,
+    /// How long connecting to the object store may take
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_CONNECT_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = parse_duration,
+        help_heading = REPOSITORY
+    )]
+    pub storage_connect_timeout: Duration,
+    /// How many times a failed request to the object store is sent again, 0 to 100
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_RETRIES",
+        value_name = "N",
+        default_value_t = 10,
+        value_parser = RangedU64ValueParser::<usize>::new().range(0..=100),
+        help_heading = REPOSITORY
+    )]
+    pub storage_retries: usize,
+    /// How long after its first attempt a request is no longer retried
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_RETRY_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = parse_duration,
+        help_heading = REPOSITORY
+    )]
+    pub storage_retry_timeout: Duration,
+    /// HTTP(S) proxy for every request to the object store, http://[user:password@]host:3128 (the file or the environment only: it may carry credentials) [default: HTTPS_PROXY, HTTP_PROXY]
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_STORAGE_PROXY",
+        value_parser = Secret::parse
+    )]
+    pub storage_proxy: Option<Secret>,
+    /// Hosts reached without the proxy: comma-separated names, .domains, addresses or CIDR ranges
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_PROXY_EXCLUDES",
+        value_name = "LIST",
+        help_heading = REPOSITORY
+    )]
+    pub storage_proxy_excludes: Option<String>,
+    /// PEM file of the CA that signed an HTTPS proxy's certificate
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_PROXY_CA_FILE",
+        value_name = "FILE",
+        help_heading = REPOSITORY
+    )]
+    pub storage_proxy_ca_file: Option<String>,
+    /// Bytes per second that backup, restore, verify and the other commands but archive-push and archive-get may move to or from the object store, shared by all their workers (512K, 20M, 1G) [default: no limit]
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_STORAGE_BANDWIDTH_LIMIT",
+        value_name = "BYTES",
+        value_parser = parse_rate,
+        help_heading = REPOSITORY
+    )]
+    pub storage_bandwidth_limit: Option<u64>,
 }
 
 /// Where repository N is and how to reach it: the template of the
@@ -1054,6 +1163,16 @@ impl Global {
         )
     }
 
+    /// The repository for `archive-push` and `archive-get`, which serve
+    /// PostgreSQL's archiver and recovery: never under the bandwidth limit
+    /// (a slowed archiver fills `pg_wal`, a slowed recovery lengthens the
+    /// outage), whatever the file or the environment set for the others.
+    pub fn open_for_wal(&self, r: &RepoConfig) -> Result<Repository> {
+        let mut opts = r.s3.options()?;
+        opts.bandwidth_limit = None;
+        Repository::open(r.location.clone(), &self.stanza, &opts)
+    }
+
     /// The local spool of repository `r` and this stanza (look-ahead push
     /// records, its archive-push queue, prefetched WAL); `None` when no
     /// place for it is known.
@@ -1092,7 +1211,25 @@ impl S3Settings {
             secret_access_key: self.s3_secret_access_key.as_ref().map(|s| s.0.clone()),
             allow_http: self.s3_allow_http,
             atomic_create: self.s3_atomic_create,
-            retry_timeout: Duration::from_secs(60),
+            retry_timeout: self.storage_retry_timeout,
+            client: ClientSettings {
+                timeout: self.storage_timeout,
+                connect_timeout: self.storage_connect_timeout,
+                retries: self.storage_retries,
+                proxy: self
+                    .storage_proxy
+                    .as_ref()
+                    .map(|p| check_proxy(p.expose()))
+                    .transpose()?,
+                proxy_excludes: self.storage_proxy_excludes.clone(),
+                proxy_ca_file: self.storage_proxy_ca_file.clone(),
+            },
+            storage_class: StorageClasses {
+                default: self.storage_class.clone(),
+                wal: self.storage_class_wal.clone(),
+                backup: self.storage_class_backup.clone(),
+            },
+            bandwidth_limit: self.storage_bandwidth_limit,
             gcs: GcsOptions {
                 endpoint: self.gcs_endpoint.clone(),
                 key_file: self.gcs_key_file.clone(),
@@ -1140,6 +1277,17 @@ impl S3Settings {
             azure_endpoint,
             azure_key,
             azure_bulk_delete,
+            storage_class,
+            storage_class_wal,
+            storage_class_backup,
+            storage_timeout,
+            storage_connect_timeout,
+            storage_retries,
+            storage_retry_timeout,
+            storage_proxy,
+            storage_proxy_excludes,
+            storage_proxy_ca_file,
+            storage_bandwidth_limit,
         )
     }
 }
@@ -1236,24 +1384,25 @@ pub fn parse_log_level(s: &str) -> Result<log::LevelFilter> {
     }
 }
 
-/// A duration with a unit: `30s`, `90m`, `36h`, `14d`, `2w` (a bare
-/// number is days).
+/// A duration with a unit: `500ms`, `30s`, `90m`, `36h`, `14d`, `2w` (a
+/// bare number is days).
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
         .parse()
         .map_err(|_| Error::usage("expected a number and a unit, e.g. 14d"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" | "" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(Error::usage("the unit must be s, m, h, d or w")),
+    let millis: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" | "" => 86_400_000,
+        "w" => 7 * 86_400_000,
+        _ => return Err(Error::usage("the unit must be ms, s, m, h, d or w")),
     };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
+    n.checked_mul(millis)
+        .map(Duration::from_millis)
         .ok_or_else(|| Error::usage("too long"))
 }
 
@@ -1269,6 +1418,34 @@ fn parse_refresh(s: &str) -> Result<Duration> {
 
 /// A size in bytes: `1048576`, `64MiB`, `16MB`, `1GiB`, `512kB` (units
 /// of 1024, as PostgreSQL's own sizes).
+/// A bandwidth limit: bytes per second, with parse_size's units; 0 is
+/// refused (no limit is no value).
+fn parse_rate(s: &str) -> Result<u64> {
+    match parse_size(s)? {
+        0 => Err(Error::usage(
+            "a limit of 0 would stop every transfer; leave it unset for no limit",
+        )),
+        n => Ok(n),
+    }
+}
+
+/// A proxy URL: http:// or https://, then a host. It may carry
+/// credentials, so a bad one is refused without being shown.
+fn check_proxy(s: &str) -> Result<String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"));
+    let host = rest.and_then(|r| r.split('/').next()).unwrap_or_default();
+    let host = host.rsplit('@').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(Error::usage(
+            "storage-proxy: not a proxy URL (the value is not shown: it may hold a password)",
+        )
+        .hint("write http://host:port or http://user:password@host:port"));
+    }
+    Ok(s.to_string())
+}
+
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -1306,6 +1483,7 @@ mod tests {
         );
         assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_refresh("5s").is_err());
         assert_eq!(parse_refresh("10s").unwrap(), Duration::from_secs(10));
         assert!(parse_duration("soon").is_err());

@@ -604,6 +604,44 @@ mod tests {
             .collect()
     }
 
+    /// The storage options (docs/cloud.md) are each repository's own, from
+    /// the file as from flags, and a bad value is named.
+    #[test]
+    fn storage_options_per_repository() {
+        let file = "repo = \"s3://b/one\"\nstorage-class-wal = \"STANDARD_IA\"\n\
+                    storage-bandwidth-limit = \"20M\"\nrepo2-path = \"s3://b/two\"\n\
+                    repo2-storage-timeout = \"30s\"\nrepo2-storage-proxy = \"http://u:pw@p:3128\"\n";
+        let p = ok(&["info", "--storage-retries", "3"], &[], file);
+        let repos = p.cli.global.repos().unwrap();
+        let one = repos[0].s3.options().unwrap();
+        assert_eq!(one.storage_class.wal.as_deref(), Some("STANDARD_IA"));
+        assert_eq!(one.bandwidth_limit, Some(20 << 20));
+        assert_eq!(one.client.retries, 3);
+        assert_eq!(one.client.timeout, std::time::Duration::from_secs(120));
+        let two = repos[1].s3.options().unwrap();
+        assert_eq!(
+            two.storage_class.wal, None,
+            "repository 1's settings are its own"
+        );
+        assert_eq!(two.bandwidth_limit, None);
+        assert_eq!(two.client.timeout, std::time::Duration::from_secs(30));
+        assert_eq!(two.client.proxy.as_deref(), Some("http://u:pw@p:3128"));
+        let e = err(&["info"], &[], "storage-bandwidth-limit = \"0\"\n");
+        assert!(e.contains("storage-bandwidth-limit"), "{e}");
+        // The proxy URL may hold a password: never a flag, never shown.
+        let e = err(
+            &["info", "--storage-proxy", "http://u:secret@p:3128"],
+            &[],
+            "",
+        );
+        assert!(!e.contains("secret"), "{e}");
+        let env = [("PGVAULT_STORAGE_PROXY", "ftp://u:secret@p")];
+        let p = ok(&["info"], &env, "repo = \"s3://b/x\"\n");
+        let e = p.cli.global.repos().unwrap()[0].s3.options().unwrap_err();
+        assert!(!format!("{e:#}").contains("secret"), "{e:#}");
+        assert!(format!("{e:#}").contains("storage-proxy"), "{e:#}");
+    }
+
     /// `repo` is repository 1 as it always was; `repo2-path` and its
     /// numbered options add repository 2, from the file, the environment
     /// or flags; `--repo N` selects one.

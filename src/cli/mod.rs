@@ -259,7 +259,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             let repos = g.repos()?;
             let opened = repos
                 .iter()
-                .map(|r| g.open(r))
+                .map(|r| g.open_for_wal(r))
                 .collect::<Result<Vec<_>>>()?;
             // One prefetch spool: the first repository's (a prefetched file
             // is verified, whichever repository it came from).
@@ -657,7 +657,7 @@ async fn archive_push(g: &Global, path: &Path, o: &config::ArchivePush) -> Resul
     };
     let detached = std::env::var_os(LOOKAHEAD_ENV).is_some();
     if repos.len() == 1 {
-        let repo = g.open(&repos[0])?;
+        let repo = g.open_for_wal(&repos[0])?;
         let catalog = g.catalog(&repos[0], &o.catalog);
         if detached {
             // The detached pusher started below: push ahead, quietly.
@@ -681,7 +681,7 @@ async fn archive_push(g: &Global, path: &Path, o: &config::ArchivePush) -> Resul
         .map(|r| {
             Ok(ops::archive_push::Target {
                 number: r.number,
-                repo: g.open(r)?,
+                repo: g.open_for_wal(r)?,
                 catalog: g.catalog(r, &o.catalog),
                 spool: g.spool(r, &o.spool),
             })

@@ -16,12 +16,10 @@
 
 use std::sync::Arc;
 
-use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-use object_store::ClientConfigKey;
-
-use super::cloud::{clean, retry_config, Cloud, CloudBackend};
-use super::s3::{S3Options, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+use super::cloud::{clean, Cloud, CloudBackend};
+use super::s3::S3Options;
 use crate::error::{Error, Result};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 
 /// pgvault's own Azure options (each overrides the environment). Its
 /// `Debug` never shows the key.
@@ -83,16 +81,11 @@ impl CloudBackend {
                 b = b.with_allow_http(true);
             }
         }
+        b = b.with_retry(opts.client.retry(opts.retry_timeout));
+        for (k, v) in opts.client.client_config()? {
+            b = b.with_config(AzureConfigKey::Client(k), v);
+        }
         let store = b
-            .with_retry(retry_config(opts.retry_timeout))
-            .with_config(
-                AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                CONNECT_TIMEOUT,
-            )
-            .with_config(
-                AzureConfigKey::Client(ClientConfigKey::Timeout),
-                REQUEST_TIMEOUT,
-            )
             .build()
             .map_err(|e| {
                 Error::usage(format!(
@@ -101,13 +94,8 @@ impl CloudBackend {
                 ))
                 .hint("name the storage account in the URL (https://<account>.blob.core.windows.net/<container>), with azure-account or AZURE_STORAGE_ACCOUNT_NAME")
             })?;
-        let mut backend = CloudBackend::from_store(
-            Arc::new(store),
-            Cloud::Azure,
-            container,
-            prefix,
-            opts.atomic_create,
-        );
+        let mut backend =
+            CloudBackend::configured(Arc::new(store), Cloud::Azure, container, prefix, opts)?;
         backend.bulk_delete = opts.azure.bulk_delete;
         Ok(backend)
     }

@@ -14,15 +14,14 @@ use std::io::{self, Read};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path as OsPath;
 use object_store::{
-    BackoffConfig, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode as OsPutMode,
-    PutOptions, PutPayload, RetryConfig, UpdateVersion, WriteMultipart,
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode as OsPutMode, PutMultipartOptions,
+    PutOptions, PutPayload, UpdateVersion, WriteMultipart,
 };
 use tokio::sync::mpsc;
 
@@ -30,6 +29,9 @@ use super::backend::{
     check_range, delete_each, Backend, ObjectMeta, ObjectReader, ObjectVersion, PutMode,
     PutOutcome, PutResult, RawRead, Spool,
 };
+use super::s3::S3Options;
+use super::storeopts::StorageClasses;
+use super::throttle::Throttle;
 use crate::error::{Error, Result};
 
 /// Which cloud a [`CloudBackend`] talks to: its URL scheme and its hints.
@@ -66,19 +68,6 @@ impl Cloud {
     }
 }
 
-/// Retries of one request: bounded in number and in total time.
-pub(crate) fn retry_config(retry_timeout: Duration) -> RetryConfig {
-    RetryConfig {
-        backoff: BackoffConfig {
-            init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            base: 2.0,
-        },
-        max_retries: 10,
-        retry_timeout,
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct CloudBackend {
     store: Arc<dyn ObjectStore>,
@@ -90,9 +79,16 @@ pub struct CloudBackend {
     pub(crate) bulk_delete: bool,
     /// Conditional puts rejected as not implemented (`AWS_CONDITIONAL_PUT=disabled`).
     conditional_disabled: Arc<AtomicBool>,
+    /// The storage class of each kind of object written.
+    classes: StorageClasses,
+    /// The bandwidth limit every transfer of this backend (and its clones:
+    /// every worker of the command) draws from.
+    throttle: Option<Arc<Throttle>>,
 }
 
 const PART_SIZE: usize = 8 << 20;
+
+const TIMEOUT_HINT: &str = "the store did not answer in time: check that it is reachable (and the proxy, storage-proxy), or raise storage-timeout";
 
 impl CloudBackend {
     /// A backend over a store built by `s3.rs`, `gcs.rs` or `azure.rs`;
@@ -112,6 +108,32 @@ impl CloudBackend {
             atomic_create,
             bulk_delete: true,
             conditional_disabled: Arc::new(AtomicBool::new(false)),
+            classes: StorageClasses::default(),
+            throttle: None,
+        }
+    }
+
+    /// A backend over a store that `s3.rs`, `gcs.rs` or `azure.rs` built
+    /// from `opts`, with what applies to every store: the storage classes
+    /// (checked against the cloud's names) and the bandwidth limit.
+    pub(crate) fn configured(
+        store: Arc<dyn ObjectStore>,
+        cloud: Cloud,
+        bucket: &str,
+        prefix: &str,
+        opts: &S3Options,
+    ) -> Result<Self> {
+        opts.storage_class.check(cloud)?;
+        let mut b = CloudBackend::from_store(store, cloud, bucket, prefix, opts.atomic_create);
+        b.classes = opts.storage_class.clone();
+        b.throttle = opts.bandwidth_limit.map(|r| Arc::new(Throttle::new(r)));
+        Ok(b)
+    }
+
+    /// Waits, under a bandwidth limit, until `n` more bytes may move.
+    async fn pace(&self, n: usize) {
+        if let Some(t) = &self.throttle {
+            t.take(n).await;
         }
     }
 
@@ -136,9 +158,11 @@ impl CloudBackend {
     }
 
     fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
-        let mut err = Error::repository(format!("{what} {}/{key}: {}", self.describe(), clean(&e)));
-        let text = e.to_string();
-        if text.contains("401")
+        let text = clean(&e);
+        let mut err = Error::repository(format!("{what} {}/{key}: {text}", self.describe()));
+        if text.contains("operation timed out") {
+            err = err.hint(TIMEOUT_HINT);
+        } else if text.contains("401")
             || text.contains("403")
             || text.contains("InvalidAccessKeyId")
             || text.contains("SignatureDoesNotMatch")
@@ -172,8 +196,10 @@ impl CloudBackend {
         };
         let opts = PutOptions {
             mode: os_mode,
+            attributes: self.classes.attributes(key),
             ..Default::default()
         };
+        self.pace(payload.content_length()).await;
         match self.store.put_opts(&path, payload.clone(), opts).await {
             Ok(r) => Ok(PutResult::Written(version(r.e_tag, r.version))),
             Err(object_store::Error::AlreadyExists { .. })
@@ -212,8 +238,12 @@ impl CloudBackend {
         if !allowed {
             return Ok(PutResult::Refused);
         }
+        let opts = PutOptions {
+            attributes: self.classes.attributes(key),
+            ..Default::default()
+        };
         self.store
-            .put(&path, payload)
+            .put_opts(&path, payload, opts)
             .await
             .map(|r| PutResult::Written(version(r.e_tag, r.version)))
             .map_err(|e| self.err("write", key, e))
@@ -226,8 +256,12 @@ impl CloudBackend {
         // object size, and the blocking consumer applies back-pressure.
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
         let what = format!("{}/{key}", self.describe());
+        let throttle = self.throttle.clone();
         tokio::spawn(async move {
             while let Some(item) = stream.next().await {
+                if let (Some(t), Ok(chunk)) = (&throttle, &item) {
+                    t.take(chunk.len()).await;
+                }
                 let item =
                     item.map_err(|e| io::Error::other(format!("read {what}: {}", clean(&e))));
                 let stop = item.is_err();
@@ -248,9 +282,21 @@ fn version(e_tag: Option<String>, version: Option<String>) -> ObjectVersion {
     ObjectVersion { e_tag, version }
 }
 
-/// object_store's messages can be long and nested; keep them to one line.
-pub(crate) fn clean(e: &dyn std::fmt::Display) -> String {
-    e.to_string().replace('\n', " ")
+/// object_store's messages can be long and nested; keep them to one line,
+/// with the causes it does not show itself ("error sending request" says
+/// nothing; "operation timed out" or "connection refused" below it does).
+pub(crate) fn clean(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text.replace('\n', " ")
 }
 
 #[async_trait]
@@ -279,9 +325,13 @@ impl Backend for CloudBackend {
                 // when completed, so readers still never see a partial one.
                 // It cannot be conditional: the caller's conflict detection
                 // covers it (WAL keys carry the content's checksum).
+                let opts = PutMultipartOptions {
+                    attributes: self.classes.attributes(key),
+                    ..Default::default()
+                };
                 let upload = self
                     .store
-                    .put_multipart(&self.path(key))
+                    .put_multipart_opts(&self.path(key), opts)
                     .await
                     .map_err(|e| self.err("start upload of", key, e))?;
                 let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
@@ -311,6 +361,7 @@ impl Backend for CloudBackend {
                     w.wait_for_capacity(2)
                         .await
                         .map_err(|e| self.err("upload", key, e))?;
+                    self.pace(chunk.len()).await;
                     w.put(Bytes::from(chunk));
                 }
                 w.finish()
@@ -400,6 +451,7 @@ impl Backend for CloudBackend {
         // object_store resumes a body that breaks off (ranged, pinned to the
         // e-tag), within its retry budget.
         let bytes = res.bytes().await.map_err(|e| self.err("read", key, e))?;
+        self.pace(bytes.len()).await;
         if bytes.len() as u64 != range.end - range.start {
             return Err(Error::repository(format!(
                 "read {what} bytes {range:?}: got {} bytes",
@@ -417,6 +469,7 @@ impl Backend for CloudBackend {
         };
         let v = version(res.meta.e_tag.clone(), res.meta.version.clone());
         let bytes = res.bytes().await.map_err(|e| self.err("read", key, e))?;
+        self.pace(bytes.len()).await;
         Ok(Some((bytes.to_vec(), v)))
     }
 

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::ClientConfigKey;
 
-use super::cloud::{clean, retry_config, Cloud, CloudBackend};
-use super::s3::{S3Options, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+use super::cloud::{clean, Cloud, CloudBackend};
+use super::s3::S3Options;
 use crate::error::{Error, Result};
 
 /// pgvault's own GCS options (each overrides the environment).
@@ -44,28 +44,20 @@ impl CloudBackend {
         if let Some(v) = &opts.gcs.key_file {
             b = b.with_service_account_path(v);
         }
-        let store = b
-            .with_retry(retry_config(opts.retry_timeout))
-            .with_config(
-                GoogleConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                CONNECT_TIMEOUT,
+        b = b.with_retry(opts.client.retry(opts.retry_timeout));
+        for (k, v) in opts.client.client_config()? {
+            b = b.with_config(GoogleConfigKey::Client(k), v);
+        }
+        let store = b.build().map_err(|e| {
+            Error::usage(format!(
+                "GCS repository gs://{bucket}/{prefix}: {}",
+                clean(&e)
+            ))
+            .hint(
+                "set GOOGLE_APPLICATION_CREDENTIALS or gcs-key-file to a service-account JSON file",
             )
-            .with_config(
-                GoogleConfigKey::Client(ClientConfigKey::Timeout),
-                REQUEST_TIMEOUT,
-            )
-            .build()
-            .map_err(|e| {
-                Error::usage(format!("GCS repository gs://{bucket}/{prefix}: {}", clean(&e)))
-                    .hint("set GOOGLE_APPLICATION_CREDENTIALS or gcs-key-file to a service-account JSON file")
-            })?;
-        Ok(CloudBackend::from_store(
-            Arc::new(store),
-            Cloud::Gcs,
-            bucket,
-            prefix,
-            opts.atomic_create,
-        ))
+        })?;
+        CloudBackend::configured(Arc::new(store), Cloud::Gcs, bucket, prefix, opts)
     }
 }
 

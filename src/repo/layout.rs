@@ -241,6 +241,27 @@ pub fn wal_gap_key(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
     )
 }
 
+/// The kinds of object a DBA may store differently (`storage-class-wal`,
+/// `storage-class-backup`): what lies below `<stanza>/archive/`, below
+/// `<stanza>/backup/`, and the rest (the stanza, the lock, results).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredKind {
+    Wal,
+    Backup,
+    Meta,
+}
+
+/// The kind of the object under `key` (relative to the repository root).
+pub fn kind_of(key: &str) -> StoredKind {
+    let mut parts = key.splitn(3, '/');
+    let (_stanza, dir, rest) = (parts.next(), parts.next(), parts.next());
+    match (dir, rest) {
+        (Some("archive"), Some(_)) => StoredKind::Wal,
+        (Some("backup"), Some(_)) => StoredKind::Backup,
+        _ => StoredKind::Meta,
+    }
+}
+
 /// What a key below an archive root is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArchiveKey {

@@ -25,6 +25,8 @@ pub mod results;
 pub mod s3;
 pub mod sealing;
 pub mod stanza;
+pub mod storeopts;
+pub mod throttle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -191,7 +193,10 @@ impl Repository {
     pub fn open(location: RepoLocation, stanza: &str, s3: &s3::S3Options) -> Result<Self> {
         validate_stanza_name(stanza)?;
         let backend: Arc<dyn Backend> = match &location {
-            RepoLocation::Local(p) => Arc::new(local::LocalBackend::new(p.clone())),
+            RepoLocation::Local(p) => {
+                refuse_store_options(p, s3)?;
+                Arc::new(local::LocalBackend::new(p.clone()))
+            }
             RepoLocation::S3 { bucket, prefix } => {
                 Arc::new(cloud::CloudBackend::new(bucket, prefix, s3)?)
             }
@@ -329,6 +334,23 @@ impl Repository {
     }
 }
 
+/// The options that only mean something to an object store, set for a
+/// local repository: refused rather than silently ignored.
+fn refuse_store_options(path: &std::path::Path, s3: &s3::S3Options) -> Result<()> {
+    let set = if s3.storage_class.is_set() {
+        "storage-class"
+    } else if s3.bandwidth_limit.is_some() {
+        "storage-bandwidth-limit"
+    } else {
+        return Ok(());
+    };
+    Err(Error::usage(format!(
+        "{set} applies to object-store repositories, and {} is a directory",
+        path.display()
+    ))
+    .hint(format!("remove {set} from this repository's settings")))
+}
+
 fn validate_stanza_name(s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 64
@@ -394,6 +416,33 @@ mod tests {
         assert!(RepoLocation::parse("https://acct.blob.core.windows.net/").is_err());
         assert!(RepoLocation::parse("ftp://b/x").is_err());
         assert!(RepoLocation::parse("file://relative").is_err());
+    }
+
+    #[test]
+    fn object_store_options_are_refused_on_a_directory() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let loc = RepoLocation::Local(dir.path().to_path_buf());
+        let classed = s3::S3Options {
+            storage_class: storeopts::StorageClasses {
+                wal: Some("STANDARD_IA".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e =
+            Repository::open(loc.clone(), "main", &classed).expect_err("a class on a directory");
+        assert!(format!("{e:#}").contains("storage-class"), "{e:#}");
+        let limited = s3::S3Options {
+            bandwidth_limit: Some(1 << 20),
+            ..Default::default()
+        };
+        let e =
+            Repository::open(loc.clone(), "main", &limited).expect_err("a limit on a directory");
+        assert!(
+            format!("{e:#}").contains("storage-bandwidth-limit"),
+            "{e:#}"
+        );
+        assert!(Repository::open(loc, "main", &s3::S3Options::default()).is_ok());
     }
 
     #[test]

@@ -10,17 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::ClientConfigKey;
 
-use super::cloud::{clean, retry_config, Cloud, CloudBackend};
+use super::cloud::{clean, Cloud, CloudBackend};
+use super::storeopts::{ClientSettings, StorageClasses};
 use crate::error::{Error, Result};
 
 /// The S3 repository's backend (the shared object-store backend).
 pub type S3Backend = CloudBackend;
-
-/// Connection and whole-request timeouts of every object-store client.
-pub(crate) const CONNECT_TIMEOUT: &str = "5s";
-pub(crate) const REQUEST_TIMEOUT: &str = "120s";
 
 /// What pgvault's own options say about an object store: the `s3-*` ones
 /// (each overrides `AWS_*`), the `gcs-*` and `azure-*` ones (each overrides
@@ -39,6 +35,13 @@ pub struct S3Options {
     pub atomic_create: bool,
     /// Bound on retries of one request, in total.
     pub retry_timeout: Duration,
+    /// The HTTP client's timeouts, retries and proxy (every store).
+    pub client: ClientSettings,
+    /// The storage class of each kind of object (every store).
+    pub storage_class: StorageClasses,
+    /// Bytes per second every transfer of one command through this
+    /// repository shares (`throttle.rs`); `None`: no limit.
+    pub bandwidth_limit: Option<u64>,
     /// Google Cloud Storage (see `gcs.rs`).
     pub gcs: super::gcs::GcsOptions,
     /// Azure Blob Storage (see `azure.rs`).
@@ -59,6 +62,9 @@ impl std::fmt::Debug for S3Options {
             .field("sse", &self.sse)
             .field("atomic_create", &self.atomic_create)
             .field("retry_timeout", &self.retry_timeout)
+            .field("client", &self.client)
+            .field("storage_class", &self.storage_class)
+            .field("bandwidth_limit", &self.bandwidth_limit)
             .field("gcs", &self.gcs)
             .field("azure", &self.azure)
             .finish()
@@ -147,32 +153,17 @@ impl CloudBackend {
             Sse::Kms(key) => b.with_sse_kms_encryption(key.clone()),
             Sse::Customer(key) => b.with_ssec_encryption(key.clone()),
         };
-        b = b
-            .with_retry(retry_config(opts.retry_timeout))
-            // Set the timeouts one by one: with_client_options would
-            // replace every client option read from the environment, among
-            // them AWS_ALLOW_HTTP.
-            .with_config(
-                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                CONNECT_TIMEOUT,
-            )
-            .with_config(
-                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
-                REQUEST_TIMEOUT,
-            );
+        b = b.with_retry(opts.client.retry(opts.retry_timeout));
+        for (k, v) in opts.client.client_config()? {
+            b = b.with_config(AmazonS3ConfigKey::Client(k), v);
+        }
         let store = b.build().map_err(|e| {
             Error::usage(format!(
                 "S3 repository s3://{bucket}/{prefix}: {}",
                 clean(&e)
             ))
         })?;
-        Ok(CloudBackend::from_store(
-            Arc::new(store),
-            Cloud::S3,
-            bucket,
-            prefix,
-            opts.atomic_create,
-        ))
+        CloudBackend::configured(Arc::new(store), Cloud::S3, bucket, prefix, opts)
     }
 }
 

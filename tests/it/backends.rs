@@ -45,7 +45,7 @@ pub(crate) fn s3_backend(server: &S3Server) -> Arc<dyn Backend> {
 }
 
 /// What a backend on `server` needs (its endpoint and credentials).
-fn server_options(server: &S3Server) -> S3Options {
+pub(crate) fn server_options(server: &S3Server) -> S3Options {
     S3Options {
         endpoint: Some(server.endpoint.clone()),
         region: Some(server.region.clone()),
@@ -64,7 +64,7 @@ fn server_options(server: &S3Server) -> S3Options {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -516,7 +516,7 @@ fn stanza_create_refuses_a_repository_the_server_cannot_write() {
 /// The response headers of a HEAD of `bucket/key` on moto, lower-cased.
 /// Moto refuses anonymous reads of a private object but does not check
 /// signatures: an Authorization header naming a key is enough.
-fn moto_head(server: &S3Server, path: &str) -> String {
+pub(crate) fn moto_head(server: &S3Server, path: &str) -> String {
     use std::io::{Read, Write};
     let hostport = server
         .endpoint

@@ -31,6 +31,7 @@ mod pitr;
 mod prefetch;
 mod runbooks;
 mod standby;
+mod storageopts;
 mod targets;
 mod timelines;
 mod upgrade;

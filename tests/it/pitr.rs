@@ -29,6 +29,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const ARCHIVE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -238,7 +239,9 @@ struct Ledger {
 }
 
 /// Prepare pgbench tables and `ledger`, then take the shared backup while
-/// `pgbench -c 2 -T 10` writes. Returns the label and the ledger
+/// `pgbench -c 2` writes, in 3-second runs until the backup has returned
+/// (a fixed run could end before a backup slowed by a loaded machine
+/// starts). Returns the label and the ledger
 /// classification (from the commit records' LSNs in the primary's WAL).
 fn backup_under_load(env: &TestEnv, repo: &Repo, pg: &Cluster) -> (String, Ledger) {
     pg.pgbench(&["-i", "-s", "1", "-q"]);
@@ -250,24 +253,33 @@ fn backup_under_load(env: &TestEnv, repo: &Repo, pg: &Cluster) -> (String, Ledge
     fs::write(&script, BENCH_SCRIPT).expect("write pgbench script");
     let script = script.display().to_string();
 
+    let done = AtomicBool::new(false);
     let label = std::thread::scope(|s| {
-        let bench =
-            s.spawn(|| pg.pgbench(&["-n", "-c", "2", "-T", "10", "-R", "300", "-f", &script]));
-        // Let the load start before the backup does.
-        let start = Instant::now();
-        while pg.psql("select count(*) > 0 from ledger") != "t" {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "pgbench did not start writing"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        let label = backup(env, repo, pg);
+        let bench = s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                pg.pgbench(&["-n", "-c", "2", "-T", "3", "-R", "300", "-f", &script]);
+            }
+        });
+        // Whatever fails here must still stop the load, or the scope never
+        // ends.
+        let label = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Let the load start before the backup does.
+            let start = Instant::now();
+            while pg.psql("select count(*) > 0 from ledger") != "t" {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "pgbench did not start writing"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            backup(env, repo, pg)
+        }));
+        done.store(true, Ordering::SeqCst);
         if let Err(p) = bench.join() {
             std::panic::resume_unwind(p);
         }
-        label
+        label.unwrap_or_else(|p| std::panic::resume_unwind(p))
     });
     // Write, then switch: the switch record's end (what pg_switch_wal
     // returns) is flushed and inside a real segment, so pg_waldump can read

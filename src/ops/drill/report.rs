@@ -217,6 +217,9 @@ fn met(got: Option<f64>, objective: Option<f64>) -> bool {
 
 /// `4m12s`, `1h02m`, `3.2s`, `2d04h`.
 pub fn duration_text(secs: f64) -> String {
+    if secs < 1.0 {
+        return format!("{:.0}ms", secs * 1000.0);
+    }
     if secs < 60.0 {
         return format!("{secs:.1}s");
     }
@@ -235,6 +238,8 @@ mod tests {
     #[test]
     fn durations_read_like_people_write_them() {
         assert_eq!(duration_text(3.24), "3.2s");
+        assert_eq!(duration_text(0.001), "1ms");
+        assert_eq!(duration_text(0.8), "800ms");
         assert_eq!(duration_text(252.0), "4m12s");
         assert_eq!(duration_text(3720.0), "1h02m");
         assert_eq!(duration_text(190800.0), "2d05h");

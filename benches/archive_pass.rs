@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use pgvault::pg::blockref::{decode_segment, encode_segment};
 use pgvault::pg::walscan::{scan_segment, RangeUnion, ScanOptions, WalScanner};
 use pgvault::pg::Lsn;
-use pgvault::repo::codec::{EncodeOptions, Encoder};
+use pgvault::repo::codec::{Binding, EncodeOptions, Encoder, Keys};
 
 /// (name, major, bytes) of every fixture segment.
 fn segments() -> Vec<(String, u32, Vec<u8>)> {
@@ -81,7 +81,8 @@ fn options(name: &str, major: u32, len: usize) -> ScanOptions {
 }
 
 fn encode(bytes: &[u8], scan: Option<ScanOptions>) {
-    let mut enc = Encoder::new(io::sink(), EncodeOptions::default()).unwrap();
+    let (keys, bind) = (Keys::none(), Binding::object("bench"));
+    let mut enc = Encoder::new(io::sink(), EncodeOptions::default(), &keys, bind).unwrap();
     match scan {
         Some(o) => {
             let mut scanner = WalScanner::new(o);

@@ -12,6 +12,8 @@
 #                                     pg_basebackup --incremental (scripts/bench/incr.sh)
 #   BENCH_PART=s3expire               expire, info, verify of 10 backups of 20,000 tables on moto
 #                                     (scripts/bench/s3-expire.sh)
+#   BENCH_PART=cipher                 archive and backup/restore twice: pgvault without, then with
+#                                     encryption (BENCH_CIPHER=1), for encryption's cost (issue 11)
 #
 # Options (environment):
 #   BENCH_ROUNDS=3        rounds; every round pushes into fresh repositories
@@ -25,6 +27,8 @@
 #   BENCH_OUT=FILE        also write the results (markdown) to FILE
 #   BENCH_SKIP_PGVAULT=1  measure only pgBackRest and the floor (to try the
 #                         harness while pgvault does not work)
+#   BENCH_CIPHER=1        pgvault encrypts every object (repo-cipher-type =
+#                         xchacha20-poly1305, a key file in the work directory)
 #   KEEP=1                keep the temporary directory (cluster stopped)
 #
 # What is measured and how: see docs/benchmarks.md.
@@ -39,7 +43,11 @@ case "$PART" in
     recovery) exec scripts/bench/recovery.sh ;;
     incr) exec scripts/bench/incr.sh ;;
     s3expire) exec scripts/bench/s3-expire.sh ;;
-    *) echo "BENCH_PART must be archive, backup, drain, recovery, incr, s3expire or all" >&2; exit 2 ;;
+    cipher)
+        BENCH_CIPHER=0 BENCH_PART=all "$ROOT/scripts/bench.sh"
+        exec env BENCH_CIPHER=1 BENCH_PART=all "$ROOT/scripts/bench.sh"
+        ;;
+    *) echo "BENCH_PART must be archive, backup, drain, recovery, incr, s3expire, cipher or all" >&2; exit 2 ;;
 esac
 if [ "$PART" = all ]; then
     # The archive part first, in a subshell of its own, then backup/restore.
@@ -88,6 +96,7 @@ BASE="${BENCH_DIR:-/var/tmp}"
 mkdir -p "$BASE"
 WORK="$(mktemp -d "$BASE/pgvault-bench.XXXXXX")"
 chmod 755 "$WORK"
+pgv_bench_cipher
 PGDATA="$WORK/pgdata"
 SOCK="$WORK/run"
 WALOUT="$WORK/walcopy"

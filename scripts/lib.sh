@@ -406,6 +406,19 @@ pgv_bench_setup() {
     chmod 755 "$WORK"
     install -m 755 "$ROOT/target/release/pgvault" "$WORK/pgvault"
     PGV="$WORK/pgvault"
+    pgv_bench_cipher
+}
+
+# BENCH_CIPHER=1: every pgvault the benchmark runs encrypts (issue 11), with
+# a key file in $WORK; the environment reaches pgvault through as_user and
+# the server's archive_command alike.
+pgv_bench_cipher() {
+    [ "${BENCH_CIPHER:-0}" = 1 ] || return 0
+    head -c 48 /dev/urandom | base64 -w0 >"$WORK/repo.key"
+    chown "$PGV_TEST_USER" "$WORK/repo.key"
+    chmod 600 "$WORK/repo.key"
+    export PGVAULT_REPO_CIPHER_TYPE=xchacha20-poly1305 PGVAULT_REPO_CIPHER_KEY_FILE="$WORK/repo.key"
+    pgv_log "BENCH_CIPHER=1: pgvault encrypts (xchacha20-poly1305)"
 }
 
 as_user() { runuser -u "$PGV_TEST_USER" -- "$@"; }

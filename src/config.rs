@@ -67,6 +67,7 @@ use crate::ops::standby::{PrimaryOverride, StandbyMode};
 use crate::pg::conn::ConnParams;
 use crate::repo::azure::AzureOptions;
 use crate::repo::gcs::GcsOptions;
+use crate::repo::keys::{CipherSetting, KeySource};
 use crate::repo::s3::{S3Options, Sse};
 use crate::repo::storeopts::{ClientSettings, StorageClasses};
 use crate::repo::{EncodeOptions, RepoLocation, Repository};
@@ -110,6 +111,9 @@ pub struct Global {
     /// `repoN-path`, `repoN-s3-…`.
     #[command(flatten)]
     pub numbered: PerRepo<RepoSettings>,
+    /// Client-side encryption (every repository).
+    #[command(flatten)]
+    pub cipher: CipherSettings,
     /// Configuration file (TOML) [default: /etc/pgvault/pgvault.toml, when it exists]
     #[arg(
         long,
@@ -130,6 +134,82 @@ pub struct Global {
         help_heading = GENERAL
     )]
     pub log_level: log::LevelFilter,
+}
+
+/// Client-side encryption of every object written (docs/encryption.md).
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct CipherSettings {
+    /// Encrypt every object written with this construction: none or xchacha20-poly1305
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_REPO_CIPHER_TYPE",
+        value_name = "TYPE",
+        default_value = "none",
+        value_parser = ["none", crate::repo::crypt::CIPHER_NAME],
+        help_heading = REPOSITORY
+    )]
+    pub repo_cipher_type: String,
+    /// File holding the repository key (one line, at least 32 bytes)
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_REPO_CIPHER_KEY_FILE",
+        value_name = "FILE",
+        help_heading = REPOSITORY
+    )]
+    pub repo_cipher_key_file: Option<PathBuf>,
+    /// Shell command printing the repository key on its standard output (Vault, a cloud KMS, an HSM)
+    #[arg(
+        long,
+        global = true,
+        env = "PGVAULT_REPO_CIPHER_KEY_COMMAND",
+        value_name = "COMMAND",
+        help_heading = REPOSITORY
+    )]
+    pub repo_cipher_key_command: Option<String>,
+    /// The repository key itself (the file or the environment only)
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "PGVAULT_REPO_CIPHER_KEY",
+        value_parser = Secret::parse
+    )]
+    pub repo_cipher_key: Option<Secret>,
+}
+
+impl CipherSettings {
+    /// What the repository seals objects with; exactly one key source
+    /// with a cipher, none without.
+    pub fn setting(&self) -> Result<CipherSetting> {
+        if self.repo_cipher_type == "none" {
+            return Ok(CipherSetting::None);
+        }
+        let mut sources = Vec::new();
+        if let Some(p) = &self.repo_cipher_key_file {
+            sources.push(KeySource::File(p.clone()));
+        }
+        if let Some(c) = &self.repo_cipher_key_command {
+            sources.push(KeySource::Command(c.clone()));
+        }
+        if let Some(k) = &self.repo_cipher_key {
+            sources.push(KeySource::Value(zeroize::Zeroizing::new(
+                k.expose().as_bytes().to_vec(),
+            )));
+        }
+        let hint = "give the key in one of repo-cipher-key-file, repo-cipher-key-command or PGVAULT_REPO_CIPHER_KEY";
+        match sources.len() {
+            0 => Err(Error::key(format!(
+                "repo-cipher-type is {} and no key is given",
+                self.repo_cipher_type
+            ))
+            .hint(hint)),
+            1 => Ok(CipherSetting::Sealed(sources.remove(0))),
+            _ => Err(Error::usage("more than one repository key is given").hint(hint)),
+        }
+    }
 }
 
 /// How to reach an S3 repository: repository 1's as they are
@@ -911,6 +991,54 @@ pub struct Backfill {
     pub catalog: CatalogFile,
 }
 
+/// `key add`: the master key to add.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct KeyAdd {
+    /// File holding the key to add (one line, at least 32 bytes)
+    #[arg(long, env = "PGVAULT_REPO_CIPHER_NEW_KEY_FILE", value_name = "FILE")]
+    pub repo_cipher_new_key_file: Option<PathBuf>,
+    /// Shell command printing the key to add on its standard output
+    #[arg(
+        long,
+        env = "PGVAULT_REPO_CIPHER_NEW_KEY_COMMAND",
+        value_name = "COMMAND"
+    )]
+    pub repo_cipher_new_key_command: Option<String>,
+    /// The key to add itself (the file or the environment only)
+    #[arg(
+        long,
+        hide = true,
+        env = "PGVAULT_REPO_CIPHER_NEW_KEY",
+        value_parser = Secret::parse
+    )]
+    pub repo_cipher_new_key: Option<Secret>,
+}
+
+impl KeyAdd {
+    /// Where the key to add comes from; `None` when none is given.
+    pub fn source(&self) -> Result<Option<KeySource>> {
+        let mut sources = Vec::new();
+        if let Some(p) = &self.repo_cipher_new_key_file {
+            sources.push(KeySource::File(p.clone()));
+        }
+        if let Some(c) = &self.repo_cipher_new_key_command {
+            sources.push(KeySource::Command(c.clone()));
+        }
+        if let Some(k) = &self.repo_cipher_new_key {
+            sources.push(KeySource::Value(zeroize::Zeroizing::new(
+                k.expose().as_bytes().to_vec(),
+            )));
+        }
+        if sources.len() > 1 {
+            return Err(Error::usage("more than one key to add is given").hint(
+                "give it in one of repo-cipher-new-key-file, repo-cipher-new-key-command or PGVAULT_REPO_CIPHER_NEW_KEY",
+            ));
+        }
+        Ok(sources.pop())
+    }
+}
+
 /// A value never shown: not by `Debug`, not in an error, not in `--help`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -1048,7 +1176,10 @@ impl Global {
     }
 
     pub fn open(&self, r: &RepoConfig) -> Result<Repository> {
-        Repository::open(r.location.clone(), &self.stanza, &r.s3.options()?)
+        Ok(
+            Repository::open(r.location.clone(), &self.stanza, &r.s3.options()?)?
+                .with_cipher(self.cipher.setting()?),
+        )
     }
 
     /// The repository for `archive-push` and `archive-get`, which serve

@@ -42,6 +42,9 @@ pub enum Kind {
     /// What was restored does not work: `drill`'s scratch cluster did not
     /// recover, or failed one of its checks.
     DrillFailed,
+    /// The repository is encrypted and the key is missing, is not one of
+    /// its keys, or cannot be read (`repo-cipher-*`).
+    Key,
 }
 
 impl Kind {
@@ -60,6 +63,7 @@ impl Kind {
             Kind::Timeline => 12,
             Kind::Threshold => 13,
             Kind::DrillFailed => 14,
+            Kind::Key => 15,
         }
     }
 }
@@ -95,6 +99,9 @@ impl Error {
     }
     pub fn stanza(message: impl Into<String>) -> Self {
         Self::new(Kind::Stanza, message)
+    }
+    pub fn key(message: impl Into<String>) -> Self {
+        Self::new(Kind::Key, message)
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(Kind::Internal, message)

@@ -98,6 +98,9 @@ pub enum Command {
         /// Output format: text for people, json for scripts
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// First seal the plaintext objects of a stanza encrypted after it was created (backup data objects excepted: see docs/encryption.md)
+        #[arg(long)]
+        reencrypt: bool,
         #[command(flatten)]
         options: config::Verify,
     },
@@ -124,6 +127,11 @@ pub enum Command {
         #[command(flatten)]
         options: config::Backfill,
     },
+    /// The repository's encryption keys: add one (or turn encryption on), list them, retire one
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Print the completion script for SHELL on stdout (packaging: generated from these definitions)
     #[command(hide = true)]
     Completions {
@@ -135,6 +143,28 @@ pub enum Command {
     Man {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+    },
+}
+
+/// `pgvault key …` (docs/encryption.md).
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeyAction {
+    /// Wrap the stanza's data keys with another key too (only a small key object is written); on a stanza without keys, turn encryption on with the configured key
+    Add {
+        #[command(flatten)]
+        options: config::KeyAdd,
+    },
+    /// The keys that open the stanza (ids only: a key is never shown)
+    List {
+        /// Output format: text for people, json for scripts
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Delete key ID's key object: that key no longer opens the stanza (data is not rewritten)
+    Retire {
+        /// The key's id, as `key list` shows it
+        #[arg(value_name = "ID")]
+        id: String,
     },
 }
 

@@ -403,6 +403,12 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     for w in &c.warnings {
                         log::warn!("{w}");
                     }
+                    if let Some(id) = &c.key {
+                        eprintln!(
+                            "pgvault: key {id} opens stanza {} and seals its objects",
+                            repo.stanza()
+                        );
+                    }
                     let through = c
                         .primary
                         .as_ref()
@@ -470,9 +476,14 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
             }
             Ok(each.code(0))
         }
-        Command::Verify { output, options: o } => {
+        Command::Verify {
+            output,
+            reencrypt,
+            options: o,
+        } => {
             let opts = ops::verify::VerifyOptions {
                 process_max: o.workers.process_max,
+                reencrypt: *reencrypt,
             };
             let repos = g.repos()?;
             let mut each = Each::new(&repos);
@@ -511,6 +522,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                         catalog: g.catalog(r, &o.catalog),
                         conn: o.status.connection.if_given(),
                         spool: g.spool(r, &o.status.spool),
+                        sealing: true,
                     };
                     let mut report = ops::info::info(&repo, &opts).await?;
                     report.repository_number = r.number;
@@ -556,6 +568,7 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     catalog: g.catalog(&r, &o.catalog),
                     conn: o.status.connection.if_given(),
                     spool: g.spool(&r, &o.status.spool),
+                    sealing: false,
                 },
             };
             tokio::select! {
@@ -580,6 +593,37 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                     )
                     .await?;
                     render::backfill(&b, *output)
+                };
+                let done = done.await;
+                each.note(r, done)?;
+            }
+            Ok(each.code(0))
+        }
+        Command::Key { action } => {
+            let repos = g.repos()?;
+            let mut each = Each::new(&repos);
+            for r in &repos {
+                let done = async {
+                    let repo = g.open(r)?;
+                    match action {
+                        args::KeyAction::Add { options } => {
+                            let source = options.source()?;
+                            let a = ops::key::add(&repo, source.as_ref()).await?;
+                            render::key_added(&repo, &a);
+                        }
+                        args::KeyAction::List { output } => {
+                            let keys = ops::key::list(&repo).await?;
+                            render::key_list(&keys, *output)?;
+                        }
+                        args::KeyAction::Retire { id } => {
+                            ops::key::retire(&repo, id).await?;
+                            eprintln!(
+                                "pgvault: key {id} retired: it no longer opens stanza {}",
+                                repo.stanza()
+                            );
+                        }
+                    }
+                    Ok(())
                 };
                 let done = done.await;
                 each.note(r, done)?;
@@ -972,6 +1016,22 @@ fn restore_command(g: &Global, config_file: Option<&Path>, repos: &[RepoConfig])
         }
         if !s3.azure_bulk_delete {
             parts.push(format!("{}=false", name("azure-bulk-delete")));
+        }
+    }
+    // The key's place, never the key: a key file, or the command that
+    // prints it (PostgreSQL's environment lacks PGVAULT_REPO_CIPHER_KEY
+    // unless its service sets it, or the configuration file holds it).
+    let c = &g.cipher;
+    if c.repo_cipher_type != "none" {
+        parts.push(format!("--repo-cipher-type={}", c.repo_cipher_type));
+        if let Some(f) = &c.repo_cipher_key_file {
+            let f = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+            parts.push("--repo-cipher-key-file".into());
+            parts.push(shell_quote(&f.display().to_string()));
+        }
+        if let Some(cmd) = &c.repo_cipher_key_command {
+            parts.push("--repo-cipher-key-command".into());
+            parts.push(shell_quote(cmd));
         }
     }
     if let Some(n) = selected {

@@ -323,6 +323,12 @@ fn verify(r: &VerifyReport, output: Output) -> Result<()> {
         return json(r);
     }
     let mut s = String::new();
+    if let Some(n) = r.sealed {
+        s += &format!("sealed {n} plaintext object(s)\n");
+    }
+    if let Some(e) = &r.encryption {
+        s += &encryption_line(e);
+    }
     for p in &r.problems {
         s += &format!("{}: {}: {}\n", p.kind, p.what, p.detail);
     }
@@ -368,10 +374,63 @@ pub fn backfill(r: &BackfillReport, output: Output) -> Result<()> {
     out(&s)
 }
 
+/// How much of an encrypted stanza is still plaintext, in one line.
+fn encryption_line(e: &crate::repo::sealing::SealingReport) -> String {
+    if e.plaintext_objects == 0 {
+        return format!("encryption: all {} objects sealed\n", e.objects);
+    }
+    format!(
+        "encryption: {} of {} objects still plaintext ({} of {}; {} of them backup data, sealed only by new backups)\n",
+        e.plaintext_objects,
+        e.objects,
+        bytes(e.plaintext_bytes),
+        bytes(e.bytes),
+        e.plaintext_backup_objects
+    )
+}
+
+pub fn key_added(repo: &Repository, a: &crate::ops::key::KeyAdded) {
+    if let Some(id) = &a.initialized {
+        eprintln!(
+            "pgvault: stanza {} is encrypted from now on, with key {id}",
+            repo.stanza()
+        );
+    }
+    if let Some((id, already)) = &a.added {
+        if *already {
+            eprintln!("pgvault: key {id} opens stanza {} already", repo.stanza());
+        } else {
+            eprintln!(
+                "pgvault: key {id} added: it opens stanza {} too",
+                repo.stanza()
+            );
+        }
+    }
+}
+
+pub fn key_list(keys: &[crate::repo::keys::KeyListing], output: Output) -> Result<()> {
+    if output == Output::Json {
+        return json(&keys);
+    }
+    let mut s = String::new();
+    for k in keys {
+        let mark = if k.configured { "  (configured)" } else { "" };
+        s += &format!("{}  created {}{mark}\n", k.id, k.created_at);
+    }
+    if keys.is_empty() {
+        s += "no keys: the stanza is not encrypted\n";
+    }
+    out(&s)
+}
+
 fn info_text(r: &InfoReport, several: bool) -> String {
     let mut s = String::new();
     let st = &r.stanza;
     s += &format!("stanza: {}\n", st.name);
+    if let Some(e) = &r.encryption {
+        s += "    ";
+        s += &encryption_line(e);
+    }
     if several || r.repository_number > 1 {
         s += &format!("    repository {}: {}\n", r.repository_number, r.repository);
     } else {

@@ -35,6 +35,9 @@ pub struct CheckOptions {
 #[derive(Debug, Clone)]
 pub struct CheckReport {
     pub segment: String,
+    /// The id of the configured key, proven to open the stanza's data keys
+    /// and to seal and open an object (an encrypted stanza).
+    pub key: Option<String>,
     /// The primary archiving was proven on, when `conn` is a standby.
     pub primary: Option<String>,
     pub warnings: Vec<String>,
@@ -65,6 +68,9 @@ pub async fn check(
     opts: &CheckOptions,
     progress: &dyn Progress,
 ) -> Result<CheckReport> {
+    // Before anything else: a key that does not work fails here, with its
+    // own error, not as an archive_command that fails in the server log.
+    let key = repo.prove_key().await?;
     let stanza = repo.require_stanza().await?;
     let db = stanza.current().clone();
     let session = Session::connect(&opts.conn).await.map_err(pg_error)?;
@@ -150,6 +156,7 @@ pub async fn check(
     }
     missed_wal(repo, &archive, &listing, &mut warnings).await?;
     Ok(CheckReport {
+        key,
         segment,
         primary: primary.map(|p| p.params.describe()),
         warnings,

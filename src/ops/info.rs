@@ -27,6 +27,10 @@ pub const INFO_SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Clone, Serialize)]
 pub struct InfoReport {
     pub schema_version: u32,
+    /// With encryption configured: how much of the stanza is still
+    /// plaintext (`repo::sealing`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::repo::sealing::SealingReport>,
     pub repository: String,
     pub stanza: StanzaReport,
     /// Complete backups, oldest first (by the stop LSN the server reported).
@@ -99,6 +103,9 @@ pub struct InfoOptions {
     /// The server, for its archiver's state (`None`: not asked).
     pub conn: Option<ConnParams>,
     pub spool: Option<SpoolDir>,
+    /// With encryption configured: read each object's header to say how
+    /// much is still plaintext (`info`; not the exporter, every refresh).
+    pub sealing: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -292,7 +299,12 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
             path: s.path().display().to_string(),
             pushed_ahead: s.pushed_names().len() as u64,
         });
+    let encryption = match opts.sealing && repo.encryption_configured() {
+        true => Some(repo.sealing().await?),
+        false => None,
+    };
     let report = InfoReport {
+        encryption,
         schema_version: INFO_SCHEMA_VERSION,
         repository: repo.describe(),
         stanza: StanzaReport {

@@ -11,6 +11,7 @@ pub mod expire;
 pub mod exporter;
 pub mod gaps;
 pub mod info;
+pub mod key;
 pub mod metrics;
 pub mod progress;
 pub mod restore;

@@ -117,10 +117,24 @@ pub async fn stanza_create(repo: &Repository, opts: &StanzaCreateOptions) -> Res
     check_owner(repo, &opts.pgdata)
         .await
         .map_err(|e| e.context(format!("stanza-create {}", repo.stanza())))?;
+    let cluster = read_cluster(opts.pgdata.clone()).await?;
+    // The key object first: every object after it is sealed (the probe's
+    // and the stanza object too). On an existing stanza this turns
+    // encryption on; its older objects stay readable.
+    if repo.encryption_configured() {
+        let sealed = async {
+            if repo.init_keys().await? {
+                repo.seal_stanza_object().await?;
+            }
+            Ok::<_, Error>(())
+        };
+        sealed
+            .await
+            .map_err(|e| e.context(format!("stanza-create {}", repo.stanza())))?;
+    }
     probe_create_if_absent(repo)
         .await
         .map_err(|e| e.context(format!("stanza-create {}", repo.stanza())))?;
-    let cluster = read_cluster(opts.pgdata.clone()).await?;
     let db = db_info(1, &cluster);
     let outcome = repo
         .create_stanza(db.clone())

@@ -30,7 +30,7 @@ use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::blockmap::{self, Ranges};
 use crate::repo::blocksums::{BlockSums, Summer};
 use crate::repo::chunked;
-use crate::repo::codec::{self, Sha256Sum};
+use crate::repo::codec::{self, Binding, Keys, Sha256Sum};
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
 use crate::repo::orphans::{self, Orphan};
@@ -40,6 +40,9 @@ use crate::repo::{Backend, DbInfo, Fetched, Repository};
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
     pub process_max: usize,
+    /// Seal the plaintext objects of an encrypted stanza first
+    /// (`--reencrypt`, `repo::sealing`).
+    pub reencrypt: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,13 +57,20 @@ pub struct VerifyReport {
     /// What killed or failed commands left behind (not problems: `expire`
     /// removes them).
     pub orphans: Vec<Orphan>,
+    /// With `--reencrypt`: how many plaintext objects were sealed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<u64>,
+    /// With encryption configured: how much is still plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::repo::sealing::SealingReport>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
     /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`,
     /// `damaged-record`, `unknown-object`, `superseded`, `dropped` (WAL
-    /// this repository missed: its gap markers).
+    /// this repository missed: its gap markers), `key` (an encrypted object
+    /// the configured key does not open).
     pub kind: String,
     /// The object, file or WAL range concerned.
     pub what: String,
@@ -105,6 +115,14 @@ pub async fn verify(
 ) -> Result<VerifyReport> {
     let started = chrono::Utc::now();
     let mut problems = Vec::new();
+    let sealed = if opts.reencrypt {
+        let lock = repo.lock("verify --reencrypt").await?;
+        let n = repo.reencrypt().await;
+        lock.release().await?;
+        Some(n?)
+    } else {
+        None
+    };
     let backups = repo.backups().await?;
     let dbs = match repo.fetch_stanza().await? {
         Fetched::Found(stanza) => stanza.dbs,
@@ -367,12 +385,14 @@ pub async fn verify(
     progress.phase("read objects");
     progress.set_total(jobs.len() as u64, 0);
     let backend = repo.backend().clone();
+    let keys = repo.keys().await?;
     let results: Vec<(Vec<Problem>, u64)> = stream::iter(jobs)
         .map(|job| {
             let backend = backend.clone();
             let progress = progress.clone();
+            let keys = keys.clone();
             async move {
-                let r = check_job(backend, job).await;
+                let r = check_job(backend, job, keys).await;
                 progress.file_done(r.1);
                 r
             }
@@ -396,6 +416,11 @@ pub async fn verify(
         bytes_read,
         problems,
         orphans: leftovers,
+        sealed,
+        encryption: match repo.encryption_configured() {
+            true => Some(repo.sealing().await?),
+            false => None,
+        },
     };
     keep_result(repo, &report, &started).await;
     Ok(report)
@@ -568,7 +593,7 @@ fn check_sums(
 }
 
 /// Reads one object; returns its problems and the bytes read.
-async fn check_job(backend: Arc<dyn Backend>, job: Job) -> (Vec<Problem>, u64) {
+async fn check_job(backend: Arc<dyn Backend>, job: Job, keys: Keys) -> (Vec<Problem>, u64) {
     let key = match &job {
         Job::Wal { key, .. } | Job::Backup { key, .. } => key.clone(),
     };
@@ -593,7 +618,7 @@ async fn check_job(backend: Arc<dyn Backend>, job: Job) -> (Vec<Problem>, u64) {
         }
         Err(e) => return (vec![problem("unreadable", what, e.to_string())], 0),
     };
-    let r = tokio::task::spawn_blocking(move || check_blocking(reader, job, &what)).await;
+    let r = tokio::task::spawn_blocking(move || check_blocking(reader, job, &what, &keys)).await;
     match r {
         Ok(r) => r,
         Err(e) => (vec![problem("unreadable", key, e.to_string())], 0),
@@ -613,14 +638,34 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Problem>, u64) {
+/// How a problem decoding an object is filed: a key that does not open it
+/// is not damage.
+fn decode_kind(e: &codec::CodecError) -> &'static str {
+    if e.key_problem().is_some() {
+        "key"
+    } else {
+        "corrupt"
+    }
+}
+
+fn check_blocking(
+    reader: Box<dyn Read + Send>,
+    job: Job,
+    what: &str,
+    keys: &Keys,
+) -> (Vec<Problem>, u64) {
     let mut r = Counted {
         inner: reader,
         n: 0,
     };
     let mut problems = Vec::new();
     match job {
-        Job::Wal { sha, .. } => match codec::decode(&mut r, io::sink()) {
+        Job::Wal { sha, ref key } => match codec::decode(
+            &mut r,
+            io::sink(),
+            keys,
+            Binding::object(layout::binding_name(key)),
+        ) {
             Ok(d) if d.sha256 == sha => {}
             Ok(d) => problems.push(problem(
                 "corrupt",
@@ -630,10 +675,13 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                     d.sha256, sha
                 ),
             )),
-            Err(e) => problems.push(problem("corrupt", what, e.to_string())),
+            Err(e) => problems.push(problem(decode_kind(&e), what, e.to_string())),
         },
         Job::Backup {
-            label, files, sums, ..
+            label,
+            files,
+            sums,
+            key,
         } => {
             let mut pos = 0u64;
             for (f, check) in &files {
@@ -648,12 +696,15 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                 }
                 let mut part = (&mut r).take(f.length);
                 let mut summer = Summer::new();
+                let bind = Binding::at(&key, f.offset);
                 match chunked::decode_piece(
                     &mut part,
                     &mut summer,
                     f.length,
                     f.size,
                     f.chunk_blocks,
+                    keys,
+                    bind,
                 ) {
                     Ok(d) if d.sha256.to_hex() == f.sha256 && d.size == f.size => {
                         if let (Some(c), Some(s)) = (check, &sums) {
@@ -666,7 +717,7 @@ fn check_blocking(reader: Box<dyn Read + Send>, job: Job, what: &str) -> (Vec<Pr
                         format!("backup {label}: content does not match the manifest ({what})"),
                     )),
                     Err(e) => problems.push(problem(
-                        "corrupt",
+                        decode_kind(&e),
                         f.path.clone(),
                         format!("backup {label}: {e} ({what})"),
                     )),

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::backend::{ObjectMeta, ObjectReader, Spool};
-use super::codec::{self, CodecError, Digest256, Sha256Sum};
+use super::codec::{self, Binding, CodecError, Digest256, Keys, Sha256Sum};
 use super::layout::{self, ArchiveKey};
 use super::{DbInfo, Deletion, Fetched, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Kind, Result, WriteWatch};
@@ -112,6 +112,11 @@ impl Archive {
     /// themselves, like `verify`).
     pub fn content_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
         self.data_key(name, sha)
+    }
+    /// What every content of `name` is bound to when sealed (its key is
+    /// known only once it is encoded: see `layout::binding_name`).
+    pub fn content_binding(&self, name: &WalFileName) -> String {
+        layout::wal_content_binding(self.repo.stanza(), &self.dir(), name)
     }
     fn data_key(&self, name: &WalFileName, sha: &Sha256Sum) -> String {
         layout::wal_data_key(self.repo.stanza(), &self.dir(), name, sha)
@@ -335,14 +340,16 @@ impl Archive {
             return Err(Error::repository(format!("{what} is missing")));
         };
         let expected = *sha;
+        let keys = self.repo.keys().await?;
         tokio::task::spawn_blocking(move || {
             let mut watch = WriteWatch::new(sink);
-            decode_checked(reader, &mut watch, expected, &what).map_err(|e| {
-                match (watch.error(), &dest) {
+            let bind = Binding::object(layout::binding_name(&key));
+            decode_checked(reader, &mut watch, expected, &what, &keys, bind).map_err(
+                |e| match (watch.error(), &dest) {
                     (Some(w), Some(dest)) => Error::io(Kind::Internal, "write", dest.display(), &w),
                     _ => e,
-                }
-            })?;
+                },
+            )?;
             Ok(watch.into_inner())
         })
         .await?
@@ -496,16 +503,17 @@ impl Archive {
         let Some(raw) = self.repo.backend().get_bytes(&key).await? else {
             return Ok(BlockRefsRead::Missing);
         };
-        let what = format!("{}/{key}", self.repo.describe());
+        let keys = self.repo.keys().await?;
+        let repo = self.repo.clone();
         let parsed = tokio::task::spawn_blocking(move || {
-            codec::decode_bytes(&raw)
-                .map_err(|e| e.to_string())
-                .and_then(|b| decode_segment(&b).map_err(|e| e.to_string()))
+            Ok::<_, Error>(repo.decode_small(&keys, &raw, &key)?.and_then(|b| {
+                decode_segment(&b).map_err(|e| format!("{}/{key}: {e}", repo.describe()))
+            }))
         })
-        .await?;
+        .await??;
         Ok(match parsed {
             Ok(s) => BlockRefsRead::Found(Box::new(s)),
-            Err(e) => BlockRefsRead::Damaged(format!("{what}: {e}")),
+            Err(e) => BlockRefsRead::Damaged(e),
         })
     }
 
@@ -519,14 +527,13 @@ impl Archive {
             return Ok(SummaryRead::Missing);
         };
         let what = format!("{}/{key}", self.repo.describe());
-        let parsed = codec::decode_bytes(&raw)
-            .map_err(|e| e.to_string())
-            .and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| format!("unreadable summary: {e}"))
-            });
+        let keys = self.repo.keys().await?;
+        let parsed = self.repo.decode_small(&keys, &raw, &key)?.and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| format!("{what}: unreadable summary: {e}"))
+        });
         Ok(match parsed {
             Ok(s) => SummaryRead::Found(Box::new(s)),
-            Err(e) => SummaryRead::Damaged(format!("{what}: {e}")),
+            Err(e) => SummaryRead::Damaged(e),
         })
     }
 
@@ -821,9 +828,12 @@ fn decode_checked<W: Write>(
     sink: &mut W,
     expected: Sha256Sum,
     what: &str,
+    keys: &Keys,
+    bind: Binding<'_>,
 ) -> Result<()> {
-    let digest = codec::decode(reader, sink).map_err(|e| match e {
+    let digest = codec::decode(reader, sink, keys, bind).map_err(|e| match e {
         CodecError::Io(io) => Error::repository(format!("read {what}: {io}")),
+        CodecError::Open(o) if o.is_key_problem() => super::keys::key_error(what, &o),
         other => Error::repository(format!("{what}: {other}")),
     })?;
     if digest.sha256 != expected {
@@ -921,7 +931,9 @@ mod tests {
         let (a2, n2) = (archive.clone(), name.clone());
         let (spool, digest) = tokio::task::spawn_blocking(move || {
             let spool = a2.spool(&n2).unwrap();
-            let mut enc = codec::Encoder::new(spool, Default::default()).unwrap();
+            let bind = a2.content_binding(&n2);
+            let (opts, keys) = (Default::default(), Keys::none());
+            let mut enc = codec::Encoder::new(spool, opts, &keys, Binding::object(&bind)).unwrap();
             enc.write_all(&bytes).unwrap();
             enc.finish().unwrap()
         })

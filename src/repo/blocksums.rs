@@ -213,8 +213,11 @@ impl Repository {
         let backend = self.backend().clone();
         let dir = layout::backup_dir(self.stanza(), label);
         let what2 = what.clone();
+        let keys = self.keys().await?;
+        let key2 = key.clone();
         let spool = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            let mut enc = Encoder::new(backend.spool(&dir)?, opts)?;
+            let bind = codec::Binding::object(&key2);
+            let mut enc = Encoder::new(backend.spool(&dir)?, opts, &keys, bind)?;
             enc.write_all(MAGIC)?;
             for s in sinks {
                 io::copy(&mut s.into_file()?, &mut enc)?;
@@ -238,14 +241,15 @@ impl Repository {
         let Some(reader) = self.backend().get(&key).await? else {
             return Ok(Fetched::Missing);
         };
+        let keys = self.keys().await?;
         tokio::task::spawn_blocking(move || {
             let tmp = tempfile::tempfile()
                 .map_err(|e| Error::io_in(Kind::Internal, "create a temporary file", &e))?;
             let mut out = BufWriter::new(tmp);
-            match codec::decode(reader, &mut out) {
+            match codec::decode(reader, &mut out, &keys, codec::Binding::object(&key)) {
                 Ok(_) => {}
                 Err(e) if e.is_corruption() => return Ok(Fetched::Damaged(format!("{what}: {e}"))),
-                Err(e) => return Err(Error::repository(format!("read {what}: {e}"))),
+                Err(e) => return Err(crate::repo::keys::decode_error(&format!("read {what}"), e)),
             }
             let file = out.into_inner().map_err(|e| {
                 Error::io_in(Kind::Internal, "write a temporary file", &e.into_error())

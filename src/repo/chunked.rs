@@ -16,12 +16,15 @@
 //! tail (the index) first. Every chunk's envelope carries the SHA-256 of
 //! its raw bytes, and the piece's SHA-256 in the manifest covers them all.
 //! A piece without `chunk_blocks` in the manifest (written before chunks,
-//! or a small file in a bundle) is one envelope.
+//! or a small file in a bundle) is one envelope. Every envelope (each
+//! chunk, the index) is bound, when sealed, to the object's key and its own
+//! offset in the object, so a chunk moved elsewhere does not open.
 
 use std::io::{self, Read, Write};
 use std::ops::Range;
 
-use super::codec::{self, CodecError, Digest256, EncodeOptions, Encoder, HashingWriter};
+use super::codec::{self, Binding, CodecError, Digest256, EncodeOptions, Encoder, HashingWriter};
+use super::crypt::Keys;
 use super::Backend;
 use crate::error::{Error, Result};
 use crate::pg::relfile::BLOCK_SIZE;
@@ -33,6 +36,10 @@ pub const CHUNK_BLOCKS: u32 = 128;
 pub struct ChunkedEncoder<W: Write> {
     out: W,
     opts: EncodeOptions,
+    keys: Keys,
+    /// The object's key and the piece's offset in it.
+    key: String,
+    base: u64,
     buf: Vec<u8>,
     raw: HashingWriter<io::Sink>,
     /// Bytes of the piece written so far.
@@ -45,12 +52,15 @@ fn chunk_raw(chunk_blocks: u32) -> usize {
 }
 
 impl<W: Write> ChunkedEncoder<W> {
-    pub fn new(out: W, opts: EncodeOptions) -> Self {
+    pub fn new(out: W, opts: EncodeOptions, keys: &Keys, bind: Binding<'_>) -> Self {
         ChunkedEncoder {
             out,
             // A chunk is compressed alone: zstd's worker threads would
             // only cost their start-up.
             opts: EncodeOptions { threads: 0, ..opts },
+            keys: keys.clone(),
+            key: bind.key.to_string(),
+            base: bind.offset,
             buf: Vec::with_capacity(chunk_raw(CHUNK_BLOCKS)),
             raw: HashingWriter::new(io::sink()),
             pos: 0,
@@ -67,8 +77,13 @@ impl<W: Write> ChunkedEncoder<W> {
         Ok(())
     }
 
+    /// Where the next envelope starts in the object, after its length.
+    fn next_binding(&self) -> Binding<'_> {
+        Binding::at(&self.key, self.base + self.pos + 4)
+    }
+
     fn flush_chunk(&mut self) -> io::Result<()> {
-        let env = codec::encode_bytes(&self.buf, self.opts)?;
+        let env = codec::encode_bytes(&self.buf, self.opts, &self.keys, self.next_binding())?;
         self.offsets.push(self.pos);
         self.put(&env)?;
         self.buf.clear();
@@ -82,7 +97,8 @@ impl<W: Write> ChunkedEncoder<W> {
             self.flush_chunk()?;
         }
         let index: Vec<u8> = self.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
-        let env = codec::encode_bytes(&index, self.opts)?;
+        let bind = Binding::at(&self.key, self.base + self.pos);
+        let env = codec::encode_bytes(&index, self.opts, &self.keys, bind)?;
         self.out.write_all(&env)?;
         let len = u32::try_from(env.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "index too large"))?;
@@ -119,10 +135,16 @@ pub enum PieceEncoder<W: Write> {
 }
 
 impl<W: Write> PieceEncoder<W> {
-    pub fn new(out: W, opts: EncodeOptions, chunked: bool) -> io::Result<Self> {
+    pub fn new(
+        out: W,
+        opts: EncodeOptions,
+        chunked: bool,
+        keys: &Keys,
+        bind: Binding<'_>,
+    ) -> io::Result<Self> {
         Ok(match chunked {
-            true => PieceEncoder::Chunked(ChunkedEncoder::new(out, opts)),
-            false => PieceEncoder::Whole(Encoder::new(out, opts)?),
+            true => PieceEncoder::Chunked(ChunkedEncoder::new(out, opts, keys, bind)),
+            false => PieceEncoder::Whole(Encoder::new(out, opts, keys, bind)?),
         })
     }
 
@@ -159,12 +181,15 @@ pub fn decode_piece<R: Read, W: Write>(
     length: u64,
     raw_size: u64,
     chunk_blocks: Option<u32>,
+    keys: &Keys,
+    bind: Binding<'_>,
 ) -> std::result::Result<Digest256, CodecError> {
     let Some(cb) = chunk_blocks else {
-        return codec::decode_sized(input, out, length);
+        return codec::decode_sized(input, out, length, keys, bind);
     };
     let mut sink = HashingWriter::new(out);
     let chunks = raw_size.div_ceil(chunk_raw(cb.max(1)) as u64);
+    let mut pos = bind.offset;
     for _ in 0..chunks {
         let mut l = [0u8; 4];
         input.read_exact(&mut l).map_err(|e| match e.kind() {
@@ -172,7 +197,15 @@ pub fn decode_piece<R: Read, W: Write>(
             _ => CodecError::from(e),
         })?;
         let len = u32::from_le_bytes(l);
-        codec::decode_sized((&mut input).take(u64::from(len)), &mut sink, u64::from(len))?;
+        let at = Binding::at(bind.key, pos + 4);
+        codec::decode_sized(
+            (&mut input).take(u64::from(len)),
+            &mut sink,
+            u64::from(len),
+            keys,
+            at,
+        )?;
+        pos += 4 + u64::from(len);
     }
     let (_, d) = sink.finish();
     Ok(d)
@@ -183,6 +216,7 @@ pub fn decode_piece<R: Read, W: Write>(
 /// read to learn them.
 pub async fn chunk_ranges(
     backend: &dyn Backend,
+    keys: &Keys,
     key: &str,
     offset: u64,
     length: u64,
@@ -218,7 +252,8 @@ pub async fn chunk_ranges(
     } else {
         return Err(bad("its length points before the piece".into()));
     };
-    let index = codec::decode_bytes(&env).map_err(|e| bad(e.to_string()))?;
+    let index = codec::decode_bytes(&env, keys, Binding::at(key, index_start))
+        .map_err(|e| bad(e.to_string()))?;
     let offsets: Vec<u64> = index
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
@@ -243,7 +278,13 @@ mod tests {
         let raw: Vec<u8> = (0..(CHUNK_BLOCKS as usize * BLOCK_SIZE * 2 + 5000))
             .map(|i| (i / 7) as u8)
             .collect();
-        let mut enc = ChunkedEncoder::new(Vec::new(), EncodeOptions::default());
+        let (keys, key) = (Keys::none(), "s/backup/L/data/0-0.pgv");
+        let mut enc = ChunkedEncoder::new(
+            Vec::new(),
+            EncodeOptions::default(),
+            &keys,
+            Binding::object(key),
+        );
         for c in raw.chunks(100_000) {
             enc.write_all(c).unwrap();
         }
@@ -256,12 +297,24 @@ mod tests {
             stored.len() as u64,
             raw.len() as u64,
             Some(CHUNK_BLOCKS),
+            &keys,
+            Binding::object(key),
         )
         .unwrap();
         assert_eq!(out, raw);
         assert_eq!(got.sha256, d.sha256);
         // Cut short: an error, never a short success.
         let cut = &stored[..stored.len() / 2];
-        assert!(decode_piece(cut, io::sink(), 0, raw.len() as u64, Some(CHUNK_BLOCKS)).is_err());
+        let bind = Binding::object(key);
+        let got = decode_piece(
+            cut,
+            io::sink(),
+            0,
+            raw.len() as u64,
+            Some(CHUNK_BLOCKS),
+            &keys,
+            bind,
+        );
+        assert!(got.is_err());
     }
 }

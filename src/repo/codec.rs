@@ -15,14 +15,28 @@
 //! and hands nothing on until the check passed (callers decode into a
 //! temporary file and only then rename it into place).
 //!
-//! The format version leaves room for encryption (the `encryption` byte) and
-//! for other compressions.
+//! An encrypted object (`encryption` = 1, see `repo::crypt`) has the data
+//! key's id and a salt after the header, and everything after them (the
+//! payload and the trailer) is sealed in STREAM segments:
+//!
+//! ```text
+//! header  (16 bytes)  as above, encryption = 1
+//! seal    (32 bytes)  data key id (8) | salt (24)
+//! sealed              XChaCha20-Poly1305 STREAM of (payload | trailer), 64 KiB segments
+//! ```
+//!
+//! The trailer is sealed too: the SHA-256 of a file's plaintext would let
+//! anyone holding a guess confirm it. Every encode and decode names the
+//! object's [`Binding`] (its key, and its offset in a bundle), which sealed
+//! objects authenticate; a plaintext object ignores it.
 
 use std::io::{self, BufRead, Read, Write};
 
 use sha2::{Digest, Sha256};
 
 use super::backend::TransferError;
+use super::crypt::{self, OpenError, OpenReader, SealWriter, SEAL_HEADER_LEN};
+pub use super::crypt::{Binding, Keys};
 
 pub const MAGIC: &[u8; 8] = b"PGVAULT\0";
 pub const TRAILER_MAGIC: &[u8; 8] = b"PGVEND\0\0";
@@ -127,8 +141,11 @@ pub enum CodecError {
     UnsupportedVersion(u16),
     #[error("unknown compression {0}")]
     UnknownCompression(u8),
-    #[error("encrypted objects are not supported by this pgvault")]
-    Encrypted,
+    #[error("encrypted with an unknown construction ({0})")]
+    UnknownEncryption(u8),
+    /// Sealed and not opened: no key, another key, or damage.
+    #[error("{0}")]
+    Open(OpenError),
     #[error("corrupt object: bad header")]
     BadHeader,
     #[error("object is truncated")]
@@ -154,7 +171,9 @@ pub enum CodecError {
 
 impl From<io::Error> for CodecError {
     fn from(e: io::Error) -> Self {
-        if TransferError::is(&e) {
+        if let Some(o) = crypt::as_open_error(&e) {
+            CodecError::Open(o.clone())
+        } else if TransferError::is(&e) {
             CodecError::Transfer(e)
         } else {
             CodecError::Io(e)
@@ -166,7 +185,20 @@ impl CodecError {
     /// Whether the object itself is damaged (as opposed to unreadable right
     /// now, or not written to its destination).
     pub fn is_corruption(&self) -> bool {
-        !matches!(self, CodecError::Transfer(_) | CodecError::Io(_))
+        match self {
+            CodecError::Transfer(_) | CodecError::Io(_) => false,
+            CodecError::Open(o) => !o.is_key_problem(),
+            _ => true,
+        }
+    }
+
+    /// The key is missing or not this repository's: not damage, and the
+    /// same for every object, so a reader stops at the first.
+    pub fn key_problem(&self) -> Option<&OpenError> {
+        match self {
+            CodecError::Open(o) if o.is_key_problem() => Some(o),
+            _ => None,
+        }
     }
 }
 
@@ -214,9 +246,39 @@ enum Body<W: Write> {
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
 
+/// Where the payload and trailer go: the object as is, or a sealing writer.
+enum Sink<W: Write> {
+    Clear(W),
+    Sealed(SealWriter<W>),
+}
+
+impl<W: Write> Write for Sink<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Clear(w) => w.write(buf),
+            Sink::Sealed(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Clear(w) => w.flush(),
+            Sink::Sealed(w) => w.flush(),
+        }
+    }
+}
+
+impl<W: Write> Sink<W> {
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Sink::Clear(w) => Ok(w),
+            Sink::Sealed(w) => w.finish(),
+        }
+    }
+}
+
 /// Streams original bytes in, writes an encoded object out.
 pub struct Encoder<W: Write> {
-    body: HashingWriter<Body<W>>,
+    body: HashingWriter<Body<Sink<W>>>,
 }
 
 impl<W: Write> Write for Body<W> {
@@ -235,13 +297,31 @@ impl<W: Write> Write for Body<W> {
 }
 
 impl<W: Write> Encoder<W> {
-    pub fn new(mut out: W, opts: EncodeOptions) -> io::Result<Self> {
+    /// Starts an object bound to `bind`, sealed when `keys` hold a keyring.
+    pub fn new(
+        mut out: W,
+        opts: EncodeOptions,
+        keys: &Keys,
+        bind: Binding<'_>,
+    ) -> io::Result<Self> {
         let mut header = [0u8; HEADER_LEN];
         header[..8].copy_from_slice(MAGIC);
         header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         header[10] = opts.compression.to_byte();
-        header[11] = 0; // not encrypted
+        header[11] = if keys.encrypts() {
+            crypt::XCHACHA20POLY1305_STREAM
+        } else {
+            0
+        };
         out.write_all(&header)?;
+        let out = match keys.keyring() {
+            Some(ring) => {
+                let (seal, mut w) = crypt::seal(ring, &header, bind, out);
+                w.get_mut().write_all(&seal)?;
+                Sink::Sealed(w)
+            }
+            None => Sink::Clear(out),
+        };
         let body = match opts.compression {
             Compression::None => Body::Plain(out),
             Compression::Zstd => {
@@ -281,7 +361,7 @@ impl<W: Write> Encoder<W> {
             Body::Zstd(z) => z.finish()?,
         };
         out.write_all(&encode_trailer(&digest))?;
-        Ok((out, digest))
+        Ok((out.finish()?, digest))
     }
 }
 
@@ -316,17 +396,28 @@ fn decode_trailer(t: &[u8]) -> Result<Digest256, CodecError> {
 }
 
 /// Encodes a whole in-memory buffer (small metadata objects).
-pub fn encode_bytes(data: &[u8], opts: EncodeOptions) -> io::Result<Vec<u8>> {
-    let mut enc = Encoder::new(Vec::with_capacity(data.len() / 2 + 64), opts)?;
+pub fn encode_bytes(
+    data: &[u8],
+    opts: EncodeOptions,
+    keys: &Keys,
+    bind: Binding<'_>,
+) -> io::Result<Vec<u8>> {
+    let mut enc = Encoder::new(Vec::with_capacity(data.len() / 2 + 64), opts, keys, bind)?;
     enc.write_all(data)?;
     Ok(enc.finish()?.0)
 }
 
 /// Decodes a whole in-memory object, verifying it.
-pub fn decode_bytes(object: &[u8]) -> Result<Vec<u8>, CodecError> {
+pub fn decode_bytes(object: &[u8], keys: &Keys, bind: Binding<'_>) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::new();
-    decode(object, &mut out)?;
+    decode(object, &mut out, keys, bind)?;
     Ok(out)
+}
+
+/// Whether an encoded object (its first [`HEADER_LEN`] bytes or more) is
+/// sealed; `None` when it is not a pgvault object.
+pub fn is_sealed(head: &[u8]) -> Option<bool> {
+    (head.len() >= HEADER_LEN && &head[..8] == MAGIC).then(|| head[11] != 0)
 }
 
 /// A reader that withholds the last `TRAILER_LEN` bytes of its input, so a
@@ -418,29 +509,67 @@ impl<R: Read> BufRead for HoldBack<R> {
 /// An error reading the object's bytes is a failed transfer, whatever the
 /// reader said: a decoder that sees it must not call the object corrupt.
 fn as_transfer(e: io::Error) -> io::Error {
-    if TransferError::is(&e) {
+    if TransferError::is(&e) || crypt::as_open_error(&e).is_some() {
         e
     } else {
         io::Error::new(e.kind(), TransferError(e.to_string()))
     }
 }
 
-/// Reads and checks the header; returns the compression.
-fn read_header<R: Read>(input: &mut R) -> Result<Compression, CodecError> {
-    let mut header = [0u8; HEADER_LEN];
-    input.read_exact(&mut header).map_err(|e| match e.kind() {
+fn read_exact_or<R: Read>(input: &mut R, buf: &mut [u8]) -> Result<(), CodecError> {
+    input.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => CodecError::Truncated,
         _ => CodecError::Transfer(as_transfer(e)),
-    })?;
+    })
+}
+
+/// The object's bytes after its header: as stored, or opened.
+enum Source<R: Read> {
+    Clear(R),
+    Sealed(OpenReader<R>),
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Clear(r) => r.read(out),
+            Source::Sealed(r) => r.read(out),
+        }
+    }
+}
+
+/// Reads and checks the header (and the seal of a sealed object); returns
+/// the compression and what reads the rest.
+fn open_source<R: Read>(
+    mut input: R,
+    keys: &Keys,
+    bind: Binding<'_>,
+    size_hint: usize,
+) -> Result<(Compression, Source<R>), CodecError> {
+    let mut header = [0u8; HEADER_LEN];
+    read_exact_or(&mut input, &mut header)?;
+    let compression = read_header(&header)?;
+    match header[11] {
+        0 => Ok((compression, Source::Clear(input))),
+        crypt::XCHACHA20POLY1305_STREAM => {
+            let mut seal = [0u8; SEAL_HEADER_LEN];
+            read_exact_or(&mut input, &mut seal)?;
+            let r = crypt::open(keys, &header, &seal, bind, input, size_hint)
+                .map_err(CodecError::Open)?;
+            Ok((compression, Source::Sealed(r)))
+        }
+        other => Err(CodecError::UnknownEncryption(other)),
+    }
+}
+
+/// Checks the header; returns the compression.
+fn read_header(header: &[u8; HEADER_LEN]) -> Result<Compression, CodecError> {
     if &header[..8] != MAGIC {
         return Err(CodecError::BadMagic);
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
     if version != FORMAT_VERSION {
         return Err(CodecError::UnsupportedVersion(version));
-    }
-    if header[11] != 0 {
-        return Err(CodecError::Encrypted);
     }
     // Reserved for future flags; a newer writer sets them only together
     // with a new format version, so anything else is damage.
@@ -454,19 +583,27 @@ fn read_header<R: Read>(input: &mut R) -> Result<Compression, CodecError> {
 /// size and checksum against the trailer. On error, whatever was written to
 /// `out` must be discarded by the caller. `input` needs no buffering: reads
 /// go through a buffer of their own.
-pub fn decode<R: Read, W: Write>(input: R, out: W) -> Result<Digest256, CodecError> {
-    decode_sized(input, out, IO_BUF as u64)
+pub fn decode<R: Read, W: Write>(
+    input: R,
+    out: W,
+    keys: &Keys,
+    bind: Binding<'_>,
+) -> Result<Digest256, CodecError> {
+    decode_sized(input, out, IO_BUF as u64, keys, bind)
 }
 
 /// [`decode`] for an object known to be about `size` bytes (a small file in
 /// a bundle): its read buffer is no larger than needed.
 pub fn decode_sized<R: Read, W: Write>(
-    mut input: R,
+    input: R,
     out: W,
     size: u64,
+    keys: &Keys,
+    bind: Binding<'_>,
 ) -> Result<Digest256, CodecError> {
-    let compression = read_header(&mut input)?;
-    let mut held = HoldBack::new(input, usize::try_from(size).unwrap_or(IO_BUF));
+    let hint = usize::try_from(size).unwrap_or(IO_BUF);
+    let (compression, input) = open_source(input, keys, bind, hint)?;
+    let mut held = HoldBack::new(input, hint);
     let mut sink = HashingWriter::new(out);
     match compression {
         Compression::None => {
@@ -513,6 +650,7 @@ fn copy_decoded<R: Read, W: Write>(dec: &mut R, out: &mut W) -> Result<(), Codec
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // zstd hands on its source's errors as they are.
                 Err(e) if TransferError::is(&e) => return Err(CodecError::Transfer(e)),
+                Err(e) if crypt::as_open_error(&e).is_some() => return Err(e.into()),
                 Err(e) => return Err(CodecError::Decompress(e)),
             };
             out.write_all(&buf[..n])?;
@@ -532,6 +670,72 @@ pub fn read_trailer(tail: &[u8]) -> Result<Digest256, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Plaintext objects, as before encryption; the sealed ones below.
+    fn encode_bytes(d: &[u8], o: EncodeOptions) -> io::Result<Vec<u8>> {
+        super::encode_bytes(d, o, &Keys::none(), Binding::object("k"))
+    }
+    fn decode_bytes(obj: &[u8]) -> Result<Vec<u8>, CodecError> {
+        super::decode_bytes(obj, &Keys::none(), Binding::object("k"))
+    }
+    fn decode<R: Read, W: Write>(r: R, w: W) -> Result<Digest256, CodecError> {
+        super::decode(r, w, &Keys::none(), Binding::object("k"))
+    }
+
+    #[test]
+    fn sealed_objects_round_trip_and_fail_by_cause() {
+        let keys = crate::repo::crypt::tests::test_keys();
+        let bind = Binding::at("stanza/backup/x/data/00-000001.pgv", 4096);
+        for compression in [Compression::Zstd, Compression::None] {
+            let opts = EncodeOptions {
+                compression,
+                ..EncodeOptions::default()
+            };
+            for len in [0, 1, 100_000, 3 * IO_BUF + 7] {
+                let d = sample(len);
+                let obj = super::encode_bytes(&d, opts, &keys, bind).unwrap();
+                assert_eq!(is_sealed(&obj), Some(true));
+                assert_eq!(super::decode_bytes(&obj, &keys, bind).unwrap(), d);
+                if len == 100_000 {
+                    // Nothing of the plaintext is readable.
+                    assert!(!obj
+                        .windows(32)
+                        .any(|w| d.windows(32).take(200).any(|p| p == w)));
+                }
+            }
+        }
+        let d = sample(3_000);
+        let obj = super::encode_bytes(&d, EncodeOptions::default(), &keys, bind).unwrap();
+        // Each flipped bit fails: there is no harmless field any more.
+        for i in (0..obj.len()).step_by(3) {
+            let mut bad = obj.clone();
+            bad[i] ^= 0x04;
+            assert!(
+                super::decode_bytes(&bad, &keys, bind).is_err(),
+                "flip at {i}"
+            );
+        }
+        for cut in [16, 47, 48, obj.len() - 1] {
+            assert!(
+                super::decode_bytes(&obj[..cut], &keys, bind).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let other = Binding::at("stanza/backup/x/data/00-000001.pgv", 0);
+        let e = super::decode_bytes(&obj, &keys, other).unwrap_err();
+        assert!(e.is_corruption(), "{e}");
+        assert!(e.to_string().contains("decryption failed"), "{e}");
+        let e = super::decode_bytes(&obj, &Keys::none(), bind).unwrap_err();
+        assert!(e.key_problem().is_some() && !e.is_corruption(), "{e}");
+        let e =
+            super::decode_bytes(&obj, &crate::repo::crypt::tests::test_keys(), bind).unwrap_err();
+        assert!(e.key_problem().is_some(), "{e}");
+        // A plaintext object stays readable with keys (encryption turned on
+        // for an existing stanza).
+        let plain = encode_bytes(&d, EncodeOptions::default()).unwrap();
+        assert_eq!(is_sealed(&plain), Some(false));
+        assert_eq!(super::decode_bytes(&plain, &keys, bind).unwrap(), d);
+    }
 
     fn roundtrip(data: &[u8], compression: Compression, threads: u32) {
         let opts = EncodeOptions {

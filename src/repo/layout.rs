@@ -15,6 +15,7 @@
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
 //! <stanza>/results/<drill|verify>/<YYYYMMDDTHHMMSS.mmmZ>.pgv  one run's result (the newest few kept)
+//! <stanza>/keys/<master key id>.key                          the data keys wrapped by one master key (encryption)
 //! ```
 //!
 //! `<db>` is `<major>-<id>` (e.g. `15-1`): a new id after `pg_upgrade` keeps
@@ -155,6 +156,38 @@ pub fn results_dir(stanza: &str, kind: &str) -> String {
 /// names sort in time order.
 pub fn result_key(stanza: &str, kind: &str, stamp: &str) -> String {
     format!("{}/{stamp}.pgv", results_dir(stanza, kind))
+}
+
+/// The key objects of an encrypted stanza (`repo::keys`).
+pub fn keys_dir(stanza: &str) -> String {
+    format!("{stanza}/keys")
+}
+
+pub const KEY_SUFFIX: &str = ".key";
+
+/// The data keys wrapped by the master key `id` (16 hex characters).
+pub fn key_object_key(stanza: &str, id: &str) -> String {
+    format!("{}/{id}{KEY_SUFFIX}", keys_dir(stanza))
+}
+
+/// What a sealed object is bound to (`repo::crypt::Binding`): its key, but
+/// for archived contents the key without its `-<sha256>.zst` tail, which is
+/// not known until the content was encoded (a writer binds
+/// [`wal_content_binding`]).
+pub fn binding_name(key: &str) -> &str {
+    if let Some(stem) = key.strip_suffix(WAL_SUFFIX) {
+        if let Some((head, sha)) = stem.rsplit_once('-') {
+            if Sha256Sum::from_hex(sha).is_some() {
+                return head;
+            }
+        }
+    }
+    key
+}
+
+/// [`binding_name`] of every content of `name`.
+pub fn wal_content_binding(stanza: &str, db_dir: &str, name: &WalFileName) -> String {
+    format!("{}/{}", wal_dir(stanza, db_dir, name), name.as_str())
 }
 
 pub fn db_dir_name(major: u32, db_id: u32) -> String {
@@ -309,6 +342,19 @@ pub fn parse_archive_key(key: &str) -> Option<ArchiveKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_content_binds_its_name_without_its_checksum() {
+        let sha = Sha256Sum([0xab; 32]);
+        for name in ["00000001000000020000003A", "00000002.history"] {
+            let name = WalFileName::parse(name).unwrap();
+            let key = wal_data_key("s", "15-1", &name, &sha);
+            assert_eq!(binding_name(&key), wal_content_binding("s", "15-1", &name));
+            let summary = wal_summary_key("s", "15-1", &name, &sha);
+            assert_eq!(binding_name(&summary), summary);
+        }
+        assert_eq!(binding_name("s/stanza.pgv"), "s/stanza.pgv");
+    }
 
     #[test]
     fn keys_roundtrip() {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::backend::{Backend, ObjectVersion, PutMode, PutResult};
-use super::codec::{self, EncodeOptions};
+use super::codec::{self, Binding, EncodeOptions, Keys};
 use super::fence::{Gate, Guard};
 use super::Repository;
 use crate::error::{Error, Kind, Result};
@@ -178,22 +178,28 @@ fn lock_key(stanza: &str) -> String {
     format!("{stanza}/lock/stanza.lock")
 }
 
-fn encode(info: &LockInfo) -> Result<Bytes> {
+/// Sealed like every object when the repository is encrypted: it names
+/// hosts and commands.
+fn encode(info: &LockInfo, keys: &Keys, key: &str) -> Result<Bytes> {
     let json = serde_json::to_vec_pretty(info)
         .map_err(|e| Error::internal(format!("serialize the lock: {e}")))?;
-    codec::encode_bytes(&json, EncodeOptions::default())
+    codec::encode_bytes(&json, EncodeOptions::default(), keys, Binding::object(key))
         .map(Bytes::from)
         .map_err(|e| Error::internal(format!("encode the lock: {e}")))
 }
 
-fn decode(what: &str, bytes: &[u8]) -> Result<LockInfo> {
-    codec::decode_bytes(bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()))
-        .map_err(|e| {
-            Error::repository(format!("{what}: unreadable lock: {e}"))
-                .hint("if no pgvault command is running on this stanza, delete the lock object")
-        })
+fn decode(what: &str, bytes: &[u8], keys: &Keys, key: &str) -> Result<LockInfo> {
+    let unreadable = |e: String| {
+        Error::repository(format!("{what}: unreadable lock: {e}"))
+            .hint("if no pgvault command is running on this stanza, delete the lock object")
+    };
+    let json = codec::decode_bytes(bytes, keys, Binding::object(key)).map_err(|e| {
+        match e.key_problem() {
+            Some(k) => super::keys::key_error(what, k),
+            None => unreadable(e.to_string()),
+        }
+    })?;
+    serde_json::from_slice(&json).map_err(|e| unreadable(e.to_string()))
 }
 
 /// The TTL: [`LOCK_TTL`], or a shorter one that tests set.
@@ -216,6 +222,7 @@ impl Repository {
         let key = lock_key(self.stanza());
         let what = format!("{}/{key}", self.describe());
         let raw = self.raw.clone();
+        let keys = self.keys().await?;
         let me = me();
         let token = {
             use std::sync::atomic::{AtomicU64, Ordering};
@@ -245,10 +252,10 @@ impl Repository {
             let mode = match raw.get_versioned(&key).await? {
                 None => PutMode::CreateNew,
                 Some((bytes, version)) => {
-                    let holder = decode(&what, &bytes)?;
+                    let holder = decode(&what, &bytes, &keys, &key)?;
                     if holder.token == token {
                         // An earlier attempt of ours did land.
-                        return Ok(self.hold(key, holder, version, ttl));
+                        return Ok(self.hold(key, keys, holder, version, ttl));
                     }
                     let Some(why) = stale_because(&holder, &me) else {
                         return Err(locked(self.stanza(), &holder));
@@ -257,8 +264,11 @@ impl Repository {
                     PutMode::Update(version)
                 }
             };
-            match raw.put_versioned(&key, encode(&info)?, mode).await? {
-                PutResult::Written(version) => return Ok(self.hold(key, info, version, ttl)),
+            match raw
+                .put_versioned(&key, encode(&info, &keys, &key)?, mode)
+                .await?
+            {
+                PutResult::Written(version) => return Ok(self.hold(key, keys, info, version, ttl)),
                 // Someone else created, renewed or took it first: look again.
                 PutResult::Refused => continue,
             }
@@ -273,13 +283,21 @@ impl Repository {
         .hint("another pgvault command is taking it right now; try again"))
     }
 
-    fn hold(&self, key: String, info: LockInfo, version: ObjectVersion, ttl: Duration) -> Lock {
+    fn hold(
+        &self,
+        key: String,
+        keys: Keys,
+        info: LockInfo,
+        version: ObjectVersion,
+        ttl: Duration,
+    ) -> Lock {
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let (lost_tx, lost_rx) = watch::channel(false);
         let held = Arc::new(Held {
             raw: self.raw.clone(),
             what: format!("{}/{key}", self.describe()),
             key,
+            keys,
             stanza: self.stanza().to_string(),
             ttl,
             lost_tx,
@@ -343,6 +361,7 @@ fn locked(stanza: &str, holder: &LockInfo) -> Error {
 struct Held {
     raw: Arc<dyn Backend>,
     key: String,
+    keys: Keys,
     what: String,
     stanza: String,
     ttl: Duration,
@@ -397,7 +416,7 @@ impl Held {
             .raw
             .put_versioned(
                 &self.key,
-                encode(&next)?,
+                encode(&next, &self.keys, &self.key)?,
                 PutMode::Update(st.version.clone()),
             )
             .await;
@@ -410,7 +429,8 @@ impl Held {
             }
             Ok(PutResult::Refused) => {
                 let why = match self.raw.get_versioned(&self.key).await {
-                    Ok(Some((bytes, _))) => match decode(&self.what, &bytes) {
+                    Ok(Some((bytes, _))) => match decode(&self.what, &bytes, &self.keys, &self.key)
+                    {
                         Ok(h) => format!(
                             "it was taken over by {} (expires at {})",
                             h.holder(),
@@ -500,7 +520,10 @@ impl Lock {
             self.held.renew(&mut st).await?;
         }
         match self.held.raw.get_versioned(&self.held.key).await? {
-            Some((bytes, _)) if decode(&self.held.what, &bytes)?.token == st.info.token => {
+            Some((bytes, _))
+                if decode(&self.held.what, &bytes, &self.held.keys, &self.held.key)?.token
+                    == st.info.token =>
+            {
                 self.held.raw.delete(&self.held.key).await
             }
             _ => Ok(()),

@@ -12,10 +12,12 @@ pub mod cloud;
 pub mod codec;
 #[doc(hidden)]
 pub mod conformance;
+pub mod crypt;
 pub mod deletion;
 pub mod fault;
 pub mod fence;
 pub mod gcs;
+pub mod keys;
 pub mod layout;
 pub mod local;
 pub mod lock;
@@ -23,6 +25,7 @@ pub mod manifest;
 pub mod orphans;
 pub mod results;
 pub mod s3;
+pub mod sealing;
 pub mod stanza;
 pub mod storeopts;
 pub mod throttle;
@@ -182,6 +185,8 @@ pub struct Repository {
     gate: Arc<fence::Gate>,
     location: RepoLocation,
     stanza: String,
+    /// `repo-cipher-type` and, once loaded, the keys (`repo::keys`).
+    cipher: Arc<keys::Cipher>,
 }
 
 impl Repository {
@@ -224,7 +229,14 @@ impl Repository {
             gate,
             location,
             stanza: stanza.to_string(),
+            cipher: Arc::default(),
         }
+    }
+
+    /// This repository sealing and opening objects as `setting` says.
+    pub fn with_cipher(mut self, setting: keys::CipherSetting) -> Self {
+        self.cipher = Arc::new(keys::Cipher::new(setting));
+        self
     }
 
     /// A repository in local directory `dir` (unit tests).
@@ -251,10 +263,17 @@ impl Repository {
         self.backend.describe()
     }
 
-    /// Encodes and writes a small object.
+    /// Encodes (and seals, when the repository is encrypted) and writes a
+    /// small object.
     pub async fn put_encoded(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
-        let obj = codec::encode_bytes(data, EncodeOptions::default())
-            .map_err(|e| Error::internal(format!("encode {key}: {e}")))?;
+        let keys = self.keys().await?;
+        let obj = codec::encode_bytes(
+            data,
+            EncodeOptions::default(),
+            &keys,
+            codec::Binding::object(key),
+        )
+        .map_err(|e| Error::internal(format!("encode {key}: {e}")))?;
         self.backend.put_bytes(key, obj, mode).await
     }
 
@@ -273,14 +292,36 @@ impl Repository {
             return Ok(Fetched::Missing);
         };
         let what = format!("{}/{key}", self.describe());
-        let bytes = match codec::decode_bytes(&raw) {
+        let keys = self.keys().await?;
+        let bytes = match self.decode_small(&keys, &raw, key)? {
             Ok(b) => b,
-            Err(e) => return Ok(Fetched::Damaged(format!("{what}: {e}"))),
+            Err(why) => return Ok(Fetched::Damaged(why)),
         };
         Ok(match serde_json::from_slice(&bytes) {
             Ok(v) => Fetched::Found(v),
             Err(e) => Fetched::Damaged(format!("{what}: unreadable metadata: {e}")),
         })
+    }
+
+    /// Decodes a small object read from `key`. A damaged object is an
+    /// outcome (its error line); a key that is missing or not this
+    /// repository's is an error: it is the same for every object.
+    pub fn decode_small(
+        &self,
+        keys: &codec::Keys,
+        raw: &[u8],
+        key: &str,
+    ) -> Result<std::result::Result<Vec<u8>, String>> {
+        match codec::decode_bytes(raw, keys, codec::Binding::object(layout::binding_name(key))) {
+            Ok(b) => Ok(Ok(b)),
+            Err(e) => {
+                let what = format!("{}/{key}", self.describe());
+                match e.key_problem() {
+                    Some(k) => Err(keys::key_error(&what, k)),
+                    None => Ok(Err(format!("{what}: {e}"))),
+                }
+            }
+        }
     }
 
     pub async fn put_json<T: Serialize>(

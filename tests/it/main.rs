@@ -16,6 +16,7 @@ mod campaign;
 mod clouds;
 mod config;
 mod drill;
+mod encryption;
 mod incr;
 mod lookahead;
 mod manyfiles;

@@ -138,7 +138,7 @@ const ROWS_BY_TAG: &str = "select tag, count(*) from t group by tag order by tag
 /// Restore with `args` as `who` into a new directory, start, wait for
 /// promotion and check the rows of `t`; returns the running clone.
 #[track_caller]
-fn restore_promoted(
+pub(crate) fn restore_promoted(
     env: &TestEnv,
     repo: &Repo,
     who: As,
@@ -181,16 +181,16 @@ pub(crate) fn primary(env: &TestEnv, repo: &Repo) -> Cluster {
 }
 
 /// Points in the primary's history after the backup.
-struct Marks {
+pub(crate) struct Marks {
     /// `now()` after rows A committed and before rows B.
-    time_a: String,
+    pub(crate) time_a: String,
     /// The WAL insert position right after rows A committed.
     lsn_a: String,
 }
 
 /// Rows A (ids 1..10), then the marks and the restore point, then rows B
 /// (ids 11..20) and a WAL switch, waiting until it is archived.
-fn write_a_then_b(pg: &Cluster) -> Marks {
+pub(crate) fn write_a_then_b(pg: &Cluster) -> Marks {
     pg.psql("insert into t select g, 'A' from generate_series(1, 10) g");
     // The insert position, not pg_current_wal_lsn() (the write position,
     // which may lag behind A's commit record with synchronous_commit = off).

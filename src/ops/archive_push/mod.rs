@@ -42,7 +42,7 @@ use crate::ops::walfacts;
 use crate::pg::walscan::{WalScanner, WalSummary};
 use crate::pg::{self, TimelineId, WalFileKind, WalFileName};
 use crate::repo::archive::{ClaimOutcome, Fork};
-use crate::repo::codec::{self, EncodeOptions, Encoder};
+use crate::repo::codec::{self, Binding, EncodeOptions, Encoder};
 use crate::repo::{DbInfo, Digest256, Repository};
 use crate::spool::SpoolDir;
 
@@ -225,6 +225,7 @@ async fn push_one(
     let path = path.to_path_buf();
     let scan = walfacts::scan_options(db, &name);
     let (archive2, name2) = (archive.clone(), name.clone());
+    let keys = repo.keys().await?;
     let (spool, digest, summary) = tokio::task::spawn_blocking(move || -> Result<_> {
         let file = File::open(&path).map_err(|e| input_error(&path, e))?;
         let size = file.metadata().map_err(|e| input_error(&path, e))?.len();
@@ -233,7 +234,9 @@ async fn push_one(
         // checksum is known.
         let place = archive2.describe_dir(&name2);
         let write_err = |e: io::Error| Error::io(Kind::Repository, "write to", &place, &e);
-        let mut enc = Encoder::new(spool, encode).map_err(write_err)?;
+        let bind = archive2.content_binding(&name2);
+        let mut enc =
+            Encoder::new(spool, encode, &keys, Binding::object(&bind)).map_err(write_err)?;
         enc.set_pledged_size(size)
             .map_err(|e| Error::internal(format!("start compression: {e}")))?;
         let mut scanner = scan.map(WalScanner::new);

@@ -47,7 +47,7 @@ use crate::pg::{Lsn, WalFileName};
 use crate::repo::blockmap::{self, Part, Ranges};
 use crate::repo::blocksums::{self, BlockSum, Summer, SumsSink};
 use crate::repo::chunked::{PieceEncoder, CHUNK_BLOCKS};
-use crate::repo::codec::EncodeOptions;
+use crate::repo::codec::{Binding, EncodeOptions, Keys};
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
@@ -578,6 +578,8 @@ struct Worker {
     stanza: String,
     label: String,
     encode: EncodeOptions,
+    /// What the objects are sealed with (none: plaintext).
+    keys: Keys,
     handle: tokio::runtime::Handle,
     next_object: u64,
     /// The open bundle: its object, entries and their journal records.
@@ -623,6 +625,7 @@ impl Worker {
             stanza: repo.stanza().to_string(),
             label: label.to_string(),
             encode,
+            keys: Keys::none(),
             handle: tokio::runtime::Handle::current(),
             next_object: resume.as_ref().map_or(0, |r| r.next_object),
             bundle: None,
@@ -705,8 +708,17 @@ impl Worker {
             }
         };
         let chunk_blocks = (alone && RelFile::parse(&f.rel).is_some()).then_some(CHUNK_BLOCKS);
-        let mut enc = PieceEncoder::new(&mut *out, encode, chunk_blocks.is_some())
-            .map_err(|e| self.write_err(e))?;
+        // Bound to the object and the offset in it: a file moved inside a
+        // bundle, or to another bundle, does not open.
+        let key = layout::backup_object_key(&self.stanza, &self.label, object);
+        let mut enc = PieceEncoder::new(
+            &mut *out,
+            encode,
+            chunk_blocks.is_some(),
+            &self.keys,
+            Binding::at(&key, offset),
+        )
+        .map_err(|e| self.write_err(e))?;
         let relfile = self
             .verify_pages
             .and(RelFile::parse(&f.rel))
@@ -1137,9 +1149,10 @@ async fn copy_files(
     progress.set_total(files.len() as u64 + 1, total);
 
     let workers = opts.process_max.max(1);
+    let keys = repo.keys().await?;
     let new_worker = |id| {
         let resume = (resume.clone(), Some(journal.clone()));
-        Worker::new(
+        let mut w = Worker::new(
             id,
             repo,
             label,
@@ -1147,7 +1160,9 @@ async fn copy_files(
             verify_pages,
             plan.clone(),
             resume,
-        )
+        );
+        w.keys = keys.clone();
+        w
     };
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();

@@ -17,7 +17,8 @@ use crate::pg::recovery::{self, RecoverySettings};
 use crate::repo::blockmap::{self, Part, PartWriter, Ranges};
 use crate::repo::blocksums::{self, BlockSums};
 use crate::repo::chunked;
-use crate::repo::codec;
+use crate::repo::codec::{self, Binding, Keys};
+use crate::repo::keys::decode_error;
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
 use crate::repo::{Backend, Fetched, Repository};
@@ -155,6 +156,7 @@ pub(super) async fn lay_down(
         .ok_or_else(|| Error::repository(format!("backup {}: {object} is missing", m.label)))?;
     let what = format!("{} (in {object})", control.path);
     let control_size = control.size;
+    let keys = repo.keys().await?;
     tokio::task::spawn_blocking(move || -> Result<()> {
         // Ownership before the flush: a chown after it (as this did) is
         // metadata a crash can lose, leaving root's files PostgreSQL
@@ -170,7 +172,9 @@ pub(super) async fn lay_down(
         // start from (write_one checks the checksum only at the end).
         let dest = pgdata.join(&control.path);
         let tmp = dest.with_file_name("pg_control.pgvault-restore");
-        if let Err(e) = write_one(&mut reader.take(control.length), &tmp, &control, &what) {
+        let bind = Binding::at(&key, control.offset);
+        let r = &mut reader.take(control.length);
+        if let Err(e) = write_one(r, &tmp, &control, &what, &keys, bind) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
@@ -385,7 +389,14 @@ fn discard<R: Read>(r: &mut R, n: u64, what: &str) -> Result<()> {
 
 /// Decodes one file from `r` into `dest`, checking its checksum against the
 /// manifest, then sets mode and mtime.
-fn write_one<R: Read>(r: &mut R, dest: &Path, f: &FileEntry, what: &str) -> Result<()> {
+fn write_one<R: Read>(
+    r: &mut R,
+    dest: &Path,
+    f: &FileEntry,
+    what: &str,
+    keys: &Keys,
+    bind: Binding<'_>,
+) -> Result<()> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -398,12 +409,11 @@ fn write_one<R: Read>(r: &mut R, dest: &Path, f: &FileEntry, what: &str) -> Resu
     let cap = usize::try_from(f.size.clamp(8 << 10, 1 << 20)).unwrap_or(1 << 20);
     let mut out = WriteWatch::new(BufWriter::with_capacity(cap, StartWriteback::new(file)));
     // A failed write (a full disk) is the target's, not a damaged object.
-    let digest = chunked::decode_piece(r, &mut out, f.length, f.size, f.chunk_blocks).map_err(
-        |e| match out.error() {
-            Some(w) => local_err("write", dest)(w),
-            None => Error::repository(format!("{what}: {e}")),
-        },
-    )?;
+    let digest = chunked::decode_piece(r, &mut out, f.length, f.size, f.chunk_blocks, keys, bind)
+        .map_err(|e| match out.error() {
+        Some(w) => local_err("write", dest)(w),
+        None => decode_error(what, e),
+    })?;
     let out = out.into_inner();
     if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
         return Err(Error::repository(format!(
@@ -691,6 +701,7 @@ async fn write_files(
     let states = vec![(); process_max.max(1)];
     let backend: Arc<dyn Backend> = repo.backend().clone();
     let (stanza, pgdata) = (repo.stanza().to_string(), pgdata.to_path_buf());
+    let keys = repo.keys().await?;
     let handle = tokio::runtime::Handle::current();
     let (skipped2, fetched2) = (skipped.clone(), fetched.clone());
     let pgdata2 = pgdata.clone();
@@ -721,7 +732,8 @@ async fn write_files(
             for p in &pieces {
                 if let Piece::Blocks { file, part, owned } = p {
                     let dest = pgdata2.join(&file.path);
-                    let read = write_chunks(&*backend, &handle, &key, &dest, file, part, owned)?;
+                    let at = (key.as_str(), &keys);
+                    let read = write_chunks(&*backend, &handle, at, &dest, file, part, owned)?;
                     fetched2.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
                     progress
                         .file_done(blockmap::count(owned) * crate::pg::relfile::BLOCK_SIZE as u64);
@@ -739,12 +751,15 @@ async fn write_files(
             match p {
                 Piece::Whole(f) => {
                     let dest = pgdata2.join(&f.path);
-                    write_one(&mut r, &dest, f, &format!("{} (in {what})", f.path))?;
+                    let what = format!("{} (in {what})", f.path);
+                    let bind = Binding::at(&key, f.offset);
+                    write_one(&mut r, &dest, f, &what, &keys, bind)?;
                     progress.file_done(f.size);
                 }
                 Piece::Blocks { file, part, owned } => {
                     let dest = pgdata2.join(&file.path);
-                    write_blocks(&mut r, &dest, file, part, owned, &what)?;
+                    let bind = Binding::at(&key, part.offset);
+                    write_blocks(&mut r, &dest, (file, part, owned), &what, &keys, bind)?;
                     progress
                         .file_done(blockmap::count(owned) * crate::pg::relfile::BLOCK_SIZE as u64);
                 }
@@ -788,7 +803,7 @@ async fn write_files(
 fn write_chunks(
     backend: &dyn Backend,
     handle: &tokio::runtime::Handle,
-    key: &str,
+    (key, keys): (&str, &Keys),
     dest: &Path,
     f: &FileEntry,
     part: &Part,
@@ -798,6 +813,7 @@ fn write_chunks(
     let cb = u64::from(part.chunk_blocks.unwrap_or(chunked::CHUNK_BLOCKS).max(1));
     let (ranges, mut fetched) = handle.block_on(chunked::chunk_ranges(
         backend,
+        keys,
         key,
         part.offset,
         part.length,
@@ -820,14 +836,17 @@ fn write_chunks(
             ))
         })?;
         let len = range.end - range.start;
+        let bind = Binding::at(key, range.start);
         let bytes = handle
             .block_on(backend.get_range(key, range))?
             .ok_or_else(|| Error::repository(format!("{what} is missing")))?;
         fetched += len;
         let mut out = WriteWatch::new(PartWriter::starting_at(&file, f.size, part, owned, c * cb));
-        codec::decode_sized(&bytes[..], &mut out, len).map_err(|e| match out.error() {
-            Some(w) => local_err("write", dest)(w),
-            None => Error::repository(format!("{} (chunk {c} of a part in {what}): {e}", f.path)),
+        codec::decode_sized(&bytes[..], &mut out, len, keys, bind).map_err(|e| {
+            match out.error() {
+                Some(w) => local_err("write", dest)(w),
+                None => decode_error(&format!("{} (chunk {c} of a part in {what})", f.path), e),
+            }
         })?;
     }
     Ok(fetched)
@@ -838,21 +857,29 @@ fn write_chunks(
 fn write_blocks<R: Read>(
     r: &mut R,
     dest: &Path,
-    f: &FileEntry,
-    part: &Part,
-    owned: &[(u32, u32)],
+    (f, part, owned): (&FileEntry, &Part, &[(u32, u32)]),
     what: &str,
+    keys: &Keys,
+    bind: Binding<'_>,
 ) -> Result<()> {
     let file = OpenOptions::new()
         .write(true)
         .open(dest)
         .map_err(local_err("open", dest))?;
     let mut out = WriteWatch::new(PartWriter::new(&file, f.size, part, owned));
-    let digest = chunked::decode_piece(r, &mut out, part.length, part.raw_size, part.chunk_blocks)
-        .map_err(|e| match out.error() {
-            Some(w) => local_err("write", dest)(w),
-            None => Error::repository(format!("{} (a part in {what}): {e}", f.path)),
-        })?;
+    let digest = chunked::decode_piece(
+        r,
+        &mut out,
+        part.length,
+        part.raw_size,
+        part.chunk_blocks,
+        keys,
+        bind,
+    )
+    .map_err(|e| match out.error() {
+        Some(w) => local_err("write", dest)(w),
+        None => decode_error(&format!("{} (a part in {what})", f.path), e),
+    })?;
     if digest.sha256.to_hex() != part.sha256 || digest.size != part.raw_size {
         return Err(Error::repository(format!(
             "{} (a part in {what}): its blocks do not match the manifest (checksum or size)",

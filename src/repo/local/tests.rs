@@ -80,12 +80,16 @@ async fn conformance_under_faults() {
 async fn cut_bodies_are_resumed_or_reported_as_transfers() {
     let (_d, inner) = backend();
     let data = conformance::bytes(300_000, 5);
+    // Sealed: a cut body is a transfer failure through the decryption too.
+    let keys = crate::repo::crypt::tests::test_keys();
     let obj = crate::repo::codec::encode_bytes(
         &data,
         crate::repo::codec::EncodeOptions {
             compression: crate::repo::codec::Compression::None,
             ..Default::default()
         },
+        &keys,
+        crate::repo::codec::Binding::object("o"),
     )
     .expect("encode");
     inner
@@ -109,7 +113,8 @@ async fn cut_bodies_are_resumed_or_reported_as_transfers() {
     );
     let reader = b.get("o").await.expect("open").expect("present");
     let e = tokio::task::spawn_blocking(move || {
-        crate::repo::codec::decode(reader, io::sink()).expect_err("a cut body")
+        let bind = crate::repo::codec::Binding::object("o");
+        crate::repo::codec::decode(reader, io::sink(), &keys, bind).expect_err("a cut body")
     })
     .await
     .expect("task");

@@ -1189,7 +1189,8 @@ impl Global {
     pub fn open_for_wal(&self, r: &RepoConfig) -> Result<Repository> {
         let mut opts = r.s3.options()?;
         opts.bandwidth_limit = None;
-        Repository::open(r.location.clone(), &self.stanza, &opts)
+        Ok(Repository::open(r.location.clone(), &self.stanza, &opts)?
+            .with_cipher(self.cipher.setting()?))
     }
 
     /// The local spool of repository `r` and this stanza (look-ahead push

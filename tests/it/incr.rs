@@ -564,9 +564,7 @@ fn incremental_across_a_timeline_switch() {
 fn block_fallback_stores_only_changed_blocks() {
     let env = &TestEnv::new();
     let repo = env.local_repo("incrblk");
-    let mut pg = Cluster::init(env, initopts());
-    repo.stanza_create(env, pg.pgdata());
-    pg.start_archiving(env, &repo);
+    let mut pg = Cluster::archiving(env, &repo, true);
     let (sock, port) = (pg.sockdir().to_path_buf(), pg.port());
     pg.psql("create table if not exists pgvault_it_switch(x int)");
     // About 25 MiB in one relation file: a whole copy would show.

@@ -136,13 +136,13 @@ impl Scratch {
         Ok(n as u64)
     }
 
-    /// Sums of `w` over the table.
-    pub fn sum_w(&self, table: &str) -> Result<i64> {
+    /// The sums of `o` and of `w` over the table.
+    pub fn sums(&self, table: &str) -> Result<(i64, i64)> {
         check_name(table)?;
         Ok(self.conn.query_row(
-            &format!("SELECT coalesce(sum(w), 0) FROM {table}"),
+            &format!("SELECT coalesce(sum(o), 0), coalesce(sum(w), 0) FROM {table}"),
             [],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?)
     }
 
@@ -328,17 +328,29 @@ pub struct Groups {
     db: Shared,
     table: String,
     groups: Rows,
+    len: u64,
 }
 
 impl Groups {
     /// Call [`Scratch::index`] on `table` first.
     pub fn heaviest_first(db: Shared, table: &str) -> Result<Groups> {
-        let grp = lock(&db)?.group_table(table)?;
+        let (grp, len) = {
+            let s = lock(&db)?;
+            let grp = s.group_table(table)?;
+            let len = s.count(&grp)?;
+            (grp, len)
+        };
         Ok(Groups {
             groups: Rows::heaviest_first(db.clone(), &grp, None),
             db,
             table: table.to_string(),
+            len,
         })
+    }
+
+    /// How many groups there are.
+    pub fn count_groups(&self) -> u64 {
+        self.len
     }
 }
 
@@ -387,12 +399,15 @@ mod tests {
         let rows: Vec<Row> = (0..2000)
             .map(|i| {
                 let k = format!("k{:05}", (i * 7919) % 2000);
-                r(&k, &format!("g{}", i % 7), i % 13, (i % 101) as i64)
+                r(&k, &format!("g{}", i % 7), i % 13, i % 101)
             })
             .collect();
         s.insert("t", &rows).unwrap();
         s.insert("u", &[r("k00005", "", 0, 0)]).unwrap();
-        assert!(s.insert("t", &[r("k00005", "", 0, 0)]).is_err(), "duplicate key");
+        assert!(
+            s.insert("t", &[r("k00005", "", 0, 0)]).is_err(),
+            "duplicate key"
+        );
         assert_eq!(s.count("t").unwrap(), 2000);
         assert_eq!(s.get("t", "k00005").unwrap().unwrap().k, "k00005");
         assert_eq!(s.get("t", "nope").unwrap(), None);

@@ -22,12 +22,14 @@ use std::time::SystemTime;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::catalog::scratch::{Groups, Row, Scratch};
+use crate::error::{Error, Result};
 use crate::ops::gaps;
 use crate::ops::progress::Progress;
 use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
+use crate::repo::filelist::LocalFileList;
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
 use crate::repo::orphans::{self, Orphan};
@@ -261,35 +263,23 @@ pub async fn verify(
         }
     }
     let manifests = &backups.manifests;
-    let mut backup_objects = 0;
+    // What each backup stored, by object, on disk (issue 14: a backup's
+    // files are never all in memory).
+    let mut db = Scratch::new(&["pieces"])?;
     for m in manifests {
-        // What this backup stored: whole files and its own parts of block
-        // maps (the objects of the backups it depends on are checked with
-        // those, which must be there).
-        let mut by_object: BTreeMap<String, Vec<FileEntry>> = BTreeMap::new();
-        for f in &m.files {
-            if f.parts.is_empty() && f.backup.is_none() {
-                by_object
-                    .entry(f.object.clone())
-                    .or_default()
-                    .push(f.clone());
+        match repo.file_list(m).await {
+            Ok(list) => {
+                let label = m.label.clone();
+                db = tokio::task::spawn_blocking(move || {
+                    add_pieces(&mut db, &label, &list).map(|()| db)
+                })
+                .await??;
             }
-            for p in f.parts.iter().filter(|p| p.backup == m.label) {
-                by_object
-                    .entry(p.object.clone())
-                    .or_default()
-                    .push(FileEntry {
-                        path: format!("{} (its changed blocks)", f.path),
-                        size: p.raw_size,
-                        sha256: p.sha256.clone(),
-                        object: p.object.clone(),
-                        offset: p.offset,
-                        length: p.length,
-                        backup: None,
-                        parts: Vec::new(),
-                        ..f.clone()
-                    });
-            }
+            Err(e) => problems.push(problem(
+                "corrupt",
+                format!("backup {}", m.label),
+                format!("its file list cannot be read: {e}"),
+            )),
         }
         for dep in &m.depends_on {
             if !manifests.iter().any(|o| &o.label == dep) {
@@ -302,15 +292,6 @@ pub async fn verify(
                 ));
             }
         }
-        for (object, mut files) in by_object {
-            files.sort_by_key(|f| f.offset);
-            backup_objects += 1;
-            jobs.push(Job::Backup {
-                key: layout::backup_object_key(repo.stanza(), &m.label, &object),
-                label: m.label.clone(),
-                files,
-            });
-        }
         let db = dbs.iter().find(|d| d.id == m.db_id).or(dbs.last());
         if let Some(db) = db {
             if let Some((_, segs)) = seg_sets.iter().find(|(id, _)| *id == db.id) {
@@ -322,15 +303,41 @@ pub async fn verify(
     let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
     let leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
 
+    db.index("pieces")?;
+    let groups = Groups::heaviest_first(db.shared(), "pieces")?;
+    let backup_objects = groups.count_groups();
+    let stanza = repo.stanza().to_string();
+    // One object's pieces at a time, read off the runtime.
+    let backup_jobs = stream::unfold(Some(groups), move |g| {
+        let stanza = stanza.clone();
+        async move {
+            let mut g = g?;
+            let (next, g) = tokio::task::spawn_blocking(move || (g.next(), g))
+                .await
+                .ok()?;
+            let job = next?
+                .map_err(Error::from)
+                .and_then(|(object, rows)| backup_job(&stanza, &object, &rows));
+            Some((job, Some(g)))
+        }
+    });
     progress.phase("read objects");
-    progress.set_total(jobs.len() as u64, 0);
+    progress.set_total(jobs.len() as u64 + backup_objects, 0);
     let backend = repo.backend().clone();
     let results: Vec<(Vec<Problem>, u64)> = stream::iter(jobs)
+        .map(Ok)
+        .chain(backup_jobs)
         .map(|job| {
             let backend = backend.clone();
             let progress = progress.clone();
             async move {
-                let r = check_job(backend, job).await;
+                let r = match job {
+                    Ok(job) => check_job(backend, job).await,
+                    Err(e) => (
+                        vec![problem("unreadable", "scratch database", e.to_string())],
+                        0,
+                    ),
+                };
                 progress.file_done(r.1);
                 r
             }
@@ -357,6 +364,74 @@ pub async fn verify(
     };
     keep_result(repo, &report, &started).await;
     Ok(report)
+}
+
+/// Adds what backup `label` stored itself to table `pieces`, grouped by
+/// object (`<label>/<object>`): whole files and its own parts of block
+/// maps (the objects of the backups it depends on are checked with those,
+/// which must be there).
+fn add_pieces(db: &mut Scratch, label: &str, list: &LocalFileList) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut push = |db: &mut Scratch, k: String, f: &FileEntry| -> Result<()> {
+        rows.push(Row {
+            k: format!("{label}/{k}"),
+            g: format!("{label}/{}", f.object),
+            o: f.offset as i64,
+            w: f.length as i64,
+            v: serde_json::to_vec(f).map_err(|e| Error::internal(format!("serialize: {e}")))?,
+        });
+        if rows.len() >= 4096 {
+            db.insert("pieces", &rows)?;
+            rows.clear();
+        }
+        Ok(())
+    };
+    for f in list.iter()? {
+        let f = f?;
+        if f.parts.is_empty() && f.backup.is_none() {
+            push(db, f.path.clone(), &f)?;
+        }
+        for (i, p) in f
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.backup == label)
+        {
+            let part = FileEntry {
+                path: format!("{} (its changed blocks)", f.path),
+                size: p.raw_size,
+                sha256: p.sha256.clone(),
+                object: p.object.clone(),
+                offset: p.offset,
+                length: p.length,
+                backup: None,
+                parts: Vec::new(),
+                ..f.clone()
+            };
+            push(db, format!("{}\0{i}", f.path), &part)?;
+        }
+    }
+    db.insert("pieces", &rows)?;
+    Ok(())
+}
+
+/// The job that reads one object of a backup (`<label>/<object>`).
+fn backup_job(stanza: &str, object: &str, rows: &[Row]) -> Result<Job> {
+    let (label, object) = object.split_once('/').ok_or_else(|| {
+        Error::internal(format!("a bad object in the scratch database: {object}"))
+    })?;
+    let files = rows
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<FileEntry>(&r.v)
+                .map_err(|e| Error::internal(format!("read back {}: {e}", r.k)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Job::Backup {
+        key: layout::backup_object_key(stanza, label, object),
+        label: label.to_string(),
+        files,
+    })
 }
 
 /// Keeps the result in the repository for `info` and the metrics ("last

@@ -9,7 +9,7 @@
 //! <stanza>/archive/<db>/<tli+log>/<wal>.gap            this repository missed <wal> (dropped from its archive-push queue)
 //! <stanza>/archive/<db>/history/<tli>.history-<sha256>.zst (and .claim)
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             whole files and parts (changed blocks), small ones bundled
-//! <stanza>/backup/<label>/files.pgv                         reserved: format 2's streamed file list (not written yet)
+//! <stanza>/backup/<label>/files.pgv                         the file list (format 2, `repo::filelist`), written just before the manifest
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
 //! <stanza>/results/<drill|verify>/<YYYYMMDDTHHMMSS.mmmZ>.pgv  one run's result (the newest few kept)

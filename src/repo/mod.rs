@@ -13,6 +13,7 @@ pub mod conformance;
 pub mod deletion;
 pub mod fault;
 pub mod fence;
+pub mod filelist;
 pub mod gcs;
 pub mod layout;
 pub mod local;

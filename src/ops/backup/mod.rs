@@ -30,6 +30,7 @@ mod incr;
 
 pub use incr::BackupKind;
 
+use crate::catalog::scratch::{self, Row, Rows, Scratch};
 use crate::error::{Error, Kind, Result};
 use crate::ops::check::{prove_archiving, wait_for_wal};
 use crate::ops::pg_error;
@@ -45,6 +46,7 @@ use crate::pg::relfile::{RelFile, BLOCK_SIZE};
 use crate::pg::{Lsn, WalFileName};
 use crate::repo::blockmap::{self, Part, Ranges};
 use crate::repo::codec::{EncodeOptions, Encoder};
+use crate::repo::filelist::{FileListRef, InlineFiles};
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
@@ -82,8 +84,13 @@ pub struct BackupOptions {
 
 /// Files smaller than this go into bundles.
 const BUNDLE_FILE_MAX: u64 = 1 << 20;
-/// A bundle is stored once it holds this much.
+/// A bundle is stored once it holds this much …
 const BUNDLE_TARGET: u64 = 8 << 20;
+/// … or this many files: a worker holds the entries of its open bundle,
+/// and empty or tiny files would put a hundred thousand in 8 MiB.
+const BUNDLE_FILES_MAX: usize = 2048;
+/// Entries a worker gathers before it adds them to the scratch database.
+const DONE_BATCH: usize = 512;
 
 pub async fn backup(
     repo: &Repository,
@@ -259,7 +266,14 @@ async fn backup_inner(
     if primary.is_some() {
         standby::still_standby(session).await?;
     }
-    let (files, dirs, page_checksums, counts) = copied?;
+    let Copied {
+        file_list,
+        dirs,
+        pages: page_checksums,
+        counts,
+        original_size,
+        stored_size,
+    } = copied?;
     let (reference, depends_on, changes) = match &plan {
         Some(p) => {
             let mut r = p.report.clone();
@@ -319,8 +333,6 @@ async fn backup_inner(
     ));
     wait_for_wal(repo, &db, tli, first, last, opts.archive_timeout).await?;
 
-    let original_size = files.iter().map(|f| f.size).sum();
-    let stored_size = stored_size(&files, &label);
     let manifest = Manifest {
         header: BackupHeader {
             format: MANIFEST_FORMAT,
@@ -346,31 +358,29 @@ async fn backup_inner(
                 .to_string(),
             original_size,
             stored_size,
-            file_count: files.len() as u64,
+            file_count: file_list.count,
             page_checksums,
         },
         backup_label: stop.backup_label,
         tablespace_map: stop.tablespace_map,
         tablespaces,
         dirs,
-        files,
+        file_list: Some(file_list),
+        inline_files: InlineFiles::default(),
     };
     repo.write_manifest(&manifest).await?;
     progress.finish();
     Ok(manifest)
 }
 
-/// Bytes this backup stored (not those its files take from others).
-fn stored_size(files: &[FileEntry], label: &str) -> u64 {
-    files
-        .iter()
-        .map(|f| match f.parts.first() {
-            Some(p) if p.backup == label => p.length,
-            Some(_) => 0,
-            None if f.backup.is_none() => f.length,
-            None => 0,
-        })
-        .sum()
+/// Bytes this backup stored of `f` (not those it takes from others).
+fn stored_size(f: &FileEntry, label: &str) -> u64 {
+    match f.parts.first() {
+        Some(p) if p.backup == label => p.length,
+        Some(_) => 0,
+        None if f.backup.is_none() => f.length,
+        None => 0,
+    }
 }
 
 /// Labels are UTC, sort by time and are unique: `20261126-031500F` (`D`
@@ -396,9 +406,19 @@ struct ScanFile {
     size: u64,
 }
 
-/// Walks the data directory and its tablespaces.
-fn scan(pgdata: &Path) -> io::Result<(Vec<ScanFile>, Vec<DirEntry>)> {
-    let mut files = Vec::new();
+/// One file to copy and, for a diff or incr, the reference's entry for
+/// the same path.
+struct Item {
+    f: ScanFile,
+    old: Option<FileEntry>,
+}
+
+/// Walks the data directory and its tablespaces, handing each file to
+/// `sink` (in no order); returns the directories.
+fn scan(
+    pgdata: &Path,
+    sink: &mut dyn FnMut(ScanFile) -> io::Result<()>,
+) -> io::Result<Vec<DirEntry>> {
     let mut dirs = Vec::new();
     let mut stack: Vec<(PathBuf, String)> = vec![(pgdata.to_path_buf(), String::new())];
     while let Some((abs_dir, rel_dir)) = stack.pop() {
@@ -454,17 +474,17 @@ fn scan(pgdata: &Path) -> io::Result<(Vec<ScanFile>, Vec<DirEntry>)> {
                     });
                     stack.push((abs, rel));
                 }
-                Entry::Copy if meta.is_file() => files.push(ScanFile {
+                Entry::Copy if meta.is_file() => sink(ScanFile {
                     rel,
                     abs,
                     size: meta.len(),
-                }),
+                })?,
                 Entry::Copy => {}
             }
         }
     }
     dirs.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((files, dirs))
+    Ok(dirs)
 }
 
 /// Counts what passes through, so bundle offsets are known.
@@ -494,7 +514,10 @@ struct Worker {
     handle: tokio::runtime::Handle,
     next_object: u64,
     bundle: Option<(Counting<Spool>, String, Vec<FileEntry>)>,
+    /// Entries of stored objects, not yet in the scratch database.
     done: Vec<FileEntry>,
+    /// Where the entries go (table `done`), to be read back in path order.
+    db: scratch::Shared,
     /// Read buffer, reused for every file.
     buf: Vec<u8>,
     /// Check data page checksums of relation files (the backup's start).
@@ -517,6 +540,7 @@ impl Worker {
         encode: EncodeOptions,
         verify_pages: Option<Lsn>,
         plan: Option<Arc<Plan>>,
+        db: scratch::Shared,
     ) -> Worker {
         Worker {
             id,
@@ -529,6 +553,7 @@ impl Worker {
             next_object: 0,
             bundle: None,
             done: Vec::new(),
+            db,
             buf: vec![0u8; 1 << 20],
             verify_pages,
             pages: PageChecksums::default(),
@@ -689,8 +714,47 @@ impl Worker {
         Ok(d.size == old.size && d.sha256.to_hex() == old.sha256)
     }
 
-    fn add(&mut self, f: &ScanFile) -> Result<u64> {
-        let decision = self.plan.as_ref().map(|p| p.decide(&f.rel, f.size));
+    /// Adds stored entries; every [`DONE_BATCH`], into the scratch
+    /// database.
+    fn push_done(&mut self, entries: impl IntoIterator<Item = FileEntry>) -> Result<()> {
+        self.done.extend(entries);
+        if self.done.len() >= DONE_BATCH {
+            self.flush_done()?;
+        }
+        Ok(())
+    }
+
+    fn flush_done(&mut self) -> Result<()> {
+        if self.done.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .done
+            .drain(..)
+            .map(|e| {
+                Ok(Row {
+                    o: stored_size(&e, &self.label) as i64,
+                    w: e.size as i64,
+                    v: serde_json::to_vec(&e)
+                        .map_err(|e| Error::internal(format!("serialize an entry: {e}")))?,
+                    k: e.path,
+                    g: String::new(),
+                })
+            })
+            .collect::<Result<Vec<Row>>>()?;
+        self.db
+            .lock()
+            .map_err(|_| Error::internal("scratch database: a worker failed holding it"))?
+            .insert("done", &rows)?;
+        Ok(())
+    }
+
+    fn add(&mut self, item: Item) -> Result<u64> {
+        let f = &item.f;
+        let decision = self
+            .plan
+            .as_ref()
+            .map(|p| p.decide(&f.rel, f.size, item.old.as_ref()));
         let mut delta = None;
         let mut stored = f.size;
         if let Some((d, why)) = decision {
@@ -699,7 +763,7 @@ impl Worker {
                 Decision::Same(e) => {
                     self.counts.unchanged_files += 1;
                     let size = e.size;
-                    self.done.push(e);
+                    self.push_done([e])?;
                     return Ok(size);
                 }
                 Decision::Blocks { blocks, older } => {
@@ -713,7 +777,7 @@ impl Worker {
                     if self.same_as(f, &old)? {
                         self.counts.unchanged_files += 1;
                         let size = old.size;
-                        self.done.push(old);
+                        self.push_done([old])?;
                         return Ok(size);
                     }
                     self.counts.whole_files += 1;
@@ -728,7 +792,7 @@ impl Worker {
             if let Some(e) = entry {
                 self.commit(out.inner, &object)?;
                 let size = e.size;
-                self.done.push(e);
+                self.push_done([e])?;
                 return Ok(size);
             }
             return Ok(0);
@@ -741,9 +805,9 @@ impl Worker {
         let entry = self.encode_into(f, &mut out, &object, delta)?;
         let size = entry.as_ref().map(|e| e.size).unwrap_or(0);
         entries.extend(entry);
-        if out.n >= BUNDLE_TARGET {
+        if out.n >= BUNDLE_TARGET || entries.len() >= BUNDLE_FILES_MAX {
             self.commit(out.inner, &object)?;
-            self.done.extend(entries);
+            self.push_done(entries)?;
         } else {
             self.bundle = Some((out, object, entries));
         }
@@ -756,15 +820,35 @@ impl Worker {
                 if let Spool::LocalFile { tmp, .. } = &out.inner {
                     let _ = fs::remove_file(tmp);
                 }
-                return Ok(());
+                return self.flush_done();
             }
             self.commit(out.inner, &object)?;
-            self.done.extend(entries);
+            self.push_done(entries)?;
         }
-        Ok(())
+        self.flush_done()
     }
 }
 
+/// What the copy stored: its file list (written), the directories, the
+/// page checks, the change counts and the sizes.
+struct Copied {
+    file_list: FileListRef,
+    dirs: Vec<DirEntry>,
+    pages: Option<PageChecksums>,
+    counts: ChangeReport,
+    original_size: u64,
+    stored_size: u64,
+}
+
+/// Rows added to the scratch database at once.
+const SCAN_BATCH: usize = 4096;
+
+/// Copies the files, then writes the file list. Memory stays flat in the
+/// number of files (issue 14): the walk of the data directory, the
+/// reference's file list and the entries the workers make go to a scratch
+/// database on disk; workers take files from it largest first (each
+/// joined there with the reference's entry of the same path), and the list
+/// is written from it in path order.
 async fn copy_files(
     repo: &Repository,
     label: &str,
@@ -773,58 +857,120 @@ async fn copy_files(
     verify_pages: Option<Lsn>,
     plan: Option<Arc<Plan>>,
     progress: Arc<dyn Progress>,
-) -> Result<(
-    Vec<FileEntry>,
-    Vec<DirEntry>,
-    Option<PageChecksums>,
-    ChangeReport,
-)> {
+) -> Result<Copied> {
+    let reference = match &plan {
+        Some(p) => Some(repo.file_list(&p.reference).await?),
+        None => None,
+    };
     let dir = pgdata.to_path_buf();
-    let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&dir))
-        .await?
+    let (db, dirs, control, count, total) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut s = Scratch::new(&["scan", "refs", "done"])?;
+        let mut batch = Vec::with_capacity(SCAN_BATCH);
+        let mut control = None;
+        let add = |s: &mut Scratch, batch: &mut Vec<Row>, table: &str, flush: bool| {
+            if batch.len() >= SCAN_BATCH || (flush && !batch.is_empty()) {
+                s.insert(table, batch)?;
+                batch.clear();
+            }
+            Ok::<(), scratch::ScratchError>(())
+        };
+        let dirs = scan(&dir, &mut |f| {
+            if f.rel == datadir::PG_CONTROL {
+                control = Some(f);
+                return Ok(());
+            }
+            batch.push(Row {
+                w: f.size as i64,
+                k: f.rel,
+                ..Row::default()
+            });
+            add(&mut s, &mut batch, "scan", false).map_err(io::Error::other)
+        })
         .map_err(|e| Error::io_in(Kind::InvalidInput, "read the data directory", &e))?;
-    let control_pos = files
-        .iter()
-        .position(|f| f.rel == datadir::PG_CONTROL)
-        .ok_or_else(|| {
-            Error::new(
-                Kind::InvalidInput,
-                format!("{} has no {}", pgdata.display(), datadir::PG_CONTROL),
-            )
-        })?;
-    let control = files.swap_remove(control_pos);
-    // Largest first (workers take from the end), so the long files start
-    // early and the small ones fill in.
-    files.sort_by_key(|f| f.size);
-    let total: u64 = files.iter().map(|f| f.size).sum::<u64>() + control.size;
+        add(&mut s, &mut batch, "scan", true)?;
+        if let Some(list) = reference {
+            for e in list.iter()? {
+                let e = e?;
+                batch.push(Row {
+                    v: serde_json::to_vec(&e)
+                        .map_err(|e| Error::internal(format!("serialize an entry: {e}")))?,
+                    k: e.path,
+                    ..Row::default()
+                });
+                add(&mut s, &mut batch, "refs", false)?;
+            }
+            add(&mut s, &mut batch, "refs", true)?;
+        }
+        s.index("scan")?;
+        let count = s.count("scan")?;
+        let (_, total) = s.sums("scan")?;
+        Ok((s.shared(), dirs, control, count, total as u64))
+    })
+    .await??;
+    let control = control.ok_or_else(|| {
+        Error::new(
+            Kind::InvalidInput,
+            format!("{} has no {}", pgdata.display(), datadir::PG_CONTROL),
+        )
+    })?;
     progress.phase("copy files");
-    progress.set_total(files.len() as u64 + 1, total);
+    progress.set_total(count + 1, total + control.size);
 
     let workers = opts.process_max.max(1);
-    let new_worker = |id| Worker::new(id, repo, label, opts.encode, verify_pages, plan.clone());
+    let new_worker = |id| {
+        Worker::new(
+            id,
+            repo,
+            label,
+            opts.encode,
+            verify_pages,
+            plan.clone(),
+            db.clone(),
+        )
+    };
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
     // Bytes no worker has taken yet.
-    let queued = std::sync::atomic::AtomicU64::new(files.iter().map(|f| f.size).sum());
-    let work = move |w: &mut Worker, f: ScanFile| -> Result<()> {
+    let queued = std::sync::atomic::AtomicU64::new(total);
+    let work = move |w: &mut Worker, item: Item| -> Result<()> {
+        let size = item.f.size;
         let left = queued
-            .fetch_sub(f.size, std::sync::atomic::Ordering::Relaxed)
-            .saturating_sub(f.size);
-        w.tail = workers == 1 || left < f.size;
-        let size = w.add(&f)?;
+            .fetch_sub(size, std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(size);
+        w.tail = workers == 1 || left < size;
+        let size = w.add(item)?;
         progress2.file_done(size);
         Ok(())
     };
-    let done = workers::run(files, states, work, |mut w: Worker| {
+    // Largest first, so the long files start early and the small ones
+    // fill in.
+    let root = pgdata.to_path_buf();
+    let join = plan.as_ref().map(|_| "refs");
+    let items = Rows::heaviest_first(db.clone(), "scan", join).map(move |r| {
+        let j = r?;
+        let old = match j.other {
+            Some(v) => Some(serde_json::from_slice::<FileEntry>(&v).map_err(|e| {
+                Error::internal(format!("the reference's entry of {}: {e}", j.row.k))
+            })?),
+            None => None,
+        };
+        Ok(Item {
+            f: ScanFile {
+                abs: root.join(&j.row.k),
+                rel: j.row.k,
+                size: j.row.w as u64,
+            },
+            old,
+        })
+    });
+    let done = workers::run(items, states, work, |mut w: Worker| {
         w.flush()?;
-        Ok((w.done, w.pages, w.counts))
+        Ok((w.pages, w.counts))
     })
     .await?;
-    let mut entries = Vec::new();
     let mut pages = PageChecksums::default();
     let mut counts = ChangeReport::default();
-    for (done, p, c) in done {
-        entries.extend(done);
+    for (p, c) in done {
         counts.unchanged_files += c.unchanged_files;
         counts.delta_files += c.delta_files;
         counts.changed_blocks += c.changed_blocks;
@@ -841,21 +987,39 @@ async fn copy_files(
     let mut w = new_worker(workers);
     // pg_control is not a relation file: always whole.
     w.plan = None;
-    let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
-        w.add(&control)?;
+    let db2 = db.clone();
+    let (control_size, sums) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let size = w.add(Item {
+            f: control,
+            old: None,
+        })?;
         w.flush()?;
-        Ok(w.done)
+        let s = db2
+            .lock()
+            .map_err(|_| Error::internal("scratch database: a worker failed holding it"))?;
+        if s.get("done", datadir::PG_CONTROL)?.is_none() {
+            return Err(Error::new(
+                Kind::InvalidInput,
+                "global/pg_control vanished during the backup",
+            ));
+        }
+        Ok((size, s.sums("done")?))
     })
     .await??;
-    if control_entry.is_empty() {
-        return Err(Error::new(
-            Kind::InvalidInput,
-            "global/pg_control vanished during the backup",
-        ));
-    }
-    progress.file_done(control_entry[0].size);
-    entries.extend(control_entry);
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    progress.file_done(control_size);
     counts.fallbacks.sort();
-    Ok((entries, dirs, verify_pages.map(|_| pages), counts))
+    let entries = Rows::by_key(db, "done").map(|r| {
+        let r = r?;
+        serde_json::from_slice::<FileEntry>(&r.row.v)
+            .map_err(|e| Error::internal(format!("the entry of {}: {e}", r.row.k)))
+    });
+    let file_list = repo.write_file_list(label, entries).await?;
+    Ok(Copied {
+        file_list,
+        dirs,
+        pages: verify_pages.map(|_| pages),
+        counts,
+        original_size: sums.1 as u64,
+        stored_size: sums.0 as u64,
+    })
 }

@@ -1,14 +1,22 @@
 //! Laying a backup down in a data directory: directories and tablespace
 //! links, every file checked against its SHA-256 as it is written, the
 //! recovery files, a flush of everything, and `global/pg_control` last.
+//!
+//! Memory stays flat in the number of files (issue 14): the file list is
+//! streamed into a scratch database on disk, grouped there by the object
+//! that stores each file, and the workers take one object (with its
+//! pieces) at a time from it.
 
 use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::catalog::scratch::{self, Groups, Row, Rows, Scratch};
 use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::ops::progress::Progress;
 use crate::ops::workers;
@@ -16,6 +24,7 @@ use crate::pg::datadir::{self, EMPTY_DIRS};
 use crate::pg::recovery::{self, RecoverySettings};
 use crate::repo::blockmap::{self, Part, PartWriter, Ranges};
 use crate::repo::codec;
+use crate::repo::filelist::LocalFileList;
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
 use crate::repo::{Backend, Repository};
@@ -66,29 +75,25 @@ pub(super) async fn lay_down(
         }
     }
 
+    let list = repo.file_list(m).await?;
+    let count = list.count();
+    let (label, delta) = (m.label.clone(), opts.delta);
+    let (db, control) =
+        tokio::task::spawn_blocking(move || plan_pieces(&list, &label, delta)).await??;
+    let control = control.ok_or_else(|| {
+        Error::repository(format!("backup {} has no {}", m.label, datadir::PG_CONTROL))
+    })?;
+
     let pgdata = opts.pgdata.clone();
     let m2 = m.clone();
-    let delta = opts.delta;
     let ts_map2 = ts_map.clone();
-    tokio::task::spawn_blocking(move || prepare_dirs(&pgdata, &m2, &ts_map2, delta)).await??;
+    let db2 = db.clone();
+    tokio::task::spawn_blocking(move || prepare_dirs(&pgdata, &m2, &ts_map2, delta, &db2))
+        .await??;
 
-    let control = m
-        .files
-        .iter()
-        .find(|f| f.path == datadir::PG_CONTROL)
-        .cloned()
-        .ok_or_else(|| {
-            Error::repository(format!("backup {} has no {}", m.label, datadir::PG_CONTROL))
-        })?;
-    let files: Vec<FileEntry> = m
-        .files
-        .iter()
-        .filter(|f| f.path != datadir::PG_CONTROL)
-        .cloned()
-        .collect();
     progress.phase("write files");
-    progress.set_total(m.files.len() as u64, m.original_size);
-    let skipped = write_files(repo, &m.label, &opts.pgdata, files, opts.delta, opts.process_max, progress.clone())
+    progress.set_total(count, m.original_size);
+    let skipped = write_files(repo, &opts.pgdata, db, opts.delta, opts.process_max, progress.clone())
         .await
         .map_err(|e| e.hint("the data directory is incomplete and cannot be started; rerun the restore (--delta reuses what was written)"))?;
 
@@ -220,6 +225,112 @@ fn fsync_dir(dir: &Path) -> Result<()> {
         .map_err(local_err("fsync", dir))
 }
 
+/// Rows added to the scratch database at once.
+const BATCH: usize = 4096;
+
+/// What one stored object gives to one file, as the scratch database
+/// keeps it.
+#[derive(Serialize, Deserialize)]
+struct PieceRow {
+    file: FileEntry,
+    /// The part of `file.parts` this is (`None`: the whole file).
+    part: Option<usize>,
+    /// The blocks of that part no newer part holds.
+    owned: Ranges,
+}
+
+/// Streams the file list of backup `label` into a scratch database: table
+/// `pieces`, one row per piece of an object, grouped by object (`g`
+/// `<backup>/<object>`) in stored order; `mapped`, the files stored as
+/// block maps; with `delta`, `files`, every path. Returns it and the entry
+/// of `global/pg_control`, which is written apart, last.
+fn plan_pieces(
+    list: &LocalFileList,
+    label: &str,
+    delta: bool,
+) -> Result<(scratch::Shared, Option<FileEntry>)> {
+    let mut s = Scratch::new(&["pieces", "mapped", "files"])?;
+    let mut control = None;
+    let (mut pieces, mut mapped, mut files) = (Vec::new(), Vec::new(), Vec::new());
+    for f in list.iter()? {
+        let f = f?;
+        if delta {
+            files.push(Row {
+                k: f.path.clone(),
+                ..Row::default()
+            });
+        }
+        if f.path == datadir::PG_CONTROL {
+            control = Some(f);
+            continue;
+        }
+        if f.parts.is_empty() {
+            let backup = f.backup.as_deref().unwrap_or(label);
+            pieces.push(Row {
+                k: f.path.clone(),
+                g: format!("{backup}/{}", f.object),
+                o: f.offset as i64,
+                w: f.length as i64,
+                v: Vec::new(),
+            });
+            let row = PieceRow {
+                file: f,
+                part: None,
+                owned: Vec::new(),
+            };
+            pieces.last_mut().expect("just pushed").v = json(&row)?;
+        } else {
+            let owned = blockmap::owned(&f.parts, f.size);
+            for (i, (part, owned)) in f.parts.iter().zip(owned).enumerate() {
+                if owned.is_empty() {
+                    continue;
+                }
+                let row = PieceRow {
+                    file: f.clone(),
+                    part: Some(i),
+                    owned,
+                };
+                pieces.push(Row {
+                    k: format!("{}\0{i}", f.path),
+                    g: format!("{}/{}", part.backup, part.object),
+                    o: part.offset as i64,
+                    w: part.length as i64,
+                    v: json(&row)?,
+                });
+            }
+            mapped.push(Row {
+                k: f.path.clone(),
+                v: json(&f)?,
+                ..Row::default()
+            });
+        }
+        for (table, rows) in [
+            ("pieces", &mut pieces),
+            ("mapped", &mut mapped),
+            ("files", &mut files),
+        ] {
+            if rows.len() >= BATCH {
+                s.insert(table, rows)?;
+                rows.clear();
+            }
+        }
+    }
+    s.insert("pieces", &pieces)?;
+    s.insert("mapped", &mapped)?;
+    s.insert("files", &files)?;
+    s.index("pieces")?;
+    Ok((s.shared(), control))
+}
+
+/// A row's value in the scratch database.
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::internal(format!("serialize: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| Error::internal(format!("read back {what}: {e}")))
+}
+
 /// Creates the directory tree and tablespace links. With `--delta`, first
 /// removes `global/pg_control` so that an interrupted restore cannot start.
 fn prepare_dirs(
@@ -227,6 +338,7 @@ fn prepare_dirs(
     m: &Manifest,
     ts_map: &BTreeMap<u32, PathBuf>,
     delta: bool,
+    db: &scratch::Shared,
 ) -> Result<()> {
     fs::create_dir_all(pgdata).map_err(local_err("create", pgdata))?;
     fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))
@@ -254,7 +366,7 @@ fn prepare_dirs(
                 clear_dir(&p)?;
             }
         }
-        remove_unlisted(pgdata, m)?;
+        remove_unlisted(pgdata, db)?;
     }
     let tblspc = pgdata.join("pg_tblspc");
     fs::create_dir_all(&tblspc).map_err(local_err("create", &tblspc))?;
@@ -313,8 +425,13 @@ fn clear_dir(dir: &Path) -> Result<()> {
 /// `--delta`: removes files the backup does not have, so the result is the
 /// backup and nothing else (the left-out directories were emptied already;
 /// configuration files the backup holds are restored from it).
-fn remove_unlisted(pgdata: &Path, m: &Manifest) -> Result<()> {
-    let listed: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+fn remove_unlisted(pgdata: &Path, db: &scratch::Shared) -> Result<()> {
+    let listed = |r: &str| -> Result<bool> {
+        let s = db
+            .lock()
+            .map_err(|_| Error::internal("scratch database: a thread failed holding it"))?;
+        Ok(s.get("files", r)?.is_some())
+    };
     let mut stack = vec![(pgdata.to_path_buf(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
         for e in fs::read_dir(&dir).map_err(local_err("read directory", &dir))? {
@@ -335,7 +452,7 @@ fn remove_unlisted(pgdata: &Path, m: &Manifest) -> Result<()> {
             let meta = fs::metadata(&p).map_err(local_err("stat", &p))?;
             if meta.is_dir() {
                 stack.push((p, r));
-            } else if !listed.contains(r.as_str()) {
+            } else if !listed(&r)? {
                 fs::remove_file(&p).map_err(local_err("remove", &p))?;
             }
         }
@@ -513,55 +630,28 @@ impl Piece {
 
 async fn write_files(
     repo: &Repository,
-    label: &str,
     pgdata: &Path,
-    files: Vec<FileEntry>,
+    db: scratch::Shared,
     delta: bool,
     process_max: usize,
     progress: Arc<dyn Progress>,
 ) -> Result<usize> {
     // One work item per stored object (of this backup or one it depends
-    // on); its pieces in stored order. A file stored as blocks of several
-    // backups is created at its size first; each part then writes the
-    // blocks it is the newest holder of: every block once, no chain replay.
-    let mut by_object: BTreeMap<(String, String), Vec<Piece>> = BTreeMap::new();
-    let mut mapped: Vec<Arc<FileEntry>> = Vec::new();
-    for f in files {
-        if f.parts.is_empty() {
-            let backup = f.backup.clone().unwrap_or_else(|| label.to_string());
-            by_object
-                .entry((backup, f.object.clone()))
-                .or_default()
-                .push(Piece::Whole(f));
-            continue;
+    // on), largest first; its pieces in stored order. A file stored as
+    // blocks of several backups is created at its size first; each part
+    // then writes the blocks it is the newest holder of: every block once,
+    // no chain replay.
+    let mapped = {
+        let db = db.clone();
+        move || {
+            Rows::by_key(db.clone(), "mapped").map(|r| from_json::<FileEntry>(&r?.row.v, "a file"))
         }
-        let f = Arc::new(f);
-        let owned = blockmap::owned(&f.parts, f.size);
-        for (part, owned) in f.parts.iter().zip(owned) {
-            if owned.is_empty() {
-                continue;
-            }
-            by_object
-                .entry((part.backup.clone(), part.object.clone()))
-                .or_default()
-                .push(Piece::Blocks {
-                    file: f.clone(),
-                    part: part.clone(),
-                    owned,
-                });
-        }
-        mapped.push(f);
-    }
-    let mut items: Vec<((String, String), Vec<Piece>)> = by_object.into_iter().collect();
-    for (_, v) in items.iter_mut() {
-        v.sort_by_key(Piece::offset);
-    }
-    // Largest objects first.
-    items.sort_by_key(|(_, v)| v.iter().map(Piece::length).sum::<u64>());
+    };
     let pgdata2 = pgdata.to_path_buf();
     let mapped2 = mapped.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for f in &mapped2 {
+        for f in mapped2() {
+            let f = f?;
             let dest = pgdata2.join(&f.path);
             let file = OpenOptions::new()
                 .write(true)
@@ -575,6 +665,27 @@ async fn write_files(
         Ok(())
     })
     .await??;
+    let items = Groups::heaviest_first(db, "pieces")?.map(|g| {
+        let (object, rows) = g?;
+        let (backup, object) = object.split_once('/').ok_or_else(|| {
+            Error::internal(format!("a bad object in the scratch database: {object}"))
+        })?;
+        let pieces = rows
+            .iter()
+            .map(|r| {
+                let p: PieceRow = from_json(&r.v, "a piece")?;
+                Ok(match p.part.and_then(|i| p.file.parts.get(i).cloned()) {
+                    None => Piece::Whole(p.file),
+                    Some(part) => Piece::Blocks {
+                        file: Arc::new(p.file),
+                        part,
+                        owned: p.owned,
+                    },
+                })
+            })
+            .collect::<Result<Vec<Piece>>>()?;
+        Ok(((backup.to_string(), object.to_string()), pieces))
+    });
     let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let states = vec![(); process_max.max(1)];
     let backend: Arc<dyn Backend> = repo.backend().clone();
@@ -628,7 +739,8 @@ async fn write_files(
     workers::run(items, states, work, |_| Ok(())).await?;
     // Mode and time of the files written in parts, once all are there.
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for f in &mapped {
+        for f in mapped() {
+            let f = f?;
             let dest = pgdata.join(&f.path);
             fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode & 0o750))
                 .map_err(local_err("set permissions of", &dest))?;

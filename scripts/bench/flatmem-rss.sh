@@ -25,7 +25,6 @@ case "$TABLES$ROUNDS" in *[!0-9]*) pgv_die "FLATMEM_TABLES and FLATMEM_ROUNDS mu
 AFTER="${AFTER:-$ROOT/target/debug/pgvault}"
 U="$PGV_TEST_USER"
 BIN="$PGV_PGBIN"
-as_user() { runuser -u "$U" -- "$@"; }
 
 WORK="$(mktemp -d /var/tmp/pgvault-flatmem.XXXXXX)"
 chmod 755 "$WORK"
@@ -59,14 +58,7 @@ done
 as_user "$BIN/pg_ctl" -D "$DATA" -l "$WORK/run/pg.log" -w start >/dev/null
 
 pgv_log "$TABLES small tables"
-for first in $(seq 0 500 $((TABLES - 1))); do
-    last=$((first + 499 < TABLES - 1 ? first + 499 : TABLES - 1))
-    as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres -c "do \$\$ begin
-        for i in $first..$last loop
-            execute format('create table m_%s (id int primary key, v text)', i);
-            execute format('insert into m_%s values (1, ''x'')', i);
-        end loop; end \$\$" >/dev/null
-done
+pgv_small_tables "$WORK/run" "$PORT" "$TABLES"
 as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT" -d postgres -c checkpoint >/dev/null
 FILES="$(find "$DATA" -type f -not -path "$DATA/pg_wal/*" | wc -l)"
 pgv_log "$FILES files"
@@ -82,19 +74,19 @@ timed() {
 }
 for round in $(seq 1 "$ROUNDS"); do
     for b in before after; do
-        timed "$b backup" as_user "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off \
+        timed "$b backup" runuser -u "$U" -- "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off \
             --process-max 2 backup --type full --pgdata "$DATA" --pg-host "$WORK/run" --pg-port "$PORT" --start-fast
     done
     for b in before after; do
         rm -rf "$WORK/restore"
         install -d -o "$U" -m 700 "$WORK/restore"
-        timed "$b restore" as_user "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off \
+        timed "$b restore" runuser -u "$U" -- "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off \
             --process-max 2 restore --pgdata "$WORK/restore" --archive-mode off
-        timed "$b restore --delta" as_user "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off \
+        timed "$b restore --delta" runuser -u "$U" -- "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off \
             --process-max 2 restore --delta --pgdata "$WORK/restore" --archive-mode off
     done
     for b in before after; do
-        timed "$b verify" as_user "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off --process-max 2 verify
+        timed "$b verify" runuser -u "$U" -- "$WORK/$b" --repo "$WORK/repo-$b" --stanza s --catalog off --process-max 2 verify
     done
     rm -rf "$WORK/restore"
 done

@@ -29,7 +29,7 @@ use crate::ops::progress::Progress;
 use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
 use crate::repo::codec::{self, Sha256Sum};
-use crate::repo::filelist::LocalFileList;
+use crate::repo::filelist::{object_group, split_object_group, LocalFileList};
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
 use crate::repo::orphans::{self, Orphan};
@@ -375,7 +375,7 @@ fn add_pieces(db: &mut Scratch, label: &str, list: &LocalFileList) -> Result<()>
     let mut push = |db: &mut Scratch, k: String, f: &FileEntry| -> Result<()> {
         rows.push(Row {
             k: format!("{label}/{k}"),
-            g: format!("{label}/{}", f.object),
+            g: object_group(label, &f.object),
             o: f.offset as i64,
             w: f.length as i64,
             v: serde_json::to_vec(f).map_err(|e| Error::internal(format!("serialize: {e}")))?,
@@ -417,9 +417,7 @@ fn add_pieces(db: &mut Scratch, label: &str, list: &LocalFileList) -> Result<()>
 
 /// The job that reads one object of a backup (`<label>/<object>`).
 fn backup_job(stanza: &str, object: &str, rows: &[Row]) -> Result<Job> {
-    let (label, object) = object.split_once('/').ok_or_else(|| {
-        Error::internal(format!("a bad object in the scratch database: {object}"))
-    })?;
+    let (label, object) = split_object_group(object)?;
     let files = rows
         .iter()
         .map(|r| {

@@ -337,6 +337,19 @@ impl<'de> Deserialize<'de> for InlineFiles {
     }
 }
 
+/// The object that stores a piece of a file, as commands group a file list
+/// by it: `<backup>/<object>` (labels hold no `/`).
+pub fn object_group(backup: &str, object: &str) -> String {
+    format!("{backup}/{object}")
+}
+
+/// The backup and object of an [`object_group`].
+pub fn split_object_group(group: &str) -> Result<(&str, &str)> {
+    group
+        .split_once('/')
+        .ok_or_else(|| Error::internal(format!("not a backup's object: {group}")))
+}
+
 impl Repository {
     /// The file list of backup `m`, decoded and checked into a temporary
     /// file.

@@ -24,7 +24,7 @@ use crate::pg::datadir::{self, EMPTY_DIRS};
 use crate::pg::recovery::{self, RecoverySettings};
 use crate::repo::blockmap::{self, Part, PartWriter, Ranges};
 use crate::repo::codec;
-use crate::repo::filelist::LocalFileList;
+use crate::repo::filelist::{object_group, split_object_group, LocalFileList};
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
 use crate::repo::{Backend, Repository};
@@ -268,7 +268,7 @@ fn plan_pieces(
             let backup = f.backup.as_deref().unwrap_or(label);
             pieces.push(Row {
                 k: f.path.clone(),
-                g: format!("{backup}/{}", f.object),
+                g: object_group(backup, &f.object),
                 o: f.offset as i64,
                 w: f.length as i64,
                 v: Vec::new(),
@@ -292,7 +292,7 @@ fn plan_pieces(
                 };
                 pieces.push(Row {
                     k: format!("{}\0{i}", f.path),
-                    g: format!("{}/{}", part.backup, part.object),
+                    g: object_group(&part.backup, &part.object),
                     o: part.offset as i64,
                     w: part.length as i64,
                     v: json(&row)?,
@@ -667,9 +667,7 @@ async fn write_files(
     .await??;
     let items = Groups::heaviest_first(db, "pieces")?.map(|g| {
         let (object, rows) = g?;
-        let (backup, object) = object.split_once('/').ok_or_else(|| {
-            Error::internal(format!("a bad object in the scratch database: {object}"))
-        })?;
+        let (backup, object) = split_object_group(&object)?;
         let pieces = rows
             .iter()
             .map(|r| {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::codec::{self, EncodeOptions, Encoder};
 use super::layout;
 use super::manifest::{FileEntry, Manifest};
-use super::{PutMode, PutOutcome, Repository};
+use super::{Fetched, PutMode, PutOutcome, Repository};
 use crate::error::{Error, Result};
 
 /// What a format-2 manifest says of its file list.
@@ -351,6 +351,35 @@ pub fn split_object_group(group: &str) -> Result<(&str, &str)> {
 }
 
 impl Repository {
+    /// A manifest object decoded through a temporary file and parsed as a
+    /// stream: a format-1 manifest's inline files are counted, never held
+    /// (see [`InlineFiles`]), whatever the size of the object. Outcomes as
+    /// [`Repository::fetch_json`].
+    pub(crate) async fn fetch_manifest_streamed(&self, key: &str) -> Result<Fetched<Manifest>> {
+        let Some(reader) = self.backend().get(key).await? else {
+            return Ok(Fetched::Missing);
+        };
+        let what = format!("{}/{key}", self.describe());
+        tokio::task::spawn_blocking(move || {
+            let mut tmp = temp_file()?;
+            let mut out = BufWriter::with_capacity(64 << 10, tmp.as_file_mut());
+            match codec::decode(reader, &mut out) {
+                Ok(_) => {}
+                Err(e) if e.is_corruption() => return Ok(Fetched::Damaged(format!("{what}: {e}"))),
+                Err(e) => return Err(Error::repository(format!("read {what}: {e}"))),
+            }
+            out.flush().map_err(temp_err)?;
+            drop(out);
+            let mut f = tmp.reopen().map_err(temp_err)?;
+            f.rewind().map_err(temp_err)?;
+            Ok(match serde_json::from_reader(BufReader::new(f)) {
+                Ok(m) => Fetched::Found(m),
+                Err(e) => Fetched::Damaged(format!("{what}: unreadable metadata: {e}")),
+            })
+        })
+        .await?
+    }
+
     /// The file list of backup `m`, decoded and checked into a temporary
     /// file.
     pub async fn file_list(&self, m: &Manifest) -> Result<LocalFileList> {

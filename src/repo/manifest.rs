@@ -361,7 +361,7 @@ impl Repository {
                 corrupt,
             }))
         };
-        Ok(match self.fetch_json::<Manifest>(&key).await? {
+        Ok(match self.fetch_manifest_streamed(&key).await? {
             Fetched::Missing => None,
             Fetched::Damaged(why) => unreadable(why, true),
             Fetched::Found(m) if m.format > MANIFEST_FORMAT => unreadable(

@@ -499,6 +499,65 @@ mod tests {
         assert!(LocalFileList::decode(&flipped[..], &r, "files.pgv").is_err());
     }
 
+    /// Through a repository: a format-2 backup's list written and read
+    /// back; a format-1 manifest (files inline) read as a header with its
+    /// files counted, and its list streamed; another backup's list refused.
+    #[tokio::test]
+    async fn lists_of_both_formats_through_a_repository() {
+        use crate::repo::manifest::{test_manifest, ManifestRead};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::local_for_tests(dir.path(), "s");
+        let entries: Vec<FileEntry> = (0..100).map(entry).collect();
+        let mut m = test_manifest("20260101-000000F", 1, 0x1000, "2026-01-01T00:00:00Z");
+        let list = repo
+            .write_file_list(&m.label, entries.clone().into_iter().map(Ok))
+            .await
+            .unwrap();
+        assert_eq!(list.count, 100);
+        m.file_list = Some(list);
+        m.header.file_count = 100;
+        repo.write_manifest(&m).await.unwrap();
+        let Some(ManifestRead::Found(back)) = repo.read_manifest(&m.label).await.unwrap() else {
+            panic!("the manifest reads back");
+        };
+        let files = repo.file_list(&back).await.unwrap();
+        let got: Vec<FileEntry> = files.iter().unwrap().map(|e| e.unwrap()).collect();
+        assert_eq!(got, entries);
+
+        // Format 1: the same entries inline.
+        let old = "20260102-000000F";
+        let mut v =
+            serde_json::to_value(test_manifest(old, 1, 0x2000, "2026-01-02T00:00:00Z")).unwrap();
+        v["format"] = 1.into();
+        v["file_count"] = 0.into();
+        v.as_object_mut().unwrap().remove("file_list");
+        v["files"] = serde_json::to_value(&entries).unwrap();
+        let key = layout::backup_manifest_key("s", old);
+        repo.put_json(&key, &v, PutMode::CreateNew).await.unwrap();
+        let Some(ManifestRead::Found(m1)) = repo.read_manifest(old).await.unwrap() else {
+            panic!("a format-1 manifest reads");
+        };
+        assert_eq!(m1.file_count, 100, "counted from the inline files");
+        let files = repo.file_list(&m1).await.unwrap();
+        assert_eq!(
+            files
+                .iter()
+                .unwrap()
+                .map(|e| e.unwrap())
+                .collect::<Vec<_>>(),
+            entries
+        );
+
+        // Another backup's list under this manifest: refused.
+        let mut other = (*back).clone();
+        other.file_list = Some(FileListRef {
+            sha256: "ab".repeat(32),
+            count: 100,
+        });
+        let e = repo.file_list(&other).await.unwrap_err();
+        assert!(e.to_string().contains("not the file list"), "{e}");
+    }
+
     #[test]
     fn out_of_order_is_refused() {
         let mut w = FileListWriter::new(Vec::new(), EncodeOptions::default()).unwrap();

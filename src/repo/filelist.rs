@@ -183,6 +183,26 @@ fn temp_file() -> Result<tempfile::NamedTempFile> {
         .map_err(temp_err)
 }
 
+/// Decodes an object into a temporary file (checked: the codec verifies
+/// the checksum at the end), and opens it again for reading from its
+/// start; the temporary file goes when the second value is dropped. The
+/// codec's error is the inner one (blocking).
+#[allow(clippy::type_complexity)]
+fn decode_to_temp(
+    reader: impl Read,
+) -> Result<std::result::Result<(File, tempfile::NamedTempFile), codec::CodecError>> {
+    let mut tmp = temp_file()?;
+    let mut out = BufWriter::with_capacity(64 << 10, tmp.as_file_mut());
+    if let Err(e) = codec::decode(reader, &mut out) {
+        return Ok(Err(e));
+    }
+    out.flush().map_err(temp_err)?;
+    drop(out);
+    let mut f = tmp.reopen().map_err(temp_err)?;
+    f.rewind().map_err(temp_err)?;
+    Ok(Ok((f, tmp)))
+}
+
 fn temp_err(e: io::Error) -> Error {
     Error::io_in(
         crate::error::Kind::Internal,
@@ -361,17 +381,11 @@ impl Repository {
         };
         let what = format!("{}/{key}", self.describe());
         tokio::task::spawn_blocking(move || {
-            let mut tmp = temp_file()?;
-            let mut out = BufWriter::with_capacity(64 << 10, tmp.as_file_mut());
-            match codec::decode(reader, &mut out) {
-                Ok(_) => {}
+            let (f, _tmp) = match decode_to_temp(reader)? {
+                Ok(f) => f,
                 Err(e) if e.is_corruption() => return Ok(Fetched::Damaged(format!("{what}: {e}"))),
                 Err(e) => return Err(Error::repository(format!("read {what}: {e}"))),
-            }
-            out.flush().map_err(temp_err)?;
-            drop(out);
-            let mut f = tmp.reopen().map_err(temp_err)?;
-            f.rewind().map_err(temp_err)?;
+            };
             Ok(match serde_json::from_reader(BufReader::new(f)) {
                 Ok(m) => Fetched::Found(m),
                 Err(e) => Fetched::Damaged(format!("{what}: unreadable metadata: {e}")),
@@ -403,14 +417,8 @@ impl Repository {
             None => {
                 // Format 1: decode the manifest object, then stream its
                 // files out of it.
-                let mut tmp = temp_file()?;
-                let mut out = BufWriter::with_capacity(64 << 10, tmp.as_file_mut());
-                codec::decode(reader, &mut out)
+                let (f, _tmp) = decode_to_temp(reader)?
                     .map_err(|e| Error::repository(format!("{what}: {e}")))?;
-                out.flush().map_err(temp_err)?;
-                drop(out);
-                let mut f = tmp.reopen().map_err(temp_err)?;
-                f.rewind().map_err(temp_err)?;
                 LocalFileList::from_format1(f, &what)
             }
         })

@@ -100,8 +100,18 @@ pub(super) async fn lay_down(
     let list = Arc::new(repo.file_list(m).await?);
     let count = list.count();
     let (label, delta) = (m.label.clone(), opts.delta);
+    // With --delta, what is not in the backup goes (the paths, on disk).
+    let list2 = list.clone();
+    let listed = tokio::task::spawn_blocking(move || listed_paths(&list2, delta)).await??;
+    let pgdata = opts.pgdata.clone();
+    let m2 = m.clone();
+    let ts_map2 = ts_map.clone();
+    tokio::task::spawn_blocking(move || prepare_dirs(&pgdata, &m2, &ts_map2, delta, &listed))
+        .await??;
+
     // With --delta, the backup's block sums say which blocks of the
-    // relation files on disk differ (a backup without them: whole files).
+    // relation files on disk differ (a backup without them: whole files);
+    // compared after the tablespace links point where this restore writes.
     let sums = match opts.delta {
         false => None,
         true => match repo.read_block_sums(&m.label).await? {
@@ -124,13 +134,6 @@ pub(super) async fn lay_down(
     let control = planned.control.take().ok_or_else(|| {
         Error::repository(format!("backup {} has no {}", m.label, datadir::PG_CONTROL))
     })?;
-
-    let pgdata = opts.pgdata.clone();
-    let m2 = m.clone();
-    let ts_map2 = ts_map.clone();
-    let db2 = db.clone();
-    tokio::task::spawn_blocking(move || prepare_dirs(&pgdata, &m2, &ts_map2, delta, &db2))
-        .await??;
 
     progress.phase("write files");
     progress.set_total(count, m.original_size);
@@ -305,15 +308,14 @@ const MAPPED_KEPT: i64 = 2;
 /// `pieces`, one row per piece of an object, grouped by object (`g`
 /// `<backup>/<object>`) in stored order; `mapped`, the files written as
 /// blocks (stored as block maps, or with `--delta` and block sums, kept in
-/// place with only their differing blocks, `diffs`, written); with `delta`,
-/// `files`, every path.
+/// place with only their differing blocks, `diffs`, written).
 fn plan_pieces(
     list: &LocalFileList,
     label: &str,
     delta: bool,
     diffs: Option<(scratch::Shared, DeltaBlocks)>,
 ) -> Result<(scratch::Shared, Planned)> {
-    let mut s = Scratch::new(&["pieces", "mapped", "files"])?;
+    let mut s = Scratch::new(&["pieces", "mapped"])?;
     let mut planned = Planned {
         control: None,
         delta,
@@ -331,15 +333,9 @@ fn plan_pieces(
         row.map(|r| from_json::<Ranges>(&r.v, "differing blocks"))
             .transpose()
     };
-    let (mut pieces, mut mapped, mut files) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pieces, mut mapped) = (Vec::new(), Vec::new());
     for f in list.iter()? {
         let f = f?;
-        if delta {
-            files.push(Row {
-                k: f.path.clone(),
-                ..Row::default()
-            });
-        }
         if f.path == datadir::PG_CONTROL {
             planned.control = Some(f);
             continue;
@@ -408,11 +404,7 @@ fn plan_pieces(
                 ..Row::default()
             });
         }
-        for (table, rows) in [
-            ("pieces", &mut pieces),
-            ("mapped", &mut mapped),
-            ("files", &mut files),
-        ] {
+        for (table, rows) in [("pieces", &mut pieces), ("mapped", &mut mapped)] {
             if rows.len() >= BATCH {
                 s.insert(table, rows)?;
                 rows.clear();
@@ -421,9 +413,30 @@ fn plan_pieces(
     }
     s.insert("pieces", &pieces)?;
     s.insert("mapped", &mapped)?;
-    s.insert("files", &files)?;
     s.index("pieces")?;
     Ok((s.shared(), planned))
+}
+
+/// With `delta`, every path of the list, in a scratch database (table
+/// `files`), for `--delta` to remove what the backup does not have;
+/// without, an empty one.
+fn listed_paths(list: &LocalFileList, delta: bool) -> Result<scratch::Shared> {
+    let mut s = Scratch::new(&["files"])?;
+    if delta {
+        let mut files = Vec::new();
+        for f in list.iter()? {
+            files.push(Row {
+                k: f?.path,
+                ..Row::default()
+            });
+            if files.len() >= BATCH {
+                s.insert("files", &files)?;
+                files.clear();
+            }
+        }
+        s.insert("files", &files)?;
+    }
+    Ok(s.shared())
 }
 
 /// A row's value in the scratch database.

@@ -423,6 +423,23 @@ pgv_bench_cipher() {
 
 as_user() { runuser -u "$PGV_TEST_USER" -- "$@"; }
 
+# pgv_small_tables SOCKDIR PORT N: N small tables m_0 … m_<N-1> in database
+# postgres, each with a primary key, a TOAST table and one row (four files
+# a table): a cluster of many files. 500 tables a transaction: all in one
+# would exceed the shared lock table (max_locks_per_transaction ×
+# max_connections).
+pgv_small_tables() {
+    local sock="$1" port="$2" n="$3" first last
+    for first in $(seq 0 500 $((n - 1))); do
+        last=$((first + 499 < n - 1 ? first + 499 : n - 1))
+        as_user "$PGV_PGBIN/psql" -XAtq -h "$sock" -p "$port" -d postgres -c "do \$\$ begin
+            for i in $first..$last loop
+                execute format('create table m_%s (id int primary key, v text)', i);
+                execute format('insert into m_%s values (1, ''x'')', i);
+            end loop; end \$\$" >/dev/null
+    done
+}
+
 # A benchmark that runs one cluster at a time keeps its data directory in
 # CUR: on exit, whatever the cause, that cluster is stopped and $WORK removed
 # (kept with KEEP=1).

@@ -184,16 +184,7 @@ fi
 if [[ " $SETS " == *" many "* ]]; then
     make_cluster many "$PORT3"
     pgv_log "$TABLES small tables"
-    # 500 tables a transaction: all in one would exceed the shared lock
-    # table (max_locks_per_transaction × max_connections).
-    for first in $(seq 0 500 $((TABLES - 1))); do
-        last=$((first + 499 < TABLES - 1 ? first + 499 : TABLES - 1))
-        as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT3" -d postgres -c "do \$\$ begin
-            for i in $first..$last loop
-                execute format('create table m_%s (id int primary key, v text)', i);
-                execute format('insert into m_%s values (1, ''x'')', i);
-            end loop; end \$\$" >/dev/null
-    done
+    pgv_small_tables "$WORK/run" "$PORT3" "$TABLES"
     as_user "$BIN/psql" -XAtq -h "$WORK/run" -p "$PORT3" -d postgres -c checkpoint
     pgv_log "$(find "$WORK/many/data" -type f | wc -l) files; waiting for the archiver to catch up"
     wait_archived "$PORT3"

@@ -9,6 +9,8 @@
 //!
 //! This is the only module that runs SQL against SQLite.
 
+pub mod scratch;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -757,7 +757,7 @@ pub fn backup_done(m: &Manifest) -> Result<()> {
     eprintln!(
         "pgvault: backup {} complete: {} files, {} ({} stored), WAL {} … {}, consistent at {}",
         m.label,
-        m.files.len(),
+        m.file_count,
         bytes(m.original_size),
         bytes(m.stored_size),
         m.wal_start,

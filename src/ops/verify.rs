@@ -14,7 +14,7 @@
 //! claim without data yet (a push in flight) is reported only if it is
 //! still so at the end.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -22,7 +22,8 @@ use std::time::SystemTime;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::catalog::scratch::{Groups, Row, Scratch};
+use crate::error::{Error, Result};
 use crate::ops::gaps;
 use crate::ops::progress::Progress;
 use crate::ops::walfacts;
@@ -31,6 +32,7 @@ use crate::repo::blockmap::{self, Ranges};
 use crate::repo::blocksums::{BlockSums, Summer};
 use crate::repo::chunked;
 use crate::repo::codec::{self, Binding, Keys, Sha256Sum};
+use crate::repo::filelist::{object_group, split_object_group, LocalFileList};
 use crate::repo::layout;
 use crate::repo::manifest::{Backups, FileEntry, Manifest};
 use crate::repo::orphans::{self, Orphan};
@@ -102,7 +104,7 @@ enum Job {
 
 /// Which block sums a stored file or part must match: those of relation
 /// file `rel`, at `blocks` (a part's) or all of them (a whole file).
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct SumsCheck {
     rel: String,
     blocks: Option<Ranges>,
@@ -292,11 +294,15 @@ pub async fn verify(
         }
     }
     let manifests = &backups.manifests;
-    let mut backup_objects = 0;
+    // What each backup stored, by object, on disk (issue 14: a backup's
+    // files are never all in memory).
+    let mut db = Scratch::new(&["pieces"])?;
+    // Each backup's block sums, for the jobs that read its objects.
+    let mut block_sums: HashMap<String, Arc<BlockSums>> = HashMap::new();
     for m in manifests {
         // What this backup stored: whole files and its own parts of block
         // maps (the objects of the backups it depends on are checked with
-        // those, which must be there).
+        // those, which must be there), checked against its block sums.
         let sums = match repo.read_block_sums(&m.label).await? {
             Fetched::Found(s) => Some(Arc::new(s)),
             Fetched::Missing => None,
@@ -314,41 +320,23 @@ pub async fn verify(
             }
         };
         if let Some(s) = &sums {
-            problems.extend(block_counts(m, s));
+            block_sums.insert(m.label.clone(), s.clone());
         }
-        let check = |rel: &str, blocks: Option<Ranges>| {
-            sums.as_ref()?;
-            Some(SumsCheck {
-                rel: rel.to_string(),
-                blocks,
-            })
-        };
-        let mut by_object: BTreeMap<String, Vec<(FileEntry, Option<SumsCheck>)>> = BTreeMap::new();
-        for f in &m.files {
-            if f.parts.is_empty() && f.backup.is_none() {
-                by_object
-                    .entry(f.object.clone())
-                    .or_default()
-                    .push((f.clone(), check(&f.path, None)));
+        match repo.file_list(m).await {
+            Ok(list) => {
+                let label = m.label.clone();
+                let (back, found) = tokio::task::spawn_blocking(move || {
+                    add_pieces(&mut db, &label, &list, sums.as_deref()).map(|found| (db, found))
+                })
+                .await??;
+                db = back;
+                problems.extend(found);
             }
-            for p in f.parts.iter().filter(|p| p.backup == m.label) {
-                let entry = FileEntry {
-                    path: format!("{} (its changed blocks)", f.path),
-                    size: p.raw_size,
-                    sha256: p.sha256.clone(),
-                    object: p.object.clone(),
-                    offset: p.offset,
-                    length: p.length,
-                    backup: None,
-                    parts: Vec::new(),
-                    chunk_blocks: p.chunk_blocks,
-                    ..f.clone()
-                };
-                by_object
-                    .entry(p.object.clone())
-                    .or_default()
-                    .push((entry, check(&f.path, p.blocks.clone())));
-            }
+            Err(e) => problems.push(problem(
+                "corrupt",
+                format!("backup {}", m.label),
+                format!("its file list cannot be read: {e}"),
+            )),
         }
         for dep in &m.depends_on {
             if !manifests.iter().any(|o| &o.label == dep) {
@@ -361,16 +349,6 @@ pub async fn verify(
                 ));
             }
         }
-        for (object, mut files) in by_object {
-            files.sort_by_key(|(f, _)| f.offset);
-            backup_objects += 1;
-            jobs.push(Job::Backup {
-                key: layout::backup_object_key(repo.stanza(), &m.label, &object),
-                label: m.label.clone(),
-                files,
-                sums: sums.clone(),
-            });
-        }
         let db = dbs.iter().find(|d| d.id == m.db_id).or(dbs.last());
         if let Some(db) = db {
             if let Some((_, segs)) = seg_sets.iter().find(|(id, _)| *id == db.id) {
@@ -382,17 +360,45 @@ pub async fn verify(
     let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
     let leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
 
+    db.index("pieces")?;
+    let groups = Groups::heaviest_first(db.shared(), "pieces")?;
+    let backup_objects = groups.count_groups();
+    let stanza = repo.stanza().to_string();
+    // One object's pieces at a time, read off the runtime.
+    let block_sums = Arc::new(block_sums);
+    let backup_jobs = stream::unfold(Some(groups), move |g| {
+        let stanza = stanza.clone();
+        let block_sums = block_sums.clone();
+        async move {
+            let mut g = g?;
+            let (next, g) = tokio::task::spawn_blocking(move || (g.next(), g))
+                .await
+                .ok()?;
+            let job = next?
+                .map_err(Error::from)
+                .and_then(|(object, rows)| backup_job(&stanza, &object, &rows, &block_sums));
+            Some((job, Some(g)))
+        }
+    });
     progress.phase("read objects");
-    progress.set_total(jobs.len() as u64, 0);
+    progress.set_total(jobs.len() as u64 + backup_objects, 0);
     let backend = repo.backend().clone();
     let keys = repo.keys().await?;
     let results: Vec<(Vec<Problem>, u64)> = stream::iter(jobs)
+        .map(Ok)
+        .chain(backup_jobs)
         .map(|job| {
             let backend = backend.clone();
             let progress = progress.clone();
             let keys = keys.clone();
             async move {
-                let r = check_job(backend, job, keys).await;
+                let r = match job {
+                    Ok(job) => check_job(backend, job, keys).await,
+                    Err(e) => (
+                        vec![problem("unreadable", "scratch database", e.to_string())],
+                        0,
+                    ),
+                };
                 progress.file_done(r.1);
                 r
             }
@@ -424,6 +430,103 @@ pub async fn verify(
     };
     keep_result(repo, &report, &started).await;
     Ok(report)
+}
+
+/// Adds what backup `label` stored itself to table `pieces`, grouped by
+/// object (`<label>/<object>`): whole files and its own parts of block
+/// maps (the objects of the backups it depends on are checked with those,
+/// which must be there).
+fn add_pieces(
+    db: &mut Scratch,
+    label: &str,
+    list: &LocalFileList,
+    sums: Option<&BlockSums>,
+) -> Result<Vec<Problem>> {
+    let mut rows = Vec::new();
+    let mut push =
+        |db: &mut Scratch, k: String, f: FileEntry, c: Option<SumsCheck>| -> Result<()> {
+            rows.push(Row {
+                k: format!("{label}/{k}"),
+                g: object_group(label, &f.object),
+                o: f.offset as i64,
+                w: f.length as i64,
+                v: serde_json::to_vec(&(&f, &c))
+                    .map_err(|e| Error::internal(format!("serialize: {e}")))?,
+            });
+            if rows.len() >= 4096 {
+                db.insert("pieces", &rows)?;
+                rows.clear();
+            }
+            Ok(())
+        };
+    let check = |rel: &str, blocks: Option<Ranges>| {
+        sums?;
+        Some(SumsCheck {
+            rel: rel.to_string(),
+            blocks,
+        })
+    };
+    let mut counts = sums.map(|s| BlockCounts::new(label, s));
+    for f in list.iter()? {
+        let f = f?;
+        if let Some(c) = counts.as_mut() {
+            c.file(&f.path, f.size);
+        }
+        for (i, p) in f
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.backup == label)
+        {
+            let part = FileEntry {
+                path: format!("{} (its changed blocks)", f.path),
+                size: p.raw_size,
+                sha256: p.sha256.clone(),
+                object: p.object.clone(),
+                offset: p.offset,
+                length: p.length,
+                backup: None,
+                parts: Vec::new(),
+                chunk_blocks: p.chunk_blocks,
+                ..f.clone()
+            };
+            push(
+                db,
+                format!("{}\0{i}", f.path),
+                part,
+                check(&f.path, p.blocks.clone()),
+            )?;
+        }
+        if f.parts.is_empty() && f.backup.is_none() {
+            let c = check(&f.path, None);
+            push(db, f.path.clone(), f, c)?;
+        }
+    }
+    db.insert("pieces", &rows)?;
+    Ok(counts.map(BlockCounts::finish).unwrap_or_default())
+}
+
+/// The job that reads one object of a backup (`<label>/<object>`).
+fn backup_job(
+    stanza: &str,
+    object: &str,
+    rows: &[Row],
+    block_sums: &HashMap<String, Arc<BlockSums>>,
+) -> Result<Job> {
+    let (label, object) = split_object_group(object)?;
+    let files = rows
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<(FileEntry, Option<SumsCheck>)>(&r.v)
+                .map_err(|e| Error::internal(format!("read back {}: {e}", r.k)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Job::Backup {
+        key: layout::backup_object_key(stanza, label, object),
+        label: label.to_string(),
+        files,
+        sums: block_sums.get(label).cloned(),
+    })
 }
 
 /// Keeps the result in the repository for `info` and the metrics ("last
@@ -524,25 +627,61 @@ fn wal_chain(
     out
 }
 
-/// Each relation file of `m` with block sums has one per block.
-fn block_counts(m: &Manifest, sums: &BlockSums) -> Vec<Problem> {
-    let sizes: BTreeMap<&str, u64> = m.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
-    let mut out = Vec::new();
-    for (rel, n) in sums.files() {
-        let want = sizes.get(rel).map(|&s| blockmap::block_count(s));
-        if want != Some(n) {
-            out.push(problem(
-                "corrupt",
-                rel.to_string(),
-                format!(
-                    "backup {}: its block sums list {n} blocks, the manifest {}",
-                    m.label,
-                    want.map_or("no such file".to_string(), |w| format!("{w} blocks"))
-                ),
-            ));
+/// Each relation file of a backup with block sums has one per block:
+/// checked file by file as its list streams by, never a map of its files.
+struct BlockCounts<'a> {
+    label: &'a str,
+    sums: &'a BlockSums,
+    /// Files with sums not (yet) seen in the list.
+    unseen: HashSet<&'a str>,
+    out: Vec<Problem>,
+}
+
+impl<'a> BlockCounts<'a> {
+    fn new(label: &'a str, sums: &'a BlockSums) -> Self {
+        BlockCounts {
+            label,
+            sums,
+            unseen: sums.files().map(|(p, _)| p).collect(),
+            out: Vec::new(),
         }
     }
-    out
+
+    /// The list's file `rel` of `size` bytes.
+    fn file(&mut self, rel: &str, size: u64) {
+        if !self.unseen.remove(rel) {
+            return;
+        }
+        let n = self.sums.count(rel).unwrap_or(0);
+        let want = blockmap::block_count(size);
+        if want != n {
+            self.out
+                .push(self.mismatch(rel, n, &format!("{want} blocks")));
+        }
+    }
+
+    fn mismatch(&self, rel: &str, n: u32, manifest: &str) -> Problem {
+        problem(
+            "corrupt",
+            rel.to_string(),
+            format!(
+                "backup {}: its block sums list {n} blocks, the manifest {manifest}",
+                self.label
+            ),
+        )
+    }
+
+    /// The problems, with the files the sums list and the list has not.
+    fn finish(mut self) -> Vec<Problem> {
+        let mut unseen: Vec<&str> = self.unseen.iter().copied().collect();
+        unseen.sort_unstable();
+        for rel in unseen {
+            let n = self.sums.count(rel).unwrap_or(0);
+            let p = self.mismatch(rel, n, "no such file");
+            self.out.push(p);
+        }
+        self.out
+    }
 }
 
 /// The stored blocks just decoded (summed by `got`) against the backup's

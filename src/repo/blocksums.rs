@@ -159,6 +159,11 @@ impl BlockSums {
     }
 
     /// The files it has sums for and their block counts.
+    /// How many blocks `path` has sums for (`None`: none).
+    pub fn count(&self, path: &str) -> Option<u32> {
+        self.index.get(path).map(|&(_, n)| n)
+    }
+
     pub fn files(&self) -> impl Iterator<Item = (&str, u32)> {
         self.index.iter().map(|(p, &(_, n))| (p.as_str(), n))
     }

@@ -11,7 +11,7 @@
 //! <stanza>/backup/<label>/data/<worker>-<n>.pgv             whole files and parts (changed blocks), small ones bundled
 //! <stanza>/backup/<label>/blocksums.pgv                     a checksum of every block of its relation files (`repo::blocksums`)
 //! <stanza>/backup/<label>/journal/<n>.pgv                  what an unfinished backup stored so far (for resume)
-//! <stanza>/backup/<label>/files.pgv                         reserved: format 2's streamed file list (not written yet)
+//! <stanza>/backup/<label>/files.pgv                         the file list (format 2, `repo::filelist`), written just before the manifest
 //! <stanza>/backup/<label>/manifest.pgv                      written last: the backup is complete
 //! <stanza>/backup/<label>/expiring.pgv                      written first by expire: the backup is going
 //! <stanza>/results/<drill|verify>/<YYYYMMDDTHHMMSS.mmmZ>.pgv  one run's result (the newest few kept)

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
+use super::filelist::{FileListRef, InlineFiles};
 use super::layout::{self, BackupObject};
 use super::{Deletion, Fetched, ObjectMeta, PutMode, Repository};
 use crate::error::Result;
@@ -23,7 +24,8 @@ use crate::pg::{Lsn, TimelineId};
 /// How many manifests are read at once.
 const READ_PARALLEL: usize = 8;
 
-pub const MANIFEST_FORMAT: u32 = 1;
+/// 2: the file list in its own object (`repo::filelist`); 1: inline.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// What a backup is, without what it holds: what choosing a backup,
 /// retention and `info` look at. The catalog caches it, so those commands
@@ -126,7 +128,9 @@ pub struct ChangeReport {
     pub fallbacks: Vec<String>,
 }
 
-/// A backup: its header and what it holds.
+/// A backup: its header and what it holds, but not its files, which are
+/// read as a stream when a command needs them ([`Repository::file_list`]):
+/// memory does not grow with their number (issue 14).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     #[serde(flatten)]
@@ -134,8 +138,14 @@ pub struct Manifest {
     pub backup_label: String,
     pub tablespace_map: String,
     pub tablespaces: Vec<Tablespace>,
+    /// One per directory (not per file).
     pub dirs: Vec<DirEntry>,
-    pub files: Vec<FileEntry>,
+    /// Format 2: the file list object this manifest was written with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_list: Option<FileListRef>,
+    /// Format 1: the files were inline; counted, not kept.
+    #[serde(default, rename = "files", skip_serializing)]
+    pub inline_files: InlineFiles,
 }
 
 /// A manifest reads as its header: `m.label`, `m.stop_lsn`.
@@ -245,26 +255,28 @@ impl BackupDir {
 
     /// Its keys in the order a backup is deleted: the manifest first (from
     /// then on the backup is not offered) with the journal of an unfinished
-    /// one (from then on a backup does not resume it), then the data, `expire`'s mark
-    /// last (until then a re-run knows to finish). Objects pgvault does not
-    /// write there stay, for `verify` to report.
+    /// one (from then on a backup does not resume it), then the data, the
+    /// block sums and the file list (format 2), `expire`'s mark last (until
+    /// then a re-run knows to finish). Objects pgvault does not write there
+    /// stay, for `verify` to report.
     pub fn deletion_order(&self, stanza: &str) -> Deletion {
-        let of = |want: BackupObject| {
+        let of = |want: &'static [BackupObject]| {
             self.objects
                 .iter()
                 .filter(move |o| {
-                    layout::parse_backup_key(stanza, &o.key).is_some_and(|(_, k)| k == want)
+                    layout::parse_backup_key(stanza, &o.key).is_some_and(|(_, k)| want.contains(&k))
                 })
                 .map(|o| o.key.clone())
         };
         Deletion::phased([
-            of(BackupObject::Manifest)
-                .chain(of(BackupObject::Journal))
-                .collect::<Vec<_>>(),
-            of(BackupObject::Data)
-                .chain(of(BackupObject::BlockSums))
-                .collect(),
-            of(BackupObject::Expiring).collect(),
+            of(&[BackupObject::Manifest, BackupObject::Journal]).collect::<Vec<_>>(),
+            of(&[
+                BackupObject::Data,
+                BackupObject::BlockSums,
+                BackupObject::FileList,
+            ])
+            .collect(),
+            of(&[BackupObject::Expiring]).collect(),
         ])
     }
 
@@ -384,7 +396,7 @@ impl Repository {
                 corrupt,
             }))
         };
-        Ok(match self.fetch_json::<Manifest>(&key).await? {
+        Ok(match self.fetch_manifest_streamed(&key).await? {
             Fetched::Missing => None,
             Fetched::Damaged(why) => unreadable(why, true),
             Fetched::Found(m) if m.format > MANIFEST_FORMAT => unreadable(
@@ -398,10 +410,17 @@ impl Repository {
                 format!("{object}: the manifest is backup {:?}'s", m.label),
                 true,
             ),
+            Fetched::Found(m) if m.format >= 2 && m.file_list.is_none() => unreadable(
+                format!(
+                    "{object}: a format-{} manifest without its file list",
+                    m.format
+                ),
+                true,
+            ),
             Fetched::Found(mut m) => {
                 // Written before the header counted its files.
                 if m.header.file_count == 0 {
-                    m.header.file_count = m.files.len() as u64;
+                    m.header.file_count = m.inline_files.0;
                 }
                 Some(ManifestRead::Found(Box::new(m)))
             }
@@ -511,7 +530,11 @@ pub(crate) fn test_manifest(label: &str, tli: u32, stop_lsn: u64, stop_time: &st
         tablespace_map: String::new(),
         tablespaces: vec![],
         dirs: vec![],
-        files: vec![],
+        file_list: Some(FileListRef {
+            sha256: String::new(),
+            count: 0,
+        }),
+        inline_files: InlineFiles::default(),
     }
 }
 

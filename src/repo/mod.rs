@@ -16,6 +16,7 @@ pub mod crypt;
 pub mod deletion;
 pub mod fault;
 pub mod fence;
+pub mod filelist;
 pub mod gcs;
 pub mod keys;
 pub mod layout;

@@ -21,7 +21,6 @@
 //! basebackup_incremental.c does). The free space map is not WAL-logged
 //! (freespace.c) and is copied whole.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -141,10 +140,12 @@ pub(super) async fn choose_reference(
     }
 }
 
-/// What an incremental or differential backup compares against.
+/// What an incremental or differential backup compares against. The
+/// reference's files are not here: backup joins them with its walk of the
+/// data directory on disk (`catalog::scratch`) and hands each file's
+/// counterpart to [`Plan::decide`].
 pub(super) struct Plan {
     pub reference: Manifest,
-    by_path: HashMap<String, FileEntry>,
     /// `None`: the WAL cannot answer (see `report.fallbacks`), every
     /// relation file is copied whole.
     changes: Option<UnionResult>,
@@ -204,14 +205,8 @@ pub(super) async fn plan(
     for f in &report.fallbacks {
         progress.message(&format!("falling back to whole files: {f}"));
     }
-    let by_path = reference
-        .files
-        .iter()
-        .map(|f| (f.path.clone(), f.clone()))
-        .collect();
     Ok(Plan {
         reference,
-        by_path,
         changes,
         sums,
         report,
@@ -310,14 +305,20 @@ pub(super) enum Decision {
 }
 
 impl Plan {
-    /// Decides for `rel` of `size` bytes; a fallback for the file alone is
-    /// added to the report by the caller through `fallback`.
-    pub(super) fn decide(&self, rel: &str, size: u64) -> (Decision, Option<String>) {
+    /// Decides for `rel` of `size` bytes, whose entry in the reference is
+    /// `old`; a fallback for the file alone is added to the report by the
+    /// caller through `fallback`.
+    pub(super) fn decide(
+        &self,
+        rel: &str,
+        size: u64,
+        old: Option<&FileEntry>,
+    ) -> (Decision, Option<String>) {
         let whole = (Decision::Whole, None);
         let Some(rf) = RelFile::parse(rel) else {
             return whole;
         };
-        let Some(old) = self.by_path.get(rel) else {
+        let Some(old) = old else {
             return whole;
         };
         let bs = BLOCK_SIZE as u64;

@@ -31,6 +31,7 @@ mod resume;
 
 pub use incr::BackupKind;
 
+use crate::catalog::scratch::{self, Row, Rows, Scratch};
 use crate::error::{Error, Kind, Result};
 use crate::ops::check::{prove_archiving, wait_for_wal};
 use crate::ops::pg_error;
@@ -48,6 +49,7 @@ use crate::repo::blockmap::{self, Part, Ranges};
 use crate::repo::blocksums::{self, BlockSum, Summer, SumsSink};
 use crate::repo::chunked::{PieceEncoder, CHUNK_BLOCKS};
 use crate::repo::codec::{Binding, EncodeOptions, Keys};
+use crate::repo::filelist::InlineFiles;
 use crate::repo::layout;
 use crate::repo::manifest::{
     BackupHeader, BadPageEntry, ChangeReport, DirEntry, FileEntry, Manifest, PageChecksums,
@@ -88,8 +90,13 @@ pub struct BackupOptions {
 
 /// Files smaller than this go into bundles.
 const BUNDLE_FILE_MAX: u64 = 1 << 20;
-/// A bundle is stored once it holds this much.
+/// A bundle is stored once it holds this much …
 const BUNDLE_TARGET: u64 = 8 << 20;
+/// … or this many files: a worker holds the entries of its open bundle,
+/// and empty or tiny files would put a hundred thousand in 8 MiB.
+const BUNDLE_FILES_MAX: usize = 2048;
+/// Entries a worker gathers before it adds them to the scratch database.
+const DONE_BATCH: usize = 512;
 
 pub async fn backup(
     repo: &Repository,
@@ -300,10 +307,12 @@ async fn backup_inner(
         standby::still_standby(session).await?;
     }
     let Copied {
-        files,
+        db: scratch_db,
         dirs,
-        page_checksums,
+        pages: page_checksums,
         counts,
+        original_size,
+        stored_size,
         sums,
         reused,
     } = copied?;
@@ -368,10 +377,13 @@ async fn backup_inner(
     wait_for_wal(repo, &db, tli, first, last, opts.archive_timeout).await?;
 
     if resumed.is_some() {
-        // An interrupted run may have written its block sums just before
-        // it stopped: this run's replace them.
-        let key = layout::backup_block_sums_key(repo.stanza(), &label);
-        repo.delete_all(&crate::repo::Deletion::phased([vec![key]]))
+        // An interrupted run may have written its block sums and file list
+        // just before it stopped: this run's replace them.
+        let keys = vec![
+            layout::backup_block_sums_key(repo.stanza(), &label),
+            layout::backup_file_list_key(repo.stanza(), &label),
+        ];
+        repo.delete_all(&crate::repo::Deletion::phased([keys]))
             .await?;
     }
     repo.write_block_sums(
@@ -387,7 +399,8 @@ async fn backup_inner(
     // a complete backup holds only what its manifest names.
     let resumed = match &resumed {
         Some(r) => {
-            r.delete_unused(repo, &files).await?;
+            r.delete_unused(repo, done_entries(scratch_db.clone()))
+                .await?;
             Some(ResumeReport {
                 interrupted_runs: r.runs,
                 ..reused
@@ -395,8 +408,10 @@ async fn backup_inner(
         }
         None => None,
     };
-    let original_size = files.iter().map(|f| f.size).sum();
-    let stored_size = stored_size(&files, &label);
+    // The file list, in path order, from the scratch database.
+    let file_list = repo
+        .write_file_list(&label, done_entries(scratch_db))
+        .await?;
     let manifest = Manifest {
         header: BackupHeader {
             format: MANIFEST_FORMAT,
@@ -422,7 +437,7 @@ async fn backup_inner(
                 .to_string(),
             original_size,
             stored_size,
-            file_count: files.len() as u64,
+            file_count: file_list.count,
             page_checksums,
             resumed,
         },
@@ -430,7 +445,8 @@ async fn backup_inner(
         tablespace_map: stop.tablespace_map,
         tablespaces,
         dirs,
-        files,
+        file_list: Some(file_list),
+        inline_files: InlineFiles::default(),
     };
     repo.write_manifest(&manifest).await?;
     // The manifest says it all now; a journal left behind (this failing) is
@@ -444,17 +460,14 @@ async fn backup_inner(
     Ok(manifest)
 }
 
-/// Bytes this backup stored (not those its files take from others).
-fn stored_size(files: &[FileEntry], label: &str) -> u64 {
-    files
-        .iter()
-        .map(|f| match f.parts.first() {
-            Some(p) if p.backup == label => p.length,
-            Some(_) => 0,
-            None if f.backup.is_none() => f.length,
-            None => 0,
-        })
-        .sum()
+/// Bytes this backup stored of `f` (not those it takes from others).
+fn stored_size(f: &FileEntry, label: &str) -> u64 {
+    match f.parts.first() {
+        Some(p) if p.backup == label => p.length,
+        Some(_) => 0,
+        None if f.backup.is_none() => f.length,
+        None => 0,
+    }
 }
 
 /// Labels are UTC, sort by time and are unique: `20261126-031500F` (`D`
@@ -480,9 +493,19 @@ struct ScanFile {
     size: u64,
 }
 
-/// Walks the data directory and its tablespaces.
-fn scan(pgdata: &Path) -> io::Result<(Vec<ScanFile>, Vec<DirEntry>)> {
-    let mut files = Vec::new();
+/// One file to copy and, for a diff or incr, the reference's entry for
+/// the same path.
+struct Item {
+    f: ScanFile,
+    old: Option<FileEntry>,
+}
+
+/// Walks the data directory and its tablespaces, handing each file to
+/// `sink` (in no order); returns the directories.
+fn scan(
+    pgdata: &Path,
+    sink: &mut dyn FnMut(ScanFile) -> io::Result<()>,
+) -> io::Result<Vec<DirEntry>> {
     let mut dirs = Vec::new();
     let mut stack: Vec<(PathBuf, String)> = vec![(pgdata.to_path_buf(), String::new())];
     while let Some((abs_dir, rel_dir)) = stack.pop() {
@@ -538,17 +561,17 @@ fn scan(pgdata: &Path) -> io::Result<(Vec<ScanFile>, Vec<DirEntry>)> {
                     });
                     stack.push((abs, rel));
                 }
-                Entry::Copy if meta.is_file() => files.push(ScanFile {
+                Entry::Copy if meta.is_file() => sink(ScanFile {
                     rel,
                     abs,
                     size: meta.len(),
-                }),
+                })?,
                 Entry::Copy => {}
             }
         }
     }
     dirs.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((files, dirs))
+    Ok(dirs)
 }
 
 /// Counts what passes through, so bundle offsets are known.
@@ -584,7 +607,10 @@ struct Worker {
     next_object: u64,
     /// The open bundle: its object, entries and their journal records.
     bundle: Option<Bundle>,
+    /// Entries of stored objects, not yet in the scratch database.
     done: Vec<FileEntry>,
+    /// Where the entries go (table `done`), to be read back in path order.
+    db: scratch::Shared,
     /// Read buffer, reused for every file.
     buf: Vec<u8>,
     /// Check data page checksums of relation files (the backup's start).
@@ -609,6 +635,7 @@ struct Worker {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         id: usize,
         repo: &Repository,
@@ -617,6 +644,7 @@ impl Worker {
         verify_pages: Option<Lsn>,
         plan: Option<Arc<Plan>>,
         (resume, journal): (Option<Arc<Resumable>>, Option<Arc<Journal>>),
+        db: scratch::Shared,
     ) -> Worker {
         Worker {
             id,
@@ -630,6 +658,7 @@ impl Worker {
             next_object: resume.as_ref().map_or(0, |r| r.next_object),
             bundle: None,
             done: Vec::new(),
+            db,
             buf: vec![0u8; 1 << 20],
             verify_pages,
             pages: PageChecksums::default(),
@@ -836,16 +865,18 @@ impl Worker {
 
     /// The interrupted run's copy of `f`, when it may be reused as `want`
     /// says: listed as done, and its size returned.
-    fn reuse(&mut self, f: &ScanFile, want: Want<'_>) -> Option<u64> {
-        let r = self.resume.clone()?;
-        match r.reusable(&f.rel, &f.abs, f.size, want) {
+    fn reuse(&mut self, f: &ScanFile, want: Want<'_>) -> Result<Option<u64>> {
+        let Some(r) = self.resume.clone() else {
+            return Ok(None);
+        };
+        Ok(match r.reusable(&f.rel, &f.abs, f.size, want) {
             Ok(Some(j)) => {
                 self.reused.files += 1;
                 self.reused.bytes += j.entry.size;
                 self.reused.stored_bytes += j.own_object(&self.label).map_or(0, |(_, _, l)| l);
                 self.pages.pages_checked += j.pages_checked;
                 self.pages.bad_pages.extend(j.bad_pages.iter().cloned());
-                self.done.push(j.entry.clone());
+                self.push_done([j.entry.clone()])?;
                 Some(j.entry.size)
             }
             Ok(None) => None,
@@ -853,11 +884,50 @@ impl Worker {
                 self.reused.recopied_files += 1;
                 None
             }
-        }
+        })
     }
 
-    fn add(&mut self, f: &ScanFile) -> Result<u64> {
-        let decision = self.plan.as_ref().map(|p| p.decide(&f.rel, f.size));
+    /// Adds stored entries; every [`DONE_BATCH`], into the scratch
+    /// database.
+    fn push_done(&mut self, entries: impl IntoIterator<Item = FileEntry>) -> Result<()> {
+        self.done.extend(entries);
+        if self.done.len() >= DONE_BATCH {
+            self.flush_done()?;
+        }
+        Ok(())
+    }
+
+    fn flush_done(&mut self) -> Result<()> {
+        if self.done.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .done
+            .drain(..)
+            .map(|e| {
+                Ok(Row {
+                    o: stored_size(&e, &self.label) as i64,
+                    w: e.size as i64,
+                    v: serde_json::to_vec(&e)
+                        .map_err(|e| Error::internal(format!("serialize an entry: {e}")))?,
+                    k: e.path,
+                    g: String::new(),
+                })
+            })
+            .collect::<Result<Vec<Row>>>()?;
+        self.db
+            .lock()
+            .map_err(|_| Error::internal("scratch database: a worker failed holding it"))?
+            .insert("done", &rows)?;
+        Ok(())
+    }
+
+    fn add(&mut self, item: Item) -> Result<u64> {
+        let f = &item.f;
+        let decision = self
+            .plan
+            .as_ref()
+            .map(|p| p.decide(&f.rel, f.size, item.old.as_ref()));
         let mut delta = None;
         let mut stored = f.size;
         // The reference's sums of the blocks not stored again.
@@ -872,14 +942,14 @@ impl Worker {
                             self.record_sums(&e.path, &s)?;
                         }
                         let size = e.size;
-                        self.done.push(e);
+                        self.push_done([e])?;
                         return Ok(size);
                     }
                     Decision::Blocks { blocks, older } => {
                         self.counts.delta_files += 1;
                         self.counts.changed_blocks += blockmap::count(&blocks);
                         base_sums = self.plan.as_ref().and_then(|p| p.sums_of(&f.rel));
-                        if let Some(size) = self.reuse(f, Want::Blocks(&blocks, &older)) {
+                        if let Some(size) = self.reuse(f, Want::Blocks(&blocks, &older))? {
                             self.record_reused_sums(f, base_sums, Some(&blocks))?;
                             return Ok(size);
                         }
@@ -902,7 +972,7 @@ impl Worker {
                         self.counts.changed_blocks += blockmap::count(&blocks);
                         // Stored by the interrupted run with the same
                         // changed blocks, and not changed since.
-                        if let Some(size) = self.reuse(f, Want::Blocks(&blocks, &older)) {
+                        if let Some(size) = self.reuse(f, Want::Blocks(&blocks, &older))? {
                             self.record_reused_sums(f, Some(sums), Some(&blocks))?;
                             return Ok(size);
                         }
@@ -913,7 +983,7 @@ impl Worker {
                     Decision::Compare(old) => {
                         // Stored by the interrupted run: it differed from
                         // the reference, and has not changed since.
-                        if let Some(size) = self.reuse(f, Want::Whole) {
+                        if let Some(size) = self.reuse(f, Want::Whole)? {
                             self.counts.whole_files += 1;
                             self.record_reused_sums(f, None, None)?;
                             return Ok(size);
@@ -929,7 +999,7 @@ impl Worker {
                     }
                     Decision::Whole => {
                         self.counts.whole_files += 1;
-                        if let Some(size) = self.reuse(f, Want::Whole) {
+                        if let Some(size) = self.reuse(f, Want::Whole)? {
                             self.record_reused_sums(f, None, None)?;
                             return Ok(size);
                         }
@@ -937,7 +1007,7 @@ impl Worker {
                 }
             }
             None => {
-                if let Some(size) = self.reuse(f, Want::Whole) {
+                if let Some(size) = self.reuse(f, Want::Whole)? {
                     self.record_reused_sums(f, None, None)?;
                     return Ok(size);
                 }
@@ -952,7 +1022,7 @@ impl Worker {
                 let (n, journaled) = (out.n, self.journaled(e, pages_before));
                 self.commit(out.inner, &object)?;
                 self.record(&object, n, vec![journaled])?;
-                self.done.push(e.clone());
+                self.push_done([e.clone()])?;
             }
             entry
         } else {
@@ -967,7 +1037,7 @@ impl Worker {
                 journaled.push(self.journaled(e, pages_before));
                 entries.push(e.clone());
             }
-            if out.n >= BUNDLE_TARGET {
+            if out.n >= BUNDLE_TARGET || entries.len() >= BUNDLE_FILES_MAX {
                 let n = out.n;
                 self.commit(out.inner, &object)?;
                 self.record(&object, n, journaled)?;
@@ -1074,14 +1144,14 @@ impl Worker {
                 if let Spool::LocalFile { tmp, .. } = &out.inner {
                     let _ = fs::remove_file(tmp);
                 }
-                return Ok(());
+                return self.flush_done();
             }
             let n = out.n;
             self.commit(out.inner, &object)?;
             self.record(&object, n, journaled)?;
-            self.done.extend(entries);
+            self.push_done(entries)?;
         }
-        Ok(())
+        self.flush_done()
     }
 }
 
@@ -1106,18 +1176,40 @@ fn merge_sums(
     all
 }
 
-/// What copying the files gave.
+/// What the copy stored: its entries (table `done` of the scratch
+/// database, read back in path order for the file list), the directories,
+/// the page checks, the change counts and the sizes.
 struct Copied {
-    files: Vec<FileEntry>,
+    db: scratch::Shared,
     dirs: Vec<DirEntry>,
-    page_checksums: Option<PageChecksums>,
+    pages: Option<PageChecksums>,
     counts: ChangeReport,
+    original_size: u64,
+    stored_size: u64,
     /// The workers' block sums, for the backup's block sums object.
     sums: Vec<SumsSink>,
     /// What a resumed backup took from its interrupted runs.
     reused: ResumeReport,
 }
 
+/// Rows added to the scratch database at once.
+const SCAN_BATCH: usize = 4096;
+
+/// The entries stored, in path order, from the scratch database.
+fn done_entries(db: scratch::Shared) -> impl Iterator<Item = Result<FileEntry>> + Send + 'static {
+    Rows::by_key(db, "done").map(|r| {
+        let r = r?;
+        serde_json::from_slice::<FileEntry>(&r.row.v)
+            .map_err(|e| Error::internal(format!("the entry of {}: {e}", r.row.k)))
+    })
+}
+
+/// Copies the files. Memory stays flat in the
+/// number of files (issue 14): the walk of the data directory, the
+/// reference's file list and the entries the workers make go to a scratch
+/// database on disk; workers take files from it largest first (each
+/// joined there with the reference's entry of the same path), and the list
+/// is written from it in path order (by the caller, with the block sums).
 async fn copy_files(
     repo: &Repository,
     label: &str,
@@ -1127,26 +1219,63 @@ async fn copy_files(
     (resume, journal): (Option<Arc<Resumable>>, Arc<Journal>),
     progress: Arc<dyn Progress>,
 ) -> Result<Copied> {
+    let reference = match &plan {
+        Some(p) => Some(repo.file_list(&p.reference).await?),
+        None => None,
+    };
     let dir = pgdata.to_path_buf();
-    let (mut files, dirs) = tokio::task::spawn_blocking(move || scan(&dir))
-        .await?
+    let (db, dirs, control, count, total) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut s = Scratch::new(&["scan", "refs", "done"])?;
+        let mut batch = Vec::with_capacity(SCAN_BATCH);
+        let mut control = None;
+        let add = |s: &mut Scratch, batch: &mut Vec<Row>, table: &str, flush: bool| {
+            if batch.len() >= SCAN_BATCH || (flush && !batch.is_empty()) {
+                s.insert(table, batch)?;
+                batch.clear();
+            }
+            Ok::<(), scratch::ScratchError>(())
+        };
+        let dirs = scan(&dir, &mut |f| {
+            if f.rel == datadir::PG_CONTROL {
+                control = Some(f);
+                return Ok(());
+            }
+            batch.push(Row {
+                w: f.size as i64,
+                k: f.rel,
+                ..Row::default()
+            });
+            add(&mut s, &mut batch, "scan", false).map_err(io::Error::other)
+        })
         .map_err(|e| Error::io_in(Kind::InvalidInput, "read the data directory", &e))?;
-    let control_pos = files
-        .iter()
-        .position(|f| f.rel == datadir::PG_CONTROL)
-        .ok_or_else(|| {
-            Error::new(
-                Kind::InvalidInput,
-                format!("{} has no {}", pgdata.display(), datadir::PG_CONTROL),
-            )
-        })?;
-    let control = files.swap_remove(control_pos);
-    // Largest first (workers take from the end), so the long files start
-    // early and the small ones fill in.
-    files.sort_by_key(|f| f.size);
-    let total: u64 = files.iter().map(|f| f.size).sum::<u64>() + control.size;
+        add(&mut s, &mut batch, "scan", true)?;
+        if let Some(list) = reference {
+            for e in list.iter()? {
+                let e = e?;
+                batch.push(Row {
+                    v: serde_json::to_vec(&e)
+                        .map_err(|e| Error::internal(format!("serialize an entry: {e}")))?,
+                    k: e.path,
+                    ..Row::default()
+                });
+                add(&mut s, &mut batch, "refs", false)?;
+            }
+            add(&mut s, &mut batch, "refs", true)?;
+        }
+        s.index("scan")?;
+        let count = s.count("scan")?;
+        let (_, total) = s.sums("scan")?;
+        Ok((s.shared(), dirs, control, count, total as u64))
+    })
+    .await??;
+    let control = control.ok_or_else(|| {
+        Error::new(
+            Kind::InvalidInput,
+            format!("{} has no {}", pgdata.display(), datadir::PG_CONTROL),
+        )
+    })?;
     progress.phase("copy files");
-    progress.set_total(files.len() as u64 + 1, total);
+    progress.set_total(count + 1, total + control.size);
 
     let workers = opts.process_max.max(1);
     let keys = repo.keys().await?;
@@ -1160,6 +1289,7 @@ async fn copy_files(
             verify_pages,
             plan.clone(),
             resume,
+            db.clone(),
         );
         w.keys = keys.clone();
         w
@@ -1167,35 +1297,55 @@ async fn copy_files(
     let states: Vec<Worker> = (0..workers).map(new_worker).collect();
     let progress2 = progress.clone();
     // Bytes no worker has taken yet.
-    let queued = std::sync::atomic::AtomicU64::new(files.iter().map(|f| f.size).sum());
-    let work = move |w: &mut Worker, f: ScanFile| -> Result<()> {
+    let queued = std::sync::atomic::AtomicU64::new(total);
+    let work = move |w: &mut Worker, item: Item| -> Result<()> {
+        let size = item.f.size;
         let left = queued
-            .fetch_sub(f.size, std::sync::atomic::Ordering::Relaxed)
-            .saturating_sub(f.size);
-        w.tail = workers == 1 || left < f.size;
-        let size = w.add(&f)?;
+            .fetch_sub(size, std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(size);
+        w.tail = workers == 1 || left < size;
+        let size = w.add(item)?;
         progress2.file_done(size);
         Ok(())
     };
-    let done = workers::run(files, states, work, |mut w: Worker| {
+    // Largest first, so the long files start early and the small ones
+    // fill in.
+    let root = pgdata.to_path_buf();
+    let join = plan.as_ref().map(|_| "refs");
+    let items = Rows::heaviest_first(db.clone(), "scan", join).map(move |r| {
+        let j = r?;
+        let old = match j.other {
+            Some(v) => Some(serde_json::from_slice::<FileEntry>(&v).map_err(|e| {
+                Error::internal(format!("the reference's entry of {}: {e}", j.row.k))
+            })?),
+            None => None,
+        };
+        Ok(Item {
+            f: ScanFile {
+                abs: root.join(&j.row.k),
+                rel: j.row.k,
+                size: j.row.w as u64,
+            },
+            old,
+        })
+    });
+    let done = workers::run(items, states, work, |mut w: Worker| {
         w.flush()?;
         // What is stored is in the journal before the backup waits for its
         // WAL (which can take long).
         if let Some(j) = &w.journal {
             j.flush()?;
         }
-        Ok((w.done, w.pages, w.counts, w.sums, w.reused))
+        Ok((w.pages, w.counts, w.sums, w.reused))
     })
     .await?;
-    let mut entries = Vec::new();
     let mut pages = PageChecksums::default();
     let mut counts = ChangeReport::default();
     let mut sums = Vec::new();
     let mut reused = ResumeReport::default();
-    for (done, p, c, s, r) in done {
+    for (p, c, s, r) in done {
         sums.extend(s);
         resume::add_to(&mut reused, &r);
-        entries.extend(done);
         counts.unchanged_files += c.unchanged_files;
         counts.delta_files += c.delta_files;
         counts.changed_blocks += c.changed_blocks;
@@ -1216,27 +1366,34 @@ async fn copy_files(
     w.plan = None;
     w.resume = None;
     w.journal = None;
-    let control_entry = tokio::task::spawn_blocking(move || -> Result<Vec<FileEntry>> {
-        w.add(&control)?;
+    let db2 = db.clone();
+    let (control_size, db_sums) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let size = w.add(Item {
+            f: control,
+            old: None,
+        })?;
         w.flush()?;
-        Ok(w.done)
+        let s = db2
+            .lock()
+            .map_err(|_| Error::internal("scratch database: a worker failed holding it"))?;
+        if s.get("done", datadir::PG_CONTROL)?.is_none() {
+            return Err(Error::new(
+                Kind::InvalidInput,
+                "global/pg_control vanished during the backup",
+            ));
+        }
+        Ok((size, s.sums("done")?))
     })
     .await??;
-    if control_entry.is_empty() {
-        return Err(Error::new(
-            Kind::InvalidInput,
-            "global/pg_control vanished during the backup",
-        ));
-    }
-    progress.file_done(control_entry[0].size);
-    entries.extend(control_entry);
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    progress.file_done(control_size);
     counts.fallbacks.sort();
     Ok(Copied {
-        files: entries,
+        db,
         dirs,
-        page_checksums: verify_pages.map(|_| pages),
+        pages: verify_pages.map(|_| pages),
         counts,
+        original_size: db_sums.1 as u64,
+        stored_size: db_sums.0 as u64,
         sums,
         reused,
     })

@@ -230,25 +230,32 @@ impl Resumable {
     }
 
     /// Deletes the objects of the interrupted runs that `files` (the
-    /// finished backup's) do not use: before the manifest, so a complete
-    /// backup holds only what it lists.
-    pub async fn delete_unused(&self, repo: &Repository, files: &[FileEntry]) -> Result<u64> {
-        let used: BTreeSet<&str> = files
+    /// finished backup's, streamed in path order from the scratch
+    /// database) do not use: before the manifest, so a complete backup
+    /// holds only what it lists. Only the interrupted runs' objects are
+    /// held, never an entry per file.
+    pub async fn delete_unused<I>(&self, repo: &Repository, files: I) -> Result<u64>
+    where
+        I: Iterator<Item = Result<FileEntry>> + Send + 'static,
+    {
+        let label = self.label.clone();
+        let earlier: BTreeSet<String> = self.earlier_objects.iter().cloned().collect();
+        let unused = tokio::task::spawn_blocking(move || -> Result<BTreeSet<String>> {
+            let mut unused = earlier;
+            for f in files {
+                let f = f?;
+                if f.parts.is_empty() && f.backup.is_none() {
+                    unused.remove(&f.object);
+                }
+                if let Some(p) = f.parts.first().filter(|p| p.backup == label) {
+                    unused.remove(&p.object);
+                }
+            }
+            Ok(unused)
+        })
+        .await??;
+        let unused: Vec<String> = unused
             .iter()
-            .flat_map(|f| {
-                let whole = (f.parts.is_empty() && f.backup.is_none()).then_some(f.object.as_str());
-                let part = f
-                    .parts
-                    .first()
-                    .filter(|p| p.backup == self.label)
-                    .map(|p| p.object.as_str());
-                whole.into_iter().chain(part)
-            })
-            .collect();
-        let unused: Vec<String> = self
-            .earlier_objects
-            .iter()
-            .filter(|o| !used.contains(o.as_str()))
             .map(|o| layout::backup_object_key(repo.stanza(), &self.label, o))
             .collect();
         let n = unused.len() as u64;

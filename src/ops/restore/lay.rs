@@ -1,14 +1,22 @@
 //! Laying a backup down in a data directory: directories and tablespace
 //! links, every file checked against its SHA-256 as it is written, the
 //! recovery files, a flush of everything, and `global/pg_control` last.
+//!
+//! Memory stays flat in the number of files (issue 14): the file list is
+//! streamed into a scratch database on disk, grouped there by the object
+//! that stores each file, and the workers take one object (with its
+//! pieces) at a time from it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::catalog::scratch::{self, Groups, Row, Rows, Scratch};
 use crate::error::{Error, Kind, Result, WriteWatch};
 use crate::ops::progress::Progress;
 use crate::ops::workers;
@@ -18,6 +26,7 @@ use crate::repo::blockmap::{self, Part, PartWriter, Ranges};
 use crate::repo::blocksums::{self, BlockSums};
 use crate::repo::chunked;
 use crate::repo::codec::{self, Binding, Keys};
+use crate::repo::filelist::{object_group, split_object_group, LocalFileList};
 use crate::repo::keys::decode_error;
 use crate::repo::layout;
 use crate::repo::manifest::{FileEntry, Manifest};
@@ -88,30 +97,21 @@ pub(super) async fn lay_down(
         }
     }
 
+    let list = Arc::new(repo.file_list(m).await?);
+    let count = list.count();
+    let (label, delta) = (m.label.clone(), opts.delta);
+    // With --delta, what is not in the backup goes (the paths, on disk).
+    let list2 = list.clone();
+    let listed = tokio::task::spawn_blocking(move || listed_paths(&list2, delta)).await??;
     let pgdata = opts.pgdata.clone();
     let m2 = m.clone();
-    let delta = opts.delta;
     let ts_map2 = ts_map.clone();
-    tokio::task::spawn_blocking(move || prepare_dirs(&pgdata, &m2, &ts_map2, delta)).await??;
+    tokio::task::spawn_blocking(move || prepare_dirs(&pgdata, &m2, &ts_map2, delta, &listed))
+        .await??;
 
-    let control = m
-        .files
-        .iter()
-        .find(|f| f.path == datadir::PG_CONTROL)
-        .cloned()
-        .ok_or_else(|| {
-            Error::repository(format!("backup {} has no {}", m.label, datadir::PG_CONTROL))
-        })?;
-    let files: Vec<FileEntry> = m
-        .files
-        .iter()
-        .filter(|f| f.path != datadir::PG_CONTROL)
-        .cloned()
-        .collect();
-    progress.phase("write files");
-    progress.set_total(m.files.len() as u64, m.original_size);
     // With --delta, the backup's block sums say which blocks of the
-    // relation files on disk differ (a backup without them: whole files).
+    // relation files on disk differ (a backup without them: whole files);
+    // compared after the tablespace links point where this restore writes.
     let sums = match opts.delta {
         false => None,
         true => match repo.read_block_sums(&m.label).await? {
@@ -123,7 +123,21 @@ pub(super) async fn lay_down(
             }
         },
     };
-    let laid = write_files(repo, &m.label, &opts.pgdata, files, opts.delta, sums, opts.process_max, progress.clone())
+    let diffs = match sums {
+        None => None,
+        Some(sums) => {
+            Some(differing_blocks(&opts.pgdata, list.clone(), sums, opts.process_max).await?)
+        }
+    };
+    let (db, mut planned) =
+        tokio::task::spawn_blocking(move || plan_pieces(&list, &label, delta, diffs)).await??;
+    let control = planned.control.take().ok_or_else(|| {
+        Error::repository(format!("backup {} has no {}", m.label, datadir::PG_CONTROL))
+    })?;
+
+    progress.phase("write files");
+    progress.set_total(count, m.original_size);
+    let laid = write_files(repo, &opts.pgdata, db, planned, opts.process_max, progress.clone())
         .await
         .map_err(|e| e.hint("the data directory is incomplete and cannot be started; rerun the restore (--delta reuses what was written)"))?;
 
@@ -258,6 +272,182 @@ fn fsync_dir(dir: &Path) -> Result<()> {
         .map_err(local_err("fsync", dir))
 }
 
+/// Rows added to the scratch database at once.
+const BATCH: usize = 4096;
+
+/// What one stored object gives to one file, as the scratch database
+/// keeps it.
+#[derive(Serialize, Deserialize)]
+struct PieceRow {
+    file: FileEntry,
+    /// The part of the file this is (`None`: the whole file).
+    part: Option<Part>,
+    /// The blocks of that part no newer part holds.
+    owned: Ranges,
+}
+
+/// What planning the restore found, besides its scratch database.
+struct Planned {
+    /// The entry of `global/pg_control`, written apart, last.
+    control: Option<FileEntry>,
+    delta: bool,
+    /// Files `--delta` keeps as they are (every block matches).
+    kept: usize,
+    /// `--delta` with block sums: what the comparison found.
+    delta_blocks: Option<DeltaBlocks>,
+}
+
+/// A `mapped` row's `o`: the file is created (truncated) at its size; kept
+/// at its place with the blocks that differ written (`--delta` with block
+/// sums); kept whole (every block matches).
+const MAPPED_NEW: i64 = 0;
+const MAPPED_IN_PLACE: i64 = 1;
+const MAPPED_KEPT: i64 = 2;
+
+/// Streams the file list of backup `label` into a scratch database: table
+/// `pieces`, one row per piece of an object, grouped by object (`g`
+/// `<backup>/<object>`) in stored order; `mapped`, the files written as
+/// blocks (stored as block maps, or with `--delta` and block sums, kept in
+/// place with only their differing blocks, `diffs`, written).
+fn plan_pieces(
+    list: &LocalFileList,
+    label: &str,
+    delta: bool,
+    diffs: Option<(scratch::Shared, DeltaBlocks)>,
+) -> Result<(scratch::Shared, Planned)> {
+    let mut s = Scratch::new(&["pieces", "mapped"])?;
+    let mut planned = Planned {
+        control: None,
+        delta,
+        kept: 0,
+        delta_blocks: diffs.as_ref().map(|(_, d)| d.clone()),
+    };
+    let differ_of = |path: &str| -> Result<Option<Ranges>> {
+        let Some((db, _)) = &diffs else {
+            return Ok(None);
+        };
+        let row = db
+            .lock()
+            .map_err(|_| Error::internal("scratch database: a thread failed holding it"))?
+            .get("diffs", path)?;
+        row.map(|r| from_json::<Ranges>(&r.v, "differing blocks"))
+            .transpose()
+    };
+    let (mut pieces, mut mapped) = (Vec::new(), Vec::new());
+    for f in list.iter()? {
+        let f = f?;
+        if f.path == datadir::PG_CONTROL {
+            planned.control = Some(f);
+            continue;
+        }
+        let differ = differ_of(&f.path)?;
+        if f.parts.is_empty() && differ.is_none() {
+            let backup = f.backup.as_deref().unwrap_or(label);
+            pieces.push(Row {
+                k: f.path.clone(),
+                g: object_group(backup, &f.object),
+                o: f.offset as i64,
+                w: f.length as i64,
+                v: Vec::new(),
+            });
+            let row = PieceRow {
+                file: f,
+                part: None,
+                owned: Vec::new(),
+            };
+            pieces.last_mut().expect("just pushed").v = json(&row)?;
+        } else if differ.as_ref().is_some_and(|d| d.is_empty()) {
+            planned.kept += 1;
+            mapped.push(Row {
+                k: f.path.clone(),
+                o: MAPPED_KEPT,
+                v: json(&f)?,
+                ..Row::default()
+            });
+        } else {
+            let parts = blockmap::parts_of(&f, label);
+            let owned = blockmap::owned(&parts, f.size);
+            for (i, (part, owned)) in parts.into_iter().zip(owned).enumerate() {
+                let owned = match &differ {
+                    Some(d) => blockmap::intersect(&owned, d),
+                    None => owned,
+                };
+                if owned.is_empty() {
+                    continue;
+                }
+                let (g, o, w) = (
+                    object_group(&part.backup, &part.object),
+                    part.offset as i64,
+                    part.length as i64,
+                );
+                let row = PieceRow {
+                    file: f.clone(),
+                    part: Some(part),
+                    owned,
+                };
+                pieces.push(Row {
+                    k: format!("{}\0{i}", f.path),
+                    g,
+                    o,
+                    w,
+                    v: json(&row)?,
+                });
+            }
+            mapped.push(Row {
+                k: f.path.clone(),
+                o: if differ.is_some() {
+                    MAPPED_IN_PLACE
+                } else {
+                    MAPPED_NEW
+                },
+                v: json(&f)?,
+                ..Row::default()
+            });
+        }
+        for (table, rows) in [("pieces", &mut pieces), ("mapped", &mut mapped)] {
+            if rows.len() >= BATCH {
+                s.insert(table, rows)?;
+                rows.clear();
+            }
+        }
+    }
+    s.insert("pieces", &pieces)?;
+    s.insert("mapped", &mapped)?;
+    s.index("pieces")?;
+    Ok((s.shared(), planned))
+}
+
+/// With `delta`, every path of the list, in a scratch database (table
+/// `files`), for `--delta` to remove what the backup does not have;
+/// without, an empty one.
+fn listed_paths(list: &LocalFileList, delta: bool) -> Result<scratch::Shared> {
+    let mut s = Scratch::new(&["files"])?;
+    if delta {
+        let mut files = Vec::new();
+        for f in list.iter()? {
+            files.push(Row {
+                k: f?.path,
+                ..Row::default()
+            });
+            if files.len() >= BATCH {
+                s.insert("files", &files)?;
+                files.clear();
+            }
+        }
+        s.insert("files", &files)?;
+    }
+    Ok(s.shared())
+}
+
+/// A row's value in the scratch database.
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::internal(format!("serialize: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| Error::internal(format!("read back {what}: {e}")))
+}
+
 /// Creates the directory tree and tablespace links. With `--delta`, first
 /// removes `global/pg_control` so that an interrupted restore cannot start.
 fn prepare_dirs(
@@ -265,6 +455,7 @@ fn prepare_dirs(
     m: &Manifest,
     ts_map: &BTreeMap<u32, PathBuf>,
     delta: bool,
+    db: &scratch::Shared,
 ) -> Result<()> {
     fs::create_dir_all(pgdata).map_err(local_err("create", pgdata))?;
     fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))
@@ -292,7 +483,7 @@ fn prepare_dirs(
                 clear_dir(&p)?;
             }
         }
-        remove_unlisted(pgdata, m)?;
+        remove_unlisted(pgdata, db)?;
     }
     let tblspc = pgdata.join("pg_tblspc");
     fs::create_dir_all(&tblspc).map_err(local_err("create", &tblspc))?;
@@ -351,8 +542,13 @@ fn clear_dir(dir: &Path) -> Result<()> {
 /// `--delta`: removes files the backup does not have, so the result is the
 /// backup and nothing else (the left-out directories were emptied already;
 /// configuration files the backup holds are restored from it).
-fn remove_unlisted(pgdata: &Path, m: &Manifest) -> Result<()> {
-    let listed: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+fn remove_unlisted(pgdata: &Path, db: &scratch::Shared) -> Result<()> {
+    let listed = |r: &str| -> Result<bool> {
+        let s = db
+            .lock()
+            .map_err(|_| Error::internal("scratch database: a thread failed holding it"))?;
+        Ok(s.get("files", r)?.is_some())
+    };
     let mut stack = vec![(pgdata.to_path_buf(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
         for e in fs::read_dir(&dir).map_err(local_err("read directory", &dir))? {
@@ -373,7 +569,7 @@ fn remove_unlisted(pgdata: &Path, m: &Manifest) -> Result<()> {
             let meta = fs::metadata(&p).map_err(local_err("stat", &p))?;
             if meta.is_dir() {
                 stack.push((p, r));
-            } else if !listed.contains(r.as_str()) {
+            } else if !listed(&r)? {
                 fs::remove_file(&p).map_err(local_err("remove", &p))?;
             }
         }
@@ -560,18 +756,31 @@ impl Piece {
 /// `--delta`: the blocks of each relation file on disk whose sums differ
 /// from the backup's (or that it lacks), for the files the backup has sums
 /// for; one that is the backup's already has none. Files are read
-/// `process_max` at a time.
+/// `process_max` at a time, and what differs goes to a scratch database
+/// (table `diffs`, by path), not memory.
 async fn differing_blocks(
     pgdata: &Path,
-    files: &[FileEntry],
+    list: Arc<LocalFileList>,
     sums: BlockSums,
     process_max: usize,
-) -> Result<(HashMap<String, Ranges>, DeltaBlocks)> {
+) -> Result<(scratch::Shared, DeltaBlocks)> {
+    let db = Scratch::new(&["diffs"])?.shared();
     let sums = Arc::new(sums);
-    let items: Vec<(String, u64)> = files.iter().map(|f| (f.path.clone(), f.size)).collect();
+    let items = list.iter()?.map(|f| f.map(|f| (f.path, f.size)));
     let states = vec![(Vec::new(), DeltaBlocks::default()); process_max.max(1)];
     let pgdata = pgdata.to_path_buf();
-    type State = (Vec<(String, Ranges)>, DeltaBlocks);
+    type State = (Vec<Row>, DeltaBlocks);
+    let insert = {
+        let db = db.clone();
+        move |rows: &mut Vec<Row>| -> Result<()> {
+            db.lock()
+                .map_err(|_| Error::internal("scratch database: a thread failed holding it"))?
+                .insert("diffs", rows)?;
+            rows.clear();
+            Ok(())
+        }
+    };
+    let insert2 = insert.clone();
     let work = move |(out, d): &mut State, (path, size): (String, u64)| -> Result<()> {
         let n = blockmap::block_count(size);
         let Some(want) = sums
@@ -593,95 +802,69 @@ async fn differing_blocks(
         d.files += 1;
         d.blocks += u64::from(n);
         let differ = (0..n).filter(|&b| disk.get(b as usize) != want.get(b as usize));
-        out.push((path, blockmap::ranges_of(differ)));
+        let differ = blockmap::ranges_of(differ);
+        d.blocks_written += blockmap::count(&differ);
+        out.push(Row {
+            k: path,
+            v: json(&differ)?,
+            ..Row::default()
+        });
+        if out.len() >= BATCH {
+            insert(out)?;
+        }
         Ok(())
     };
-    let done = workers::run(items, states, work, |s: State| Ok(s)).await?;
+    let done = workers::run(items, states, work, move |(mut out, d): State| {
+        insert2(&mut out)?;
+        Ok(d)
+    })
+    .await?;
     let mut all = DeltaBlocks::default();
-    let mut out = HashMap::new();
-    for (found, d) in done {
+    for d in done {
         all.files += d.files;
         all.blocks += d.blocks;
-        out.extend(found);
+        all.blocks_written += d.blocks_written;
     }
-    Ok((out, all))
+    Ok((db, all))
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn write_files(
     repo: &Repository,
-    label: &str,
     pgdata: &Path,
-    files: Vec<FileEntry>,
-    delta: bool,
-    sums: Option<BlockSums>,
+    db: scratch::Shared,
+    planned: Planned,
     process_max: usize,
     progress: Arc<dyn Progress>,
 ) -> Result<Laid> {
-    let (diffs, mut delta_blocks) = match sums {
-        None => (HashMap::new(), None),
-        Some(sums) => {
-            let (diffs, d) = differing_blocks(pgdata, &files, sums, process_max).await?;
-            (diffs, Some(d))
+    let (delta, mut delta_blocks) = (planned.delta, planned.delta_blocks);
+    // One work item per stored object (of this backup or one it depends
+    // on), largest first; its pieces in stored order. A file stored as
+    // blocks of several backups is created at its size first; each part
+    // then writes the blocks it is the newest holder of: every block once,
+    // no chain replay. With --delta and block sums, a relation file (whole
+    // or in parts) is kept at its place and only its differing blocks are
+    // written (`o` of a `mapped` row: 1).
+    let mapped = {
+        let db = db.clone();
+        move || {
+            Rows::by_key(db.clone(), "mapped").map(|r| {
+                let r = r?;
+                Ok::<_, Error>((from_json::<FileEntry>(&r.row.v, "a file")?, r.row.o))
+            })
         }
     };
-    // One work item per stored object (of this backup or one it depends
-    // on); its pieces in stored order. A file stored as blocks of several
-    // backups is created at its size first; each part then writes the
-    // blocks it is the newest holder of: every block once, no chain replay.
-    // With --delta and block sums, a relation file (whole or in parts) is
-    // kept at its place and only its differing blocks are written.
-    let mut by_object: BTreeMap<(String, String), Vec<Piece>> = BTreeMap::new();
-    let mut mapped: Vec<(Arc<FileEntry>, bool)> = Vec::new();
-    let mut kept = 0usize;
-    for f in files {
-        let differ = diffs.get(&f.path);
-        if f.parts.is_empty() && differ.is_none() {
-            let backup = f.backup.clone().unwrap_or_else(|| label.to_string());
-            by_object
-                .entry((backup, f.object.clone()))
-                .or_default()
-                .push(Piece::Whole(f));
-            continue;
-        }
-        if differ.is_some_and(|d| d.is_empty()) {
-            kept += 1;
-            progress.file_done(f.size);
-            mapped.push((Arc::new(f), true));
-            continue;
-        }
-        let f = Arc::new(f);
-        let parts = blockmap::parts_of(&f, label);
-        let owned = blockmap::owned(&parts, f.size);
-        for (part, owned) in parts.into_iter().zip(owned) {
-            let owned = match differ {
-                Some(d) => blockmap::intersect(&owned, d),
-                None => owned,
-            };
-            if owned.is_empty() {
-                continue;
-            }
-            by_object
-                .entry((part.backup.clone(), part.object.clone()))
-                .or_default()
-                .push(Piece::Blocks {
-                    file: f.clone(),
-                    part,
-                    owned,
-                });
-        }
-        mapped.push((f, differ.is_some()));
-    }
-    let mut items: Vec<((String, String), Vec<Piece>)> = by_object.into_iter().collect();
-    for (_, v) in items.iter_mut() {
-        v.sort_by_key(Piece::offset);
-    }
-    // Largest objects first.
-    items.sort_by_key(|(_, v)| v.iter().map(Piece::length).sum::<u64>());
     let pgdata2 = pgdata.to_path_buf();
     let mapped2 = mapped.clone();
+    let progress2 = progress.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for (f, in_place) in &mapped2 {
+        for f in mapped2() {
+            let (f, how) = f?;
+            if how == MAPPED_KEPT {
+                progress2.file_done(f.size);
+                continue;
+            }
+            let in_place = how == MAPPED_IN_PLACE;
             let dest = pgdata2.join(&f.path);
             // In place (--delta): the blocks that match stay.
             let file = OpenOptions::new()
@@ -696,7 +879,26 @@ async fn write_files(
         Ok(())
     })
     .await??;
-    let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(kept));
+    let items = Groups::heaviest_first(db, "pieces")?.map(|g| {
+        let (object, rows) = g?;
+        let (backup, object) = split_object_group(&object)?;
+        let pieces = rows
+            .iter()
+            .map(|r| {
+                let p: PieceRow = from_json(&r.v, "a piece")?;
+                Ok(match p.part {
+                    None => Piece::Whole(p.file),
+                    Some(part) => Piece::Blocks {
+                        file: Arc::new(p.file),
+                        part,
+                        owned: p.owned,
+                    },
+                })
+            })
+            .collect::<Result<Vec<Piece>>>()?;
+        Ok(((backup.to_string(), object.to_string()), pieces))
+    });
+    let skipped = Arc::new(std::sync::atomic::AtomicUsize::new(planned.kept));
     let fetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let states = vec![(); process_max.max(1)];
     let backend: Arc<dyn Backend> = repo.backend().clone();
@@ -774,7 +976,8 @@ async fn write_files(
     workers::run(items, states, work, |_| Ok(())).await?;
     // Mode and time of the files written in parts, once all are there.
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for (f, _) in &mapped {
+        for f in mapped() {
+            let (f, _) = f?;
             let dest = pgdata.join(&f.path);
             fs::set_permissions(&dest, fs::Permissions::from_mode(f.mode & 0o750))
                 .map_err(local_err("set permissions of", &dest))?;
@@ -788,7 +991,6 @@ async fn write_files(
     })
     .await??;
     if let Some(d) = delta_blocks.as_mut() {
-        d.blocks_written = diffs.values().map(|r| blockmap::count(r)).sum();
         d.bytes_fetched = fetched.load(std::sync::atomic::Ordering::Relaxed);
     }
     Ok(Laid {

@@ -268,7 +268,7 @@ async fn restore_inner(
     progress.finish();
     Ok(Some(Restored {
         label: m.label.clone(),
-        files: m.files.len(),
+        files: m.file_count as usize,
         bytes: m.original_size,
         skipped_by_delta: laid.skipped,
         delta_blocks: laid.delta_blocks,

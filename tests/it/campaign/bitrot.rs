@@ -163,20 +163,12 @@ fn harmless(original: &[u8], flipped: &[u8], slices: &[(u64, u64)], at: usize) -
 
 /// (offset, length) of each file of backup `label` in `object`.
 fn slices_in(root: &Path, stanza: &str, label: &str, object: &str) -> Vec<(u64, u64)> {
-    let manifest = root
-        .join(stanza)
-        .join("backup")
-        .join(label)
-        .join("manifest.pgv");
-    let Ok(bytes) = fs::read(&manifest) else {
+    let dir = root.join(stanza).join("backup").join(label);
+    let Ok(files) = backup_files(&dir) else {
         return Vec::new();
     };
-    let m: serde_json::Value =
-        serde_json::from_slice(&decode_envelope(&bytes)).expect("manifest JSON");
-    m["files"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    files
+        .iter()
         .filter(|f| f["object"].as_str() == Some(object))
         .filter_map(|f| Some((f["offset"].as_u64()?, f["length"].as_u64()?)))
         .collect()

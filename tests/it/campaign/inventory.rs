@@ -96,18 +96,17 @@ pub fn inventory(root: &Path, stanza: &str) -> Inventory {
         };
         let parts: Vec<&str> = r.iter().filter_map(|c| c.to_str()).collect();
         if parts.len() == 2 && parts[1] == "manifest.pgv" {
-            match json_of(f) {
-                Ok(m) => {
-                    let mut objects: std::collections::BTreeSet<String> = m["files"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|e| e["object"].as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+            let dir = f.parent().expect("a manifest's directory");
+            match backup_files(dir) {
+                Ok(files) => {
+                    let mut objects: BTreeSet<String> = files
+                        .iter()
+                        .filter_map(|e| e["object"].as_str().map(String::from))
+                        .collect();
                     // Written with the data, before the manifest.
                     objects.insert("blocksums.pgv".into());
+                    // Format 2: the file list is an object of the backup.
+                    objects.insert("files.pgv".into());
                     inv.backups.insert(parts[0].to_string(), objects);
                 }
                 Err(e) => inv

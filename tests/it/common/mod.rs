@@ -39,7 +39,7 @@ pub use cluster::{backup, backup_args, backup_run, damage_page, stanza_create, C
 pub use crash::*;
 pub use moto::OwnMoto;
 pub use node::{Node, RECOVERY_TIMEOUT};
-pub use objects::{decode_envelope, encode_envelope, try_decode_envelope};
+pub use objects::{backup_files, decode_envelope, encode_envelope, try_decode_envelope};
 pub use process::{
     children_of, finish, finish_timed, spawn_as, As, Run, Running, Spawned, PGVAULT_TIMEOUT,
 };

@@ -34,6 +34,26 @@ pub fn decode_envelope(bytes: &[u8]) -> Vec<u8> {
     try_decode_envelope(bytes).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The file entries of the backup in directory `dir`, written
+/// independently of the crate: manifest format 2 keeps them in `files.pgv`
+/// (one JSON object a line), format 1 inline in the manifest (`files`).
+pub fn backup_files(dir: &std::path::Path) -> Result<Vec<serde_json::Value>, String> {
+    let read = |name: &str| -> Result<Vec<u8>, String> {
+        let bytes = std::fs::read(dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        try_decode_envelope(&bytes).map_err(|e| format!("{name}: {e}"))
+    };
+    let m: serde_json::Value =
+        serde_json::from_slice(&read("manifest.pgv")?).map_err(|e| e.to_string())?;
+    if m.get("file_list").is_none() {
+        return Ok(m["files"].as_array().cloned().unwrap_or_default());
+    }
+    String::from_utf8(read("files.pgv")?)
+        .map_err(|e| format!("files.pgv: {e}"))?
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("files.pgv: {e}")))
+        .collect()
+}
+
 /// Encode `data` with the header of `like` (same format version and
 /// compression).
 pub fn encode_envelope(like: &[u8], data: &[u8]) -> Vec<u8> {

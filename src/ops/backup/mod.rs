@@ -25,7 +25,10 @@ use std::time::Duration;
 
 mod copy;
 mod incr;
-mod resume;
+/// Public for `tests/flatmem.rs` only (a resumed backup's journal at a
+/// million files); not an interface.
+#[doc(hidden)]
+pub mod resume;
 mod worker;
 
 pub use incr::BackupKind;

@@ -11,7 +11,7 @@ mod sums;
 
 use super::copy::{Item, ScanFile};
 use super::incr::{Decision, Plan};
-use super::resume::{Journal, Journaled, Resumable, Want};
+use super::resume::{Journal, Journaled, Resumable, Reuse, Want};
 use crate::catalog::scratch::{self, Row};
 use crate::error::{Error, Result};
 use crate::pg::relfile::BLOCK_SIZE;
@@ -133,18 +133,22 @@ impl Worker {
         let Some(r) = self.resume.clone() else {
             return Ok(None);
         };
-        Ok(match r.reusable(&f.rel, &f.abs, f.size, want) {
-            Ok(Some(j)) => {
+        Ok(match r.reusable(&f.rel, &f.abs, f.size, want)? {
+            Reuse::Yes(j) => {
                 self.reused.files += 1;
                 self.reused.bytes += j.entry.size;
                 self.reused.stored_bytes += j.own_object(&self.label).map_or(0, |(_, _, l)| l);
                 self.pages.pages_checked += j.pages_checked;
-                self.pages.bad_pages.extend(j.bad_pages.iter().cloned());
-                self.push_done([j.entry.clone()])?;
-                Some(j.entry.size)
+                let size = j.entry.size;
+                let Journaled {
+                    entry, bad_pages, ..
+                } = *j;
+                self.pages.bad_pages.extend(bad_pages);
+                self.push_done([entry])?;
+                Some(size)
             }
-            Ok(None) => None,
-            Err(()) => {
+            Reuse::NotStored => None,
+            Reuse::No => {
                 self.reused.recopied_files += 1;
                 None
             }

@@ -917,3 +917,83 @@ fn check_blocking(
     }
     (problems, r.n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::blocksums::{block_sum, SumsSink};
+    use crate::repo::codec::EncodeOptions;
+
+    fn file(path: &str, size: u64) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size,
+            mtime: 0,
+            mode: 0o600,
+            sha256: String::new(),
+            object: "data/00-000000.pgv".into(),
+            offset: 0,
+            length: 10,
+            backup: None,
+            parts: Vec::new(),
+            chunk_blocks: None,
+        }
+    }
+
+    /// Each backup's block counts are checked against its list, in one
+    /// scratch database for all backups: a file with another count, and a
+    /// file the sums name and the list does not, are problems of that
+    /// backup only.
+    #[tokio::test]
+    async fn block_counts_per_backup_in_one_scratch_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::local_for_tests(dir.path(), "s");
+        let s = block_sum(b"x");
+        for (label, recs) in [
+            ("L", vec![("base/1/2", 2), ("base/1/3", 1), ("base/1/4", 1)]),
+            ("M", vec![("base/1/3", 1)]),
+        ] {
+            let mut sink = SumsSink::new().unwrap();
+            for (p, n) in recs {
+                sink.add(p, &vec![s; n]).unwrap();
+            }
+            repo.write_block_sums(label, vec![sink], EncodeOptions::default())
+                .await
+                .unwrap();
+        }
+        let db = Scratch::new(&["pieces", LISTED]).unwrap().shared();
+        let mut found = Vec::new();
+        for (label, files) in [
+            ("L", vec![file("base/1/2", 8192), file("base/1/4", 8192)]),
+            ("M", vec![file("base/1/3", 8192)]),
+        ] {
+            let Fetched::Found(sums) = repo
+                .read_block_sums_into(label, Some(db.clone()))
+                .await
+                .unwrap()
+            else {
+                panic!("the sums of {label}");
+            };
+            let list = LocalFileList::from_entries(&files, label).unwrap();
+            found.push(add_pieces(&db, label, &list, Some(&sums)).unwrap());
+        }
+        let details: Vec<(&str, &str)> = found[0]
+            .iter()
+            .map(|p| (p.what.as_str(), p.detail.as_str()))
+            .collect();
+        assert_eq!(
+            details,
+            [
+                (
+                    "base/1/2",
+                    "backup L: its block sums list 2 blocks, the manifest 1 blocks"
+                ),
+                (
+                    "base/1/3",
+                    "backup L: its block sums list 1 blocks, the manifest no such file"
+                ),
+            ]
+        );
+        assert!(found[1].is_empty(), "{:?}", found[1]);
+    }
+}

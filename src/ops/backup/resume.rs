@@ -352,10 +352,10 @@ pub async fn find(
         .list(&layout::backup_dir(stanza, &label))
         .await?;
     let mut chunks = Vec::new();
-    // The data objects in the directory, on disk: a backup stored in
-    // objects of a megabyte or more has one a file.
-    let db = Scratch::new(&[FILES, OBJECTS, USED])?.shared();
-    let mut objects = Vec::with_capacity(BATCH);
+    // The data objects in the directory (rows for the scratch database,
+    // once the directory proves resumable: a backup stored in objects of
+    // a megabyte or more has one a file).
+    let mut objects = Vec::new();
     let mut max_object = None;
     let (mut complete, mut expiring) = (false, false);
     let inside = format!("{}/", layout::backup_dir(stanza, &label));
@@ -394,12 +394,12 @@ pub async fn find(
         return Ok(None);
     }
     let any_objects = !objects.is_empty();
-    let db2 = db.clone();
-    tokio::task::spawn_blocking(move || {
+    let db = tokio::task::spawn_blocking(move || {
+        let mut db = Scratch::new(&[FILES, OBJECTS, USED])?;
         for rows in objects.chunks(BATCH) {
-            lock(&db2)?.insert(OBJECTS, rows)?;
+            db.insert(OBJECTS, rows)?;
         }
-        Ok::<_, Error>(())
+        Ok::<_, Error>(db.shared())
     })
     .await??;
     chunks.sort_unstable();

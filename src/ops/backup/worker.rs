@@ -233,7 +233,7 @@ impl Worker {
                             self.counts.unchanged_files += 1;
                             self.record_sums(&old.path, &sums)?;
                             let size = old.size;
-                            self.done.push(old);
+                            self.push_done([old])?;
                             return Ok(size);
                         }
                         self.counts.delta_files += 1;
@@ -260,7 +260,7 @@ impl Worker {
                         if self.same_as(f, &old)? {
                             self.counts.unchanged_files += 1;
                             let size = old.size;
-                            self.done.push(old);
+                            self.push_done([old])?;
                             return Ok(size);
                         }
                         self.counts.whole_files += 1;
@@ -309,7 +309,10 @@ impl Worker {
                 let n = out.n;
                 self.commit(out.inner, &object)?;
                 self.record(&object, n, journaled)?;
-                self.done.extend(entries);
+                // Through `push_done`: entries gathered past
+                // [`DONE_BATCH`] go to the scratch database (a full backup
+                // of small files stores nearly all of them in bundles).
+                self.push_done(entries)?;
             } else {
                 self.bundle = Some((out, object, entries, journaled));
             }

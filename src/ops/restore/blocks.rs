@@ -181,7 +181,7 @@ pub(super) fn write_blocks<R: Read>(
         .open(dest)
         .map_err(local_err("open", dest))?;
     let mut out = WriteWatch::new(PartWriter::new(&file, f.size, part, owned));
-    let digest = chunked::decode_piece(
+    let digest = chunked::decode_piece_once(
         r,
         &mut out,
         part.length,

@@ -24,6 +24,7 @@ use super::blocks::{write_blocks, write_chunks};
 use super::durable::{local_err, StartWriteback};
 use super::lay::Laid;
 use super::pieces::{from_json, Piece, PieceRow, Planned, MAPPED_IN_PLACE, MAPPED_KEPT};
+use super::pipe::{Piped, PIPED_MIN_FILE};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn write_files(
@@ -221,14 +222,24 @@ pub(super) fn write_one<R: Read>(
         .map_err(local_err("create", dest))?;
     // Sized to the file: most of a many-files cluster is a few KiB, and a
     // 1 MiB buffer each was an allocation (and its page faults) per file.
-    let cap = usize::try_from(f.size.clamp(8 << 10, 1 << 20)).unwrap_or(1 << 20);
-    let mut out = WriteWatch::new(BufWriter::with_capacity(cap, StartWriteback::new(file)));
+    let file = StartWriteback::new(file);
+    let out = if f.size >= PIPED_MIN_FILE {
+        Out::Piped(Piped::new(file).map_err(local_err("start a writer thread for", dest))?)
+    } else {
+        let cap = usize::try_from(f.size.clamp(8 << 10, 1 << 20)).unwrap_or(1 << 20);
+        Out::Buffered(BufWriter::with_capacity(cap, file))
+    };
+    let mut out = WriteWatch::new(out);
     // A failed write (a full disk) is the target's, not a damaged object.
-    let digest = chunked::decode_piece(r, &mut out, f.length, f.size, f.chunk_blocks, keys, bind)
-        .map_err(|e| match out.error() {
-        Some(w) => local_err("write", dest)(w),
-        None => decode_error(what, e),
-    })?;
+    // Every byte is hashed once, and that hash compared with the
+    // manifest's below: a chunk's own SHA-256 would be a second pass over
+    // the same bytes (chunked::decode_piece_once).
+    let digest =
+        chunked::decode_piece_once(r, &mut out, f.length, f.size, f.chunk_blocks, keys, bind)
+            .map_err(|e| match out.error() {
+                Some(w) => local_err("write", dest)(w),
+                None => decode_error(what, e),
+            })?;
     let out = out.into_inner();
     if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
         return Err(Error::repository(format!(
@@ -236,10 +247,7 @@ pub(super) fn write_one<R: Read>(
             f.path
         )));
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| local_err("write", dest)(e.into_error()))?
-        .finish();
+    let file = out.finish().map_err(local_err("write", dest))?.finish();
     file.set_permissions(fs::Permissions::from_mode(f.mode & 0o750))
         .map_err(local_err("set permissions of", dest))?;
     let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
@@ -272,5 +280,38 @@ impl Mode0600 for OpenOptions {
     fn mode_0600(&mut self) -> &mut Self {
         use std::os::unix::fs::OpenOptionsExt;
         self.mode(0o600)
+    }
+}
+
+/// Where [`write_one`] puts a file's bytes: through a buffer, or for a
+/// large file through a writer thread of its own.
+enum Out {
+    Buffered(BufWriter<StartWriteback>),
+    Piped(Piped),
+}
+
+impl Out {
+    /// The file, once every byte reached it.
+    fn finish(self) -> io::Result<StartWriteback> {
+        match self {
+            Out::Buffered(b) => b.into_inner().map_err(|e| e.into_error()),
+            Out::Piped(p) => p.finish(),
+        }
+    }
+}
+
+impl io::Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Out::Buffered(b) => b.write(buf),
+            Out::Piped(p) => p.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Out::Buffered(b) => b.flush(),
+            Out::Piped(p) => p.flush(),
+        }
     }
 }

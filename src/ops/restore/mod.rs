@@ -19,6 +19,7 @@ mod durable;
 mod files;
 pub mod lay;
 mod pieces;
+mod pipe;
 mod plan;
 
 use std::path::PathBuf;

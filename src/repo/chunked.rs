@@ -190,25 +190,13 @@ pub fn decode_piece<R: Read, W: Write>(
     decode_piece_with(input, out, shape, keys, bind, Check::Full)
 }
 
-/// [`decode_piece`] hashing every byte once: each chunk's size is checked
-/// against its envelope, but its SHA-256 is not computed a second time —
-/// the piece's, which the caller must compare with the manifest, covers
-/// the same bytes (see [`Check::SizeOnly`]). For restore, where SHA-256
-/// was a third of the CPU; `verify` checks every envelope in full.
-pub fn decode_piece_once<R: Read, W: Write>(
-    input: R,
-    out: W,
-    length: u64,
-    raw_size: u64,
-    chunk_blocks: Option<u32>,
-    keys: &Keys,
-    bind: Binding<'_>,
-) -> std::result::Result<Digest256, CodecError> {
-    let shape = (length, raw_size, chunk_blocks);
-    decode_piece_with(input, out, shape, keys, bind, Check::SizeOnly)
-}
-
-fn decode_piece_with<R: Read, W: Write>(
+/// [`decode_piece`] with the check of each chunk's envelope `chunk_check`
+/// says: [`Check::SizeOnly`] for a restore, which hashes every byte once —
+/// the piece's SHA-256, which the caller compares with the manifest,
+/// covers the bytes each chunk's would (SHA-256 was a third of a restore's
+/// CPU); `verify` checks every envelope in full. `shape`: the piece's
+/// stored length, raw size and chunk size (blocks), as in the manifest.
+pub fn decode_piece_with<R: Read, W: Write>(
     mut input: R,
     out: W,
     (length, raw_size, chunk_blocks): (u64, u64, Option<u32>),
@@ -364,7 +352,7 @@ mod tests {
         let (stored, d) = enc.finish().unwrap();
         let shape = (stored.len() as u64, raw.len() as u64, Some(CHUNK_BLOCKS));
         let once = |stored: &[u8], out: &mut Vec<u8>| {
-            decode_piece_once(stored, out, shape.0, shape.1, shape.2, &keys, bind)
+            decode_piece_with(stored, out, shape, &keys, bind, Check::SizeOnly)
         };
         let mut out = Vec::new();
         let got = once(&stored, &mut out).unwrap();
@@ -383,15 +371,7 @@ mod tests {
         let at = chunk_raw(CHUNK_BLOCKS) + 100 + 2 * (4 + 16);
         stored[at] ^= 1;
         let shape = (stored.len() as u64, raw.len() as u64, Some(CHUNK_BLOCKS));
-        let got = decode_piece_once(
-            &stored[..],
-            io::sink(),
-            shape.0,
-            shape.1,
-            shape.2,
-            &keys,
-            bind,
-        );
+        let got = decode_piece_with(&stored[..], io::sink(), shape, &keys, bind, Check::SizeOnly);
         assert!(got.is_ok_and(|g| g.sha256 != d.sha256));
         // decode_piece (verify's) names the chunk's own mismatch.
         let got = decode_piece(

@@ -14,7 +14,7 @@ use crate::ops::workers;
 use crate::repo::blockmap::{self, Part, PartWriter};
 use crate::repo::blocksums::{self, BlockSums};
 use crate::repo::chunked;
-use crate::repo::codec::{self, Binding, Keys};
+use crate::repo::codec::{self, Binding, Check, Keys};
 use crate::repo::filelist::LocalFileList;
 use crate::repo::keys::decode_error;
 use crate::repo::manifest::FileEntry;
@@ -181,19 +181,12 @@ pub(super) fn write_blocks<R: Read>(
         .open(dest)
         .map_err(local_err("open", dest))?;
     let mut out = WriteWatch::new(PartWriter::new(&file, f.size, part, owned));
-    let digest = chunked::decode_piece_once(
-        r,
-        &mut out,
-        part.length,
-        part.raw_size,
-        part.chunk_blocks,
-        keys,
-        bind,
-    )
-    .map_err(|e| match out.error() {
-        Some(w) => local_err("write", dest)(w),
-        None => decode_error(&format!("{} (a part in {what})", f.path), e),
-    })?;
+    let shape = (part.length, part.raw_size, part.chunk_blocks);
+    let digest = chunked::decode_piece_with(r, &mut out, shape, keys, bind, Check::SizeOnly)
+        .map_err(|e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => decode_error(&format!("{} (a part in {what})", f.path), e),
+        })?;
     if digest.sha256.to_hex() != part.sha256 || digest.size != part.raw_size {
         return Err(Error::repository(format!(
             "{} (a part in {what}): its blocks do not match the manifest (checksum or size)",

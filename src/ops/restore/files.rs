@@ -13,7 +13,7 @@ use crate::ops::progress::Progress;
 use crate::ops::workers;
 use crate::repo::blockmap;
 use crate::repo::chunked;
-use crate::repo::codec::{self, Binding, Keys};
+use crate::repo::codec::{self, Binding, Check, Keys};
 use crate::repo::filelist::split_object_group;
 use crate::repo::keys::decode_error;
 use crate::repo::layout;
@@ -233,13 +233,13 @@ pub(super) fn write_one<R: Read>(
     // A failed write (a full disk) is the target's, not a damaged object.
     // Every byte is hashed once, and that hash compared with the
     // manifest's below: a chunk's own SHA-256 would be a second pass over
-    // the same bytes (chunked::decode_piece_once).
-    let digest =
-        chunked::decode_piece_once(r, &mut out, f.length, f.size, f.chunk_blocks, keys, bind)
-            .map_err(|e| match out.error() {
-                Some(w) => local_err("write", dest)(w),
-                None => decode_error(what, e),
-            })?;
+    // the same bytes.
+    let shape = (f.length, f.size, f.chunk_blocks);
+    let digest = chunked::decode_piece_with(r, &mut out, shape, keys, bind, Check::SizeOnly)
+        .map_err(|e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => decode_error(what, e),
+        })?;
     let out = out.into_inner();
     if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
         return Err(Error::repository(format!(

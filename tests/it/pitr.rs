@@ -888,8 +888,8 @@ fn pitr_by_time_pg18() {
 /// Tablespaces: the backup follows pg_tblspc links; a restore onto a
 /// non-empty tablespace location is refused before anything is written;
 /// `--tablespace-map` restores it elsewhere, and the table in it is intact;
-/// `--delta` with the same map onto that restore undoes what was written
-/// in the mapped tablespace since.
+/// `--delta` onto that restore, mapping the tablespace elsewhere again,
+/// undoes what was written since and fills the new location.
 #[test]
 fn tablespace_backup_and_remapped_restore() {
     let env = TestEnv::new();
@@ -958,15 +958,18 @@ fn tablespace_backup_and_remapped_restore() {
         new_ts.display().to_string()
     );
 
-    // `--delta` onto that node with the same map: what was written there
-    // since (in the mapped tablespace) is undone. Its blocks must be
-    // compared where the link points for this restore — compared at the
-    // primary's location (which still matches the backup) nothing would
-    // differ, and the 700 rows would stay.
+    // `--delta` onto that node, the tablespace mapped to yet another
+    // (empty) directory: what was written since is undone, and the blocks
+    // are compared where the link points for this restore — compared
+    // through the node's old link, only the blocks that differ there (the
+    // 700 rows') would be written to the new location, the rest left
+    // holes.
     node.psql("insert into in_ts select generate_series(1, 700)");
     node.psql("checkpoint");
     assert_eq!(node.psql("select count(*) from in_ts"), "5700");
     node.stop();
+    let new_ts2 = env.mkdir("ts-remapped-2", As::PgUser);
+    let map = format!("{oid}={}", new_ts2.display());
     restore(
         &env,
         &repo,
@@ -988,7 +991,10 @@ fn tablespace_backup_and_remapped_restore() {
     )
     .ok();
     let link = std::fs::read_link(node.pgdata.join("pg_tblspc").join(&oid)).unwrap();
-    assert_eq!(link, new_ts, "--delta should keep the mapped link");
+    assert_eq!(
+        link, new_ts2,
+        "--delta should link the newly mapped location"
+    );
     node.start();
     node.wait_promoted();
     assert_eq!(

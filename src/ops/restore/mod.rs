@@ -13,7 +13,13 @@
 //!   start the directory, so a restore that fails half-way can never be
 //!   started as if it were complete.
 
+mod blocks;
+mod dirs;
+mod durable;
+mod files;
 pub mod lay;
+mod pieces;
+mod pipe;
 mod plan;
 
 use std::path::PathBuf;

@@ -96,7 +96,7 @@ for i in $(seq 1 120); do
     [ "$i" = 120 ] && pgv_die "pgbench did not write $SEGMENTS segments in 10 minutes"
 done
 wait_archived
-find "$WORK/walcopy" -name '[0-9A-F]*' | awk -F/ -v f="$first" 'length($NF) == 24 && $NF > f' | sort | head -n "$SEGMENTS" |
+find "$WORK/walcopy" -name '[0-9A-F]*' | awk -F/ -v f="$first" 'length($NF) == 24 && ("" $NF) > ("" f)' | sort | head -n "$SEGMENTS" |
     xargs -I{} cp {} "$WORK/segments/"
 chown -R "$U" "$WORK/segments"
 got="$(find "$WORK/segments" -type f | wc -l)"

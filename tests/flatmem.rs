@@ -11,15 +11,30 @@
 //! path order (the list written back). Before issue 14 a manifest held every
 //! entry in memory (`Vec<FileEntry>`, about 0.7 KiB a file: some 700 MiB
 //! here).
+//!
+//! Then, in the same budget, what else was held per file: a backup's block
+//! sums (`blocksums.pgv`) written from two workers' records, read back and
+//! looked up by path (an incremental's reference, `restore --delta`,
+//! `verify`) and walked for the files a list does not name (`verify`);
+//! and a resumed backup's journal of a million stored files, written in
+//! chunks, read back by `find`, looked up by path and joined with the
+//! finished list to delete the objects it does not use. Before, the sums'
+//! index was a map of every path in memory and the journal a map of every
+//! record (about 0.5 KiB a file).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{BufWriter, Seek};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pgvault::catalog::scratch::{Groups, Row, Rows, Scratch};
+use pgvault::ops::backup::resume::{self, Journal, JournalHeader, Journaled, Reuse, Want};
+use pgvault::ops::progress::NoProgress;
+use pgvault::repo::blocksums::{block_sum, SumsSink};
 use pgvault::repo::codec::{Binding, EncodeOptions, Keys};
 use pgvault::repo::filelist::{FileListWriter, LocalFileList};
 use pgvault::repo::manifest::FileEntry;
+use pgvault::repo::s3::S3Options;
+use pgvault::repo::{layout, Fetched, PutMode, RepoLocation, Repository};
 
 /// Counts the live heap and keeps its peak.
 struct Counting;
@@ -187,11 +202,135 @@ fn a_million_files_in_a_fixed_memory_budget() {
         count += 1;
     }
     assert_eq!(count, FILES);
+    report("file list");
 
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let repo = Repository::open(
+        RepoLocation::Local(dir.path().to_path_buf()),
+        "s",
+        &S3Options::default(),
+    )
+    .expect("a local repository");
+    block_sums(&rt, &repo);
+    report("block sums");
+    journal(&rt, &repo);
+    report("resume journal");
+}
+
+/// The sum of file `i`'s one block in [`block_sums`].
+fn sum_of(i: u64) -> [u8; 16] {
+    block_sum(&i.to_le_bytes())
+}
+
+/// A million files' block sums, as two workers record them (interleaved,
+/// in no order), written, read back, looked up, and walked.
+fn block_sums(rt: &tokio::runtime::Runtime, repo: &Repository) {
+    let mut sinks = [SumsSink::new(), SumsSink::new()].map(|s| s.expect("a sums sink"));
+    for i in 0..FILES {
+        let k = (i * 7919) % FILES;
+        sinks[(k % 2) as usize]
+            .add(&entry(k).path, &[sum_of(k)])
+            .expect("record sums");
+    }
+    let label = "20260101-000000F";
+    rt.block_on(repo.write_block_sums(label, Vec::from(sinks), EncodeOptions::default()))
+        .expect("write the block sums");
+    let Fetched::Found(sums) = rt.block_on(repo.read_block_sums(label)).expect("read them") else {
+        panic!("the block sums just written should read back");
+    };
+    for i in (0..FILES).step_by(101) {
+        let got = sums.get(&entry(i).path).expect("look up");
+        assert_eq!(got, Some(vec![sum_of(i)]), "the sums of file {i}");
+    }
+    assert_eq!(sums.get("base/1/none").expect("look up"), None);
+    // verify's walk for the files its list does not name: here all.
+    sums.db()
+        .lock()
+        .expect("the scratch database")
+        .create_table("listed")
+        .expect("a table");
+    let mut last = String::new();
+    let mut n = 0u64;
+    for r in sums.unlisted("listed") {
+        let (path, blocks) = r.expect("a file");
+        assert!(path > last && blocks == 1);
+        last = path;
+        n += 1;
+    }
+    assert_eq!(n, FILES);
+}
+
+/// The journal of an interrupted backup of a million files in bundles of
+/// 2,048, as its workers write it; read back by a resumed run.
+fn journal(rt: &tokio::runtime::Runtime, repo: &Repository) {
+    let label = "20260102-000000F";
+    let header = JournalHeader::test_full(label);
+    let objects = FILES.div_ceil(2048);
+    let record = |i: u64| {
+        let mut e = entry(i);
+        e.object = layout::backup_object_name(0, i / 2048);
+        e.offset = i % 2048;
+        e.length = 1;
+        Journaled {
+            entry: e,
+            ino: i,
+            mtime_ns: 0,
+            opened_ns: 5_000_000_000,
+            pages_checked: 0,
+            bad_pages: Vec::new(),
+        }
+    };
+    rt.block_on(async {
+        for o in 0..objects {
+            let key = layout::backup_object_key("s", label, &layout::backup_object_name(0, o));
+            repo.backend()
+                .put_bytes(&key, vec![0u8; 2048], PutMode::CreateNew)
+                .await
+                .expect("a data object");
+        }
+        let journal = Journal::new(repo, header.clone(), 0);
+        tokio::task::spawn_blocking(move || {
+            for o in 0..objects {
+                let files = (o * 2048..((o + 1) * 2048).min(FILES)).map(record);
+                journal
+                    .committed(&layout::backup_object_name(0, o), 2048, files.collect())
+                    .expect("journal an object");
+            }
+            journal.flush().expect("write the last chunk")
+        })
+        .await
+        .expect("the journal's thread");
+    });
+    let r = rt
+        .block_on(resume::find(repo, &header, &NoProgress))
+        .expect("find the interrupted backup")
+        .expect("it is resumable");
+    let sizes: u64 = (0..FILES).map(|i| entry(i).size).sum();
+    assert_eq!(r.candidates(), (FILES, sizes));
+    let gone = std::path::Path::new("/nonexistent/pgvault");
+    for i in (0..FILES).step_by(101) {
+        let e = entry(i);
+        // Recorded (not on disk here: to be read again), or not.
+        let found = r.reusable(&e.path, gone, e.size, Want::Whole);
+        assert!(matches!(found, Ok(Reuse::No)), "file {i}");
+    }
+    let none = r.reusable("base/1/none", gone, 0, Want::Whole);
+    assert!(matches!(none, Ok(Reuse::NotStored)));
+    // The finished list uses every object but the last.
+    let used = (0..(objects - 1) * 2048).map(move |i| Ok(record(i).entry));
+    let deleted = rt
+        .block_on(r.delete_unused(repo, used))
+        .expect("delete what is not used");
+    assert_eq!(deleted, 1);
+}
+
+/// Prints the peaks so far and checks them against the budgets.
+fn report(what: &str) {
     let heap = PEAK.load(Ordering::Relaxed);
     let rss = vm_hwm_kib();
     eprintln!(
-        "{FILES} files: peak Rust heap {} KiB, peak RSS {rss} KiB",
+        "{FILES} files, after the {what}: peak Rust heap {} KiB, peak RSS {rss} KiB",
         heap >> 10
     );
     assert!(

@@ -89,13 +89,20 @@ impl Scratch {
         ))?;
         let s = Scratch { conn, _dir: dir };
         for t in tables {
-            check_name(t)?;
-            s.conn.execute_batch(&format!(
-                "CREATE TABLE {t} (k TEXT PRIMARY KEY, g TEXT NOT NULL, o INTEGER NOT NULL,
-                                   w INTEGER NOT NULL, v BLOB NOT NULL);"
-            ))?;
+            s.create_table(t)?;
         }
         Ok(s)
+    }
+
+    /// Adds table `table`, unless it is there already (several readers
+    /// may keep their rows in one database).
+    pub fn create_table(&self, table: &str) -> Result<()> {
+        check_name(table)?;
+        self.conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (k TEXT PRIMARY KEY, g TEXT NOT NULL,
+               o INTEGER NOT NULL, w INTEGER NOT NULL, v BLOB NOT NULL);"
+        ))?;
+        Ok(())
     }
 
     pub fn shared(self) -> Shared {
@@ -104,11 +111,21 @@ impl Scratch {
 
     /// Adds rows in one transaction; a key already there is an error.
     pub fn insert(&mut self, table: &str, rows: &[Row]) -> Result<()> {
+        self.put(table, rows, "INSERT")
+    }
+
+    /// Adds rows in one transaction; a row with a key already there
+    /// replaces it (the last one wins).
+    pub fn replace(&mut self, table: &str, rows: &[Row]) -> Result<()> {
+        self.put(table, rows, "INSERT OR REPLACE")
+    }
+
+    fn put(&mut self, table: &str, rows: &[Row], verb: &str) -> Result<()> {
         check_name(table)?;
         let tx = self.conn.transaction()?;
         {
             let mut st = tx.prepare_cached(&format!(
-                "INSERT INTO {table} (k, g, o, w, v) VALUES (?1, ?2, ?3, ?4, ?5)"
+                "{verb} INTO {table} (k, g, o, w, v) VALUES (?1, ?2, ?3, ?4, ?5)"
             ))?;
             for r in rows {
                 st.execute(params![r.k, r.g, r.o, r.w, r.v])?;
@@ -190,6 +207,12 @@ enum Walk {
     /// Heaviest first (then by key, descending), each row with the value
     /// of the row of table `join` with the same key, if any.
     HeaviestFirst { join: Option<String> },
+    /// By key, only the rows (of group `group`, if given) whose key table
+    /// `other` does not have: an anti-join.
+    Unmatched {
+        other: String,
+        group: Option<String>,
+    },
 }
 
 /// Every row of a table, a page at a time (with [`Rows::heaviest_first`]
@@ -215,6 +238,19 @@ impl Rows {
     /// The rows of `table` in key order.
     pub fn by_key(db: Shared, table: &str) -> Rows {
         Rows::new(db, table, Walk::ByKey)
+    }
+
+    /// The rows of `table` (only those of group `group`, if given) whose
+    /// key is not in table `other`, in key order.
+    pub fn unmatched(db: Shared, table: &str, other: &str, group: Option<&str>) -> Rows {
+        Rows::new(
+            db,
+            table,
+            Walk::Unmatched {
+                other: other.to_string(),
+                group: group.map(str::to_string),
+            },
+        )
     }
 
     /// The rows of `table`, heaviest first, each with the value of
@@ -263,6 +299,22 @@ impl Rows {
                 ))?;
                 let v = st
                     .query_map(params![after, limit], plain)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                v
+            }
+            Walk::Unmatched { other, group } => {
+                check_name(other)?;
+                let after = self.after.as_ref().map_or(String::new(), |a| a.1.clone());
+                // `?3 IS NULL OR`: one statement with and without a group;
+                // the range on the key keeps the walk on the index.
+                let mut st = db.conn.prepare_cached(&format!(
+                    "SELECT k, g, o, w, v FROM {t} a WHERE a.k > ?1
+                       AND (?3 IS NULL OR a.g = ?3)
+                       AND NOT EXISTS (SELECT 1 FROM {other} b WHERE b.k = a.k)
+                     ORDER BY a.k LIMIT ?2"
+                ))?;
+                let v = st
+                    .query_map(params![after, limit, group], plain)?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 v
             }
@@ -468,5 +520,37 @@ mod tests {
         assert!(groups
             .iter()
             .all(|g| g.1.windows(2).all(|w| w[0].o <= w[1].o)));
+    }
+
+    /// The anti-join: the rows of a table (of one group, or all) whose key
+    /// the other table has not, in key order, across pages.
+    #[test]
+    fn unmatched_rows_page_through_in_key_order() {
+        let mut s = Scratch::new(&["t", "u"]).unwrap();
+        let rows: Vec<Row> = (0..1500)
+            .map(|i| r(&format!("k{i:05}"), &format!("g{}", i % 2), 0, 0))
+            .collect();
+        s.insert("t", &rows).unwrap();
+        let even: Vec<Row> = (0..1500)
+            .step_by(3)
+            .map(|i| r(&format!("k{i:05}"), "", 0, 0))
+            .collect();
+        s.insert("u", &even).unwrap();
+        s.replace("u", &even[..2]).unwrap();
+        let db = s.shared();
+        let keys = |g: Option<&str>| -> Vec<String> {
+            Rows::unmatched(db.clone(), "t", "u", g)
+                .map(|r| r.unwrap().row.k)
+                .collect()
+        };
+        let all = keys(None);
+        assert_eq!(all.len(), 1000);
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        let odd = keys(Some("g1"));
+        assert_eq!(odd.len(), 500);
+        assert!(odd.iter().all(|k| {
+            let i: u32 = k[1..].parse().unwrap();
+            i % 2 == 1 && i % 3 != 0
+        }));
     }
 }

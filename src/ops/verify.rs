@@ -14,7 +14,7 @@
 //! claim without data yet (a push in flight) is reported only if it is
 //! still so at the end.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
-use crate::catalog::scratch::{Groups, Row, Scratch};
+use crate::catalog::scratch::{self, Groups, Row, Scratch};
 use crate::error::{Error, Result};
 use crate::ops::gaps;
 use crate::ops::progress::Progress;
@@ -294,16 +294,20 @@ pub async fn verify(
         }
     }
     let manifests = &backups.manifests;
-    // What each backup stored, by object, on disk (issue 14: a backup's
-    // files are never all in memory).
-    let mut db = Scratch::new(&["pieces"])?;
+    // What each backup stored, by object, and the index of every backup's
+    // block sums, in one scratch database on disk (issue 14: neither a
+    // backup's files nor its sums are ever all in memory).
+    let db = Scratch::new(&["pieces", LISTED])?.shared();
     // Each backup's block sums, for the jobs that read its objects.
     let mut block_sums: HashMap<String, Arc<BlockSums>> = HashMap::new();
     for m in manifests {
         // What this backup stored: whole files and its own parts of block
         // maps (the objects of the backups it depends on are checked with
         // those, which must be there), checked against its block sums.
-        let sums = match repo.read_block_sums(&m.label).await? {
+        let sums = match repo
+            .read_block_sums_into(&m.label, Some(db.clone()))
+            .await?
+        {
             Fetched::Found(s) => Some(Arc::new(s)),
             Fetched::Missing => None,
             Fetched::Damaged(why) => {
@@ -324,12 +328,11 @@ pub async fn verify(
         }
         match repo.file_list(m).await {
             Ok(list) => {
-                let label = m.label.clone();
-                let (back, found) = tokio::task::spawn_blocking(move || {
-                    add_pieces(&mut db, &label, &list, sums.as_deref()).map(|found| (db, found))
+                let (label, db) = (m.label.clone(), db.clone());
+                let found = tokio::task::spawn_blocking(move || {
+                    add_pieces(&db, &label, &list, sums.as_deref())
                 })
                 .await??;
-                db = back;
                 problems.extend(found);
             }
             Err(e) => problems.push(problem(
@@ -360,8 +363,14 @@ pub async fn verify(
     let listed: Vec<_> = archives.iter().map(|(a, l)| (a, l)).collect();
     let leftovers = orphans::find(repo, &backups, &listed, SystemTime::now()).await?;
 
-    db.index("pieces")?;
-    let groups = Groups::heaviest_first(db.shared(), "pieces")?;
+    let groups = {
+        let db2 = db.clone();
+        tokio::task::spawn_blocking(move || -> Result<Groups> {
+            lock(&db2)?.index("pieces")?;
+            Ok(Groups::heaviest_first(db2, "pieces")?)
+        })
+        .await??
+    };
     let backup_objects = groups.count_groups();
     let stanza = repo.stanza().to_string();
     // One object's pieces at a time, read off the runtime.
@@ -437,14 +446,14 @@ pub async fn verify(
 /// maps (the objects of the backups it depends on are checked with those,
 /// which must be there).
 fn add_pieces(
-    db: &mut Scratch,
+    db: &scratch::Shared,
     label: &str,
     list: &LocalFileList,
     sums: Option<&BlockSums>,
 ) -> Result<Vec<Problem>> {
     let mut rows = Vec::new();
     let mut push =
-        |db: &mut Scratch, k: String, f: FileEntry, c: Option<SumsCheck>| -> Result<()> {
+        |db: &scratch::Shared, k: String, f: FileEntry, c: Option<SumsCheck>| -> Result<()> {
             rows.push(Row {
                 k: format!("{label}/{k}"),
                 g: object_group(label, &f.object),
@@ -453,8 +462,8 @@ fn add_pieces(
                 v: serde_json::to_vec(&(&f, &c))
                     .map_err(|e| Error::internal(format!("serialize: {e}")))?,
             });
-            if rows.len() >= 4096 {
-                db.insert("pieces", &rows)?;
+            if rows.len() >= BATCH {
+                lock(db)?.insert("pieces", &rows)?;
                 rows.clear();
             }
             Ok(())
@@ -470,7 +479,7 @@ fn add_pieces(
     for f in list.iter()? {
         let f = f?;
         if let Some(c) = counts.as_mut() {
-            c.file(&f.path, f.size);
+            c.file(&f.path, f.size)?;
         }
         for (i, p) in f
             .parts
@@ -502,8 +511,22 @@ fn add_pieces(
             push(db, f.path.clone(), f, c)?;
         }
     }
-    db.insert("pieces", &rows)?;
-    Ok(counts.map(BlockCounts::finish).unwrap_or_default())
+    lock(db)?.insert("pieces", &rows)?;
+    match counts {
+        Some(c) => c.finish(),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Rows added to the scratch database at once.
+const BATCH: usize = 4096;
+/// The scratch table of the files each backup's list holds and its block
+/// sums name (`<label>/<path>`): what is left of the sums names no file.
+const LISTED: &str = "listed";
+
+fn lock(db: &scratch::Shared) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+    db.lock()
+        .map_err(|_| Error::internal("scratch database: a thread failed holding it"))
 }
 
 /// The job that reads one object of a backup (`<label>/<object>`).
@@ -628,12 +651,14 @@ fn wal_chain(
 }
 
 /// Each relation file of a backup with block sums has one per block:
-/// checked file by file as its list streams by, never a map of its files.
+/// checked file by file as its list streams by; the files the sums name
+/// and the list does not are found in the scratch database (table
+/// `listed`), never in a map of the files in memory.
 struct BlockCounts<'a> {
     label: &'a str,
     sums: &'a BlockSums,
-    /// Files with sums not (yet) seen in the list.
-    unseen: HashSet<&'a str>,
+    /// Listed files with sums, not yet in table `listed`.
+    listed: Vec<Row>,
     out: Vec<Problem>,
 }
 
@@ -642,22 +667,45 @@ impl<'a> BlockCounts<'a> {
         BlockCounts {
             label,
             sums,
-            unseen: sums.files().map(|(p, _)| p).collect(),
+            listed: Vec::new(),
             out: Vec::new(),
         }
     }
 
+    fn sums_err(&self, e: io::Error) -> Error {
+        Error::io_in(
+            crate::error::Kind::Internal,
+            format!("read the block sums of backup {}", self.label),
+            &e,
+        )
+    }
+
     /// The list's file `rel` of `size` bytes.
-    fn file(&mut self, rel: &str, size: u64) {
-        if !self.unseen.remove(rel) {
-            return;
+    fn file(&mut self, rel: &str, size: u64) -> Result<()> {
+        let n = match self.sums.count(rel) {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(self.sums_err(e)),
+        };
+        self.listed.push(Row {
+            k: self.sums.listed_key(rel),
+            ..Row::default()
+        });
+        if self.listed.len() >= BATCH {
+            self.flush()?;
         }
-        let n = self.sums.count(rel).unwrap_or(0);
         let want = blockmap::block_count(size);
         if want != n {
             self.out
                 .push(self.mismatch(rel, n, &format!("{want} blocks")));
         }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        lock(self.sums.db())?.insert(LISTED, &self.listed)?;
+        self.listed.clear();
+        Ok(())
     }
 
     fn mismatch(&self, rel: &str, n: u32, manifest: &str) -> Problem {
@@ -672,15 +720,14 @@ impl<'a> BlockCounts<'a> {
     }
 
     /// The problems, with the files the sums list and the list has not.
-    fn finish(mut self) -> Vec<Problem> {
-        let mut unseen: Vec<&str> = self.unseen.iter().copied().collect();
-        unseen.sort_unstable();
-        for rel in unseen {
-            let n = self.sums.count(rel).unwrap_or(0);
-            let p = self.mismatch(rel, n, "no such file");
+    fn finish(mut self) -> Result<Vec<Problem>> {
+        self.flush()?;
+        for r in self.sums.unlisted(LISTED) {
+            let (rel, n) = r?;
+            let p = self.mismatch(&rel, n, "no such file");
             self.out.push(p);
         }
-        self.out
+        Ok(self.out)
     }
 }
 

@@ -19,17 +19,19 @@
 //!
 //! Format (inside one codec envelope, streamed): the magic `PGVBSUM1`,
 //! then one record per file: path length (u16 LE), path (UTF-8), block
-//! count (u32 LE), that many 16-byte sums. A reader decodes the object into
-//! a temporary file and keeps an index of where each file's sums are
-//! (memory per file, not per block).
+//! count (u32 LE), that many 16-byte sums. Records are in no order (each
+//! worker's in turn). A reader decodes the object into a temporary file and
+//! indexes where each file's sums are in a scratch database on disk
+//! (`catalog::scratch`), so that neither the sums nor their index are in
+//! memory, whatever the number of files (issue 14).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 
 use super::codec::{self, EncodeOptions, Encoder};
 use super::{layout, Fetched, PutMode, Repository};
+use crate::catalog::scratch::{self, Row, Rows, Scratch};
 use crate::error::{Error, Kind, Result};
 use crate::pg::relfile::BLOCK_SIZE;
 
@@ -135,18 +137,52 @@ impl SumsSink {
     }
 }
 
+/// The scratch table of the index: key the path (after the reader's
+/// prefix), group the backup, `o` where its sums start in the decoded
+/// file, `w` how many there are.
+const TABLE: &str = "blocksums";
+/// Records indexed per transaction.
+const INDEX_BATCH: usize = 4096;
+
 /// A backup's block sums, read: decoded into a temporary file, with where
-/// each file's sums are.
-#[derive(Debug)]
+/// each file's sums are in a scratch database (its own, or one that several
+/// backups' sums share, their keys apart by a prefix).
 pub struct BlockSums {
     file: File,
-    index: HashMap<String, (u64, u32)>,
+    db: scratch::Shared,
+    /// `<label>/` in a shared database, empty in its own.
+    prefix: String,
+    label: String,
+}
+
+impl std::fmt::Debug for BlockSums {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockSums")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+fn scratch_err(e: scratch::ScratchError) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 impl BlockSums {
+    /// Where `path`'s sums are: their offset and count.
+    fn locate(&self, path: &str) -> io::Result<Option<(u64, u32)>> {
+        let db = self
+            .db
+            .lock()
+            .map_err(|_| io::Error::other("scratch database: a thread failed holding it"))?;
+        let row = db
+            .get(TABLE, &format!("{}{path}", self.prefix))
+            .map_err(scratch_err)?;
+        Ok(row.map(|r| (r.o as u64, r.w as u32)))
+    }
+
     /// The sums of `path`'s blocks; `None`: the backup has none for it.
     pub fn get(&self, path: &str) -> io::Result<Option<Vec<BlockSum>>> {
-        let Some(&(at, n)) = self.index.get(path) else {
+        let Some((at, n)) = self.locate(path)? else {
             return Ok(None);
         };
         let mut raw = vec![0u8; n as usize * SUM_LEN];
@@ -158,19 +194,50 @@ impl BlockSums {
         ))
     }
 
-    /// The files it has sums for and their block counts.
     /// How many blocks `path` has sums for (`None`: none).
-    pub fn count(&self, path: &str) -> Option<u32> {
-        self.index.get(path).map(|&(_, n)| n)
+    pub fn count(&self, path: &str) -> io::Result<Option<u32>> {
+        Ok(self.locate(path)?.map(|(_, n)| n))
     }
 
-    pub fn files(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.index.iter().map(|(p, &(_, n))| (p.as_str(), n))
+    /// The files it has sums for whose path table `listed` of its
+    /// database does not hold as `<prefix><path>` (see
+    /// [`BlockSums::listed_key`]), in path order, with their block counts:
+    /// the files the sums name and a file list does not, found on disk.
+    pub fn unlisted(&self, listed: &str) -> impl Iterator<Item = Result<(String, u32)>> + '_ {
+        Rows::unmatched(self.db.clone(), TABLE, listed, Some(&self.label)).map(move |r| {
+            let r = r?.row;
+            let path = r.k.strip_prefix(&self.prefix).unwrap_or(&r.k).to_string();
+            Ok((path, r.w as u32))
+        })
     }
 
-    /// Reads the decoded records of `file` into an index.
-    fn index(file: File) -> io::Result<BlockSums> {
+    /// The key of `path` in a table of its database that
+    /// [`BlockSums::unlisted`] reads.
+    pub fn listed_key(&self, path: &str) -> String {
+        format!("{}{path}", self.prefix)
+    }
+
+    /// The scratch database its index is in.
+    pub fn db(&self) -> &scratch::Shared {
+        &self.db
+    }
+
+    /// Reads the decoded records of `file` into an index in `db`, under
+    /// `label`'s prefix (`shared`) or none. A damaged object may leave some
+    /// of its rows behind in a shared database: nothing reads them, the
+    /// caller has no `BlockSums` for that backup.
+    fn index(file: File, db: scratch::Shared, label: &str, shared: bool) -> io::Result<BlockSums> {
         let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+        let prefix = if shared {
+            format!("{label}/")
+        } else {
+            String::new()
+        };
+        let lock = || {
+            db.lock()
+                .map_err(|_| io::Error::other("scratch database: a thread failed holding it"))
+        };
+        lock()?.create_table(TABLE).map_err(scratch_err)?;
         let len = file.metadata()?.len();
         (&file).seek(SeekFrom::Start(0))?;
         let mut r = BufReader::new(&file);
@@ -180,7 +247,7 @@ impl BlockSums {
             return Err(bad("not a block sums object"));
         }
         let mut at = MAGIC.len() as u64;
-        let mut index = HashMap::new();
+        let mut rows = Vec::with_capacity(INDEX_BATCH);
         while at < len {
             let mut l = [0u8; 2];
             r.read_exact(&mut l)?;
@@ -196,11 +263,29 @@ impl BlockSums {
                 return Err(bad("a record runs past the end"));
             }
             r.seek_relative(bytes as i64)?;
-            index.insert(path, (at, n));
+            rows.push(Row {
+                k: format!("{prefix}{path}"),
+                g: label.to_string(),
+                o: at as i64,
+                w: i64::from(n),
+                v: Vec::new(),
+            });
+            if rows.len() >= INDEX_BATCH {
+                // A path recorded twice: the last record wins, as it did
+                // when the index was a map in memory.
+                lock()?.replace(TABLE, &rows).map_err(scratch_err)?;
+                rows.clear();
+            }
             at += bytes;
         }
+        lock()?.replace(TABLE, &rows).map_err(scratch_err)?;
         drop(r);
-        Ok(BlockSums { file, index })
+        Ok(BlockSums {
+            file,
+            db,
+            prefix,
+            label: label.to_string(),
+        })
     }
 }
 
@@ -239,14 +324,28 @@ impl Repository {
     }
 
     /// Backup `label`'s block sums: `Missing` for a backup written before
-    /// pgvault kept them, `Damaged` naming the object and the cause.
+    /// pgvault kept them, `Damaged` naming the object and the cause. Their
+    /// index goes to a scratch database of their own.
     pub async fn read_block_sums(&self, label: &str) -> Result<Fetched<BlockSums>> {
+        self.read_block_sums_into(label, None).await
+    }
+
+    /// [`Repository::read_block_sums`], the index in `db` (shared with
+    /// other backups' sums, under a prefix of `label`'s) if given: a
+    /// command that holds several backups' sums (`verify`) keeps one
+    /// database, not one page cache per backup.
+    pub async fn read_block_sums_into(
+        &self,
+        label: &str,
+        db: Option<scratch::Shared>,
+    ) -> Result<Fetched<BlockSums>> {
         let key = layout::backup_block_sums_key(self.stanza(), label);
         let what = format!("{}/{key}", self.describe());
         let Some(reader) = self.backend().get(&key).await? else {
             return Ok(Fetched::Missing);
         };
         let keys = self.keys().await?;
+        let label = label.to_string();
         tokio::task::spawn_blocking(move || {
             let tmp = tempfile::tempfile()
                 .map_err(|e| Error::io_in(Kind::Internal, "create a temporary file", &e))?;
@@ -259,9 +358,24 @@ impl Repository {
             let file = out.into_inner().map_err(|e| {
                 Error::io_in(Kind::Internal, "write a temporary file", &e.into_error())
             })?;
-            match BlockSums::index(file) {
+            let shared = db.is_some();
+            let db = match db {
+                Some(db) => db,
+                None => Scratch::new(&[])?.shared(),
+            };
+            match BlockSums::index(file, db, &label, shared) {
                 Ok(s) => Ok(Fetched::Found(s)),
-                Err(e) => Ok(Fetched::Damaged(format!("{what}: {e}"))),
+                Err(e)
+                    if e.kind() == io::ErrorKind::InvalidData
+                        || e.kind() == io::ErrorKind::UnexpectedEof =>
+                {
+                    Ok(Fetched::Damaged(format!("{what}: {e}")))
+                }
+                Err(e) => Err(Error::io_in(
+                    Kind::Internal,
+                    format!("index the block sums of {what}"),
+                    &e,
+                )),
             }
         })
         .await?
@@ -293,6 +407,25 @@ mod tests {
         assert_ne!(sums[0], sums[1]);
     }
 
+    /// The decoded records of `sinks`, as the object holds them.
+    fn decoded(sinks: Vec<SumsSink>) -> Vec<u8> {
+        let mut raw = MAGIC.to_vec();
+        for s in sinks {
+            s.into_file().unwrap().read_to_end(&mut raw).unwrap();
+        }
+        raw
+    }
+
+    fn file_of(raw: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(raw).unwrap();
+        f
+    }
+
+    fn own_db() -> scratch::Shared {
+        Scratch::new(&[]).unwrap().shared()
+    }
+
     #[test]
     fn records_read_back_by_path() {
         let mut a = SumsSink::new().unwrap();
@@ -301,13 +434,8 @@ mod tests {
         let mut b = SumsSink::new().unwrap();
         b.add("base/1/3", &[]).unwrap();
         b.add("base/1/4", &[block_sum(b"z")]).unwrap();
-        let mut raw = MAGIC.to_vec();
-        for s in [a, b] {
-            s.into_file().unwrap().read_to_end(&mut raw).unwrap();
-        }
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&raw).unwrap();
-        let sums = BlockSums::index(f).unwrap();
+        let raw = decoded(vec![a, b]);
+        let sums = BlockSums::index(file_of(&raw), own_db(), "l", false).unwrap();
         assert_eq!(
             sums.get("base/1/2").unwrap().unwrap(),
             vec![block_sum(b"x"), block_sum(b"y")]
@@ -318,9 +446,44 @@ mod tests {
             vec![block_sum(b"z")]
         );
         assert_eq!(sums.get("base/1/5").unwrap(), None);
+        assert_eq!(sums.count("base/1/2").unwrap(), Some(2));
+        assert_eq!(sums.count("base/1/5").unwrap(), None);
 
-        let mut cut = tempfile::tempfile().unwrap();
-        cut.write_all(&raw[..raw.len() - 3]).unwrap();
-        assert!(BlockSums::index(cut).is_err());
+        let cut = file_of(&raw[..raw.len() - 3]);
+        assert!(BlockSums::index(cut, own_db(), "l", false).is_err());
+    }
+
+    /// Two backups' sums in one database stay apart; what a list does not
+    /// name is found there, per backup; a path recorded twice reads as its
+    /// last record.
+    #[test]
+    fn shared_index_keeps_backups_apart() {
+        let db = Scratch::new(&["listed"]).unwrap().shared();
+        let mut a = SumsSink::new().unwrap();
+        a.add("base/1/2", &[block_sum(b"a")]).unwrap();
+        a.add("base/1/3", &[block_sum(b"a"), block_sum(b"b")])
+            .unwrap();
+        a.add("base/1/2", &[block_sum(b"c")]).unwrap();
+        let mut b = SumsSink::new().unwrap();
+        b.add("base/1/2", &[]).unwrap();
+        let one = BlockSums::index(file_of(&decoded(vec![a])), db.clone(), "one", true).unwrap();
+        let two = BlockSums::index(file_of(&decoded(vec![b])), db.clone(), "two", true).unwrap();
+        assert_eq!(one.get("base/1/2").unwrap().unwrap(), vec![block_sum(b"c")]);
+        assert_eq!(two.count("base/1/2").unwrap(), Some(0));
+        assert_eq!(two.count("base/1/3").unwrap(), None);
+        db.lock()
+            .unwrap()
+            .insert(
+                "listed",
+                &[Row {
+                    k: one.listed_key("base/1/2"),
+                    ..Row::default()
+                }],
+            )
+            .unwrap();
+        let left: Vec<(String, u32)> = one.unlisted("listed").map(|r| r.unwrap()).collect();
+        assert_eq!(left, vec![("base/1/3".to_string(), 2)]);
+        let left: Vec<(String, u32)> = two.unlisted("listed").map(|r| r.unwrap()).collect();
+        assert_eq!(left, vec![("base/1/2".to_string(), 0)]);
     }
 }

@@ -43,6 +43,12 @@
 //!
 //! Everything else is read again. Objects of the interrupted runs that the
 //! finished backup does not use are deleted before its manifest is written.
+//!
+//! **Memory.** What the interrupted runs stored (a journal record per
+//! file) and the objects in the directory are read into a scratch database
+//! on disk (`catalog::scratch`), a chunk at a time, and looked up by path
+//! there; a chunk holds at most [`JOURNAL_FILES`] files. Nothing is held
+//! per file in memory, whatever the number of files (issue 14).
 //! pgBackRest resumes full backups only (its bundles not at all) and
 //! re-checksums what it reuses; here the objects are immutable and were
 //! checksummed as they were written, and `verify` reads every one.
@@ -55,7 +61,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::catalog::scratch::{self, Row, Rows, Scratch};
+use crate::error::{Error, Result};
 use crate::ops::progress::Progress;
 use crate::repo::blockmap::{self, Part, Ranges};
 use crate::repo::layout::{self, BackupObject};
@@ -66,6 +73,9 @@ use crate::repo::{Deletion, Fetched, PutMode, Repository};
 const JOURNAL_INTERVAL: Duration = Duration::from_secs(30);
 /// Or after this many bytes of files.
 const JOURNAL_BYTES: u64 = 1 << 30;
+/// Or after this many files: a chunk is written, and read back, whole (a
+/// few MiB of JSON at most).
+const JOURNAL_FILES: usize = 4096;
 /// Test-only: a chunk after every N objects (`1`: after each).
 pub const JOURNAL_EVERY_VARIABLE: &str = "PGVAULT_TEST_JOURNAL_EVERY";
 /// How much older than the moment it was opened a file's mtime must be for
@@ -79,7 +89,7 @@ pub const JOURNAL_FORMAT: u32 = 1;
 
 /// What a journal is the journal of: a resumed run must be the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct JournalHeader {
+pub struct JournalHeader {
     pub format: u32,
     pub label: String,
     #[serde(rename = "type")]
@@ -91,6 +101,20 @@ pub(super) struct JournalHeader {
 }
 
 impl JournalHeader {
+    /// A full backup's journal header, of a made-up cluster (tests).
+    #[doc(hidden)]
+    pub fn test_full(label: &str) -> JournalHeader {
+        JournalHeader {
+            format: JOURNAL_FORMAT,
+            label: label.into(),
+            backup_type: "full".into(),
+            reference: None,
+            system_identifier: "7".into(),
+            db_id: 1,
+            pg_version: 15,
+        }
+    }
+
     /// Whether a run described by `other` may continue this journal's
     /// backup (the label aside: the resumed run takes this one's).
     fn same_backup(&self, other: &JournalHeader) -> bool {
@@ -117,7 +141,7 @@ struct Chunk {
 
 /// A file as a run stored it, and what it was when read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct Journaled {
+pub struct Journaled {
     pub entry: FileEntry,
     pub ino: u64,
     /// mtime and the moment the file was opened, nanoseconds since the
@@ -160,51 +184,70 @@ pub(super) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 }
 
 /// What a file's copy must be to be reused.
-pub(super) enum Want<'a> {
+pub enum Want<'a> {
     /// The file whole in this backup's objects.
     Whole,
     /// These blocks in this backup's objects, then these older parts.
     Blocks(&'a Ranges, &'a [Part]),
 }
 
+/// Scratch tables of a [`Resumable`]: the journal's records by path (`w`
+/// the file's size, `v` the record as JSON); the data objects in the
+/// directory (`w` their size); the objects the finished backup uses.
+const FILES: &str = "journaled";
+const OBJECTS: &str = "objects";
+const USED: &str = "used";
+/// Rows added to the scratch database at once.
+const BATCH: usize = 4096;
+
 /// An interrupted backup to continue, and what of it may be reused.
-pub(super) struct Resumable {
+pub struct Resumable {
     pub label: String,
     /// Runs that wrote a journal chunk.
     pub runs: u64,
-    by_path: HashMap<String, Journaled>,
+    /// The files that may be reused (table `journaled`, by path) and the
+    /// data objects of the interrupted runs (table `objects`).
+    db: scratch::Shared,
+    /// How many files may be reused, and their size.
+    candidates: (u64, u64),
     /// Where this run numbers its objects from.
     pub next_object: u64,
     /// This run's first journal chunk.
     pub next_chunk: u64,
-    /// The data objects of the interrupted runs (relative names).
-    earlier_objects: Vec<String>,
+}
+
+fn lock(db: &scratch::Shared) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+    db.lock()
+        .map_err(|_| Error::internal("scratch database: a thread failed holding it"))
 }
 
 impl Resumable {
     /// How many files the interrupted runs stored that may be reused, and
     /// their size.
-    pub fn candidates(&self) -> (usize, u64) {
-        let bytes = self.by_path.values().map(|j| j.entry.size).sum();
-        (self.by_path.len(), bytes)
+    pub fn candidates(&self) -> (u64, u64) {
+        self.candidates
+    }
+
+    /// The record of `rel`, if a run stored it (and it may be reused).
+    fn journaled(&self, rel: &str) -> Result<Option<Journaled>> {
+        let Some(row) = lock(&self.db)?.get(FILES, rel)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&row.v)
+            .map(Some)
+            .map_err(|e| Error::internal(format!("the journal record of {rel}: {e}")))
     }
 
     /// The stored copy of `rel` (on disk at `abs`, `size` bytes now), when
-    /// it may be reused as `want` says; `Err(())` when the interrupted run
-    /// stored it but it must be read again; `Ok(None)` when it did not.
-    #[allow(clippy::result_unit_err)]
-    pub fn reusable(
-        &self,
-        rel: &str,
-        abs: &Path,
-        size: u64,
-        want: Want<'_>,
-    ) -> std::result::Result<Option<&Journaled>, ()> {
-        let Some(j) = self.by_path.get(rel) else {
-            return Ok(None);
+    /// it may be reused as `want` says: `Reuse::No` when the interrupted
+    /// run stored it but it must be read again, `Reuse::NotStored` when it
+    /// did not.
+    pub fn reusable(&self, rel: &str, abs: &Path, size: u64, want: Want<'_>) -> Result<Reuse> {
+        let Some(j) = self.journaled(rel)? else {
+            return Ok(Reuse::NotStored);
         };
         let Ok(meta) = std::fs::metadata(abs) else {
-            return Err(());
+            return Ok(Reuse::No);
         };
         let margin = i64::try_from(MTIME_MARGIN.as_nanos()).unwrap_or(i64::MAX);
         let unchanged = meta.len() == size
@@ -222,52 +265,80 @@ impl Resumable {
                 _ => false,
             },
         };
-        if unchanged && same_kind {
-            Ok(Some(j))
+        Ok(if unchanged && same_kind {
+            Reuse::Yes(Box::new(j))
         } else {
-            Err(())
-        }
+            Reuse::No
+        })
     }
 
     /// Deletes the objects of the interrupted runs that `files` (the
     /// finished backup's, streamed in path order from the scratch
     /// database) do not use: before the manifest, so a complete backup
-    /// holds only what it lists. Only the interrupted runs' objects are
-    /// held, never an entry per file.
+    /// holds only what it lists. The objects used go to the scratch
+    /// database, and those of the interrupted runs not among them come
+    /// back from it: nothing per file or per object is held in memory but
+    /// the keys to delete.
     pub async fn delete_unused<I>(&self, repo: &Repository, files: I) -> Result<u64>
     where
         I: Iterator<Item = Result<FileEntry>> + Send + 'static,
     {
         let label = self.label.clone();
-        let earlier: BTreeSet<String> = self.earlier_objects.iter().cloned().collect();
-        let unused = tokio::task::spawn_blocking(move || -> Result<BTreeSet<String>> {
-            let mut unused = earlier;
-            for f in files {
-                let f = f?;
+        let db = self.db.clone();
+        let stanza = repo.stanza().to_string();
+        let unused = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let mut rows = Vec::with_capacity(BATCH);
+            let used = |f: &FileEntry| -> Option<String> {
                 if f.parts.is_empty() && f.backup.is_none() {
-                    unused.remove(&f.object);
+                    return Some(f.object.clone());
                 }
-                if let Some(p) = f.parts.first().filter(|p| p.backup == label) {
-                    unused.remove(&p.object);
+                f.parts
+                    .first()
+                    .filter(|p| p.backup == label)
+                    .map(|p| p.object.clone())
+            };
+            for f in files {
+                // A bundle's files are often neighbours in the list: its
+                // object once for them.
+                let o = used(&f?).filter(|o| rows.last().is_none_or(|r: &Row| &r.k != o));
+                if let Some(o) = o {
+                    rows.push(Row {
+                        k: o,
+                        ..Row::default()
+                    });
+                }
+                if rows.len() >= BATCH {
+                    // A bundle's files name the same object.
+                    lock(&db)?.replace(USED, &rows)?;
+                    rows.clear();
                 }
             }
-            Ok(unused)
+            lock(&db)?.replace(USED, &rows)?;
+            Rows::unmatched(db, OBJECTS, USED, None)
+                .map(|r| Ok(layout::backup_object_key(&stanza, &label, &r?.row.k)))
+                .collect()
         })
         .await??;
-        let unused: Vec<String> = unused
-            .iter()
-            .map(|o| layout::backup_object_key(repo.stanza(), &self.label, o))
-            .collect();
         let n = unused.len() as u64;
         repo.delete_all(&Deletion::phased([unused])).await?;
         Ok(n)
     }
 }
 
+/// Whether an interrupted run's copy of a file may be reused.
+pub enum Reuse {
+    /// It may: its journal record.
+    Yes(Box<Journaled>),
+    /// A run stored it, but it must be read again.
+    No,
+    /// No run stored it.
+    NotStored,
+}
+
 /// The interrupted backup this one continues, if there is one that fits
 /// `want` (see the module documentation); why one does not is said on
 /// `progress`.
-pub(super) async fn find(
+pub async fn find(
     repo: &Repository,
     want: &JournalHeader,
     progress: &dyn Progress,
@@ -281,7 +352,11 @@ pub(super) async fn find(
         .list(&layout::backup_dir(stanza, &label))
         .await?;
     let mut chunks = Vec::new();
-    let mut objects: HashMap<String, u64> = HashMap::new();
+    // The data objects in the directory, on disk: a backup stored in
+    // objects of a megabyte or more has one a file.
+    let db = Scratch::new(&[FILES, OBJECTS, USED])?.shared();
+    let mut objects = Vec::with_capacity(BATCH);
+    let mut max_object = None;
     let (mut complete, mut expiring) = (false, false);
     let inside = format!("{}/", layout::backup_dir(stanza, &label));
     for o in &listing {
@@ -294,11 +369,18 @@ pub(super) async fn find(
             BackupObject::Expiring => expiring = true,
             BackupObject::Journal => chunks.extend(layout::parse_journal_name(name)),
             BackupObject::Data => {
-                objects.insert(name.to_string(), o.size);
+                let n = layout::parse_backup_object_name(name).map(|(_, n)| n);
+                max_object = max_object.max(n);
+                objects.push(Row {
+                    k: name.to_string(),
+                    w: o.size as i64,
+                    ..Row::default()
+                });
             }
             _ => {}
         }
     }
+    drop(listing);
     // Being removed: nothing to resume.
     if expiring {
         return Ok(None);
@@ -311,13 +393,16 @@ pub(super) async fn find(
         }
         return Ok(None);
     }
+    let any_objects = !objects.is_empty();
+    let db2 = db.clone();
+    tokio::task::spawn_blocking(move || {
+        for rows in objects.chunks(BATCH) {
+            lock(&db2)?.insert(OBJECTS, rows)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await??;
     chunks.sort_unstable();
-    let max_object = objects
-        .keys()
-        .filter_map(|o| layout::parse_backup_object_name(o))
-        .map(|(_, n)| n)
-        .max();
-    let mut by_path: HashMap<String, Journaled> = HashMap::new();
     let mut runs = BTreeSet::new();
     let mut max_recorded = None;
     for &n in &chunks {
@@ -352,32 +437,22 @@ pub(super) async fn find(
             ));
             return Ok(None);
         }
-        let committed: HashMap<&str, u64> = chunk
-            .objects
-            .iter()
-            .map(|(o, s)| (o.as_str(), *s))
-            .collect();
         for (o, _) in &chunk.objects {
             let n = layout::parse_backup_object_name(o).map(|(_, n)| n);
             max_recorded = max_recorded.max(n);
             runs.extend(n.map(|n| n / RUN_OBJECTS));
         }
-        for j in chunk.files {
-            // Its object committed (named in this chunk) and still there,
-            // whole: the same size as when it was committed.
-            let ok = match j.own_object(&label) {
-                Some((o, offset, length)) => committed.get(o).is_some_and(|&size| {
-                    objects.get(o) == Some(&size) && offset.saturating_add(length) <= size
-                }),
-                None => false,
-            };
-            if ok && j.entry.path != crate::pg::datadir::PG_CONTROL {
-                by_path.insert(j.entry.path.clone(), j);
-            }
-        }
+        let (db, label) = (db.clone(), label.clone());
+        tokio::task::spawn_blocking(move || add_chunk(&db, &label, chunk)).await??;
     }
-    if by_path.is_empty() {
-        if !chunks.is_empty() || !objects.is_empty() {
+    let db2 = db.clone();
+    let candidates = tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
+        let s = lock(&db2)?;
+        Ok((s.count(FILES)?, s.sums(FILES)?.1 as u64))
+    })
+    .await??;
+    if candidates.0 == 0 {
+        if !chunks.is_empty() || any_objects {
             progress.message(&format!(
                 "backup {label} was interrupted before its journal recorded a stored file: not resumed"
             ));
@@ -388,11 +463,48 @@ pub(super) async fn find(
     Ok(Some(Resumable {
         label,
         runs: runs.len() as u64,
-        by_path,
+        db,
+        candidates,
         next_object: (top / RUN_OBJECTS + 1) * RUN_OBJECTS,
         next_chunk: chunks.last().map_or(0, |n| n + 1),
-        earlier_objects: objects.into_keys().collect(),
     }))
+}
+
+/// Adds the files of one chunk whose object it names as committed and that
+/// is in the directory whole (the same size as when it was committed) to
+/// table `journaled`; a later chunk's record of the same path replaces an
+/// earlier one's.
+fn add_chunk(db: &scratch::Shared, label: &str, chunk: Chunk) -> Result<()> {
+    let committed: HashMap<&str, u64> = chunk
+        .objects
+        .iter()
+        .map(|(o, s)| (o.as_str(), *s))
+        .collect();
+    let mut s = lock(db)?;
+    let mut rows = Vec::with_capacity(chunk.files.len());
+    for j in &chunk.files {
+        let ok = match j.own_object(label) {
+            Some((o, offset, length)) => match committed.get(o) {
+                Some(&size) => {
+                    s.get(OBJECTS, o)?.is_some_and(|r| r.w as u64 == size)
+                        && offset.saturating_add(length) <= size
+                }
+                None => false,
+            },
+            None => false,
+        };
+        if ok && j.entry.path != crate::pg::datadir::PG_CONTROL {
+            rows.push(Row {
+                k: j.entry.path.clone(),
+                w: j.entry.size as i64,
+                v: serde_json::to_vec(j)
+                    .map_err(|e| Error::internal(format!("serialize a journal record: {e}")))?,
+                ..Row::default()
+            });
+        }
+    }
+    s.replace(FILES, &rows)?;
+    Ok(())
 }
 
 /// Deletes the journal of backup `label` (once its manifest is written).
@@ -413,7 +525,7 @@ pub(super) async fn delete_journal(repo: &Repository, label: &str) -> Result<()>
 }
 
 /// The journal a run writes, shared by its workers (blocking threads).
-pub(super) struct Journal {
+pub struct Journal {
     repo: Repository,
     header: JournalHeader,
     handle: tokio::runtime::Handle,
@@ -461,7 +573,9 @@ impl Journal {
             let n = p.objects.len() as u64;
             self.every.is_some_and(|e| n >= e)
                 || (self.every.is_none()
-                    && (p.bytes >= JOURNAL_BYTES || p.since.elapsed() >= JOURNAL_INTERVAL))
+                    && (p.bytes >= JOURNAL_BYTES
+                        || p.files.len() >= JOURNAL_FILES
+                        || p.since.elapsed() >= JOURNAL_INTERVAL))
         };
         if due {
             self.flush()?;
@@ -550,37 +664,46 @@ mod tests {
         j.ino = meta.ino();
         j.mtime_ns = mtime_ns(&meta);
         j.opened_ns = nanos(SystemTime::now());
-        let with = |j: Journaled| Resumable {
-            label: label.into(),
-            runs: 1,
-            by_path: HashMap::from([(j.entry.path.clone(), j)]),
-            next_object: RUN_OBJECTS,
-            next_chunk: 1,
-            earlier_objects: vec![],
+        let with = |j: Journaled| {
+            let mut db = Scratch::new(&[FILES, OBJECTS, USED]).unwrap();
+            let row = Row {
+                k: j.entry.path.clone(),
+                w: j.entry.size as i64,
+                v: serde_json::to_vec(&j).unwrap(),
+                ..Row::default()
+            };
+            db.insert(FILES, &[row]).unwrap();
+            Resumable {
+                label: label.into(),
+                runs: 1,
+                db: db.shared(),
+                candidates: (1, j.entry.size),
+                next_object: RUN_OBJECTS,
+                next_chunk: 1,
+            }
         };
+        let yes = |r: Result<Reuse>| matches!(r, Ok(Reuse::Yes(_)));
+        let no = |r: Result<Reuse>| matches!(r, Ok(Reuse::No));
         let rel = "base/1/16384";
         let r = with(j.clone());
-        assert!(matches!(
-            r.reusable(rel, &path, 8192, Want::Whole),
-            Ok(Some(_))
-        ));
+        assert!(yes(r.reusable(rel, &path, 8192, Want::Whole)));
         assert!(matches!(
             r.reusable("base/1/99", &path, 8192, Want::Whole),
-            Ok(None)
+            Ok(Reuse::NotStored)
         ));
         // Another size now, or another mtime, or another inode.
-        assert!(r.reusable(rel, &path, 16384, Want::Whole).is_err());
+        assert!(no(r.reusable(rel, &path, 16384, Want::Whole)));
         let mut moved = j.clone();
         moved.mtime_ns += 1;
-        assert!(with(moved).reusable(rel, &path, 8192, Want::Whole).is_err());
+        assert!(no(with(moved).reusable(rel, &path, 8192, Want::Whole)));
         let mut other = j.clone();
         other.ino += 1;
-        assert!(with(other).reusable(rel, &path, 8192, Want::Whole).is_err());
+        assert!(no(with(other).reusable(rel, &path, 8192, Want::Whole)));
         // Written less than a second before it was opened: a later write
         // might not show in a coarse mtime.
         let mut fresh = j.clone();
         fresh.opened_ns = fresh.mtime_ns + 500_000_000;
-        assert!(with(fresh).reusable(rel, &path, 8192, Want::Whole).is_err());
+        assert!(no(with(fresh).reusable(rel, &path, 8192, Want::Whole)));
         // Stored whole, but now changed blocks are wanted, and the reverse;
         // the same blocks on the same older parts are reused.
         let blocks: Ranges = vec![(0, 0)];
@@ -594,9 +717,12 @@ mod tests {
             blocks: None,
             chunk_blocks: None,
         }];
-        assert!(r
-            .reusable(rel, &path, 8192, Want::Blocks(&blocks, &older))
-            .is_err());
+        assert!(no(r.reusable(
+            rel,
+            &path,
+            8192,
+            Want::Blocks(&blocks, &older)
+        )));
         let mut delta = j.clone();
         delta.entry.object = String::new();
         delta.entry.parts = blockmap::chain(
@@ -614,27 +740,24 @@ mod tests {
             8192,
         );
         let d = with(delta);
-        assert!(d.reusable(rel, &path, 8192, Want::Whole).is_err());
-        assert!(matches!(
-            d.reusable(rel, &path, 8192, Want::Blocks(&blocks, &older)),
-            Ok(Some(_))
-        ));
+        assert!(no(d.reusable(rel, &path, 8192, Want::Whole)));
+        assert!(yes(d.reusable(
+            rel,
+            &path,
+            8192,
+            Want::Blocks(&blocks, &older)
+        )));
         let more: Ranges = vec![(0, 1)];
-        assert!(d
-            .reusable(rel, &path, 8192, Want::Blocks(&more, &older))
-            .is_err());
+        assert!(no(d.reusable(
+            rel,
+            &path,
+            8192,
+            Want::Blocks(&more, &older)
+        )));
     }
 
     fn header(label: &str) -> JournalHeader {
-        JournalHeader {
-            format: JOURNAL_FORMAT,
-            label: label.into(),
-            backup_type: "full".into(),
-            reference: None,
-            system_identifier: "7".into(),
-            db_id: 1,
-            pg_version: 15,
-        }
+        JournalHeader::test_full(label)
     }
 
     /// Only files whose object a chunk names as committed, and that is
@@ -684,9 +807,11 @@ mod tests {
             .await
             .unwrap()
             .expect("resumable");
-        let mut paths: Vec<&String> = r.by_path.keys().collect();
-        paths.sort();
+        let paths: Vec<String> = Rows::by_key(r.db.clone(), FILES)
+            .map(|j| j.unwrap().row.k)
+            .collect();
         assert_eq!(paths, ["base/1/1"]);
+        assert_eq!(r.candidates(), (1, 8192));
         assert_eq!(r.next_object, RUN_OBJECTS);
         assert_eq!(r.next_chunk, 1);
 

@@ -142,10 +142,10 @@ timed() {
     shift
     pgv_drop_caches
     load="$(cut -d' ' -f1 /proc/loadavg)"
-    "${PRIO[@]}" /usr/bin/time -o "$WORK/t.out" -f "%e %M %U %S" "$@" >"$WORK/cmd.log" 2>&1 ||
-        { tail -20 "$WORK/cmd.log" >&2; pgv_log "$label failed"; echo "$label FAILED $load" >>"$WORK/times"; return 1; }
-    echo "$label $(cat "$WORK/t.out") $load $(date -u +%H:%M:%S)" >>"$WORK/times"
-    pgv_log "  $label: $(cat "$WORK/t.out") (s, KiB, user s, sys s; load $load)"
+    "${PRIO[@]}" /usr/bin/time -o "$WORK/t${TSUF:-}.out" -f "%e %M %U %S" "$@" >"$WORK/cmd${TSUF:-}.log" 2>&1 ||
+        { tail -20 "$WORK/cmd${TSUF:-}.log" >&2; pgv_log "$label failed"; echo "$label FAILED $load" >>"$WORK/times"; return 1; }
+    echo "$label $(cat "$WORK/t${TSUF:-}.out") $load $(date -u +%H:%M:%S)" >>"$WORK/times"
+    pgv_log "  $label: $(cat "$WORK/t${TSUF:-}.out") (s, KiB, user s, sys s; load $load)"
 }
 
 run() {
@@ -154,6 +154,9 @@ run() {
     PGV="${BENCH_PGV:-$WORK/pgvault}"
     PORT="$(cat "$WORK/port")"
     local tag="${BENCH_TAG:-$(basename "$PGV")}" t
+    # one restore image per tag: two runs can share the cluster at once
+    local rimg="$WORK/r-$tag.img" r="$WORK/r-$tag"
+    TSUF="-$tag"
     export XDG_STATE_HOME="$WORK/state"
     for t in $TOOLS; do
         case "$t" in
@@ -162,24 +165,24 @@ run() {
                     --process-max "$PM" backup --type full --pgdata "$D/data" --pg-host "$WORK/run" --pg-port "$PORT" --start-fast || true
                 timed "pgvault-verify $tag" runuser -u "$U" -- "$PGV" --repo "$D/repo-pgv" --stanza many --catalog off \
                     --process-max "$PM" verify || true
-                mkimg "$WORK/r.img" "$WORK/r" "$RIMG_GB"
-                mkdir "$WORK/r/pgdata" && chown "$U" "$WORK/r/pgdata" && chmod 700 "$WORK/r/pgdata"
+                mkimg "$rimg" "$r" "$RIMG_GB"
+                mkdir "$r/pgdata" && chown "$U" "$r/pgdata" && chmod 700 "$r/pgdata"
                 timed "pgvault-restore $tag" runuser -u "$U" -- "$PGV" --repo "$D/repo-pgv" --stanza many --catalog off \
-                    --process-max "$PM" restore --pgdata "$WORK/r/pgdata" --archive-mode off || true
-                echo "restored-files pgvault-$tag $(find "$WORK/r/pgdata" -type f | wc -l)" >>"$WORK/times"
-                dropimg "$WORK/r.img" "$WORK/r"
+                    --process-max "$PM" restore --pgdata "$r/pgdata" --archive-mode off || true
+                echo "restored-files pgvault-$tag $(find "$r/pgdata" -type f | wc -l)" >>"$WORK/times"
+                dropimg "$rimg" "$r"
                 ;;
             pgbackrest | pgbackrestplain)
                 local repo=1
                 [ "$t" = pgbackrest ] || repo=2
                 timed "$t-backup" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest.conf" --stanza=many \
                     --repo="$repo" --process-max="$PM" --type=full backup || true
-                mkimg "$WORK/r.img" "$WORK/r" "$RIMG_GB"
-                mkdir "$WORK/r/pgdata" && chown "$U" "$WORK/r/pgdata" && chmod 700 "$WORK/r/pgdata"
+                mkimg "$rimg" "$r" "$RIMG_GB"
+                mkdir "$r/pgdata" && chown "$U" "$r/pgdata" && chmod 700 "$r/pgdata"
                 timed "$t-restore" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest.conf" --stanza=many \
-                    --repo="$repo" --process-max="$PM" --pg1-path="$WORK/r/pgdata" restore || true
-                echo "restored-files $t $(find "$WORK/r/pgdata" -type f | wc -l)" >>"$WORK/times"
-                dropimg "$WORK/r.img" "$WORK/r"
+                    --repo="$repo" --process-max="$PM" --pg1-path="$r/pgdata" restore || true
+                echo "restored-files $t $(find "$r/pgdata" -type f | wc -l)" >>"$WORK/times"
+                dropimg "$rimg" "$r"
                 ;;
             *) pgv_die "unknown tool $t" ;;
         esac
@@ -189,7 +192,8 @@ run() {
 clean() {
     WORK="${BENCH_WORK:?BENCH_WORK=the directory setup printed}"
     as_user "$PGV_PGBIN/pg_ctl" -D "$WORK/d/data" -m fast -w stop >/dev/null 2>&1 || true
-    dropimg "$WORK/r.img" "$WORK/r"
+    local img
+    for img in "$WORK"/r*.img; do [ -e "$img" ] && dropimg "$img" "${img%.img}"; done
     dropimg "$WORK/data.img" "$WORK/d"
     rm -rf "$WORK"
 }

@@ -12,8 +12,10 @@
 #                                     pg_basebackup --incremental (scripts/bench/incr.sh)
 #   BENCH_PART=s3expire               expire, info, verify of 10 backups of 20,000 tables on moto
 #                                     (scripts/bench/s3-expire.sh)
-#   BENCH_PART=cipher                 archive and backup/restore twice: pgvault without, then with
-#                                     encryption (BENCH_CIPHER=1), for encryption's cost (issue 11)
+#   BENCH_PART=cipher                 archive-push, backup and restore by pgvault without and with
+#                                     encryption, interleaved, for encryption's cost (issue 11)
+#                                     (scripts/bench/cipher.sh; BENCH_CIPHER=1 below encrypts in
+#                                     any other part)
 #
 # Options (environment):
 #   BENCH_ROUNDS=3        rounds; every round pushes into fresh repositories
@@ -43,10 +45,7 @@ case "$PART" in
     recovery) exec scripts/bench/recovery.sh ;;
     incr) exec scripts/bench/incr.sh ;;
     s3expire) exec scripts/bench/s3-expire.sh ;;
-    cipher)
-        BENCH_CIPHER=0 BENCH_PART=all "$ROOT/scripts/bench.sh"
-        exec env BENCH_CIPHER=1 BENCH_PART=all "$ROOT/scripts/bench.sh"
-        ;;
+    cipher) exec scripts/bench/cipher.sh ;;
     *) echo "BENCH_PART must be archive, backup, drain, recovery, incr, s3expire, cipher or all" >&2; exit 2 ;;
 esac
 if [ "$PART" = all ]; then

@@ -357,8 +357,11 @@ fn cycle(env: &TestEnv, major: u32, tail: bool) {
         "incr2 should store some changed blocks and take unchanged files: {c:#}"
     );
     let stored = |l: &str| backup_info(&i, l)["stored_size"].as_u64().unwrap_or(0);
+    // `moving` is rewritten whole (its tablespace changed) and autovacuum
+    // may touch more under load: half the full is the bound that still
+    // fails for an incr that copies every file.
     assert!(
-        stored(&incr2) * 4 < stored(&full),
+        stored(&incr2) * 2 < stored(&full),
         "incr2 stored {} bytes, the full {}",
         stored(&incr2),
         stored(&full)

@@ -924,14 +924,11 @@ fn tablespace_backup_and_remapped_restore() {
         "a refused restore must not write into the data directory"
     );
 
-    let new_ts = env.mkdir("ts-remapped", As::PgUser);
-    let map = format!("{oid}={}", new_ts.display());
-    restore(
-        &env,
-        &repo,
-        As::PgUser,
-        &node.pgdata,
-        &[
+    // A restore of the backup with the tablespace mapped to `to`, then
+    // checked that pg_tblspc links there.
+    let restore_mapped = |node: &Node, delta: bool, to: &std::path::Path| {
+        let map = format!("{oid}={}", to.display());
+        let mut args = vec![
             "--set",
             &label,
             "--target",
@@ -942,14 +939,19 @@ fn tablespace_backup_and_remapped_restore() {
             "off",
             "--tablespace-map",
             &map,
-        ],
-    )
-    .ok();
-    let link = std::fs::read_link(node.pgdata.join("pg_tblspc").join(&oid)).unwrap();
-    assert_eq!(
-        link, new_ts,
-        "pg_tblspc/{oid} should point at the mapped location"
-    );
+        ];
+        if delta {
+            args.insert(0, "--delta");
+        }
+        restore(&env, &repo, As::PgUser, &node.pgdata, &args).ok();
+        let link = std::fs::read_link(node.pgdata.join("pg_tblspc").join(&oid)).unwrap();
+        assert_eq!(
+            link, to,
+            "pg_tblspc/{oid} should point at the mapped location"
+        );
+    };
+    let new_ts = env.mkdir("ts-remapped", As::PgUser);
+    restore_mapped(&node, false, &new_ts);
     node.start();
     node.wait_promoted();
     assert_eq!(node.psql("select count(*) from in_ts"), "5000");
@@ -969,32 +971,7 @@ fn tablespace_backup_and_remapped_restore() {
     assert_eq!(node.psql("select count(*) from in_ts"), "5700");
     node.stop();
     let new_ts2 = env.mkdir("ts-remapped-2", As::PgUser);
-    let map = format!("{oid}={}", new_ts2.display());
-    restore(
-        &env,
-        &repo,
-        As::PgUser,
-        &node.pgdata,
-        &[
-            "--delta",
-            "--set",
-            &label,
-            "--target",
-            "immediate",
-            "--target-action",
-            "promote",
-            "--archive-mode",
-            "off",
-            "--tablespace-map",
-            &map,
-        ],
-    )
-    .ok();
-    let link = std::fs::read_link(node.pgdata.join("pg_tblspc").join(&oid)).unwrap();
-    assert_eq!(
-        link, new_ts2,
-        "--delta should link the newly mapped location"
-    );
+    restore_mapped(&node, true, &new_ts2);
     node.start();
     node.wait_promoted();
     assert_eq!(

@@ -4,7 +4,7 @@
 //! block sums.
 
 use std::fs::{self, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -166,6 +166,28 @@ pub(super) fn write_chunks(
     Ok(fetched)
 }
 
+/// Decodes a piece of `shape` (stored length, raw size, chunk blocks) from
+/// `r` into `out`, bound for `dest`, every byte hashed once (a chunk's own
+/// SHA-256 would be a second pass over the same bytes): whether its
+/// SHA-256 and size are `expect`'s. A failed write is the write to `dest`
+/// it was; a decode failure names `name()`.
+pub(super) fn decode_checked<R: Read, W: Write>(
+    r: &mut R,
+    out: &mut WriteWatch<W>,
+    dest: &Path,
+    shape: (u64, u64, Option<u32>),
+    (sha256, size): (&str, u64),
+    (keys, bind): (&Keys, Binding<'_>),
+    name: impl FnOnce() -> String,
+) -> Result<bool> {
+    let digest = chunked::decode_piece_with(r, &mut *out, shape, keys, bind, Check::SizeOnly)
+        .map_err(|e| match out.error() {
+            Some(w) => local_err("write", dest)(w),
+            None => decode_error(&name(), e),
+        })?;
+    Ok(digest.sha256.to_hex() == sha256 && digest.size == size)
+}
+
 /// Decodes one part into the blocks it owns of `dest`, checking the part's
 /// checksum.
 pub(super) fn write_blocks<R: Read>(
@@ -182,12 +204,10 @@ pub(super) fn write_blocks<R: Read>(
         .map_err(local_err("open", dest))?;
     let mut out = WriteWatch::new(PartWriter::new(&file, f.size, part, owned));
     let shape = (part.length, part.raw_size, part.chunk_blocks);
-    let digest = chunked::decode_piece_with(r, &mut out, shape, keys, bind, Check::SizeOnly)
-        .map_err(|e| match out.error() {
-            Some(w) => local_err("write", dest)(w),
-            None => decode_error(&format!("{} (a part in {what})", f.path), e),
-        })?;
-    if digest.sha256.to_hex() != part.sha256 || digest.size != part.raw_size {
+    let expect = (part.sha256.as_str(), part.raw_size);
+    if !decode_checked(r, &mut out, dest, shape, expect, (keys, bind), || {
+        format!("{} (a part in {what})", f.path)
+    })? {
         return Err(Error::repository(format!(
             "{} (a part in {what}): its blocks do not match the manifest (checksum or size)",
             f.path

@@ -12,15 +12,13 @@ use crate::error::{Error, Result, WriteWatch};
 use crate::ops::progress::Progress;
 use crate::ops::workers;
 use crate::repo::blockmap;
-use crate::repo::chunked;
-use crate::repo::codec::{self, Binding, Check, Keys};
+use crate::repo::codec::{self, Binding, Keys};
 use crate::repo::filelist::split_object_group;
-use crate::repo::keys::decode_error;
 use crate::repo::layout;
 use crate::repo::manifest::FileEntry;
 use crate::repo::{Backend, Repository};
 
-use super::blocks::{write_blocks, write_chunks};
+use super::blocks::{decode_checked, write_blocks, write_chunks};
 use super::durable::{local_err, StartWriteback};
 use super::lay::Laid;
 use super::pieces::{from_json, Piece, PieceRow, Planned, MAPPED_IN_PLACE, MAPPED_KEPT};
@@ -231,17 +229,13 @@ pub(super) fn write_one<R: Read>(
     };
     let mut out = WriteWatch::new(out);
     // A failed write (a full disk) is the target's, not a damaged object.
-    // Every byte is hashed once, and that hash compared with the
-    // manifest's below: a chunk's own SHA-256 would be a second pass over
-    // the same bytes.
     let shape = (f.length, f.size, f.chunk_blocks);
-    let digest = chunked::decode_piece_with(r, &mut out, shape, keys, bind, Check::SizeOnly)
-        .map_err(|e| match out.error() {
-            Some(w) => local_err("write", dest)(w),
-            None => decode_error(what, e),
-        })?;
+    let expect = (f.sha256.as_str(), f.size);
+    let matched = decode_checked(r, &mut out, dest, shape, expect, (keys, bind), || {
+        what.to_string()
+    })?;
     let out = out.into_inner();
-    if digest.sha256.to_hex() != f.sha256 || digest.size != f.size {
+    if !matched {
         return Err(Error::repository(format!(
             "{what}: restored {} does not match the manifest (checksum or size)",
             f.path

@@ -575,9 +575,12 @@ fn block_fallback_stores_only_changed_blocks() {
         "create table big(id int primary key, v int, pad text);
          insert into big select g, 0, repeat(md5(g::text), 4) from generate_series(1, 100000) g",
     );
+    // For --delta below: an empty relation file, and a one-block one.
+    pg.psql("create table empty_t(x int); create table one_block as select 1 x");
     // Hint bits set and tuples frozen now, so that the update below
     // changes only the blocks of the rows it updates.
     pg.psql("vacuum (freeze, analyze) big");
+    pg.psql("vacuum (freeze, analyze) one_block");
     let (full, _) = backup_of(env, &repo, &pg, "full");
     let i = info(env, &repo);
     let wal_start = backup_info(&i, &full)["wal_start"]
@@ -631,9 +634,14 @@ fn block_fallback_stores_only_changed_blocks() {
     v.ok();
 
     // restore --delta onto a restore of it with three blocks of the table
-    // damaged: only those three blocks are written, and the cluster is the
-    // backup again.
+    // damaged, an empty relation file gone and a junk block after the one
+    // of another: only those three blocks are written, the empty file is
+    // made again and the longer one cut to its length (its block matches:
+    // compared by blocks alone, it was kept as it was), and the cluster is
+    // the backup again.
     let rel = pg.psql("select pg_relation_filepath('big')");
+    let empty_rel = pg.psql("select pg_relation_filepath('empty_t')");
+    let one_rel = pg.psql("select pg_relation_filepath('one_block')");
     pg.stop();
     let mut node = Node::new(env, &repo, "incr-delta");
     let pgdata = node.pgdata.display().to_string();
@@ -650,9 +658,33 @@ fn block_fallback_stores_only_changed_blocks() {
     for b in [3, 700, 1500] {
         damage_page(&file, b);
     }
+    let (empty, one) = (node.pgdata.join(&empty_rel), node.pgdata.join(&one_rel));
+    assert_eq!(
+        std::fs::metadata(&one).expect("one_block's file").len(),
+        8192
+    );
+    std::fs::remove_file(&empty).expect("remove empty_t's file");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&one)
+            .expect("open one_block's file");
+        f.write_all(&[0xab; 8192]).expect("append a junk block");
+    }
     args.push("--delta");
     let run = repo.run(env, As::PgUser, &args, env.dir());
     run.ok();
+    assert_eq!(
+        std::fs::metadata(&empty).map(|m| m.len()).ok(),
+        Some(0),
+        "--delta should make the missing empty relation file again"
+    );
+    assert_eq!(
+        std::fs::metadata(&one).expect("one_block's file").len(),
+        8192,
+        "--delta should cut a relation file back to the backup's length"
+    );
     let line = run
         .stderr
         .lines()

@@ -74,14 +74,17 @@ pub(super) async fn differing_blocks(
             return Ok(());
         };
         let dest = pgdata.join(&path);
-        // Not there, or not a file: every block.
-        let disk = match fs::symlink_metadata(&dest) {
-            Ok(meta) if meta.is_file() => {
-                blocksums::sums_of_file(&dest).map_err(local_err("read", &dest))?
-            }
-            _ => None,
-        }
-        .unwrap_or_default();
+        // Not there, or not a file: every block. Only a file of the
+        // backup's size may be kept as it is: a missing empty file must be
+        // created, and a longer one cut to the backup's length.
+        let (disk, same_size) = match fs::symlink_metadata(&dest) {
+            Ok(meta) if meta.is_file() => (
+                blocksums::sums_of_file(&dest).map_err(local_err("read", &dest))?,
+                meta.len() == size,
+            ),
+            _ => (None, false),
+        };
+        let disk = disk.unwrap_or_default();
         d.files += 1;
         d.blocks += u64::from(n);
         let differ = (0..n).filter(|&b| disk.get(b as usize) != want.get(b as usize));
@@ -89,6 +92,7 @@ pub(super) async fn differing_blocks(
         d.blocks_written += blockmap::count(&differ);
         out.push(Row {
             k: path,
+            o: i64::from(same_size),
             v: json(&differ)?,
             ..Row::default()
         });

@@ -64,7 +64,9 @@ pub(super) fn plan_pieces(
         kept: 0,
         delta_blocks: diffs.as_ref().map(|(_, d)| d.clone()),
     };
-    let differ_of = |path: &str| -> Result<Option<Ranges>> {
+    // The blocks of a file on disk that differ from the backup's, and
+    // whether it has the backup's size.
+    let differ_of = |path: &str| -> Result<Option<(Ranges, bool)>> {
         let Some((db, _)) = &diffs else {
             return Ok(None);
         };
@@ -72,7 +74,7 @@ pub(super) fn plan_pieces(
             .lock()
             .map_err(|_| Error::internal("scratch database: a thread failed holding it"))?
             .get("diffs", path)?;
-        row.map(|r| from_json::<Ranges>(&r.v, "differing blocks"))
+        row.map(|r| Ok((from_json::<Ranges>(&r.v, "differing blocks")?, r.o == 1)))
             .transpose()
     };
     let (mut pieces, mut mapped) = (Vec::new(), Vec::new());
@@ -82,7 +84,10 @@ pub(super) fn plan_pieces(
             planned.control = Some(f);
             continue;
         }
-        let differ = differ_of(&f.path)?;
+        let (differ, same_size) = match differ_of(&f.path)? {
+            Some((d, same)) => (Some(d), same),
+            None => (None, false),
+        };
         if f.parts.is_empty() && differ.is_none() {
             let backup = f.backup.as_deref().unwrap_or(label);
             pieces.push(Row {
@@ -98,7 +103,7 @@ pub(super) fn plan_pieces(
                 owned: Vec::new(),
             };
             pieces.last_mut().expect("just pushed").v = json(&row)?;
-        } else if differ.as_ref().is_some_and(|d| d.is_empty()) {
+        } else if same_size && differ.as_ref().is_some_and(|d| d.is_empty()) {
             planned.kept += 1;
             mapped.push(Row {
                 k: f.path.clone(),

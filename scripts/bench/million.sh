@@ -10,6 +10,10 @@
 # its repositories and every restore live on loop-mounted ext4 images
 # without discard; a restored tree is dropped with umount + rm of its image.
 #
+# With BENCH_KIND=pgbench the cluster is instead pgbench at BENCH_SCALE
+# (default 1000, about 15 GB: issue 14's large-database part; give it
+# BENCH_IMG_GB=45 BENCH_RESTORE_IMG_GB=25), the same timed commands.
+#
 #   BENCH_STEP=setup scripts/bench/million.sh     make WORK, the cluster, the
 #                                                 stanzas; prints WORK (cluster
 #                                                 left running)
@@ -32,6 +36,9 @@ source "$ROOT/scripts/lib.sh"
 
 STEP="${BENCH_STEP:-}"
 TABLES="${BENCH_TABLES:-250000}"
+KIND="${BENCH_KIND:-tables}"
+SCALE="${BENCH_SCALE:-1000}"
+case "$KIND" in tables | pgbench) ;; *) pgv_die "BENCH_KIND must be tables or pgbench" ;; esac
 PM="${BENCH_PROCESS_MAX:-2}"
 NICE="${BENCH_NICE:--10}"
 BASE="${BENCH_DIR:-/var/tmp}"
@@ -39,7 +46,7 @@ IMG_GB="${BENCH_IMG_GB:-30}"
 RIMG_GB="${BENCH_RESTORE_IMG_GB:-20}"
 PLAIN="${BENCH_PGBR_PLAIN:-0}"
 TOOLS="${BENCH_TOOLS:-pgvault pgbackrest}"
-case "$TABLES$PM$IMG_GB$RIMG_GB" in *[!0-9]*) pgv_die "BENCH_TABLES, BENCH_PROCESS_MAX and the image sizes must be numbers" ;; esac
+case "$TABLES$SCALE$PM$IMG_GB$RIMG_GB" in *[!0-9]*) pgv_die "BENCH_TABLES, BENCH_PROCESS_MAX and the image sizes must be numbers" ;; esac
 [ "$(id -u)" = 0 ] || pgv_die "run as root (loop mounts, dropping caches)"
 U="$PGV_TEST_USER"
 BIN="$PGV_PGBIN"
@@ -116,9 +123,14 @@ fsync = off
 synchronous_commit = off
 CONF
     as_user "$BIN/pg_ctl" -D "$D/data" -l "$WORK/run/pg.log" -w start >/dev/null
-    pgv_log "$TABLES small tables ($(date -u +%H:%M:%S))"
-    pgv_small_tables "$WORK/run" "$PORT" "$TABLES"
-    pgv_log "tables made ($(date -u +%H:%M:%S))"
+    if [ "$KIND" = pgbench ]; then
+        pgv_log "pgbench -i -s $SCALE ($(date -u +%H:%M:%S))"
+        as_user "$BIN/pgbench" -h "$WORK/run" -p "$PORT" -i -s "$SCALE" -q postgres >/dev/null 2>&1
+    else
+        pgv_log "$TABLES small tables ($(date -u +%H:%M:%S))"
+        pgv_small_tables "$WORK/run" "$PORT" "$TABLES"
+    fi
+    pgv_log "cluster made ($(date -u +%H:%M:%S))"
     # Stopped while fsync is still off, then synced: a checkpoint after
     # turning fsync on would fsync every file written since the last one,
     # a million of them at ~500 a second on this machine.

@@ -28,6 +28,7 @@ use crate::ops::gaps;
 use crate::ops::progress::Progress;
 use crate::ops::walfacts;
 use crate::pg::{SegmentNo, TimelineId, WalFileKind, WalFileName};
+use crate::repo::archive::Listing;
 use crate::repo::blockmap::{self, Ranges};
 use crate::repo::blocksums::{BlockSums, Summer};
 use crate::repo::chunked;
@@ -141,6 +142,11 @@ pub async fn verify(
     let mut jobs = Vec::new();
     let mut wal_objects = 0;
     let mut seg_sets: Vec<(u32, BTreeMap<TimelineId, BTreeSet<SegmentNo>>)> = Vec::new();
+    // Gaps in the WAL after a backup (not needed to make it consistent):
+    // while PostgreSQL archives, a segment pushed ahead can land before the
+    // one it follows, so these are looked at again at the end, like a claim
+    // without its data.
+    let mut tail_gaps = Vec::new();
     let mut archives = Vec::new();
 
     for db in &dbs {
@@ -217,15 +223,7 @@ pub async fn verify(
         // Without the stanza object the segment size may be unknown: then
         // there is no gap check.
         if db.wal_segment_size > 0 {
-            let mut segs: BTreeMap<TimelineId, BTreeSet<SegmentNo>> = BTreeMap::new();
-            for (name, _) in listing.archived() {
-                if name.kind() == WalFileKind::Segment {
-                    if let Some(s) = name.segno(db.wal_segment_size) {
-                        segs.entry(name.timeline()).or_default().insert(s);
-                    }
-                }
-            }
-            seg_sets.push((db.id, segs));
+            seg_sets.push((db.id, segments(&listing, db.wal_segment_size)));
         }
 
         // Records that failed their CRC check when they were archived, and
@@ -355,7 +353,12 @@ pub async fn verify(
         let db = dbs.iter().find(|d| d.id == m.db_id).or(dbs.last());
         if let Some(db) = db {
             if let Some((_, segs)) = seg_sets.iter().find(|(id, _)| *id == db.id) {
-                problems.extend(wal_chain(m, db.wal_segment_size, segs));
+                for (p, after) in wal_chain(m, db.wal_segment_size, segs) {
+                    match after {
+                        Some(range) => tail_gaps.push((db.clone(), m.timeline, range, p)),
+                        None => problems.push(p),
+                    }
+                }
             }
         }
     }
@@ -420,6 +423,7 @@ pub async fn verify(
         problems.extend(p);
         bytes_read += n;
     }
+    problems.extend(still_missing(repo, tail_gaps).await?);
     problems.sort_by(|a, b| (&a.kind, &a.what).cmp(&(&b.kind, &b.what)));
     progress.finish();
     let report = VerifyReport {
@@ -608,13 +612,53 @@ async fn dbs_without_stanza(repo: &Repository, backups: &Backups) -> Result<Vec<
     Ok(dbs)
 }
 
+/// The archived segments of a listing, by timeline.
+fn segments(listing: &Listing, seg_size: u32) -> BTreeMap<TimelineId, BTreeSet<SegmentNo>> {
+    let mut segs: BTreeMap<TimelineId, BTreeSet<SegmentNo>> = BTreeMap::new();
+    for (name, _) in listing.archived() {
+        if name.kind() == WalFileKind::Segment {
+            if let Some(s) = name.segno(seg_size) {
+                segs.entry(name.timeline()).or_default().insert(s);
+            }
+        }
+    }
+    segs
+}
+
+/// The gaps after backups found at the start that are still there: each
+/// archive that had one is listed again.
+async fn still_missing(
+    repo: &Repository,
+    gaps: Vec<(DbInfo, TimelineId, (SegmentNo, SegmentNo), Problem)>,
+) -> Result<Vec<Problem>> {
+    let mut now: Vec<(u32, BTreeMap<TimelineId, BTreeSet<SegmentNo>>)> = Vec::new();
+    let mut out = Vec::new();
+    for (db, tli, (from, to), p) in gaps {
+        if !now.iter().any(|(id, _)| *id == db.id) {
+            let listing = repo.archive(&db).list().await?;
+            now.push((db.id, segments(&listing, db.wal_segment_size)));
+        }
+        let segs = &now
+            .iter()
+            .find(|(id, _)| *id == db.id)
+            .expect("listed above")
+            .1;
+        let have = segs.get(&tli);
+        if (from.0..=to.0).any(|s| !have.is_some_and(|h| h.contains(&SegmentNo(s)))) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
 /// The WAL a backup needs (its start to its stop) and the WAL after it on
-/// its timeline must have no gap.
+/// its timeline must have no gap. A gap after the backup comes with its
+/// range.
 fn wal_chain(
     m: &Manifest,
     seg_size: u32,
     segs: &BTreeMap<TimelineId, BTreeSet<SegmentNo>>,
-) -> Vec<Problem> {
+) -> Vec<(Problem, Option<(SegmentNo, SegmentNo)>)> {
     let mut out = Vec::new();
     let empty = BTreeSet::new();
     let have = segs.get(&m.timeline).unwrap_or(&empty);
@@ -634,16 +678,17 @@ fn wal_chain(
                     .as_str()
                     .to_string()
             };
-            let needed = if from <= stop {
-                "needed to make it consistent"
+            let (needed, after) = if from <= stop {
+                ("needed to make it consistent", None)
             } else {
-                "after it"
+                ("after it", Some((from, to)))
             };
-            out.push(problem(
+            let p = problem(
                 "gap",
                 format!("{} … {}", name(from), name(to)),
                 format!("WAL missing for backup {} ({needed})", m.label),
-            ));
+            );
+            out.push((p, after));
         }
         s = s.next();
     }

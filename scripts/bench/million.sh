@@ -21,7 +21,9 @@
 #                                                 the timed commands; BENCH_TOOLS
 #                                                 picks them (default "pgvault
 #                                                 pgbackrest"); BENCH_PGV=BINARY
-#                                                 measures another pgvault build
+#                                                 measures another pgvault build;
+#                                                 "floor" times the write floor
+#                                                 (cp -a of a warm copy + sync)
 #   BENCH_WORK=WORK BENCH_STEP=clean scripts/bench/million.sh
 #                                                 stop the cluster, unmount, remove
 #
@@ -156,7 +158,8 @@ CONF
 timed() {
     local label="$1" load
     shift
-    pgv_drop_caches
+    # NODROP=1: the page cache kept (the floor's warm copy)
+    [ "${NODROP:-0}" = 1 ] || pgv_drop_caches
     load="$(cut -d' ' -f1 /proc/loadavg)"
     "${PRIO[@]}" /usr/bin/time -o "$WORK/t${TSUF:-}.out" -f "%e %M %U %S" "$@" >"$WORK/cmd${TSUF:-}.log" 2>&1 ||
         { tail -20 "$WORK/cmd${TSUF:-}.log" >&2; pgv_log "$label failed"; echo "$label FAILED $load" >>"$WORK/times"; return 1; }
@@ -198,6 +201,16 @@ run() {
                 timed "$t-restore" runuser -u "$U" -- pgbackrest --config "$WORK/pgbackrest.conf" --stanza=many \
                     --repo="$repo" --process-max="$PM" --pg1-path="$r/pgdata" restore || true
                 echo "restored-files $t $(find "$r/pgdata" -type f | wc -l)" >>"$WORK/times"
+                dropimg "$rimg" "$r"
+                ;;
+            floor)
+                # the write floor: `cp -a` of the data directory (pg_wal's
+                # contents left out), read into the page cache first, + sync
+                # of the target file system
+                mkimg "$rimg" "$r" "$RIMG_GB"
+                tar -C "$D/data" --exclude=./pg_wal -cf - . | cat >/dev/null
+                NODROP=1 timed "floor-cp-a" sh -c "cd '$D/data' && mkdir -p '$r/pgdata/pg_wal' &&
+                    cp -a \$(ls -A | grep -vx pg_wal) '$r/pgdata/' && sync -f '$r/pgdata'" || true
                 dropimg "$rimg" "$r"
                 ;;
             *) pgv_die "unknown tool $t" ;;

@@ -678,50 +678,63 @@ pub fn decode_checked<R: Read, W: Write>(
     Ok((actual_size, actual_sha))
 }
 
-/// Runs `f` with this thread's zstd decompression context: made once per
-/// thread and reused (its session reset by each decoder), not created and
-/// freed per object — a restore of thousands of small files spent ~2 % of
-/// its CPU in `ZSTD_createDCtx` alone. `None` (a fresh context) if the
-/// thread's is in use or cannot be made.
-fn with_dctx<T>(f: impl FnOnce(Option<&mut zstd::zstd_safe::DCtx<'static>>) -> T) -> T {
-    thread_local! {
-        static DCTX: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
-            const { std::cell::RefCell::new(None) };
+/// Reusable things (zstd contexts, buffers) shared by the threads that
+/// decode: one is taken for a decode and put back after, so there are as
+/// many as decodes ran at once, not one per thread that ever decoded —
+/// tokio's blocking pool starts threads as it likes, and a context per
+/// thread (a window of up to a few MiB each) was 36 MiB of a verify's peak.
+struct Pool<T>(std::sync::Mutex<Vec<T>>);
+
+impl<T> Pool<T> {
+    const fn new() -> Self {
+        Pool(std::sync::Mutex::new(Vec::new()))
     }
-    DCTX.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut slot) => {
-            if slot.is_none() {
-                *slot = zstd::zstd_safe::DCtx::try_create();
-            }
-            f(slot.as_mut())
+
+    /// Runs `f` with a pooled item, or one `make` makes (`None` if it
+    /// cannot), and keeps it for the next decode.
+    fn with<R>(&self, make: impl FnOnce() -> Option<T>, f: impl FnOnce(Option<&mut T>) -> R) -> R {
+        let mut item = self.0.lock().ok().and_then(|mut v| v.pop()).or_else(make);
+        let r = f(item.as_mut());
+        if let (Some(item), Ok(mut v)) = (item, self.0.lock()) {
+            v.push(item);
         }
-        Err(_) => f(None),
-    })
+        r
+    }
+}
+
+/// Runs `f` with a zstd decompression context from the pool, made once and
+/// reused (its session reset by each decoder), not created and freed per
+/// object — a restore of thousands of small files spent ~2 % of its CPU in
+/// `ZSTD_createDCtx` alone. `None` (a fresh context) if none can be made.
+fn with_dctx<T>(f: impl FnOnce(Option<&mut zstd::zstd_safe::DCtx<'static>>) -> T) -> T {
+    static DCTX: Pool<zstd::zstd_safe::DCtx<'static>> = Pool::new();
+    DCTX.with(zstd::zstd_safe::DCtx::try_create, f)
 }
 
 /// Copies from a decompressor, telling decompression errors (corruption)
 /// apart from errors writing the output.
 fn copy_decoded<R: Read, W: Write>(dec: &mut R, out: &mut W) -> Result<(), CodecError> {
-    // One buffer per thread, reused: restoring thousands of small files
+    // Buffers from a pool, reused: restoring thousands of small files
     // must not allocate and fault in a fresh megabyte for each.
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; IO_BUF]);
-    }
-    BUF.with(|b| {
-        let mut buf = b.borrow_mut();
-        loop {
-            let n = match dec.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // zstd hands on its source's errors as they are.
-                Err(e) if TransferError::is(&e) => return Err(CodecError::Transfer(e)),
-                Err(e) if crypt::as_open_error(&e).is_some() => return Err(e.into()),
-                Err(e) => return Err(CodecError::Decompress(e)),
-            };
-            out.write_all(&buf[..n])?;
-        }
-    })
+    static BUF: Pool<Vec<u8>> = Pool::new();
+    BUF.with(
+        || Some(vec![0u8; IO_BUF]),
+        |b| {
+            let buf = b.expect("a buffer is always made");
+            loop {
+                let n = match dec.read(buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // zstd hands on its source's errors as they are.
+                    Err(e) if TransferError::is(&e) => return Err(CodecError::Transfer(e)),
+                    Err(e) if crypt::as_open_error(&e).is_some() => return Err(e.into()),
+                    Err(e) => return Err(CodecError::Decompress(e)),
+                };
+                out.write_all(&buf[..n])?;
+            }
+        },
+    )
 }
 
 /// Decodes only the trailer of a complete object held in memory or read

@@ -18,6 +18,23 @@ use std::time::{Duration, Instant};
 
 use super::{free_port, S3Server, Scratch};
 
+/// moto's server, with its recorder made to append one request at a time:
+/// it writes a request's JSON and its newline in two calls, unlocked, so
+/// two large uploads answered at once could land on one line and both be
+/// lost at the replay (found as a backup's bundle missing after a restart).
+const SERIAL_RECORDER: &str = "\
+import sys, threading
+from moto.moto_api._internal.recorder.models import Recorder
+lock = threading.Lock()
+record = Recorder._record_request
+def serial(self, *args, **kwargs):
+    with lock:
+        return record(self, *args, **kwargs)
+Recorder._record_request = serial
+from moto.server import main
+main(sys.argv[1:])
+";
+
 pub struct OwnMoto {
     py: String,
     port: u16,
@@ -88,7 +105,7 @@ impl OwnMoto {
             .open(&self.log)
             .expect("open moto's log");
         let child = Command::new(&self.py)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .args(["-c", SERIAL_RECORDER, "-H", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .env("MOTO_ENABLE_RECORDING", "true")
             .env("MOTO_RECORDER_FILEPATH", &self.recording)
@@ -134,17 +151,28 @@ impl OwnMoto {
 
     /// A SIGKILL can land while moto appends a request to its recording:
     /// the torn last line (a request it never answered) makes its replay
-    /// fail with 500 (`json.loads` of every line). Keeps the whole lines.
+    /// fail with 500 (`json.loads` of every line). Drops that line; a bad
+    /// line anywhere else would be a request the store answered and then
+    /// forgot, so it fails the test instead.
     fn drop_torn_recording(&self) {
         let Ok(text) = fs::read_to_string(&self.recording) else {
             return;
         };
-        let whole: Vec<&str> = text
-            .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
-            .collect();
-        if whole.len() != text.lines().count() {
-            let kept: String = whole.iter().map(|l| format!("{l}\n")).collect();
+        let lines: Vec<&str> = text.lines().collect();
+        let whole = |l: &str| serde_json::from_str::<serde_json::Value>(l).is_ok();
+        if let Some(bad) = lines.iter().rev().skip(1).position(|l| !whole(l)) {
+            panic!(
+                "moto's recording {}: line {} of {} is not one request",
+                self.recording.display(),
+                lines.len() - 1 - bad,
+                lines.len()
+            );
+        }
+        if lines.last().is_some_and(|l| !whole(l)) {
+            let kept: String = lines[..lines.len() - 1]
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect();
             fs::write(&self.recording, kept).expect("rewrite moto's recording");
         }
     }

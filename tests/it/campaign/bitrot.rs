@@ -127,10 +127,16 @@ fn golden() -> Golden {
     }
 }
 
-/// Which WAL name an archive object is for (`<name>-<sha>.zst`,
-/// `<name>.claim`, `<name>-<sha>.summary`).
+/// Which archived name an archive object is for (`<name>-<sha>.zst`,
+/// `<name>.claim`, `<name>-<sha>.summary`), whole: a backup history file's
+/// (`<segment>.<offset>.backup`) is not its segment's.
 fn wal_name_of(file: &str) -> String {
-    file.split(['-', '.']).next().unwrap_or(file).to_string()
+    let base = file.rsplit('/').next().unwrap_or(file);
+    let name = match base.strip_suffix(".claim") {
+        Some(n) => n,
+        None => base.split('-').next().unwrap_or(base),
+    };
+    name.to_string()
 }
 
 /// Whether the flipped `bytes` still decode to what `original` decodes to
@@ -332,7 +338,7 @@ fn check_damage(g: &Golden, repo: &Repo, kind: Kind, file: &str) -> Vec<String> 
         Kind::Stanza => Some(g.after[0].clone()),
         _ => None,
     };
-    if let Some(name) = name.filter(|n| n.len() == 24) {
+    if let Some(name) = name {
         let (code, same, left) = get(g, repo, &name);
         match (code, same) {
             (Some(0), Some(true)) if kind == Kind::Claim => {} // the one content

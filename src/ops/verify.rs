@@ -324,8 +324,10 @@ pub async fn verify(
         if let Some(s) = &sums {
             block_sums.insert(m.label.clone(), s.clone());
         }
-        match repo.file_list(m).await {
-            Ok(list) => {
+        // A list the store cannot hand over (a transfer that failed every
+        // retry) is not a damaged list: verify fails on it, as on a claim.
+        match repo.fetch_file_list(m).await? {
+            Fetched::Found(list) => {
                 let (label, db) = (m.label.clone(), db.clone());
                 let found = tokio::task::spawn_blocking(move || {
                     add_pieces(&db, &label, &list, sums.as_deref())
@@ -333,10 +335,15 @@ pub async fn verify(
                 .await??;
                 problems.extend(found);
             }
-            Err(e) => problems.push(problem(
+            Fetched::Missing => problems.push(problem(
+                "missing",
+                format!("backup {}", m.label),
+                "its file list is missing".to_string(),
+            )),
+            Fetched::Damaged(why) => problems.push(problem(
                 "corrupt",
                 format!("backup {}", m.label),
-                format!("its file list cannot be read: {e}"),
+                format!("its file list cannot be read: {why}"),
             )),
         }
         for dep in &m.depends_on {

@@ -147,40 +147,57 @@ impl LocalFileList {
         keys: &Keys,
         bind: Binding<'_>,
     ) -> Result<LocalFileList> {
+        Self::decode_fetched(input, expect, what, keys, bind)?
+            .found(|| format!("{what} is missing"))
+    }
+
+    /// [`LocalFileList::decode`], a damaged list (corrupt, cut, not the
+    /// manifest's) an outcome, [`Fetched::Damaged`]; a transfer that failed,
+    /// a key that does not open it or a local failure stays an error.
+    pub fn decode_fetched(
+        input: impl Read,
+        expect: &FileListRef,
+        what: &str,
+        keys: &Keys,
+        bind: Binding<'_>,
+    ) -> Result<Fetched<LocalFileList>> {
         let tmp = temp_file()?;
         let mut out = BufWriter::with_capacity(64 << 10, tmp);
-        let digest = codec::decode(input, &mut out, keys, bind).map_err(|e| {
-            if e.is_corruption() {
-                Error::repository(format!("{what}: {e}"))
-            } else {
-                super::keys::decode_error(&format!("read {what}"), e)
-            }
-        })?;
+        let digest = match codec::decode(input, &mut out, keys, bind) {
+            Ok(d) => d,
+            Err(e) if e.is_corruption() => return Ok(Fetched::Damaged(format!("{what}: {e}"))),
+            Err(e) => return Err(super::keys::decode_error(&format!("read {what}"), e)),
+        };
         let tmp = out.into_inner().map_err(|e| temp_err(e.into_error()))?;
         if digest.sha256.to_hex() != expect.sha256 {
-            return Err(Error::repository(format!(
+            return Ok(Fetched::Damaged(format!(
                 "{what}: not the file list the manifest was written with (SHA-256 {}, the manifest says {})",
                 digest.sha256, expect.sha256
             )));
         }
-        let list = LocalFileList {
+        // The count is checked as the lines are read.
+        Ok(Fetched::Found(LocalFileList {
             file: tmp,
             count: expect.count,
             what: what.to_string(),
-        };
-        // The count is checked as the lines are read.
-        Ok(list)
+        }))
     }
 
     /// The `files` of a format-1 manifest (a decoded manifest object in
     /// `input`), streamed out of the JSON (blocking).
     pub fn from_format1(input: impl Read, what: &str) -> Result<LocalFileList> {
+        Self::format1_fetched(input, what)?.found(|| format!("{what} is missing"))
+    }
+
+    fn format1_fetched(input: impl Read, what: &str) -> Result<Fetched<LocalFileList>> {
         let mut sink = LineSink::new().map_err(temp_err)?;
         let mut de = serde_json::Deserializer::from_reader(BufReader::new(input));
-        ManifestFiles(&mut sink)
-            .deserialize(&mut de)
-            .map_err(|e| Error::repository(format!("{what}: unreadable manifest: {e}")))?;
-        sink.finish(what).map_err(temp_err)
+        if let Err(e) = ManifestFiles(&mut sink).deserialize(&mut de) {
+            return Ok(Fetched::Damaged(format!(
+                "{what}: unreadable manifest: {e}"
+            )));
+        }
+        sink.finish(what).map(Fetched::Found).map_err(temp_err)
     }
 }
 
@@ -410,34 +427,51 @@ impl Repository {
     /// The file list of backup `m`, decoded and checked into a temporary
     /// file.
     pub async fn file_list(&self, m: &Manifest) -> Result<LocalFileList> {
-        let (key, expect) = match &m.file_list {
+        self.fetch_file_list(m).await?.found(|| {
+            let (key, _) = self.file_list_key(m);
+            format!("backup {}: {}/{key} is missing", m.label, self.describe())
+        })
+    }
+
+    /// The object that holds backup `m`'s file list, and what its manifest
+    /// says of it (none for a format-1 manifest, which holds the list).
+    fn file_list_key(&self, m: &Manifest) -> (String, Option<FileListRef>) {
+        match &m.file_list {
             Some(r) => (
                 layout::backup_file_list_key(self.stanza(), &m.label),
                 Some(r.clone()),
             ),
             None => (layout::backup_manifest_key(self.stanza(), &m.label), None),
-        };
+        }
+    }
+
+    /// [`Repository::file_list`], a missing or damaged list an outcome (for
+    /// verify, which reports it and goes on); a store that cannot be read,
+    /// or a key that does not open the list, stays an error.
+    pub async fn fetch_file_list(&self, m: &Manifest) -> Result<Fetched<LocalFileList>> {
+        let (key, expect) = self.file_list_key(m);
         let what = format!("{}/{key}", self.describe());
-        let reader =
-            self.backend().get(&key).await?.ok_or_else(|| {
-                Error::repository(format!("backup {}: {what} is missing", m.label))
-            })?;
+        let Some(reader) = self.backend().get(&key).await? else {
+            return Ok(Fetched::Missing);
+        };
         let keys = self.keys().await?;
         tokio::task::spawn_blocking(move || {
             let bind = Binding::object(layout::binding_name(&key));
             match expect {
-                Some(r) => LocalFileList::decode(reader, &r, &what, &keys, bind),
+                Some(r) => LocalFileList::decode_fetched(reader, &r, &what, &keys, bind),
                 None => {
                     // Format 1: decode the manifest object, then stream its
                     // files out of it.
-                    let (f, _tmp) = decode_to_temp(reader, &keys, bind)?.map_err(|e| {
-                        if e.is_corruption() {
-                            Error::repository(format!("{what}: {e}"))
-                        } else {
-                            super::keys::decode_error(&format!("read {what}"), e)
+                    let (f, _tmp) = match decode_to_temp(reader, &keys, bind)? {
+                        Ok(decoded) => decoded,
+                        Err(e) if e.is_corruption() => {
+                            return Ok(Fetched::Damaged(format!("{what}: {e}")))
                         }
-                    })?;
-                    LocalFileList::from_format1(f, &what)
+                        Err(e) => {
+                            return Err(super::keys::decode_error(&format!("read {what}"), e))
+                        }
+                    };
+                    LocalFileList::format1_fetched(f, &what)
                 }
             }
         })
@@ -615,6 +649,50 @@ mod tests {
         });
         let e = repo.file_list(&other).await.unwrap_err();
         assert!(e.to_string().contains("not the file list"), "{e}");
+        assert!(matches!(
+            repo.fetch_file_list(&other).await.unwrap(),
+            Fetched::Damaged(why) if why.contains("not the file list")
+        ));
+
+        // A store that cannot hand the list over (every attempt fails) is
+        // an error, never a damaged list: verify must not call it corrupt.
+        let config = crate::repo::fault::FaultConfig {
+            error: 1.0,
+            attempts: 2,
+            ..Default::default()
+        };
+        let faulty = Repository::with_backend(
+            std::sync::Arc::new(crate::repo::fault::FaultBackend::new(
+                repo.backend().clone(),
+                config,
+            )),
+            repo.location().clone(),
+            "s",
+        );
+        let Err(e) = faulty.fetch_file_list(&back).await else {
+            panic!("a store that fails every attempt gave a result");
+        };
+        assert!(e.to_string().contains("failed after 2 attempts"), "{e}");
+
+        // A flipped byte in the stored list: damaged; the list gone: missing.
+        let path = dir
+            .path()
+            .join(layout::backup_file_list_key("s", &back.label));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            repo.fetch_file_list(&back).await.unwrap(),
+            Fetched::Damaged(_)
+        ));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            repo.fetch_file_list(&back).await.unwrap(),
+            Fetched::Missing
+        ));
+        let e = repo.file_list(&back).await.unwrap_err();
+        assert!(e.to_string().contains("files.pgv is missing"), "{e}");
     }
 
     #[test]

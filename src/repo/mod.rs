@@ -56,6 +56,18 @@ pub enum Fetched<T> {
     Damaged(String),
 }
 
+impl<T> Fetched<T> {
+    /// What was found, or a repository error: `missing` says what is
+    /// missing; a damaged object's error is its cause.
+    pub fn found(self, missing: impl FnOnce() -> String) -> Result<T> {
+        match self {
+            Fetched::Found(t) => Ok(t),
+            Fetched::Missing => Err(Error::repository(missing())),
+            Fetched::Damaged(why) => Err(Error::repository(why)),
+        }
+    }
+}
+
 /// Where the repository is, as given by `--repo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoLocation {

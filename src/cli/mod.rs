@@ -503,8 +503,33 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 }
             }
             render::verify_all(&reports, *output)?;
-            let problems = reports.iter().any(|(_, _, v)| !v.problems.is_empty());
-            Ok(each.code(if problems { EXIT_VERIFY_PROBLEMS } else { 0 }))
+            let damage = reports.iter().any(|(_, _, v)| v.damage() > 0);
+            let unread: Vec<_> = reports
+                .iter()
+                .flat_map(|(_, repo, v)| {
+                    v.problems
+                        .iter()
+                        .filter(|p| p.kind == ops::verify::UNREADABLE)
+                        .map(move |p| (repo, p))
+                })
+                .collect();
+            if damage {
+                return Ok(each.code(EXIT_VERIFY_PROBLEMS));
+            }
+            // Objects it could not read, and nothing it read was damaged:
+            // the store failed, not the repository (exit 5, not 11).
+            if let Some((repo, first)) = unread.first() {
+                let e = Error::repository(format!(
+                    "verify of {repo}: {} object(s) could not be read, and nothing read was damaged; first: {}: {}",
+                    unread.len(),
+                    first.what,
+                    first.detail
+                ))
+                .hint("the objects listed as unreadable could not be fetched (the store did not answer, or a file cannot be read); run verify again once they can");
+                report(&e);
+                return Ok(each.code(e.kind().exit_code()));
+            }
+            Ok(each.code(0))
         }
         Command::Info { output, options: o } => {
             let repos = g.repos()?;

@@ -275,7 +275,7 @@ pub async fn verify(
     // Backups: complete ones (with a readable manifest) are checked file by
     // file; a manifest that cannot be read is a problem of its own.
     for u in &backups.unreadable {
-        let kind = if u.corrupt { "corrupt" } else { "unreadable" };
+        let kind = if u.corrupt { "corrupt" } else { UNREADABLE };
         problems.push(problem(
             kind,
             u.object.clone(),
@@ -414,7 +414,7 @@ pub async fn verify(
                 let r = match job {
                     Ok(job) => check_job(backend, job, keys).await,
                     Err(e) => (
-                        vec![problem("unreadable", "scratch database", e.to_string())],
+                        vec![problem(UNREADABLE, "scratch database", e.to_string())],
                         0,
                     ),
                 };
@@ -801,7 +801,7 @@ fn check_sums(
         Ok(None) => return Vec::new(),
         Err(e) => {
             return vec![problem(
-                "unreadable",
+                UNREADABLE,
                 c.rel.clone(),
                 format!("backup {label}: read its block sums: {e}"),
             )]
@@ -856,12 +856,12 @@ async fn check_job(backend: Arc<dyn Backend>, job: Job, keys: Keys) -> (Vec<Prob
             };
             return (vec![p], 0);
         }
-        Err(e) => return (vec![problem("unreadable", what, e.to_string())], 0),
+        Err(e) => return (vec![problem(UNREADABLE, what, e.to_string())], 0),
     };
     let r = tokio::task::spawn_blocking(move || check_blocking(reader, job, &what, &keys)).await;
     match r {
         Ok(r) => r,
-        Err(e) => (vec![problem("unreadable", key, e.to_string())], 0),
+        Err(e) => (vec![problem(UNREADABLE, key, e.to_string())], 0),
     }
 }
 
@@ -883,8 +883,29 @@ impl<R: Read> Read for Counted<R> {
 fn decode_kind(e: &codec::CodecError) -> &'static str {
     if e.key_problem().is_some() {
         "key"
-    } else {
+    } else if e.is_corruption() {
         "corrupt"
+    } else {
+        // The body broke off or could not be read: nothing says it is
+        // damaged.
+        UNREADABLE
+    }
+}
+
+/// The kind of a problem that is not damage: an object the store did not
+/// hand over (a transfer that failed every retry, a file that cannot be
+/// read).
+pub const UNREADABLE: &str = "unreadable";
+
+impl VerifyReport {
+    /// The problems that are damage (or its likelihood: a gap, a conflict,
+    /// a key that does not open an object) — every one but objects that
+    /// could not be read.
+    pub fn damage(&self) -> usize {
+        self.problems
+            .iter()
+            .filter(|p| p.kind != UNREADABLE)
+            .count()
     }
 }
 

@@ -818,6 +818,84 @@ fn verify_clean(env: &TestEnv, repo: &Repo, json: bool) {
     assert_eq!(v["problems"], Value::Array(vec![]), "{v:#}");
 }
 
+/// A copy of the repository where one WAL object cannot be read (mode
+/// 000, verify run as the unprivileged user): it is listed as
+/// `unreadable`, and since nothing that was read is damaged verify exits 5
+/// (the store failed) with one error line and a hint — not 11 (damage),
+/// which a transfer that failed every retry used to give.
+fn verify_unreadable(env: &TestEnv, p: &Primary) {
+    let copy_root = env.dir().join(format!("repo-unread-{}", unique()));
+    for args in [
+        vec!["cp".to_string(), "-a".into()],
+        vec![
+            "chown".to_string(),
+            "-R".into(),
+            format!("{}:{}", env.uid, env.gid),
+        ],
+    ] {
+        let mut c = Command::new(&args[0]);
+        c.args(&args[1..]);
+        if args[0] == "cp" {
+            c.arg(p.repo.local.as_ref().expect("local"));
+        }
+        assert!(
+            c.arg(&copy_root).status().expect("run").success(),
+            "{args:?}"
+        );
+    }
+    let copy = Repo {
+        url: copy_root.display().to_string(),
+        local: Some(copy_root.clone()),
+        ..p.repo.clone()
+    };
+    let segs: Vec<String> = archived_segments(&copy).into_iter().collect();
+    let seg = &segs[segs.len() / 2];
+    let obj = copy.local_wal_objects(seg).remove(0);
+    let obj_name = obj.file_name().unwrap().to_string_lossy().into_owned();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&obj, fs::Permissions::from_mode(0o000)).expect("chmod 000");
+
+    let run = copy.run(env, As::PgUser, &["verify"], env.dir());
+    run.expect_code(5);
+    let problems: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| {
+            [
+                "corrupt: ",
+                "missing: ",
+                "gap: ",
+                "conflict: ",
+                "unreadable: ",
+                "key: ",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .collect();
+    assert!(
+        problems.len() == 1
+            && problems[0].starts_with("unreadable: ")
+            && problems[0].contains(&obj_name),
+        "one problem, the unreadable {obj_name}:\n{}",
+        run.stdout
+    );
+    let stderr: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("pgvault: "))
+        .collect();
+    assert!(
+        stderr.len() == 2
+            && stderr[0].starts_with("error: ")
+            && stderr[0].contains("1 object(s) could not be read, and nothing read was damaged")
+            && stderr[0].contains(&obj_name)
+            && stderr[1].starts_with("hint: "),
+        "one error line naming the object, and a hint:\n{}",
+        run.stderr
+    );
+}
+
 /// A copy of the repository with three kinds of damage; verify names each.
 fn verify_damaged(env: &TestEnv, p: &Primary, backup_label: &str) {
     let copy_root = env.dir().join(format!("repo-copy-{}", unique()));
@@ -1100,6 +1178,10 @@ fn operations_local_repo() {
     cases.run(
         "verify: a flipped WAL byte, a deleted backup object and a WAL gap are each named",
         || verify_damaged(&env, &p, &b4),
+    );
+    cases.run(
+        "verify: an object it cannot read is unreadable, exit 5 (the store failed), not 11",
+        || verify_unreadable(&env, &p),
     );
 
     // More than the window (1 minute) of commits after B4, then B5: the

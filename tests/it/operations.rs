@@ -818,36 +818,49 @@ fn verify_clean(env: &TestEnv, repo: &Repo, json: bool) {
     assert_eq!(v["problems"], Value::Array(vec![]), "{v:#}");
 }
 
+/// A copy (`cp -a`) of the primary's local repository, to damage.
+fn copy_repo(env: &TestEnv, p: &Primary, tag: &str) -> Repo {
+    let root = env.dir().join(format!("repo-{tag}-{}", unique()));
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(p.repo.local.as_ref().expect("local"))
+        .arg(&root)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "cp -a the repository");
+    Repo {
+        url: root.display().to_string(),
+        local: Some(root),
+        ..p.repo.clone()
+    }
+}
+
+/// verify's problem lines (`<kind>: <what>: <detail>`) in its output.
+fn problem_lines(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| {
+            ["corrupt", "missing", "gap", "conflict", "unreadable", "key"]
+                .iter()
+                .any(|k| l.starts_with(&format!("{k}: ")))
+        })
+        .collect()
+}
+
 /// A copy of the repository where one WAL object cannot be read (mode
 /// 000, verify run as the unprivileged user): it is listed as
 /// `unreadable`, and since nothing that was read is damaged verify exits 5
 /// (the store failed) with one error line and a hint — not 11 (damage),
 /// which a transfer that failed every retry used to give.
 fn verify_unreadable(env: &TestEnv, p: &Primary) {
-    let copy_root = env.dir().join(format!("repo-unread-{}", unique()));
-    for args in [
-        vec!["cp".to_string(), "-a".into()],
-        vec![
-            "chown".to_string(),
-            "-R".into(),
-            format!("{}:{}", env.uid, env.gid),
-        ],
-    ] {
-        let mut c = Command::new(&args[0]);
-        c.args(&args[1..]);
-        if args[0] == "cp" {
-            c.arg(p.repo.local.as_ref().expect("local"));
-        }
-        assert!(
-            c.arg(&copy_root).status().expect("run").success(),
-            "{args:?}"
-        );
-    }
-    let copy = Repo {
-        url: copy_root.display().to_string(),
-        local: Some(copy_root.clone()),
-        ..p.repo.clone()
-    };
+    let copy = copy_repo(env, p, "unread");
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{}:{}", env.uid, env.gid))
+        .arg(copy.local.as_ref().expect("local"))
+        .status()
+        .expect("chown");
+    assert!(status.success(), "chown the copy to the unprivileged user");
     let segs: Vec<String> = archived_segments(&copy).into_iter().collect();
     let seg = &segs[segs.len() / 2];
     let obj = copy.local_wal_objects(seg).remove(0);
@@ -857,22 +870,7 @@ fn verify_unreadable(env: &TestEnv, p: &Primary) {
 
     let run = copy.run(env, As::PgUser, &["verify"], env.dir());
     run.expect_code(5);
-    let problems: Vec<&str> = run
-        .stdout
-        .lines()
-        .filter(|l| {
-            [
-                "corrupt: ",
-                "missing: ",
-                "gap: ",
-                "conflict: ",
-                "unreadable: ",
-                "key: ",
-            ]
-            .iter()
-            .any(|k| l.starts_with(k))
-        })
-        .collect();
+    let problems = problem_lines(&run.stdout);
     assert!(
         problems.len() == 1
             && problems[0].starts_with("unreadable: ")
@@ -898,19 +896,7 @@ fn verify_unreadable(env: &TestEnv, p: &Primary) {
 
 /// A copy of the repository with three kinds of damage; verify names each.
 fn verify_damaged(env: &TestEnv, p: &Primary, backup_label: &str) {
-    let copy_root = env.dir().join(format!("repo-copy-{}", unique()));
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(p.repo.local.as_ref().expect("local"))
-        .arg(&copy_root)
-        .status()
-        .expect("cp");
-    assert!(status.success(), "cp -a the repository");
-    let copy = Repo {
-        url: copy_root.display().to_string(),
-        local: Some(copy_root.clone()),
-        ..p.repo.clone()
-    };
+    let copy = copy_repo(env, p, "copy");
     let i = info(env, &p.repo);
     let tl = timeline1(&i);
     let segs = segment_range(
@@ -984,20 +970,7 @@ fn verify_damaged(env: &TestEnv, p: &Primary, backup_label: &str) {
         run.stdout
     );
     // Nothing else is reported: every problem line is about one of the three.
-    let problems: Vec<&&str> = lines
-        .iter()
-        .filter(|l| {
-            [
-                "corrupt: ",
-                "missing: ",
-                "gap: ",
-                "conflict: ",
-                "unreadable: ",
-            ]
-            .iter()
-            .any(|k| l.starts_with(k))
-        })
-        .collect();
+    let problems = problem_lines(&run.stdout);
     for l in &problems {
         assert!(
             l.contains(&wal_obj_name) || l.contains(&victim_name) || l.contains(&gap),

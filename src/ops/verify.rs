@@ -71,6 +71,7 @@ pub struct VerifyReport {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
     /// `corrupt`, `missing`, `gap`, `conflict`, `unreadable`,
+    /// `newer-format` (a manifest written by a newer pgvault),
     /// `damaged-record`, `unknown-object`, `superseded`, `dropped` (WAL
     /// this repository missed: its gap markers), `key` (an encrypted object
     /// the configured key does not open).
@@ -275,7 +276,9 @@ pub async fn verify(
     // Backups: complete ones (with a readable manifest) are checked file by
     // file; a manifest that cannot be read is a problem of its own.
     for u in &backups.unreadable {
-        let kind = if u.corrupt { "corrupt" } else { UNREADABLE };
+        // Not damaged: written by a newer pgvault, which this one cannot
+        // read (not a store that failed either).
+        let kind = if u.corrupt { "corrupt" } else { "newer-format" };
         problems.push(problem(
             kind,
             u.object.clone(),

@@ -503,7 +503,9 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                 }
             }
             render::verify_all(&reports, *output)?;
-            let damage = reports.iter().any(|(_, _, v)| v.damage() > 0);
+            if reports.iter().any(|(_, _, v)| v.damage() > 0) {
+                return Ok(each.code(EXIT_VERIFY_PROBLEMS));
+            }
             let unread: Vec<_> = reports
                 .iter()
                 .flat_map(|(_, repo, v)| {
@@ -513,9 +515,6 @@ async fn run(cli: &Cli, config_file: Option<&Path>) -> Result<i32> {
                         .map(move |p| (repo, p))
                 })
                 .collect();
-            if damage {
-                return Ok(each.code(EXIT_VERIFY_PROBLEMS));
-            }
             // Objects it could not read, and nothing it read was damaged:
             // the store failed, not the repository (exit 5, not 11).
             if let Some((repo, first)) = unread.first() {

@@ -57,14 +57,20 @@ pub enum Fetched<T> {
 }
 
 impl<T> Fetched<T> {
-    /// What was found, or a repository error: `missing` says what is
-    /// missing; a damaged object's error is its cause.
-    pub fn found(self, missing: impl FnOnce() -> String) -> Result<T> {
+    /// What was found (`None`: nothing there), for readers to whom a
+    /// damaged object is an error: a repository error, its cause.
+    pub fn optional(self) -> Result<Option<T>> {
         match self {
-            Fetched::Found(t) => Ok(t),
-            Fetched::Missing => Err(Error::repository(missing())),
+            Fetched::Found(t) => Ok(Some(t)),
+            Fetched::Missing => Ok(None),
             Fetched::Damaged(why) => Err(Error::repository(why)),
         }
+    }
+
+    /// [`Fetched::optional`], where missing is an error too: `missing`
+    /// says what is missing.
+    pub fn found(self, missing: impl FnOnce() -> String) -> Result<T> {
+        self.optional()?.ok_or_else(|| Error::repository(missing()))
     }
 }
 
@@ -291,11 +297,7 @@ impl Repository {
     }
 
     pub async fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>> {
-        match self.fetch_json(key).await? {
-            Fetched::Found(v) => Ok(Some(v)),
-            Fetched::Missing => Ok(None),
-            Fetched::Damaged(why) => Err(Error::repository(why)),
-        }
+        self.fetch_json(key).await?.optional()
     }
 
     /// Reads a small JSON object, telling a damaged object (an outcome:

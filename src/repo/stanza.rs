@@ -119,11 +119,7 @@ pub enum CreateOutcome {
 
 impl Repository {
     pub async fn read_stanza(&self) -> Result<Option<StanzaInfo>> {
-        match self.fetch_stanza().await? {
-            Fetched::Found(info) => Ok(Some(info)),
-            Fetched::Missing => Ok(None),
-            Fetched::Damaged(why) => Err(Error::repository(why)),
-        }
+        self.fetch_stanza().await?.optional()
     }
 
     /// The stanza object, telling a damaged one (or one this pgvault cannot
